@@ -1,0 +1,25 @@
+"""Typed errors. Each message tells the user what is wrong and what to change."""
+
+
+class FedShieldError(Exception):
+    """Base class for every error fedshield raises on purpose."""
+
+
+class ConfigError(FedShieldError, ValueError):
+    """A configuration value is unknown, mistyped, out of range, or unsafe in combination."""
+
+
+class DataValidationError(FedShieldError, ValueError):
+    """Local data failed validation (shape, dtype, label range, NaN...)."""
+
+
+class BudgetExhausted(FedShieldError):
+    """Training would push a client past its privacy budget."""
+
+
+class UpdateRejected(FedShieldError):
+    """A client update failed server-side screening."""
+
+
+class TooFewUpdates(FedShieldError):
+    """Too few valid updates remain in a round to aggregate safely."""

@@ -1,0 +1,80 @@
+"""The Task abstraction and the registry of tasks, keyed by the name used in configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedshield.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Features ``x`` (float32, ``(n, *input_shape)``) and integer labels ``y`` (int64, ``(n,)``)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> "Split":
+        return Split(self.x[idx], self.y[idx])
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    build_model: Callable[[], nn.Module]
+    load: Callable[[], tuple[Split, Split]]  # (train, test), already preprocessed
+    preprocessing: str
+    feature_names: tuple[str, ...] = field(default=())
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+
+TASKS: dict[str, Callable[[], Task]] = {}
+
+
+def register(name: str):
+    def wrap(fn: Callable[[], Task]) -> Callable[[], Task]:
+        TASKS[name] = fn
+        return fn
+
+    return wrap
+
+
+@lru_cache(maxsize=None)
+def get_task(name: str) -> Task:
+    # Import for the side effect of registering each task module.
+    from tasks import adult, hf, images  # noqa: F401
+
+    if name.startswith("hf:"):
+        return hf.hf_task(name[3:])
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
+    return TASKS[name]()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Split, batch_size: int = 1024) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        xb = torch.from_numpy(data.x[start:start + batch_size])
+        yb = torch.from_numpy(data.y[start:start + batch_size])
+        logits = model(xb)
+        loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    n = max(len(data), 1)
+    return {"accuracy": correct / n, "loss": loss_sum / n}
