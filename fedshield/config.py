@@ -45,7 +45,7 @@ def open_unit(v: Any) -> bool:
 TASK_NAMES = frozenset({"mnist", "mnist5k", "digits", "adult"})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
     # mnist (full MNIST, 60k/10k), mnist5k (5,000-digit sample), digits (sklearn 8x8), adult (UCI),
     # hf:<dataset> (flwr-datasets FederatedDataset, needs internet).
@@ -55,7 +55,7 @@ class TaskConfig:
     eval_examples: int = opt(0, non_negative, "an integer >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FederationConfig:
     num_clients: int = opt(10, lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]")
     rounds: int = opt(5, lambda v: 1 <= v <= 100_000, "an integer >= 1")
@@ -68,7 +68,7 @@ class FederationConfig:
     engine: str = opt("inprocess", choices=("inprocess", "ray"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class PartitionConfig:
     # flwr-datasets partitioners: IidPartitioner, DirichletPartitioner, ShardPartitioner.
     kind: str = opt("dirichlet", choices=("iid", "dirichlet", "shards"))
@@ -77,7 +77,7 @@ class PartitionConfig:
     min_partition_size: int = opt(10, non_negative, "an integer >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     lr: float = opt(0.05, positive, "a learning rate > 0")
     momentum: float = opt(0.9, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
@@ -88,7 +88,7 @@ class TrainConfig:
     max_steps: int = opt(0, non_negative, "an integer >= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Sample-level DP on every client (Opacus DP-SGD)."""
 
@@ -107,7 +107,7 @@ class PrivacyConfig:
     grad_sample_mode: str = opt("auto", choices=("auto", "hooks", "ghost", "functorch", "ew"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class CentralDPConfig:
     """User-level DP at the server: clip each client update, add Gaussian noise to the aggregate."""
 
@@ -117,7 +117,7 @@ class CentralDPConfig:
     delta: float = opt(1e-5, open_unit, "a probability in (0, 1)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AggregationConfig:
     # A rule name, optionally behind pre-aggregation steps: "fedavg", "krum", "bucketing+cclip"...
     rule: str = opt("fedavg")
@@ -136,21 +136,21 @@ class AggregationConfig:
     clip_norm: float = opt(0.0, non_negative, "a norm bound >= 0 (0 = median of update norms)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScreeningConfig:
     enabled: bool = opt(True)
     # Reject updates whose norm exceeds this multiple of the round's median norm (0 = off).
     max_norm_ratio: float = opt(20.0, non_negative, ">= 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReputationConfig:
     enabled: bool = opt(True)
     threshold: float = opt(0.5, probability, "a suspicion score in [0, 1]")
     patience: int = opt(3, positive, "rounds above threshold before quarantine, >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttackConfig:
     """Simulated adversaries (simulation only)."""
 
@@ -163,7 +163,7 @@ class AttackConfig:
     target_label: int = opt(0, non_negative, "a class index")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeploymentConfig:
     handoff: bool = opt(True)
     registry_uri: str = opt("sqlite:///.fedshield/registry.db")
@@ -172,7 +172,7 @@ class DeploymentConfig:
     max_epsilon: float = opt(0.0, non_negative, ">= 0 (0 = no limit)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     name: str = opt("run")
     seed: int = opt(0, non_negative, "an integer >= 0")
@@ -271,6 +271,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             raise ConfigError(f"{path} = {value!r} is out of range; expected {f.metadata['why']}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def section(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Validate one section (e.g. the ``train`` table a server sends with a round)."""
+    return _build(cls, data, prefix)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,105 @@
+"""fedshield ClientApp: validate local data, train (optionally with DP-SGD), evaluate.
+
+Handlers are thin: they decode the message, call plain functions, and encode the reply. A client
+that cannot or must not train (invalid data, privacy budget exhausted) replies with a ``refusal``
+record naming the reason, so the server logs it and the round goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data import load_client_data
+from client.training import train_local
+from client.validation import quality_report, validate_split
+from fedshield import config as fcfg
+from fedshield.errors import BudgetExhausted, DataValidationError
+from tasks import Split, Task, evaluate
+
+DataLoader = Callable[[Context, fcfg.Config], tuple[Task, Split, Split]]
+
+
+def refusal(msg: Message, code: str, reason: str) -> Message:
+    record = RecordDict({"refusal": ConfigRecord({"code": code, "reason": reason}),
+                         "metrics": MetricRecord({"num-examples": 0})})
+    return Message(record, reply_to=msg)
+
+
+def round_config(msg: Message) -> dict:
+    return dict(msg.content["config"]) if "config" in msg.content else {}
+
+
+def _model_from(msg: Message, task: Task) -> torch.nn.Module:
+    model = task.build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def _checked_data(context: Context, cfg: fcfg.Config, load_data: DataLoader):
+    task, train, val = load_data(context, cfg)
+    validate_split(train, task, "local training data")
+    if len(val):
+        validate_split(val, task, "local validation data")
+    return task, train, val
+
+
+def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
+    """Build the ClientApp; simulations inject a different ``load_data`` (e.g. poisoned data)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        started = time.perf_counter()
+        cfg = fcfg.from_run_config(context.run_config)
+        rc = round_config(msg)
+        try:
+            task, data, _ = _checked_data(context, cfg, load_data)
+        except DataValidationError as exc:
+            return refusal(msg, "invalid-data", str(exc))
+        train_cfg = fcfg.section(fcfg.TrainConfig, fcfg.unflatten(rc).get("train", {}), "train.")
+        model = _model_from(msg, task)
+        seed = int(np.random.SeedSequence([cfg.seed, int(rc.get("server-round", 0)),
+                                           int(context.node_config.get("partition-id", 0))])
+                   .generate_state(1)[0])
+        metrics: dict[str, float] = {}
+        if cfg.privacy.enabled:
+            from client.dp import train_private_round  # noqa: PLC0415
+
+            try:
+                metrics.update(train_private_round(model, data, train_cfg, cfg, context, rc, seed))
+            except BudgetExhausted as exc:
+                return refusal(msg, "budget-exhausted", str(exc))
+        else:
+            metrics.update(train_local(model, data, train_cfg, seed))
+        metrics.update(quality_report(data, task.num_classes))
+        metrics["num-examples"] = len(data)
+        if "partition-id" in context.node_config:
+            metrics["partition-id"] = int(context.node_config["partition-id"])
+        metrics["client-seconds"] = time.perf_counter() - started
+        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                              "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        cfg = fcfg.from_run_config(context.run_config)
+        try:
+            task, _, val = _checked_data(context, cfg, load_data)
+        except DataValidationError as exc:
+            return refusal(msg, "invalid-data", str(exc))
+        if not len(val):
+            return refusal(msg, "no-validation-data", "too few local examples to hold some out")
+        result = evaluate(_model_from(msg, task), val)
+        metrics = {"num-examples": len(val), "accuracy": result["accuracy"], "loss": result["loss"]}
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,174 @@
+"""fedshield ServerApp: run the configured federation and write the run folder.
+
+The same app runs under ``fedshield simulate`` (in-process grid), ``flwr run .`` (Flower's
+simulation runtime) and on a SuperLink with real SuperNodes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedshield import config as fcfg
+from fedshield.errors import TooFewUpdates
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.outputs import RunFolder, library_versions, new_run_dir
+from server.report import ConsoleReporter
+from server.strategy import RoundState, ShieldStrategy
+from tasks import Split, evaluate, get_task
+
+
+def server_test_split(task_name: str, limit: int) -> Split:
+    _, test = get_task(task_name).load()
+    return test if not limit or limit >= len(test) else test.subset(np.arange(limit))
+
+
+def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
+    state: RoundState = record["state"]
+    part = strategy.node_partition
+    label = lambda n: part.get(n, n)  # noqa: E731 — partition id where known, else node id
+    eps = {str(label(n)): m["epsilon"] for n, m in state.client_metrics.items() if "epsilon" in m}
+    quarantined = sorted(label(n) for n in strategy.reputation.quarantined) \
+        if strategy.reputation else []
+    return {
+        "round": rnd,
+        "accuracy": record["server_eval"].get("accuracy"),
+        "loss": record["server_eval"].get("loss"),
+        "client_accuracy": record["client_eval"].get("accuracy"),
+        "train_loss": record["train"].get("train-loss"),
+        "epsilon": eps,
+        "epsilon_max": max(eps.values()) if eps else None,
+        "epsilon_mean": float(np.mean(list(eps.values()))) if eps else None,
+        "sampled": len(state.sampled),
+        "accepted": len(state.accepted),
+        "rejected": {str(label(n)): r for n, r in state.rejected.items()},
+        "refused": {str(label(n)): r for n, r in state.refused.items()},
+        "newly_quarantined": sorted(label(n) for n in state.newly_quarantined),
+        "quarantined": quarantined,
+        "aggregation": state.aggregation_info,
+        "skipped": state.skipped,
+        "seconds": round(record["seconds"], 3),
+    }
+
+
+def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | None = None) -> dict:
+    """Train for ``cfg.federation.rounds`` rounds; returns the summary written to summary.json."""
+    started = time.perf_counter()
+    reporter = reporter or ConsoleReporter()
+    task = get_task(cfg.task.name)
+    folder = RunFolder(Path(run_dir or cfg.resume) if (run_dir or cfg.resume) else new_run_dir(cfg))
+    strategy = ShieldStrategy(cfg)
+
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    initial, start_round = ArrayRecord(model.state_dict()), 1
+    checkpoint = load_checkpoint(folder.path) if cfg.resume else None
+    if checkpoint is not None:
+        initial = ArrayRecord(checkpoint.weights)
+        strategy.load_state_dict(checkpoint.state)
+        start_round = checkpoint.round + 1
+        folder.truncate_metrics(checkpoint.round)
+    folder.write_config(cfg)
+    reporter.start(cfg, folder.path)
+
+    test = server_test_split(cfg.task.name, cfg.task.eval_examples)
+
+    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return MetricRecord(evaluate(model, test))
+
+    best = {m["round"]: m for m in folder.read_metrics()}
+    best_acc = max((m["accuracy"] for m in best.values() if m.get("accuracy") is not None),
+                   default=-1.0)
+
+    def on_round(rnd: int, arrays: ArrayRecord, record: dict) -> None:
+        nonlocal best_acc
+        line = metrics_line(rnd, record, strategy)
+        folder.append_metrics(line)
+        weights = arrays.to_torch_state_dict()
+        if line["accuracy"] is not None and line["accuracy"] > best_acc:
+            best_acc = line["accuracy"]
+            folder.save_weights("best.safetensors", weights,
+                                {"round": rnd, "task": task.name, "accuracy": best_acc})
+        save_checkpoint(folder.path, rnd, weights, strategy.state_dict())
+        reporter.round(line, cfg.federation.rounds)
+
+    train_config = ConfigRecord({"num-rounds": cfg.federation.rounds,
+                                 **fcfg.flatten({"train": asdict(cfg.train)})})
+    stopped = ""
+    result_arrays = initial
+    try:
+        result = strategy.start(grid, initial, cfg.federation.rounds,
+                                timeout=cfg.federation.round_timeout, train_config=train_config,
+                                evaluate_fn=evaluate_fn, start_round=start_round, on_round=on_round)
+        result_arrays = result.arrays
+    except TooFewUpdates as exc:
+        stopped = str(exc)
+        ckpt = load_checkpoint(folder.path)
+        if ckpt is not None:
+            result_arrays = ArrayRecord(ckpt.weights)
+    final_weights = result_arrays.to_torch_state_dict()
+    folder.save_weights("model.safetensors", final_weights, {"task": task.name, "name": cfg.name})
+    summary = build_summary(cfg, folder, strategy, stopped, time.perf_counter() - started)
+    folder.write_summary(summary)
+    folder.plot()
+    reporter.end(summary)
+    return summary
+
+
+def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy, stopped: str,
+                  wall: float) -> dict:
+    lines = folder.read_metrics()
+    last = lines[-1] if lines else None
+    scored = [m for m in lines if m.get("accuracy") is not None]
+    best = max(scored, key=lambda m: m["accuracy"]) if scored else None
+    eps_by_client: dict[str, float] = {}
+    for m in lines:
+        eps_by_client.update(m["epsilon"])
+    return {
+        "name": cfg.name, "task": cfg.task.name, "run_dir": str(folder.path),
+        "rounds": cfg.federation.rounds, "rounds_completed": len(lines),
+        "num_clients": cfg.federation.num_clients, "partition": asdict(cfg.partition),
+        "strategy": cfg.aggregation.rule, "attack": asdict(cfg.attack), "seed": cfg.seed,
+        "final": {"accuracy": last["accuracy"], "loss": last["loss"]} if last else None,
+        "best": {"round": best["round"], "accuracy": best["accuracy"]} if best else None,
+        "privacy": {
+            "enabled": cfg.privacy.enabled, "accountant": cfg.privacy.accountant,
+            "delta": cfg.privacy.delta, "noise_multiplier": cfg.privacy.noise_multiplier,
+            "target_epsilon": cfg.privacy.target_epsilon,
+            "max_grad_norm": cfg.privacy.max_grad_norm, "max_epsilon": cfg.privacy.max_epsilon,
+            "epsilon_by_client": eps_by_client,
+            "epsilon_max": max(eps_by_client.values()) if eps_by_client else None,
+            "epsilon_mean": float(np.mean(list(eps_by_client.values()))) if eps_by_client else None,
+            "central_dp": asdict(cfg.central_dp) if cfg.central_dp.enabled else None,
+            "exhausted_clients": sorted(strategy.node_partition.get(n, n) for n in strategy.exhausted),
+        },
+        "robustness": {
+            "rejected_total": sum(len(m["rejected"]) for m in lines),
+            "refused_total": sum(len(m["refused"]) for m in lines),
+            "quarantined": lines[-1]["quarantined"] if lines else [],
+        },
+        "stopped_early": stopped,
+        "versions": library_versions(),
+        "wall_seconds": round(wall, 2),
+    }
+
+
+def build_server_app(reporter=None, run_dir: str | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = fcfg.from_run_config(context.run_config)
+        run_federation(grid, cfg, reporter, run_dir)
+
+    return app
+
+
+app = build_server_app()

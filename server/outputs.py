@@ -1,0 +1,95 @@
+"""The run folder: ``runs/<name>-<timestamp>/`` with config, metrics, summary, plots and weights."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fedshield import config as fcfg
+
+VERSIONED = ("fedshield", "flwr", "flwr-datasets", "torch", "opacus", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def new_run_dir(cfg: fcfg.Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    path, k = base, 1
+    while path.exists():  # two runs in the same second
+        path, k = Path(f"{base}-{k}"), k + 1
+    path.mkdir(parents=True)
+    return path
+
+
+class RunFolder:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, cfg: fcfg.Config) -> None:
+        (self.path / "config.toml").write_text(fcfg.to_toml(cfg))
+
+    def append_metrics(self, line: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(line, sort_keys=True) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """On resume, drop lines of rounds after the checkpoint (they will be redone)."""
+        kept = [m for m in self.read_metrics() if m["round"] <= last_round]
+        (self.path / "metrics.jsonl").write_text(
+            "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
+
+    def write_summary(self, summary: dict) -> None:
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+
+    def save_weights(self, name: str, state: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+        path = self.path / name
+        save_file({k.removeprefix("_module."): v.contiguous() for k, v in state.items()},
+                  str(path), metadata={k: str(v) for k, v in meta.items()})
+        return path
+
+    def plot(self) -> Path | None:
+        rows = [m for m in self.read_metrics() if m.get("accuracy") is not None]
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [m["round"] for m in rows]
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot(rounds, [m["accuracy"] for m in rows], "o-", color="tab:blue", label="accuracy")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy", color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.plot(rounds, [m["loss"] for m in rows], "s--", color="tab:red", label="loss")
+        ax2.set_ylabel("test loss", color="tab:red")
+        ax.set_title(self.path.name)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = self.path / "accuracy.png"
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+        return out

@@ -1,0 +1,63 @@
+"""Console output for a run: a line per round and a final summary table (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+class ConsoleReporter:
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console()
+
+    def start(self, cfg, run_dir) -> None:
+        privacy = "off"
+        if cfg.privacy.enabled:
+            privacy = (f"local DP ({cfg.privacy.accountant}, delta={cfg.privacy.delta:g}"
+                       + (f", budget eps<={cfg.privacy.max_epsilon:g}" if cfg.privacy.max_epsilon else "")
+                       + ")")
+        self.console.print(
+            f"[bold]fedshield[/] {cfg.name}: task={cfg.task.name} clients={cfg.federation.num_clients} "
+            f"rounds={cfg.federation.rounds} partition={cfg.partition.kind} "
+            f"rule={cfg.aggregation.rule} privacy={privacy} attack={cfg.attack.name}\n"
+            f"run folder: {run_dir}")
+
+    def round(self, line: dict, total: int) -> None:
+        parts = [f"round {line['round']:>3}/{total}",
+                 f"acc {line['accuracy']:.4f}" if line.get("accuracy") is not None else "acc -",
+                 f"loss {line['loss']:.4f}" if line.get("loss") is not None else "loss -"]
+        if line.get("epsilon_max") is not None:
+            parts.append(f"eps max {line['epsilon_max']:.3f}")
+        parts.append(f"accepted {line['accepted']}/{line['sampled']}")
+        if line["rejected"] or line["refused"]:
+            parts.append(f"[yellow]rejected {len(line['rejected'])} refused {len(line['refused'])}[/]")
+        if line["newly_quarantined"]:
+            parts.append(f"[red]quarantined {line['newly_quarantined']}[/]")
+        parts.append(f"{line['seconds']:.1f} s")
+        self.console.print(" | ".join(parts))
+
+    def end(self, summary: dict) -> None:
+        table = Table(title=f"Summary: {summary['name']}", show_header=False)
+        final = summary["final"]
+        table.add_row("final test accuracy", f"{final['accuracy']:.4f}" if final else "-")
+        table.add_row("final test loss", f"{final['loss']:.4f}" if final else "-")
+        if summary.get("best"):
+            table.add_row("best round (accuracy)",
+                          f"{summary['best']['round']} ({summary['best']['accuracy']:.4f})")
+        table.add_row("rounds completed", f"{summary['rounds_completed']}/{summary['rounds']}")
+        table.add_row("aggregation", summary["strategy"])
+        p = summary["privacy"]
+        if p["enabled"]:
+            table.add_row("privacy spent (max / mean eps)",
+                          f"{p['epsilon_max']:.3f} / {p['epsilon_mean']:.3f} at delta={p['delta']:g}"
+                          if p.get("epsilon_max") is not None else "-")
+        else:
+            table.add_row("privacy", "off (no DP guarantee)")
+        r = summary["robustness"]
+        table.add_row("updates rejected / refusals", f"{r['rejected_total']} / {r['refused_total']}")
+        table.add_row("clients quarantined", str(r["quarantined"]) if r["quarantined"] else "none")
+        if summary.get("stopped_early"):
+            table.add_row("[yellow]stopped early[/]", summary["stopped_early"])
+        table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
+        table.add_row("run folder", summary["run_dir"])
+        self.console.print(table)

@@ -1,0 +1,48 @@
+"""Run a configured federation on one machine.
+
+``engine = "inprocess"`` (default) drives the real ServerApp and ClientApps through fedshield's
+in-process grid: deterministic, no Ray, and the only engine that supports simulated attacks.
+``engine = "ray"`` uses Flower's simulation runtime (``flwr.simulation.run_simulation``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr.app import Context, RecordDict
+
+from client.app import make_client_app
+from fedshield import config as fcfg
+from fedshield.errors import ConfigError
+from server.app import build_server_app
+from server.outputs import new_run_dir
+from simulations.grid import InProcessGrid
+
+
+def simulate(cfg: fcfg.Config, reporter=None) -> dict:
+    """Run ``cfg`` and return its summary (also in ``<run folder>/summary.json``)."""
+    run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
+    if cfg.resume and not run_dir.is_dir():
+        raise ConfigError(f"resume = {cfg.resume!r} is not a run folder")
+    server_app = build_server_app(reporter, str(run_dir))
+    run_config = cfg.flat()
+    if cfg.federation.engine == "ray":
+        if cfg.attack.name != "none":
+            raise ConfigError("simulated attacks need federation.engine = \"inprocess\"")
+        from flwr.simulation import run_simulation
+
+        run_simulation(server_app, make_client_app(), cfg.federation.num_clients,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    else:
+        client_apps = {pid: make_client_app() for pid in range(cfg.federation.num_clients)}
+        reply_filter = None
+        if cfg.attack.name != "none":
+            from simulations.attacks.federation import adversarial_apps
+
+            client_apps, reply_filter = adversarial_apps(cfg, client_apps)
+        grid = InProcessGrid(client_apps, run_config, cfg.seed, reply_filter=reply_filter)
+        context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
+                          run_config=run_config)
+        server_app(grid, context)
+    return json.loads((run_dir / "summary.json").read_text())
