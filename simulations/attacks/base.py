@@ -10,7 +10,7 @@ import torch
 
 from fedshield.config import AttackConfig
 
-# (x, y, num_classes, params, rng) -> poisoned copies of (x, y)
+# (x, y, num_classes, params, rng) -> poisoned (x, y); the inputs are never modified in place
 PoisonData = Callable[[np.ndarray, np.ndarray, int, AttackConfig, np.random.Generator],
                       tuple[np.ndarray, np.ndarray]]
 # (own (b, d), honest (h, d), params, generator) -> malicious updates (b, d)
