@@ -141,6 +141,8 @@ class ScreeningConfig:
     enabled: bool = opt(True)
     # Reject updates whose norm exceeds this multiple of the round's median norm (0 = off).
     max_norm_ratio: float = opt(20.0, non_negative, ">= 0")
+    # Reject updates whose L2 norm exceeds this absolute bound (0 = off).
+    max_norm: float = opt(0.0, non_negative, ">= 0 (0 = off)")
 
 
 @dataclass(frozen=True)
@@ -148,19 +150,38 @@ class ReputationConfig:
     enabled: bool = opt(True)
     threshold: float = opt(0.5, probability, "a suspicion score in [0, 1]")
     patience: int = opt(3, positive, "rounds above threshold before quarantine, >= 1")
+    # Weight of the past in the per-client suspicion moving average (0 = only the latest round).
+    decay: float = opt(0.5, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+
+
+# Names in simulations.attacks.ATTACKS (a test keeps the two equal; config must not import simulations).
+ATTACK_NAMES = ("none", "label_flip", "backdoor", "sign_flip", "gaussian", "scaling", "alie", "ipm",
+                "minmax", "minsum", "mimic")
 
 
 @dataclass(frozen=True)
 class AttackConfig:
     """Simulated adversaries (simulation only)."""
 
-    name: str = opt("none")
+    name: str = opt("none", choices=ATTACK_NAMES)
     byzantine_fraction: float = opt(0.0, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
     # Explicit Byzantine partition ids, comma separated ("0,3"); overrides the fraction.
     byzantine_ids: str = opt("")
+    # Multiplier of the update for scaling, and the model-replacement boost (~num_clients / server_lr)
+    # of backdoor (Bagdasaryan et al. 2020).
     scale: float = opt(10.0, positive, "> 0")
+    # sign_flip sends -sign_flip_scale * own update (1 = plain sign flipping).
+    sign_flip_scale: float = opt(1.0, positive, "> 0")
     noise_std: float = opt(1.0, positive, "> 0")
     target_label: int = opt(0, non_negative, "a class index")
+    # Fraction of a backdoor client's local examples that get the trigger and target_label.
+    poison_fraction: float = opt(0.3, lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
+    # ipm sends -ipm_epsilon * mean of honest updates; Xie et al. 2020 use 0.1 (and 100).
+    ipm_epsilon: float = opt(0.1, positive, "> 0")
+    # alie's z; 0 = Baruch et al. 2019's z_max from the number of clients and Byzantine clients.
+    alie_z: float = opt(0.0, non_negative, ">= 0 (0 = from the paper's formula)")
+    # minmax/minsum perturbation (Shejwalkar & Houmansadr 2021): inverse std, unit vector or sign.
+    minmax_direction: str = opt("std", choices=("std", "unit", "sign"))
 
 
 @dataclass(frozen=True)
@@ -218,7 +239,51 @@ def _check_privacy_source(cfg: Config) -> str | None:
     return None
 
 
-CROSS_CHECKS += [_check_min_clients, _check_privacy_source]
+def parse_id_list(text: str, num_clients: int, key: str = "attack.byzantine_ids") -> list[int]:
+    """``"0,3"`` -> ``[0, 3]``; ids must be distinct integers in [0, num_clients)."""
+    ids = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            ids.append(int(part))
+        except ValueError:
+            raise ConfigError(f"{key} = {text!r}: {part!r} is not an integer; "
+                              'write comma-separated client ids, e.g. "0,3"') from None
+    bad = [i for i in ids if not 0 <= i < num_clients]
+    if bad:
+        raise ConfigError(f"{key} = {text!r}: id {bad[0]} is outside [0, {num_clients}) "
+                          f"(federation.num_clients = {num_clients})")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{key} = {text!r} lists a client twice")
+    return ids
+
+
+def byzantine_count(num_clients: int, fraction: float) -> int:
+    # The epsilon keeps 0.29 * 100 at 29 despite float rounding; never more than the fraction says.
+    return math.floor(fraction * num_clients + 1e-9)
+
+
+def _check_attack(cfg: Config) -> str | None:
+    a, n = cfg.attack, cfg.federation.num_clients
+    try:
+        ids = parse_id_list(a.byzantine_ids, n)
+    except ConfigError as exc:
+        return str(exc)
+    if a.name == "none":
+        if ids or a.byzantine_fraction > 0:
+            return ("attack.name = \"none\" but Byzantine clients are set; choose an attack "
+                    f"({', '.join(ATTACK_NAMES[1:])}) or set attack.byzantine_fraction = 0 "
+                    "and attack.byzantine_ids = \"\"")
+        return None
+    if not ids and byzantine_count(n, a.byzantine_fraction) == 0:
+        return (f"attack.name = {a.name!r} but no client is Byzantine "
+                f"(attack.byzantine_fraction = {a.byzantine_fraction} of {n} clients); raise "
+                "attack.byzantine_fraction or list attack.byzantine_ids")
+    if len(ids) >= n:
+        return "attack: every client would be Byzantine; leave at least one honest client"
+    return None
+
+
+CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack]
 
 
 def _coerce(path: str, value: Any, default: Any) -> Any:
