@@ -25,9 +25,15 @@ from tasks import Split, Task, evaluate
 DataLoader = Callable[[Context, fcfg.Config], tuple[Task, Split, Split]]
 
 
-def refusal(msg: Message, code: str, reason: str) -> Message:
+def identity(context: Context) -> dict[str, int]:
+    """The partition id, where the node has one, so the server can report per client."""
+    pid = context.node_config.get("partition-id")
+    return {} if pid is None else {"partition-id": int(pid)}
+
+
+def refusal(msg: Message, context: Context, code: str, reason: str) -> Message:
     record = RecordDict({"refusal": ConfigRecord({"code": code, "reason": reason}),
-                         "metrics": MetricRecord({"num-examples": 0})})
+                         "metrics": MetricRecord({"num-examples": 0, **identity(context)})})
     return Message(record, reply_to=msg)
 
 
@@ -61,7 +67,7 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
         try:
             task, data, _ = _checked_data(context, cfg, load_data)
         except DataValidationError as exc:
-            return refusal(msg, "invalid-data", str(exc))
+            return refusal(msg, context, "invalid-data", str(exc))
         train_cfg = fcfg.section(fcfg.TrainConfig, fcfg.unflatten(rc).get("train", {}), "train.")
         model = _model_from(msg, task)
         seed = int(np.random.SeedSequence([cfg.seed, int(rc.get("server-round", 0)),
@@ -74,13 +80,12 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
             try:
                 metrics.update(train_private_round(model, data, train_cfg, cfg, context, rc, seed))
             except BudgetExhausted as exc:
-                return refusal(msg, "budget-exhausted", str(exc))
+                return refusal(msg, context, "budget-exhausted", str(exc))
         else:
             metrics.update(train_local(model, data, train_cfg, seed))
         metrics.update(quality_report(data, task.num_classes))
         metrics["num-examples"] = len(data)
-        if "partition-id" in context.node_config:
-            metrics["partition-id"] = int(context.node_config["partition-id"])
+        metrics.update(identity(context))
         metrics["client-seconds"] = time.perf_counter() - started
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
                               "metrics": MetricRecord(metrics)})
@@ -92,9 +97,9 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
         try:
             task, _, val = _checked_data(context, cfg, load_data)
         except DataValidationError as exc:
-            return refusal(msg, "invalid-data", str(exc))
+            return refusal(msg, context, "invalid-data", str(exc))
         if not len(val):
-            return refusal(msg, "no-validation-data", "too few local examples to hold some out")
+            return refusal(msg, context, "no-validation-data", "too few local examples to hold some out")
         result = evaluate(_model_from(msg, task), val)
         metrics = {"num-examples": len(val), "accuracy": result["accuracy"], "loss": result["loss"]}
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

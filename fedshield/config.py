@@ -431,3 +431,14 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
     return str(v)
+
+
+def to_flwr_table(cfg: Config) -> str:
+    """The ``[tool.flwr.app.config]`` body for pyproject.toml (``flwr run .`` reads it)."""
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in cfg.flat().items())
+
+
+if __name__ == "__main__":  # python -m fedshield.config CONFIG > prints the pyproject table body
+    import sys
+
+    print(to_flwr_table(load(sys.argv[1])), end="")

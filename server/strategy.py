@@ -23,6 +23,7 @@ from fedshield.config import Config
 from fedshield.errors import ConfigError, TooFewUpdates
 from server.aggregation import build_aggregator
 from server.reputation import Reputation
+from server.flat import flatten, stack, unflatten
 from server.screening import screen_updates
 
 # Called after each round with (round, global arrays, round record); used for checkpoints,
@@ -32,11 +33,6 @@ RoundCallback = Callable[[int, ArrayRecord, dict], None]
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
-
-
-def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> torch.Tensor:
-    return torch.cat([torch.from_numpy(np.asarray(arrays[k], dtype=np.float32)).reshape(-1)
-                      for k in names])
 
 
 @dataclass
@@ -65,7 +61,7 @@ class ShieldStrategy(FedAvg):
         self.aggregator = build_aggregator(cfg.aggregation.rule, cfg.aggregation,
                                            fed.num_clients, cfg.seed)
         rep = cfg.reputation
-        self.reputation = Reputation(rep.threshold, rep.patience) if rep.enabled else None
+        self.reputation = Reputation.from_config(rep) if rep.enabled else None
         self.exhausted: dict[int, str] = {}  # node -> the budget refusal it sent
         self.node_partition: dict[int, int] = {}
         self.server_momentum: torch.Tensor | None = None
@@ -129,6 +125,7 @@ class ShieldStrategy(FedAvg):
             if msg.has_error():
                 self.round.rejected[node] = f"client-error: {msg.error.reason}"
             elif "refusal" in msg.content:
+                self._learn_partition(msg)
                 code = str(msg.content["refusal"]["code"])
                 reason = str(msg.content["refusal"]["reason"])
                 self.round.refused[node] = f"{code}: {reason}"
@@ -140,6 +137,11 @@ class ShieldStrategy(FedAvg):
                 usable.append(msg)
         return usable
 
+    def _learn_partition(self, msg: Message) -> None:
+        metrics = msg.content["metrics"] if "metrics" in msg.content else {}
+        if "partition-id" in metrics:
+            self.node_partition[msg.metadata.src_node_id] = int(metrics["partition-id"])
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None, "configure_train runs before aggregate_train"
@@ -149,15 +151,14 @@ class ShieldStrategy(FedAvg):
         updates, nodes = [], []
         for msg in usable:
             node = msg.metadata.src_node_id
-            metrics = dict(msg.content["metrics"])
-            self.round.client_metrics[node] = metrics
-            if "partition-id" in metrics:
-                self.node_partition[node] = int(metrics["partition-id"])
+            self.round.client_metrics[node] = dict(msg.content["metrics"])
+            self._learn_partition(msg)
             updates.append(to_numpy(msg.content["arrays"]))
             nodes.append(node)
         kept = list(range(len(updates)))
         if self.cfg.screening.enabled:
-            kept, rejections = screen_updates(updates, reference, self.cfg.screening, nodes)
+            kept, rejections = screen_updates(updates, reference, self.cfg.screening, nodes,
+                                              relative_to_reference=True)
             self.round.rejected.update({r.client: r.reason for r in rejections})
         for node, reason in self.round.rejected.items():
             log(WARNING, "round %d: rejected update from node %d: %s", server_round, node, reason)
@@ -170,8 +171,9 @@ class ShieldStrategy(FedAvg):
             self._update_reputation(server_round, [], torch.zeros(0))
             return None, self._train_metrics()
 
-        global_flat = flatten(reference, names)
-        deltas = torch.stack([flatten(updates[i], names) for i in kept]) - global_flat
+        global_flat = torch.from_numpy(flatten(reference, names))
+        deltas = torch.from_numpy(stack([updates[i] for i in kept], names))
+        deltas -= global_flat  # in place: no second (n, d) buffer
         weights = torch.tensor([float(self.round.client_metrics[nodes[i]].get("num-examples", 1))
                                 for i in kept], dtype=torch.float64)
         try:
@@ -197,20 +199,17 @@ class ShieldStrategy(FedAvg):
                            suspicion: torch.Tensor) -> None:
         if self.reputation is None:
             return
-        ids = accepted + list(self.round.rejected)
-        scores = np.concatenate([suspicion.double().numpy(), np.ones(len(self.round.rejected))])
-        self.round.newly_quarantined = list(self.reputation.update(server_round, ids, scores))
+        self.round.newly_quarantined = self.reputation.update(
+            server_round, accepted, suspicion.double().clamp(0, 1).tolist(),
+            rejected=list(self.round.rejected))
         for node in self.round.newly_quarantined:
             log(WARNING, "round %d: node %d quarantined (suspicion %.2f)", server_round, node,
                 self.reputation.scores.get(node, float("nan")))
 
     @staticmethod
     def _unflatten(flat: torch.Tensor, reference: dict[str, np.ndarray]) -> ArrayRecord:
-        out, offset = {}, 0
-        for name, ref in reference.items():
-            out[name] = flat[offset:offset + ref.size].reshape(ref.shape).numpy().astype(ref.dtype)
-            offset += ref.size
-        return ArrayRecord({k: torch.from_numpy(v) for k, v in out.items()})
+        arrays = unflatten(flat.numpy(), reference)
+        return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
     def _train_metrics(self) -> MetricRecord:
         m = self.round.client_metrics

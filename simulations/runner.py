@@ -45,4 +45,30 @@ def simulate(cfg: fcfg.Config, reporter=None) -> dict:
         context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
                           run_config=run_config)
         server_app(grid, context)
-    return json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if cfg.attack.name != "none":
+        summary["attack_report"] = attack_report(cfg, run_dir)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def attack_report(cfg: fcfg.Config, run_dir: Path) -> dict:
+    """Who was Byzantine, who got caught, and (for backdoors) the attack's success rate."""
+    from safetensors.torch import load_file
+
+    from server.reputation import detection_rate, false_quarantine_rate
+    from simulations.attacks.federation import backdoor_success, byzantine_ids
+    from tasks import get_task
+
+    byz = byzantine_ids(cfg)
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    quarantined = set(lines[-1]["quarantined"]) if lines else set()
+    report = {"byzantine_ids": sorted(byz), "quarantined": sorted(quarantined),
+              "detection_rate": detection_rate(quarantined, byz),
+              "false_quarantine_rate": false_quarantine_rate(quarantined, byz,
+                                                             cfg.federation.num_clients)}
+    if cfg.attack.name == "backdoor":
+        model = get_task(cfg.task.name).build_model()
+        model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+        report["backdoor_success"] = backdoor_success(cfg, model)
+    return report

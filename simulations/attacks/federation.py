@@ -1,0 +1,91 @@
+"""Wiring simulated adversaries into an in-process federation.
+
+Byzantine clients run the honest ClientApp on poisoned data (data attacks); after each training
+round a reply filter replaces their updates with crafted ones, seeing the honest updates of the
+round (update attacks, omniscient as in the literature). Honest code paths are untouched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.app import make_client_app
+from client.data import load_client_data
+from fedshield.config import Config
+from server.flat import flatten, stack, unflatten
+from simulations.attacks import ATTACKS, select_byzantine, triggered_test_set
+from tasks import Split, get_task
+
+
+def byzantine_ids(cfg: Config) -> frozenset[int]:
+    return select_byzantine(cfg.federation.num_clients, cfg.attack.byzantine_fraction,
+                            cfg.attack.byzantine_ids, cfg.seed)
+
+
+def _poisoned_loader(cfg: Config):
+    attack = ATTACKS[cfg.attack.name]
+
+    def load(context, run_cfg):
+        task, train, val = load_client_data(context, run_cfg)
+        rng = np.random.default_rng([cfg.seed, int(context.node_config["partition-id"])])
+        x, y = attack.poison_data(train.x, train.y, task.num_classes, cfg.attack, rng)
+        return task, Split(x, y), val
+
+    return load
+
+
+def adversarial_apps(cfg: Config, client_apps: dict[int, ClientApp]):
+    """(client apps with Byzantine ones swapped in, reply filter or None)."""
+    attack = ATTACKS[cfg.attack.name]
+    byz = byzantine_ids(cfg)
+    apps = dict(client_apps)
+    if attack.poison_data is not None:
+        poisoned = make_client_app(load_data=_poisoned_loader(cfg))
+        apps.update({pid: poisoned for pid in byz})
+    if attack.craft is None:
+        return apps, None
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def reply_filter(sent: list[Message], replies: list[Message]) -> list[Message]:
+        by_id = {m.metadata.message_id: m for m in sent}
+        global_arrays = {k: v.numpy() for k, v in sent[0].content["arrays"].items()}
+        names = list(global_arrays)
+        trained = [r for r in replies if not r.has_error() and "arrays" in r.content
+                   and "refusal" not in r.content]
+        is_byz = [int(r.content["metrics"].get("partition-id", -1)) in byz for r in trained]
+        bad = [r for r, b in zip(trained, is_byz) if b]
+        if not bad:
+            return replies
+        good = [r for r, b in zip(trained, is_byz) if not b]
+        g = torch.from_numpy(flatten(global_arrays, names))
+
+        def deltas(msgs):
+            arrays = [{k: v.numpy() for k, v in m.content["arrays"].items()} for m in msgs]
+            return torch.from_numpy(stack(arrays, names)) - g if msgs else torch.zeros(0, len(g))
+
+        crafted = attack.craft(deltas(bad), deltas(good), cfg.attack, generator) + g
+        swapped = {}
+        for reply, vector in zip(bad, crafted):
+            arrays = unflatten(vector.numpy(), global_arrays)
+            content = RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(np.array(v))
+                                                         for k, v in arrays.items()}),
+                                  "metrics": reply.content["metrics"]})
+            swapped[id(reply)] = Message(content, reply_to=by_id[reply.metadata.reply_to_message_id])
+        return [swapped.get(id(r), r) for r in replies]
+
+    return apps, reply_filter
+
+
+def backdoor_success(cfg: Config, model: torch.nn.Module) -> float:
+    """Fraction of triggered test images (true label != target) classified as the target."""
+    task = get_task(cfg.task.name)
+    _, test = task.load()
+    x = triggered_test_set(test.x, test.y, cfg.attack.target_label, task.is_image)
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat([model(torch.from_numpy(x[i:i + 1024])).argmax(1)
+                           for i in range(0, len(x), 1024)])
+    return float((preds == cfg.attack.target_label).float().mean())

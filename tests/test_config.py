@@ -1,0 +1,57 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedshield import config as fcfg
+from fedshield.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"lrr": 0.1}}, "unknown key train.lrr"),
+    ({"nope": 1}, "unknown key nope"),
+    ({"federation": {"rounds": 0}}, "federation.rounds = 0 is out of range"),
+    ({"federation": {"rounds": "five"}}, "federation.rounds: expected int"),
+    ({"partition": {"kind": "random"}}, "partition.kind = 'random' is not valid"),
+    ({"privacy": {"delta": 1.5}}, "privacy.delta = 1.5 is out of range"),
+    ({"federation": {"num_clients": 3, "min_clients": 5}}, "min_clients = 5 exceeds"),
+    ({"task": {"name": "cifar"}}, "task.name = 'cifar' is out of range"),
+    ({"train": 3}, "train: expected a table"),
+])
+def test_bad_configs_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fcfg.from_dict(data)
+
+
+def test_overrides_and_round_trip(tmp_path):
+    cfg = fcfg.load(ROOT / "configs/default.toml", ["federation.rounds=7", "task.name=digits",
+                                                    "train.lr=0.5"])
+    assert (cfg.federation.rounds, cfg.task.name, cfg.train.lr) == (7, "digits", 0.5)
+    path = tmp_path / "c.toml"
+    path.write_text(fcfg.to_toml(cfg))
+    assert fcfg.load(path) == cfg
+    assert fcfg.from_run_config(cfg.flat()) == cfg
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        fcfg.load(ROOT / "configs/default.toml", ["federation.rounds"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        fcfg.load(ROOT / "configs/missing.toml")
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted((ROOT / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        fcfg.load(path)
+
+
+def test_pyproject_run_config_is_the_default_config():
+    """`flwr run .` reads [tool.flwr.app.config]; it must equal configs/default.toml resolved."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    flwr_config = fcfg.flatten(pyproject["tool"]["flwr"]["app"]["config"])
+    assert fcfg.from_run_config(flwr_config) == fcfg.load(ROOT / "configs/default.toml")
+    assert set(flwr_config) == set(fcfg.Config().flat())
