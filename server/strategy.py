@@ -96,7 +96,8 @@ class ShieldStrategy(FedAvg):
                 f"{self.cfg.federation.min_clients}")
         k = min(len(eligible), max(self.cfg.federation.min_clients, round(len(eligible) * fraction)))
         rng = np.random.default_rng([self.cfg.seed, server_round])
-        return sorted(int(n) for n in rng.choice(eligible, size=k, replace=False))
+        # Sample positions, not ids: node ids are 64-bit and numpy would not keep them exact.
+        return sorted(eligible[i] for i in rng.choice(len(eligible), size=k, replace=False))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
