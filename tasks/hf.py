@@ -33,22 +33,24 @@ def _to_split(ds) -> Split:
 
 @lru_cache(maxsize=None)
 def load_hf(dataset: str) -> tuple[Split, Split]:
+    """(train, test) of a hub dataset id or a local dataset folder (e.g. parquet files)."""
     from flwr_datasets import FederatedDataset
     from flwr_datasets.partitioner import IidPartitioner
 
     # One partition: fedshield partitions the train split itself, with the configured partitioner.
     fds = FederatedDataset(dataset=dataset, partitioners={"train": IidPartitioner(1)})
     train = _to_split(fds.load_partition(0, "train"))
-    test_name = "test" if "test" in fds.load_split.__self__._dataset else None  # type: ignore[attr-defined]
-    if test_name is None:
-        raise ConfigError(f"hf:{dataset} has no 'test' split; fedshield needs one for evaluation")
-    return train, _to_split(fds.load_split("test"))
+    try:
+        test = fds.load_split("test")
+    except (KeyError, ValueError):
+        raise ConfigError(f"hf:{dataset} has no 'test' split; fedshield evaluates on it") from None
+    return train, _to_split(test)
 
 
 def hf_task(dataset: str) -> Task:
-    train, _ = load_hf(dataset)
+    train, test = load_hf(dataset)
     shape = train.x.shape[1:]
-    n_cls = int(train.y.max()) + 1
+    n_cls = int(max(train.y.max(), test.y.max())) + 1
     if len(shape) == 3:
         return Task(f"hf:{dataset}", shape, n_cls, lambda: MnistCNN(n_cls),
                     lambda: load_hf(dataset), MNIST_PREPROCESSING)
