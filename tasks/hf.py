@@ -38,7 +38,8 @@ def load_hf(dataset: str) -> tuple[Split, Split]:
     from flwr_datasets.partitioner import IidPartitioner
 
     # One partition: fedshield partitions the train split itself, with the configured partitioner.
-    fds = FederatedDataset(dataset=dataset, partitioners={"train": IidPartitioner(1)})
+    fds = FederatedDataset(dataset=dataset, partitioners={"train": IidPartitioner(1)},
+                           shuffle=False)
     train = _to_split(fds.load_partition(0, "train"))
     try:
         test = fds.load_split("test")
