@@ -86,6 +86,8 @@ class TrainConfig:
     batch_size: int = opt(32, positive, "an integer >= 1")
     # Cap on optimizer steps per round (0 = no cap); keeps slow clients' rounds bounded.
     max_steps: int = opt(0, non_negative, "an integer >= 0")
+    # auto = CUDA when this machine has a GPU, else CPU.
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
 from server.report import ConsoleReporter
 from server.strategy import RoundState, ShieldStrategy
-from tasks import Split, evaluate, get_task
+from tasks import Split, evaluate, get_task, resolve_device
 
 
 def server_test_split(task_name: str, limit: int) -> Split:
@@ -78,10 +78,11 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
     reporter.start(cfg, folder.path)
 
     test = server_test_split(cfg.task.name, cfg.task.eval_examples)
+    device = resolve_device(cfg.train.device)
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return MetricRecord(evaluate(model, test))
+        return MetricRecord(evaluate(model.to(device), test))
 
     best = {m["round"]: m for m in folder.read_metrics()}
     best_acc = max((m["accuracy"] for m in best.values() if m.get("accuracy") is not None),

@@ -65,14 +65,24 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = \"cuda\" but this machine has no CUDA GPU; use \"auto\"")
+    return torch.device(name)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Split, batch_size: int = 1024) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``data``."""
+def evaluate(model: nn.Module, data: Split, batch_size: int = 1024,
+             device: torch.device | None = None) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``data`` (model stays where it is)."""
     model.eval()
+    device = device or next(model.parameters()).device
     loss_sum, correct = 0.0, 0
     for start in range(0, len(data), batch_size):
-        xb = torch.from_numpy(data.x[start:start + batch_size])
-        yb = torch.from_numpy(data.y[start:start + batch_size])
+        xb = torch.from_numpy(data.x[start:start + batch_size]).to(device)
+        yb = torch.from_numpy(data.y[start:start + batch_size]).to(device)
         logits = model(xb)
         loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
         correct += (logits.argmax(1) == yb).sum().item()
