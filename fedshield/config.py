@@ -51,6 +51,8 @@ class TaskConfig:
     # hf:<dataset> (flwr-datasets FederatedDataset, needs internet).
     name: str = opt("mnist", lambda v: v in TASK_NAMES or v.startswith("hf:"),
                     f"one of {', '.join(sorted(TASK_NAMES))} or hf:<dataset>")
+    # Model architecture ("" = the task's default; mnist/mnist5k: "cnn" or "tanh_cnn").
+    model: str = opt("")
     # Validation/test examples used by the server each round (0 = the whole test set).
     eval_examples: int = opt(0, non_negative, "an integer >= 0")
 

@@ -21,7 +21,7 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
 from server.report import ConsoleReporter
 from server.strategy import RoundState, ShieldStrategy
-from tasks import Split, evaluate, get_task, resolve_device
+from tasks import Split, evaluate, get_task, resolve_device, task_for
 
 
 def server_test_split(task_name: str, limit: int) -> Split:
@@ -61,7 +61,7 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
     """Train for ``cfg.federation.rounds`` rounds; returns the summary written to summary.json."""
     started = time.perf_counter()
     reporter = reporter or ConsoleReporter()
-    task = get_task(cfg.task.name)
+    task = task_for(cfg.task)
     folder = RunFolder(Path(run_dir or cfg.resume) if (run_dir or cfg.resume) else new_run_dir(cfg))
     strategy = ShieldStrategy(cfg)
 
