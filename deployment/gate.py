@@ -87,6 +87,9 @@ def record(tracking_uri: str, model_name: str, version: str, decision: GateDecis
             client.delete_model_version_tag(model_name, str(version), key)
     alias = CHAMPION if decision.passed or decision.forced else CANDIDATE
     client.set_registered_model_alias(model_name, alias, str(version))
+    stale = CANDIDATE if alias == CHAMPION else CHAMPION
+    if str(client.get_registered_model(model_name).aliases.get(stale)) == str(version):
+        client.delete_registered_model_alias(model_name, stale)
     client.set_model_version_tag(model_name, str(version), "gate", "passed" if decision.passed else "failed")
     client.set_model_version_tag(model_name, str(version), "stage", alias)
     client.set_model_version_tag(model_name, str(version), "gate.forced", str(decision.forced).lower())
