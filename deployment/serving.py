@@ -114,6 +114,8 @@ def request_models(input_shape: tuple[int, ...], max_batch: int, max_explain: in
 
     def shape_check(limit: int) -> Callable[[list], list]:
         def check(value: list) -> list:
+            if not value:
+                raise ValueError(f"inputs is empty; send between 1 and {limit} examples per request")
             try:
                 shape = np.asarray(value, dtype=np.float32).shape
             except ValueError:

@@ -45,6 +45,10 @@ def test_passing_model_becomes_champion(setup):
     assert {c["name"] for c in result.checks} == {"accuracy", "epsilon", "parity", "integrity"}
     resolved = resolve(f"models:/{MODEL}@champion", setup["uri"], setup["root"] / "dl")
     assert resolved.version == "1" and set(resolved.sha256) >= {"model.onnx", ONNX_DATA, "model.safetensors"}
+    from fastapi.testclient import TestClient
+
+    health = TestClient(create_app(f"models:/{MODEL}@champion", tracking_uri=setup["uri"])).get("/health").json()
+    assert health == {"status": "ok", "model": MODEL, "version": "1"}
 
 
 def register_variant(setup, name, **run_options):
