@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import AfterValidator, BaseModel, Field, create_model
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model
 
 from deployment.artifacts import (CARD_JSON, EXPORT_JSON, ONNX, ONNX_INT8, REFERENCE_JSON, SAFETENSORS,
                                   build_loaded_model, load_weights, read_json, verify)
@@ -190,6 +190,8 @@ class RequestMetrics:
         async def record(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                took = (time.perf_counter() - start) * 1e3
+                message["headers"] = [*message.get("headers", []), (b"server-timing", f"app;dur={took:.3f}".encode())]
             await send(message)
 
         try:
@@ -268,7 +270,12 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
                 "sha256": served.sha256, "card": served.card}
 
     @app.post("/predict", dependencies=guard)
-    async def predict(body: PredictRequest) -> JSONResponse:  # type: ignore[valid-type]
+    async def predict(request: Request) -> JSONResponse:
+        # Parsed and validated in one pass by pydantic-core (about half the time of json + validate).
+        try:
+            body = PredictRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError([e | {"loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         x = np.asarray(body.inputs, dtype=np.float32)
         logits = served.session.run(None, {INPUT_NAME: x})[0]
         classes = logits.argmax(1)
