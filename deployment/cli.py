@@ -16,7 +16,8 @@ from rich.table import Table
 from fedshield import config as fconfig
 from fedshield.errors import FedShieldError
 
-DEFAULT_URI = fconfig.DeploymentConfig().registry_uri
+DEFAULTS = fconfig.DeploymentConfig()
+DEFAULT_URI = DEFAULTS.registry_uri
 console = Console()
 
 registry_app = typer.Typer(help="Model registry (MLflow, local sqlite): list, show and promote versions.",
@@ -115,6 +116,10 @@ def serve_command(
     int8: bool = typer.Option(False, "--int8", help="Serve the int8-quantised ONNX model."),
     max_batch: int = typer.Option(1024, "--max-batch", help="Most examples per /predict request."),
     window_log: Path = typer.Option(None, "--window-log", help="Append drift windows here (JSONL) for `monitor`."),
+    drift_window: int = typer.Option(DEFAULTS.drift_window, "--drift-window", help="Examples per drift window."),
+    drift_threshold: float = typer.Option(DEFAULTS.drift_threshold, "--drift-threshold", help="PSI threshold."),
+    drift_patience: int = typer.Option(DEFAULTS.drift_patience, "--drift-patience",
+                                       help="Drifting windows in a row before a retraining trigger."),
 ) -> None:
     """Serve a model over HTTP (FastAPI + onnxruntime): /predict /explain /metadata /metrics /health.
 
@@ -124,7 +129,8 @@ def serve_command(
 
     try:
         serve(model, host, port, token, tracking_uri=registry_uri, quantized=int8, max_batch=max_batch,
-              window_log=window_log)
+              window_log=window_log, drift_window=drift_window, drift_threshold=drift_threshold,
+              drift_patience=drift_patience)
     except FedShieldError as exc:
         _fail(exc)
 
@@ -144,8 +150,8 @@ def _metrics_source(url: str, token: str | None) -> dict[str, float]:
 def monitor_command(
     source: str = typer.Argument(..., help="A drift-window JSONL (serve --window-log) or a server URL."),
     statistic: str = typer.Option("psi_mean", "--statistic", help="Score the trigger watches."),
-    threshold: float = typer.Option(0.2, "--threshold", help="Drift when the statistic exceeds this."),
-    patience: int = typer.Option(3, "--patience", help="Consecutive drifting windows before retraining."),
+    threshold: float = typer.Option(DEFAULTS.drift_threshold, "--threshold", help="Drift when the statistic exceeds this."),
+    patience: int = typer.Option(DEFAULTS.drift_patience, "--patience", help="Consecutive drifting windows before retraining."),
     token: str = typer.Option(None, "--token", envvar="FEDSHIELD_SERVE_TOKEN"),
     as_json: bool = AsJson,
 ) -> None:

@@ -7,6 +7,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from deployment.artifacts import CARD_MD, REFERENCE_JSON, load_weights
 from deployment.card import build_card
 from deployment.export import export_model
@@ -71,7 +73,10 @@ def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     metadata = {"run": summary.get("name", run.name), "weights": cfg.deployment.weights,
                 "rounds": summary.get("rounds"), "dp": privacy.get("enabled", False),
                 "epsilon_max": privacy.get("epsilon_max")}
-    export = export_model(task, load_weights(weights), out, metadata, quantize=cfg.deployment.quantize)
+    test = task.load()[1]
+    if cfg.task.eval_examples:
+        test = test.subset(np.arange(min(cfg.task.eval_examples, len(test))))
+    export = export_model(task, load_weights(weights), out, metadata, quantize=cfg.deployment.quantize, test=test)
     reference = drift_reference(run, cfg, out)
     card = build_card(run, export, cfg.deployment.explain_examples, reference.source)
     name = model_name_for(cfg)
