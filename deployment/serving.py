@@ -21,6 +21,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model
 
 from deployment.artifacts import (CARD_JSON, EXPORT_JSON, ONNX, ONNX_INT8, REFERENCE_JSON, SAFETENSORS,
@@ -38,6 +39,7 @@ DEFAULT_MAX_BODY = 8 * 1024 * 1024
 MAX_EXPLAIN = 16
 MIN_REMOTE_TOKEN = 16
 ERRORS_SHOWN = 10
+INLINE_BATCH = 8
 
 
 @dataclass
@@ -277,7 +279,10 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
         except ValidationError as exc:
             raise RequestValidationError([e | {"loc": ("body", *e["loc"])} for e in exc.errors()]) from None
         x = np.asarray(body.inputs, dtype=np.float32)
-        logits = served.session.run(None, {INPUT_NAME: x})[0]
+        if len(x) <= INLINE_BATCH:  # microseconds: a thread hop would cost more than the call
+            logits = served.session.run(None, {INPUT_NAME: x})[0]
+        else:  # keep the event loop (and /health) responsive during big batches
+            logits = (await run_in_threadpool(served.session.run, None, {INPUT_NAME: x}))[0]
         classes = logits.argmax(1)
         metrics.observe_predictions(classes)
         if monitor is not None:
