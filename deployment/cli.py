@@ -112,7 +112,8 @@ def serve_command(
     port: int = typer.Option(8080, "--port"),
     token: str = typer.Option(None, "--token", envvar="FEDSHIELD_SERVE_TOKEN",
                               help="Bearer token clients must send (prefer the environment variable)."),
-    registry_uri: str = RegistryUri,
+    registry_uri: str = typer.Option(None, "--registry-uri", help="MLflow registry URI (default: the run "
+                                     f"folder's config, else {DEFAULT_URI})."),
     int8: bool = typer.Option(False, "--int8", help="Serve the int8-quantised ONNX model."),
     max_batch: int = typer.Option(1024, "--max-batch", help="Most examples per /predict request."),
     window_log: Path = typer.Option(None, "--window-log", help="Append drift windows here (JSONL) for `monitor`."),

@@ -6,7 +6,6 @@ before loading and must match the registry (a registered version, or a run folde
 ``handoff.json`` names one); a bare export folder is checked against its own ``export.json``.
 """
 
-
 import ipaddress
 import json
 import secrets
@@ -21,8 +20,8 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.concurrency import run_in_threadpool
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model
+from starlette.concurrency import run_in_threadpool
 
 from deployment.artifacts import (CARD_JSON, EXPORT_JSON, ONNX, ONNX_INT8, REFERENCE_JSON, SAFETENSORS,
                                   build_loaded_model, load_weights, read_json, verify)
