@@ -195,6 +195,24 @@ class DeploymentConfig:
     model_name: str = opt("")
     min_accuracy: float = opt(0.0, probability, "an accuracy in [0, 1]")
     max_epsilon: float = opt(0.0, non_negative, ">= 0 (0 = no limit)")
+    # Which run weights to deploy: the last round's or the best-by-validation ones.
+    weights: str = opt("final", choices=("final", "best"))
+    # Gate: largest |torch - onnxruntime| logit difference accepted on the test inputs.
+    parity_tolerance: float = opt(1e-4, positive, "a tolerance > 0")
+    # Gate: largest accuracy drop under the run's robustness check (summary.json); 0 = no limit.
+    max_accuracy_drop: float = opt(0.0, probability, "an accuracy difference in [0, 1] (0 = no limit)")
+    # Also export an int8 (dynamic quantisation) ONNX model and measure its accuracy.
+    quantize: bool = opt(True)
+    # Test examples used for the Integrated Gradients explanations in the model card.
+    explain_examples: int = opt(64, positive, "an integer >= 1")
+    # Drift monitor: examples per window, PSI threshold, windows over threshold before retraining.
+    drift_window: int = opt(200, positive, "an integer >= 1")
+    drift_threshold: float = opt(0.2, positive, "a PSI threshold > 0 (0.1 small, 0.25 large drift)")
+    drift_patience: int = opt(3, positive, "an integer >= 1")
+    # Bins per feature of the drift reference histograms, and the Gaussian noise multiplier each
+    # client uses for its DP reference histograms (0 = no noise: only for server-held data).
+    reference_bins: int = opt(10, lambda v: 2 <= v <= 1000, "an integer in [2, 1000]")
+    reference_noise_multiplier: float = opt(1.0, non_negative, ">= 0")
 
 
 @dataclass(frozen=True)
