@@ -70,7 +70,7 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
                reference_source: str | None = None) -> ModelCard:
     """Write ``model_card.json`` and ``model_card.md`` (and ``attributions.png`` for images)."""
     summary, config, rounds = read_run(run_dir)
-    task = get_task(export.task)
+    task = get_task(export.task, export.metadata.get("model", ""))
     test = task.load()[1]
     out = Path(export.out_dir)
     privacy = summary.get("privacy") or {"enabled": False}

@@ -105,7 +105,7 @@ def export_model(task: Task, state_dict: dict[str, torch.Tensor], out_dir: str |
     out.mkdir(parents=True, exist_ok=True)
     model = build_loaded_model(task, state_dict)
     clean_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()} | {"task": task.name}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()} | {"task": task.name, "model": task.model_name}
     save_file(clean_state, str(out / SAFETENSORS), metadata=meta)
 
     test = test if test is not None else task.load()[1]

@@ -17,7 +17,7 @@ from deployment.reference_stats import Reference, names_for, reference_from_data
 from deployment.registry import register
 from fedshield.config import Config
 from fedshield.errors import FedShieldError
-from tasks import get_task
+from tasks import task_for
 
 EXPORT_DIR = "export"
 
@@ -47,7 +47,7 @@ def drift_reference(run_dir: Path, cfg: Config, out_dir: Path) -> Reference:
     if path.is_file():
         reference = Reference.load(path)
     else:
-        task = get_task(cfg.task.name)
+        task = task_for(cfg.task)
         test = task.load()[1]
         reference = reference_from_data(test.x, test.y, task.input_shape, task.num_classes,
                                         names_for(task.input_shape, task.feature_names),
@@ -64,7 +64,7 @@ def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     if not weights.is_file():
         raise FedShieldError(f"{weights} does not exist; the run folder must hold the global weights "
                              f"(deployment.weights = {cfg.deployment.weights!r})")
-    task = get_task(cfg.task.name)
+    task = task_for(cfg.task)
     out = run / EXPORT_DIR
     if out.exists():
         shutil.rmtree(out)

@@ -53,6 +53,7 @@ class ServedModel:
     card: dict
     reference: Reference | None
     quantized: bool = False
+    model: str = ""  # the task's architecture name ("" = default), from the export metadata
     session: Any = field(default=None, repr=False)
 
 
@@ -97,7 +98,7 @@ def load_served_model(model: str | Path, tracking_uri: str | None = None, quanti
     card = read_json(folder / CARD_JSON) if (folder / CARD_JSON).is_file() else {}
     reference = Reference.load(folder / REFERENCE_JSON) if (folder / REFERENCE_JSON).is_file() else None
     served = ServedModel(name, version, folder, export["task"], tuple(export["input_shape"]), export["num_classes"],
-                         hashes, card, reference, quantized)
+                         hashes, card, reference, quantized, export.get("metadata", {}).get("model", ""))
     served.session = onnx_session(folder / (ONNX_INT8 if quantized else ONNX))
     return served
 
@@ -237,7 +238,7 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
     served = model if isinstance(model, ServedModel) else load_served_model(model, tracking_uri, quantized)
     metrics = ServingMetrics()
     lock = threading.Lock()
-    torch_model = build_loaded_model(get_task(served.task), load_weights(served.folder / SAFETENSORS))
+    torch_model = build_loaded_model(get_task(served.task, served.model), load_weights(served.folder / SAFETENSORS))
     is_image = len(served.input_shape) == 3
     PredictRequest, ExplainRequest = request_models(served.input_shape, max_batch, MAX_EXPLAIN)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedshield import config as fcfg
@@ -119,8 +121,23 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
     summary = build_summary(cfg, folder, strategy, stopped, time.perf_counter() - started)
     folder.write_summary(summary)
     folder.plot()
+    if cfg.deployment.handoff and summary["rounds_completed"]:
+        summary["handoff"] = hand_off(folder, cfg)
+        folder.write_summary(summary)
     reporter.end(summary)
     return summary
+
+
+def hand_off(folder: RunFolder, cfg: fcfg.Config) -> dict:
+    """Export, document, register and gate the final model (deployment/). A failure here is
+    reported, never raised: the run's own results are already on disk."""
+    from deployment.handoff import handoff
+
+    try:
+        return handoff(folder.path, cfg).to_dict()
+    except Exception as exc:  # noqa: BLE001 — keep the finished run; say what went wrong
+        log(WARNING, "hand-off failed: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy, stopped: str,

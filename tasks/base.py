@@ -38,6 +38,7 @@ class Task:
     feature_names: tuple[str, ...] = field(default=())
     # Alternative architectures by name (task.model); build_model is the default one.
     models: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
+    model_name: str = ""  # which of ``models`` build_model is ("" = the default)
 
     def with_model(self, name: str) -> "Task":
         """This task with ``build_model`` set to the named architecture ("" = default)."""
@@ -46,7 +47,7 @@ class Task:
         if name not in self.models:
             raise ConfigError(f"task.model = {name!r} is not a model of task {self.name!r}; "
                               f"choose one of {', '.join(sorted(self.models)) or '(none)'}")
-        return replace(self, build_model=self.models[name])
+        return replace(self, build_model=self.models[name], model_name=name)
 
     @property
     def is_image(self) -> bool:
