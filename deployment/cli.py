@@ -121,6 +121,10 @@ def serve_command(
     drift_threshold: float = typer.Option(DEFAULTS.drift_threshold, "--drift-threshold", help="PSI threshold."),
     drift_patience: int = typer.Option(DEFAULTS.drift_patience, "--drift-patience",
                                        help="Drifting windows in a row before a retraining trigger."),
+    retrain_config: str = typer.Option(None, "--retrain-config",
+                                       help="On a retraining trigger, fine-tune from this model with "
+                                            "this federation config (fedshield simulate)."),
+    retrain_rounds: int = typer.Option(3, "--retrain-rounds", help="Rounds of the fine-tuning run."),
 ) -> None:
     """Serve a model over HTTP (FastAPI + onnxruntime): /predict /explain /metadata /metrics /health.
 
@@ -128,10 +132,18 @@ def serve_command(
     """
     from deployment.serving import serve
 
+    on_trigger = None
+    if retrain_config:
+        from deployment.retrain import launch_retraining
+
+        def on_trigger(trigger):  # the fine-tuning run goes through the same hand-off and gate
+            proc = launch_retraining(trigger, retrain_config, model, registry_uri or DEFAULT_URI,
+                                     retrain_rounds, Path("runs") / "retrain")
+            console.print(f"[bold]retraining started[/bold] (pid {proc.pid}): {trigger.reason}")
     try:
         serve(model, host, port, token, tracking_uri=registry_uri, quantized=int8, max_batch=max_batch,
               window_log=window_log, drift_window=drift_window, drift_threshold=drift_threshold,
-              drift_patience=drift_patience)
+              drift_patience=drift_patience, on_trigger=on_trigger)
     except FedShieldError as exc:
         _fail(exc)
 

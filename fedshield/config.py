@@ -222,6 +222,8 @@ class Config:
     output_dir: str = opt("runs")
     # Resume from the newest checkpoint in this run folder ("" = start fresh).
     resume: str = opt("")
+    # Start from these global weights (safetensors, e.g. the champion when fine-tuning; "" = random init).
+    init_weights: str = opt("")
     task: TaskConfig = field(default_factory=TaskConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)

@@ -59,6 +59,14 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
     }
 
 
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise fcfg.ConfigError(f"init_weights = {path!r} does not exist")
+    return {k.removeprefix("_module."): v for k, v in load_file(path).items()}
+
+
 def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | None = None) -> dict:
     """Train for ``cfg.federation.rounds`` rounds; returns the summary written to summary.json."""
     started = time.perf_counter()
@@ -69,6 +77,8 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
 
     torch.manual_seed(cfg.seed)
     model = task.build_model()
+    if cfg.init_weights:
+        model.load_state_dict(load_weights(cfg.init_weights))
     initial, start_round = ArrayRecord(model.state_dict()), 1
     checkpoint = load_checkpoint(folder.path) if cfg.resume else None
     if checkpoint is not None:
