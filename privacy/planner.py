@@ -30,7 +30,7 @@ def check_delta(delta: float, num_examples: int) -> None:
     if not 0 < delta < 1:
         raise ConfigError(f"delta = {delta!r} must be in (0, 1)")
     if delta >= 1 / num_examples:
-        raise ConfigError(f"delta = {delta:g} must be < 1/num_examples = {1 / num_examples:.3g} "
+        raise ConfigError(f"delta must be < 1/num_examples = {1 / num_examples:.3g}, got {delta:g} "
                           f"(with {num_examples} examples a larger delta lets a mechanism publish "
                           "whole records); lower delta")
 
