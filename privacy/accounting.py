@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Sequence
-
-from opacus.accountants import IAccountant, create_accountant
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from fedshield.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 
@@ -26,8 +27,11 @@ PRV_MAX_EPSILON = 64.0
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
 
-def make_accountant(name: str) -> IAccountant:
+def make_accountant(name: str) -> "IAccountant":
     """A fresh Opacus accountant: ``prv`` (tightest), ``rdp`` (classic) or ``gdp`` (CLT, approximate)."""
+    # Imported here: opacus imports torch, which processes that only read or write ledgers skip.
+    from opacus.accountants import create_accountant
+
     if name not in ACCOUNTANTS:
         raise ConfigError(f"unknown accountant {name!r}; choose one of {', '.join(ACCOUNTANTS)}")
     with warnings.catch_warnings():

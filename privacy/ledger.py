@@ -117,8 +117,8 @@ class Ledger:
             if any(e["run_id"] == run_id and e["round"] == round for e in history):
                 return False
             known = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in history]
-            after = epsilon(known + events, self.delta, self.accountant)
-            if self.max_epsilon > 0 and after > self.max_epsilon:
+            after = epsilon(known + events, self.delta, self.accountant) if self.max_epsilon > 0 else 0.0
+            if after > self.max_epsilon > 0:
                 raise BudgetExhausted(
                     f"budget exhausted: spent {epsilon(known, self.delta, self.accountant):.2f} of "
                     f"{self.max_epsilon} (recording round {round} would bring it to {after:.2f}); "
