@@ -38,17 +38,17 @@ def dp_compatible(model: nn.Module) -> nn.Module:
 def pick_grad_sample_mode(model: nn.Module) -> str:
     """Fastest correct per-sample-gradient mode for ``model``.
 
-    Ghost clipping computes per-sample gradient *norms* without materialising per-sample gradients
-    for Linear/Embedding layers and falls back to per-sample gradients for the other supported layers
-    (Conv, GroupNorm, ...). Measured on CPU (benchmarks/bench_dp_overhead.py) it beats hooks on both
-    the MLPs and MnistCNN, so it is the choice whenever Opacus supports every trainable layer; other
-    layers need functorch.
+    Ghost clipping gets per-sample gradient *norms* without materialising per-sample gradients for
+    Linear/Embedding layers and uses Opacus' per-sample rules for the other layers it knows (Conv,
+    GroupNorm, ...). Measured on CPU (benchmarks/bench_dp_overhead.py) it beats hooks on the MLPs and
+    on MnistCNN, so it is chosen whenever Opacus has a rule for every trainable layer; otherwise
+    hooks (which fall back to functorch for just the unknown layers).
     """
-    supported = set(GradSampleHooksFastGradientClipping.NORM_SAMPLERS) | set(GradSampleModule.GRAD_SAMPLERS)
+    known = set(GradSampleHooksFastGradientClipping.NORM_SAMPLERS) | set(GradSampleModule.GRAD_SAMPLERS)
     for module in model.modules():
         has_own_params = any(p.requires_grad for p in module.parameters(recurse=False))
-        if has_own_params and type(module) not in supported:
-            return "functorch"
+        if has_own_params and type(module) not in known:
+            return "hooks"
     return "ghost"
 
 
