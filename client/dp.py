@@ -8,6 +8,7 @@ ledger is checked before training (refuse rather than overspend) and written aft
 
 from __future__ import annotations
 
+import time
 import warnings
 from itertools import chain, islice
 
@@ -108,7 +109,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate} for {len(dp_loader)} steps an epoch; "
                            f"the planner assumed {rate} for {planned_steps} steps a round")
 
-    steps, loss_sum, seen = 0, 0.0, 0
+    steps, loss_sum, seen, started = 0, 0.0, 0, time.perf_counter()
     batches = chain.from_iterable(dp_loader for _ in range(train_cfg.local_epochs))
     with warnings.catch_warnings():
         # Opacus' hooks fire on the first layer although inputs need no gradient: harmless.
@@ -124,6 +125,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
                 seen += len(yb)
         finally:
             dp_model.cleanup()  # remove Opacus hooks so the caller's model is plain again
+    train_seconds = time.perf_counter() - started
     events = list(engine.accountant.history)  # what Opacus accounted: [(noise, rate, steps)]
     if compact(events) != [(noise, rate, steps)]:
         raise RuntimeError(f"Opacus accounted {events}, training took {steps} steps at {noise}, {rate}")
@@ -138,5 +140,6 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
             "noise_multiplier": noise, "max_grad_norm": privacy_cfg.max_grad_norm,
             "sample_rate": rate, "steps": steps, "num_examples": n,
             "train_loss": loss_sum / max(seen, 1), "grad_sample_mode": mode,
+            "train_seconds": train_seconds,  # the DP-SGD loop alone, without accounting
         },
     }
