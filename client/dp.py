@@ -121,8 +121,9 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
                 loss.backward()
                 dp_optimizer.step()
                 steps += 1
-                loss_sum += float(loss.item()) * len(yb)
-                seen += len(yb)
+                if len(yb):  # Poisson batches can be empty (their loss is NaN; the step is still noise)
+                    loss_sum += float(loss.item()) * len(yb)
+                    seen += len(yb)
         finally:
             dp_model.cleanup()  # remove Opacus hooks so the caller's model is plain again
     train_seconds = time.perf_counter() - started

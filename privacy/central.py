@@ -113,3 +113,12 @@ def check_secagg(rule_spec: str) -> None:
             "client's individual update (to select, sort, trim, cluster or compare them). Use "
             "aggregation.rule = \"fedavg\" or \"clip\" (clipping then runs on the clients) with secure "
             "aggregation, or turn secure aggregation off")
+
+
+def central_dp_config_check(cfg) -> str | None:
+    """A ``fedshield.config.CROSS_CHECKS`` entry: the problem with cfg's central DP setup, or None."""
+    try:
+        check_central_dp(cfg.aggregation.rule, cfg.central_dp, weighting=cfg.aggregation.weighting)
+    except ConfigError as exc:
+        return str(exc)
+    return None

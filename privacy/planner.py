@@ -108,7 +108,12 @@ def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: i
 
 def _first_guess(target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
     # PRV costs ~0.3 s per evaluation; RDP's answer (within ~10%) is a cheap starting point.
-    return plan_noise(target, delta, rate, steps, "rdp") if accountant == "prv" else 1.0
+    if accountant == "prv":
+        try:
+            return plan_noise(target, delta, rate, steps, "rdp")
+        except ConfigError:  # beyond RDP's reach (PRV is tighter): start from the top
+            return MAX_NOISE
+    return 1.0
 
 
 def _bracket(eps, target: float, guess: float) -> tuple[float, float]:

@@ -1,5 +1,6 @@
 """DP-SGD rounds on real data (sklearn digits): accounted, refused at the budget, and still learning."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,15 @@ def test_auto_mode_picks_ghost_for_known_layers_and_hooks_otherwise():
             return x * self.w
 
     assert pick_grad_sample_mode(torch.nn.Sequential(torch.nn.Linear(4, 4), Scale())) == "hooks"
+
+
+def test_empty_poisson_batches_still_step_and_stay_finite(digits, tmp_path):
+    task, train, _ = digits
+    tiny = train.subset(np.arange(10))  # q = 0.1: about a third of the batches are empty
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1e-3, accountant="rdp")
+    out = train_private(task.build_model(), tiny, TrainConfig(lr=0.01, batch_size=1, local_epochs=3), cfg,
+                        Ledger(tmp_path / "c3.json", 1e-3, "rdp"), total_rounds=1, server_round=1,
+                        run_id="r", seed=0)
+    assert out["metrics"]["steps"] == 30  # every sampled batch, empty or not, is a released step
+    assert np.isfinite(out["metrics"]["train_loss"])
+    assert all(torch.isfinite(v).all() for v in out["state_dict"].values())

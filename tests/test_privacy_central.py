@@ -83,3 +83,14 @@ def test_examples_weighted_fedavg_is_refused_and_disabled_central_dp_checks_noth
 def test_clip_norm_must_be_positive():
     with pytest.raises(ConfigError):
         clip_updates(torch.zeros(2, 3), 0.0)
+
+
+def test_config_check_reports_the_problem_for_a_whole_config():
+    from fedshield import config as fcfg
+    from privacy.central import central_dp_config_check
+
+    bad = fcfg.from_dict({"central_dp": {"enabled": True}, "aggregation": {"rule": "median"}})
+    assert "median" in central_dp_config_check(bad)
+    good = fcfg.from_dict({"central_dp": {"enabled": True}, "aggregation": {"rule": "fedavg",
+                                                                            "weighting": "uniform"}})
+    assert central_dp_config_check(good) is None
