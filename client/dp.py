@@ -96,6 +96,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
                                 weight_decay=train_cfg.weight_decay)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # seeded for reproducibility
+        warnings.filterwarnings("ignore", message="GDP accounting is experimental")  # said in the docs
         engine = PrivacyEngine(accountant=privacy_cfg.accountant)
         private = engine.make_private(
             module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,

@@ -46,7 +46,7 @@ def test_central_noise_has_the_stated_std():
 
 def test_user_level_epsilon_is_the_subsampled_gaussian_over_rounds():
     assert user_level_epsilon(1.0, 0.1, 100, 1e-5, "rdp") == epsilon([(1.0, 0.1, 100)], 1e-5, "rdp")
-    assert user_level_epsilon(1.0, 0.1, 200, 1e-5) > user_level_epsilon(1.0, 0.1, 100, 1e-5)
+    assert user_level_epsilon(1.0, 0.1, 200, 1e-5, "rdp") > user_level_epsilon(1.0, 0.1, 100, 1e-5, "rdp")
 
 
 @pytest.mark.parametrize("rule", ["fedavg", "clip", "FedAvg"])
