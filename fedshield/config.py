@@ -119,6 +119,8 @@ class CentralDPConfig:
     noise_multiplier: float = opt(1.0, non_negative, ">= 0")
     clip_norm: float = opt(1.0, positive, "an update clip norm > 0")
     delta: float = opt(1e-5, open_unit, "a probability in (0, 1)")
+    # Accountant for the per-client (user-level) epsilon over rounds.
+    accountant: str = opt("prv", choices=("prv", "rdp", "gdp"))
 
 
 @dataclass(frozen=True)
