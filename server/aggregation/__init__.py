@@ -1,0 +1,24 @@
+"""Robust aggregation rules as pure math on an (n, d) tensor of client updates.
+
+Each rule in RULES takes the updates (deltas from the global model, any float dtype) and returns an
+AggregationResult: the (d,) aggregate in the input dtype, a per-client suspicion in [0, 1] (the
+rule's own evidence, in input order) and a few numbers in ``info``. Pairwise geometry is computed
+in float64 from one Gram matrix (see distances.py). No Flower imports here: the strategy adapter
+flattens ArrayRecords once and calls an Aggregator.
+
+Weights: robust rules ignore the client-reported example counts and weigh clients uniformly,
+because a client can lie about num-examples to dominate a weighted rule. Only plain fedavg uses
+them; it is also the only rule that needs no individual updates (a sum, SecAgg-compatible).
+
+Specs: "rule" or "pre+...+rule", pre-steps applied left to right, e.g. "bucketing+nnm+median".
+Suspicion of a bucket goes to all its members.
+
+Rules: fedavg, krum, multikrum, bulyan, median, trimmed_mean, geomed, cclip (stateful: centred on
+the previous aggregate), clip, fltrust (needs the server's reference update), flame.
+"""
+
+from server.aggregation.registry import PRE_AGGREGATORS, RULES, Aggregator, build_aggregator, parse_spec
+from server.aggregation.result import AggregationResult
+
+__all__ = ["AggregationResult", "Aggregator", "PRE_AGGREGATORS", "RULES", "build_aggregator",
+           "parse_spec"]

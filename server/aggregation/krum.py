@@ -1,0 +1,102 @@
+"""Krum, Multi-Krum (Blanchard et al. 2017) and Bulyan (El Mhamdi et al. 2018).
+
+Krum scores each update by the sum of squared distances to its n - f - 2 nearest neighbours and
+keeps the lowest score; Multi-Krum averages the m lowest. Bulyan picks theta = n - 2f updates by
+repeated Krum, then per coordinate averages the beta = theta - 2f values closest to the median.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedshield.errors import ConfigError
+from server.aggregation.coordinatewise import coordinate_median
+from server.aggregation.distances import pairwise_sq_distances
+from server.aggregation.result import AggregationResult, excess_over_median, working_copy
+
+
+def check_krum(n: int, f: int) -> None:
+    if f < 0 or n <= 2 * f + 2:
+        raise ConfigError(f"Krum needs n > 2f + 2 updates, got n = {n}, f = {f}; lower "
+                          f"aggregation.f (or byzantine_fraction_assumed) or sample more clients")
+
+
+def check_multikrum(n: int, f: int, m: int) -> None:
+    check_krum(n, f)
+    if not 1 <= m <= n:
+        raise ConfigError(f"Multi-Krum selects m in [1, n], got m = {m} with n = {n}; set "
+                          f"aggregation.multikrum_m to 0 (= n - f) or a value <= n")
+
+
+def check_bulyan(n: int, f: int) -> None:
+    if f < 0 or n < 4 * f + 3:
+        raise ConfigError(f"Bulyan needs n >= 4f + 3 updates, got n = {n}, f = {f}; lower "
+                          f"aggregation.f to at most {max((n - 3) // 4, 0)} or use more clients")
+
+
+def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
+    """Sum of squared distances to the n - f - 2 nearest other updates (at least 1)."""
+    n = sq_dist.shape[0]
+    k = min(max(n - f - 2, 1), n - 1)
+    if k < 1:
+        return torch.zeros(n, dtype=sq_dist.dtype)
+    others = sq_dist + torch.diag(torch.full((n,), float("inf"), dtype=sq_dist.dtype))
+    return others.topk(k, dim=1, largest=False).values.sum(dim=1)
+
+
+def _selection_suspicion(scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Unselected clients score by how far their Krum score exceeds the median score."""
+    suspicion = excess_over_median(scores)
+    suspicion[selected] = 0.0
+    return suspicion
+
+
+def multikrum(updates: torch.Tensor, f: int, m: int | None = None) -> AggregationResult:
+    """Mean of the m updates with the lowest Krum scores (m defaults to n - f)."""
+    x = working_copy(updates)
+    n = x.shape[0]
+    m = n - f if m is None or m <= 0 else m
+    check_multikrum(n, f, m)
+    scores = krum_scores(pairwise_sq_distances(x), f)
+    selected = scores.argsort(stable=True)[:m]
+    update = x[selected].mean(dim=0)
+    info = {"selected": float(m), "f": float(f), "first_index": float(selected[0])}
+    return AggregationResult(update.to(updates.dtype), _selection_suspicion(scores, selected), info)
+
+
+def krum(updates: torch.Tensor, f: int) -> AggregationResult:
+    """The single update with the lowest Krum score (info["first_index"] says which)."""
+    return multikrum(updates, f, m=1)
+
+
+def bulyan_select(sq_dist: torch.Tensor, f: int, theta: int) -> torch.Tensor:
+    """Indices of theta updates picked one by one by Krum over the remaining ones."""
+    remaining = list(range(sq_dist.shape[0]))
+    chosen: list[int] = []
+    while len(chosen) < theta:
+        idx = torch.tensor(remaining)
+        scores = krum_scores(sq_dist[idx][:, idx], f)
+        chosen.append(remaining.pop(int(scores.argmin())))
+    return torch.tensor(chosen)
+
+
+def mean_closest_to(values: torch.Tensor, center: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per coordinate, the mean of the beta values (rows) closest to ``center``."""
+    if beta == values.shape[0]:
+        return values.mean(dim=0)
+    idx = (values - center).abs_().topk(beta, dim=0, largest=False).indices
+    return values.gather(0, idx).mean(dim=0)
+
+
+def bulyan(updates: torch.Tensor, f: int) -> AggregationResult:
+    x = working_copy(updates)
+    n = x.shape[0]
+    check_bulyan(n, f)
+    theta, beta = n - 2 * f, n - 4 * f
+    sq_dist = pairwise_sq_distances(x)
+    selected = bulyan_select(sq_dist, f, theta)
+    chosen = x[selected]
+    update = mean_closest_to(chosen, coordinate_median(chosen), beta)
+    suspicion = _selection_suspicion(krum_scores(sq_dist, f), selected)
+    return AggregationResult(update.to(updates.dtype), suspicion,
+                             {"selected": float(theta), "beta": float(beta), "f": float(f)})
