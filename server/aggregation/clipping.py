@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from server.aggregation.distances import distances_to, norms
-from server.aggregation.result import AggregationResult, clip_scale, working_copy
+from server.aggregation.result import AggregationResult, clip_scale, median_of, working_copy
 
 
 def cclip(updates: torch.Tensor, center: torch.Tensor | None = None, tau: float = 10.0,
@@ -31,7 +31,7 @@ def cclip(updates: torch.Tensor, center: torch.Tensor | None = None, tau: float 
 def clip(updates: torch.Tensor, clip_norm: float = 0.0) -> AggregationResult:
     x = working_copy(updates)
     row_norms = norms(x)
-    bound = float(row_norms.median()) if clip_norm <= 0 else clip_norm
+    bound = median_of(row_norms) if clip_norm <= 0 else clip_norm
     scale = clip_scale(row_norms, bound)
     update = scale.to(x.dtype) @ x / x.shape[0]
     info = {"clipped": float((scale < 1).sum()), "clip_norm": bound}

@@ -27,8 +27,8 @@ def gram(updates: torch.Tensor, centered: bool = True) -> torch.Tensor:
     out = torch.zeros(n, n, dtype=torch.float64)
     for cols in column_chunks(n, d):
         block = updates[:, cols].to(torch.float64)
-        if centered:
-            block -= block.mean(dim=0)
+        if centered:  # out of place: for float64 input, block is a view of the caller's tensor
+            block = block - block.mean(dim=0)
         out.addmm_(block, block.T)
     return out
 

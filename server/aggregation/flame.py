@@ -15,7 +15,7 @@ import torch
 from sklearn.cluster import HDBSCAN
 
 from server.aggregation.distances import cosine_similarities, norms
-from server.aggregation.result import AggregationResult, clip_scale, working_copy
+from server.aggregation.result import AggregationResult, clip_scale, median_of, working_copy
 
 
 def majority_cluster(cosine: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def flame(updates: torch.Tensor, noise: float = 0.001,
     keep = majority_cluster(cosine_similarities(x))
     kept = x[keep]
     kept_norms = norms(kept)
-    bound = float(kept_norms.median())
+    bound = median_of(kept_norms)
     scale = clip_scale(kept_norms, bound)
     update = scale.to(x.dtype) @ kept / kept.shape[0]
     if noise > 0:

@@ -46,15 +46,15 @@ def parse_spec(spec: str) -> tuple[list[str], str]:
     """"bucketing+nnm+median" -> (["bucketing", "nnm"], "median")."""
     tokens = [t.strip().lower() for t in spec.split("+")]
     *pre, rule = tokens
+    if rule not in RULES:
+        hint = " (pre-aggregation steps must be followed by a rule)" if rule in PRE_AGGREGATORS else ""
+        raise ConfigError(f"aggregation.rule = {spec!r}: unknown rule {rule!r}{hint}; valid rules: "
+                          f"{', '.join(RULES)}, optionally after {' / '.join(PRE_AGGREGATORS)}+")
     for name in pre:
         if name not in PRE_AGGREGATORS:
             raise ConfigError(f"aggregation.rule = {spec!r}: unknown pre-aggregation step "
                               f"{name!r}; valid steps: {', '.join(PRE_AGGREGATORS)} "
                               f"(they come before the rule, e.g. \"bucketing+krum\")")
-    if rule not in RULES:
-        hint = " (pre-aggregation steps must be followed by a rule)" if rule in PRE_AGGREGATORS else ""
-        raise ConfigError(f"aggregation.rule = {spec!r}: unknown rule {rule!r}{hint}; valid rules: "
-                          f"{', '.join(RULES)}, optionally after {' / '.join(PRE_AGGREGATORS)}+")
     return pre, rule
 
 

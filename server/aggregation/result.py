@@ -23,6 +23,11 @@ def working_copy(updates: torch.Tensor) -> torch.Tensor:
     return updates if updates.dtype in (torch.float32, torch.float64) else updates.float()
 
 
+def median_of(values: torch.Tensor) -> float:
+    """The usual median of a vector (mean of the two middle values for even length)."""
+    return float(torch.quantile(values.double(), 0.5))
+
+
 def excess_over_median(values: torch.Tensor) -> torch.Tensor:
     """1 - median/value, clamped to [0, 1]: 0 for typical clients, -> 1 for far outliers.
 
@@ -30,7 +35,7 @@ def excess_over_median(values: torch.Tensor) -> torch.Tensor:
     because the median is taken over the round's own clients.
     """
     values = values.double()
-    med = values.median()
+    med = median_of(values)
     if med <= 0:
         return (values > 0).double()
     return (1.0 - med / values.clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)
