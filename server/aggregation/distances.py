@@ -1,7 +1,8 @@
 """Pairwise geometry of client updates, in float64, without (n, n, d) intermediates.
 
 Squared distances come from one Gram matrix, ||a||^2 + ||b||^2 - 2 a.b, accumulated in float64 over
-column chunks (so the float64 copy never exceeds ~64 MiB). Columns are centred first: distances do
+column chunks (so the float64 copy never exceeds ~16 MiB; smaller blocks stay in cache and
+measured faster than 64 MiB ones). Columns are centred first: distances do
 not change under a common shift, and centring removes the cancellation that would otherwise lose
 updates of size 1e-7 riding on large common values.
 """
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 
 
 def column_chunks(n: int, d: int) -> Iterator[slice]:
@@ -54,13 +55,8 @@ def cosine_similarities(updates: torch.Tensor) -> torch.Tensor:
 
 
 def norms(updates: torch.Tensor) -> torch.Tensor:
-    """(n,) float64 Euclidean norms of the rows."""
-    n, d = updates.shape
-    sq = torch.zeros(n, dtype=torch.float64)
-    for cols in column_chunks(n, d):
-        block = updates[:, cols].to(torch.float64)
-        sq += (block * block).sum(dim=1)
-    return sq.sqrt()
+    """(n,) float64 Euclidean norms of the rows (squares summed in float64)."""
+    return torch.linalg.vector_norm(updates, dim=1, dtype=torch.float64)
 
 
 def dots(updates: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
@@ -73,10 +69,15 @@ def dots(updates: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
 
 
 def distances_to(updates: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """(n,) float64 Euclidean distances from each row to ``point``, by direct differences."""
+    """(n,) float64 Euclidean distances from each row to ``point``, by direct differences.
+
+    Differences are taken in the updates' dtype (no cancellation: each is rounded relative to
+    itself) and squared and summed in float64.
+    """
     n, d = updates.shape
+    point = point.to(updates.dtype)
     sq = torch.zeros(n, dtype=torch.float64)
     for cols in column_chunks(n, d):
-        diff = updates[:, cols].to(torch.float64) - point[cols].to(torch.float64)
-        sq += (diff * diff).sum(dim=1)
+        sq += torch.linalg.vector_norm(updates[:, cols] - point[cols], dim=1,
+                                       dtype=torch.float64).square()
     return sq.sqrt()

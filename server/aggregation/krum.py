@@ -12,7 +12,8 @@ import torch
 from fedshield.errors import ConfigError
 from server.aggregation.coordinatewise import coordinate_median
 from server.aggregation.distances import pairwise_sq_distances
-from server.aggregation.result import AggregationResult, excess_over_median, working_copy
+from server.aggregation.result import (AggregationResult, excess_over_median, mean_of_rows,
+                                       working_copy)
 
 
 def check_krum(n: int, f: int) -> None:
@@ -59,7 +60,7 @@ def multikrum(updates: torch.Tensor, f: int, m: int | None = None) -> Aggregatio
     check_multikrum(n, f, m)
     scores = krum_scores(pairwise_sq_distances(x), f)
     selected = scores.argsort(stable=True)[:m]
-    update = x[selected].mean(dim=0)
+    update = mean_of_rows(x, selected)
     info = {"selected": float(m), "f": float(f), "first_index": float(selected[0])}
     return AggregationResult(update.to(updates.dtype), _selection_suspicion(scores, selected), info)
 

@@ -45,3 +45,11 @@ def clip_scale(norms: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor
     """Factor min(1, bound / norm) per row; rows of norm 0 keep factor 1."""
     norms = norms.double()
     return torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
+
+
+def mean_of_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of the chosen rows, reading only them (no (m, d) copy of the selection)."""
+    total = x[int(rows[0])].clone()
+    for i in rows[1:].tolist():
+        total += x[i]
+    return total / len(rows)
