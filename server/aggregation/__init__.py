@@ -20,7 +20,8 @@ Rules: fedavg, krum, multikrum, bulyan, median, trimmed_mean, geomed, cclip (sta
 the previous aggregate), clip, fltrust (needs the server's reference update), flame.
 """
 
-from server.aggregation.registry import PRE_AGGREGATORS, RULES, Aggregator, build_aggregator, parse_spec
+from server.aggregation.registry import (PRE_AGGREGATORS, RULES, Aggregator, build_aggregator,
+                                         parse_spec)
 from server.aggregation.result import AggregationResult
 
 __all__ = ["AggregationResult", "Aggregator", "PRE_AGGREGATORS", "RULES", "build_aggregator",

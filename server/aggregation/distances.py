@@ -47,7 +47,7 @@ def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_similarities(updates: torch.Tensor) -> torch.Tensor:
-    """(n, n) float64 cosine similarities of the (uncentred) rows; a zero row is similar to nothing."""
+    """(n, n) float64 cosine similarities of the uncentred rows (a zero row: similarity 0)."""
     g = gram(updates, centered=False)
     norms = g.diagonal().sqrt()
     denom = (norms[:, None] * norms[None, :]).clamp_min(1e-300)

@@ -14,7 +14,8 @@ from server.aggregation.coordinatewise import check_trim, median, trimmed_mean
 from server.aggregation.flame import flame
 from server.aggregation.fltrust import fltrust
 from server.aggregation.geomed import geomed
-from server.aggregation.krum import bulyan, check_bulyan, check_krum, check_multikrum, krum, multikrum
+from server.aggregation.krum import (bulyan, check_bulyan, check_krum, check_multikrum, krum,
+                                     multikrum)
 from server.aggregation.mean import fedavg
 from server.aggregation.preagg import bucketing, check_nnm, nnm
 from server.aggregation.result import AggregationResult
@@ -47,7 +48,8 @@ def parse_spec(spec: str) -> tuple[list[str], str]:
     tokens = [t.strip().lower() for t in spec.split("+")]
     *pre, rule = tokens
     if rule not in RULES:
-        hint = " (pre-aggregation steps must be followed by a rule)" if rule in PRE_AGGREGATORS else ""
+        hint = (" (pre-aggregation steps must be followed by a rule)"
+                if rule in PRE_AGGREGATORS else "")
         raise ConfigError(f"aggregation.rule = {spec!r}: unknown rule {rule!r}{hint}; valid rules: "
                           f"{', '.join(RULES)}, optionally after {' / '.join(PRE_AGGREGATORS)}+")
     for name in pre:
@@ -60,6 +62,10 @@ def parse_spec(spec: str) -> tuple[list[str], str]:
 
 class Aggregator:
     """A spec string bound to its config; keeps cclip's center and the bucketing/noise RNG.
+
+    f is aggregation.f, or floor(byzantine_fraction_assumed * n) for the n updates of the round.
+    After bucketing the rule sees ceil(n / bucket_size) buckets and still assumes f bad ones: each
+    Byzantine client can spoil one bucket.
 
     Robust rules ignore ``weights``: example counts are client-reported, so a Byzantine client
     could claim a huge count to dominate a weighted rule. Only plain fedavg uses them (and only
@@ -78,7 +84,9 @@ class Aggregator:
 
     def resolve_f(self, n: int) -> int:
         """aggregation.f, or floor(byzantine_fraction_assumed * n) when f = -1."""
-        return self.cfg.f if self.cfg.f >= 0 else math.floor(self.cfg.byzantine_fraction_assumed * n)
+        if self.cfg.f >= 0:
+            return self.cfg.f
+        return math.floor(self.cfg.byzantine_fraction_assumed * n)
 
     def trim(self, rows: int, f: int) -> int:
         """Values trimmed per side: trim_fraction of the rows, or f when trim_fraction = 0."""
@@ -92,7 +100,8 @@ class Aggregator:
                 check_nnm(rows, f)
             else:
                 rows = -(-rows // self.cfg.bucket_size)
-        where = f" (after bucketing {n} clients into {rows} buckets)" if "bucketing" in self.pre else ""
+        where = (f" (after bucketing {n} clients into {rows} buckets)"
+                 if "bucketing" in self.pre else "")
         try:
             if self.rule == "krum":
                 check_krum(rows, f)
@@ -141,8 +150,8 @@ class Aggregator:
         if rule == "geomed":
             return geomed(x, c.geomed_iters, c.geomed_eps)
         if rule == "cclip":
-            center = self.center if self.center is not None and self.center.shape == x.shape[1:] else None
-            return cclip(x, center, c.cclip_tau, c.cclip_iters)
+            same_shape = self.center is not None and self.center.shape == x.shape[1:]
+            return cclip(x, self.center if same_shape else None, c.cclip_tau, c.cclip_iters)
         if rule == "clip":
             return clip(x, c.clip_norm)
         if rule == "fltrust":
@@ -161,5 +170,6 @@ class Aggregator:
         self.generator.set_state(state["generator"])
 
 
-def build_aggregator(spec: str, cfg: AggregationConfig, num_clients: int, seed: int = 0) -> Aggregator:
+def build_aggregator(spec: str, cfg: AggregationConfig, num_clients: int,
+                     seed: int = 0) -> Aggregator:
     return Aggregator(spec, cfg, num_clients, seed)
