@@ -2,6 +2,7 @@
 
     python benchmarks/bench_aggregators.py [--out runs/bench-aggregators] [--ns 10,100,1000]
                                            [--ds 100000,1000000] [--repeats 3]
+                                           [--rules krum,bulyan,...]
 
 Both sides get the same float32 updates: ours as one (n, d) tensor, Flower's as one RecordDict per
 client (an ArrayRecord of two arrays, weights and a 1,000-entry "bias", plus num-examples), the
@@ -128,14 +129,15 @@ def best_time(fn: Callable[..., object], repeats: int, setup: Callable[[], objec
     return best
 
 
-def run(ns, ds, out_dir, repeats: int = 3) -> list[dict]:
+def run(ns, ds, out_dir, repeats: int = 3, specs: list[str] | None = None) -> list[dict]:
     """Time every spec at every (n, d); write results.json and results.md to ``out_dir``."""
+    specs = specs or SPECS
     rows: list[dict] = []
     for d in ds:
         for n in ns:
             if n * d * 4 > MAX_INPUT_BYTES:
                 rows += [{"rule": s, "n": n, "d": d, "skipped": "input > 1 GiB (peak > ~4 GiB)"}
-                         for s in SPECS]
+                         for s in specs]
                 print(f"skip n={n} d={d}: input {n * d * 4 / 2**30:.1f} GiB")
                 continue
             x_np = make_updates(n, d)
@@ -143,7 +145,7 @@ def run(ns, ds, out_dir, repeats: int = 3) -> list[dict]:
             reps = 1 if n * d >= 10**8 else repeats
             flatten_s = best_time(flatten, reps, lambda: to_contents(x_np))[0]
             reference = torch.from_numpy(x_np[n // 5:].mean(axis=0))
-            for spec in SPECS:
+            for spec in specs:
                 f = assumed_f(spec, n)
                 agg = build_aggregator(spec, AggregationConfig(f=f, trim_fraction=TRIM), n)
                 ours, ours_cpu = best_time(lambda: agg(x, reference=reference), reps)
@@ -196,11 +198,12 @@ def main() -> None:
     parser.add_argument("--ns", default="10,100,1000")
     parser.add_argument("--ds", default="100000,1000000")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rules", default=",".join(SPECS), help="comma-separated specs")
     args = parser.parse_args()
     ns = [int(v) for v in args.ns.split(",")]
     ds = [int(float(v)) for v in args.ds.split(",")]
     print(HEADER)
-    run(ns, ds, args.out, args.repeats)
+    run(ns, ds, args.out, args.repeats, args.rules.split(","))
 
 
 if __name__ == "__main__":

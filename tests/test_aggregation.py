@@ -144,6 +144,14 @@ def test_krum_family_matches_reference(n, seed):
     close(bulyan(t(x), f), ref_bulyan(x, f))
 
 
+@pytest.mark.parametrize("n,f", [(61, 14), (120, 3), (9, 1)])
+def test_bulyan_incremental_selection_matches_fresh_krum_each_round(n, f):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 4))
+    x[:f] *= 5
+    close(bulyan(t(x), f), ref_bulyan(x, f))
+
+
 @pytest.mark.parametrize("n,seed", CASES)
 def test_coordinatewise_match_numpy(n, seed):
     x = random_updates(n, seed)

@@ -71,15 +71,79 @@ def krum(updates: torch.Tensor, f: int) -> AggregationResult:
     return multikrum(updates, f, m=1)
 
 
+def _krum_k(r: int, f: int) -> int:
+    """Neighbours Krum sums over among r remaining updates (at least 1, at most r - 1)."""
+    return min(max(r - f - 2, 1), r - 1)
+
+
 def bulyan_select(sq_dist: torch.Tensor, f: int, theta: int) -> torch.Tensor:
-    """Indices of theta updates picked one by one by Krum over the remaining ones."""
-    remaining = list(range(sq_dist.shape[0]))
+    """Indices of theta updates picked one by one by Krum over the remaining ones.
+
+    Rows are sorted once. Row i's score is the sum of its first k still-remaining entries
+    ("taken", positions up to last[i]); removing the chosen column and lowering k then changes
+    each score by one or two entries, so a round costs O(n) instead of a topk over the
+    remaining sub-matrix (measured 39 s -> 0.6 s CPU at n = 1000, f = 200).
+    """
+    n = sq_dist.shape[0]
+    rows = torch.arange(n)
+    sorted_dist, order = sq_dist.clone().fill_diagonal_(float("inf")).sort(dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, rows.expand(n, n).contiguous())
+    valid = torch.ones(n, n, dtype=torch.bool)
+    valid[:, -1] = False  # self (inf) sorts last and is never taken
+    alive = torch.ones(n, dtype=torch.bool)
+    k = _krum_k(n, f)
+    last = torch.full((n,), k - 1)
+    scores = sorted_dist[:, :k].sum(dim=1)
     chosen: list[int] = []
-    while len(chosen) < theta:
-        idx = torch.tensor(remaining)
-        scores = krum_scores(sq_dist[idx][:, idx], f)
-        chosen.append(remaining.pop(int(scores.argmin())))
+    for _ in range(theta):
+        best = _lowest(scores.masked_fill(~alive, float("inf")), sorted_dist, valid, last)
+        chosen.append(best)
+        alive[best] = False
+        pos = rank[:, best]
+        was_taken = pos <= last
+        scores -= torch.where(was_taken, sorted_dist[rows, pos], 0.0)
+        valid[rows, pos] = False
+        count = k - was_taken.long()
+        last = torch.where(pos == last, _step_valid(valid, last, -1), last)
+        k = _krum_k(n - len(chosen), f)
+        while (count > k).any():  # drop the farthest taken entry
+            drop = count > k
+            scores -= torch.where(drop, sorted_dist[rows, last.clamp_min(0)], 0.0)
+            last = torch.where(drop, _step_valid(valid, last, -1), last)
+            count -= drop.long()
+        while (count < k).any():  # take the next remaining entry
+            grow = count < k
+            last = torch.where(grow, _step_valid(valid, last, +1), last)
+            scores += torch.where(grow, sorted_dist[rows, last.clamp_max(n - 1)], 0.0)
+            count += grow.long()
     return torch.tensor(chosen)
+
+
+def _lowest(scores: torch.Tensor, sorted_dist: torch.Tensor, valid: torch.Tensor,
+            last: torch.Tensor) -> int:
+    """argmin of the running scores; near-ties (e.g. mutual nearest neighbours when k = 1) are
+    settled on exactly recomputed sums, lowest index first, as a fresh Krum would."""
+    low = float(scores.min())
+    near = (scores <= low + 1e-9 * abs(low)).nonzero().flatten().tolist()
+    if len(near) == 1:
+        return near[0]
+    exact = [float(sorted_dist[i, : int(last[i]) + 1][valid[i, : int(last[i]) + 1]].sum())
+             for i in near]
+    return near[exact.index(min(exact))]
+
+
+def _step_valid(valid: torch.Tensor, pos: torch.Tensor, step: int) -> torch.Tensor:
+    """Per row, the nearest valid position strictly before (step -1) or after (+1) ``pos``;
+    -1 / n when there is none."""
+    n = valid.shape[1]
+    rows = torch.arange(valid.shape[0])
+    pos = pos + step
+    while True:
+        inside = (pos >= 0) & (pos < n)
+        blocked = inside & ~valid[rows, pos.clamp(0, n - 1)]
+        if not blocked.any():
+            return pos
+        pos = pos + step * blocked.long()
 
 
 def mean_closest_to(values: torch.Tensor, center: torch.Tensor, beta: int) -> torch.Tensor:
