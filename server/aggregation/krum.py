@@ -39,10 +39,10 @@ def check_bulyan(n: int, f: int) -> None:
 def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
     """Sum of squared distances to the n - f - 2 nearest other updates (at least 1)."""
     n = sq_dist.shape[0]
-    k = min(max(n - f - 2, 1), n - 1)
+    k = _krum_k(n, f)
     if k < 1:
         return torch.zeros(n, dtype=sq_dist.dtype)
-    others = sq_dist + torch.diag(torch.full((n,), float("inf"), dtype=sq_dist.dtype))
+    others = sq_dist.clone().fill_diagonal_(float("inf"))
     return others.topk(k, dim=1, largest=False).values.sum(dim=1)
 
 
