@@ -135,11 +135,19 @@ class AggregationConfig:
     # Server learning rate and momentum applied to the aggregated delta.
     server_lr: float = opt(1.0, positive, "> 0")
     server_momentum: float = opt(0.0, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    # Trimmed mean: fraction of values cut per side per coordinate (0 = cut f per side).
     trim_fraction: float = opt(0.1, lambda v: 0.0 <= v < 0.5, "a fraction in [0, 0.5)")
     bucket_size: int = opt(2, positive, "an integer >= 1")
     cclip_tau: float = opt(10.0, positive, "a clipping radius > 0")
     cclip_iters: int = opt(1, positive, "an integer >= 1")
     clip_norm: float = opt(0.0, non_negative, "a norm bound >= 0 (0 = median of update norms)")
+    # Multi-Krum: updates averaged (0 = n - f).
+    multikrum_m: int = opt(0, non_negative, "an integer >= 0 (0 = n - f)")
+    # Geometric median (smoothed Weiszfeld): iterations and smoothing distance.
+    geomed_iters: int = opt(10, positive, "an integer >= 1")
+    geomed_eps: float = opt(1e-6, positive, "a smoothing distance > 0")
+    # FLAME: Gaussian noise std as a multiple of the clip norm (0.001 in the paper; 0 = off).
+    flame_noise: float = opt(0.001, non_negative, ">= 0")
 
 
 @dataclass(frozen=True)
