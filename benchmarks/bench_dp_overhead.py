@@ -101,6 +101,15 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
     return rows
 
 
+def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['task']:8} {r['mode']:10} unsupported: {r['error']}", flush=True)
+        return
+    mark = "  <- auto" if r.get("auto_pick") else ""
+    print(f"{r['task']:8} {r['mode']:10} {r['examples']:>8} {r['loop_seconds_min']:>8.2f} "
+          f"{r['loop_ratio']:>12.2f}x {r['seconds_min']:>8.2f} {r['ratio']:>12.2f}x{mark}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["mnist", "digits", "adult"])
@@ -115,20 +124,15 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(lr=0.05, momentum=0.9, batch_size=args.batch_size, local_epochs=args.epochs)
+    print(f"{'task':8} {'mode':10} {'examples':>8} {'loop s':>8} {'loop DP/plain':>13} "
+          f"{'call s':>8} {'call DP/plain':>13}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as ledgers:
         for name in args.tasks:
-            rows += bench_task(name, args.examples, cfg, tuple(args.modes), args.repeats, Path(ledgers))
-
-    print(f"{'task':8} {'mode':10} {'examples':>8} {'loop s':>8} {'loop DP/plain':>13} "
-          f"{'call s':>8} {'call DP/plain':>13}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['task']:8} {r['mode']:10} {'unsupported: ' + r['error']}")
-            continue
-        mark = "  <- auto" if r.get("auto_pick") else ""
-        print(f"{r['task']:8} {r['mode']:10} {r['examples']:>8} {r['loop_seconds_min']:>8.2f} "
-              f"{r['loop_ratio']:>12.2f}x {r['seconds_min']:>8.2f} {r['ratio']:>12.2f}x{mark}")
+            task_rows = bench_task(name, args.examples, cfg, tuple(args.modes), args.repeats, Path(ledgers))
+            for r in task_rows:
+                print_row(r)
+            rows += task_rows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def spent(noise: float, sample_rate: float, steps: int, delta: float, accountant
 @lru_cache(maxsize=256)
 def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                accountant: str = "prv") -> float:
-    """The smallest noise multiplier whose epsilon after ``steps`` steps is at most the target.
+    """A noise multiplier whose epsilon after ``steps`` steps is at most the target, and close to it.
 
     The result spends between ``(1 - PLAN_RTOL)`` x target and the target. Cached: every client
     with the same data size plans the same sigma.
@@ -122,7 +122,7 @@ def _bracket(eps, target: float, guess: float) -> tuple[float, float]:
     while eps(hi) > target:
         lo, hi = hi, min(hi * 1.25, MAX_NOISE)
     while eps(lo) <= target:
-        hi, lo = lo, max(lo / 1.1, MIN_NOISE)
+        hi, lo = lo, max(lo / 1.5, MIN_NOISE)
     return lo, hi
 
 
