@@ -49,6 +49,11 @@ def simulate(
         print(json.dumps(summary, indent=2))
 
 
+from fedshield.site import site_app  # noqa: E402 (sub-command group; imports only typer/rich)
+
+app.add_typer(site_app, name="site")
+
+
 def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
