@@ -1,0 +1,105 @@
+"""Across sites on 127.0.0.1: a real SuperLink with TLS and SuperNode authentication, three
+authenticated SuperNodes (one reading its own CSV through tasks.local), an unregistered one that is
+turned away, and a site that goes down mid-run while the federation finishes without it."""
+
+import csv
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedshield.site import init_sites, write_node_key
+from fedshield.site_local import LocalFederation, free_port, wait_for
+from tasks import get_task
+from tasks.partition import cached_partitions
+from fedshield.config import PartitionConfig
+
+NUM_SITES = 3
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+
+
+def write_site_csv(path: Path, partition: int) -> None:
+    """Site 1's own data: its digits partition written as a CSV with a header and a label column."""
+    task = get_task("digits")
+    train, _ = task.load()
+    part = cached_partitions("digits", NUM_SITES, PartitionConfig(kind="iid"), 0)[partition]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", *task.feature_names])
+        for i in part:
+            w.writerow([int(train.y[i]), *(f"{v:.6g}" for v in train.x[i])])
+
+
+def set_node_config(site: Path, key: str, value: str) -> None:
+    toml = (site / "site.toml").read_text()
+    start = toml.index(f"\n{key} = ") + 1
+    end = toml.index("\n", start)
+    (site / "site.toml").write_text(toml[:start] + f"{key} = {value}" + toml[end:])
+
+
+def rogue_site(kit, path: Path) -> Path:
+    """A copy of site 3 with a fresh key pair the coordinator never registered."""
+    shutil.copytree(kit.site(NUM_SITES), path)
+    for name in ("node_key", "node_key.pub"):
+        (path / name).unlink()
+    write_node_key(path / "node_key", "rogue")
+    set_node_config(path, "port", str(free_port()))
+    return path
+
+
+def online_nodes(fed: LocalFederation) -> int:
+    nodes = fed.flwr("supernode", "list", "fedshield")["nodes"]
+    return sum(n["status"] == "online" for n in nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
+    kit = init_sites(tmp_path / "kit", NUM_SITES, port=free_port(),
+                     node_ports=[free_port() for _ in range(NUM_SITES)])
+    data = kit.site(1) / "data.csv"
+    write_site_csv(data, 0)
+    set_node_config(kit.site(1), "data-path", '"data.csv"')
+    rogue = rogue_site(kit, tmp_path / "rogue")
+    out = tmp_path / "runs"
+
+    with LocalFederation(kit.root, tmp_path / "logs") as fed:
+        fed.start_superlink()
+        fed.register()
+        for k in range(1, NUM_SITES + 1):
+            fed.start_site(kit.site(k))
+        intruder = fed.start_site(rogue, "rogue")
+        wait_for(lambda: online_nodes(fed) == NUM_SITES, 90, "three SuperNodes online")
+
+        # (a) an unregistered key is turned away by the SuperLink
+        assert intruder.wait(timeout=90) == 1, fed.log("rogue")[-2000:]
+        assert "code: 2004" in fed.log("rogue")
+
+        run_id = fed.submit(
+            f"task.name='digits' federation.num_clients={NUM_SITES} federation.min_clients=2 "
+            f"federation.rounds=3 federation.round_timeout=60.0 partition.kind='iid' "
+            f"train.lr=0.1 output_dir='{out}' deployment.handoff=false")
+        run_dir = wait_for(lambda: next(iter(out.glob("*/metrics.jsonl")), None), 120,
+                           "the run folder").parent
+        wait_for(lambda: len(metrics(run_dir)) >= 1, 150, "round 1")
+
+        # (b) site 3 goes down after round 1; the others finish the run
+        assert fed.stop(f"site-{NUM_SITES}", signal.SIGTERM) is not None
+        info = fed.wait_run(run_id, timeout=240)
+        assert info["status"] == "finished:completed", info
+
+    lines = metrics(run_dir)
+    assert [m["round"] for m in lines] == [1, 2, 3]
+    assert lines[0]["accepted"] == NUM_SITES and not lines[0]["refused"], lines[0]
+    assert lines[-1]["sampled"] == NUM_SITES - 1 and lines[-1]["accepted"] == NUM_SITES - 1
+    assert all(m["accepted"] >= NUM_SITES - 1 for m in lines)
+    assert lines[-1]["accuracy"] > lines[0]["accuracy"] and lines[-1]["accuracy"] > 0.5
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3
