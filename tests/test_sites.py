@@ -3,6 +3,7 @@ authenticated SuperNodes (one reading its own CSV through tasks.local), an unreg
 turned away, and a site that goes down mid-run while the federation finishes without it."""
 
 import csv
+import os
 import json
 import shutil
 import signal
@@ -103,3 +104,71 @@ def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
     assert lines[-1]["accuracy"] > lines[0]["accuracy"] and lines[-1]["accuracy"] > 0.5
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 3
+
+
+def ledger_history(site: Path) -> list[dict]:
+    files = list((site / "ledger").rglob("client-*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())["events"]
+
+
+@pytest.mark.slow
+@pytest.mark.sites_full
+@pytest.mark.skipif(not os.environ.get("FEDSHIELD_SITES_FULL"),
+                    reason="~5 min of real deployment; set FEDSHIELD_SITES_FULL=1 to run")
+@pytest.mark.timeout(600)
+def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
+    """(c) a restarted SuperNode keeps its cumulative epsilon; (d) a stopped ServerApp resumed from
+    its run folder continues at the next round with the checkpointed weights, and no round's
+    privacy cost is recorded twice."""
+    sites = 2
+    kit = init_sites(tmp_path / "kit", sites, port=free_port(),
+                     node_ports=[free_port() for _ in range(sites)])
+    out = tmp_path / "runs"
+    common = (f"task.name='digits' federation.num_clients={sites} federation.min_clients={sites} "
+              f"federation.round_timeout=90.0 partition.kind='iid' train.lr=0.1 "
+              f"privacy.enabled=true privacy.noise_multiplier=1.0 deployment.handoff=false")
+
+    with LocalFederation(kit.root, tmp_path / "logs") as fed:
+        fed.start_superlink()
+        fed.register()
+        for k in range(1, sites + 1):
+            fed.start_site(kit.site(k))
+        wait_for(lambda: online_nodes(fed) == sites, 90, "SuperNodes online")
+
+        # (c) one DP run, restart site 1, a second run: its epsilon keeps growing
+        first = fed.submit(f"{common} federation.rounds=1 output_dir='{out / 'first'}'")
+        assert fed.wait_run(first, 240)["status"] == "finished:completed"
+        eps_first = metrics(next((out / "first").iterdir()))[-1]["epsilon"]["0"]
+        events_first = ledger_history(kit.site(1))
+        assert fed.stop("site-1", signal.SIGTERM) is not None
+        fed.start_site(kit.site(1))
+        wait_for(lambda: online_nodes(fed) == sites, 90, "site 1 back online")
+        assert ledger_history(kit.site(1)) == events_first  # nothing lost on restart
+
+        # (d) a run stopped after round 1 and resumed from its run folder
+        second = fed.submit(f"{common} federation.rounds=3 output_dir='{out / 'second'}'")
+        run_dir = wait_for(lambda: next(iter((out / "second").glob("*/metrics.jsonl")), None),
+                           120, "the run folder").parent
+        wait_for(lambda: len(metrics(run_dir)) >= 1, 240, "round 1")
+        fed.stop_run(second)
+        assert fed.wait_run(second, 120)["status"].startswith("finished")
+        done = metrics(run_dir)
+        checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
+        assert checkpoint["round"] == len(done) < 3
+        resumed = fed.submit(f"{common} federation.rounds=3 output_dir='{out / 'second'}' "
+                             f"resume='{run_dir}'")
+        assert fed.wait_run(resumed, 300)["status"] == "finished:completed"
+
+    lines = metrics(run_dir)
+    assert [m["round"] for m in lines] == [1, 2, 3]
+    assert lines[:len(done)] == done  # completed rounds are kept as they were
+    assert all(m["accepted"] == sites for m in lines)
+    assert eps_first > 0 and lines[0]["epsilon"]["0"] > eps_first  # cumulative across runs
+    assert lines[-1]["epsilon"]["0"] > lines[0]["epsilon"]["0"]
+    for k in range(1, sites + 1):
+        history = ledger_history(kit.site(k))
+        keys = [(e["run_id"], e["round"]) for e in history]
+        assert len(keys) == len(set(keys))
+        # one run of 1 round, then rounds 1..3 of the resumed run, each counted once
+        assert len(history) == 4, history
