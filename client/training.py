@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedshield.config import TrainConfig
-from tasks import Split
+from tasks import Split, resolve_device
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -19,8 +19,10 @@ def train_local(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> d
     """Shuffled minibatch SGD for ``cfg.local_epochs`` epochs (or ``cfg.max_steps`` steps)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
     optimizer = make_optimizer(model, cfg)
-    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    x, y = torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device)
     model.train()
     steps, loss_sum, seen = 0, 0.0, 0
     for _ in range(cfg.local_epochs):
@@ -35,5 +37,8 @@ def train_local(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> d
             seen += len(idx)
             steps += 1
             if cfg.max_steps and steps >= cfg.max_steps:
-                return {"train-loss": loss_sum / seen, "steps": float(steps)}
+                break
+        if cfg.max_steps and steps >= cfg.max_steps:
+            break
+    model.to("cpu")  # weights travel as CPU arrays
     return {"train-loss": loss_sum / max(seen, 1), "steps": float(steps)}

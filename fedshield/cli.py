@@ -49,9 +49,72 @@ def simulate(
         print(json.dumps(summary, indent=2))
 
 
-from fedshield.site import site_app  # noqa: E402 (sub-command group; imports only typer/rich)
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{text!r} is not a comma-separated list of numbers")
+        raise
 
-app.add_typer(site_app, name="site")
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+ROBUST_RULES = "fedavg,median,trimmed_mean,krum,geomed,bucketing+cclip"
+ALL_ATTACKS = "none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum"
+
+
+@app.command(epilog="Example: fedshield robustness configs/robustness.toml --rules fedavg,bucketing+cclip "
+                    "--attacks none,alie,ipm --fractions 0.2 --partitions dirichlet-0.5")
+def robustness(
+    config: str = typer.Argument(..., help="base TOML config (task, clients, rounds, training)"),
+    rules: str = typer.Option(ROBUST_RULES, help="comma-separated aggregation specs"),
+    attacks: str = typer.Option(ALL_ATTACKS, help="comma-separated attack names ('none' = clean)"),
+    fractions: str = typer.Option("0.2", help="comma-separated Byzantine fractions"),
+    partitions: str = typer.Option("iid,dirichlet-0.5,dirichlet-0.1",
+                                   help="comma-separated: iid, shards, dirichlet-<alpha>"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value on the base"),
+    out: str = typer.Option("runs/robustness", help="folder for the table, heatmap and runs"),
+) -> None:
+    """Run the rule x attack x fraction x partition matrix; write CSV/Markdown, a heatmap and
+    each rule's worst case over attacks."""
+    from pathlib import Path
+
+    from fedshield import config as fcfg
+    from simulations.sweeps import robustness_matrix
+
+    try:
+        base = fcfg.load(config, set_ or [])
+        result = robustness_matrix(base, _names(rules), _names(attacks), _floats(fractions),
+                                   _names(partitions), Path(out))
+    except FedShieldError as exc:
+        fail(str(exc))
+    from rich.table import Table
+
+    table = Table(title="worst case over attacks (final test accuracy)")
+    for col in ("rule", "partition", "f", "no attack", "worst", "worst attack"):
+        table.add_column(col)
+    for r in result["worst_case"]:
+        clean = "-" if r["no_attack_accuracy"] is None else f"{r['no_attack_accuracy']:.4f}"
+        table.add_row(r["rule"], r["partition"], f"{r['byzantine_fraction']:g}", clean,
+                      f"{r['worst_accuracy']:.4f}", r["worst_attack"])
+    Console().print(table)
+    Console().print(f"tables and heatmap in {out}/")
+
+
+def _mount() -> None:
+    """Sub-commands that live beside their library code."""
+    from deployment.cli import monitor_command, registry_app, serve_command
+    from fedshield.site import site_app
+
+    app.add_typer(registry_app, name="registry", help="List, show and promote registered models.")
+    app.command("serve")(serve_command)
+    app.command("monitor")(monitor_command)
+    app.add_typer(site_app, name="site")
+
+
+_mount()
 
 
 def main() -> None:

@@ -51,6 +51,8 @@ class TaskConfig:
     # hf:<dataset> (flwr-datasets FederatedDataset, needs internet).
     name: str = opt("mnist", lambda v: v in TASK_NAMES or v.startswith("hf:"),
                     f"one of {', '.join(sorted(TASK_NAMES))} or hf:<dataset>")
+    # Model architecture ("" = the task's default; mnist/mnist5k: "cnn" or "tanh_cnn").
+    model: str = opt("")
     # Validation/test examples used by the server each round (0 = the whole test set).
     eval_examples: int = opt(0, non_negative, "an integer >= 0")
 
@@ -86,6 +88,8 @@ class TrainConfig:
     batch_size: int = opt(32, positive, "an integer >= 1")
     # Cap on optimizer steps per round (0 = no cap); keeps slow clients' rounds bounded.
     max_steps: int = opt(0, non_negative, "an integer >= 0")
+    # auto = CUDA when this machine has a GPU, else CPU.
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,8 @@ class CentralDPConfig:
     noise_multiplier: float = opt(1.0, non_negative, ">= 0")
     clip_norm: float = opt(1.0, positive, "an update clip norm > 0")
     delta: float = opt(1e-5, open_unit, "a probability in (0, 1)")
+    # Accountant for the per-client (user-level) epsilon over rounds.
+    accountant: str = opt("prv", choices=("prv", "rdp", "gdp"))
 
 
 @dataclass(frozen=True)
@@ -129,11 +135,19 @@ class AggregationConfig:
     # Server learning rate and momentum applied to the aggregated delta.
     server_lr: float = opt(1.0, positive, "> 0")
     server_momentum: float = opt(0.0, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    # Trimmed mean: fraction of values cut per side per coordinate (0 = cut f per side).
     trim_fraction: float = opt(0.1, lambda v: 0.0 <= v < 0.5, "a fraction in [0, 0.5)")
     bucket_size: int = opt(2, positive, "an integer >= 1")
     cclip_tau: float = opt(10.0, positive, "a clipping radius > 0")
     cclip_iters: int = opt(1, positive, "an integer >= 1")
     clip_norm: float = opt(0.0, non_negative, "a norm bound >= 0 (0 = median of update norms)")
+    # Multi-Krum: updates averaged (0 = n - f).
+    multikrum_m: int = opt(0, non_negative, "an integer >= 0 (0 = n - f)")
+    # Geometric median (smoothed Weiszfeld): iterations and smoothing distance.
+    geomed_iters: int = opt(10, positive, "an integer >= 1")
+    geomed_eps: float = opt(1e-6, positive, "a smoothing distance > 0")
+    # FLAME: Gaussian noise std as a multiple of the clip norm (0.001 in the paper; 0 = off).
+    flame_noise: float = opt(0.001, non_negative, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -191,6 +205,24 @@ class DeploymentConfig:
     model_name: str = opt("")
     min_accuracy: float = opt(0.0, probability, "an accuracy in [0, 1]")
     max_epsilon: float = opt(0.0, non_negative, ">= 0 (0 = no limit)")
+    # Which run weights to deploy: the last round's or the best-by-validation ones.
+    weights: str = opt("final", choices=("final", "best"))
+    # Gate: largest |torch - onnxruntime| logit difference accepted on the test inputs.
+    parity_tolerance: float = opt(1e-4, positive, "a tolerance > 0")
+    # Gate: largest accuracy drop under the run's robustness check (summary.json); 0 = no limit.
+    max_accuracy_drop: float = opt(0.0, probability, "an accuracy difference in [0, 1] (0 = no limit)")
+    # Also export an int8 (dynamic quantisation) ONNX model and measure its accuracy.
+    quantize: bool = opt(True)
+    # Test examples used for the Integrated Gradients explanations in the model card.
+    explain_examples: int = opt(64, positive, "an integer >= 1")
+    # Drift monitor: examples per window, PSI threshold, windows over threshold before retraining.
+    drift_window: int = opt(200, positive, "an integer >= 1")
+    drift_threshold: float = opt(0.2, positive, "a PSI threshold > 0 (0.1 small, 0.25 large drift)")
+    drift_patience: int = opt(3, positive, "an integer >= 1")
+    # Bins per feature of the drift reference histograms, and the Gaussian noise multiplier each
+    # client uses for its DP reference histograms (0 = no noise: only for server-held data).
+    reference_bins: int = opt(10, lambda v: 2 <= v <= 1000, "an integer in [2, 1000]")
+    reference_noise_multiplier: float = opt(1.0, non_negative, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -200,6 +232,8 @@ class Config:
     output_dir: str = opt("runs")
     # Resume from the newest checkpoint in this run folder ("" = start fresh).
     resume: str = opt("")
+    # Start from these global weights (safetensors, e.g. the champion when fine-tuning; "" = random init).
+    init_weights: str = opt("")
     task: TaskConfig = field(default_factory=TaskConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedshield import config as fcfg
@@ -21,7 +23,7 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
 from server.report import ConsoleReporter
 from server.strategy import RoundState, ShieldStrategy
-from tasks import Split, evaluate, get_task
+from tasks import Split, evaluate, get_task, resolve_device, task_for
 
 
 def server_test_split(task_name: str, limit: int) -> Split:
@@ -61,16 +63,26 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
     }
 
 
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise fcfg.ConfigError(f"init_weights = {path!r} does not exist")
+    return {k.removeprefix("_module."): v for k, v in load_file(path).items()}
+
+
 def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | None = None) -> dict:
     """Train for ``cfg.federation.rounds`` rounds; returns the summary written to summary.json."""
     started = time.perf_counter()
     reporter = reporter or ConsoleReporter()
-    task = get_task(cfg.task.name)
+    task = task_for(cfg.task)
     folder = RunFolder(Path(run_dir or cfg.resume) if (run_dir or cfg.resume) else new_run_dir(cfg))
     strategy = ShieldStrategy(cfg)
 
     torch.manual_seed(cfg.seed)
     model = task.build_model()
+    if cfg.init_weights:
+        model.load_state_dict(load_weights(cfg.init_weights))
     initial, start_round = ArrayRecord(model.state_dict()), 1
     checkpoint = load_checkpoint(folder.path) if cfg.resume else None
     if checkpoint is not None:
@@ -82,10 +94,11 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
     reporter.start(cfg, folder.path)
 
     test = server_test_split(cfg.task.name, cfg.task.eval_examples)
+    device = resolve_device(cfg.train.device)
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return MetricRecord(evaluate(model, test))
+        return MetricRecord(evaluate(model.to(device), test))
 
     best = {m["round"]: m for m in folder.read_metrics()}
     best_acc = max((m["accuracy"] for m in best.values() if m.get("accuracy") is not None),
@@ -122,8 +135,23 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
     summary = build_summary(cfg, folder, strategy, stopped, time.perf_counter() - started)
     folder.write_summary(summary)
     folder.plot()
+    if cfg.deployment.handoff and summary["rounds_completed"]:
+        summary["handoff"] = hand_off(folder, cfg)
+        folder.write_summary(summary)
     reporter.end(summary)
     return summary
+
+
+def hand_off(folder: RunFolder, cfg: fcfg.Config) -> dict:
+    """Export, document, register and gate the final model (deployment/). A failure here is
+    reported, never raised: the run's own results are already on disk."""
+    from deployment.handoff import handoff
+
+    try:
+        return handoff(folder.path, cfg).to_dict()
+    except Exception as exc:  # noqa: BLE001 — keep the finished run; say what went wrong
+        log(WARNING, "hand-off failed: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy, stopped: str,

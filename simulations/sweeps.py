@@ -1,0 +1,187 @@
+"""Grids of simulations: privacy-utility sweeps and the robustness matrix.
+
+Each grid point is the base config plus ``key=value`` overrides; every point is a normal run with
+its own run folder, and the grid writes one table (CSV + Markdown) and a plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedshield import config as fcfg
+
+
+def run_point(base: fcfg.Config, overrides: dict[str, Any], out_dir: Path, reporter=None) -> dict:
+    from simulations.runner import simulate
+
+    flat = base.flat()
+    flat.update(overrides)
+    flat["output_dir"] = str(out_dir / "runs")
+    cfg = fcfg.from_run_config(flat)
+    summary = simulate(cfg, reporter)
+    return {**overrides, "final_accuracy": summary["final"]["accuracy"] if summary["final"] else None,
+            "best_accuracy": summary["best"]["accuracy"] if summary["best"] else None,
+            "epsilon_max": summary["privacy"]["epsilon_max"],
+            "rounds_completed": summary["rounds_completed"],
+            "rejected": summary["robustness"]["rejected_total"],
+            "quarantined": len(summary["robustness"]["quarantined"]),
+            "backdoor_success": summary.get("attack_report", {}).get("backdoor_success"),
+            "false_quarantine_rate": summary.get("attack_report", {}).get("false_quarantine_rate"),
+            "wall_seconds": summary["wall_seconds"], "run_dir": summary["run_dir"]}
+
+
+def write_table(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    csv_path = out_dir / f"{stem}.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    shown = [k for k in keys if k != "run_dir"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k in shown) + " |")
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    return csv_path, md_path
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.4f}"
+    return str(v)
+
+
+# --- privacy-utility sweep --------------------------------------------------------------------
+def privacy_sweep(base: fcfg.Config, epsilons: list[float], seeds: list[int], out_dir: Path,
+                  reporter=None) -> list[dict]:
+    """Target epsilon (inf = no DP) x seeds; returns one row per run."""
+    rows = []
+    for eps, seed in itertools.product(epsilons, seeds):
+        overrides: dict[str, Any] = {"seed": seed, "privacy.enabled": math.isfinite(eps)}
+        if math.isfinite(eps):
+            overrides.update({"privacy.target_epsilon": eps, "privacy.noise_multiplier": 0.0,
+                              "privacy.max_epsilon": 0.0,
+                              "privacy.ledger_dir": str(out_dir / "ledgers" / f"eps{eps:g}-s{seed}")})
+        row = run_point(base, overrides, out_dir, reporter)
+        row["target_epsilon"] = eps
+        rows.append(row)
+    write_table(rows, out_dir, "privacy_sweep")
+    plot_privacy_utility(rows, out_dir / "privacy_utility.png")
+    return rows
+
+
+def plot_privacy_utility(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    private = sorted({r["target_epsilon"] for r in rows if math.isfinite(r["target_epsilon"])})
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    if private:
+        accs = [[r["final_accuracy"] for r in rows if r["target_epsilon"] == e] for e in private]
+        spent = [np.mean([r["epsilon_max"] for r in rows if r["target_epsilon"] == e]) for e in private]
+        ax.errorbar(spent, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs], fmt="o-",
+                    capsize=3, label="client-level DP (epsilon spent, max over clients)")
+    baseline = [r["final_accuracy"] for r in rows if math.isinf(r["target_epsilon"])]
+    if baseline:
+        ax.axhline(np.mean(baseline), color="gray", ls="--", label="non-private")
+    ax.set_xlabel("epsilon (delta fixed)")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- robustness matrix ------------------------------------------------------------------------
+def robustness_matrix(base: fcfg.Config, rules: list[str], attacks: list[str],
+                      fractions: list[float], partitions: list[str], out_dir: Path,
+                      reporter=None) -> dict:
+    """rule x attack x Byzantine fraction x partition; plus each rule's worst case over attacks."""
+    rows = []
+    for rule, part, frac, attack in itertools.product(rules, partitions, fractions, attacks):
+        overrides: dict[str, Any] = {"aggregation.rule": rule, **_partition(part)}
+        if attack == "none" or frac == 0:
+            if attack != "none":
+                continue  # no attacker at fraction 0: the "none" column covers it
+            overrides.update({"attack.name": "none", "attack.byzantine_fraction": 0.0})
+        else:
+            overrides.update({"attack.name": attack, "attack.byzantine_fraction": frac})
+        row = run_point(base, overrides, out_dir, reporter)
+        row.update({"rule": rule, "attack": attack, "byzantine_fraction": frac if attack != "none" else 0.0,
+                    "partition": part})
+        rows.append(row)
+    write_table(rows, out_dir, "robustness")
+    worst = worst_cases(rows)
+    write_table(worst, out_dir, "worst_case")
+    plot_heatmap(rows, out_dir / "robustness_heatmap.png")
+    return {"rows": rows, "worst_case": worst}
+
+
+def _partition(name: str) -> dict[str, Any]:
+    if name == "iid":
+        return {"partition.kind": "iid"}
+    if name.startswith("dirichlet"):
+        return {"partition.kind": "dirichlet", "partition.alpha": float(name.split("-", 1)[1])}
+    if name == "shards":
+        return {"partition.kind": "shards"}
+    raise fcfg.ConfigError(f"partition {name!r}: use iid, shards or dirichlet-<alpha>, e.g. dirichlet-0.5")
+
+
+def worst_cases(rows: list[dict]) -> list[dict]:
+    """Per (rule, partition, fraction): the lowest final accuracy over attacks, and which attack."""
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["attack"] != "none":
+            groups.setdefault((r["rule"], r["partition"], r["byzantine_fraction"]), []).append(r)
+    for (rule, part, frac), rs in sorted(groups.items()):
+        worst = min(rs, key=lambda r: r["final_accuracy"])
+        clean = [r["final_accuracy"] for r in rows
+                 if r["rule"] == rule and r["partition"] == part and r["attack"] == "none"]
+        out.append({"rule": rule, "partition": part, "byzantine_fraction": frac,
+                    "no_attack_accuracy": clean[0] if clean else None,
+                    "worst_accuracy": worst["final_accuracy"], "worst_attack": worst["attack"]})
+    return out
+
+
+def plot_heatmap(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels_y = list(dict.fromkeys(f"{r['rule']} | {r['partition']}" for r in rows))
+    labels_x = list(dict.fromkeys(
+        r["attack"] if r["attack"] == "none" else f"{r['attack']}@{r['byzantine_fraction']:g}"
+        for r in rows))
+    grid = np.full((len(labels_y), len(labels_x)), np.nan)
+    for r in rows:
+        x = r["attack"] if r["attack"] == "none" else f"{r['attack']}@{r['byzantine_fraction']:g}"
+        grid[labels_y.index(f"{r['rule']} | {r['partition']}"), labels_x.index(x)] = r["final_accuracy"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels_x), 1.0 + 0.45 * len(labels_y)))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(labels_x)), labels_x, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels_y)), labels_y, fontsize=8)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="final test accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
