@@ -167,6 +167,7 @@ max_retries = 10                 # give up after this many failed reconnects
 # Your data: a .csv (with a "label" column), a .npz (x, y) or a folder <root>/<label>/*.png.
 # Leave empty to use simulation partitions (partition-id/num-partitions) for a dry run.
 data-path = ""
+site-id = "site-{k}"              # names this site in its privacy ledger
 partition-id = {k - 1}
 num-partitions = {num_sites}
 # Your cumulative privacy ledger (kept across runs and restarts) and your own budget cap.

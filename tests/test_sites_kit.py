@@ -62,6 +62,7 @@ def test_supernode_command_follows_the_edited_site_toml(kit, tmp_path):
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(site.resolve() / "node_key")
     node = cmd[cmd.index("--node-config") + 1]
     assert "partition-id=1 num-partitions=2" in node and "data-path" not in node
+    assert 'site-id="site-2"' in node
     assert f'ledger-dir="{site.resolve() / "ledger"}"' in node
 
     edited = tmp_path / "site-9"
