@@ -27,7 +27,7 @@ from fedshield.errors import ConfigError
 from privacy.accounting import compact
 from privacy.ledger import Ledger
 from privacy.planner import check_delta, plan_noise, sample_rate, steps_per_round
-from tasks import Split
+from tasks import Split, resolve_device
 
 
 def dp_compatible(model: nn.Module) -> nn.Module:
@@ -89,6 +89,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     if mode == "auto":
         mode = pick_grad_sample_mode(model)
 
+    device = resolve_device(train_cfg.device)
+    model.to(device)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
                         batch_size=train_cfg.batch_size, generator=generator)
@@ -101,7 +103,10 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         private = engine.make_private(
             module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
             noise_multiplier=noise, max_grad_norm=privacy_cfg.max_grad_norm, poisson_sampling=True,
-            grad_sample_mode=mode, noise_generator=generator)
+            grad_sample_mode=mode,
+            # Opacus draws the noise on the parameters' device, so the generator must live there.
+            noise_generator=generator if device.type == "cpu" else
+            torch.Generator(device=device).manual_seed(seed))
     if mode == "ghost":
         dp_model, dp_optimizer, criterion, dp_loader = private
     else:
@@ -117,6 +122,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         try:
             for xb, yb in islice(batches, planned_steps):
+                xb, yb = xb.to(device), yb.to(device)
                 dp_optimizer.zero_grad()
                 loss = criterion(dp_model(xb), yb)
                 loss.backward()
@@ -127,6 +133,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
                     seen += len(yb)
         finally:
             dp_model.cleanup()  # remove Opacus hooks so the caller's model is plain again
+            model.to("cpu")  # weights travel as CPU arrays
     train_seconds = time.perf_counter() - started
     events = list(engine.accountant.history)  # what Opacus accounted: [(noise, rate, steps)]
     if compact(events) != [(noise, rate, steps)]:

@@ -105,8 +105,12 @@ class PrivacyConfig:
     accountant: str = opt("prv", choices=("prv", "rdp", "gdp"))
     # Per-client budget; a client refuses to train when a round would exceed it. 0 = no limit.
     max_epsilon: float = opt(0.0, non_negative, ">= 0 (0 = no budget)")
-    # Where each client keeps its cumulative privacy ledger.
+    # Where each client keeps its cumulative privacy ledger (a node may override: ledger-dir).
     ledger_dir: str = opt(".fedshield/ledgers")
+    # Whose budget a ledger tracks. federation: the client's data across every run of a federation
+    # of this name (partner sites); run: one simulated run (benchmark data re-partitioned each run).
+    # auto: federation for nodes with their own data (node config data-path), run otherwise.
+    ledger_scope: str = opt("auto", choices=("auto", "run", "federation"))
     # Opacus per-sample gradient mode: auto picks the fastest correct one for the model.
     grad_sample_mode: str = opt("auto", choices=("auto", "hooks", "ghost", "functorch", "ew"))
 
@@ -317,7 +321,15 @@ def _check_attack(cfg: Config) -> str | None:
     return None
 
 
-CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack]
+def _check_central_dp(cfg: Config) -> str | None:
+    if not cfg.central_dp.enabled:
+        return None
+    from privacy.central import central_dp_config_check  # noqa: PLC0415 (privacy imports config)
+
+    return central_dp_config_check(cfg)
+
+
+CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack, _check_central_dp]
 
 
 def _coerce(path: str, value: Any, default: Any) -> Any:

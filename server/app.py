@@ -36,6 +36,10 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
     part = strategy.node_partition
     label = lambda n: part.get(n, n)  # noqa: E731 — partition id where known, else node id
     eps = {str(label(n)): m["epsilon"] for n, m in state.client_metrics.items() if "epsilon" in m}
+    # The privacy events of this round, per client: enough to recompute every epsilon.
+    dp = {str(label(n)): {"noise_multiplier": m["noise-multiplier"], "sample_rate": m["sample-rate"],
+                          "steps": int(m["steps"]), "clip_norm": m["clip-norm"], "delta": m["delta"]}
+          for n, m in state.client_metrics.items() if "noise-multiplier" in m}
     quarantined = sorted(label(n) for n in strategy.reputation.quarantined) \
         if strategy.reputation else []
     return {
@@ -47,6 +51,8 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "epsilon": eps,
         "epsilon_max": max(eps.values()) if eps else None,
         "epsilon_mean": float(np.mean(list(eps.values()))) if eps else None,
+        "dp_events": dp,
+        "central_epsilon": strategy.user_level_epsilon(rnd),
         "sampled": len(state.sampled),
         "accepted": len(state.accepted),
         "rejected": {str(label(n)): r for n, r in state.rejected.items()},
@@ -116,7 +122,9 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
         save_checkpoint(folder.path, rnd, weights, strategy.state_dict())
         reporter.round(line, cfg.federation.rounds)
 
-    train_config = ConfigRecord({"num-rounds": cfg.federation.rounds,
+    # run-key names this run for the clients' ledgers: stable across a resume, so a redone round
+    # is never counted twice.
+    train_config = ConfigRecord({"num-rounds": cfg.federation.rounds, "run-key": folder.path.name,
                                  **fcfg.flatten({"train": asdict(cfg.train)})})
     stopped = ""
     result_arrays = initial
@@ -161,8 +169,10 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
     scored = [m for m in lines if m.get("accuracy") is not None]
     best = max(scored, key=lambda m: m["accuracy"]) if scored else None
     eps_by_client: dict[str, float] = {}
+    noise_used: set[float] = set()
     for m in lines:
         eps_by_client.update(m["epsilon"])
+        noise_used.update(e["noise_multiplier"] for e in m.get("dp_events", {}).values())
     return {
         "name": cfg.name, "task": cfg.task.name, "run_dir": str(folder.path),
         "rounds": cfg.federation.rounds, "rounds_completed": len(lines),
@@ -173,12 +183,15 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
         "privacy": {
             "enabled": cfg.privacy.enabled, "accountant": cfg.privacy.accountant,
             "delta": cfg.privacy.delta, "noise_multiplier": cfg.privacy.noise_multiplier,
+            "noise_multipliers_used": sorted(noise_used),
             "target_epsilon": cfg.privacy.target_epsilon,
             "max_grad_norm": cfg.privacy.max_grad_norm, "max_epsilon": cfg.privacy.max_epsilon,
             "epsilon_by_client": eps_by_client,
             "epsilon_max": max(eps_by_client.values()) if eps_by_client else None,
             "epsilon_mean": float(np.mean(list(eps_by_client.values()))) if eps_by_client else None,
-            "central_dp": asdict(cfg.central_dp) if cfg.central_dp.enabled else None,
+            "central_dp": {**asdict(cfg.central_dp),
+                           "user_level_epsilon": lines[-1]["central_epsilon"] if lines else None}
+            if cfg.central_dp.enabled else None,
             "exhausted_clients": sorted(strategy.node_partition.get(n, n) for n in strategy.exhausted),
         },
         "robustness": {
