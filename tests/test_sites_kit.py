@@ -91,3 +91,14 @@ def test_refuses_to_overwrite_and_insecure_mode_warns(tmp_path):
         init_sites(tmp_path / "open", 1)
     again = runner.invoke(app, ["site", "init", str(tmp_path / "open")])
     assert again.exit_code == 2 and "choose a new folder" in again.output
+
+
+def test_a_site_can_only_tighten_the_privacy_budget(small_cfg):
+    from client.app import privacy_cap
+
+    assert privacy_cap(small_cfg(), {}) == 0.0  # no budget anywhere
+    assert privacy_cap(small_cfg(), {"max-epsilon": 3.0}) == 3.0
+    capped = small_cfg(privacy={"max_epsilon": 5.0})
+    assert privacy_cap(capped, {"max-epsilon": 3.0}) == 3.0
+    assert privacy_cap(capped, {"max-epsilon": 9.0}) == 5.0
+    assert privacy_cap(capped, {}) == 5.0
