@@ -14,7 +14,8 @@ import pytest
 
 from fedshield.site import init_sites, write_node_key
 from fedshield.site_local import LocalFederation, free_port, wait_for
-from tasks import get_task
+from server.checkpoint import load_checkpoint
+from tasks import evaluate, get_task
 from tasks.partition import cached_partitions
 from fedshield.config import PartitionConfig
 
@@ -134,7 +135,8 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
     out = tmp_path / "runs"
     common = (f"task.name='digits' federation.num_clients={sites} federation.min_clients={sites} "
               f"federation.round_timeout=90.0 partition.kind='iid' train.lr=0.1 "
-              f"privacy.enabled=true privacy.noise_multiplier=1.0 deployment.handoff=false")
+              f"privacy.enabled=true privacy.noise_multiplier=1.0 privacy.ledger_scope='federation' "
+              f"deployment.handoff=false")
 
     with LocalFederation(kit.root, tmp_path / "logs") as fed:
         fed.start_superlink()
@@ -163,6 +165,11 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
         done = metrics(run_dir)
         checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
         assert checkpoint["round"] == len(done) < 3
+        # the checkpoint the resume starts from holds the weights of the last completed round
+        task = get_task("digits")
+        model = task.build_model()
+        model.load_state_dict(load_checkpoint(run_dir).weights)
+        assert evaluate(model, task.load()[1])["accuracy"] == pytest.approx(done[-1]["accuracy"])
         resumed = fed.submit(f"{common} federation.rounds=3 output_dir='{out / 'second'}' "
                              f"resume='{run_dir}'")
         assert fed.wait_run(resumed, 300)["status"] == "finished:completed"
