@@ -1,6 +1,10 @@
 """Across sites on 127.0.0.1: a real SuperLink with TLS and SuperNode authentication, three
-authenticated SuperNodes (one reading its own CSV through tasks.local), an unregistered one that is
-turned away, and a site that goes down mid-run while the federation finishes without it."""
+authenticated SuperNodes training with DP-SGD (one reading its own CSV through tasks.local), an
+unregistered one that is turned away, and a site that goes down mid-run while the federation
+finishes without it (~3-4 min, in CI).
+
+The restart/resume variants (a site restarted keeps its ledger; a stopped ServerApp resumed from its
+run folder) take ~5 more minutes: opt in with FEDSHIELD_SITES_FULL=1 (marker sites_full)."""
 
 import csv
 import os
