@@ -52,8 +52,9 @@ class Layout:
         return self.root / f"site-{k}"
 
     def sites(self) -> list[Path]:
-        return sorted((p for p in self.root.glob("site-*") if (p / "site.toml").is_file()),
-                      key=lambda p: int(p.name.split("-")[1]))
+        return sorted((p for p in self.root.glob("site-*")
+                       if p.name[5:].isdigit() and (p / "site.toml").is_file()),
+                      key=lambda p: int(p.name[5:]))
 
 
 def app_dir() -> Path:

@@ -7,21 +7,20 @@ The restart/resume variants (a site restarted keeps its ledger; a stopped Server
 run folder) take ~5 more minutes: opt in with FEDSHIELD_SITES_FULL=1 (marker sites_full)."""
 
 import csv
-import os
 import json
+import os
 import shutil
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from fedshield.config import PartitionConfig
 from fedshield.site import init_sites, write_node_key
 from fedshield.site_local import LocalFederation, free_port, wait_for
 from server.checkpoint import load_checkpoint
 from tasks import evaluate, get_task
 from tasks.partition import cached_partitions
-from fedshield.config import PartitionConfig
 
 NUM_SITES = 3
 
