@@ -66,7 +66,14 @@ def client_ledger(cfg: fcfg.Config, context: Context, run_key: str):
     owner = cfg.name if scope == "federation" else f"{cfg.name}/runs/{run_key}"
     client = node.get("site-id", f"partition-{node.get('partition-id', context.node_id)}")
     return Ledger.for_client(node.get("ledger-dir", cfg.privacy.ledger_dir), owner, client,
-                             cfg.privacy.delta, cfg.privacy.accountant, cfg.privacy.max_epsilon)
+                             cfg.privacy.delta, cfg.privacy.accountant, privacy_cap(cfg, node))
+
+
+def privacy_cap(cfg: fcfg.Config, node_config) -> float:
+    """The tighter of the federation's budget and the site's own (node config max-epsilon);
+    0 = no budget. A site can lower its cap, never raise the federation's."""
+    caps = [c for c in (cfg.privacy.max_epsilon, float(node_config.get("max-epsilon", 0.0))) if c > 0]
+    return min(caps, default=0.0)
 
 
 def _train_private(model, data, train_cfg, cfg: fcfg.Config, context: Context, rc: dict,

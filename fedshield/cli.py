@@ -106,10 +106,12 @@ def robustness(
 def _mount() -> None:
     """Sub-commands that live beside their library code."""
     from deployment.cli import monitor_command, registry_app, serve_command
+    from fedshield.site import site_app
 
     app.add_typer(registry_app, name="registry", help="List, show and promote registered models.")
     app.command("serve")(serve_command)
     app.command("monitor")(monitor_command)
+    app.add_typer(site_app, name="site")
 
 
 _mount()

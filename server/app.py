@@ -62,6 +62,10 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "aggregation": state.aggregation_info,
         "skipped": state.skipped,
         "seconds": round(record["seconds"], 3),
+        # Each client's own wall time for the round (data, training, encoding), to tell
+        # computation from transport and polling in deployments.
+        "client_seconds": {str(label(n)): round(float(m["client-seconds"]), 3)
+                           for n, m in state.client_metrics.items() if "client-seconds" in m},
     }
 
 

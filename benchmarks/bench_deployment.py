@@ -1,0 +1,192 @@
+"""Round latency and bytes per round per client: real deployment vs simulations, 1/3/8 sites.
+
+Three ways to run the same ServerApp/ClientApp on this machine:
+
+- ``inprocess``: fedshield's in-process grid (no Flower runtime, no serialisation);
+- ``flwr-sim``: ``flwr run`` against a SuperLink in simulation mode (Flower's simulation runtime);
+- ``deployment``: a SuperLink with TLS + SuperNode authentication and one authenticated
+  ``flower-supernode`` process per site (the kit from ``fedshield site init``).
+
+Where the time goes per round: ``client_s`` is what each client measured itself (data loading,
+training, encoding its reply; ``client-seconds`` in its metrics); the rest of the round is
+transport, Flower's 3 s polling on both sides and, in the Flower runtimes, a new
+``flwr-clientapp`` process per message (``clientapp_s``: Flower's own compute-time account of those
+processes, per client-message). Bytes: the model's serialized ArrayRecord (what each client
+downloads and uploads every round) and, for the Flower runtimes, the run's measured network
+traffic from ``flwr ls`` divided by rounds x clients.
+
+    python benchmarks/bench_deployment.py --out runs/bench-deployment --sites 1,3,8 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flwr.app import ArrayRecord  # noqa: E402
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
+
+from fedshield import config as fcfg  # noqa: E402
+from fedshield.site import flwr_bin, init_sites  # noqa: E402
+from fedshield.site_local import LocalFederation, free_port, wait_for  # noqa: E402
+from tasks import get_task  # noqa: E402
+
+
+def serialized_model_bytes(task_name: str) -> int:
+    """Bytes of the model's ArrayRecord as Flower serialises it (record + arrays + chunks)."""
+    record = ArrayRecord(get_task(task_name).build_model().state_dict())
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(record).values())
+
+
+def overrides(task: str, n: int, rounds: int, out: Path) -> dict:
+    return {"name": f"bench-{n}", "task": {"name": task},
+            "federation": {"num_clients": n, "min_clients": n, "rounds": rounds,
+                           "round_timeout": 300.0},
+            "partition": {"kind": "iid"}, "train": {"lr": 0.1},
+            "output_dir": str(out), "deployment": {"handoff": False}}
+
+
+def run_config_string(task: str, n: int, rounds: int, out: Path) -> str:
+    flat = fcfg.flatten(overrides(task, n, rounds, out))
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in flat.items())
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = next(out.glob("*/metrics.jsonl"))
+    return [json.loads(x) for x in path.read_text().splitlines() if x]
+
+
+def summarise(lines: list[dict], n: int, rounds: int, wall: float, info: dict | None) -> dict:
+    steady = lines[1:] or lines  # round 1 also pays start-up (imports, first connections)
+    client = [s for m in steady for s in m.get("client_seconds", {}).values()]
+    row = {"rounds_completed": len(lines), "accepted_min": min(m["accepted"] for m in lines),
+           "round1_s": lines[0]["seconds"],
+           "round_s": statistics.median(m["seconds"] for m in steady),
+           "client_s": statistics.median(client) if client else None,
+           "final_accuracy": lines[-1]["accuracy"], "wall_s": round(wall, 1)}
+    row["overhead_s"] = row["round_s"] - row["client_s"] if client else None
+    if info:
+        traffic, compute = info["network-traffic"], info["compute-time"]
+        row["traffic_bytes_per_round_client"] = traffic["total-bytes"] / (rounds * n)
+        row["clientapp_s"] = compute["clientapp-seconds"] / (rounds * n)
+    return row
+
+
+def bench_inprocess(task: str, n: int, rounds: int, work: Path) -> dict:
+    from simulations.runner import simulate
+
+    out = work / f"inprocess-{n}"
+    started = time.perf_counter()
+    simulate(fcfg.from_dict(overrides(task, n, rounds, out)))
+    return summarise(read_metrics(out), n, rounds, time.perf_counter() - started, None)
+
+
+def bench_flwr_sim(task: str, n: int, rounds: int, work: Path) -> dict:
+    """``flwr run`` against our own simulation-mode SuperLink (started and stopped here)."""
+    home, out = work / f"flwr-sim-{n}-home", work / f"flwr-sim-{n}"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = open(home / "superlink.log", "wb")  # noqa: SIM115
+    link = subprocess.Popen([flwr_bin("flower-superlink"), "--insecure", "--simulation",
+                             "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                             "--port", str(port), "--database", str(home / "state.db")],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    flwr = [flwr_bin("flwr")]
+    try:
+        wait_for(lambda: "Uvicorn running" in (home / "superlink.log").read_text(), 60,
+                 "the simulation SuperLink")
+        started = time.perf_counter()
+        proc = subprocess.run(flwr + ["run", str(ROOT), "sim", "--format", "json", "--run-config",
+                                      run_config_string(task, n, rounds, out),
+                                      "--federation-config",
+                                      f"num-supernodes={n} client-resources-num-cpus=1"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        run_id = json.loads(proc.stdout)["run-id"]
+
+        def finished():
+            ls = subprocess.run(flwr + ["ls", "sim", "--run-id", str(run_id), "--format", "json"],
+                                env=env, capture_output=True, text=True, timeout=60)
+            info = json.loads(ls.stdout)["runs"][0]
+            return info if info["status"].startswith("finished") else None
+
+        info = wait_for(finished, 900, f"flwr-sim run with {n} nodes", poll=2)
+        return summarise(read_metrics(out), n, rounds, time.perf_counter() - started, info)
+    finally:
+        os.killpg(link.pid, 15)
+        link.wait(timeout=30)
+        log.close()
+
+
+def bench_deployment(task: str, n: int, rounds: int, work: Path) -> dict:
+    kit = init_sites(work / f"kit-{n}", n, port=free_port(), node_ports=[free_port() for _ in range(n)])
+    out = work / f"deployment-{n}"
+    with LocalFederation(kit.root) as fed:
+        fed.start_superlink()
+        fed.register()
+        for site in kit.sites():
+            fed.start_site(site)
+        wait_for(lambda: sum(x["status"] == "online" for x in
+                             fed.flwr("supernode", "list", "fedshield")["nodes"]) == n,
+                 120, f"{n} SuperNodes online", poll=1)
+        started = time.perf_counter()
+        run_id = fed.submit(run_config_string(task, n, rounds, out))
+        info = fed.wait_run(run_id, timeout=900)
+        return summarise(read_metrics(out), n, rounds, time.perf_counter() - started, info)
+
+
+MODES = {"inprocess": bench_inprocess, "flwr-sim": bench_flwr_sim, "deployment": bench_deployment}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/bench-deployment")
+    parser.add_argument("--task", default="digits")
+    parser.add_argument("--sites", default="1,3,8")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_bytes = serialized_model_bytes(args.task)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-deployment-") as tmp:
+        for mode in args.modes.split(","):
+            for n in (int(s) for s in args.sites.split(",")):
+                print(f"== {mode}, {n} site(s)", flush=True)
+                row = {"mode": mode, "sites": n, "task": args.task, "rounds": args.rounds,
+                       "model_bytes_each_way": model_bytes,
+                       **MODES[mode](args.task, n, args.rounds, Path(tmp))}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    load = os.getloadavg()
+    result = {"rows": rows, "cpu_count": os.cpu_count(), "loadavg_at_end": load,
+              "command": " ".join(sys.argv)}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    cols = ("mode", "sites", "round1_s", "round_s", "client_s", "overhead_s", "clientapp_s",
+            "traffic_bytes_per_round_client", "model_bytes_each_way", "final_accuracy")
+    table = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in rows:
+        table.append(" | ".join(f"{r.get(c):.3g}" if isinstance(r.get(c), float) else str(r.get(c))
+                                for c in cols))
+    text = "\n".join(table) + f"\n\nload average at end: {load}\n"
+    (out / "table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""Partner-site deployment kit: certificates, node keys, and the exact commands for each side.
+
+``fedshield site init OUT --sites 3`` writes::
+
+    OUT/coordinator/   ca.crt ca.key server.pem server.key  flwr-home/config.toml  COMMANDS.md
+    OUT/site-K/        site.toml (the partner edits it)  ca.crt  node_key node_key.pub  COMMANDS.md
+
+The coordinator runs a SuperLink with TLS and SuperNode authentication, registers every site's
+public key (``fedshield site register OUT``) and submits runs with ``flwr run``. Each partner starts
+one SuperNode with its private key, its data path and its privacy settings as node config
+(``fedshield site command OUT/site-K`` prints the command for the edited ``site.toml``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fedshield.errors import ConfigError
+
+CONNECTION = "fedshield"  # the name of the SuperLink connection in the coordinator's FLWR_HOME
+CERT_DAYS = 365
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where ``site init`` puts things under ``root``."""
+
+    root: Path
+
+    @property
+    def coordinator(self) -> Path:
+        return self.root / "coordinator"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.coordinator / "flwr-home"
+
+    def site(self, k: int) -> Path:
+        return self.root / f"site-{k}"
+
+    def sites(self) -> list[Path]:
+        return sorted((p for p in self.root.glob("site-*")
+                       if p.name[5:].isdigit() and (p / "site.toml").is_file()),
+                      key=lambda p: int(p.name[5:]))
+
+
+def app_dir() -> Path:
+    """The Flower App folder `flwr run` submits: this project's root (where pyproject.toml is)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def flwr_bin(name: str) -> str:
+    """A Flower executable from this interpreter's environment (it must also be on PATH for
+    SuperLink/SuperNode, which start ``flower-superexec`` by name)."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+# --- certificates and keys ------------------------------------------------------------------
+def write_certificates(folder: Path, host: str) -> None:
+    """A CA and a SuperLink server certificate whose subjectAltName covers ``host``."""
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
+    def key_pem(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.TraditionalOpenSSL,
+                                 serialization.NoEncryption())
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedshield"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate clock skew
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = (x509.CertificateBuilder().subject_name(name("fedshield coordinator CA"))
+               .issuer_name(name("fedshield coordinator CA")).public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now)
+               .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                            crl_sign=True, content_commitment=False,
+                                            key_encipherment=False, data_encipherment=False,
+                                            key_agreement=False, encipher_only=False,
+                                            decipher_only=False), critical=True)
+               .sign(ca_key, hashes.SHA384()))
+    try:
+        alt: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(host))]
+    except ValueError:  # a host name
+        alt = [x509.DNSName(host)]
+    if host != "localhost":
+        alt.append(x509.DNSName("localhost"))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server_cert = (x509.CertificateBuilder().subject_name(name(host))
+                   .issuer_name(ca_cert.subject).public_key(server_key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+                   .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                                  critical=False)
+                   .sign(ca_key, hashes.SHA384()))
+    pem = serialization.Encoding.PEM
+    _write_private(folder / "ca.key", key_pem(ca_key))
+    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(pem))
+    _write_private(folder / "server.key", key_pem(server_key))
+    (folder / "server.pem").write_bytes(server_cert.public_bytes(pem))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def write_node_key(path: Path, comment: str) -> None:
+    """An OpenSSH ECDSA P-384 key pair (the only kind flwr 1.42 accepts for SuperNode auth)."""
+    if shutil.which("ssh-keygen") is None:
+        raise ConfigError("ssh-keygen not found: install OpenSSH (package openssh-client) to "
+                          "create SuperNode keys")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-C", comment,
+                    "-f", str(path)], check=True, capture_output=True, timeout=60)
+
+
+# --- the files each side reads --------------------------------------------------------------
+def flwr_config_toml(address: str, ca: Path | None) -> str:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection (absolute certificate path)."""
+    tls = f'root-certificates = "{ca.resolve()}"\n' if ca else "insecure = true\n"
+    return (f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "{address}"\n{tls}')
+
+
+def superlink_command(layout: Layout, host: str, port: int, insecure: bool) -> list[str]:
+    c = layout.coordinator.resolve()
+    tls = ["--insecure"] if insecure else [
+        "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
+        "--ssl-keyfile", str(c / "server.key"), "--enable-supernode-auth"]
+    return ["flower-superlink", *tls, "--disable-runtime-dependency-installation",
+            "--host", host, "--port", str(port), "--database", str(c / "state.db")]
+
+
+def site_toml(k: int, num_sites: int, address: str, insecure: bool, clientappio_port: int) -> str:
+    return f'''# Site {k}: edit this file, then print your SuperNode command with
+#   fedshield site command <this folder>
+name = "site-{k}"
+superlink = "{address}"          # the coordinator's SuperLink (host:port)
+insecure = {str(insecure).lower()}              # true only for a throw-away local test
+root_certificates = "ca.crt"    # the coordinator's CA (relative to this folder)
+private_key = "node_key"        # keep it secret; the coordinator has node_key.pub
+port = {clientappio_port}                     # this SuperNode's local runtime API port (127.0.0.1)
+max_retries = 10                 # give up after this many failed reconnects
+
+[node_config]                    # what the ClientApp on this node sees
+# Your data: a .csv (with a "label" column), a .npz (x, y) or a folder <root>/<label>/*.png.
+# Leave empty to use simulation partitions (partition-id/num-partitions) for a dry run.
+data-path = ""
+site-id = "site-{k}"              # names this site in its privacy ledger
+partition-id = {k - 1}
+num-partitions = {num_sites}
+# Your cumulative privacy ledger (kept across runs and restarts) and your own budget cap.
+ledger-dir = "ledger"
+max-epsilon = 8.0
+'''
+
+
+def read_site(site_dir: Path) -> dict:
+    path = site_dir / "site.toml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; create the site kit with `fedshield site init`")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+
+
+def _node_config_arg(node: dict, site_dir: Path) -> str:
+    """Flower's ``--node-config`` string; relative paths are resolved against the site folder."""
+    parts = []
+    for key, value in node.items():
+        if key == "data-path" and value == "":
+            continue
+        if key in ("data-path", "ledger-dir") and not Path(str(value)).expanduser().is_absolute():
+            value = str((site_dir / str(value)).resolve())
+        if isinstance(value, str):
+            parts.append(f'{key}="{value}"')
+        elif isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def supernode_command(site_dir: str | Path) -> list[str]:
+    """The ``flower-supernode`` command for a site, built from its (edited) ``site.toml``."""
+    site_dir = Path(site_dir).resolve()
+    s = read_site(site_dir)
+    node = dict(s.get("node_config", {}))
+    if node.get("data-path", "") == "" and "partition-id" not in node:
+        raise ConfigError(f"{site_dir / 'site.toml'}: set node_config.data-path to your data")
+    if node.get("data-path", "") != "":
+        node.pop("num-partitions", None)  # real data: no simulation partitions
+    if s.get("insecure", False):
+        tls = ["--insecure"]
+    else:
+        tls = ["--root-certificates", str(site_dir / s["root_certificates"]),
+               "--auth-supernode-private-key", str(site_dir / s["private_key"])]
+    return ["flower-supernode", "--superlink", s["superlink"], *tls,
+            "--node-config", _node_config_arg(node, site_dir), "--host", "127.0.0.1",
+            "--port", str(s["port"]), "--max-retries", str(s.get("max_retries", 10))]
+
+
+def _shell(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def coordinator_commands(layout: Layout, host: str, port: int, insecure: bool,
+                         num_sites: int) -> str:
+    c = layout.coordinator.resolve()
+    env = f"export FLWR_HOME={shlex.quote(str(layout.flwr_home.resolve()))}"
+    register = "\n".join(
+        f"flwr supernode register {shlex.quote(str(layout.site(k).resolve() / 'node_key.pub'))} "
+        f"{CONNECTION}" for k in range(1, num_sites + 1))
+    run_cfg = (f"task.name='mnist5k' federation.num_clients={num_sites} "
+               f"federation.min_clients={num_sites} federation.rounds=3 "
+               f"federation.round_timeout=120.0 output_dir='{c / 'runs'}'")
+    warn = ("\n> **WARNING: --insecure: no TLS and no SuperNode authentication. Anyone who can "
+            "reach the port can join and read the model. Local testing only.**\n"
+            if insecure else "")
+    return f"""# Coordinator: running a fedshield federation across {num_sites} sites
+{warn}
+Keep `ca.key` and `server.key` private. Send each partner their `site-K/` folder
+(it holds the CA certificate `ca.crt`, their key pair and `site.toml`), over a channel you trust.
+
+The `flwr` and `flower-*` commands come from the environment where fedshield is installed; that
+environment's `bin/` must be on `PATH` (the SuperLink starts `flower-superexec` by name).
+
+## 1. Start the SuperLink (keeps running; state, including registered keys, in `state.db`)
+
+```sh
+{env}
+{_shell(superlink_command(layout, host, port, insecure))}
+```
+
+## 2. Register every site's public key (once; or `fedshield site register {layout.root}`)
+
+```sh
+{env}
+{register if not insecure else "# not needed with --insecure (no SuperNode authentication)"}
+flwr supernode list {CONNECTION}
+```
+
+## 3. Start a run once the partners' SuperNodes are up
+
+```sh
+{env}
+flwr run {shlex.quote(str(app_dir()))} {CONNECTION} --format json \\
+    --run-config "{run_cfg}"
+flwr ls {CONNECTION} --format json              # status of every run
+flwr log RUN_ID {CONNECTION}                    # the ServerApp's log
+flwr stop RUN_ID {CONNECTION}                   # stop a run
+```
+
+Add `privacy.enabled=true privacy.noise_multiplier=1.0` to train with DP-SGD. The run folder
+(`metrics.jsonl`, `summary.json`, checkpoints) appears under `output_dir` on the SuperLink host.
+To continue an interrupted run from its last completed round, submit it again with
+`resume='<run folder>'` added to `--run-config`.
+"""
+
+
+def site_commands(site_dir: Path) -> str:
+    return f"""# Partner site `{site_dir.name}`
+
+1. Edit `site.toml`: set `node_config.data-path` to your data (CSV with a `label` column, `.npz`
+   with `x` and `y`, or a folder `<root>/<label>/*.png`) and your privacy cap `max-epsilon`.
+2. Print and run your SuperNode command (it reads `site.toml`):
+
+```sh
+fedshield site command {shlex.quote(str(site_dir.resolve()))}
+```
+
+With the defaults written by `site init` it is:
+
+```sh
+{_shell(supernode_command(site_dir))}
+```
+
+Your data never leaves this machine; only model updates and aggregate metrics (examples, class
+counts, epsilon) are sent. Your cumulative privacy spending is kept in `ledger-dir`.
+Keep `node_key` secret. Exit code 1 with `[code: 2004]` means the coordinator has not registered
+`node_key.pub` yet.
+"""
+
+
+def init_sites(out_dir: str | Path, sites: int, host: str = "127.0.0.1", port: int = 9093,
+               insecure: bool = False, node_ports: list[int] | None = None) -> Layout:
+    """Create the coordinator and per-site kits under ``out_dir``; returns their layout.
+
+    Site K's SuperNode serves its local runtime API on ``node_ports[K-1]`` (default port+K)."""
+    if sites < 1:
+        raise ConfigError("--sites must be at least 1")
+    layout = Layout(Path(out_dir))
+    if layout.root.exists() and any(layout.root.iterdir()):
+        raise ConfigError(f"{layout.root} is not empty; choose a new folder (keys and "
+                          "certificates are never overwritten)")
+    layout.flwr_home.mkdir(parents=True)
+    address = f"{host}:{port}"
+    if not insecure:
+        write_certificates(layout.coordinator, host)
+    ca = None if insecure else layout.coordinator / "ca.crt"
+    (layout.flwr_home / "config.toml").write_text(flwr_config_toml(address, ca))
+    node_ports = node_ports or [port + k for k in range(1, sites + 1)]
+    for k in range(1, sites + 1):
+        folder = layout.site(k)
+        folder.mkdir()
+        if not insecure:
+            shutil.copy(layout.coordinator / "ca.crt", folder / "ca.crt")
+        write_node_key(folder / "node_key", f"fedshield-site-{k}")
+        (folder / "site.toml").write_text(
+            site_toml(k, sites, address, insecure, node_ports[k - 1]))
+        (folder / "COMMANDS.md").write_text(site_commands(folder))
+    (layout.coordinator / "COMMANDS.md").write_text(
+        coordinator_commands(layout, host, port, insecure, sites))
+    return layout
+
+
+def flwr_env(layout: Layout) -> dict[str, str]:
+    """Environment for the coordinator's ``flwr`` CLI: its FLWR_HOME, Flower's bin on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "FLWR_HOME": str(layout.flwr_home.resolve()),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def register_sites(out_dir: str | Path, timeout: float = 60) -> dict[str, str]:
+    """Register every site's public key with the running SuperLink; site name -> flwr's answer."""
+    layout = Layout(Path(out_dir))
+    if not (layout.flwr_home / "config.toml").is_file():
+        raise ConfigError(f"{out_dir} has no coordinator/flwr-home/config.toml; "
+                          "run `fedshield site init` first")
+    results = {}
+    for folder in layout.sites():
+        proc = subprocess.run([flwr_bin("flwr"), "supernode", "register",
+                               str((folder / "node_key.pub").resolve()), CONNECTION],
+                              env=flwr_env(layout), capture_output=True, text=True,
+                              timeout=timeout)
+        answer = (proc.stdout + proc.stderr).strip()
+        if proc.returncode != 0 and "already" not in answer.lower():
+            raise ConfigError(f"registering {folder.name} failed (is the SuperLink running at "
+                              f"the address in {layout.flwr_home / 'config.toml'}?): {answer}")
+        results[folder.name] = answer
+    return results
+
+
+# --- CLI ------------------------------------------------------------------------------------
+site_app = typer.Typer(no_args_is_help=True, help="Set up and join a federation across sites.")
+
+
+@site_app.command("init", epilog="Example: fedshield site init deploy/ --sites 3")
+def init_command(
+    out_dir: str = typer.Argument(..., help="new folder for the coordinator and site kits"),
+    sites: int = typer.Option(3, "--sites", help="number of partner sites"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address partners use for the SuperLink"),
+    port: int = typer.Option(9093, "--port", help="SuperLink port (HTTPS)"),
+    insecure: bool = typer.Option(False, "--insecure",
+                                  help="no TLS, no node authentication (local tests only)"),
+) -> None:
+    """Create certificates, SuperNode keys, configs and the exact commands for every side."""
+    if insecure:
+        console.print("[bold red]WARNING: --insecure: traffic is NOT encrypted and SuperNodes are "
+                      "NOT authenticated; anyone reaching the port can join. Local tests only.[/]")
+    try:
+        layout = init_sites(out_dir, sites, host, port, insecure)
+    except ConfigError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"coordinator: {layout.coordinator / 'COMMANDS.md'}")
+    for folder in layout.sites():
+        console.print(f"{folder.name}: {folder / 'site.toml'} (send this folder to the partner)")
+
+
+@site_app.command("register", epilog="Example: fedshield site register deploy/")
+def register_command(
+    out_dir: str = typer.Argument(..., help="the folder `fedshield site init` created"),
+) -> None:
+    """Register every site's public key with the running SuperLink."""
+    try:
+        for name, answer in register_sites(out_dir).items():
+            console.print(f"{name}: {answer}")
+    except ConfigError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+@site_app.command("command", epilog="Example: fedshield site command deploy/site-1")
+def command_command(
+    site_dir: str = typer.Argument(..., help="a site folder with site.toml"),
+) -> None:
+    """Print the flower-supernode command for this site's site.toml."""
+    try:
+        print(_shell(supernode_command(site_dir)))
+    except ConfigError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc

@@ -1,0 +1,191 @@
+"""Across sites on 127.0.0.1: a real SuperLink with TLS and SuperNode authentication, three
+authenticated SuperNodes training with DP-SGD (one reading its own CSV through tasks.local), an
+unregistered one that is turned away, and a site that goes down mid-run while the federation
+finishes without it (~3-4 min, in CI).
+
+The restart/resume variants (a site restarted keeps its ledger; a stopped ServerApp resumed from its
+run folder) take ~5 more minutes: opt in with FEDSHIELD_SITES_FULL=1 (marker sites_full)."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from fedshield.config import PartitionConfig
+from fedshield.site import init_sites, write_node_key
+from fedshield.site_local import LocalFederation, free_port, wait_for
+from server.checkpoint import load_checkpoint
+from tasks import evaluate, get_task
+from tasks.partition import cached_partitions
+
+NUM_SITES = 3
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x] if path.exists() else []
+
+
+def write_site_csv(path: Path, partition: int) -> None:
+    """Site 1's own data: its digits partition written as a CSV with a header and a label column."""
+    task = get_task("digits")
+    train, _ = task.load()
+    part = cached_partitions("digits", NUM_SITES, PartitionConfig(kind="iid"), 0)[partition]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", *task.feature_names])
+        for i in part:
+            w.writerow([int(train.y[i]), *(f"{v:.6g}" for v in train.x[i])])
+
+
+def set_node_config(site: Path, key: str, value: str) -> None:
+    toml = (site / "site.toml").read_text()
+    start = toml.index(f"\n{key} = ") + 1
+    end = toml.index("\n", start)
+    (site / "site.toml").write_text(toml[:start] + f"{key} = {value}" + toml[end:])
+
+
+def rogue_site(kit, path: Path) -> Path:
+    """A copy of site 3 with a fresh key pair the coordinator never registered."""
+    shutil.copytree(kit.site(NUM_SITES), path)
+    for name in ("node_key", "node_key.pub"):
+        (path / name).unlink()
+    write_node_key(path / "node_key", "rogue")
+    set_node_config(path, "port", str(free_port()))
+    return path
+
+
+def online_nodes(fed: LocalFederation) -> int:
+    nodes = fed.flwr("supernode", "list", "fedshield")["nodes"]
+    return sum(n["status"] == "online" for n in nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
+    kit = init_sites(tmp_path / "kit", NUM_SITES, port=free_port(),
+                     node_ports=[free_port() for _ in range(NUM_SITES)])
+    data = kit.site(1) / "data.csv"
+    write_site_csv(data, 0)
+    set_node_config(kit.site(1), "data-path", '"data.csv"')
+    rogue = rogue_site(kit, tmp_path / "rogue")
+    out = tmp_path / "runs"
+
+    with LocalFederation(kit.root, tmp_path / "logs") as fed:
+        fed.start_superlink()
+        fed.register()
+        for k in range(1, NUM_SITES + 1):
+            fed.start_site(kit.site(k))
+        intruder = fed.start_site(rogue, "rogue")
+        wait_for(lambda: online_nodes(fed) == NUM_SITES, 90, "three SuperNodes online")
+
+        # (a) an unregistered key is turned away by the SuperLink
+        assert intruder.wait(timeout=90) == 1, fed.log("rogue")[-2000:]
+        assert "code: 2004" in fed.log("rogue")
+
+        run_id = fed.submit(
+            f"task.name='digits' federation.num_clients={NUM_SITES} federation.min_clients=2 "
+            f"federation.rounds=3 federation.round_timeout=60.0 partition.kind='iid' "
+            f"train.lr=0.1 privacy.enabled=true privacy.noise_multiplier=1.0 "
+            f"output_dir='{out}' deployment.handoff=false")
+        run_dir = wait_for(lambda: next(iter(out.glob("*/metrics.jsonl")), None), 120,
+                           "the run folder").parent
+        wait_for(lambda: len(metrics(run_dir)) >= 1, 150, "round 1")
+
+        # (b) site 3 goes down after round 1; the others finish the run
+        assert fed.stop(f"site-{NUM_SITES}", signal.SIGTERM) is not None
+        info = fed.wait_run(run_id, timeout=240)
+        assert info["status"] == "finished:completed", info
+
+    lines = metrics(run_dir)
+    assert [m["round"] for m in lines] == [1, 2, 3]
+    assert lines[0]["accepted"] == NUM_SITES and not lines[0]["refused"], lines[0]
+    assert lines[-1]["sampled"] == NUM_SITES - 1 and lines[-1]["accepted"] == NUM_SITES - 1
+    assert all(m["accepted"] >= NUM_SITES - 1 for m in lines)
+    assert lines[-1]["accuracy"] > lines[0]["accuracy"] and lines[-1]["accuracy"] > 0.4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3
+    # DP-SGD on every site: epsilon reported each round, growing, and kept in each site's ledger
+    assert set(lines[0]["epsilon"]) == {"0", "1", "2"}
+    eps_site1 = [m["epsilon"]["0"] for m in lines]
+    assert 0 < eps_site1[0] < eps_site1[1] < eps_site1[2]
+    assert len(ledger_history(kit.site(1))) == 3  # one event per round it trained
+    assert len(ledger_history(kit.site(NUM_SITES))) == 1  # trained round 1 only
+
+
+def ledger_history(site: Path) -> list[dict]:
+    files = list((site / "ledger").rglob("client-*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())["events"]
+
+
+@pytest.mark.slow
+@pytest.mark.sites_full
+@pytest.mark.skipif(not os.environ.get("FEDSHIELD_SITES_FULL"),
+                    reason="~5 min of real deployment; set FEDSHIELD_SITES_FULL=1 to run")
+@pytest.mark.timeout(600)
+def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
+    """(c) a restarted SuperNode keeps its cumulative epsilon; (d) a stopped ServerApp resumed from
+    its run folder continues at the next round with the checkpointed weights, and no round's
+    privacy cost is recorded twice."""
+    sites = 2
+    kit = init_sites(tmp_path / "kit", sites, port=free_port(),
+                     node_ports=[free_port() for _ in range(sites)])
+    out = tmp_path / "runs"
+    common = (f"task.name='digits' federation.num_clients={sites} federation.min_clients={sites} "
+              f"federation.round_timeout=90.0 partition.kind='iid' train.lr=0.1 "
+              f"privacy.enabled=true privacy.noise_multiplier=1.0 privacy.ledger_scope='federation' "
+              f"deployment.handoff=false")
+
+    with LocalFederation(kit.root, tmp_path / "logs") as fed:
+        fed.start_superlink()
+        fed.register()
+        for k in range(1, sites + 1):
+            fed.start_site(kit.site(k))
+        wait_for(lambda: online_nodes(fed) == sites, 90, "SuperNodes online")
+
+        # (c) one DP run, restart site 1, a second run: its epsilon keeps growing
+        first = fed.submit(f"{common} federation.rounds=1 output_dir='{out / 'first'}'")
+        assert fed.wait_run(first, 240)["status"] == "finished:completed"
+        eps_first = metrics(next((out / "first").iterdir()))[-1]["epsilon"]["0"]
+        events_first = ledger_history(kit.site(1))
+        assert fed.stop("site-1", signal.SIGTERM) is not None
+        fed.start_site(kit.site(1))
+        wait_for(lambda: online_nodes(fed) == sites, 90, "site 1 back online")
+        assert ledger_history(kit.site(1)) == events_first  # nothing lost on restart
+
+        # (d) a run stopped after round 1 and resumed from its run folder
+        second = fed.submit(f"{common} federation.rounds=3 output_dir='{out / 'second'}'")
+        run_dir = wait_for(lambda: next(iter((out / "second").glob("*/metrics.jsonl")), None),
+                           120, "the run folder").parent
+        wait_for(lambda: len(metrics(run_dir)) >= 1, 240, "round 1")
+        fed.stop_run(second)
+        assert fed.wait_run(second, 120)["status"].startswith("finished")
+        done = metrics(run_dir)
+        checkpoint = json.loads((run_dir / "checkpoint.json").read_text())
+        assert checkpoint["round"] == len(done) < 3
+        # the checkpoint the resume starts from holds the weights of the last completed round
+        task = get_task("digits")
+        model = task.build_model()
+        model.load_state_dict(load_checkpoint(run_dir).weights)
+        assert evaluate(model, task.load()[1])["accuracy"] == pytest.approx(done[-1]["accuracy"])
+        resumed = fed.submit(f"{common} federation.rounds=3 output_dir='{out / 'second'}' "
+                             f"resume='{run_dir}'")
+        assert fed.wait_run(resumed, 300)["status"] == "finished:completed"
+
+    lines = metrics(run_dir)
+    assert [m["round"] for m in lines] == [1, 2, 3]
+    assert lines[:len(done)] == done  # completed rounds are kept as they were
+    assert all(m["accepted"] == sites for m in lines)
+    assert eps_first > 0 and lines[0]["epsilon"]["0"] > eps_first  # cumulative across runs
+    assert lines[-1]["epsilon"]["0"] > lines[0]["epsilon"]["0"]
+    for k in range(1, sites + 1):
+        history = ledger_history(kit.site(k))
+        keys = [(e["run_id"], e["round"]) for e in history]
+        assert len(keys) == len(set(keys))
+        # one run of 1 round, then rounds 1..3 of the resumed run, each counted once
+        assert len(history) == 4, history
