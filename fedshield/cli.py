@@ -103,6 +103,32 @@ def robustness(
     Console().print(f"tables and heatmap in {out}/")
 
 
+def privacy_sweep(
+    config: str = typer.Argument(..., help="base TOML config"),
+    epsilons: str = typer.Option("1,3,8,inf", help="comma-separated target epsilons; inf = no DP"),
+    seeds: str = typer.Option("0", help="comma-separated seeds"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value on the base"),
+    out: str = typer.Option("runs/privacy-sweep", help="folder for the table, plot and runs"),
+) -> None:
+    """Privacy-utility sweep: target epsilon x seeds; writes privacy_sweep.csv/.md and
+    privacy_utility.png (accuracy vs epsilon, with the non-private line)."""
+    from pathlib import Path
+
+    from fedshield import config as fcfg
+    from simulations.sweeps import privacy_sweep as sweep
+
+    try:
+        base = fcfg.load(config, set_ or [])
+        rows = sweep(base, _floats(epsilons), [int(s) for s in _floats(seeds)], Path(out))
+    except FedShieldError as exc:
+        fail(str(exc))
+    for r in rows:
+        eps = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.3f}"
+        Console().print(f"target eps {r['target_epsilon']:g} seed {r['seed']}: accuracy "
+                        f"{r['final_accuracy']:.4f}, spent eps {eps}")
+    Console().print(f"table and plot in {out}/")
+
+
 def _mount() -> None:
     """Sub-commands that live beside their library code."""
     from deployment.cli import monitor_command, registry_app, serve_command
@@ -112,6 +138,11 @@ def _mount() -> None:
     app.command("serve")(serve_command)
     app.command("monitor")(monitor_command)
     app.add_typer(site_app, name="site")
+    from privacy.cli import privacy_app
+
+    privacy_app.command("sweep", epilog="Example: fedshield privacy sweep configs/default.toml "
+                        "--epsilons 1,3,8,inf --seeds 0,1")(privacy_sweep)
+    app.add_typer(privacy_app, name="privacy")
 
 
 _mount()

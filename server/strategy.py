@@ -68,6 +68,7 @@ class ShieldStrategy(FedAvg):
         self.server_momentum: torch.Tensor | None = None
         self.dp_generator = torch.Generator().manual_seed(cfg.seed)
         self._global: ArrayRecord | None = None
+        self._sent: list[Message] = []
         self.round = RoundState()
 
     # --- sampling ---------------------------------------------------------------------------
@@ -108,7 +109,10 @@ class ShieldStrategy(FedAvg):
         self.round = RoundState(sampled=nodes)
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
-        return self._construct_messages(record, nodes, MessageType.TRAIN)
+        # Kept to name the node behind an error reply: the grid gives these their ids when it
+        # sends them, and an error for an unreachable node comes from the SuperLink itself.
+        self._sent = list(self._construct_messages(record, nodes, MessageType.TRAIN))
+        return self._sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -123,8 +127,9 @@ class ShieldStrategy(FedAvg):
     def _sort_replies(self, replies: Iterable[Message]) -> list[Message]:
         """Drop errors and refusals (logged with their reasons); keep replies carrying arrays."""
         usable = []
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
                 self.round.rejected[node] = f"client-error: {msg.error.reason}"
             elif "refusal" in msg.content:
