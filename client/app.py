@@ -56,16 +56,21 @@ def _checked_data(context: Context, cfg: fcfg.Config, load_data: DataLoader):
 
 
 def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
-                weights: dict[str, torch.Tensor], rc: dict) -> tuple[torch.nn.Module, dict, Task]:
+                weights: dict[str, torch.Tensor] | list[np.ndarray],
+                rc: dict) -> tuple[torch.nn.Module, dict]:
     """One round of local training from the global ``weights`` (DP-SGD when privacy is on).
 
-    Returns (trained model, metrics, task); raises DataValidationError or BudgetExhausted when the
-    client must not train. ``rc`` is the round config (``server-round``, ``train.*``).
+    ``weights`` are named tensors, or unnamed arrays in the model's state_dict order (Flower's
+    legacy messages); ``rc`` is the round config (``server-round``, ``train.*``). Returns (trained
+    model, metrics); raises DataValidationError or BudgetExhausted when the client must not train.
     """
     started = time.perf_counter()
     task, data, _ = _checked_data(context, cfg, load_data)
     train_cfg = fcfg.section(fcfg.TrainConfig, fcfg.unflatten(rc).get("train", {}), "train.")
     model = task.build_model()
+    if isinstance(weights, list):
+        weights = {name: torch.from_numpy(np.array(a)) for name, a
+                   in zip(model.state_dict(), weights, strict=True)}
     model.load_state_dict(weights)
     seed = int(np.random.SeedSequence([cfg.seed, int(rc.get("server-round", 0)),
                                        int(context.node_config.get("partition-id", 0))])
@@ -81,7 +86,7 @@ def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
     metrics["num-examples"] = len(data)
     metrics.update(identity(context))
     metrics["client-seconds"] = time.perf_counter() - started
-    return model, metrics, task
+    return model, metrics
 
 
 def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
@@ -96,7 +101,7 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
 
             return secagg_train(msg, context, cfg, load_data)
         try:
-            model, metrics, _ = fit_locally(context, cfg, load_data,
+            model, metrics = fit_locally(context, cfg, load_data,
                                             msg.content["arrays"].to_torch_state_dict(),
                                             round_config(msg))
         except DataValidationError as exc:

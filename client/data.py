@@ -6,7 +6,7 @@ import numpy as np
 from flwr.app import Context
 
 from fedshield.config import Config
-from tasks import Split, Task, get_task
+from tasks import Split, Task, task_for
 from tasks.partition import cached_partitions
 
 # Share of a client's data held out for client-side evaluation.
@@ -15,7 +15,7 @@ LOCAL_VAL_FRACTION = 0.1
 
 def load_client_data(context: Context, cfg: Config) -> tuple[Task, Split, Split]:
     """(task, local train, local validation) for this node."""
-    task = get_task(cfg.task.name)
+    task = task_for(cfg.task)
     node = context.node_config
     if "data-path" in node:  # a partner site's own data
         from tasks.local import load_local  # noqa: PLC0415 (only partner sites need it)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -28,7 +27,6 @@ from flwr.compat.common import recorddict_compat as compat
 from client.app import DataLoader, fit_locally
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError
-from tasks import get_task
 
 
 def secagg_train(msg: Message, context: Context, cfg: fcfg.Config,
@@ -41,10 +39,8 @@ def legacy_fit(msg: Message, context: Context, *, cfg: fcfg.Config,
                load_data: DataLoader) -> Message:
     """The plain path's local training, read from a legacy FitIns and answered as a FitRes."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    names = list(get_task(cfg.task.name).build_model().state_dict())
-    weights = {n: torch.from_numpy(a.copy())
-               for n, a in zip(names, parameters_to_ndarrays(fitins.parameters), strict=True)}
-    model, metrics, _ = fit_locally(context, cfg, load_data, weights, dict(fitins.config))
+    model, metrics = fit_locally(context, cfg, load_data, parameters_to_ndarrays(fitins.parameters),
+                                 dict(fitins.config))
     trained = [v.detach().numpy() for v in model.state_dict().values()]
     weight = 1 if cfg.aggregation.weighting == "uniform" else int(metrics["num-examples"])
     check_quantizable(trained, weight, cfg.secagg)

@@ -103,6 +103,18 @@ def robustness(
     Console().print(f"tables and heatmap in {out}/")
 
 
+def _mount() -> None:
+    """Sub-commands that live beside their library code."""
+    from deployment.cli import monitor_command, registry_app, serve_command
+
+    app.add_typer(registry_app, name="registry", help="List, show and promote registered models.")
+    app.command("serve")(serve_command)
+    app.command("monitor")(monitor_command)
+
+
+_mount()
+
+
 def main() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

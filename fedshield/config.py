@@ -51,6 +51,8 @@ class TaskConfig:
     # hf:<dataset> (flwr-datasets FederatedDataset, needs internet).
     name: str = opt("mnist", lambda v: v in TASK_NAMES or v.startswith("hf:"),
                     f"one of {', '.join(sorted(TASK_NAMES))} or hf:<dataset>")
+    # Model architecture ("" = the task's default; mnist/mnist5k: "cnn" or "tanh_cnn").
+    model: str = opt("")
     # Validation/test examples used by the server each round (0 = the whole test set).
     eval_examples: int = opt(0, non_negative, "an integer >= 0")
 
@@ -217,6 +219,24 @@ class DeploymentConfig:
     model_name: str = opt("")
     min_accuracy: float = opt(0.0, probability, "an accuracy in [0, 1]")
     max_epsilon: float = opt(0.0, non_negative, ">= 0 (0 = no limit)")
+    # Which run weights to deploy: the last round's or the best-by-validation ones.
+    weights: str = opt("final", choices=("final", "best"))
+    # Gate: largest |torch - onnxruntime| logit difference accepted on the test inputs.
+    parity_tolerance: float = opt(1e-4, positive, "a tolerance > 0")
+    # Gate: largest accuracy drop under the run's robustness check (summary.json); 0 = no limit.
+    max_accuracy_drop: float = opt(0.0, probability, "an accuracy difference in [0, 1] (0 = no limit)")
+    # Also export an int8 (dynamic quantisation) ONNX model and measure its accuracy.
+    quantize: bool = opt(True)
+    # Test examples used for the Integrated Gradients explanations in the model card.
+    explain_examples: int = opt(64, positive, "an integer >= 1")
+    # Drift monitor: examples per window, PSI threshold, windows over threshold before retraining.
+    drift_window: int = opt(200, positive, "an integer >= 1")
+    drift_threshold: float = opt(0.2, positive, "a PSI threshold > 0 (0.1 small, 0.25 large drift)")
+    drift_patience: int = opt(3, positive, "an integer >= 1")
+    # Bins per feature of the drift reference histograms, and the Gaussian noise multiplier each
+    # client uses for its DP reference histograms (0 = no noise: only for server-held data).
+    reference_bins: int = opt(10, lambda v: 2 <= v <= 1000, "an integer in [2, 1000]")
+    reference_noise_multiplier: float = opt(1.0, non_negative, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -226,6 +246,8 @@ class Config:
     output_dir: str = opt("runs")
     # Resume from the newest checkpoint in this run folder ("" = start fresh).
     resume: str = opt("")
+    # Start from these global weights (safetensors, e.g. the champion when fine-tuning; "" = random init).
+    init_weights: str = opt("")
     task: TaskConfig = field(default_factory=TaskConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)

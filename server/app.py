@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedshield import config as fcfg
@@ -21,7 +23,7 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
 from server.report import ConsoleReporter
 from server.strategy import RoundState, ShieldStrategy
-from tasks import Split, evaluate, get_task, resolve_device
+from tasks import Split, evaluate, get_task, resolve_device, task_for
 
 
 def server_test_split(task_name: str, limit: int) -> Split:
@@ -57,6 +59,14 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
     }
 
 
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise fcfg.ConfigError(f"init_weights = {path!r} does not exist")
+    return {k.removeprefix("_module."): v for k, v in load_file(path).items()}
+
+
 class RunRecorder:
     """What both run modes (plain and SecAgg+) share: the run folder, the initial weights (from
     the checkpoint when resuming), server-side evaluation, the per-round bookkeeping (metrics line,
@@ -70,12 +80,15 @@ class RunRecorder:
         self.started = time.perf_counter()
         self.cfg, self.strategy = cfg, strategy
         self.reporter = reporter or ConsoleReporter()
-        self.task = get_task(cfg.task.name)
+        self.task = task_for(cfg.task)
         self.folder = RunFolder(Path(run_dir or cfg.resume) if (run_dir or cfg.resume)
                                 else new_run_dir(cfg))
         torch.manual_seed(cfg.seed)
         self.model = self.task.build_model()
-        self.initial_weights, self.start_round = self.model.state_dict(), 1
+        if cfg.init_weights:
+            self.model.load_state_dict(load_weights(cfg.init_weights))
+        self.start_round = 1
+        self.initial_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         checkpoint = load_checkpoint(self.folder.path) if cfg.resume else None
         if checkpoint is not None:
             self.initial_weights = checkpoint.weights
@@ -111,6 +124,9 @@ class RunRecorder:
                                 time.perf_counter() - self.started)
         self.folder.write_summary(summary)
         self.folder.plot()
+        if self.cfg.deployment.handoff and summary["rounds_completed"]:
+            summary["handoff"] = hand_off(self.folder, self.cfg)
+            self.folder.write_summary(summary)
         self.reporter.end(summary)
         return summary
 
@@ -151,6 +167,18 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
 def train_round_config(cfg: fcfg.Config) -> dict:
     """What every training message carries besides the weights (clients read ``train.*``)."""
     return {"num-rounds": cfg.federation.rounds, **fcfg.flatten({"train": asdict(cfg.train)})}
+
+
+def hand_off(folder: RunFolder, cfg: fcfg.Config) -> dict:
+    """Export, document, register and gate the final model (deployment/). A failure here is
+    reported, never raised: the run's own results are already on disk."""
+    from deployment.handoff import handoff
+
+    try:
+        return handoff(folder.path, cfg).to_dict()
+    except Exception as exc:  # noqa: BLE001 — keep the finished run; say what went wrong
+        log(WARNING, "hand-off failed: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy, stopped: str,

@@ -38,6 +38,8 @@ class ConsoleReporter:
 
     def end(self, summary: dict) -> None:
         table = Table(title=f"Summary: {summary['name']}", show_header=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
         final = summary["final"]
         table.add_row("final test accuracy", f"{final['accuracy']:.4f}" if final else "-")
         table.add_row("final test loss", f"{final['loss']:.4f}" if final else "-")
@@ -59,5 +61,15 @@ class ConsoleReporter:
         if summary.get("stopped_early"):
             table.add_row("[yellow]stopped early[/]", summary["stopped_early"])
         table.add_row("wall time", f"{summary['wall_seconds']:.1f} s")
+        handoff = summary.get("handoff")
+        if handoff and "error" in handoff:
+            table.add_row("[red]hand-off failed[/]", handoff["error"])
+        elif handoff:
+            gate = "[green]champion[/]" if handoff["passed"] else \
+                "[yellow]candidate[/] (" + "; ".join(handoff["reasons"]) + ")"
+            table.add_row("registered model", f"{handoff['model_uri']} -> {gate}")
+            table.add_row("model card", handoff["card_path"])
+            table.add_row("serve it", f"fedshield serve --model models:/{handoff['model_name']}"
+                          f"/{handoff['version']}")
         table.add_row("run folder", summary["run_dir"])
         self.console.print(table)

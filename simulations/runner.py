@@ -58,7 +58,7 @@ def attack_report(cfg: fcfg.Config, run_dir: Path) -> dict:
 
     from server.reputation import detection_rate, false_quarantine_rate
     from simulations.attacks.federation import backdoor_success, byzantine_ids
-    from tasks import get_task
+    from tasks import task_for
 
     byz = byzantine_ids(cfg)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
@@ -68,7 +68,7 @@ def attack_report(cfg: fcfg.Config, run_dir: Path) -> dict:
               "false_quarantine_rate": false_quarantine_rate(quarantined, byz,
                                                              cfg.federation.num_clients)}
     if cfg.attack.name == "backdoor":
-        model = get_task(cfg.task.name).build_model()
+        model = task_for(cfg.task).build_model()
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
         report["backdoor_success"] = backdoor_success(cfg, model)
     return report

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Callable
 
@@ -36,6 +36,18 @@ class Task:
     load: Callable[[], tuple[Split, Split]]  # (train, test), already preprocessed
     preprocessing: str
     feature_names: tuple[str, ...] = field(default=())
+    # Alternative architectures by name (task.model); build_model is the default one.
+    models: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
+    model_name: str = ""  # which of ``models`` build_model is ("" = the default)
+
+    def with_model(self, name: str) -> "Task":
+        """This task with ``build_model`` set to the named architecture ("" = default)."""
+        if not name:
+            return self
+        if name not in self.models:
+            raise ConfigError(f"task.model = {name!r} is not a model of task {self.name!r}; "
+                              f"choose one of {', '.join(sorted(self.models)) or '(none)'}")
+        return replace(self, build_model=self.models[name], model_name=name)
 
     @property
     def is_image(self) -> bool:
@@ -54,15 +66,15 @@ def register(name: str):
 
 
 @lru_cache(maxsize=None)
-def get_task(name: str) -> Task:
+def get_task(name: str, model: str = "") -> Task:
     # Import for the side effect of registering each task module.
     from tasks import adult, hf, images  # noqa: F401
 
     if name.startswith("hf:"):
-        return hf.hf_task(name[3:])
+        return hf.hf_task(name[3:]).with_model(model)
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(sorted(TASKS))}")
-    return TASKS[name]()
+    return TASKS[name]().with_model(model)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -71,6 +83,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device = \"cuda\" but this machine has no CUDA GPU; use \"auto\"")
     return torch.device(name)
+
+
+def task_for(task_cfg) -> Task:
+    """The task a ``[task]`` config section names, with its chosen model."""
+    return get_task(task_cfg.name, task_cfg.model)
 
 
 @torch.no_grad()

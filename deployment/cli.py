@@ -1,0 +1,226 @@
+"""Typer commands the ``fedshield`` CLI mounts: ``registry list|show|promote``, ``serve``, ``monitor``.
+
+Mount with ``app.add_typer(registry_app, name="registry")``, ``app.command("serve")(serve_command)``
+and ``app.command("monitor")(monitor_command)``; ``python -m deployment.cli`` runs them alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedshield import config as fconfig
+from fedshield.errors import FedShieldError
+
+DEFAULTS = fconfig.DeploymentConfig()
+DEFAULT_URI = DEFAULTS.registry_uri
+console = Console()
+
+registry_app = typer.Typer(help="Model registry (MLflow, local sqlite): list, show and promote versions.",
+                           no_args_is_help=True)
+
+ModelName = typer.Option(..., "--model-name", "-m", help="Registered model name, e.g. fedshield-digits.")
+RegistryUri = typer.Option(DEFAULT_URI, "--registry-uri", help="MLflow tracking/registry URI.")
+AsJson = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+def _policy(config_path: Path | None) -> fconfig.DeploymentConfig:
+    return fconfig.load(config_path).deployment if config_path else fconfig.DeploymentConfig()
+
+
+@registry_app.command("list")
+def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri, as_json: bool = AsJson) -> None:
+    """List a model's versions with aliases and gate results.
+
+    Example: fedshield registry list -m fedshield-digits
+    """
+    from deployment.registry import list_versions
+
+    try:
+        rows = list_versions(registry_uri, model_name)
+    except FedShieldError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{model_name} ({registry_uri})")
+    for col in ("version", "aliases", "gate", "test_accuracy", "epsilon_max", "created"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["version"], ",".join(r["aliases"]), r["gate"], str(r["test_accuracy"]),
+                      str(r["epsilon_max"]), r["created"])
+    console.print(table)
+
+
+@registry_app.command("show")
+def registry_show(version: str = typer.Argument(..., help="Version number."), model_name: str = ModelName,
+                  registry_uri: str = RegistryUri) -> None:
+    """Show a version's aliases, tags (hashes, gate reasons) and export record as JSON.
+
+    Example: fedshield registry show 3 -m fedshield-digits
+    """
+    from deployment.registry import show
+
+    try:
+        typer.echo(json.dumps(show(registry_uri, model_name, version), indent=2))
+    except FedShieldError as exc:
+        _fail(exc)
+
+
+@registry_app.command("promote")
+def registry_promote(version: str = typer.Argument(..., help="Version number."), model_name: str = ModelName,
+                     registry_uri: str = RegistryUri,
+                     config: Path = typer.Option(None, "--config", "-c", help="TOML whose [deployment] is the policy."),
+                     force: bool = typer.Option(False, "--force", help="Promote despite policy failures "
+                                                "(never despite a hash mismatch)."),
+                     as_json: bool = AsJson) -> None:
+    """Re-run the promotion gate on a version; champion if it passes (or --force).
+
+    Example: fedshield registry promote 3 -m fedshield-digits -c configs/default.toml
+    """
+    from deployment.gate import promote
+
+    try:
+        decision = promote(registry_uri, model_name, version, _policy(config), force)
+    except FedShieldError as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(decision.to_dict(), indent=2))
+    else:
+        for check in decision.checks:
+            mark = "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]"
+            console.print(f"{mark} {check['name']}: {check['detail']}")
+        status = "champion" + (" (forced)" if decision.forced else "") if decision.passed or decision.forced \
+            else "candidate"
+        console.print(f"version {version} -> [bold]{status}[/bold]")
+    if not (decision.passed or decision.forced):
+        raise typer.Exit(2)
+
+
+def serve_command(
+    model: str = typer.Option(..., "--model", help="models:/NAME@champion, models:/NAME/VERSION or a run folder."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Bind address; non-loopback needs --token."),
+    port: int = typer.Option(8080, "--port"),
+    token: str = typer.Option(None, "--token", envvar="FEDSHIELD_SERVE_TOKEN",
+                              help="Bearer token clients must send (prefer the environment variable)."),
+    registry_uri: str = typer.Option(None, "--registry-uri", help="MLflow registry URI (default: the run "
+                                     f"folder's config, else {DEFAULT_URI})."),
+    int8: bool = typer.Option(False, "--int8", help="Serve the int8-quantised ONNX model."),
+    max_batch: int = typer.Option(1024, "--max-batch", help="Most examples per /predict request."),
+    window_log: Path = typer.Option(None, "--window-log", help="Append drift windows here (JSONL) for `monitor`."),
+    drift_window: int = typer.Option(DEFAULTS.drift_window, "--drift-window", help="Examples per drift window."),
+    drift_threshold: float = typer.Option(DEFAULTS.drift_threshold, "--drift-threshold", help="PSI threshold."),
+    drift_patience: int = typer.Option(DEFAULTS.drift_patience, "--drift-patience",
+                                       help="Drifting windows in a row before a retraining trigger."),
+    retrain_config: str = typer.Option(None, "--retrain-config",
+                                       help="On a retraining trigger, fine-tune from this model with "
+                                            "this federation config (fedshield simulate)."),
+    retrain_rounds: int = typer.Option(3, "--retrain-rounds", help="Rounds of the fine-tuning run."),
+) -> None:
+    """Serve a model over HTTP (FastAPI + onnxruntime): /predict /explain /metadata /metrics /health.
+
+    Example: FEDSHIELD_SERVE_TOKEN=... fedshield serve --model models:/fedshield-digits@champion --port 8080
+    """
+    from deployment.serving import serve
+
+    on_trigger = None
+    if retrain_config:
+        from deployment.retrain import launch_retraining
+
+        def on_trigger(trigger):  # the fine-tuning run goes through the same hand-off and gate
+            proc = launch_retraining(trigger, retrain_config, model, registry_uri or DEFAULT_URI,
+                                     retrain_rounds, Path("runs") / "retrain")
+            console.print(f"[bold]retraining started[/bold] (pid {proc.pid}): {trigger.reason}")
+    try:
+        serve(model, host, port, token, tracking_uri=registry_uri, quantized=int8, max_batch=max_batch,
+              window_log=window_log, drift_window=drift_window, drift_threshold=drift_threshold,
+              drift_patience=drift_patience, on_trigger=on_trigger)
+    except FedShieldError as exc:
+        _fail(exc)
+
+
+def _metrics_source(url: str, token: str | None) -> dict[str, float]:
+    import httpx
+
+    from deployment.serving_metrics import parse_text
+
+    target = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.get(target, headers=headers, timeout=10.0)
+    response.raise_for_status()
+    return parse_text(response.text)
+
+
+def monitor_command(
+    source: str = typer.Argument(..., help="A drift-window JSONL (serve --window-log) or a server URL."),
+    statistic: str = typer.Option("psi_mean", "--statistic", help="Score the trigger watches."),
+    threshold: float = typer.Option(DEFAULTS.drift_threshold, "--threshold", help="Drift when the statistic exceeds this."),
+    patience: int = typer.Option(DEFAULTS.drift_patience, "--patience", help="Consecutive drifting windows before retraining."),
+    token: str = typer.Option(None, "--token", envvar="FEDSHIELD_SERVE_TOKEN"),
+    as_json: bool = AsJson,
+) -> None:
+    """Show drift per served window and whether retraining would trigger.
+
+    Example: fedshield monitor runs/serve-windows.jsonl --threshold 0.2 --patience 3
+    Example: fedshield monitor http://127.0.0.1:8080
+    """
+    from deployment.drift import STATISTICS, replay_windows
+
+    if statistic not in STATISTICS:
+        _fail(ValueError(f"--statistic must be one of {', '.join(STATISTICS)}"))
+    if source.startswith(("http://", "https://")):
+        samples = _metrics_source(source, token)
+        drift = {k.split('"')[1]: v for k, v in samples.items() if k.startswith("fedshield_drift_score{")}
+        windows = samples.get("fedshield_drift_windows_total", 0)
+        if as_json:
+            typer.echo(json.dumps({"windows": windows, "scores": drift,
+                                   "triggers": samples.get("fedshield_retrain_triggers_total", 0)}))
+            return
+        table = Table(title=f"latest window of {int(windows)} ({source})")
+        table.add_column("statistic")
+        table.add_column("score")
+        for name, value in sorted(drift.items()):
+            style = "red" if name == statistic and value > threshold else ""
+            table.add_row(name, f"[{style}]{value:.4f}[/{style}]" if style else f"{value:.4f}")
+        console.print(table)
+        return
+    path = Path(source)
+    if not path.is_file():
+        _fail(FileNotFoundError(f"{path} does not exist; pass serve --window-log PATH's file or a URL"))
+    reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    triggers = replay_windows(reports, statistic, threshold, patience)
+    if as_json:
+        typer.echo(json.dumps({"windows": reports, "triggers": [t.to_dict() for t in triggers]}))
+        return
+    table = Table(title=f"drift per window ({statistic} > {threshold} for {patience} windows triggers)")
+    for col in ("window", "examples", statistic, "prediction_psi", "top feature"):
+        table.add_column(col)
+    for r in reports:
+        value = r["scores"][statistic]
+        shown = f"[red]{value:.4f}[/red]" if value > threshold else f"{value:.4f}"
+        top = r["scores"].get("top_features") or [["-", 0.0]]
+        table.add_row(str(r["index"]), str(r["examples"]), shown, f"{r['scores']['prediction_psi']:.4f}",
+                      f"{top[0][0]} ({top[0][1]:.3f})")
+    console.print(table)
+    for t in triggers:
+        console.print(f"[bold red]retrain trigger[/bold red] windows {t.windows}: {t.reason}")
+    if not triggers:
+        console.print("no retraining trigger")
+
+
+app = typer.Typer(help="fedshield deployment commands.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+app.command("serve")(serve_command)
+app.command("monitor")(monitor_command)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,142 @@
+"""Export global weights: safetensors + ONNX (+ int8 ONNX), checked against torch on real test data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from safetensors.torch import save_file
+
+from deployment.artifacts import (EXPORT_JSON, ONNX, ONNX_DATA, ONNX_INT8, SAFETENSORS,
+                                  build_loaded_model, sha256_file)
+from tasks import Split, Task
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass
+class ExportResult:
+    out_dir: str
+    task: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    sha256: dict[str, str]           # artifact file name -> hex digest
+    sizes: dict[str, int]            # artifact file name -> bytes
+    parity: dict[str, float]         # max_abs_diff, argmax_agreement, examples, torch/onnx accuracy
+    int8: dict[str, float] | None    # accuracy, argmax_agreement, size_fp32_bytes, size_int8_bytes
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: str = ""
+
+    @property
+    def accuracy(self) -> float:
+        """Test accuracy of the ONNX model that is served."""
+        return self.parity["onnx_accuracy"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExportResult":
+        data = dict(data)
+        data["input_shape"] = tuple(data["input_shape"])
+        return cls(**data)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ExportResult":
+        return cls.from_dict(json.loads((Path(folder) / EXPORT_JSON).read_text()))
+
+
+def onnx_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session; one intra-op thread is fastest for the small batches a server sees."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    parts = [session.run(None, {INPUT_NAME: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts)
+
+
+@torch.no_grad()
+def torch_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    parts = [model(torch.from_numpy(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts)
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Dynamo export with a dynamic batch axis; weights go to the ``.onnx.data`` sidecar."""
+    batch = torch.export.Dim("batch", min=1)
+    for name in ("torch.onnx", "torch.export", "torch._dynamo"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=True,
+                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                      dynamic_shapes=({0: batch},), verbose=False)
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_dynamic(str(prepared), str(int8_path), weight_type=QuantType.QInt8)
+
+
+def export_model(task: Task, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
+                 metadata: dict[str, str] | None = None, quantize: bool = True,
+                 test: Split | None = None) -> ExportResult:
+    """Write safetensors, ONNX and (optionally) int8 ONNX to ``out_dir`` and measure them.
+
+    Parity and accuracy use ``test`` (default: the task's test split). Returns the ExportResult,
+    also written to ``out_dir/export.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_loaded_model(task, state_dict)
+    clean_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()} | {"task": task.name, "model": task.model_name}
+    save_file(clean_state, str(out / SAFETENSORS), metadata=meta)
+
+    test = test if test is not None else task.load()[1]
+    export_onnx(model, torch.from_numpy(test.x[:2]), out / ONNX)
+
+    reference = torch_logits(model, test.x)
+    served = onnx_logits(onnx_session(out / ONNX), test.x)
+    parity = {
+        "max_abs_diff": float(np.abs(reference - served).max()),
+        "argmax_agreement": float((reference.argmax(1) == served.argmax(1)).mean()),
+        "examples": int(len(test)),
+        "torch_accuracy": float((reference.argmax(1) == test.y).mean()),
+        "onnx_accuracy": float((served.argmax(1) == test.y).mean()),
+    }
+    int8 = None
+    if quantize:
+        quantize_int8(out / ONNX, out / ONNX_INT8)
+        quantized = onnx_logits(onnx_session(out / ONNX_INT8), test.x)
+        int8 = {
+            "accuracy": float((quantized.argmax(1) == test.y).mean()),
+            "argmax_agreement": float((quantized.argmax(1) == served.argmax(1)).mean()),
+            "size_fp32_bytes": (out / ONNX).stat().st_size + (out / ONNX_DATA).stat().st_size,
+            "size_int8_bytes": (out / ONNX_INT8).stat().st_size,
+        }
+    names = [SAFETENSORS, ONNX, ONNX_DATA] + ([ONNX_INT8] if quantize else [])
+    result = ExportResult(
+        out_dir=str(out), task=task.name, input_shape=tuple(task.input_shape),
+        num_classes=task.num_classes,
+        sha256={n: sha256_file(out / n) for n in names},
+        sizes={n: (out / n).stat().st_size for n in names},
+        parity=parity, int8=int8, metadata=meta,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (out / EXPORT_JSON).write_text(json.dumps(result.to_dict(), indent=2))
+    return result

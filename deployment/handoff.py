@@ -1,0 +1,88 @@
+"""The hand-off the ServerApp calls after the last round: export -> card -> register -> gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deployment.artifacts import CARD_MD, REFERENCE_JSON, load_weights
+from deployment.card import build_card
+from deployment.export import export_model
+from deployment.gate import promote
+from deployment.reference_stats import Reference, names_for, reference_from_data
+from deployment.registry import register
+from fedshield.config import Config
+from fedshield.errors import FedShieldError
+from tasks import task_for
+
+EXPORT_DIR = "export"
+
+
+@dataclass
+class HandoffResult:
+    model_name: str
+    version: str
+    passed: bool
+    reasons: list[str]
+    card_path: str
+    export_dir: str
+    model_uri: str          # models:/NAME/VERSION
+    checks: list[dict]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_name_for(cfg: Config) -> str:
+    return cfg.deployment.model_name or f"fedshield-{cfg.task.name.replace(':', '-')}"
+
+
+def drift_reference(run_dir: Path, cfg: Config, out_dir: Path) -> Reference:
+    """The run's merged DP client reference if the server wrote one, else the server's eval split."""
+    path = run_dir / REFERENCE_JSON
+    if path.is_file():
+        reference = Reference.load(path)
+    else:
+        task = task_for(cfg.task)
+        test = task.load()[1]
+        reference = reference_from_data(test.x, test.y, task.input_shape, task.num_classes,
+                                        names_for(task.input_shape, task.feature_names),
+                                        cfg.deployment.reference_bins,
+                                        "server evaluation split (no client data, no noise)")
+    reference.save(out_dir / REFERENCE_JSON)
+    return reference
+
+
+def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
+    """Export, document, register and gate the run's model; also writes ``run_dir/handoff.json``."""
+    run = Path(run_dir)
+    weights = run / ("best.safetensors" if cfg.deployment.weights == "best" else "model.safetensors")
+    if not weights.is_file():
+        raise FedShieldError(f"{weights} does not exist; the run folder must hold the global weights "
+                             f"(deployment.weights = {cfg.deployment.weights!r})")
+    task = task_for(cfg.task)
+    out = run / EXPORT_DIR
+    if out.exists():
+        shutil.rmtree(out)
+    summary = json.loads((run / "summary.json").read_text())
+    privacy = summary.get("privacy") or {}
+    metadata = {"run": summary.get("name", run.name), "weights": cfg.deployment.weights,
+                "rounds": summary.get("rounds"), "dp": privacy.get("enabled", False),
+                "epsilon_max": privacy.get("epsilon_max")}
+    test = task.load()[1]
+    if cfg.task.eval_examples:
+        test = test.subset(np.arange(min(cfg.task.eval_examples, len(test))))
+    export = export_model(task, load_weights(weights), out, metadata, quantize=cfg.deployment.quantize, test=test)
+    reference = drift_reference(run, cfg, out)
+    card = build_card(run, export, cfg.deployment.explain_examples, reference.source)
+    name = model_name_for(cfg)
+    version = register(run, export, card, cfg.deployment.registry_uri, name)
+    decision = promote(cfg.deployment.registry_uri, name, version, cfg.deployment)
+    result = HandoffResult(name, version, decision.passed, decision.reasons, str(out / CARD_MD), str(out),
+                           f"models:/{name}/{version}", decision.checks)
+    (run / "handoff.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
