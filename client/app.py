@@ -55,6 +55,35 @@ def _checked_data(context: Context, cfg: fcfg.Config, load_data: DataLoader):
     return task, train, val
 
 
+def client_ledger(cfg: fcfg.Config, context: Context, run_key: str):
+    """This client's persistent privacy ledger (see privacy.ledger_scope)."""
+    from privacy.ledger import Ledger  # noqa: PLC0415
+
+    node = context.node_config
+    scope = cfg.privacy.ledger_scope
+    if scope == "auto":
+        scope = "federation" if "data-path" in node else "run"
+    owner = cfg.name if scope == "federation" else f"{cfg.name}/runs/{run_key}"
+    client = node.get("site-id", f"partition-{node.get('partition-id', context.node_id)}")
+    return Ledger.for_client(node.get("ledger-dir", cfg.privacy.ledger_dir), owner, client,
+                             cfg.privacy.delta, cfg.privacy.accountant, cfg.privacy.max_epsilon)
+
+
+def _train_private(model, data, train_cfg, cfg: fcfg.Config, context: Context, rc: dict,
+                   seed: int) -> dict[str, float]:
+    from client.dp import train_private  # noqa: PLC0415 (Opacus only when DP is on)
+
+    run_key = str(rc.get("run-key", context.run_id))
+    result = train_private(model, data, train_cfg, cfg.privacy, client_ledger(cfg, context, run_key),
+                           total_rounds=int(rc.get("num-rounds", 1)),
+                           server_round=int(rc.get("server-round", 0)), run_id=run_key, seed=seed)
+    m = result["metrics"]
+    return {"epsilon": m["epsilon"], "delta": m["delta"], "noise-multiplier": m["noise_multiplier"],
+            "clip-norm": m["max_grad_norm"], "sample-rate": m["sample_rate"],
+            "steps": float(m["steps"]), "train-loss": m["train_loss"],
+            "train-seconds": m["train_seconds"]}
+
+
 def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
                 weights: dict[str, torch.Tensor] | list[np.ndarray],
                 rc: dict) -> tuple[torch.nn.Module, dict]:
@@ -77,9 +106,7 @@ def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
                .generate_state(1)[0])
     metrics: dict[str, float] = {}
     if cfg.privacy.enabled:
-        from client.dp import train_private_round  # noqa: PLC0415
-
-        metrics.update(train_private_round(model, data, train_cfg, cfg, context, rc, seed))
+        metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed))
     else:
         metrics.update(train_local(model, data, train_cfg, seed))
     metrics.update(quality_report(data, task.num_classes))
@@ -102,8 +129,8 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
             return secagg_train(msg, context, cfg, load_data)
         try:
             model, metrics = fit_locally(context, cfg, load_data,
-                                            msg.content["arrays"].to_torch_state_dict(),
-                                            round_config(msg))
+                                         msg.content["arrays"].to_torch_state_dict(),
+                                         round_config(msg))
         except DataValidationError as exc:
             return refusal(msg, context, "invalid-data", str(exc))
         except BudgetExhausted as exc:

@@ -105,8 +105,12 @@ class PrivacyConfig:
     accountant: str = opt("prv", choices=("prv", "rdp", "gdp"))
     # Per-client budget; a client refuses to train when a round would exceed it. 0 = no limit.
     max_epsilon: float = opt(0.0, non_negative, ">= 0 (0 = no budget)")
-    # Where each client keeps its cumulative privacy ledger.
+    # Where each client keeps its cumulative privacy ledger (a node may override: ledger-dir).
     ledger_dir: str = opt(".fedshield/ledgers")
+    # Whose budget a ledger tracks. federation: the client's data across every run of a federation
+    # of this name (partner sites); run: one simulated run (benchmark data re-partitioned each run).
+    # auto: federation for nodes with their own data (node config data-path), run otherwise.
+    ledger_scope: str = opt("auto", choices=("auto", "run", "federation"))
     # Opacus per-sample gradient mode: auto picks the fastest correct one for the model.
     grad_sample_mode: str = opt("auto", choices=("auto", "hooks", "ghost", "functorch", "ew"))
 
@@ -119,6 +123,8 @@ class CentralDPConfig:
     noise_multiplier: float = opt(1.0, non_negative, ">= 0")
     clip_norm: float = opt(1.0, positive, "an update clip norm > 0")
     delta: float = opt(1e-5, open_unit, "a probability in (0, 1)")
+    # Accountant for the per-client (user-level) epsilon over rounds.
+    accountant: str = opt("prv", choices=("prv", "rdp", "gdp"))
 
 
 @dataclass(frozen=True)
@@ -133,11 +139,19 @@ class AggregationConfig:
     # Server learning rate and momentum applied to the aggregated delta.
     server_lr: float = opt(1.0, positive, "> 0")
     server_momentum: float = opt(0.0, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    # Trimmed mean: fraction of values cut per side per coordinate (0 = cut f per side).
     trim_fraction: float = opt(0.1, lambda v: 0.0 <= v < 0.5, "a fraction in [0, 0.5)")
     bucket_size: int = opt(2, positive, "an integer >= 1")
     cclip_tau: float = opt(10.0, positive, "a clipping radius > 0")
     cclip_iters: int = opt(1, positive, "an integer >= 1")
     clip_norm: float = opt(0.0, non_negative, "a norm bound >= 0 (0 = median of update norms)")
+    # Multi-Krum: updates averaged (0 = n - f).
+    multikrum_m: int = opt(0, non_negative, "an integer >= 0 (0 = n - f)")
+    # Geometric median (smoothed Weiszfeld): iterations and smoothing distance.
+    geomed_iters: int = opt(10, positive, "an integer >= 1")
+    geomed_eps: float = opt(1e-6, positive, "a smoothing distance > 0")
+    # FLAME: Gaussian noise std as a multiple of the clip norm (0.001 in the paper; 0 = off).
+    flame_noise: float = opt(0.001, non_negative, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -332,7 +346,15 @@ def _check_attack(cfg: Config) -> str | None:
     return None
 
 
-CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack]
+def _check_central_dp(cfg: Config) -> str | None:
+    if not cfg.central_dp.enabled:
+        return None
+    from privacy.central import central_dp_config_check  # noqa: PLC0415 (privacy imports config)
+
+    return central_dp_config_check(cfg)
+
+
+CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack, _check_central_dp]
 
 # Attacks the simulator applies only by poisoning a client's data; every other attack rewrites
 # updates after training, from the round's plaintext updates, which do not exist under SecAgg+
@@ -350,20 +372,22 @@ def _check_secagg(cfg: Config) -> str | None:
     s = cfg.secagg
     if not s.enabled:
         return None
+    from privacy.central import check_secagg  # noqa: PLC0415 (privacy imports config)
+
+    try:  # the rules that need individual updates (one list, shared with central DP)
+        check_secagg(cfg.aggregation.rule)
+    except ConfigError as exc:
+        return f"secagg.enabled = true: {exc}"
     why = "secagg.enabled = true: the server only sees the SUM of updates under SecAgg+, but "
-    rule = cfg.aggregation.rule
-    if rule != "fedavg":
-        return (why + f"aggregation.rule = {rule!r} needs each client's update; use "
-                "aggregation.rule = \"fedavg\" or turn secagg off")
+    if cfg.aggregation.rule == "clip" and cfg.aggregation.clip_norm <= 0:
+        return (why + "aggregation.clip_norm = 0 clips to the median of the clients' update "
+                "norms; set aggregation.clip_norm > 0 (clients then clip their own update)")
     if cfg.screening.enabled:
         return (why + "screening.enabled = true checks each client's update; set "
                 "screening.enabled = false or turn secagg off")
     if cfg.reputation.enabled:
         return (why + "reputation.enabled = true scores each client's update; set "
                 "reputation.enabled = false or turn secagg off")
-    if cfg.central_dp.enabled:
-        return (why + "central_dp.enabled = true clips each client's update at the server; use "
-                "local DP (privacy.enabled) with SecAgg+, or turn secagg off")
     if cfg.attack.name not in DATA_POISONING_ATTACKS:
         return (why + f"attack.name = {cfg.attack.name!r} rewrites updates from the round's "
                 "individual updates; simulate a data-poisoning attack ("

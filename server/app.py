@@ -36,6 +36,10 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
     part = strategy.node_partition
     label = lambda n: part.get(n, n)  # noqa: E731 — partition id where known, else node id
     eps = {str(label(n)): m["epsilon"] for n, m in state.client_metrics.items() if "epsilon" in m}
+    # The privacy events of this round, per client: enough to recompute every epsilon.
+    dp = {str(label(n)): {"noise_multiplier": m["noise-multiplier"], "sample_rate": m["sample-rate"],
+                          "steps": int(m["steps"]), "clip_norm": m["clip-norm"], "delta": m["delta"]}
+          for n, m in state.client_metrics.items() if "noise-multiplier" in m}
     quarantined = sorted(label(n) for n in strategy.reputation.quarantined) \
         if strategy.reputation else []
     return {
@@ -47,6 +51,8 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "epsilon": eps,
         "epsilon_max": max(eps.values()) if eps else None,
         "epsilon_mean": float(np.mean(list(eps.values()))) if eps else None,
+        "dp_events": dp,
+        "central_epsilon": strategy.user_level_epsilon(rnd),
         "sampled": len(state.sampled),
         "accepted": len(state.accepted),
         "rejected": {str(label(n)): r for n, r in state.rejected.items()},
@@ -147,7 +153,7 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
     def on_round(rnd: int, arrays: ArrayRecord, record: dict) -> None:
         run.on_round(rnd, arrays.to_torch_state_dict(), record)
 
-    train_config = ConfigRecord(train_round_config(cfg))
+    train_config = ConfigRecord(train_round_config(cfg, run.folder))
     stopped = ""
     result_arrays = initial
     try:
@@ -164,9 +170,13 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
     return run.finish(result_arrays.to_torch_state_dict(), stopped)
 
 
-def train_round_config(cfg: fcfg.Config) -> dict:
-    """What every training message carries besides the weights (clients read ``train.*``)."""
-    return {"num-rounds": cfg.federation.rounds, **fcfg.flatten({"train": asdict(cfg.train)})}
+def train_round_config(cfg: fcfg.Config, folder: RunFolder) -> dict:
+    """What every training message carries besides the weights (clients read ``train.*``).
+
+    run-key names this run for the clients' ledgers: stable across a resume, so a redone round
+    is never counted twice."""
+    return {"num-rounds": cfg.federation.rounds, "run-key": folder.path.name,
+            **fcfg.flatten({"train": asdict(cfg.train)})}
 
 
 def hand_off(folder: RunFolder, cfg: fcfg.Config) -> dict:
@@ -188,8 +198,10 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
     scored = [m for m in lines if m.get("accuracy") is not None]
     best = max(scored, key=lambda m: m["accuracy"]) if scored else None
     eps_by_client: dict[str, float] = {}
+    noise_used: set[float] = set()
     for m in lines:
         eps_by_client.update(m["epsilon"])
+        noise_used.update(e["noise_multiplier"] for e in m.get("dp_events", {}).values())
     return {
         "name": cfg.name, "task": cfg.task.name, "run_dir": str(folder.path),
         "rounds": cfg.federation.rounds, "rounds_completed": len(lines),
@@ -201,12 +213,15 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
         "privacy": {
             "enabled": cfg.privacy.enabled, "accountant": cfg.privacy.accountant,
             "delta": cfg.privacy.delta, "noise_multiplier": cfg.privacy.noise_multiplier,
+            "noise_multipliers_used": sorted(noise_used),
             "target_epsilon": cfg.privacy.target_epsilon,
             "max_grad_norm": cfg.privacy.max_grad_norm, "max_epsilon": cfg.privacy.max_epsilon,
             "epsilon_by_client": eps_by_client,
             "epsilon_max": max(eps_by_client.values()) if eps_by_client else None,
             "epsilon_mean": float(np.mean(list(eps_by_client.values()))) if eps_by_client else None,
-            "central_dp": asdict(cfg.central_dp) if cfg.central_dp.enabled else None,
+            "central_dp": {**asdict(cfg.central_dp),
+                           "user_level_epsilon": lines[-1]["central_epsilon"] if lines else None}
+            if cfg.central_dp.enabled else None,
             "exhausted_clients": sorted(strategy.node_partition.get(n, n) for n in strategy.exhausted),
         },
         "robustness": {

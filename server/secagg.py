@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedshield import config as fcfg
+from privacy.central import add_central_noise, user_level_epsilon
 from server.app import RunRecorder, train_round_config
 from server.strategy import RoundState
 
@@ -40,8 +41,9 @@ from server.strategy import RoundState
 class SecAggFedAvg(FedAvg):
     """Legacy FedAvg that keeps fedshield's round record and writes a metrics line per round.
 
-    Under SecAgg+, every result handed to ``aggregate_fit`` carries the same (already averaged)
-    parameters; the per-client part of a result is its metrics.
+    Clients upload updates (trained - global). Under SecAgg+, every result handed to
+    ``aggregate_fit`` carries the same unmasked weighted mean of them; the per-client part of a
+    result is its metrics. Central DP adds its noise to that sum (clients clipped their updates).
     """
 
     def __init__(self, cfg: fcfg.Config) -> None:
@@ -56,7 +58,8 @@ class SecAggFedAvg(FedAvg):
         self.node_partition: dict[int, int] = {}
         self.exhausted: dict[int, str] = {}
         self.reputation = None  # refused with SecAgg+: it needs individual updates
-        self.server_momentum: list[np.ndarray] | None = None
+        self.server_momentum: torch.Tensor | None = None
+        self.dp_generator = torch.Generator().manual_seed(cfg.seed)  # central DP noise
         self.round = RoundState()
         self._global: NDArrays = []
         self._aggregated = False
@@ -83,7 +86,7 @@ class SecAggFedAvg(FedAvg):
         rng = np.random.default_rng([self.cfg.seed, rnd])
         chosen = [eligible[i] for i in sorted(rng.choice(len(eligible), size=k, replace=False))]
         self.round.sampled = [p.node_id for p in chosen]
-        config = {"server-round": rnd, **train_round_config(self.cfg)}
+        config = {"server-round": rnd, **train_round_config(self.cfg, self.run.folder)}
         return [(p, FitIns(parameters, config)) for p in chosen]
 
     def note_error(self, node: int, reason: str) -> None:
@@ -105,23 +108,39 @@ class SecAggFedAvg(FedAvg):
                 self.node_partition[proxy.node_id] = int(res.metrics["partition-id"])
         self.round.accepted = [proxy.node_id for proxy, _ in results]
         self.round.aggregation_info = {"clients_summed": float(len(results))}
-        averaged, _ = super().aggregate_fit(server_round, results, failures)
-        if averaged is None:
+        mean, _ = super().aggregate_fit(server_round, results, failures)
+        if mean is None:
             return None, {}
         self._aggregated = True
-        return ndarrays_to_parameters(self._server_step(parameters_to_ndarrays(averaged))), {}
+        update = torch.from_numpy(np.concatenate([a.ravel() for a in parameters_to_ndarrays(mean)])
+                                  .astype(np.float64))
+        cdp = self.cfg.central_dp
+        if cdp.enabled:  # the sum of clipped updates, over the expected count, plus noise
+            expected = self.fraction_fit * self.cfg.federation.num_clients
+            update = add_central_noise(update * len(results) / expected, cdp.clip_norm,
+                                       cdp.noise_multiplier, expected, self.dp_generator)
+        step = self._server_step(update)
+        new, start = [], 0
+        for g in self._global:
+            new.append((g + step[start:start + g.size].numpy().reshape(g.shape)).astype(g.dtype))
+            start += g.size
+        return ndarrays_to_parameters(new), {}
 
-    def _server_step(self, averaged: NDArrays) -> NDArrays:
-        """aggregation.server_lr / server_momentum on the averaged delta, as the plain path."""
+    def _server_step(self, update: torch.Tensor) -> torch.Tensor:
+        """aggregation.server_lr and server_momentum on the mean update, as the plain path."""
         agg = self.cfg.aggregation
-        if agg.server_lr == 1.0 and agg.server_momentum == 0.0:
-            return averaged
-        delta = [a - g for a, g in zip(averaged, self._global)]
         if agg.server_momentum > 0:
-            self.server_momentum = delta if self.server_momentum is None else \
-                [agg.server_momentum * m + d for m, d in zip(self.server_momentum, delta)]
-            delta = self.server_momentum
-        return [g + agg.server_lr * d for g, d in zip(self._global, delta)]
+            self.server_momentum = update if self.server_momentum is None else \
+                agg.server_momentum * self.server_momentum + update
+            update = self.server_momentum
+        return agg.server_lr * update
+
+    def user_level_epsilon(self, rounds: int) -> float | None:
+        cdp = self.cfg.central_dp
+        if not cdp.enabled:
+            return None
+        return user_level_epsilon(cdp.noise_multiplier, min(1.0, self.fraction_fit), rounds,
+                                  cdp.delta, cdp.accountant)
 
     # --- the end of a round: centralized evaluation, metrics line, checkpoint --------------
     def evaluate(self, server_round: int,
@@ -151,18 +170,17 @@ class SecAggFedAvg(FedAvg):
         return {n: torch.from_numpy(np.array(a)) for n, a in zip(self.names, arrays, strict=True)}
 
     # --- state for checkpoints -------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict:  # tensors go to the checkpoint's safetensors file
         return {"exhausted": {str(k): v for k, v in self.exhausted.items()},
                 "node_partition": {str(k): v for k, v in self.node_partition.items()},
-                "server_momentum": None if self.server_momentum is None
-                else [m.tolist() for m in self.server_momentum]}
+                "server_momentum": self.server_momentum,
+                "dp_generator": self.dp_generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.exhausted = {int(k): v for k, v in state["exhausted"].items()}
         self.node_partition = {int(k): v for k, v in state["node_partition"].items()}
-        mom = state.get("server_momentum")
-        self.server_momentum = None if mom is None else \
-            [np.asarray(m, dtype=np.float32) for m in mom]
+        self.server_momentum = state.get("server_momentum")
+        self.dp_generator.set_state(state["dp_generator"])
 
 
 class ErrorWatch(Grid):

@@ -21,7 +21,8 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedshield.config import Config
 from fedshield.errors import ConfigError, TooFewUpdates
-from server.aggregation import build_aggregator
+from privacy.central import add_central_noise, clip_updates, fixed_denominator_mean, user_level_epsilon
+from server.aggregation import AggregationResult, build_aggregator
 from server.reputation import Reputation
 from server.flat import flatten, stack, unflatten
 from server.screening import screen_updates
@@ -65,6 +66,7 @@ class ShieldStrategy(FedAvg):
         self.exhausted: dict[int, str] = {}  # node -> the budget refusal it sent
         self.node_partition: dict[int, int] = {}
         self.server_momentum: torch.Tensor | None = None
+        self.dp_generator = torch.Generator().manual_seed(cfg.seed)
         self._global: ArrayRecord | None = None
         self.round = RoundState()
 
@@ -178,7 +180,7 @@ class ShieldStrategy(FedAvg):
         weights = torch.tensor([float(self.round.client_metrics[nodes[i]].get("num-examples", 1))
                                 for i in kept], dtype=torch.float64)
         try:
-            result = self.aggregator(deltas, weights, None)
+            result = self._aggregate(deltas, weights)
         except ConfigError as exc:  # e.g. too few survivors for the rule's f
             self.round.skipped = f"aggregation refused: {exc}"
             log(WARNING, "round %d: %s", server_round, self.round.skipped)
@@ -187,6 +189,29 @@ class ShieldStrategy(FedAvg):
         step = self._server_step(result.update.float())
         self._update_reputation(server_round, self.round.accepted, result.suspicion)
         return self._unflatten(global_flat + step, reference), self._train_metrics()
+
+    def _aggregate(self, deltas: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
+        """The configured rule, or under central DP the noisy clipped mean it was checked to be."""
+        cdp = self.cfg.central_dp
+        if not cdp.enabled:
+            return self.aggregator(deltas, weights, None)
+        # Config validation allowed only rules that are a mean of clipped updates ("fedavg",
+        # "clip"): clip with the central-DP bound, fixed denominator, noise on the sum.
+        clipped, n_clipped = clip_updates(deltas, cdp.clip_norm)
+        expected = self.fraction_train * self.cfg.federation.num_clients
+        mean = fixed_denominator_mean(clipped, expected)
+        noisy = add_central_noise(mean, cdp.clip_norm, cdp.noise_multiplier, expected,
+                                  self.dp_generator)
+        # No per-client evidence leaves the DP mechanism; reputation sees screening rejections only.
+        suspicion = torch.zeros(len(deltas), dtype=torch.float64)
+        return AggregationResult(noisy, suspicion, {"clipped": float(n_clipped)})
+
+    def user_level_epsilon(self, rounds: int) -> float | None:
+        cdp = self.cfg.central_dp
+        if not cdp.enabled:
+            return None
+        rate = min(1.0, self.fraction_train)
+        return user_level_epsilon(cdp.noise_multiplier, rate, rounds, cdp.delta, cdp.accountant)
 
     def _server_step(self, update: torch.Tensor) -> torch.Tensor:
         agg = self.cfg.aggregation
@@ -233,8 +258,8 @@ class ShieldStrategy(FedAvg):
                 "reputation": self.reputation.state_dict() if self.reputation else None,
                 "exhausted": {str(k): v for k, v in self.exhausted.items()},
                 "node_partition": {str(k): v for k, v in self.node_partition.items()},
-                "server_momentum": None if self.server_momentum is None
-                else self.server_momentum.tolist()}
+                "server_momentum": self.server_momentum,
+                "dp_generator": self.dp_generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.aggregator.load_state_dict(state["aggregator"])
@@ -242,8 +267,8 @@ class ShieldStrategy(FedAvg):
             self.reputation.load_state_dict(state["reputation"])
         self.exhausted = {int(k): v for k, v in state["exhausted"].items()}
         self.node_partition = {int(k): v for k, v in state["node_partition"].items()}
-        mom = state.get("server_momentum")
-        self.server_momentum = None if mom is None else torch.tensor(mom, dtype=torch.float32)
+        self.server_momentum = state.get("server_momentum")
+        self.dp_generator.set_state(state["dp_generator"])
 
     # --- the round loop ---------------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,  # type: ignore[override]

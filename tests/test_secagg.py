@@ -15,6 +15,8 @@ from client.app import make_client_app
 from client.data import load_client_data
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError
+from client.secagg import clip_to
+from privacy.central import user_level_epsilon
 from server.secagg import SecAggFedAvg
 from simulations.attacks import ATTACKS
 from simulations.grid import InProcessGrid
@@ -118,6 +120,37 @@ def test_server_only_ever_holds_masked_vectors_and_the_sum(runs):
             assert all(np.array_equal(x, y) for x, y in zip(arrays, results[0]))
 
 
+def test_clients_clip_their_own_update():
+    rng = np.random.default_rng(0)
+    big = [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=5).astype(np.float32)]
+    clipped = clip_to(big, 0.5)
+    norm = lambda arrays: float(np.sqrt(sum((a.astype(np.float64) ** 2).sum() for a in arrays)))
+    assert norm(clipped) == pytest.approx(0.5, rel=1e-5)
+    assert all(c.shape == b.shape and c.dtype == b.dtype for c, b in zip(clipped, big))
+    ratio = clipped[0] / big[0]
+    assert np.allclose(ratio, ratio.flat[0])  # same direction
+    small = [a * 1e-3 for a in big]
+    assert all(np.array_equal(c, s) for c, s in zip(clip_to(small, 0.5), small))
+
+
+def test_central_dp_noise_is_added_to_the_secure_sum(small_cfg):
+    """Central DP under SecAgg+: clients clip (C = 0.5), the server adds N(0, (sigma C)^2) to the
+    unmasked sum and divides by the 5 expected clients. With sigma = 1 the noise dominates one
+    round's step: its norm is sigma C / 5 * sqrt(d), give or take the clipped mean (<= C)."""
+    cfg = small_cfg(federation={"rounds": 1}, secagg={"enabled": True},
+                    central_dp={"enabled": True, "noise_multiplier": 1.0, "clip_norm": 0.5},
+                    aggregation={"weighting": "uniform"}, **SUM_ONLY)
+    summary = simulate(cfg)
+    torch.manual_seed(cfg.seed)
+    start = flat(get_task("digits").build_model().state_dict())
+    step = float((flat(final_model(summary)) - start).norm())
+    noise = 1.0 * 0.5 / 5 * np.sqrt(len(start))
+    assert noise - 0.5 - 0.3 < step < noise + 0.5 + 0.3, (step, noise)
+    (line,) = lines_of(summary)
+    assert line["central_epsilon"] == pytest.approx(
+        user_level_epsilon(1.0, 1.0, 1, cfg.central_dp.delta, cfg.central_dp.accountant))
+
+
 def test_a_client_that_must_not_train_drops_out_and_the_rest_is_summed(small_cfg, monkeypatch):
     """Client 2 holds NaNs: it refuses in the masking stage, its neighbours' key shares remove
     its masks, and the other four clients' sum is still recovered."""
@@ -150,17 +183,24 @@ def secagg_cfg(**sections):
     return data
 
 
-def test_the_sum_only_configuration_is_accepted():
+def test_the_sum_only_configurations_are_accepted():
     assert fcfg.from_dict(secagg_cfg()).secagg.enabled
     assert fcfg.from_dict(secagg_cfg(privacy={"enabled": True, "noise_multiplier": 1.0}))
+    assert fcfg.from_dict(secagg_cfg(central_dp={"enabled": True},
+                                     aggregation={"weighting": "uniform"}))
+    assert fcfg.from_dict(secagg_cfg(aggregation={"rule": "clip", "clip_norm": 1.0}))
+
+
+SUM_ONLY_WHY = "only sees the SUM of updates under SecAgg+"
 
 
 @pytest.mark.parametrize("sections, reason", [
-    ({"aggregation": {"rule": "krum"}}, 'aggregation.rule = \'krum\' needs each client\'s update'),
-    ({"aggregation": {"rule": "bucketing+fedavg"}}, "needs each client's update"),
+    ({"aggregation": {"rule": "krum"}}, "only reveals the sum of updates, but 'krum' needs each"),
+    ({"aggregation": {"rule": "median"}}, "only reveals the sum of updates, but 'median' needs"),
+    ({"aggregation": {"rule": "bucketing+fedavg"}}, "'bucketing+fedavg' needs each client's"),
+    ({"aggregation": {"rule": "clip", "clip_norm": 0.0}}, "set aggregation.clip_norm > 0"),
     ({"screening": {"enabled": True}}, "screening.enabled = false"),
     ({"reputation": {"enabled": True}}, "reputation.enabled = false"),
-    ({"central_dp": {"enabled": True}}, "clips each client's update at the server"),
     ({"secagg": {"num_shares": 7}}, "exceeds the 5 clients sampled per round"),
     ({"secagg": {"num_shares": 3, "reconstruction_threshold": 3}}, "must be below the 3 shares"),
     ({"federation": {"num_clients": 2, "min_clients": 2}}, "at least 3 clients per round"),
@@ -169,9 +209,9 @@ def test_the_sum_only_configuration_is_accepted():
 def test_combinations_that_need_individual_updates_are_refused(sections, reason):
     with pytest.raises(ConfigError) as err:
         fcfg.from_dict(secagg_cfg(**sections))
-    assert reason in str(err.value)
-    if "each client" in reason or "enabled = false" in reason:
-        assert "only sees the SUM of updates under SecAgg+" in str(err.value)
+    assert reason in str(err.value) and str(err.value).startswith("secagg")
+    if "enabled = false" in reason or "clip_norm" in reason:
+        assert SUM_ONLY_WHY in str(err.value)
 
 
 @pytest.mark.parametrize("name", sorted(set(ATTACKS)))

@@ -1,33 +1,28 @@
-"""Placeholder FedAvg until the robust rules land (replaced by the aggregation package)."""
+"""Robust aggregation rules as pure math on an (n, d) tensor of client updates.
 
-from dataclasses import dataclass, field
+Each rule in RULES takes the updates (deltas from the global model, any float dtype) and returns an
+AggregationResult: the (d,) aggregate in the input dtype, a per-client suspicion in [0, 1] (the
+rule's own evidence, in input order) and a few numbers in ``info``. Pairwise geometry is computed
+in float64 from one Gram matrix (see distances.py). No Flower imports here: the strategy adapter
+flattens ArrayRecords once and calls an Aggregator.
 
-import torch
+Weights: robust rules ignore the client-reported example counts and weigh clients uniformly,
+because a client can lie about num-examples to dominate a weighted rule. Only plain fedavg uses
+them; it is also the only rule that needs no individual updates (a sum, SecAgg-compatible).
 
+Updates must be finite: server screening rejects NaN/Inf before aggregation (one inf would
+poison the centred Gram matrix every distance-based rule starts from).
 
-@dataclass
-class AggregationResult:
-    update: torch.Tensor
-    suspicion: torch.Tensor
-    info: dict = field(default_factory=dict)
+Specs: "rule" or "pre+...+rule", pre-steps applied left to right, e.g. "bucketing+nnm+median".
+Suspicion of a bucket goes to all its members.
 
+Rules: fedavg, krum, multikrum, bulyan, median, trimmed_mean, geomed, cclip (stateful: centred on
+the previous aggregate), clip, fltrust (needs the server's reference update), flame.
+"""
 
-class Aggregator:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.needs_individual_updates = False
+from server.aggregation.registry import (PRE_AGGREGATORS, RULES, Aggregator, build_aggregator,
+                                         parse_spec)
+from server.aggregation.result import AggregationResult
 
-    def __call__(self, updates, weights=None, reference=None) -> AggregationResult:
-        w = torch.ones(len(updates), dtype=torch.float64) if weights is None else weights.double()
-        mean = (updates.double() * (w / w.sum())[:, None]).sum(0).to(updates.dtype)
-        return AggregationResult(mean, torch.zeros(len(updates)), {})
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def build_aggregator(spec, cfg, num_clients, seed=0) -> Aggregator:
-    return Aggregator(spec)
+__all__ = ["AggregationResult", "Aggregator", "PRE_AGGREGATORS", "RULES", "build_aggregator",
+           "parse_spec"]

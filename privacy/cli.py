@@ -1,0 +1,84 @@
+"""``fedshield privacy ...``: plan noise before training, see what a noise multiplier spends."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedshield.errors import FedShieldError
+from privacy.accounting import ACCOUNTANTS
+from privacy.planner import Plan, milestones, plan
+
+privacy_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                          help="Differential-privacy planning and accounting.")
+_err = Console(stderr=True, soft_wrap=True)
+
+
+@privacy_app.callback()
+def _group() -> None:
+    """Differential-privacy planning and accounting."""
+
+
+def _fail(message: str) -> None:
+    _err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@privacy_app.command("plan", epilog=(
+    "Example: fedshield privacy plan --target-epsilon 3 --delta 1e-5 --rounds 50 --local-epochs 1 "
+    "--batch-size 64 --num-examples 6000\n\n"
+    "Inverse: fedshield privacy plan --noise-multiplier 1.1 --delta 1e-5 --rounds 50 "
+    "--local-epochs 1 --batch-size 64 --num-examples 6000"))
+def plan_command(
+    target_epsilon: Optional[float] = typer.Option(None, help="epsilon to spend over the whole schedule"),
+    noise_multiplier: Optional[float] = typer.Option(
+        None, help="instead of a target: the epsilon this noise multiplier spends"),
+    delta: float = typer.Option(1e-5, help="delta; must be < 1/num-examples"),
+    rounds: int = typer.Option(..., help="federated rounds the client trains in"),
+    local_epochs: int = typer.Option(1, help="local epochs per round"),
+    batch_size: int = typer.Option(..., help="expected Poisson batch size"),
+    num_examples: int = typer.Option(..., help="examples on the client"),
+    max_steps: int = typer.Option(0, help="cap on steps per round, as train.max_steps (0 = none)"),
+    accountant: Optional[str] = typer.Option(
+        None, help=f"one of {', '.join(ACCOUNTANTS)} (default: all three side by side)"),
+    json_out: bool = typer.Option(False, "--json", help="print the plan, with the per-round curve, as JSON"),
+) -> None:
+    """Noise multiplier per accountant that spends --target-epsilon over the schedule (or, with
+    --noise-multiplier, the epsilon spent), and epsilon after rounds 1, 10%, 50% and 100%."""
+    if accountant is not None and accountant not in ACCOUNTANTS:
+        _fail(f"--accountant {accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
+    try:
+        result = plan(rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
+                      num_examples=num_examples, delta=delta, target_epsilon=target_epsilon,
+                      noise_multiplier=noise_multiplier, max_steps=max_steps,
+                      accountants=(accountant,) if accountant else ACCOUNTANTS,
+                      curve_rounds=None if json_out else milestones(rounds))
+    except FedShieldError as exc:
+        _fail(str(exc))
+    if json_out:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        Console().print(_table(result))
+
+
+def _table(result: Plan) -> Table:
+    what = (f"target epsilon {result.target_epsilon:g}" if result.target_epsilon is not None
+            else "epsilon spent")
+    table = Table(title=f"{what}, delta {result.delta:g}: {result.rounds} rounds x "
+                        f"{result.steps_per_round} steps, sample rate {result.sample_rate:.4g}",
+                  caption="gdp is a CLT approximation and can underestimate epsilon; prv is tight, "
+                          "rdp a looser upper bound")
+    table.add_column("accountant")
+    table.add_column("noise multiplier", justify="right")
+    marks = milestones(result.rounds)
+    for r in marks:
+        table.add_column(f"eps @ round {r}", justify="right")
+    for acc in result.accountants:
+        at = dict(acc.curve)
+        table.add_row(acc.accountant, f"{acc.noise_multiplier:.4f}",
+                      *(f"{at[r]:.3f}" for r in marks))
+    return table

@@ -1,0 +1,191 @@
+"""Noise planning: the noise multiplier that spends a target epsilon over a whole federated schedule.
+
+A client runs ``rounds x local_epochs x steps_per_epoch`` DP-SGD steps. Opacus' Poisson loader
+samples every example with probability ``q = 1 / ceil(N / B)`` (about ``B / N``) and takes
+``int(1 / q)`` steps per epoch; the planner uses exactly those numbers, so planned and recorded
+epsilons agree. Each client's epsilon is over its own examples: a client that sits out some rounds
+spends less than planned, never more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+from scipy.optimize import brentq
+
+from fedshield.errors import ConfigError
+from privacy.accounting import ACCOUNTANTS, epsilon
+
+# Noise beyond which a target is called unreachable: the model would learn nothing.
+MAX_NOISE = 1e3
+# Below this noise the epsilon is in the hundreds: no meaningful guarantee is left.
+MIN_NOISE = 0.3
+# A planned sigma spends between (1 - PLAN_RTOL) x target and target.
+PLAN_RTOL = 2e-3
+
+
+def check_delta(delta: float, num_examples: int) -> None:
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta = {delta!r} must be in (0, 1)")
+    if delta >= 1 / num_examples:
+        raise ConfigError(f"delta must be < 1/num_examples = {1 / num_examples:.3g}, got {delta:g} "
+                          f"(with {num_examples} examples a larger delta lets a mechanism publish "
+                          "whole records); lower delta")
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Opacus' Poisson sample rate for a loader of ``batch_size`` over ``num_examples``."""
+    if num_examples < 1:
+        raise ConfigError(f"num_examples = {num_examples} must be >= 1")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size = {batch_size} must be >= 1")
+    if batch_size > num_examples:
+        raise ConfigError(f"batch_size = {batch_size} exceeds num_examples = {num_examples}: the sample "
+                          "rate would be > 1; lower batch_size")
+    return 1 / math.ceil(num_examples / batch_size)
+
+
+def steps_per_round(num_examples: int, batch_size: int, local_epochs: int, max_steps: int = 0) -> int:
+    """DP-SGD steps one client takes per round (``max_steps`` > 0 caps them, as training does)."""
+    if local_epochs < 1:
+        raise ConfigError(f"local_epochs = {local_epochs} must be >= 1")
+    steps = local_epochs * int(1 / sample_rate(num_examples, batch_size))
+    return min(steps, max_steps) if max_steps > 0 else steps
+
+
+def spent(noise: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
+    """Epsilon spent by ``steps`` steps at ``noise`` and ``sample_rate`` (the planner's inverse)."""
+    return epsilon([(noise, sample_rate, steps)], delta, accountant)
+
+
+@lru_cache(maxsize=256)
+def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+               accountant: str = "prv") -> float:
+    """The smallest noise multiplier whose epsilon after ``steps`` steps is at most the target.
+
+    The result spends between ``(1 - PLAN_RTOL)`` x target and the target. Cached: every client
+    with the same data size plans the same sigma.
+    """
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ConfigError(f"target_epsilon = {target_epsilon!r} must be a finite number > 0")
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    if steps < 1:
+        raise ConfigError(f"steps = {steps} must be >= 1 to plan noise")
+
+    seen: dict[float, float] = {}
+
+    def eps(noise: float) -> float:
+        if noise not in seen:
+            seen[noise] = spent(noise, sample_rate, steps, delta, accountant)
+        return seen[noise]
+
+    floor = eps(MAX_NOISE)
+    if floor > target_epsilon:
+        raise ConfigError(
+            f"target_epsilon = {target_epsilon:g} is unreachable with the {accountant} accountant: even "
+            f"noise_multiplier = {MAX_NOISE:g} spends {floor:.3g} over {steps} steps. Raise "
+            "target_epsilon, train fewer rounds/epochs, use a smaller batch"
+            + (", or use accountant = \"prv\" (tighter)" if accountant != "prv" else ""))
+    ceiling = eps(MIN_NOISE)
+    if ceiling <= target_epsilon:
+        raise ConfigError(
+            f"target_epsilon = {target_epsilon:g} is so large that the noise multiplier would fall "
+            f"below {MIN_NOISE} ({MIN_NOISE} already spends only {ceiling:.3g}); such a guarantee is "
+            "meaningless. Lower target_epsilon, or set noise_multiplier directly")
+    lo, hi = _bracket(eps, target_epsilon, _first_guess(target_epsilon, delta, sample_rate, steps, accountant))
+    log_target = math.log(target_epsilon)
+    # Root of log(eps) - log(target) in log(noise): smooth, so brentq needs few (costly) evaluations.
+    root = math.exp(brentq(lambda log_noise: math.log(min(eps(math.exp(log_noise)), 1e300)) - log_target,
+                           math.log(lo), math.log(hi), xtol=PLAN_RTOL / 4))
+    # Land on the safe side: never plan a sigma that spends more than the target.
+    while eps(root) > target_epsilon:
+        root *= 1 + PLAN_RTOL / 10
+    return root
+
+
+def _first_guess(target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    # PRV costs ~0.3 s per evaluation; RDP's answer (within ~10%) is a cheap starting point.
+    if accountant == "prv":
+        try:
+            return plan_noise(target, delta, rate, steps, "rdp")
+        except ConfigError:  # beyond RDP's reach (PRV is tighter): start from the top
+            return MAX_NOISE
+    return 1.0
+
+
+def _bracket(eps, target: float, guess: float) -> tuple[float, float]:
+    """Noise values (lo, hi) with eps(lo) > target >= eps(hi), both in [MIN_NOISE, MAX_NOISE]."""
+    lo = hi = min(max(guess, MIN_NOISE), MAX_NOISE)
+    while eps(hi) > target:
+        lo, hi = hi, min(hi * 1.25, MAX_NOISE)
+    while eps(lo) <= target:
+        hi, lo = lo, max(lo / 1.1, MIN_NOISE)
+    return lo, hi
+
+
+def epsilon_curve(noise: float, sample_rate: float, steps_per_round: int, rounds: int, delta: float,
+                  accountant: str = "prv") -> list[float]:
+    """Cumulative epsilon after each round 1..rounds."""
+    return [spent(noise, sample_rate, r * steps_per_round, delta, accountant) for r in range(1, rounds + 1)]
+
+
+@dataclass
+class AccountantPlan:
+    accountant: str
+    noise_multiplier: float
+    epsilon: float  # after the last round
+    curve: list[tuple[int, float]]  # (round, cumulative epsilon after it)
+
+
+@dataclass
+class Plan:
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    num_examples: int
+    delta: float
+    sample_rate: float
+    steps_per_round: int
+    total_steps: int
+    target_epsilon: float | None  # None when the noise multiplier was given
+    accountants: list[AccountantPlan] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def milestones(rounds: int) -> list[int]:
+    """Rounds 1, 10%, 50% and 100% of the schedule (the CLI table's columns)."""
+    return sorted({1, max(1, round(rounds * 0.1)), max(1, round(rounds * 0.5)), rounds})
+
+
+def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, delta: float,
+         target_epsilon: float | None = None, noise_multiplier: float | None = None,
+         accountants: tuple[str, ...] = ACCOUNTANTS, max_steps: int = 0,
+         curve_rounds: list[int] | None = None) -> Plan:
+    """Per accountant: the sigma spending ``target_epsilon`` over the schedule and its epsilon curve;
+    or, given ``noise_multiplier``, the epsilon it spends (the inverse).
+
+    The curve holds every round unless ``curve_rounds`` picks some (PRV costs ~0.3 s a point).
+    """
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ConfigError("give exactly one of target_epsilon or noise_multiplier")
+    if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+        raise ConfigError(f"noise_multiplier = {noise_multiplier!r} must be a finite number > 0")
+    if rounds < 1:
+        raise ConfigError(f"rounds = {rounds} must be >= 1")
+    check_delta(delta, num_examples)
+    rate = sample_rate(num_examples, batch_size)
+    per_round = steps_per_round(num_examples, batch_size, local_epochs, max_steps)
+    result = Plan(rounds, local_epochs, batch_size, num_examples, delta, rate, per_round,
+                  rounds * per_round, target_epsilon)
+    for name in accountants:
+        sigma = noise_multiplier if noise_multiplier is not None else plan_noise(
+            target_epsilon, delta, rate, rounds * per_round, name)
+        points = sorted({*(curve_rounds or range(1, rounds + 1)), rounds})
+        curve = [(r, spent(sigma, rate, r * per_round, delta, name)) for r in points if 1 <= r <= rounds]
+        result.accountants.append(AccountantPlan(name, sigma, curve[-1][1], curve))
+    return result

@@ -1,0 +1,24 @@
+"""Federated averaging: the weighted (or uniform) mean of the updates."""
+
+from __future__ import annotations
+
+import torch
+
+from server.aggregation.distances import distances_to
+from server.aggregation.result import AggregationResult, excess_over_median, working_copy
+
+
+def fedavg(updates: torch.Tensor, weights: torch.Tensor | None = None) -> AggregationResult:
+    """Mean of the updates, weighted by ``weights`` (e.g. example counts) when given."""
+    x = working_copy(updates)
+    n = x.shape[0]
+    if weights is None:
+        coeffs = torch.full((n,), 1.0 / n, dtype=x.dtype)
+    else:
+        w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        if w.shape[0] != n or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be {n} non-negative numbers with a positive sum")
+        coeffs = (w / w.sum()).to(x.dtype)
+    update = coeffs @ x
+    suspicion = excess_over_median(distances_to(x, update))
+    return AggregationResult(update.to(updates.dtype), suspicion, {"selected": float(n)})

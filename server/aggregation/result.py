@@ -1,0 +1,55 @@
+"""The value every rule returns, and small helpers the rules share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AggregationResult:
+    update: torch.Tensor  # (d,), same dtype as the input updates
+    suspicion: torch.Tensor  # (n,) float in [0, 1], the rule's own evidence that client i is bad
+    info: dict[str, float] = field(default_factory=dict)
+
+
+def working_copy(updates: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs are averaged in float32; float32/float64 are used as they are."""
+    if updates.dim() != 2:
+        raise ValueError(f"updates must be an (n, d) tensor, got shape {tuple(updates.shape)}")
+    if not updates.is_floating_point():
+        raise ValueError(f"updates must be floating point, got {updates.dtype}")
+    return updates if updates.dtype in (torch.float32, torch.float64) else updates.float()
+
+
+def median_of(values: torch.Tensor) -> float:
+    """The usual median of a vector (mean of the two middle values for even length)."""
+    return float(torch.quantile(values.double(), 0.5))
+
+
+def excess_over_median(values: torch.Tensor) -> torch.Tensor:
+    """1 - median/value, clamped to [0, 1]: 0 for typical clients, -> 1 for far outliers.
+
+    A client at twice the typical distance scores 0.5, at ten times 0.9; honest spread stays low
+    because the median is taken over the round's own clients.
+    """
+    values = values.double()
+    med = median_of(values)
+    if med <= 0:
+        return (values > 0).double()
+    return (1.0 - med / values.clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)
+
+
+def clip_scale(norms: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:
+    """Factor min(1, bound / norm) per row; rows of norm 0 keep factor 1."""
+    norms = norms.double()
+    return torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
+
+
+def mean_of_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of the chosen rows, reading only them (no (m, d) copy of the selection)."""
+    total = x[int(rows[0])].clone()
+    for i in rows[1:].tolist():
+        total += x[i]
+    return total / len(rows)

@@ -1,0 +1,73 @@
+"""Epsilon from plain events equals Opacus' own accountants; composition is concatenation."""
+
+import pytest
+from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
+
+from fedshield.errors import ConfigError
+from privacy.accounting import compact, epsilon, make_accountant
+
+DELTA = 1e-5
+OPACUS = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp", "gdp"])
+def test_epsilon_equals_an_independent_opacus_accountant(name):
+    history = [(1.1, 0.01, 300)]
+    acc = OPACUS[name]()
+    acc.history = list(history)
+    assert epsilon(history, DELTA, name) == pytest.approx(acc.get_epsilon(delta=DELTA), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp"])
+def test_two_rounds_compose_like_one_accountant_stepping_both(name):
+    round1, round2 = [(1.0, 0.02, 50)], [(1.5, 0.02, 50)]
+    stepping = OPACUS[name]()
+    for noise, rate, steps in round1 + round2:
+        for _ in range(steps):
+            stepping.step(noise_multiplier=noise, sample_rate=rate)
+    both = epsilon(round1 + round2, DELTA, name)
+    assert both == pytest.approx(stepping.get_epsilon(delta=DELTA), rel=1e-9)
+    assert both > epsilon(round1, DELTA, name) > 0
+
+
+@pytest.mark.parametrize("name", ["prv", "rdp", "gdp"])
+def test_repeated_rounds_equal_one_long_run(name):
+    # 5 separate rounds of the same mechanism are exactly 5x the steps (what one engine would log).
+    assert epsilon([(1.0, 0.02, 40)] * 5, DELTA, name) == pytest.approx(
+        epsilon([(1.0, 0.02, 200)], DELTA, name), rel=1e-12)
+
+
+def test_compact_merges_identical_mechanisms_only():
+    assert compact([(1.0, 0.1, 3), (2.0, 0.1, 1), (1.0, 0.1, 4), (1.0, 0.2, 0)]) == [(1.0, 0.1, 7), (2.0, 0.1, 1)]
+
+
+def test_epsilon_grows_with_steps_and_falls_with_noise():
+    assert epsilon([], DELTA) == 0.0
+    assert epsilon([(1.0, 0.01, 100)], DELTA) < epsilon([(1.0, 0.01, 400)], DELTA)
+    assert epsilon([(2.0, 0.01, 100)], DELTA) < epsilon([(1.0, 0.01, 100)], DELTA)
+
+
+def test_prv_is_tighter_than_rdp():
+    history = [(1.0, 0.01, 1000)]
+    assert epsilon(history, DELTA, "prv") < epsilon(history, DELTA, "rdp")
+
+
+def test_huge_epsilon_falls_back_to_the_rdp_bound_instead_of_exploding():
+    # PRV would need minutes and gigabytes here; the RDP bound is returned (still a valid bound).
+    history = [(0.2, 0.01, 5000)]
+    assert epsilon(history, DELTA, "prv") == epsilon(history, DELTA, "rdp") > 64
+
+
+@pytest.mark.parametrize("bad", [(0.0, 0.1, 1), (1.0, 0.0, 1), (1.0, 1.5, 1), (1.0, 0.1, -1), ("x", 0.1, 1), (1.0,)])
+def test_invalid_events_are_refused(bad):
+    with pytest.raises(ConfigError):
+        epsilon([bad], DELTA)
+
+
+def test_gdp_refuses_to_compose_different_mechanisms_and_unknown_names():
+    with pytest.raises(ConfigError, match="gdp accountant needs one constant"):
+        epsilon([(1.0, 0.01, 10), (2.0, 0.01, 10)], DELTA, "gdp")
+    with pytest.raises(ConfigError, match="unknown accountant"):
+        make_accountant("moments")
+    with pytest.raises(ConfigError, match="delta"):
+        epsilon([(1.0, 0.01, 10)], 1.0)
