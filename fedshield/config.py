@@ -208,7 +208,7 @@ SECAGG_MODULUS = 2**32
 
 @dataclass(frozen=True)
 class SecAggConfig:
-    """Flower SecAgg+: the server learns only the (weighted) sum of the sampled clients' models."""
+    """Flower SecAgg+: the server learns only the (weighted) sum of the sampled clients' updates."""
 
     enabled: bool = opt(False)
     # Shares of each client's mask keys (the client and its num_shares - 1 nearest neighbours hold
@@ -216,13 +216,14 @@ class SecAggConfig:
     num_shares: int = opt(3, lambda v: v == 0 or v >= 3, "an integer >= 3, or 0 for all sampled")
     # Shares needed to remove a dropped client's masks; higher is more private, less dropout-tolerant.
     reconstruction_threshold: int = opt(2, lambda v: v >= 2, "an integer >= 2")
-    # Each parameter times num-examples / max_weight is clipped to [-clipping_range, clipping_range]
-    # and quantized to quantization_range levels before masking (Flower's defaults).
+    # Each value of a client's update times num-examples / max_weight is clipped to
+    # [-clipping_range, clipping_range] and quantized to quantization_range levels before masking
+    # (Flower's defaults).
     clipping_range: float = opt(8.0, positive, "a bound > 0")
     quantization_range: int = opt(4194304, lambda v: 2 <= v < SECAGG_MODULUS,
                                   f"an integer in [2, {SECAGG_MODULUS})")
-    # Parameters are scaled by num-examples / max_weight before clipping (Flower's weighting); a
-    # client whose scaled parameters would leave the clipping range refuses to train.
+    # Updates are scaled by num-examples / max_weight before clipping (Flower's weighting); a
+    # client whose scaled update would leave the clipping range refuses to train.
     max_weight: float = opt(1000.0, positive, "> 0, at least the largest client's example count")
 
 
@@ -392,6 +393,10 @@ def _check_secagg(cfg: Config) -> str | None:
         return (why + f"attack.name = {cfg.attack.name!r} rewrites updates from the round's "
                 "individual updates; simulate a data-poisoning attack ("
                 + ", ".join(DATA_POISONING_ATTACKS[1:]) + ") or turn secagg off")
+    if cfg.federation.fraction_evaluate > 0:
+        return ("secagg.enabled = true: client-side evaluation is not implemented in the SecAgg+ "
+                "mode (the server evaluates each round on the test split); set "
+                "federation.fraction_evaluate = 0")
     sampled = secagg_sample_size(cfg.federation)
     if sampled < 3:
         return (f"secagg.enabled = true needs at least 3 clients per round; {sampled} are sampled "

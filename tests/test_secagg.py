@@ -205,6 +205,7 @@ SUM_ONLY_WHY = "only sees the SUM of updates under SecAgg+"
     ({"secagg": {"num_shares": 3, "reconstruction_threshold": 3}}, "must be below the 3 shares"),
     ({"federation": {"num_clients": 2, "min_clients": 2}}, "at least 3 clients per round"),
     ({"secagg": {"quantization_range": 2**31}}, "overflow"),
+    ({"federation": {"fraction_evaluate": 0.5}}, "set federation.fraction_evaluate = 0"),
 ])
 def test_combinations_that_need_individual_updates_are_refused(sections, reason):
     with pytest.raises(ConfigError) as err:
