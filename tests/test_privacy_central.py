@@ -86,11 +86,15 @@ def test_clip_norm_must_be_positive():
 
 
 def test_config_check_reports_the_problem_for_a_whole_config():
+    """Loading a config runs the check: a wrong central-DP combination never starts."""
     from fedshield import config as fcfg
     from privacy.central import central_dp_config_check
 
-    bad = fcfg.from_dict({"central_dp": {"enabled": True}, "aggregation": {"rule": "median"}})
-    assert "median" in central_dp_config_check(bad)
+    with pytest.raises(ConfigError, match="median"):
+        fcfg.from_dict({"central_dp": {"enabled": True}, "aggregation": {"rule": "median"}})
+    with pytest.raises(ConfigError, match="weighting"):
+        fcfg.from_dict({"central_dp": {"enabled": True},
+                        "aggregation": {"rule": "fedavg", "weighting": "examples"}})
     good = fcfg.from_dict({"central_dp": {"enabled": True}, "aggregation": {"rule": "fedavg",
                                                                             "weighting": "uniform"}})
     assert central_dp_config_check(good) is None
