@@ -97,7 +97,8 @@ class RunRecorder:
         self.initial_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         checkpoint = load_checkpoint(self.folder.path) if cfg.resume else None
         if checkpoint is not None:
-            self.initial_weights = checkpoint.weights
+            # In the model's order: Flower's legacy messages (SecAgg+) carry unnamed arrays.
+            self.initial_weights = {k: checkpoint.weights[k] for k in self.model.state_dict()}
             strategy.load_state_dict(checkpoint.state)
             self.start_round = checkpoint.round + 1
             self.folder.truncate_metrics(checkpoint.round)

@@ -70,7 +70,7 @@ def runs(tmp_path_factory):
         cfg = fcfg.from_dict({**base, "secagg": {"enabled": True}})
         secure = simulate(cfg)
     return {"cfg": cfg, "plain": plain, "secure": secure, "replies": replies,
-            "aggregated": aggregated}
+            "aggregated": aggregated, "base": base}
 
 
 def test_secagg_run_learns_like_plain_fedavg(runs):
@@ -118,6 +118,20 @@ def test_server_only_ever_holds_masked_vectors_and_the_sum(runs):
         assert len(results) == 5
         for arrays in results[1:]:
             assert all(np.array_equal(x, y) for x, y in zip(arrays, results[0]))
+
+
+def test_resume_continues_a_secagg_run(runs):
+    """Stopped after round 2 of 3, resumed from its checkpoint: it ends where the uninterrupted
+    3-round run ended (up to quantization)."""
+    base = {**runs["base"], "secagg": {"enabled": True}}
+    part = simulate(fcfg.from_dict({**base, "federation": {"num_clients": 5, "rounds": 2}}))
+    resumed = simulate(fcfg.from_dict({**base, "resume": part["run_dir"]}))
+    lines = lines_of(resumed)
+    assert [m["round"] for m in lines] == [1, 2, 3] and lines[-1]["accepted"] == 5
+    torch.manual_seed(0)
+    start = flat(get_task("digits").build_model().state_dict())
+    a, b = flat(final_model(runs["secure"])), flat(final_model(resumed))
+    assert float((a - b).norm() / (a - start).norm()) < 5e-3
 
 
 def test_clients_clip_their_own_update():
