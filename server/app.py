@@ -82,7 +82,8 @@ class RunRecorder:
     ``load_state_dict()``.
     """
 
-    def __init__(self, cfg: fcfg.Config, strategy, reporter=None, run_dir: str | None = None) -> None:
+    def __init__(self, cfg: fcfg.Config, strategy, reporter=None,
+                 run_dir: str | None = None) -> None:
         self.started = time.perf_counter()
         self.cfg, self.strategy = cfg, strategy
         self.reporter = reporter or ConsoleReporter()
@@ -118,8 +119,8 @@ class RunRecorder:
         self.folder.append_metrics(line)
         if line["accuracy"] is not None and line["accuracy"] > self.best_acc:
             self.best_acc = line["accuracy"]
-            self.folder.save_weights("best.safetensors", weights,
-                                     {"round": rnd, "task": self.task.name, "accuracy": self.best_acc})
+            meta = {"round": rnd, "task": self.task.name, "accuracy": self.best_acc}
+            self.folder.save_weights("best.safetensors", weights, meta)
         save_checkpoint(self.folder.path, rnd, weights, self.strategy.state_dict())
         self.reporter.round(line, self.cfg.federation.rounds)
         return line

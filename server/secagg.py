@@ -7,8 +7,9 @@ legacy FedAvg and writes the same run folder as the plain path (shared ``RunReco
 
 What the server sees per round: each sampled client's plaintext metrics (num-examples, train
 loss, epsilon, data-quality counts) and masked vectors that are uniformly random mod 2**32; only
-their sum, the weighted sum of the clients' updates (trained - global), is ever unmasked. Rules, screening
-and reputation that need each client's update are refused by the config (``secagg.enabled``).
+their sum, the weighted sum of the clients' updates (trained - global), is ever unmasked. Rules,
+screening and reputation that need each client's update are refused by the config
+(``secagg.enabled``).
 """
 
 from __future__ import annotations

@@ -190,8 +190,8 @@ def test_a_client_that_must_not_train_drops_out_and_the_rest_is_summed(small_cfg
 
 # --- refused configurations ------------------------------------------------------------------
 def secagg_cfg(**sections):
-    data = {"task": {"name": "digits"}, "federation": {"num_clients": 5}, "secagg": {"enabled": True},
-            **SUM_ONLY}
+    data = {"task": {"name": "digits"}, "federation": {"num_clients": 5},
+            "secagg": {"enabled": True}, **SUM_ONLY}
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
     return data
