@@ -142,7 +142,9 @@ class AggregationConfig:
     # Trimmed mean: fraction of values cut per side per coordinate (0 = cut f per side).
     trim_fraction: float = opt(0.1, lambda v: 0.0 <= v < 0.5, "a fraction in [0, 0.5)")
     bucket_size: int = opt(2, positive, "an integer >= 1")
-    cclip_tau: float = opt(10.0, positive, "a clipping radius > 0")
+    # Centered-clipping radius; 0 = adaptive: the median distance of the round's updates to the
+    # center, so half the clients are never clipped whatever the scale of the updates.
+    cclip_tau: float = opt(0.0, non_negative, "a clipping radius >= 0 (0 = adaptive)")
     cclip_iters: int = opt(1, positive, "an integer >= 1")
     clip_norm: float = opt(0.0, non_negative, "a norm bound >= 0 (0 = median of update norms)")
     # Multi-Krum: updates averaged (0 = n - f).

@@ -329,3 +329,17 @@ def test_cclip_state_round_trip_continues_identically(tmp_path):
     assert not torch.equal(fresh(rounds[1]).update, expected[0])  # the center matters
     with pytest.raises(ConfigError, match="same aggregation.rule"):
         build_aggregator("cclip", cfg, 11).load_state_dict(first.state_dict())
+
+
+def test_cclip_adaptive_radius_is_the_median_distance():
+    """tau = 0: the radius is the median distance to the center, so outliers far away are clipped
+    to it and at least half of the clients pass unclipped."""
+    torch.manual_seed(0)
+    honest = torch.randn(7, 20, dtype=torch.float64)
+    x = torch.cat([honest, 1e4 * torch.ones(3, 20, dtype=torch.float64)])
+    result = build_aggregator("cclip", AggregationConfig(cclip_tau=0.0), 10)(x)
+    dist = torch.linalg.vector_norm(x, dim=1)
+    assert result.info["tau"] == pytest.approx(float(dist.median()), rel=0.2)
+    assert result.info["clipped"] <= 5
+    assert result.update.norm() <= honest.norm(dim=1).max()
+    assert (result.suspicion[7:] > 0.9).all() and (result.suspicion[:7] < 0.9).all()

@@ -1,7 +1,9 @@
 """Norm clipping rules.
 
 ``cclip``: centered clipping (Karimireddy et al. 2021), v <- v + mean_i clip(x_i - v, tau), L times,
-starting from the previous round's aggregate (the caller keeps it; see Aggregator).
+starting from the previous round's aggregate (the caller keeps it; see Aggregator). tau <= 0 picks
+the radius each iteration as the median distance to the center (scale-free; a Byzantine minority
+cannot move the median).
 ``clip``: norm bounding (Sun et al. 2019), clip each update to norm C (default the median norm),
 then average.
 """
@@ -20,11 +22,13 @@ def cclip(updates: torch.Tensor, center: torch.Tensor | None = None, tau: float 
     n, d = x.shape
     v = torch.zeros(d, dtype=x.dtype) if center is None else center.to(x.dtype).clone()
     for _ in range(iters):
-        scale = clip_scale(distances_to(x, v), tau)
+        dist = distances_to(x, v)
+        radius = median_of(dist) if tau <= 0 else tau  # adaptive: half the clients unclipped
+        scale = clip_scale(dist, radius)
         # mean_i s_i (x_i - v) without materialising the (n, d) differences
         v += ((scale.to(x.dtype) @ x) - scale.sum().to(x.dtype) * v) / n
     suspicion = (1.0 - scale).clamp(0.0, 1.0)
-    info = {"clipped": float((scale < 1).sum()), "tau": float(tau)}
+    info = {"clipped": float((scale < 1).sum()), "tau": float(radius)}
     return AggregationResult(v.to(updates.dtype), suspicion, info)
 
 
