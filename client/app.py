@@ -91,36 +91,57 @@ def _train_private(model, data, train_cfg, cfg: fcfg.Config, context: Context, r
             "train-seconds": m["train_seconds"]}
 
 
+def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
+                weights: dict[str, torch.Tensor] | list[np.ndarray],
+                rc: dict) -> tuple[torch.nn.Module, dict]:
+    """One round of local training from the global ``weights`` (DP-SGD when privacy is on).
+
+    ``weights`` are named tensors, or unnamed arrays in the model's state_dict order (Flower's
+    legacy messages); ``rc`` is the round config (``server-round``, ``train.*``). Returns (trained
+    model, metrics); raises DataValidationError or BudgetExhausted when the client must not train.
+    """
+    started = time.perf_counter()
+    task, data, _ = _checked_data(context, cfg, load_data)
+    train_cfg = fcfg.section(fcfg.TrainConfig, fcfg.unflatten(rc).get("train", {}), "train.")
+    model = task.build_model()
+    if isinstance(weights, list):
+        weights = {name: torch.from_numpy(np.array(a)) for name, a
+                   in zip(model.state_dict(), weights, strict=True)}
+    model.load_state_dict(weights)
+    seed = int(np.random.SeedSequence([cfg.seed, int(rc.get("server-round", 0)),
+                                       int(context.node_config.get("partition-id", 0))])
+               .generate_state(1)[0])
+    metrics: dict[str, float] = {}
+    if cfg.privacy.enabled:
+        metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed))
+    else:
+        metrics.update(train_local(model, data, train_cfg, seed))
+    metrics.update(quality_report(data, task.num_classes))
+    metrics["num-examples"] = len(data)
+    metrics.update(identity(context))
+    metrics["client-seconds"] = time.perf_counter() - started
+    return model, metrics
+
+
 def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
     """Build the ClientApp; simulations inject a different ``load_data`` (e.g. poisoned data)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        started = time.perf_counter()
         cfg = fcfg.from_run_config(context.run_config)
-        rc = round_config(msg)
+        if cfg.secagg.enabled:  # Flower's SecAgg+ protocol messages (see client/secagg.py)
+            from client.secagg import secagg_train  # noqa: PLC0415
+
+            return secagg_train(msg, context, cfg, load_data)
         try:
-            task, data, _ = _checked_data(context, cfg, load_data)
+            model, metrics = fit_locally(context, cfg, load_data,
+                                         msg.content["arrays"].to_torch_state_dict(),
+                                         round_config(msg))
         except DataValidationError as exc:
             return refusal(msg, context, "invalid-data", str(exc))
-        train_cfg = fcfg.section(fcfg.TrainConfig, fcfg.unflatten(rc).get("train", {}), "train.")
-        model = _model_from(msg, task)
-        seed = int(np.random.SeedSequence([cfg.seed, int(rc.get("server-round", 0)),
-                                           int(context.node_config.get("partition-id", 0))])
-                   .generate_state(1)[0])
-        metrics: dict[str, float] = {}
-        if cfg.privacy.enabled:
-            try:
-                metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed))
-            except BudgetExhausted as exc:
-                return refusal(msg, context, "budget-exhausted", str(exc))
-        else:
-            metrics.update(train_local(model, data, train_cfg, seed))
-        metrics.update(quality_report(data, task.num_classes))
-        metrics["num-examples"] = len(data)
-        metrics.update(identity(context))
-        metrics["client-seconds"] = time.perf_counter() - started
+        except BudgetExhausted as exc:
+            return refusal(msg, context, "budget-exhausted", str(exc))
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
                               "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)

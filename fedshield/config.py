@@ -204,6 +204,31 @@ class AttackConfig:
     minmax_direction: str = opt("std", choices=("std", "unit", "sign"))
 
 
+# Flower's SecAgg+ masks live in [0, 2**32): the quantized sum of all clients must fit there.
+SECAGG_MODULUS = 2**32
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Flower SecAgg+: the server learns only the (weighted) sum of the sampled clients' updates."""
+
+    enabled: bool = opt(False)
+    # Shares of each client's mask keys (the client and its num_shares - 1 nearest neighbours hold
+    # one each); 0 = every sampled client. Flower needs at least 3.
+    num_shares: int = opt(3, lambda v: v == 0 or v >= 3, "an integer >= 3, or 0 for all sampled")
+    # Shares needed to remove a dropped client's masks; higher is more private, less dropout-tolerant.
+    reconstruction_threshold: int = opt(2, lambda v: v >= 2, "an integer >= 2")
+    # Each value of a client's update times num-examples / max_weight is clipped to
+    # [-clipping_range, clipping_range] and quantized to quantization_range levels before masking
+    # (Flower's defaults).
+    clipping_range: float = opt(8.0, positive, "a bound > 0")
+    quantization_range: int = opt(4194304, lambda v: 2 <= v < SECAGG_MODULUS,
+                                  f"an integer in [2, {SECAGG_MODULUS})")
+    # Updates are scaled by num-examples / max_weight before clipping (Flower's weighting); a
+    # client whose scaled update would leave the clipping range refuses to train.
+    max_weight: float = opt(1000.0, positive, "> 0, at least the largest client's example count")
+
+
 @dataclass(frozen=True)
 class DeploymentConfig:
     handoff: bool = opt(True)
@@ -250,6 +275,7 @@ class Config:
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     reputation: ReputationConfig = field(default_factory=ReputationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,6 +358,66 @@ def _check_central_dp(cfg: Config) -> str | None:
 
 
 CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack, _check_central_dp]
+
+# Attacks the simulator applies only by poisoning a client's data; every other attack rewrites
+# updates after training, from the round's plaintext updates, which do not exist under SecAgg+
+# (backdoor's model-replacement boost is such a rewrite).
+DATA_POISONING_ATTACKS = ("none", "label_flip")
+
+
+def secagg_sample_size(fed: FederationConfig) -> int:
+    """Clients Flower's legacy FedAvg samples per round (``max(int(n * fraction), min)``)."""
+    return min(fed.num_clients, max(int(fed.num_clients * fed.fraction_train), fed.min_clients))
+
+
+def _check_secagg(cfg: Config) -> str | None:
+    """SecAgg+ hands the server only the sum of updates: refuse what needs each client's update."""
+    s = cfg.secagg
+    if not s.enabled:
+        return None
+    from privacy.central import check_secagg  # noqa: PLC0415 (privacy imports config)
+
+    try:  # the rules that need individual updates (one list, shared with central DP)
+        check_secagg(cfg.aggregation.rule)
+    except ConfigError as exc:
+        return f"secagg.enabled = true: {exc}"
+    why = "secagg.enabled = true: the server only sees the SUM of updates under SecAgg+, but "
+    if cfg.aggregation.rule == "clip" and cfg.aggregation.clip_norm <= 0:
+        return (why + "aggregation.clip_norm = 0 clips to the median of the clients' update "
+                "norms; set aggregation.clip_norm > 0 (clients then clip their own update)")
+    if cfg.screening.enabled:
+        return (why + "screening.enabled = true checks each client's update; set "
+                "screening.enabled = false or turn secagg off")
+    if cfg.reputation.enabled:
+        return (why + "reputation.enabled = true scores each client's update; set "
+                "reputation.enabled = false or turn secagg off")
+    if cfg.attack.name not in DATA_POISONING_ATTACKS:
+        return (why + f"attack.name = {cfg.attack.name!r} rewrites updates from the round's "
+                "individual updates; simulate a data-poisoning attack ("
+                + ", ".join(DATA_POISONING_ATTACKS[1:]) + ") or turn secagg off")
+    if cfg.federation.fraction_evaluate > 0:
+        return ("secagg.enabled = true: client-side evaluation is not implemented in the SecAgg+ "
+                "mode (the server evaluates each round on the test split); set "
+                "federation.fraction_evaluate = 0")
+    sampled = secagg_sample_size(cfg.federation)
+    if sampled < 3:
+        return (f"secagg.enabled = true needs at least 3 clients per round; {sampled} are sampled "
+                "(raise federation.num_clients, fraction_train or min_clients)")
+    shares = s.num_shares or sampled
+    if shares > sampled:
+        return (f"secagg.num_shares = {s.num_shares} exceeds the {sampled} clients sampled per "
+                "round (federation.num_clients x fraction_train); lower num_shares or use 0 (all)")
+    if s.reconstruction_threshold >= shares:
+        return (f"secagg.reconstruction_threshold = {s.reconstruction_threshold} must be below "
+                f"the {shares} shares (secagg.num_shares), else no client may drop out; lower it")
+    if sampled * s.quantization_range > SECAGG_MODULUS:
+        return (f"secagg.quantization_range = {s.quantization_range}: the sum of {sampled} "
+                f"quantized models would overflow Flower's 2**32 mask modulus; lower it below "
+                f"{SECAGG_MODULUS // sampled}")
+    return None
+
+
+CROSS_CHECKS.append(_check_secagg)
 
 
 def _coerce(path: str, value: Any, default: Any) -> Any:

@@ -77,77 +77,112 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("_module."): v for k, v in load_file(path).items()}
 
 
+class RunRecorder:
+    """What both run modes (plain and SecAgg+) share: the run folder, the initial weights (from
+    the checkpoint when resuming), server-side evaluation, the per-round bookkeeping (metrics line,
+    best weights, checkpoint, progress) and the end of the run (final weights, summary, plot).
+
+    ``strategy`` needs ``node_partition``, ``reputation``, ``exhausted`` and ``state_dict()`` /
+    ``load_state_dict()``.
+    """
+
+    def __init__(self, cfg: fcfg.Config, strategy, reporter=None,
+                 run_dir: str | None = None) -> None:
+        self.started = time.perf_counter()
+        self.cfg, self.strategy = cfg, strategy
+        self.reporter = reporter or ConsoleReporter()
+        self.task = task_for(cfg.task)
+        self.folder = RunFolder(Path(run_dir or cfg.resume) if (run_dir or cfg.resume)
+                                else new_run_dir(cfg))
+        torch.manual_seed(cfg.seed)
+        self.model = self.task.build_model()
+        if cfg.init_weights:
+            self.model.load_state_dict(load_weights(cfg.init_weights))
+        self.start_round = 1
+        self.initial_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        checkpoint = load_checkpoint(self.folder.path) if cfg.resume else None
+        if checkpoint is not None:
+            # In the model's order: Flower's legacy messages (SecAgg+) carry unnamed arrays.
+            self.initial_weights = {k: checkpoint.weights[k] for k in self.model.state_dict()}
+            strategy.load_state_dict(checkpoint.state)
+            self.start_round = checkpoint.round + 1
+            self.folder.truncate_metrics(checkpoint.round)
+        self.folder.write_config(cfg)
+        self.reporter.start(cfg, self.folder.path)
+        self.test = server_test_split(cfg.task.name, cfg.task.eval_examples)
+        self.device = resolve_device(cfg.train.device)
+        self.best_acc = max((m["accuracy"] for m in self.folder.read_metrics()
+                             if m.get("accuracy") is not None), default=-1.0)
+
+    def evaluate(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.model.load_state_dict(weights)
+        return evaluate(self.model.to(self.device), self.test)
+
+    def on_round(self, rnd: int, weights: dict[str, torch.Tensor], record: dict) -> dict:
+        line = metrics_line(rnd, record, self.strategy)
+        self.folder.append_metrics(line)
+        if line["accuracy"] is not None and line["accuracy"] > self.best_acc:
+            self.best_acc = line["accuracy"]
+            meta = {"round": rnd, "task": self.task.name, "accuracy": self.best_acc}
+            self.folder.save_weights("best.safetensors", weights, meta)
+        save_checkpoint(self.folder.path, rnd, weights, self.strategy.state_dict())
+        self.reporter.round(line, self.cfg.federation.rounds)
+        return line
+
+    def finish(self, final_weights: dict[str, torch.Tensor], stopped: str) -> dict:
+        self.folder.save_weights("model.safetensors", final_weights,
+                                 {"task": self.task.name, "name": self.cfg.name})
+        summary = build_summary(self.cfg, self.folder, self.strategy, stopped,
+                                time.perf_counter() - self.started)
+        self.folder.write_summary(summary)
+        self.folder.plot()
+        if self.cfg.deployment.handoff and summary["rounds_completed"]:
+            summary["handoff"] = hand_off(self.folder, self.cfg)
+            self.folder.write_summary(summary)
+        self.reporter.end(summary)
+        return summary
+
+
 def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | None = None) -> dict:
     """Train for ``cfg.federation.rounds`` rounds; returns the summary written to summary.json."""
-    started = time.perf_counter()
-    reporter = reporter or ConsoleReporter()
-    task = task_for(cfg.task)
-    folder = RunFolder(Path(run_dir or cfg.resume) if (run_dir or cfg.resume) else new_run_dir(cfg))
+    if cfg.secagg.enabled:  # sum-only aggregation through Flower's SecAgg+ workflow
+        from server.secagg import run_secagg_federation  # noqa: PLC0415
+
+        return run_secagg_federation(grid, cfg, reporter, run_dir)
     strategy = ShieldStrategy(cfg)
-
-    torch.manual_seed(cfg.seed)
-    model = task.build_model()
-    if cfg.init_weights:
-        model.load_state_dict(load_weights(cfg.init_weights))
-    initial, start_round = ArrayRecord(model.state_dict()), 1
-    checkpoint = load_checkpoint(folder.path) if cfg.resume else None
-    if checkpoint is not None:
-        initial = ArrayRecord(checkpoint.weights)
-        strategy.load_state_dict(checkpoint.state)
-        start_round = checkpoint.round + 1
-        folder.truncate_metrics(checkpoint.round)
-    folder.write_config(cfg)
-    reporter.start(cfg, folder.path)
-
-    test = server_test_split(cfg.task.name, cfg.task.eval_examples)
-    device = resolve_device(cfg.train.device)
+    run = RunRecorder(cfg, strategy, reporter, run_dir)
+    initial = ArrayRecord(run.initial_weights)
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        return MetricRecord(evaluate(model.to(device), test))
-
-    best = {m["round"]: m for m in folder.read_metrics()}
-    best_acc = max((m["accuracy"] for m in best.values() if m.get("accuracy") is not None),
-                   default=-1.0)
+        return MetricRecord(run.evaluate(arrays.to_torch_state_dict()))
 
     def on_round(rnd: int, arrays: ArrayRecord, record: dict) -> None:
-        nonlocal best_acc
-        line = metrics_line(rnd, record, strategy)
-        folder.append_metrics(line)
-        weights = arrays.to_torch_state_dict()
-        if line["accuracy"] is not None and line["accuracy"] > best_acc:
-            best_acc = line["accuracy"]
-            folder.save_weights("best.safetensors", weights,
-                                {"round": rnd, "task": task.name, "accuracy": best_acc})
-        save_checkpoint(folder.path, rnd, weights, strategy.state_dict())
-        reporter.round(line, cfg.federation.rounds)
+        run.on_round(rnd, arrays.to_torch_state_dict(), record)
 
-    # run-key names this run for the clients' ledgers: stable across a resume, so a redone round
-    # is never counted twice.
-    train_config = ConfigRecord({"num-rounds": cfg.federation.rounds, "run-key": folder.path.name,
-                                 **fcfg.flatten({"train": asdict(cfg.train)})})
+    train_config = ConfigRecord(train_round_config(cfg, run.folder))
     stopped = ""
     result_arrays = initial
     try:
         result = strategy.start(grid, initial, cfg.federation.rounds,
                                 timeout=cfg.federation.round_timeout, train_config=train_config,
-                                evaluate_fn=evaluate_fn, start_round=start_round, on_round=on_round)
+                                evaluate_fn=evaluate_fn, start_round=run.start_round,
+                                on_round=on_round)
         result_arrays = result.arrays
     except TooFewUpdates as exc:
         stopped = str(exc)
-        ckpt = load_checkpoint(folder.path)
+        ckpt = load_checkpoint(run.folder.path)
         if ckpt is not None:
             result_arrays = ArrayRecord(ckpt.weights)
-    final_weights = result_arrays.to_torch_state_dict()
-    folder.save_weights("model.safetensors", final_weights, {"task": task.name, "name": cfg.name})
-    summary = build_summary(cfg, folder, strategy, stopped, time.perf_counter() - started)
-    folder.write_summary(summary)
-    folder.plot()
-    if cfg.deployment.handoff and summary["rounds_completed"]:
-        summary["handoff"] = hand_off(folder, cfg)
-        folder.write_summary(summary)
-    reporter.end(summary)
-    return summary
+    return run.finish(result_arrays.to_torch_state_dict(), stopped)
+
+
+def train_round_config(cfg: fcfg.Config, folder: RunFolder) -> dict:
+    """What every training message carries besides the weights (clients read ``train.*``).
+
+    run-key names this run for the clients' ledgers: stable across a resume, so a redone round
+    is never counted twice."""
+    return {"num-rounds": cfg.federation.rounds, "run-key": folder.path.name,
+            **fcfg.flatten({"train": asdict(cfg.train)})}
 
 
 def hand_off(folder: RunFolder, cfg: fcfg.Config) -> dict:
@@ -178,6 +213,7 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
         "rounds": cfg.federation.rounds, "rounds_completed": len(lines),
         "num_clients": cfg.federation.num_clients, "partition": asdict(cfg.partition),
         "strategy": cfg.aggregation.rule, "attack": asdict(cfg.attack), "seed": cfg.seed,
+        "secagg": cfg.secagg.enabled,
         "final": {"accuracy": last["accuracy"], "loss": last["loss"]} if last else None,
         "best": {"round": best["round"], "accuracy": best["accuracy"]} if best else None,
         "privacy": {

@@ -8,7 +8,9 @@ omniscient adversaries, and nothing else in fedshield knows about it.
 
 from __future__ import annotations
 
+import copy
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Callable
 from uuid import uuid4
@@ -79,8 +81,14 @@ class InProcessGrid(Grid):
         return list(self._apps)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        # After a network hop each message owns its content. Flower's legacy workflows (SecAgg+)
+        # send one RecordDict to many nodes, and its client mod edits the record it receives.
+        shared = Counter(id(m.content) for m in messages)
         ids = []
         for msg in messages:
+            if shared[id(msg.content)] > 1:
+                msg.content = copy.deepcopy(msg.content)
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             self._pending[msg.metadata.message_id] = msg
             ids.append(msg.metadata.message_id)

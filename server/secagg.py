@@ -1,0 +1,257 @@
+"""Server side of the SecAgg+ run mode: Flower's ``SecAggPlusWorkflow`` in its legacy workflow.
+
+Flower 1.42 has secure aggregation only in its legacy-compat path: ``SecAggPlusWorkflow`` runs as
+the fit step of ``DefaultWorkflow`` on a ``LegacyContext`` with a legacy ``Strategy``; there is no
+Message-API (new-style strategy) version. This module therefore drives that workflow with a
+legacy FedAvg and writes the same run folder as the plain path (shared ``RunRecorder``).
+
+What the server sees per round: each sampled client's plaintext metrics (num-examples, train
+loss, epsilon, data-quality counts) and masked vectors that are uniformly random mod 2**32; only
+their sum, the weighted sum of the clients' updates (trained - global), is ever unmasked. Rules,
+screening and reputation that need each client's update are refused by the config
+(``secagg.enabled``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.common import (FitIns, FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters,
+                         parameters_to_ndarrays)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import ServerConfig
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedshield import config as fcfg
+from privacy.central import add_central_noise, user_level_epsilon
+from server.app import RunRecorder, train_round_config
+from server.strategy import RoundState
+
+
+class SecAggFedAvg(FedAvg):
+    """Legacy FedAvg that keeps fedshield's round record and writes a metrics line per round.
+
+    Clients upload updates (trained - global). Under SecAgg+, every result handed to
+    ``aggregate_fit`` carries the same unmasked weighted mean of them; the per-client part of a
+    result is its metrics. Central DP adds its noise to that sum (clients clipped their updates).
+    """
+
+    def __init__(self, cfg: fcfg.Config) -> None:
+        fed = cfg.federation
+        super().__init__(fraction_fit=fed.fraction_train, fraction_evaluate=0.0,
+                         min_fit_clients=fed.min_clients, min_evaluate_clients=0,
+                         min_available_clients=fed.min_clients, accept_failures=True)
+        self.cfg = cfg
+        self.run: RunRecorder | None = None  # set by run_secagg_federation
+        self.names: list[str] = []
+        self.round_offset = 0  # rounds already done before a resume
+        self.node_partition: dict[int, int] = {}
+        self.exhausted: dict[int, str] = {}
+        self.reputation = None  # refused with SecAgg+: it needs individual updates
+        self.server_momentum: torch.Tensor | None = None
+        self.dp_generator = torch.Generator().manual_seed(cfg.seed)  # central DP noise
+        self.round = RoundState()
+        self._global: NDArrays = []
+        self._aggregated = False
+        self._round_started = 0.0
+
+    # --- sampling --------------------------------------------------------------------------
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        rnd = server_round + self.round_offset
+        self._round_started = time.perf_counter()
+        self.round, self._aggregated = RoundState(), False
+        self._global = parameters_to_ndarrays(parameters)
+        client_manager.num_available()  # Flower wraps it to refresh the node list; wait_for is not
+        client_manager.wait_for(self.min_available_clients,
+                                timeout=int(self.cfg.federation.round_timeout))
+        eligible = sorted((p for p in client_manager.all().values()
+                           if p.node_id not in self.exhausted), key=lambda p: p.node_id)
+        k, _ = self.num_fit_clients(len(eligible))
+        if len(eligible) < max(k, 3):
+            self.round.skipped = (f"only {len(eligible)} clients can train; SecAgg+ needs "
+                                  f"{max(k, 3)}")
+            return []
+        # Seeded like the plain path (positions, not 64-bit ids), so a run is reproducible.
+        rng = np.random.default_rng([self.cfg.seed, rnd])
+        chosen = [eligible[i] for i in sorted(rng.choice(len(eligible), size=k, replace=False))]
+        self.round.sampled = [p.node_id for p in chosen]
+        config = {"server-round": rnd, **train_round_config(self.cfg, self.run.folder)}
+        return [(p, FitIns(parameters, config)) for p in chosen]
+
+    def note_error(self, node: int, reason: str) -> None:
+        """A client's error reply in any protocol stage: it dropped out of the round."""
+        if "BudgetExhausted" in reason:
+            self.round.refused[node] = f"budget-exhausted: {reason}"
+            self.exhausted[node] = reason
+        elif "DataValidationError" in reason:
+            self.round.refused[node] = f"invalid-data: {reason}"
+        else:
+            self.round.rejected[node] = f"client-error: {reason}"
+
+    # --- aggregation (of the unmasked sum) -------------------------------------------------
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        for proxy, res in results:
+            self.round.client_metrics[proxy.node_id] = dict(res.metrics)
+            if "partition-id" in res.metrics:
+                self.node_partition[proxy.node_id] = int(res.metrics["partition-id"])
+        self.round.accepted = [proxy.node_id for proxy, _ in results]
+        self.round.aggregation_info = {"clients_summed": float(len(results))}
+        mean, _ = super().aggregate_fit(server_round, results, failures)
+        if mean is None:
+            return None, {}
+        self._aggregated = True
+        update = torch.from_numpy(np.concatenate([a.ravel() for a in parameters_to_ndarrays(mean)])
+                                  .astype(np.float64))
+        cdp = self.cfg.central_dp
+        if cdp.enabled:  # the sum of clipped updates, over the expected count, plus noise
+            expected = self.fraction_fit * self.cfg.federation.num_clients
+            update = add_central_noise(update * len(results) / expected, cdp.clip_norm,
+                                       cdp.noise_multiplier, expected, self.dp_generator)
+        step = self._server_step(update)
+        new, start = [], 0
+        for g in self._global:
+            new.append((g + step[start:start + g.size].numpy().reshape(g.shape)).astype(g.dtype))
+            start += g.size
+        return ndarrays_to_parameters(new), {}
+
+    def _server_step(self, update: torch.Tensor) -> torch.Tensor:
+        """aggregation.server_lr and server_momentum on the mean update, as the plain path."""
+        agg = self.cfg.aggregation
+        if agg.server_momentum > 0:
+            self.server_momentum = update if self.server_momentum is None else \
+                agg.server_momentum * self.server_momentum + update
+            update = self.server_momentum
+        return agg.server_lr * update
+
+    def user_level_epsilon(self, rounds: int) -> float | None:
+        cdp = self.cfg.central_dp
+        if not cdp.enabled:
+            return None
+        return user_level_epsilon(cdp.noise_multiplier, min(1.0, self.fraction_fit), rounds,
+                                  cdp.delta, cdp.accountant)
+
+    # --- the end of a round: centralized evaluation, metrics line, checkpoint --------------
+    def evaluate(self, server_round: int,
+                 parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        if server_round == 0 or self.run is None:  # the workflow's look at the initial model
+            return None
+        rnd = server_round + self.round_offset
+        weights = self.weights(parameters_to_ndarrays(parameters))
+        if not self._aggregated and not self.round.skipped:
+            self.round.skipped = ("secure aggregation halted (too few clients completed the "
+                                  "protocol); the global model is unchanged")
+        for node in self.round.sampled:
+            if node not in self.round.accepted and node not in self.round.refused:
+                self.round.rejected.setdefault(node, "dropped out of the SecAgg+ protocol")
+        server_eval = self.run.evaluate(weights)
+        accepted = [self.round.client_metrics[n] for n in self.round.accepted]
+        total = sum(float(m.get("num-examples", 0)) for m in accepted) or 1.0
+        train = {"train-loss": sum(float(m["train-loss"]) * float(m.get("num-examples", 0))
+                                   for m in accepted) / total} \
+            if accepted and all("train-loss" in m for m in accepted) else {}
+        record = {"train": train, "client_eval": {}, "server_eval": server_eval,
+                  "state": self.round, "seconds": time.perf_counter() - self._round_started}
+        self.run.on_round(rnd, weights, record)
+        return server_eval["loss"], {"accuracy": server_eval["accuracy"]}
+
+    def weights(self, arrays: NDArrays) -> dict[str, torch.Tensor]:
+        return {n: torch.from_numpy(np.array(a)) for n, a in zip(self.names, arrays, strict=True)}
+
+    # --- state for checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict:  # tensors go to the checkpoint's safetensors file
+        return {"exhausted": {str(k): v for k, v in self.exhausted.items()},
+                "node_partition": {str(k): v for k, v in self.node_partition.items()},
+                "server_momentum": self.server_momentum,
+                "dp_generator": self.dp_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.exhausted = {int(k): v for k, v in state["exhausted"].items()}
+        self.node_partition = {int(k): v for k, v in state["node_partition"].items()}
+        self.server_momentum = state.get("server_momentum")
+        self.dp_generator.set_state(state["dp_generator"])
+
+
+class ErrorWatch(Grid):
+    """Delegates to ``grid`` and reports every error reply (node id, reason): the legacy
+    workflow keeps failures without their node ids."""
+
+    def __init__(self, grid: Grid, on_error: Callable[[int, str], None]) -> None:
+        self._grid, self._on_error = grid, on_error
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._watch(self._grid.pull_messages(message_ids))
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._watch(self._grid.send_and_receive(messages, timeout=timeout))
+
+    def _watch(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_error():
+                self._on_error(reply.metadata.src_node_id, reply.error.reason)
+        return replies
+
+
+def secagg_workflow(cfg: fcfg.Config) -> SecAggPlusWorkflow:
+    s = cfg.secagg
+    return SecAggPlusWorkflow(
+        num_shares=s.num_shares or 1,  # Flower reads 1 as "every sampled client"
+        reconstruction_threshold=s.reconstruction_threshold,
+        max_weight=s.max_weight, clipping_range=s.clipping_range,
+        quantization_range=s.quantization_range, modulus_range=fcfg.SECAGG_MODULUS,
+        timeout=cfg.federation.round_timeout)
+
+
+def run_secagg_federation(grid: Grid, cfg: fcfg.Config, reporter=None,
+                          run_dir: str | None = None) -> dict:
+    """Train for ``cfg.federation.rounds`` SecAgg+ rounds; returns the summary (summary.json)."""
+    strategy = SecAggFedAvg(cfg)
+    run = RunRecorder(cfg, strategy, reporter, run_dir)
+    strategy.run, strategy.names = run, list(run.initial_weights)
+    strategy.initial_parameters = ndarrays_to_parameters(
+        [v.numpy() for v in run.initial_weights.values()])
+    strategy.round_offset = run.start_round - 1
+    remaining = cfg.federation.rounds - strategy.round_offset
+    context = LegacyContext(
+        Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                run_config=cfg.flat()),
+        config=ServerConfig(num_rounds=remaining, round_timeout=cfg.federation.round_timeout),
+        strategy=strategy, client_manager=SimpleClientManager())
+    if remaining > 0:
+        DefaultWorkflow(fit_workflow=secagg_workflow(cfg))(ErrorWatch(grid, strategy.note_error),
+                                                           context)
+    final = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD],
+                                             keep_input=True) if remaining > 0 else \
+        strategy.initial_parameters
+    return run.finish(strategy.weights(parameters_to_ndarrays(final)), stopped="")
