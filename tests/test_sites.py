@@ -4,11 +4,10 @@ unregistered one that is turned away, and a site that goes down mid-run while th
 finishes without it (~3-4 min, in CI).
 
 The restart/resume variants (a site restarted keeps its ledger; a stopped ServerApp resumed from its
-run folder) take ~5 more minutes: opt in with FEDSHIELD_SITES_FULL=1 (marker sites_full)."""
+run folder) take ~5 more minutes; CI runs them too."""
 
 import csv
 import json
-import os
 import shutil
 import signal
 from pathlib import Path
@@ -124,9 +123,6 @@ def ledger_history(site: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.sites_full
-@pytest.mark.skipif(not os.environ.get("FEDSHIELD_SITES_FULL"),
-                    reason="~5 min of real deployment; set FEDSHIELD_SITES_FULL=1 to run")
 @pytest.mark.timeout(600)
 def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
     """(c) a restarted SuperNode keeps its cumulative epsilon; (d) a stopped ServerApp resumed from
