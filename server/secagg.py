@@ -36,7 +36,7 @@ from flwr.supercore.run import Run
 from fedshield import config as fcfg
 from privacy.central import add_central_noise, user_level_epsilon
 from server.app import RunRecorder, train_round_config
-from server.strategy import RoundState
+from server.strategy import RoundState, server_step
 
 
 class SecAggFedAvg(FedAvg):
@@ -129,12 +129,8 @@ class SecAggFedAvg(FedAvg):
 
     def _server_step(self, update: torch.Tensor) -> torch.Tensor:
         """aggregation.server_lr and server_momentum on the mean update, as the plain path."""
-        agg = self.cfg.aggregation
-        if agg.server_momentum > 0:
-            self.server_momentum = update if self.server_momentum is None else \
-                agg.server_momentum * self.server_momentum + update
-            update = self.server_momentum
-        return agg.server_lr * update
+        step, self.server_momentum = server_step(update, self.server_momentum, self.cfg.aggregation)
+        return step
 
     def user_level_epsilon(self, rounds: int) -> float | None:
         cdp = self.cfg.central_dp

@@ -19,7 +19,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fedshield.config import Config
+from fedshield.config import AggregationConfig, Config
 from fedshield.errors import ConfigError, TooFewUpdates
 from privacy.central import add_central_noise, clip_updates, fixed_denominator_mean, user_level_epsilon
 from server.aggregation import AggregationResult, build_aggregator
@@ -34,6 +34,15 @@ RoundCallback = Callable[[int, ArrayRecord, dict], None]
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
+
+
+def server_step(update: torch.Tensor, buffer: torch.Tensor | None,
+                agg: AggregationConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(step to add to the global weights, new momentum buffer): server lr and momentum."""
+    if agg.server_momentum > 0:
+        buffer = update if buffer is None else agg.server_momentum * buffer + update
+        update = buffer
+    return agg.server_lr * update, buffer
 
 
 @dataclass
@@ -219,12 +228,8 @@ class ShieldStrategy(FedAvg):
         return user_level_epsilon(cdp.noise_multiplier, rate, rounds, cdp.delta, cdp.accountant)
 
     def _server_step(self, update: torch.Tensor) -> torch.Tensor:
-        agg = self.cfg.aggregation
-        if agg.server_momentum > 0:
-            self.server_momentum = update if self.server_momentum is None else \
-                agg.server_momentum * self.server_momentum + update
-            update = self.server_momentum
-        return agg.server_lr * update
+        step, self.server_momentum = server_step(update, self.server_momentum, self.cfg.aggregation)
+        return step
 
     def _update_reputation(self, server_round: int, accepted: list[int],
                            suspicion: torch.Tensor) -> None:

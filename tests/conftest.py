@@ -29,3 +29,27 @@ def small_cfg(tmp_path):
         return fcfg.from_dict(data)
 
     return make
+
+
+@pytest.fixture
+def nan_client(monkeypatch):
+    """Client 2 of 5 holds a NaN feature: the runner's ClientApps are patched accordingly."""
+    import numpy as np
+
+    import simulations.runner as runner
+    from client.app import make_client_app
+    from client.data import load_client_data
+    from tasks import Split
+
+    def broken_loader(context, cfg):
+        task, train, val = load_client_data(context, cfg)
+        if int(context.node_config["partition-id"]) == 2:
+            x = train.x.copy()
+            x[0, 0] = np.nan
+            train = Split(x, train.y)
+        return task, train, val
+
+    apps = {pid: make_client_app(broken_loader if pid == 2 else load_client_data)
+            for pid in range(5)}
+    monkeypatch.setattr(runner, "make_client_app", lambda: apps.pop(min(apps)))
+    return 2

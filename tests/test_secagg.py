@@ -11,8 +11,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from safetensors.torch import load_file
 
 import simulations.runner as runner
-from client.app import make_client_app
-from client.data import load_client_data
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError
 from client.secagg import clip_to
@@ -21,7 +19,7 @@ from server.secagg import SecAggFedAvg
 from simulations.attacks import ATTACKS
 from simulations.grid import InProcessGrid
 from simulations.runner import simulate
-from tasks import Split, get_task
+from tasks import get_task
 
 # Robust rules, screening and reputation need individual updates: off in every SecAgg+ run.
 SUM_ONLY = {"screening": {"enabled": False}, "reputation": {"enabled": False}}
@@ -165,21 +163,9 @@ def test_central_dp_noise_is_added_to_the_secure_sum(small_cfg):
         user_level_epsilon(1.0, 1.0, 1, cfg.central_dp.delta, cfg.central_dp.accountant))
 
 
-def test_a_client_that_must_not_train_drops_out_and_the_rest_is_summed(small_cfg, monkeypatch):
+def test_a_client_that_must_not_train_drops_out_and_the_rest_is_summed(small_cfg, nan_client):
     """Client 2 holds NaNs: it refuses in the masking stage, its neighbours' key shares remove
     its masks, and the other four clients' sum is still recovered."""
-
-    def broken_loader(context, cfg):
-        task, train, val = load_client_data(context, cfg)
-        if int(context.node_config["partition-id"]) == 2:
-            x = train.x.copy()
-            x[0, 0] = np.nan
-            train = Split(x, train.y)
-        return task, train, val
-
-    apps = {pid: make_client_app(broken_loader if pid == 2 else load_client_data)
-            for pid in range(5)}
-    monkeypatch.setattr(runner, "make_client_app", lambda: apps.pop(min(apps)))
     summary = simulate(small_cfg(federation={"rounds": 2}, secagg={"enabled": True}, **SUM_ONLY))
     for line in lines_of(summary):
         assert line["accepted"] == 4 and not line["skipped"]
