@@ -1,5 +1,6 @@
 """Across sites on 127.0.0.1: a real SuperLink with TLS and SuperNode authentication, three
-authenticated SuperNodes training with DP-SGD (one reading its own CSV through tasks.local), an
+authenticated SuperNodes training the MNIST task with DP-SGD (one reading its own CSV of raw
+pixels through tasks.local), an
 unregistered one that is turned away, and a site that goes down mid-run while the federation
 finishes without it (~3-4 min, in CI).
 
@@ -12,6 +13,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedshield.config import PartitionConfig
@@ -19,9 +21,11 @@ from fedshield.site import init_sites, write_node_key
 from fedshield.site_local import LocalFederation, free_port, wait_for
 from server.checkpoint import load_checkpoint
 from tasks import evaluate, get_task
+from tasks.images import MNIST_MEAN, MNIST_STD
 from tasks.partition import cached_partitions
 
 NUM_SITES = 3
+TASK = "mnist5k"  # the MNIST task (its 5,000-digit sample) with the DP-friendly CNN
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -30,15 +34,16 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def write_site_csv(path: Path, partition: int) -> None:
-    """Site 1's own data: its digits partition written as a CSV with a header and a label column."""
-    task = get_task("digits")
-    train, _ = task.load()
-    part = cached_partitions("digits", NUM_SITES, PartitionConfig(kind="iid"), 0)[partition]
+    """Site 1's own data: its MNIST (5,000-digit sample) partition as a CSV: a label column and
+    784 raw pixel columns (0-255), as a partner would export them."""
+    train, _ = get_task(TASK).load()
+    part = cached_partitions(TASK, NUM_SITES, PartitionConfig(kind="iid"), 0)[partition]
+    pixels = np.clip(np.rint((train.x * MNIST_STD + MNIST_MEAN) * 255), 0, 255).astype(int)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["label", *task.feature_names])
+        w.writerow(["label", *(f"pixel{k}" for k in range(784))])
         for i in part:
-            w.writerow([int(train.y[i]), *(f"{v:.6g}" for v in train.x[i])])
+            w.writerow([int(train.y[i]), *pixels[i].reshape(-1)])
 
 
 def set_node_config(site: Path, key: str, value: str) -> None:
@@ -64,7 +69,7 @@ def online_nodes(fed: LocalFederation) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
     kit = init_sites(tmp_path / "kit", NUM_SITES, port=free_port(),
                      node_ports=[free_port() for _ in range(NUM_SITES)])
@@ -87,17 +92,18 @@ def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
         assert "code: 2004" in fed.log("rogue")
 
         run_id = fed.submit(
-            f"task.name='digits' federation.num_clients={NUM_SITES} federation.min_clients=2 "
-            f"federation.rounds=3 federation.round_timeout=60.0 partition.kind='iid' "
-            f"train.lr=0.1 privacy.enabled=true privacy.noise_multiplier=1.0 "
+            f"task.name='{TASK}' task.model='tanh_cnn' federation.num_clients={NUM_SITES} "
+            f"federation.min_clients=2 federation.rounds=3 federation.round_timeout=60.0 "
+            f"partition.kind='iid' train.lr=0.5 train.momentum=0.5 train.batch_size=64 "
+            f"privacy.enabled=true privacy.noise_multiplier=1.0 "
             f"output_dir='{out}' deployment.handoff=false")
-        run_dir = wait_for(lambda: next(iter(out.glob("*/metrics.jsonl")), None), 120,
-                           "the run folder").parent
-        wait_for(lambda: len(metrics(run_dir)) >= 1, 150, "round 1")
+        # Round 1 starts a clientapp process per site (torch import, MNIST load): give it time.
+        run_dir = wait_for(lambda: next(iter(out.glob("*/metrics.jsonl")), None), 360,
+                           "round 1's metrics").parent
 
         # (b) site 3 goes down after round 1; the others finish the run
         assert fed.stop(f"site-{NUM_SITES}", signal.SIGTERM) is not None
-        info = fed.wait_run(run_id, timeout=240)
+        info = fed.wait_run(run_id, timeout=420)
         assert info["status"] == "finished:completed", info
 
     lines = metrics(run_dir)
@@ -105,7 +111,7 @@ def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
     assert lines[0]["accepted"] == NUM_SITES and not lines[0]["refused"], lines[0]
     assert lines[-1]["sampled"] == NUM_SITES - 1 and lines[-1]["accepted"] == NUM_SITES - 1
     assert all(m["accepted"] >= NUM_SITES - 1 for m in lines)
-    assert lines[-1]["accuracy"] > lines[0]["accuracy"] and lines[-1]["accuracy"] > 0.4
+    assert lines[-1]["accuracy"] > lines[0]["accuracy"] and lines[-1]["accuracy"] > 0.3
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 3
     # DP-SGD on every site: epsilon reported each round, growing, and kept in each site's ledger
