@@ -79,7 +79,7 @@ def registry_show(version: str = typer.Argument(..., help="Version number."), mo
 @registry_app.command("promote")
 def registry_promote(version: str = typer.Argument(..., help="Version number."), model_name: str = ModelName,
                      registry_uri: str = RegistryUri,
-                     config: Path = typer.Option(None, "--config", "-c", help="TOML whose [deployment] is the policy."),
+                     config: Path = typer.Option(None, "--config", "-c", help="TOML whose \\[deployment] table is the policy."),
                      force: bool = typer.Option(False, "--force", help="Promote despite policy failures "
                                                 "(never despite a hash mismatch)."),
                      as_json: bool = AsJson) -> None:
