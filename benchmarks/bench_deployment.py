@@ -57,9 +57,7 @@ def overrides(task: str, n: int, rounds: int, out: Path) -> dict:
 
 
 def run_config_string(task: str, n: int, rounds: int, out: Path) -> str:
-    flat = fcfg.flatten(overrides(task, n, rounds, out))
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-                    for k, v in flat.items())
+    return fcfg.to_run_config_overrides(fcfg.from_dict(overrides(task, n, rounds, out)))
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -567,6 +567,12 @@ def _toml_value(v: Any) -> str:
     return str(v)
 
 
+def to_run_config_overrides(cfg: Config) -> str:
+    """Every key of ``cfg`` as ``flwr run --run-config "k=v ..."``: the run then does not depend on
+    the defaults in pyproject.toml."""
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in cfg.flat().items())
+
+
 def to_flwr_table(cfg: Config) -> str:
     """The ``[tool.flwr.app.config]`` body for pyproject.toml (``flwr run .`` reads it)."""
     return "".join(f"{key} = {_toml_value(value)}\n" for key, value in cfg.flat().items())

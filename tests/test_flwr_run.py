@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fedshield import config as fcfg
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SUPERLINK_PORT = 39091  # fixed by flwr's managed local SuperLink
 
@@ -32,8 +34,9 @@ def test_flwr_run_local_simulation(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     out = tmp_path / "runs"
-    overrides = (f"task.name='digits' federation.num_clients=3 federation.rounds=2 "
-                 f"train.lr=0.1 output_dir='{out}' deployment.handoff=false")
+    overrides = fcfg.to_run_config_overrides(fcfg.from_dict({
+        "task": {"name": "digits"}, "federation": {"num_clients": 3, "rounds": 2},
+        "train": {"lr": 0.1}, "output_dir": str(out), "deployment": {"handoff": False}}))
     try:
         proc = subprocess.run([str(bin_dir / "flwr"), "run", str(ROOT), "--run-config", overrides,
                                "--stream"], env=env, cwd=tmp_path, capture_output=True, text=True,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedshield import config as fcfg
 from fedshield.config import PartitionConfig
 from fedshield.site import init_sites, write_node_key
 from fedshield.site_local import LocalFederation, free_port, wait_for
@@ -92,11 +93,14 @@ def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
         assert "code: 2004" in fed.log("rogue")
 
         run_id = fed.submit(
-            f"task.name='{TASK}' task.model='tanh_cnn' federation.num_clients={NUM_SITES} "
-            f"federation.min_clients=2 federation.rounds=3 federation.round_timeout=60.0 "
-            f"partition.kind='iid' train.lr=0.5 train.momentum=0.5 train.batch_size=64 "
-            f"privacy.enabled=true privacy.noise_multiplier=1.0 "
-            f"output_dir='{out}' deployment.handoff=false")
+            fcfg.to_run_config_overrides(fcfg.from_dict({
+                "task": {"name": TASK, "model": "tanh_cnn"},
+                "federation": {"num_clients": NUM_SITES, "min_clients": 2, "rounds": 3,
+                               "round_timeout": 60.0},
+                "partition": {"kind": "iid"},
+                "train": {"lr": 0.5, "momentum": 0.5, "batch_size": 64},
+                "privacy": {"enabled": True, "noise_multiplier": 1.0},
+                "output_dir": str(out), "deployment": {"handoff": False}})))
         # Round 1 starts a clientapp process per site (torch import, MNIST load): give it time.
         run_dir = wait_for(lambda: next(iter(out.glob("*/metrics.jsonl")), None), 360,
                            "round 1's metrics").parent
@@ -138,10 +142,15 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
     kit = init_sites(tmp_path / "kit", sites, port=free_port(),
                      node_ports=[free_port() for _ in range(sites)])
     out = tmp_path / "runs"
-    common = (f"task.name='digits' federation.num_clients={sites} federation.min_clients={sites} "
-              f"federation.round_timeout=90.0 partition.kind='iid' train.lr=0.1 "
-              f"privacy.enabled=true privacy.noise_multiplier=1.0 privacy.ledger_scope='federation' "
-              f"deployment.handoff=false")
+    def run_config(rounds: int, output_dir: Path, resume: str = "") -> str:
+        """Every key given, so the runs do not depend on configs/default.toml."""
+        return fcfg.to_run_config_overrides(fcfg.from_dict({
+            "task": {"name": "digits"}, "output_dir": str(output_dir), "resume": resume,
+            "federation": {"num_clients": sites, "min_clients": sites, "round_timeout": 90.0,
+                           "rounds": rounds},
+            "partition": {"kind": "iid"}, "train": {"lr": 0.1},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "ledger_scope": "federation"},
+            "deployment": {"handoff": False}}))
 
     with LocalFederation(kit.root, tmp_path / "logs") as fed:
         fed.start_superlink()
@@ -151,7 +160,7 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
         wait_for(lambda: online_nodes(fed) == sites, 90, "SuperNodes online")
 
         # (c) one DP run, restart site 1, a second run: its epsilon keeps growing
-        first = fed.submit(f"{common} federation.rounds=1 output_dir='{out / 'first'}'")
+        first = fed.submit(run_config(1, out / "first"))
         assert fed.wait_run(first, 240)["status"] == "finished:completed"
         eps_first = metrics(next((out / "first").iterdir()))[-1]["epsilon"]["0"]
         events_first = ledger_history(kit.site(1))
@@ -161,7 +170,7 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
         assert ledger_history(kit.site(1)) == events_first  # nothing lost on restart
 
         # (d) a run stopped after round 1 and resumed from its run folder
-        second = fed.submit(f"{common} federation.rounds=3 output_dir='{out / 'second'}'")
+        second = fed.submit(run_config(3, out / "second"))
         run_dir = wait_for(lambda: next(iter((out / "second").glob("*/metrics.jsonl")), None),
                            120, "the run folder").parent
         wait_for(lambda: len(metrics(run_dir)) >= 1, 240, "round 1")
@@ -175,8 +184,7 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
         model = task.build_model()
         model.load_state_dict(load_checkpoint(run_dir).weights)
         assert evaluate(model, task.load()[1])["accuracy"] == pytest.approx(done[-1]["accuracy"])
-        resumed = fed.submit(f"{common} federation.rounds=3 output_dir='{out / 'second'}' "
-                             f"resume='{run_dir}'")
+        resumed = fed.submit(run_config(3, out / "second", resume=str(run_dir)))
         assert fed.wait_run(resumed, 300)["status"] == "finished:completed"
 
     lines = metrics(run_dir)
