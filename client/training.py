@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 import numpy as np
 import torch
 from torch import nn
@@ -24,21 +26,18 @@ def train_local(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> d
     optimizer = make_optimizer(model, cfg)
     x, y = torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device)
     model.train()
+    batches = (torch.from_numpy(order[start:start + cfg.batch_size])
+               for _ in range(cfg.local_epochs)
+               for order in [rng.permutation(len(data))]
+               for start in range(0, len(data), cfg.batch_size))
     steps, loss_sum, seen = 0, 0.0, 0
-    for _ in range(cfg.local_epochs):
-        order = torch.from_numpy(rng.permutation(len(data)))
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
-            seen += len(idx)
-            steps += 1
-            if cfg.max_steps and steps >= cfg.max_steps:
-                break
-        if cfg.max_steps and steps >= cfg.max_steps:
-            break
+    for idx in islice(batches, cfg.max_steps or None):
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(idx)
+        seen += len(idx)
+        steps += 1
     model.to("cpu")  # weights travel as CPU arrays
     return {"train-loss": loss_sum / max(seen, 1), "steps": float(steps)}

@@ -59,7 +59,6 @@ class InProcessGrid(Grid):
             for n, p in self.node_to_partition.items()}
         self._pending: dict[str, Message] = {}
         self._reply_filter = reply_filter
-        self.client_seconds: dict[int, float] = {}
         # Messages created by the ServerApp read their sender identity from here (set by
         # Flower's runtime in a real deployment).
         TaskIdentity.task_id, TaskIdentity.run_id = 1, self.run_id
@@ -108,12 +107,10 @@ class InProcessGrid(Grid):
     # --- delivery --------------------------------------------------------------------------
     def _deliver(self, msg: Message) -> Message:
         node = msg.metadata.dst_node_id
-        started = time.perf_counter()
         try:
             reply = self._apps[node](msg, self._contexts[node])
         except Exception as exc:  # noqa: BLE001 — reported to the server like Flower does
             reason = f"{type(exc).__name__}: {exc}"
             reply = Message(Error(code=CLIENT_APP_EXCEPTION, reason=reason), reply_to=msg)
-        self.client_seconds[node] = time.perf_counter() - started
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
