@@ -8,6 +8,7 @@ record naming the reason, so the server logs it and the round goes on.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -103,6 +104,8 @@ def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
     started = time.perf_counter()
     task, data, _ = _checked_data(context, cfg, load_data)
     train_cfg = fcfg.section(fcfg.TrainConfig, fcfg.unflatten(rc).get("train", {}), "train.")
+    train_cfg = replace(train_cfg, lr=train_cfg.lr_at(int(rc.get("server-round", 1)),
+                                                      int(rc.get("num-rounds", 1))))
     model = task.build_model()
     if isinstance(weights, list):
         weights = {name: torch.from_numpy(np.array(a)) for name, a

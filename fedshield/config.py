@@ -82,6 +82,9 @@ class PartitionConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = opt(0.05, positive, "a learning rate > 0")
+    # Client learning rate across rounds: constant, or cosine decay from lr (round 1) towards 0
+    # (round federation.rounds); the decay is what lets FedAvg settle past its constant-lr plateau.
+    lr_schedule: str = opt("constant", choices=("constant", "cosine"))
     momentum: float = opt(0.9, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     weight_decay: float = opt(0.0, non_negative, ">= 0")
     local_epochs: int = opt(1, positive, "an integer >= 1")
@@ -90,6 +93,13 @@ class TrainConfig:
     max_steps: int = opt(0, non_negative, "an integer >= 0")
     # auto = CUDA when this machine has a GPU, else CPU.
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
+
+    def lr_at(self, server_round: int, total_rounds: int) -> float:
+        """The learning rate for ``server_round`` (1-based) of ``total_rounds``."""
+        if self.lr_schedule == "constant" or total_rounds <= 1:
+            return self.lr
+        progress = min(max(server_round - 1, 0), total_rounds) / total_rounds
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)
