@@ -1,9 +1,10 @@
 """Serving latency and throughput: onnxruntime vs torch eager, in-process and over HTTP.
 
 In-process: the bare model call (``session.run`` vs ``model(x)`` under ``torch.inference_mode``).
-HTTP: the fedshield serving app under uvicorn on 127.0.0.1 in one process, a closed-loop httpx
-load generator in another (keep-alive, pre-serialised JSON bodies), so the numbers include JSON
-parsing, pydantic validation, the model call, drift bookkeeping and the response. The torch server is
+HTTP: the fedshield serving app under uvicorn on 127.0.0.1 in one process, a closed-loop load
+generator in another (http.client, keep-alive, pre-serialised bodies: JSON, and the binary
+``application/x-npy`` format), so the numbers include parsing, validation, the model call, drift
+bookkeeping and the response. The torch server is
 the same app with its ONNX session swapped for the torch model, so only the model call differs.
 Model: the MNIST CNN (``tasks.get_task("mnist").build_model()``, random init: latency does not
 depend on the weights). Both runtimes use one intra-op thread.
@@ -14,6 +15,9 @@ depend on the weights). Both runtimes use one intra-op thread.
 from __future__ import annotations
 
 import argparse
+import http.client
+import io
+import itertools
 import json
 import os
 import platform
@@ -28,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BATCHES = (1, 32, 256)
+FORMATS = ("json", "npy")
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -106,25 +111,37 @@ def serve_process(folder: str, port: int, runtime: str) -> None:
     uvicorn.run(create_app(served, max_batch=1024), host="127.0.0.1", port=port, log_level="error", access_log=False)
 
 
-def client_process(url: str, batch: int, requests: int, out: str) -> None:
-    """Child process: closed-loop load generator (one connection, keep-alive)."""
-    import httpx
+def request_body(batch: int, fmt: str) -> tuple[bytes, dict]:
+    """One pre-serialised /predict body: JSON numbers, or the bytes of numpy.save (x-npy)."""
+    x = np.random.default_rng(1).standard_normal((batch, 1, 28, 28)).astype(np.float32).round(4)
+    if fmt == "json":
+        body = json.dumps({"inputs": x.tolist(), "probabilities": False}).encode()
+        return body, {"content-type": "application/json"}
+    buffer = io.BytesIO()
+    np.save(buffer, x)
+    return buffer.getvalue(), {"content-type": "application/x-npy"}
 
-    rng = np.random.default_rng(1)
-    body = json.dumps({"inputs": rng.standard_normal((batch, 1, 28, 28)).round(4).tolist(),
-                       "probabilities": False}).encode()
-    headers = {"content-type": "application/json"}
+
+def client_process(url: str, batch: int, fmt: str, requests: int, out: str) -> None:
+    """Child process: closed-loop load generator on one keep-alive connection. Plain http.client:
+    a heavier client (httpx) would add its own overhead to every request it times."""
+    host, port = url.removeprefix("http://").split(":")
+    body, headers = request_body(batch, fmt)
+    path = "/predict" if fmt == "json" else "/predict?probabilities=false"
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
     times, server = [], []
-    with httpx.Client(base_url=url, timeout=30.0) as client:
-        for i in range(requests + 20):
-            t0 = time.perf_counter()
-            r = client.post("/predict", content=body, headers=headers)
-            elapsed = time.perf_counter() - t0
-            if r.status_code != 200:
-                raise SystemExit(f"HTTP {r.status_code}: {r.text[:300]}")
-            if i >= 20:  # warm-up
-                times.append(elapsed)
-                server.append(float(r.headers["server-timing"].split("dur=")[1]) / 1e3)
+    for i in range(requests + 50):
+        t0 = time.perf_counter()
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        payload = response.read()
+        elapsed = time.perf_counter() - t0
+        if response.status != 200:
+            raise SystemExit(f"HTTP {response.status}: {payload[:300]!r}")
+        if i >= 50:  # warm-up
+            times.append(elapsed)
+            server.append(float(response.getheader("server-timing").split("dur=")[1]) / 1e3)
+    conn.close()
     Path(out).write_text(json.dumps({"times": times, "server": server, "body_bytes": len(body)}))
 
 
@@ -158,16 +175,16 @@ def over_http(folder: Path, requests: int, out: Path) -> list[dict]:
                                    "--runtime", runtime])
         try:
             wait_healthy(url, server)
-            for batch in BATCHES:
+            for batch, fmt in itertools.product(BATCHES, FORMATS):
                 n = max(50, requests // max(1, batch // 8)) if batch > 1 else requests
-                result = out / f"client-{runtime}-{batch}.json"
-                subprocess.run([sys.executable, __file__, "--client", url, "--batch", str(batch),
+                result = out / f"client-{runtime}-{batch}-{fmt}.json"
+                subprocess.run([sys.executable, __file__, "--client", url, "--batch", str(batch), "--format", fmt,
                                 "--requests", str(n), "--result", str(result)], check=True, timeout=600)
                 data = json.loads(result.read_text())
                 result.unlink()
                 stats = percentiles(data["times"])
                 inside = percentiles(data["server"])
-                rows.append({"mode": "http", "runtime": runtime, "batch": batch, **stats,
+                rows.append({"mode": f"http-{fmt}", "runtime": runtime, "batch": batch, **stats,
                              "samples_per_s": batch * len(data["times"]) / sum(data["times"]),
                              "server_p50_ms": inside["p50_ms"], "server_p99_ms": inside["p99_ms"],
                              "body_bytes": data["body_bytes"]})
@@ -198,12 +215,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--runtime", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--format", choices=FORMATS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return serve_process(args.serve, args.port, args.runtime)
     if args.client:
-        return client_process(args.client, args.batch, args.requests, args.result)
+        return client_process(args.client, args.batch, args.format, args.requests, args.result)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Serving: FastAPI TestClient on a real digits export, and one real uvicorn on 127.0.0.1."""
 
+import io
 import json
 import os
 import re
@@ -90,6 +91,39 @@ def test_non_finite_values_are_422(served):
     r = served["client"].post("/predict", content=body, headers=AUTH | {"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "inputs", 0, 63]
     assert "finite" in r.json()["detail"][0]["msg"]
+
+
+def npy_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def post_npy(client, content, query=""):
+    return client.post(f"/predict{query}", content=content, headers=AUTH | {"content-type": "application/x-npy"})
+
+
+def test_binary_npy_batch_gets_the_json_answer(served):
+    x = served["test"].x[:20].astype(np.float32)
+    r = post_npy(served["client"], npy_bytes(x))
+    assert r.status_code == 200
+    assert r.json()["predictions"] == post(served["client"], x.tolist()).json()["predictions"]
+    assert post_npy(served["client"], npy_bytes(x[:1]), "?probabilities=false").json().keys() == {
+        "predictions", "model_version"}
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"not an array", "not a .npy array"),
+    (npy_bytes(np.array([{"x": 1}], dtype=object)), "not a .npy array"),  # pickles are never loaded
+    (npy_bytes(np.zeros((1, 63), np.float32)), "expected (batch, 64)"),
+    (npy_bytes(np.zeros((0, 64), np.float32)), "between 1 and 256"),
+    (npy_bytes(np.zeros((257, 64), np.float32)), "between 1 and 256"),
+    (npy_bytes(np.array([["a"] * 64])), "dtype <U1"),
+    (npy_bytes(np.full((1, 64), np.nan, np.float32)), "NaN or infinity"),
+])
+def test_invalid_npy_gets_422_saying_what_is_wrong(served, content, fragment):
+    r = post_npy(served["client"], content)
+    assert r.status_code == 422 and fragment in r.json()["detail"]
 
 
 def test_oversized_body_is_413(served):
