@@ -22,6 +22,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.training import augmenter
 from fedshield.config import PrivacyConfig, TrainConfig
 from fedshield.errors import ConfigError
 from privacy.accounting import compact
@@ -116,6 +117,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate} for {len(dp_loader)} steps an epoch; "
                            f"the planner assumed {rate} for {planned_steps} steps a round")
 
+    augment = augmenter(train_cfg, seed)  # per example, before clipping: sensitivity unchanged
     steps, loss_sum, seen, started = 0, 0.0, 0, time.perf_counter()
     batches = chain.from_iterable(dp_loader for _ in range(train_cfg.local_epochs))
     with warnings.catch_warnings():
@@ -123,7 +125,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         try:
             for xb, yb in islice(batches, planned_steps):
-                xb, yb = xb.to(device), yb.to(device)
+                xb, yb = augment(xb.to(device)) if len(yb) else xb.to(device), yb.to(device)
                 dp_optimizer.zero_grad()
                 loss = criterion(dp_model(xb), yb)
                 loss.backward()

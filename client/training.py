@@ -17,6 +17,31 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
+def random_shift(x: torch.Tensor, max_pixels: float, generator: torch.Generator) -> torch.Tensor:
+    """Move each image of an ``(N, C, H, W)`` batch by its own uniform draw in
+    [-max_pixels, max_pixels] along x and y (bilinear; edges repeat the border, i.e. background)."""
+    if x.dim() != 4:
+        raise ValueError(f"train.augment = 'shift' needs image batches (N, C, H, W), got shape "
+                         f"{tuple(x.shape)}; set train.augment = \"none\" for this task")
+    n, _, height, width = x.shape
+    draw = torch.rand(n, 2, generator=generator) * 2 - 1
+    # affine_grid works in [-1, 1] coordinates: a shift of p pixels is 2p / size.
+    offsets = draw * max_pixels * 2 / torch.tensor([width, height], dtype=torch.float32)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = offsets
+    grid = nn.functional.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+def augmenter(cfg: TrainConfig, seed: int):
+    """The batch transform ``cfg.augment`` asks for (identity for "none")."""
+    if cfg.augment == "none":
+        return lambda x: x
+    generator = torch.Generator().manual_seed(seed + 1)
+    return lambda x: random_shift(x, cfg.augment_pixels, generator)
+
+
 def train_local(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> dict[str, float]:
     """Shuffled minibatch SGD for ``cfg.local_epochs`` epochs (or ``cfg.max_steps`` steps)."""
     rng = np.random.default_rng(seed)
@@ -25,6 +50,7 @@ def train_local(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> d
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     x, y = torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device)
+    augment = augmenter(cfg, seed)
     model.train()
     batches = (torch.from_numpy(order[start:start + cfg.batch_size])
                for _ in range(cfg.local_epochs)
@@ -33,7 +59,7 @@ def train_local(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> d
     steps, loss_sum, seen = 0, 0.0, 0
     for idx in islice(batches, cfg.max_steps or None):
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss = nn.functional.cross_entropy(model(augment(x[idx])), y[idx])
         loss.backward()
         optimizer.step()
         loss_sum += loss.item() * len(idx)

@@ -43,6 +43,7 @@ def open_unit(v: Any) -> bool:
 
 
 TASK_NAMES = frozenset({"mnist", "mnist5k", "digits", "adult"})
+TABULAR_TASKS = frozenset({"digits", "adult"})  # flat feature vectors, not images
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class TrainConfig:
     batch_size: int = opt(32, positive, "an integer >= 1")
     # Cap on optimizer steps per round (0 = no cap); keeps slow clients' rounds bounded.
     max_steps: int = opt(0, non_negative, "an integer >= 0")
+    # Data augmentation for image tasks: "shift" moves each training image by up to
+    # augment_pixels in x and y (a new draw every step); "none" trains on the data as is.
+    augment: str = opt("none", choices=("none", "shift"))
+    augment_pixels: float = opt(2.0, positive, "a shift in pixels > 0")
     # auto = CUDA when this machine has a GPU, else CPU.
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
 
@@ -367,7 +372,15 @@ def _check_central_dp(cfg: Config) -> str | None:
     return central_dp_config_check(cfg)
 
 
-CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack, _check_central_dp]
+def _check_augment(cfg: Config) -> str | None:
+    if cfg.train.augment != "none" and cfg.task.name in TABULAR_TASKS:
+        return (f"train.augment = {cfg.train.augment!r} shifts images, and task {cfg.task.name!r} "
+                f"is tabular; set train.augment = \"none\"")
+    return None
+
+
+CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack, _check_central_dp,
+                 _check_augment]
 
 # Attacks the simulator applies only by poisoning a client's data; every other attack rewrites
 # updates after training, from the round's plaintext updates, which do not exist under SecAgg+

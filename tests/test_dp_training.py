@@ -106,3 +106,19 @@ def test_empty_poisson_batches_still_step_and_stay_finite(digits, tmp_path):
     assert out["metrics"]["steps"] == 30  # every sampled batch, empty or not, is a released step
     assert np.isfinite(out["metrics"]["train_loss"])
     assert all(torch.isfinite(v).all() for v in out["state_dict"].values())
+
+
+def test_augmented_dp_round_on_mnist_images_is_accounted_like_a_plain_one(tmp_path):
+    """Shift augmentation transforms each example before clipping: same events, same epsilon."""
+    task = get_task("mnist5k")
+    train = task.load()[0]
+    train = type(train)(train.x[:512], train.y[:512])
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, delta=DELTA)
+    out = {}
+    for augment in ("none", "shift"):
+        ledger = Ledger(tmp_path / f"{augment}.json", DELTA, "prv")
+        out[augment] = train_private(task.build_model(), train, TrainConfig(batch_size=64, augment=augment),
+                                     cfg, ledger, total_rounds=1, server_round=1, run_id="r", seed=3)
+    assert out["shift"]["events"] == out["none"]["events"]
+    assert out["shift"]["metrics"]["epsilon"] == out["none"]["metrics"]["epsilon"]
+    assert out["shift"]["metrics"]["train_loss"] != out["none"]["metrics"]["train_loss"]
