@@ -129,6 +129,36 @@ def privacy_sweep(
     Console().print(f"table and plot in {out}/")
 
 
+bench_app = typer.Typer(no_args_is_help=True,
+                        help="Benchmarks: print a table and write JSON/Markdown under runs/.")
+
+
+@bench_app.command("aggregators", epilog="Example: fedshield bench aggregators --ns 10,100 --ds 1000000")
+def bench_aggregators(
+    ns: str = typer.Option("10,100,1000", help="comma-separated numbers of clients"),
+    ds: str = typer.Option("100000,1000000", help="comma-separated update sizes (parameters)"),
+    rules: str = typer.Option("", help="comma-separated aggregation specs, e.g. krum,nnm+cclip "
+                                       "(default: every rule)"),
+    repeats: int = typer.Option(3, min=1, help="best of this many timings (1 for inputs >= 1e8)"),
+    out: str = typer.Option("runs/bench-aggregators", help="folder for results.json and results.md"),
+) -> None:
+    """Time each aggregation rule against Flower 1.42's built-in strategy aggregation on the
+    same updates, as a speed ratio per rule, n and d."""
+    from benchmarks.bench_aggregators import HEADER, SPECS, assumed_f, run
+
+    specs = _names(rules) or SPECS
+    sizes = [int(v) for v in _floats(ns)], [int(v) for v in _floats(ds)]
+    if min(min(sizes[0]), min(sizes[1])) < 1:
+        fail("--ns and --ds need sizes >= 1")
+    try:
+        for spec in specs:  # refuse a bad spec before the first (possibly long) timing
+            assumed_f(spec, max(sizes[0]))
+    except FedShieldError as exc:
+        fail(str(exc))
+    print(HEADER)
+    run(*sizes, out, repeats, specs)
+
+
 def _mount() -> None:
     """Sub-commands that live beside their library code."""
     from deployment.cli import monitor_command, registry_app, serve_command
@@ -143,6 +173,7 @@ def _mount() -> None:
     privacy_app.command("sweep", epilog="Example: fedshield privacy sweep configs/default.toml "
                         "--epsilons 1,3,8,inf --seeds 0,1")(privacy_sweep)
     app.add_typer(privacy_app, name="privacy")
+    app.add_typer(bench_app, name="bench")
 
 
 _mount()
