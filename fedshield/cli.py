@@ -61,11 +61,11 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-ROBUST_RULES = "fedavg,median,trimmed_mean,krum,geomed,bucketing+cclip"
-ALL_ATTACKS = "none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum"
+ROBUST_RULES = "fedavg,median,trimmed_mean,krum,geomed,bucketing+cclip,nnm+cclip"
+ALL_ATTACKS = "none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum,backdoor"
 
 
-@app.command(epilog="Example: fedshield robustness configs/robustness.toml --rules fedavg,bucketing+cclip "
+@app.command(epilog="Example: fedshield robustness configs/bench-robustness.toml --rules fedavg,nnm+cclip "
                     "--attacks none,alie,ipm --fractions 0.2 --partitions dirichlet-0.5")
 def robustness(
     config: str = typer.Argument(..., help="base TOML config (task, clients, rounds, training)"),
