@@ -22,7 +22,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.training import augmenter
+from client.training import augmenter, make_optimizer
 from fedshield.config import PrivacyConfig, TrainConfig
 from fedshield.errors import ConfigError
 from privacy.accounting import compact
@@ -96,8 +96,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
                         batch_size=train_cfg.batch_size, generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum,
-                                weight_decay=train_cfg.weight_decay)
+    optimizer = make_optimizer(model, train_cfg)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")  # seeded for reproducibility
         warnings.filterwarnings("ignore", message="GDP accounting is experimental")  # said in the docs
@@ -125,7 +124,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         try:
             for xb, yb in islice(batches, planned_steps):
-                xb, yb = augment(xb.to(device)) if len(yb) else xb.to(device), yb.to(device)
+                xb, yb = augment(xb.to(device)), yb.to(device)
                 dp_optimizer.zero_grad()
                 loss = criterion(dp_model(xb), yb)
                 loss.backward()

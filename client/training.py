@@ -24,6 +24,8 @@ def random_shift(x: torch.Tensor, max_pixels: float, generator: torch.Generator)
         raise ValueError(f"train.augment = 'shift' needs image batches (N, C, H, W), got shape "
                          f"{tuple(x.shape)}; set train.augment = \"none\" for this task")
     n, _, height, width = x.shape
+    if n == 0:  # Poisson-sampled DP batches can be empty; affine_grid refuses size 0
+        return x
     draw = torch.rand(n, 2, generator=generator) * 2 - 1
     # affine_grid works in [-1, 1] coordinates: a shift of p pixels is 2p / size.
     offsets = draw * max_pixels * 2 / torch.tensor([width, height], dtype=torch.float32)

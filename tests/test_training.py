@@ -8,7 +8,7 @@ from fedshield import config as fcfg
 from fedshield.errors import ConfigError
 
 
-def test_whole_pixel_shifts_move_the_image_and_keep_its_border():
+def test_each_image_moves_by_its_own_draw_within_max_pixels():
     x = torch.zeros(1, 1, 9, 9)
     x[0, 0, 4, 4] = 1.0  # one bright pixel in the middle
     shifted = random_shift(x.repeat(64, 1, 1, 1), 1.0, torch.Generator().manual_seed(0))
@@ -28,6 +28,11 @@ def test_a_full_draw_shifts_by_exactly_max_pixels(monkeypatch):
     shifted = random_shift(x, 1.0, torch.Generator())
     # +1 pixel in grid coordinates samples from the right/below: content moves left/up by one.
     assert torch.allclose(shifted[..., :-1, :-1], x[..., 1:, 1:], atol=1e-6)
+
+
+def test_an_empty_batch_passes_through():
+    empty = torch.zeros(0, 1, 28, 28)
+    assert random_shift(empty, 2.0, torch.Generator()) is empty
 
 
 def test_shift_refuses_flat_features():
