@@ -94,3 +94,19 @@ def test_distances_order_tiny_updates_on_large_values():
     sq = (x * x).sum(axis=1)
     naive = sq[:, None] + sq[None, :] - 2 * x @ x.T
     assert not np.allclose(naive, exact, rtol=1e-2)
+
+
+def test_float32_distances_over_several_blocks_keep_krum_order():
+    """float32 updates (block products in float32, blocks summed in float64) against float64
+    differences of the same values; d spans several column blocks."""
+    n, d = 30, 300_000
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(d, generator=gen)
+    scale = torch.linspace(1.0, 2.0, n)[:, None]
+    x = (common + 1e-3 * scale * torch.randn(n, d, generator=gen)).float()
+    x64 = x.double()
+    exact = torch.stack([((x64 - row) ** 2).sum(dim=1) for row in x64])
+    ours = pairwise_sq_distances(x)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, exact, rtol=1e-5, atol=0.0)
+    assert torch.equal(krum_scores(ours, 5).argsort(), krum_scores(exact, 5).argsort())

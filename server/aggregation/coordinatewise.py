@@ -1,26 +1,27 @@
 """Coordinate-wise median and trimmed mean (Yin et al. 2018).
 
-Both are order statistics along dim 0 of the (n, d) updates, done by selection, not sorting:
-numpy's introselect (np.median / np.partition on the tensor's memory) was the fastest option
-measured on 2 cores at n = 100, d = 1e6, float32 (two runs; the machine is shared):
-np.median 2.3-4.5 s, torch.median 2.7-5.8 s, torch.kthvalue 3.3 s, torch.sort 4.5-14 s; for a
-10 % trimmed mean np.partition 2.8-6.1 s vs torch.sort 4.5-14 s. np.partition keeps the kept
-values exact, unlike "sum - top-k - bottom-k", which cancels badly against huge outliers.
+Both are means of a window of per-coordinate ranks (the middle one or two; all but ``trim`` at each
+end), computed by the column-vectorised sorting network in ``order_stats``: exact, and at n = 100,
+d = 1e6 (float32, 2 cores) ~10x faster than np.median / np.partition, the fastest of NumPy and
+torch's selection and sorting routines measured before it. The trimmed mean averages the kept values
+themselves, unlike "sum - top-k - bottom-k", which cancels badly against huge outliers.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from fedshield.errors import ConfigError
 from server.aggregation.distances import distances_to
+from server.aggregation.order_stats import sorted_window_mean
 from server.aggregation.result import AggregationResult, excess_over_median, working_copy
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     """Per-coordinate median; the mean of the two middle values when n is even."""
-    return torch.from_numpy(np.median(x.detach().cpu().numpy(), axis=0))
+    n = x.shape[0]
+    middle = (n - 1) // 2
+    return _window_mean(x, middle, n - middle).to(x.dtype)
 
 
 def median(updates: torch.Tensor) -> AggregationResult:
@@ -41,10 +42,10 @@ def trimmed_mean(updates: torch.Tensor, trim: int) -> AggregationResult:
     x = working_copy(updates)
     n = x.shape[0]
     check_trim(n, trim)
-    if trim == 0:
-        update = x.mean(dim=0)
-    else:
-        values = np.partition(x.detach().cpu().numpy(), (trim, n - trim - 1), axis=0)
-        update = torch.from_numpy(values[trim: n - trim].mean(axis=0))
+    update = x.mean(dim=0) if trim == 0 else _window_mean(x, trim, n - trim)
     suspicion = excess_over_median(distances_to(x, update))
     return AggregationResult(update.to(updates.dtype), suspicion, {"trimmed": float(2 * trim)})
+
+
+def _window_mean(x: torch.Tensor, first: int, stop: int) -> torch.Tensor:
+    return torch.from_numpy(sorted_window_mean(x.detach().cpu().numpy(), first, stop))

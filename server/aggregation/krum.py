@@ -7,12 +7,11 @@ repeated Krum, then per coordinate averages the beta = theta - 2f values closest
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from fedshield.errors import ConfigError
-from server.aggregation.coordinatewise import coordinate_median
 from server.aggregation.distances import pairwise_sq_distances
+from server.aggregation.order_stats import closest_to_median_mean
 from server.aggregation.result import (AggregationResult, excess_over_median, mean_of_rows,
                                        working_copy)
 
@@ -146,14 +145,12 @@ def _step_valid(valid: torch.Tensor, pos: torch.Tensor, step: int) -> torch.Tens
         pos = pos + step * blocked.long()
 
 
-def mean_closest_to(values: torch.Tensor, center: torch.Tensor, beta: int) -> torch.Tensor:
-    """Per coordinate, the mean of the beta values (rows) closest to ``center``."""
+def mean_closest_to_median(values: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per coordinate, the mean of the beta values (rows) closest to the coordinate's median."""
     if beta == values.shape[0]:
         return values.mean(dim=0)
-    # numpy's argpartition: 2.8 s vs torch.topk 3.6 s for 20 of 60 rows at d = 1e6 (2 cores)
-    v = values.detach().cpu().numpy()
-    idx = np.argpartition(np.abs(v - center.numpy()), beta - 1, axis=0)[:beta]
-    return torch.from_numpy(np.take_along_axis(v, idx, axis=0).mean(axis=0))
+    means = closest_to_median_mean(values.detach().cpu().numpy(), beta)
+    return torch.from_numpy(means).to(values.dtype)
 
 
 def bulyan(updates: torch.Tensor, f: int) -> AggregationResult:
@@ -164,7 +161,7 @@ def bulyan(updates: torch.Tensor, f: int) -> AggregationResult:
     sq_dist = pairwise_sq_distances(x)
     selected = bulyan_select(sq_dist, f, theta)
     chosen = x[selected]
-    update = mean_closest_to(chosen, coordinate_median(chosen), beta)
+    update = mean_closest_to_median(chosen, beta)
     suspicion = _selection_suspicion(krum_scores(sq_dist, f), selected)
     return AggregationResult(update.to(updates.dtype), suspicion,
                              {"selected": float(theta), "beta": float(beta), "f": float(f)})
