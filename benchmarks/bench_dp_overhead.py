@@ -33,7 +33,7 @@ from fedshield.config import PrivacyConfig, TrainConfig  # noqa: E402
 from privacy.ledger import Ledger  # noqa: E402
 from tasks import Split, get_task  # noqa: E402
 
-MODES = ("hooks", "ghost", "functorch", "ew")
+MODES = ("bk", "ghost", "hooks", "functorch", "ew")
 
 
 def train_plain(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> None:

@@ -22,6 +22,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.bookkeeping import BookKeepingClipper, supports_bookkeeping
 from client.training import augmenter, make_optimizer
 from fedshield.config import PrivacyConfig, TrainConfig
 from fedshield.errors import ConfigError
@@ -40,18 +41,12 @@ def dp_compatible(model: nn.Module) -> nn.Module:
 def pick_grad_sample_mode(model: nn.Module) -> str:
     """Fastest correct per-sample-gradient mode for ``model``.
 
-    Ghost clipping gets per-sample gradient *norms* without materialising per-sample gradients for
-    Linear/Embedding layers and uses Opacus' per-sample rules for the other layers it knows (Conv,
-    GroupNorm, ...). Measured on CPU (benchmarks/bench_dp_overhead.py) it beats hooks on the MLPs and
-    on MnistCNN, so it is chosen whenever Opacus has a rule for every trainable layer; otherwise
-    hooks (which fall back to functorch for just the unknown layers).
+    "bk" (client/bookkeeping.py: one backward pass, Opacus' per-layer rules and ghost norms for
+    Linear) whenever Opacus has a rule for every trainable layer; otherwise "hooks" (which falls
+    back to functorch for just the unknown layers). Measured on CPU (benchmarks/bench_dp_overhead.py)
+    bk beats Opacus' ghost clipping (two backward passes) and hooks on MnistCNN and the MLPs.
     """
-    known = set(GradSampleHooksFastGradientClipping.NORM_SAMPLERS) | set(GradSampleModule.GRAD_SAMPLERS)
-    for module in model.modules():
-        has_own_params = any(p.requires_grad for p in module.parameters(recurse=False))
-        if has_own_params and type(module) not in known:
-            return "hooks"
-    return "ghost"
+    return "bk" if supports_bookkeeping(model) else "hooks"
 
 
 def resolve_noise(privacy_cfg: PrivacyConfig, rate: float, total_steps: int) -> float:
@@ -104,11 +99,13 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         private = engine.make_private(
             module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
             noise_multiplier=noise, max_grad_norm=privacy_cfg.max_grad_norm, poisson_sampling=True,
-            grad_sample_mode=mode,
+            # bk keeps Opacus' ghost-mode optimizer (noise on the clipped sum in p.grad) and
+            # replaces its two backward passes; the ghost wrapper's own hooks are switched off
+            grad_sample_mode="ghost" if mode == "bk" else mode,
             # Opacus draws the noise on the parameters' device, so the generator must live there.
             noise_generator=generator if device.type == "cpu" else
             torch.Generator(device=device).manual_seed(seed))
-    if mode == "ghost":
+    if mode in ("ghost", "bk"):
         dp_model, dp_optimizer, criterion, dp_loader = private
     else:
         (dp_model, dp_optimizer, dp_loader), criterion = private, nn.CrossEntropyLoss()
@@ -116,6 +113,10 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate} for {len(dp_loader)} steps an epoch; "
                            f"the planner assumed {rate} for {planned_steps} steps a round")
 
+    clipper = None
+    if mode == "bk":
+        dp_model.disable_hooks()
+        clipper = BookKeepingClipper(model, privacy_cfg.max_grad_norm)
     augment = augmenter(train_cfg, seed)  # per example, before clipping: sensitivity unchanged
     steps, loss_sum, seen, started = 0, 0.0, 0, time.perf_counter()
     batches = chain.from_iterable(dp_loader for _ in range(train_cfg.local_epochs))
@@ -126,14 +127,19 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
             for xb, yb in islice(batches, planned_steps):
                 xb, yb = augment(xb.to(device)), yb.to(device)
                 dp_optimizer.zero_grad()
-                loss = criterion(dp_model(xb), yb)
-                loss.backward()
+                if clipper is not None:
+                    loss = clipper.backward(dp_model, xb, yb).mean()
+                else:
+                    loss = criterion(dp_model(xb), yb)
+                    loss.backward()
                 dp_optimizer.step()
                 steps += 1
                 if len(yb):  # Poisson batches can be empty (their loss is NaN; the step is still noise)
                     loss_sum += float(loss.item()) * len(yb)
                     seen += len(yb)
         finally:
+            if clipper is not None:
+                clipper.remove()
             dp_model.cleanup()  # remove Opacus hooks so the caller's model is plain again
             model.to("cpu")  # weights travel as CPU arrays
     train_seconds = time.perf_counter() - started

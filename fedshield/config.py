@@ -127,7 +127,7 @@ class PrivacyConfig:
     # auto: federation for nodes with their own data (node config data-path), run otherwise.
     ledger_scope: str = opt("auto", choices=("auto", "run", "federation"))
     # Opacus per-sample gradient mode: auto picks the fastest correct one for the model.
-    grad_sample_mode: str = opt("auto", choices=("auto", "hooks", "ghost", "functorch", "ew"))
+    grad_sample_mode: str = opt("auto", choices=("auto", "bk", "hooks", "ghost", "functorch", "ew"))
 
 
 @dataclass(frozen=True)

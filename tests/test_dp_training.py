@@ -40,7 +40,7 @@ def test_two_rounds_are_accounted_exactly_and_the_model_learns(digits, tmp_path)
     assert eps2 == pytest.approx(epsilon(logged, DELTA, "prv"), rel=1e-9)
     assert 0 < eps1 < eps2 == pytest.approx(Ledger(tmp_path / "c0.json", DELTA, "prv").spent())
     m = results[1]["metrics"]
-    assert m["sample_rate"] == 1 / 45 and m["steps"] == 45 and m["grad_sample_mode"] == "ghost"
+    assert m["sample_rate"] == 1 / 45 and m["steps"] == 45 and m["grad_sample_mode"] == "bk"
     assert m["noise_multiplier"] == 1.0 and m["max_grad_norm"] == 1.0 and m["train_loss"] > 0
 
     state = results[1]["state_dict"]
@@ -81,9 +81,9 @@ def test_a_client_at_its_budget_refuses_before_training(digits, tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # untouched
 
 
-def test_auto_mode_picks_ghost_for_known_layers_and_hooks_otherwise():
-    assert pick_grad_sample_mode(MnistCNN()) == "ghost"
-    assert pick_grad_sample_mode(get_task("digits").build_model()) == "ghost"
+def test_auto_mode_picks_bookkeeping_for_known_layers_and_hooks_otherwise():
+    assert pick_grad_sample_mode(MnistCNN()) == "bk"
+    assert pick_grad_sample_mode(get_task("digits").build_model()) == "bk"
 
     class Scale(torch.nn.Module):  # a layer Opacus has no per-sample gradient rule for
         def __init__(self):

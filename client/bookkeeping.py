@@ -1,0 +1,137 @@
+"""Per-sample clipping in one backward pass ("book-keeping", Bu et al. 2023).
+
+Opacus' ghost clipping runs two backward passes: one for the per-sample gradient norms, a second on
+the loss reweighted by the clipping factors to get the clipped sum. Book-keeping keeps every layer's
+input activations A and output gradients G from the single pass and forms the clipped sum from them:
+for a Linear layer sum_i c_i G_i^T A_i is one GEMM on (c * G) and A; for other layers Opacus' own
+per-sample gradient rule gives each g_i once, for its norm and for the weighted sum. During the
+pass the parameters do not require grad, so autograd computes activation gradients only, never the
+unclipped weight gradients that would be thrown away.
+
+Per-layer math is Opacus' (its ghost-norm rule for Linear, its per-sample rules otherwise); so are
+noise, scaling and accounting: the clipped sum goes to ``p.grad`` for Opacus'
+DPOptimizerFastGradientClipping, exactly what its ghost mode leaves there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+    GradSampleHooksFastGradientClipping,
+)
+from torch import nn
+
+GRAD_SAMPLERS = GradSampleModule.GRAD_SAMPLERS
+LINEAR_NORM = GradSampleHooksFastGradientClipping.NORM_SAMPLERS[nn.Linear]
+
+
+def trainable_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def supports_bookkeeping(model: nn.Module) -> bool:
+    """Whether Opacus has a per-layer rule for every layer with trainable parameters."""
+    return all(type(m) is nn.Linear or type(m) in GRAD_SAMPLERS for m in trainable_layers(model))
+
+
+class BookKeepingClipper:
+    """Hooks on ``model``'s trainable layers; ``backward`` leaves sum_i clip(g_i) in each p.grad."""
+
+    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+        if not supports_bookkeeping(model):
+            unknown = sorted({type(m).__name__ for m in trainable_layers(model)
+                              if type(m) is not nn.Linear and type(m) not in GRAD_SAMPLERS})
+            raise ValueError(f"no per-sample gradient rule for {', '.join(unknown)}; use "
+                             "privacy.grad_sample_mode = 'hooks'")
+        self.max_grad_norm = max_grad_norm
+        self.layers = trainable_layers(model)
+        self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self.saved: dict[nn.Module, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self.inputs: dict[nn.Module, list[torch.Tensor]] = {}
+        self.handles = []
+        self.recording = False
+        for layer in self.layers:
+            self.handles.append(layer.register_forward_hook(self._keep_input))
+            self.handles.append(layer.register_full_backward_hook(self._keep_output_grad))
+
+    def _keep_input(self, layer: nn.Module, inputs: tuple, _output) -> None:
+        if not self.recording:  # forward passes outside backward() (evaluation, ...) are ignored
+            return
+        if layer in self.inputs or layer in self.saved:
+            raise ValueError(f"{type(layer).__name__} runs twice in one forward pass (shared "
+                             "weights); use privacy.grad_sample_mode = 'hooks'")
+        self.inputs[layer] = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
+
+    def _keep_output_grad(self, layer: nn.Module, _grad_input, grad_output: tuple) -> None:
+        if layer not in self.inputs:
+            return
+        self.saved[layer] = (self.inputs.pop(layer), grad_output[0].detach())
+
+    @contextmanager
+    def _weights_frozen(self) -> Iterator[None]:
+        for p in self.params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in self.params:
+                p.requires_grad_(True)
+
+    def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward + one backward pass on (x, y); sets each p.grad to the clipped per-sample sum.
+        Returns the per-sample losses (detached)."""
+        self.inputs.clear()
+        self.saved.clear()
+        if len(x) == 0:
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+            return torch.zeros(0)
+        with self._weights_frozen():
+            # the pass must reach the first layer although neither data nor weights need a gradient
+            x = x.detach().requires_grad_(True)
+            self.recording = True
+            try:
+                losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+            finally:
+                self.recording = False
+            losses.sum().backward()  # sum: output gradients are per-sample, unscaled
+        per_sample = {layer: self._per_sample(layer) for layer in self.layers}
+        sq_norms = torch.zeros(len(x), device=x.device, dtype=torch.float32)
+        for kind, values in per_sample.values():
+            for v in values.values():
+                sq_norms += v.float().square() if kind == "norm" else v.flatten(1).float().square().sum(1)
+        # Opacus' factor (DPOptimizer.clip_and_accumulate): min(1, C / (||g_i|| + 1e-6))
+        coef = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
+        for layer, (kind, values) in per_sample.items():
+            grads = (self._linear_clipped_sum(layer, coef) if kind == "norm" else
+                     {p: torch.einsum("n,n...->...", coef.to(g.dtype), g) for p, g in values.items()})
+            for p, g in grads.items():
+                p.grad = g
+        self.saved.clear()
+        return losses.detach()
+
+    def _per_sample(self, layer: nn.Module) -> tuple[str, dict]:
+        activations, backprops = self.saved[layer]
+        if type(layer) is nn.Linear:
+            return "norm", LINEAR_NORM(layer, activations, backprops)
+        return "grad", GRAD_SAMPLERS[type(layer)](layer, activations, backprops)
+
+    def _linear_clipped_sum(self, layer: nn.Linear, coef: torch.Tensor) -> dict:
+        (a,), g = self.saved[layer]
+        g = g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+        a, g = a.reshape(-1, a.shape[-1]).to(g.dtype), g.reshape(-1, g.shape[-1])
+        out = {layer.weight: g.T @ a} if layer.weight.requires_grad else {}
+        if layer.bias is not None and layer.bias.requires_grad:
+            out[layer.bias] = g.sum(0)
+        return out
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.saved.clear()
+        self.inputs.clear()
