@@ -36,6 +36,8 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from fedshield.config import AggregationConfig
 from fedshield.errors import ConfigError
 from server.aggregation import build_aggregator
+from server.flat import stack
+from server.strategy import to_numpy
 
 SPECS = ["fedavg", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "geomed", "cclip",
          "clip", "fltrust", "flame", "nnm+cclip", "bucketing+krum"]
@@ -66,9 +68,8 @@ def to_contents(x: np.ndarray) -> list[RecordDict]:
 
 def flatten(contents: list[RecordDict]) -> torch.Tensor:
     """What the strategy adapter does once per round: records -> (n, d) tensor."""
-    rows = [np.concatenate([a.ravel() for a in cast(ArrayRecord, c["arrays"]).to_numpy_ndarrays()])
-            for c in contents]
-    return torch.from_numpy(np.stack(rows))
+    updates = [to_numpy(cast(ArrayRecord, c["arrays"])) for c in contents]
+    return torch.from_numpy(stack(updates, list(updates[0])))
 
 
 def flower_krum(contents: list[RecordDict], f: int, m: int) -> ArrayRecord:

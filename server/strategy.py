@@ -7,6 +7,8 @@ The adapter is thin: replies -> screened -> one ``(n, d)`` tensor of deltas from
 
 from __future__ import annotations
 
+import io
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
@@ -32,8 +34,30 @@ from server.screening import screen_updates
 RoundCallback = Callable[[int, ArrayRecord, dict], None]
 
 
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                      (2, 0): np.lib.format.read_array_header_2_0}
+
+
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    """Read-only views of the record's arrays on their serialized bytes: ``Array.numpy()``
+    (np.load) copies every array, and the (n, d) stack copies them again."""
+    return {k: array_view(v) for k, v in record.items()}
+
+
+def array_view(array: Array) -> np.ndarray:
+    """A zero-copy view of a plain .npy payload; anything else goes through ``Array.numpy()``."""
+    buf = io.BytesIO(array.data)  # shares the bytes, no copy
+    try:
+        reader = NPY_HEADER_READERS.get(np.lib.format.read_magic(buf))
+        if reader is None:
+            return array.numpy()
+        shape, fortran_order, dtype = reader(buf)
+    except ValueError:
+        return array.numpy()  # raises the same error np.load would
+    count = math.prod(shape)
+    if fortran_order or dtype.hasobject or len(array.data) - buf.tell() != count * dtype.itemsize:
+        return array.numpy()
+    return np.frombuffer(array.data, dtype=dtype, count=count, offset=buf.tell()).reshape(shape)
 
 
 def server_step(update: torch.Tensor, buffer: torch.Tensor | None,

@@ -1,10 +1,12 @@
 import numpy as np
 import pytest
+from flwr.app import Array
 
 from fedshield.config import ScreeningConfig
 from fedshield.errors import TooFewUpdates
 from server.flat import flatten, stack, unflatten
 from server.screening import Rejection, require_min_kept, screen_updates
+from server.strategy import array_view
 from tasks.models import mlp
 
 
@@ -125,3 +127,23 @@ def test_flat_round_trip_in_reference_order(reference):
     assert np.shares_memory(back[names[0]], matrix)  # views, no copy
     with pytest.raises(ValueError, match="does not hold"):
         unflatten(matrix[1][:-1], reference)
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((), np.float64),
+                                   np.zeros((0, 5), np.int64), np.asfortranarray(np.ones((3, 2))),
+                                   np.arange(6, dtype=np.float16)])
+def test_array_views_equal_flowers_own_deserialisation(array):
+    packed = Array(np.asarray(array))
+    view, copy = array_view(packed), packed.numpy()
+    assert view.dtype == copy.dtype and view.shape == copy.shape and np.array_equal(view, copy)
+    if view.size and not np.isfortran(copy):
+        assert not view.flags.writeable and not view.flags.owndata  # shares the message's bytes
+
+
+def test_a_truncated_array_payload_fails_like_numpy():
+    packed = Array(np.arange(10, dtype=np.float32))
+    packed.data = packed.data[:-4]
+    with pytest.raises(ValueError):
+        packed.numpy()
+    with pytest.raises(ValueError):
+        array_view(packed)

@@ -48,7 +48,11 @@ def clip_scale(norms: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor
 
 
 def mean_of_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean of the chosen rows, reading only them (no (m, d) copy of the selection)."""
+    """Mean of the chosen rows without an (m, d) copy of the selection: a few rows are summed one
+    by one (reading only them), many by one multi-threaded GEMV with 1/m on the chosen rows."""
+    if 4 * len(rows) > x.shape[0]:
+        coeffs = torch.zeros(x.shape[0], dtype=x.dtype).index_fill_(0, rows, 1.0 / len(rows))
+        return coeffs @ x
     total = x[int(rows[0])].clone()
     for i in rows[1:].tolist():
         total += x[i]
