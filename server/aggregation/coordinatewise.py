@@ -2,7 +2,7 @@
 
 Both are means of a window of per-coordinate ranks (the middle one or two; all but ``trim`` at each
 end), computed by the column-vectorised sorting network in ``order_stats``: exact, and at n = 100,
-d = 1e6 (float32, 2 cores) ~10x faster than np.median / np.partition, the fastest of NumPy and
+d = 1e6 (float32, 2 cores) 9-13x faster than np.median / np.partition, the fastest of NumPy and
 torch's selection and sorting routines measured before it. The trimmed mean averages the kept values
 themselves, unlike "sum - top-k - bottom-k", which cancels badly against huge outliers.
 """

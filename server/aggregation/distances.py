@@ -4,8 +4,8 @@ Squared distances come from one Gram matrix, ||a||^2 + ||b||^2 - 2 a.b, built ov
 of at most CHUNK_BYTES (they stay in cache: measured faster than 64 MiB blocks). Each block's
 columns are centred first: distances do not change under a common shift, and centring removes the
 cancellation that would otherwise lose updates of size 1e-7 riding on large common values. A
-block's product is taken in the updates' own precision (float32 GEMM is twice float64's speed and
-needs no converted copy) and the blocks are summed in float64; at n = 100, d = 1e6 the result is
+block's product is taken in the updates' own precision (float32 GEMM needs no converted copy and
+measured ~3.5x faster than converting each block to float64) and the blocks are summed in float64; at n = 100, d = 1e6 the result is
 within 1e-7 of the largest squared norm of a float64 computation (tests check the ordering).
 """
 
