@@ -96,7 +96,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
             module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
             noise_multiplier=noise, max_grad_norm=privacy_cfg.max_grad_norm, poisson_sampling=True,
             # bk keeps Opacus' ghost-mode optimizer (noise on the clipped sum in p.grad) and
-            # replaces its two backward passes; the ghost wrapper's own hooks are switched off
+            # replaces its two backward passes; the ghost wrapper's own hooks are removed
             grad_sample_mode="ghost" if mode == "bk" else mode,
             # Opacus draws the noise on the parameters' device, so the generator must live there.
             noise_generator=generator if device.type == "cpu" else
@@ -111,7 +111,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
 
     clipper = None
     if mode == "bk":
-        dp_model.disable_hooks()
+        dp_model.remove_hooks()  # disabled hooks would still wrap every layer in autograd nodes
         clipper = BookKeepingClipper(model, privacy_cfg.max_grad_norm)
     augment = augmenter(train_cfg, seed)  # per example, before clipping: sensitivity unchanged
     steps, loss_sum, seen, started = 0, 0.0, 0, time.perf_counter()

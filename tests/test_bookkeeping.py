@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from client.bookkeeping import BookKeepingClipper, supports_bookkeeping
+from client.bookkeeping import (
+    GRAD_SAMPLERS,
+    BookKeepingClipper,
+    conv2d_grad_sample,
+    grouped_conv_is_faster,
+    supports_bookkeeping,
+)
 from tasks import get_task
 from tasks.models import MnistCNN, TanhCNN
 
@@ -14,7 +20,9 @@ def clipped_sum_by_loop(model, x, y, c):
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(x)):
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params,
+                                    allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         norm = torch.sqrt(sum(g.square().sum() for g in grads))
         factor = min(1.0, c / (float(norm) + 1e-6))
         for t, g in zip(total, grads, strict=True):
@@ -80,3 +88,61 @@ def test_layers_without_a_rule_and_shared_layers_are_refused():
     clipper = BookKeepingClipper(twice, 1.0)
     with pytest.raises(ValueError, match="runs twice"):
         clipper.backward(twice, torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(in_channels=16, out_channels=32, kernel_size=3, padding=1),
+    dict(in_channels=16, out_channels=24, kernel_size=(3, 2), stride=2, padding=(1, 0), bias=False),
+    dict(in_channels=16, out_channels=16, kernel_size=3, dilation=2, groups=2),
+    dict(in_channels=8, out_channels=8, kernel_size=1),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouped_conv_per_sample_gradients_equal_opacus_rule(kwargs, dtype):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kwargs).to(dtype)
+    a = torch.randn(5, kwargs["in_channels"], 11, 9, dtype=dtype)
+    g = torch.randn_like(conv(a))
+    assert grouped_conv_is_faster(conv, g)
+    ours = conv2d_grad_sample(conv, a, g)
+    theirs = GRAD_SAMPLERS[nn.Conv2d](conv, [a], g)
+    assert set(ours) == set(theirs)
+    for p in ours:
+        torch.testing.assert_close(ours[p], theirs[p])
+
+
+def test_grouped_conv_is_used_only_in_the_measured_shapes():
+    g = torch.zeros(1)
+    assert not grouped_conv_is_faster(nn.Conv2d(1, 32, 3), g)  # too few input channels
+    assert not grouped_conv_is_faster(nn.Conv2d(64, 128, 3), g)  # too many output channels
+    assert not grouped_conv_is_faster(nn.Conv2d(16, 16, 3, padding="same"), g)
+    assert not grouped_conv_is_faster(nn.Conv2d(16, 16, 3, padding_mode="reflect"), g)
+    assert not grouped_conv_is_faster(nn.Linear(16, 16), g)
+
+
+def test_graph_starts_at_the_first_layer_and_in_place_ops_and_unused_layers_work():
+    torch.manual_seed(1)
+    unused = nn.Linear(3, 3)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.act = nn.ReLU(inplace=True)
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+            self.unused = unused
+
+        def forward(self, x):
+            return self.head(self.act(self.conv(x)))
+
+    model = Net()
+    seen = []
+    model.act.register_forward_pre_hook(lambda _m, inp: seen.append(type(inp[0].grad_fn).__name__))
+    x, y = torch.randn(7, 1, 6, 6), torch.randint(0, 3, (7,))
+    expected, params = clipped_sum_by_loop(model, x, y, c=0.3)
+    seen.clear()  # the reference's forward passes ran without the clipper
+    clipper = BookKeepingClipper(model, max_grad_norm=0.3)
+    clipper.backward(model, x, y)
+    assert seen == ["CloneBackward0"]  # not ConvolutionBackward: no gradient for the input batch
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(unused.weight.grad) == 0
