@@ -6,8 +6,11 @@ Two DP times: the DP-SGD loop alone (``train_seconds``, what the issue's <= 1.5x
 and the whole ``client.dp.train_private`` call (accounting and ledger writes included: about 0.2-0.5 s
 of PRV accounting per round, which dominates on models that train in well under a second).
 
-    python benchmarks/bench_dp_overhead.py                      # MnistCNN on 6,000 MNIST + MLPs
+    python benchmarks/bench_dp_overhead.py                      # MnistCNN, TanhCNN (the default DP
+                                                                # model) on 6,000 MNIST + MLPs
     python benchmarks/bench_dp_overhead.py --tasks digits --repeats 2 --out runs/bench-dp-quick
+
+A task is a task name, optionally with one of its models: ``mnist:tanh_cnn``.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def train_plain(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> N
 
 def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...], repeats: int,
                ledger_dir: Path) -> list[dict]:
-    task = get_task(name)
+    task_name, _, model_name = name.partition(":")
+    task = get_task(task_name).with_model(model_name)
     train, _ = task.load()
     data = train.subset(np.arange(min(examples, len(train))))
     times: dict[str, list[float]] = {"plain": [], **{m: [] for m in modes}}
@@ -71,7 +75,7 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
             else:
                 privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1 / (10 * len(data)),
                                         grad_sample_mode=mode)
-                ledger = Ledger(ledger_dir / f"{name}-{mode}-{rep}.json", privacy.delta, "prv")
+                ledger = Ledger(ledger_dir / f"{name.replace(':', '-')}-{mode}-{rep}.json", privacy.delta, "prv")
                 try:
                     start = time.perf_counter()
                     out = train_private(model, data, cfg, privacy, ledger, total_rounds=1, server_round=1,
@@ -103,16 +107,17 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
 
 def print_row(r: dict) -> None:
     if "error" in r:
-        print(f"{r['task']:8} {r['mode']:10} unsupported: {r['error']}", flush=True)
+        print(f"{r['task']:14} {r['mode']:10} unsupported: {r['error']}", flush=True)
         return
     mark = "  <- auto" if r.get("auto_pick") else ""
-    print(f"{r['task']:8} {r['mode']:10} {r['examples']:>8} {r['loop_seconds_min']:>8.2f} "
+    print(f"{r['task']:14} {r['mode']:10} {r['examples']:>8} {r['loop_seconds_min']:>8.2f} "
           f"{r['loop_ratio']:>12.2f}x {r['seconds_min']:>8.2f} {r['ratio']:>12.2f}x{mark}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["mnist", "digits", "adult"])
+    parser.add_argument("--tasks", nargs="+", default=["mnist", "mnist:tanh_cnn", "digits", "adult"],
+                        help="task names, optionally task:model (e.g. mnist:tanh_cnn)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--examples", type=int, default=6000, help="training examples per task (cap)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -124,7 +129,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(lr=0.05, momentum=0.9, batch_size=args.batch_size, local_epochs=args.epochs)
-    print(f"{'task':8} {'mode':10} {'examples':>8} {'loop s':>8} {'loop DP/plain':>13} "
+    print(f"{'task':14} {'mode':10} {'examples':>8} {'loop s':>8} {'loop DP/plain':>13} "
           f"{'call s':>8} {'call DP/plain':>13}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as ledgers:

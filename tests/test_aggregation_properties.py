@@ -11,7 +11,8 @@ import torch
 
 from fedshield.config import AggregationConfig
 from server.aggregation import RULES, build_aggregator
-from server.aggregation.distances import pairwise_sq_distances
+from server.aggregation.distances import (centring_pays, gram, pairwise_sq_distances,
+                                          sq_distances_from_gram)
 from server.aggregation.krum import krum_scores
 
 ROBUST = [r for r in RULES if r not in ("fedavg", "fltrust")]
@@ -110,3 +111,30 @@ def test_float32_distances_over_several_blocks_keep_krum_order():
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, exact, rtol=1e-5, atol=0.0)
     assert torch.equal(krum_scores(ours, 5).argsort(), krum_scores(exact, 5).argsort())
+
+
+def test_one_huge_outlier_does_not_blur_honest_distances():
+    """A float32 outlier 1e6 times the honest size would dominate a column mean; the honest rows'
+    distances must stay those of exact float64 differences, as deltas need no centring."""
+    n, d = 20, 50_000
+    gen = torch.Generator().manual_seed(3)
+    x = 1e-2 * torch.randn(n, d, generator=gen)
+    x[0] = 1e4 * torch.randn(d, generator=gen)
+    x = x.float()
+    g = gram(x, centered=False)
+    assert not centring_pays(g)
+    x64 = x.double()
+    exact = torch.stack([((x64 - row) ** 2).sum(dim=1) for row in x64])
+    ours = pairwise_sq_distances(x)
+    torch.testing.assert_close(ours[1:, 1:], exact[1:, 1:], rtol=1e-5, atol=0.0)
+    assert torch.equal(krum_scores(ours, 4).argsort(), krum_scores(exact, 4).argsort())
+    # centring on the mean would carry the outlier's size into every honest row
+    centred = sq_distances_from_gram(gram(x, centered=True))
+    assert not torch.allclose(centred[1:, 1:], exact[1:, 1:], rtol=1e-5, atol=0.0)
+
+
+def test_centring_is_chosen_only_when_the_rows_share_a_dominant_part():
+    gen = torch.Generator().manual_seed(4)
+    deltas = torch.randn(10, 1000, generator=gen, dtype=torch.float64)
+    assert not centring_pays(gram(deltas, centered=False))
+    assert centring_pays(gram(deltas + 3.0, centered=False))  # mean energy 9 vs spread 1
