@@ -11,7 +11,7 @@ because a client can lie about num-examples to dominate a weighted rule. Only pl
 them; it is also the only rule that needs no individual updates (a sum, SecAgg-compatible).
 
 Updates must be finite: server screening rejects NaN/Inf before aggregation (one inf would
-poison the centred Gram matrix every distance-based rule starts from).
+poison the Gram matrix every distance-based rule starts from).
 
 Specs: "rule" or "pre+...+rule", pre-steps applied left to right, e.g. "bucketing+nnm+median".
 Suspicion of a bucket goes to all its members.
