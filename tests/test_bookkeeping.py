@@ -128,7 +128,8 @@ def test_graph_starts_at_the_first_layer_and_in_place_ops_and_unused_layers_work
             super().__init__()
             self.conv = nn.Conv2d(1, 4, 3)
             self.act = nn.ReLU(inplace=True)
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.ReLU(inplace=True),
+                                      nn.Linear(5, 3))
             self.unused = unused
 
         def forward(self, x):
