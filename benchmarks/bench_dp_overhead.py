@@ -75,7 +75,8 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
             else:
                 privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1 / (10 * len(data)),
                                         grad_sample_mode=mode)
-                ledger = Ledger(ledger_dir / f"{name.replace(':', '-')}-{mode}-{rep}.json", privacy.delta, "prv")
+                ledger_file = ledger_dir / f"{name.replace(':', '-')}-{mode}-{rep}.json"
+                ledger = Ledger(ledger_file, privacy.delta, "prv")
                 try:
                     start = time.perf_counter()
                     out = train_private(model, data, cfg, privacy, ledger, total_rounds=1, server_round=1,

@@ -103,7 +103,7 @@ class BookKeepingClipper:
     def _record(self, layer: nn.Module, inputs: tuple, output):
         if not self.recording:  # forward passes outside backward() (evaluation, ...) are ignored
             return None
-        if layer in self.inputs or layer in self.saved:
+        if layer in self.inputs:  # output gradients arrive only after the forward pass
             raise ValueError(f"{type(layer).__name__} runs twice in one forward pass (shared "
                              "weights); use privacy.grad_sample_mode = 'hooks'")
         if not isinstance(output, torch.Tensor):

@@ -1,9 +1,10 @@
 """Per-coordinate order statistics of (n, d) updates with a sorting network, vectorised over columns.
 
 np.median / np.partition run introselect one column at a time: branchy code on strided memory
-(Flower's np.median: 2.09 s at n = 100, d = 1e6, float32, on 2 cores; this module 0.22 s). A comparator network makes the same
-comparisons for every column, so its inner loop is a branch-free min/max along a block of contiguous
-columns that the compiler vectorises; blocks run on all cores (numba). The network is Batcher's
+(Flower's np.median: 2.09 s at n = 100, d = 1e6, float32, on 2 cores; this module 0.22 s). A
+comparator network makes the same comparisons for every column, so its inner loop is a branch-free
+min/max along a block of contiguous columns that the compiler vectorises; blocks run on all cores
+(numba). The network is Batcher's
 odd-even merge sort, pruned to the comparators that can reach the rows a statistic reads (898 of
 1104 for the median of 100 rows). Exact: a network only permutes values, it never rounds them.
 
