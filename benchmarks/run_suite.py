@@ -4,7 +4,8 @@
 
 Suites:
   fedavg      issue 2: MNIST, 10 clients, Dirichlet(0.5), non-private FedAvg (target >= 99.0%)
-  dp          issue 3: MNIST, 10 clients, delta 1e-5, epsilon 1 / 3 / 8 IID and 3 Dirichlet(0.5)
+  dp          issue 3: MNIST, 10 clients, delta 1e-5, epsilon 1 / 3 / 8 IID and 3 Dirichlet(0.5),
+              for the tanh CNN and for ScatterNet + linear (--only dp-iid-eps3-scatter-linear, ...)
   robustness  issue 4: MNIST, 25 clients, 5 Byzantine, Dirichlet(0.5): rules x attacks
 Each run is a normal run folder under --out/runs; results.json and results.md collect the
 summaries. Runs use CUDA when the machine has it (train.device = "auto"); timings are not
@@ -24,9 +25,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DP_VARIANTS = {  # two standard DP-SGD settings for the tanh CNN; the table reports both
-    "b512-c0.1": ["train.batch_size=512", "train.lr=4.0", "train.momentum=0.0", "privacy.max_grad_norm=0.1"],
-    "b256-c1": ["train.batch_size=256", "train.lr=0.5", "train.momentum=0.5", "privacy.max_grad_norm=1.0"],
+TANH_CNN, SCATTERING = "configs/bench-dp-mnist.toml", "configs/bench-dp-mnist-scattering.toml"
+DP_VARIANTS = {  # (config, overrides): the tanh CNN in two standard DP-SGD settings, and the
+    # ScatterNet + linear model (the setting of configs/bench-dp-mnist-scattering.toml)
+    "b512-c0.1": (TANH_CNN, ["train.batch_size=512", "train.lr=4.0", "train.momentum=0.0",
+                             "privacy.max_grad_norm=0.1"]),
+    "b256-c1": (TANH_CNN, ["train.batch_size=256", "train.lr=0.5", "train.momentum=0.5",
+                           "privacy.max_grad_norm=1.0"]),
+    "scatter-linear": (SCATTERING, []),
 }
 ROBUST_RULES = ["fedavg", "bucketing+cclip", "nnm+cclip", "trimmed_mean"]
 ATTACKS = ["none", "label_flip", "sign_flip", "gaussian", "scaling", "alie", "ipm", "minmax",
@@ -38,11 +44,11 @@ def jobs(suites: list[str]) -> list[tuple[str, str, list[str]]]:
     if "fedavg" in suites:
         out.append(("fedavg", "configs/bench-mnist-fedavg.toml", []))
     if "dp" in suites:
-        for variant, sets in DP_VARIANTS.items():
+        for variant, (config, sets) in DP_VARIANTS.items():
             for eps in (1, 3, 8):
-                out.append((f"dp-iid-eps{eps}-{variant}", "configs/bench-dp-mnist.toml",
+                out.append((f"dp-iid-eps{eps}-{variant}", config,
                             sets + [f"privacy.target_epsilon={eps}.0"]))
-            out.append((f"dp-dir0.5-eps3-{variant}", "configs/bench-dp-mnist.toml",
+            out.append((f"dp-dir0.5-eps3-{variant}", config,
                         sets + ["privacy.target_epsilon=3.0", 'partition.kind="dirichlet"']))
     if "robustness" in suites:
         for rule in ROBUST_RULES:

@@ -42,17 +42,20 @@ def open_unit(v: Any) -> bool:
     return 0.0 < v < 1.0
 
 
-TASK_NAMES = frozenset({"mnist", "mnist5k", "digits", "adult"})
-TABULAR_TASKS = frozenset({"digits", "adult"})  # flat feature vectors, not images
+TASK_NAMES = frozenset({"mnist", "mnist5k", "mnist-scattering", "digits", "adult"})
+# Tasks whose inputs are features, not pixels: image augmentation makes no sense on them.
+FEATURE_TASKS = frozenset({"digits", "adult", "mnist-scattering"})
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    # mnist (full MNIST, 60k/10k), mnist5k (5,000-digit sample), digits (sklearn 8x8), adult (UCI),
-    # hf:<dataset> (flwr-datasets FederatedDataset, needs internet).
+    # mnist (full MNIST, 60k/10k), mnist5k (5,000-digit sample), mnist-scattering (MNIST as fixed
+    # ScatterNet features, for DP), digits (sklearn 8x8), adult (UCI), hf:<dataset> (flwr-datasets
+    # FederatedDataset, needs internet).
     name: str = opt("mnist", lambda v: v in TASK_NAMES or v.startswith("hf:"),
                     f"one of {', '.join(sorted(TASK_NAMES))} or hf:<dataset>")
-    # Model architecture ("" = the task's default; mnist/mnist5k: "cnn" or "tanh_cnn").
+    # Model architecture ("" = the task's default; mnist/mnist5k: "cnn" or "tanh_cnn";
+    # mnist-scattering: "scatter_linear" or "scatter_cnn").
     model: str = opt("")
     # Validation/test examples used by the server each round (0 = the whole test set).
     eval_examples: int = opt(0, non_negative, "an integer >= 0")
@@ -373,14 +376,26 @@ def _check_central_dp(cfg: Config) -> str | None:
 
 
 def _check_augment(cfg: Config) -> str | None:
-    if cfg.train.augment != "none" and cfg.task.name in TABULAR_TASKS:
+    if cfg.train.augment != "none" and cfg.task.name in FEATURE_TASKS:
         return (f"train.augment = {cfg.train.augment!r} shifts images, and task {cfg.task.name!r} "
-                f"is tabular; set train.augment = \"none\"")
+                f"takes features, not pixels; set train.augment = \"none\"")
+    return None
+
+
+def _check_task_model(cfg: Config) -> str | None:
+    if not cfg.task.model or cfg.task.name.startswith("hf:"):
+        return None
+    from tasks import get_task  # noqa: PLC0415 (tasks import config)
+
+    try:
+        get_task(cfg.task.name, cfg.task.model)  # builds no model and loads no data
+    except ConfigError as exc:
+        return str(exc)
     return None
 
 
 CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack, _check_central_dp,
-                 _check_augment]
+                 _check_augment, _check_task_model]
 
 # Attacks the simulator applies only by poisoning a client's data; every other attack rewrites
 # updates after training, from the round's plaintext updates, which do not exist under SecAgg+

@@ -68,7 +68,7 @@ def register(name: str):
 @lru_cache(maxsize=None)
 def get_task(name: str, model: str = "") -> Task:
     # Import for the side effect of registering each task module.
-    from tasks import adult, hf, images  # noqa: F401
+    from tasks import adult, hf, images, scattering  # noqa: F401
 
     if name.startswith("hf:"):
         return hf.hf_task(name[3:]).with_model(model)

@@ -13,6 +13,7 @@ from client.bookkeeping import (
 )
 from tasks import get_task
 from tasks.models import MnistCNN, TanhCNN
+from tasks.scattering import ScatterCNN, ScatterLinear
 
 
 def clipped_sum_by_loop(model, x, y, c):
@@ -33,10 +34,11 @@ def clipped_sum_by_loop(model, x, y, c):
 def models():
     torch.manual_seed(0)
     digits = get_task("digits").build_model()
-    return [(MnistCNN(), (1, 28, 28)), (TanhCNN(), (1, 28, 28)), (digits, (64,))]
+    return [(MnistCNN(), (1, 28, 28)), (TanhCNN(), (1, 28, 28)), (digits, (64,)),
+            (ScatterLinear(), (81, 7, 7)), (ScatterCNN(), (81, 7, 7))]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(5))
 def test_clipped_sum_matches_per_example_autograd(index):
     model, shape = models()[index]
     gen = torch.Generator().manual_seed(index)

@@ -27,9 +27,9 @@ def test_bad_configs_name_the_key(data, message):
 
 
 def test_overrides_and_round_trip(tmp_path):
-    cfg = fcfg.load(ROOT / "configs/default.toml", ["federation.rounds=7", "task.name=digits",
+    cfg = fcfg.load(ROOT / "configs/default.toml", ["federation.rounds=7", "task.name=mnist5k",
                                                     "train.lr=0.5"])
-    assert (cfg.federation.rounds, cfg.task.name, cfg.train.lr) == (7, "digits", 0.5)
+    assert (cfg.federation.rounds, cfg.task.name, cfg.train.lr) == (7, "mnist5k", 0.5)
     path = tmp_path / "c.toml"
     path.write_text(fcfg.to_toml(cfg))
     assert fcfg.load(path) == cfg

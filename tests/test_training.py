@@ -40,6 +40,6 @@ def test_shift_refuses_flat_features():
         random_shift(torch.zeros(4, 64), 2.0, torch.Generator())
 
 
-def test_augmenting_a_tabular_task_is_refused_at_load():
-    with pytest.raises(ConfigError, match="tabular"):
+def test_augmenting_a_feature_task_is_refused_at_load():
+    with pytest.raises(ConfigError, match="takes features, not pixels"):
         fcfg.from_dict({"task": {"name": "digits"}, "train": {"augment": "shift"}})
