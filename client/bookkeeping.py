@@ -10,7 +10,8 @@ unclipped weight gradients that would be thrown away.
 
 Per-layer math is Opacus' (its ghost-norm rule for Linear, its per-sample rules otherwise), except
 for 2-d convolutions on CPU in the shapes where oneDNN's grouped weight-gradient kernel is faster
-than Opacus' unfold + bmm (``conv2d_grad_sample``). Noise, scaling and accounting are Opacus': the
+than Opacus' unfold + bmm (``conv2d_grad_sample``) and for the norms of Linear layers on
+(n, features) inputs, which are two row reductions (``linear_sq_norms``). Noise, scaling and accounting are Opacus': the
 clipped sum goes to ``p.grad`` for Opacus' DPOptimizerFastGradientClipping, exactly what its ghost
 mode leaves there.
 
@@ -43,6 +44,25 @@ def trainable_layers(model: nn.Module) -> list[nn.Module]:
 def supports_bookkeeping(model: nn.Module) -> bool:
     """Whether Opacus has a per-layer rule for every layer with trainable parameters."""
     return all(type(m) is nn.Linear or type(m) in GRAD_SAMPLERS for m in trainable_layers(model))
+
+
+def linear_sq_norms(layer: nn.Linear, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+    """(n,) per-sample squared gradient norms of a Linear layer's trainable parameters.
+
+    With (n, features) inputs example i's weight gradient g_i a_i^T has rank one, so its squared
+    norm is ||g_i||^2 ||a_i||^2: two row reductions. Opacus' einsum form of the same took ~10x
+    longer on CPU (1.2 ms vs 0.1 ms for 64 x 3969 inputs), the largest DP cost of small models.
+    Inputs with more dimensions (sequences) use Opacus' ghost-norm rule.
+    """
+    if backprops.dim() != 2:
+        return sum(v.float().square() for v in LINEAR_NORM(layer, [activations], backprops).values())
+    g_sq = torch.linalg.vector_norm(backprops.float(), dim=1).square()
+    out = torch.zeros_like(g_sq)
+    if layer.weight.requires_grad:
+        out += g_sq * torch.linalg.vector_norm(activations.float(), dim=1).square()
+    if layer.bias is not None and layer.bias.requires_grad:
+        out += g_sq
+    return out
 
 
 def grouped_conv_is_faster(layer: nn.Module, backprops: torch.Tensor) -> bool:
@@ -156,12 +176,15 @@ class BookKeepingClipper:
         per_sample = {layer: self._per_sample(layer) for layer in self.saved}
         sq_norms = torch.zeros(len(x), device=x.device, dtype=torch.float32)
         for kind, values in per_sample.values():
-            for v in values.values():
-                sq_norms += v.float().square() if kind == "norm" else v.flatten(1).float().square().sum(1)
+            if kind == "sq_norm":
+                sq_norms += values
+            else:
+                for v in values.values():
+                    sq_norms += v.flatten(1).float().square().sum(1)
         # Opacus' factor (DPOptimizer.clip_and_accumulate): min(1, C / (||g_i|| + 1e-6))
         coef = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
         for layer, (kind, values) in per_sample.items():
-            grads = (self._linear_clipped_sum(layer, coef) if kind == "norm" else
+            grads = (self._linear_clipped_sum(layer, coef) if kind == "sq_norm" else
                      {p: torch.einsum("n,n...->...", coef.to(g.dtype), g) for p, g in values.items()})
             for p, g in grads.items():
                 p.grad = g
@@ -169,10 +192,11 @@ class BookKeepingClipper:
         self.inputs.clear()
         return losses.detach()
 
-    def _per_sample(self, layer: nn.Module) -> tuple[str, dict]:
+    def _per_sample(self, layer: nn.Module) -> tuple[str, torch.Tensor | dict]:
+        """("sq_norm", (n,) squared norms) for Linear layers, ("grad", per-sample grads) else."""
         activations, backprops = self.saved[layer]
         if type(layer) is nn.Linear:
-            return "norm", LINEAR_NORM(layer, activations, backprops)
+            return "sq_norm", linear_sq_norms(layer, activations[0], backprops)
         if grouped_conv_is_faster(layer, backprops):
             return "grad", conv2d_grad_sample(layer, activations[0], backprops)
         return "grad", GRAD_SAMPLERS[type(layer)](layer, activations, backprops)

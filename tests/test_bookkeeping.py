@@ -9,6 +9,7 @@ from client.bookkeeping import (
     BookKeepingClipper,
     conv2d_grad_sample,
     grouped_conv_is_faster,
+    linear_sq_norms,
     supports_bookkeeping,
 )
 from tasks import get_task
@@ -34,11 +35,13 @@ def clipped_sum_by_loop(model, x, y, c):
 def models():
     torch.manual_seed(0)
     digits = get_task("digits").build_model()
+    # a Linear on (n, 3, 5) sequences takes Opacus' ghost-norm rule, not the rank-one shortcut
+    sequence = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(12, 10))
     return [(MnistCNN(), (1, 28, 28)), (TanhCNN(), (1, 28, 28)), (digits, (64,)),
-            (ScatterLinear(), (81, 7, 7)), (ScatterCNN(), (81, 7, 7))]
+            (ScatterLinear(), (81, 7, 7)), (ScatterCNN(), (81, 7, 7)), (sequence, (3, 5))]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_clipped_sum_matches_per_example_autograd(index):
     model, shape = models()[index]
     gen = torch.Generator().manual_seed(index)
@@ -149,3 +152,18 @@ def test_graph_starts_at_the_first_layer_and_in_place_ops_and_unused_layers_work
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
     assert torch.count_nonzero(unused.weight.grad) == 0
+
+
+@pytest.mark.parametrize("frozen", ["", "weight", "bias"])
+def test_linear_norms_count_only_trainable_parameters(frozen):
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 3)
+    if frozen:
+        getattr(layer, frozen).requires_grad_(False)
+    a, g = torch.randn(5, 7), torch.randn(5, 3)
+    expected = torch.zeros(5)
+    if frozen != "weight":
+        expected += torch.einsum("ni,nj->nij", g, a).flatten(1).square().sum(1)
+    if frozen != "bias":
+        expected += g.square().sum(1)
+    torch.testing.assert_close(linear_sq_norms(layer, a, g), expected)
