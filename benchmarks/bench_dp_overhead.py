@@ -6,8 +6,9 @@ Two DP times: the DP-SGD loop alone (``train_seconds``, what the issue's <= 1.5x
 and the whole ``client.dp.train_private`` call (accounting and ledger writes included: about 0.2-0.5 s
 of PRV accounting per round, which dominates on models that train in well under a second).
 
-    python benchmarks/bench_dp_overhead.py                      # MnistCNN, TanhCNN (the default DP
-                                                                # model) on 6,000 MNIST + MLPs
+    python benchmarks/bench_dp_overhead.py                      # MnistCNN, TanhCNN (the default
+                                                                # run's DP model), ScatterNet +
+                                                                # linear on 6,000 MNIST + MLPs
     python benchmarks/bench_dp_overhead.py --tasks digits --repeats 2 --out runs/bench-dp-quick
 
 A task is a task name, optionally with one of its models: ``mnist:tanh_cnn``.
@@ -117,7 +118,8 @@ def print_row(r: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=["mnist", "mnist:tanh_cnn", "digits", "adult"],
+    parser.add_argument("--tasks", nargs="+", default=["mnist", "mnist:tanh_cnn",
+                                                      "mnist-scattering:scatter_linear", "digits", "adult"],
                         help="task names, optionally task:model (e.g. mnist:tanh_cnn)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--examples", type=int, default=6000, help="training examples per task (cap)")
