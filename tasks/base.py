@@ -39,6 +39,10 @@ class Task:
     # Alternative architectures by name (task.model); build_model is the default one.
     models: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
     model_name: str = ""  # which of ``models`` build_model is ("" = the default)
+    # Tasks whose inputs are computed from images (ScatterNet features): the image shape, and the
+    # fixed transform from normalised images to inputs, so partner sites can bring raw images.
+    pixel_shape: tuple[int, ...] = ()
+    from_pixels: Callable[[np.ndarray], np.ndarray] | None = None
 
     def with_model(self, name: str) -> "Task":
         """This task with ``build_model`` set to the named architecture ("" = default)."""
@@ -52,6 +56,11 @@ class Task:
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one raw image this task reads (() for tabular tasks)."""
+        return self.pixel_shape or (self.input_shape if self.is_image else ())
 
 
 TASKS: dict[str, Callable[[], Task]] = {}

@@ -10,6 +10,8 @@ Formats, picked by the path:
   Image tasks: ``label`` plus one column per pixel (e.g. ``pixel0..pixel783``), values 0-255.
 - ``*.npz`` with arrays ``x`` and ``y``. ``x`` is preprocessed float data of the task's input shape,
   or, for image tasks, raw ``uint8`` pixels that are normalised like the task's own data.
+  Raw images (any of these formats) of a task computed from pixels (``mnist-scattering``) go
+  through the task's own transform (``Task.from_pixels``).
 - a folder ``<root>/<label>/*.png`` for 28x28 grayscale image tasks (MNIST-like: white digit on
   black), read with Pillow.
 
@@ -102,8 +104,8 @@ def load_csv(path: Path, task: Task) -> Split:
         raise DataValidationError(f"{path}: the {LABEL!r} column must hold integer class ids")
     y = y_float.astype(np.int64)
     feature_cols = [i for i in range(len(header)) if i != label_at]
-    if task.is_image:
-        expected = int(np.prod(task.input_shape))
+    if task.image_shape:
+        expected = int(np.prod(task.image_shape))
         if len(feature_cols) != expected:
             raise DataValidationError(f"{path}: {len(feature_cols)} pixel columns, task "
                                       f"{task.name!r} needs {expected} (one per pixel, 0-255)")
@@ -184,7 +186,7 @@ def load_npz(path: Path, task: Task) -> Split:
         if not (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y))):
             raise DataValidationError(f"{path}: y has dtype {y.dtype}; labels must be integers")
     y = y.astype(np.int64).reshape(-1)
-    if task.is_image and x.dtype == np.uint8:
+    if task.image_shape and x.dtype == np.uint8:
         return Split(_normalise_pixels(x.reshape(len(x), -1).astype(np.float64), task), y)
     if tuple(x.shape[1:]) != tuple(task.input_shape):
         raise DataValidationError(f"{path}: x has examples of shape {tuple(x.shape[1:])}, task "
@@ -196,20 +198,21 @@ def load_npz(path: Path, task: Task) -> Split:
 
 # --- images ---------------------------------------------------------------------------------
 def _normalise_pixels(pixels: np.ndarray, task: Task) -> np.ndarray:
-    """Raw 0-255 pixels, one row per image, -> the task's preprocessed float32 images."""
-    if pixels.shape[1] != int(np.prod(task.input_shape)):
+    """Raw 0-255 pixels, one row per image, -> the task's preprocessed float32 inputs."""
+    if pixels.shape[1] != int(np.prod(task.image_shape)):
         raise DataValidationError(f"images have {pixels.shape[1]} pixels, task {task.name!r} "
-                                  f"expects {task.input_shape}")
+                                  f"expects {task.image_shape}")
     if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
         raise DataValidationError("raw pixel values must lie in 0..255")
-    if task.input_shape != (1, 28, 28):
+    if task.image_shape != (1, 28, 28):
         raise DataValidationError(f"raw pixels are supported for 28x28 grayscale tasks, not "
                                   f"{task.name!r}; save preprocessed float features instead")
-    return normalise_mnist(pixels)
+    images = normalise_mnist(pixels)
+    return task.from_pixels(images) if task.from_pixels else images
 
 
 def load_image_folder(root: Path, task: Task) -> Split:
-    if not task.is_image or task.input_shape[0] != 1:
+    if not task.image_shape or task.image_shape[0] != 1:
         raise DataValidationError(f"{root}: image folders are for grayscale image tasks; task "
                                   f"{task.name!r} takes {task.input_shape} features (use CSV)")
     try:
@@ -217,7 +220,7 @@ def load_image_folder(root: Path, task: Task) -> Split:
     except ImportError as exc:  # Pillow comes with matplotlib, but a slim install may lack it
         raise DataValidationError(f"{root}: reading image folders needs Pillow "
                                   "(pip install pillow), or save the images as .npz") from exc
-    size = (task.input_shape[2], task.input_shape[1])  # PIL: (width, height)
+    size = (task.image_shape[2], task.image_shape[1])  # PIL: (width, height)
     images, labels = [], []
     for folder in sorted(d for d in root.iterdir() if d.is_dir()):
         if not folder.name.isdigit() or int(folder.name) >= task.num_classes:

