@@ -10,10 +10,10 @@ unclipped weight gradients that would be thrown away.
 
 Per-layer math is Opacus' (its ghost-norm rule for Linear, its per-sample rules otherwise), except
 for 2-d convolutions on CPU in the shapes where oneDNN's grouped weight-gradient kernel is faster
-than Opacus' unfold + bmm (``conv2d_grad_sample``) and for the norms of Linear layers on
-(n, features) inputs, which are two row reductions (``linear_sq_norms``). Noise, scaling and accounting are Opacus': the
-clipped sum goes to ``p.grad`` for Opacus' DPOptimizerFastGradientClipping, exactly what its ghost
-mode leaves there.
+than Opacus' unfold + bmm (``conv2d_grad_sample``), and for the norms of Linear layers on
+(n, features) inputs, which are two row reductions (``linear_sq_norms``). Noise, scaling and
+accounting are Opacus': the clipped sum goes to ``p.grad`` for Opacus'
+DPOptimizerFastGradientClipping, exactly what its ghost mode leaves there.
 
 Output gradients are caught by tensor hooks on each layer's output. A layer whose output needs no
 gradient (the first one: the data needs none and the weights are frozen) starts the backward graph

@@ -109,7 +109,7 @@ def load_csv(path: Path, task: Task) -> Split:
         if len(feature_cols) != expected:
             raise DataValidationError(f"{path}: {len(feature_cols)} pixel columns, task "
                                       f"{task.name!r} needs {expected} (one per pixel, 0-255)")
-        return Split(_normalise_pixels(values[:, feature_cols], task), y)
+        return Split(_pixels_to_inputs(values[:, feature_cols], task), y)
     wanted = [_column_key(n) for n in task.feature_names]
     given = [header[i] for i in feature_cols]
     unknown = sorted(set(given) - set(wanted))
@@ -187,7 +187,7 @@ def load_npz(path: Path, task: Task) -> Split:
             raise DataValidationError(f"{path}: y has dtype {y.dtype}; labels must be integers")
     y = y.astype(np.int64).reshape(-1)
     if task.image_shape and x.dtype == np.uint8:
-        return Split(_normalise_pixels(x.reshape(len(x), -1).astype(np.float64), task), y)
+        return Split(_pixels_to_inputs(x.reshape(len(x), -1).astype(np.float64), task), y)
     if tuple(x.shape[1:]) != tuple(task.input_shape):
         raise DataValidationError(f"{path}: x has examples of shape {tuple(x.shape[1:])}, task "
                                   f"{task.name!r} expects {tuple(task.input_shape)}")
@@ -197,7 +197,7 @@ def load_npz(path: Path, task: Task) -> Split:
 
 
 # --- images ---------------------------------------------------------------------------------
-def _normalise_pixels(pixels: np.ndarray, task: Task) -> np.ndarray:
+def _pixels_to_inputs(pixels: np.ndarray, task: Task) -> np.ndarray:
     """Raw 0-255 pixels, one row per image, -> the task's preprocessed float32 inputs."""
     if pixels.shape[1] != int(np.prod(task.image_shape)):
         raise DataValidationError(f"images have {pixels.shape[1]} pixels, task {task.name!r} "
@@ -238,4 +238,4 @@ def load_image_folder(root: Path, task: Task) -> Split:
             labels.append(int(folder.name))
     if not images:
         raise DataValidationError(f"{root}: no .png images under <root>/<label>/")
-    return Split(_normalise_pixels(np.stack(images), task), np.array(labels, dtype=np.int64))
+    return Split(_pixels_to_inputs(np.stack(images), task), np.array(labels, dtype=np.int64))
