@@ -157,6 +157,9 @@ class AggregationConfig:
     # Server learning rate and momentum applied to the aggregated delta.
     server_lr: float = opt(1.0, positive, "> 0")
     server_momentum: float = opt(0.0, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    # Evaluate and release the exponential moving average of the global models (decay per
+    # round; 0 = off). Post-processing: no privacy cost. Clients still train the raw model.
+    model_ema: float = opt(0.0, lambda v: 0.0 <= v < 1.0, "a decay in [0, 1) (0 = off)")
     # Trimmed mean: fraction of values cut per side per coordinate (0 = cut f per side).
     trim_fraction: float = opt(0.1, lambda v: 0.0 <= v < 0.5, "a fraction in [0, 0.5)")
     bucket_size: int = opt(2, positive, "an integer >= 1")

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshield import config as fcfg
 from fedshield.errors import TooFewUpdates
+from server.averaging import ModelAverage
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
 from server.report import ConsoleReporter
@@ -81,6 +82,8 @@ class RunRecorder:
     """What both run modes (plain and SecAgg+) share: the run folder, the initial weights (from
     the checkpoint when resuming), server-side evaluation, the per-round bookkeeping (metrics line,
     best weights, checkpoint, progress) and the end of the run (final weights, summary, plot).
+    With ``aggregation.model_ema`` the evaluated, best and final weights are the running average
+    of the global models (server/averaging.py); checkpoints keep the raw model and the average.
 
     ``strategy`` needs ``node_partition``, ``reputation``, ``exhausted`` and ``state_dict()`` /
     ``load_state_dict()``.
@@ -100,11 +103,13 @@ class RunRecorder:
             self.model.load_state_dict(load_weights(cfg.init_weights))
         self.start_round = 1
         self.initial_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.average = ModelAverage(cfg.aggregation.model_ema)
         checkpoint = load_checkpoint(self.folder.path) if cfg.resume else None
         if checkpoint is not None:
             # In the model's order: Flower's legacy messages (SecAgg+) carry unnamed arrays.
             self.initial_weights = {k: checkpoint.weights[k] for k in self.model.state_dict()}
             strategy.load_state_dict(checkpoint.state)
+            self.average.load_state_dict(checkpoint.state.get("model_average"))
             self.start_round = checkpoint.round + 1
             self.folder.truncate_metrics(checkpoint.round)
         self.folder.write_config(cfg)
@@ -114,8 +119,10 @@ class RunRecorder:
         self.best_acc = max((m["accuracy"] for m in self.folder.read_metrics()
                              if m.get("accuracy") is not None), default=-1.0)
 
-    def evaluate(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
-        self.model.load_state_dict(weights)
+    def evaluate_round(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Server-side evaluation of this round's released model: the new global model, or with
+        model_ema the average it joins (once a round: it updates the average)."""
+        self.model.load_state_dict(self.average.update(weights))
         return evaluate(self.model.to(self.device), self.test)
 
     def on_round(self, rnd: int, weights: dict[str, torch.Tensor], record: dict) -> dict:
@@ -124,13 +131,14 @@ class RunRecorder:
         if line["accuracy"] is not None and line["accuracy"] > self.best_acc:
             self.best_acc = line["accuracy"]
             meta = {"round": rnd, "task": self.task.name, "accuracy": self.best_acc}
-            self.folder.save_weights("best.safetensors", weights, meta)
-        save_checkpoint(self.folder.path, rnd, weights, self.strategy.state_dict())
+            self.folder.save_weights("best.safetensors", self.average.current(weights), meta)
+        save_checkpoint(self.folder.path, rnd, weights,
+                        {**self.strategy.state_dict(), "model_average": self.average.state_dict()})
         self.reporter.round(line, self.cfg.federation.rounds)
         return line
 
     def finish(self, final_weights: dict[str, torch.Tensor], stopped: str) -> dict:
-        self.folder.save_weights("model.safetensors", final_weights,
+        self.folder.save_weights("model.safetensors", self.average.current(final_weights),
                                  {"task": self.task.name, "name": self.cfg.name})
         summary = build_summary(self.cfg, self.folder, self.strategy, stopped,
                                 time.perf_counter() - self.started)
@@ -154,7 +162,7 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
     initial = ArrayRecord(run.initial_weights)
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        return MetricRecord(run.evaluate(arrays.to_torch_state_dict()))
+        return MetricRecord(run.evaluate_round(arrays.to_torch_state_dict()))
 
     def on_round(rnd: int, arrays: ArrayRecord, record: dict) -> None:
         run.on_round(rnd, arrays.to_torch_state_dict(), record)

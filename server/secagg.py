@@ -152,7 +152,7 @@ class SecAggFedAvg(FedAvg):
         for node in self.round.sampled:
             if node not in self.round.accepted and node not in self.round.refused:
                 self.round.rejected.setdefault(node, "dropped out of the SecAgg+ protocol")
-        server_eval = self.run.evaluate(weights)
+        server_eval = self.run.evaluate_round(weights)
         accepted = [self.round.client_metrics[n] for n in self.round.accepted]
         total = sum(float(m.get("num-examples", 0)) for m in accepted) or 1.0
         train = {"train-loss": sum(float(m["train-loss"]) * float(m.get("num-examples", 0))
