@@ -9,11 +9,13 @@ pass the parameters do not require grad, so autograd computes activation gradien
 unclipped weight gradients that would be thrown away.
 
 Per-layer math is Opacus' (its ghost-norm rule for Linear, its per-sample rules otherwise), except
-for 2-d convolutions on CPU in the shapes where oneDNN's grouped weight-gradient kernel is faster
-than Opacus' unfold + bmm (``conv2d_grad_sample``), and for the norms of Linear layers on
-(n, features) inputs, which are two row reductions (``linear_sq_norms``). Noise, scaling and
-accounting are Opacus': the clipped sum goes to ``p.grad`` for Opacus'
-DPOptimizerFastGradientClipping, exactly what its ghost mode leaves there.
+for 2-d convolutions on CPU in the shapes where oneDNN's grouped weight-gradient kernel
+(``conv2d_grad_sample``) or, for strided one-channel inputs, a forward correlation
+(``single_channel_conv_grad_sample``) is faster than Opacus' unfold + bmm, and for the norms of
+Linear layers on (n, features) inputs, which are two row reductions (``linear_sq_norms``). Noise,
+scaling and accounting are Opacus': the clipped sum goes to ``p.grad`` for Opacus'
+DPOptimizerFastGradientClipping (``BookKeepingDPOptimizer`` only drops its gradient deepcopy),
+exactly what its ghost mode leaves there.
 
 Output gradients are caught by tensor hooks on each layer's output. A layer whose output needs no
 gradient (the first one: the data needs none and the weights are frozen) starts the backward graph
@@ -31,6 +33,7 @@ from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleHooksFastGradientClipping,
 )
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 
 GRAD_SAMPLERS = GradSampleModule.GRAD_SAMPLERS
@@ -88,8 +91,9 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: torch.Tensor, backprops: t
     n, groups = len(activations), layer.groups * len(activations)
     out_channels = layer.out_channels
     weight = layer.weight.detach()
-    # only the weight's shape enters a weight gradient; the values are the layer's own, repeated
-    stacked = weight.unsqueeze(0).expand(n, *weight.shape).reshape(n * out_channels, *weight.shape[1:])
+    # Only the weight's shape enters a weight gradient (output_mask asks for nothing else), so
+    # the stacked weight is left uninitialised rather than filled with n copies of the layer's.
+    stacked = weight.new_empty(n * out_channels, *weight.shape[1:])
     _, grad_weight, _ = torch.ops.aten.convolution_backward(
         backprops.reshape(1, n * out_channels, *backprops.shape[2:]),
         activations.to(backprops.dtype).reshape(1, n * layer.in_channels, *activations.shape[2:]),
@@ -99,6 +103,64 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: torch.Tensor, backprops: t
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = backprops.sum(dim=(2, 3))
     return out
+
+
+def correlation_is_faster(layer: nn.Module, backprops: torch.Tensor) -> bool:
+    """Whether ``single_channel_conv_grad_sample`` beats Opacus' unfold + bmm for this layer.
+
+    Measured on CPU (2 cores) for TanhCNN's first layer (1 -> 16 channels, 8x8 kernel, stride 2 on
+    28x28): 1.17 vs 1.36 ms at batch 64, 0.63 vs 0.99 ms at 48, 13.8 vs 39 ms at 1024 (Opacus'
+    unfolded copy is 16x the image there). With stride 1 (3x3, 5x5 kernels) it was 15-25% slower.
+    """
+    if type(layer) is not nn.Conv2d or backprops.device.type != "cpu":
+        return False
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return False
+    return layer.in_channels == 1 and layer.groups == 1 and max(layer.stride) >= 2
+
+
+def single_channel_conv_grad_sample(layer: nn.Conv2d, activations: torch.Tensor,
+                                    backprops: torch.Tensor) -> dict:
+    """Per-sample gradients of a one-input-channel Conv2d as one forward convolution.
+
+    Example i's gradient at kernel offset (u, v) is sum_t G_i[o, t] x_i[stride t + dilation (u, v)]:
+    a correlation of the padded image with its own output gradients, used as kernels dilated by
+    the layer's stride (the batch as groups). Nothing is unfolded.
+    """
+    n, (kh, kw), (ph, pw) = len(activations), layer.kernel_size, layer.padding
+    x = activations.to(backprops.dtype)
+    if ph or pw:
+        x = nn.functional.pad(x, (pw, pw, ph, ph))
+    kernels = backprops.reshape(n * layer.out_channels, 1, *backprops.shape[2:])
+    grads = nn.functional.conv2d(x.reshape(1, n, *x.shape[2:]), kernels, stride=layer.dilation,
+                                 dilation=layer.stride, groups=n)
+    # rows/columns past the kernel exist when the stride does not divide the padded size
+    out = {layer.weight: grads[..., :kh, :kw].reshape(n, *layer.weight.shape)} \
+        if layer.weight.requires_grad else {}
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum(dim=(2, 3))
+    return out
+
+
+class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' ghost-mode optimizer (noise, scaling, accounting hook unchanged) without its
+    per-step ``copy.deepcopy`` of every gradient: 0.28 ms a step for 8 small tensors against
+    0.03 ms for ``clone``, a visible share of a small model's step."""
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad.detach().clone()
+
+    @classmethod
+    def adopt(cls, optimizer: DPOptimizerFastGradientClipping) -> BookKeepingDPOptimizer:
+        """The optimizer PrivacyEngine.make_private built, as this class (no state is added)."""
+        if type(optimizer) is not DPOptimizerFastGradientClipping:
+            raise TypeError(f"expected Opacus' DPOptimizerFastGradientClipping, got {type(optimizer)}")
+        optimizer.__class__ = cls
+        return optimizer
 
 
 class BookKeepingClipper:
@@ -199,6 +261,8 @@ class BookKeepingClipper:
             return "sq_norm", linear_sq_norms(layer, activations[0], backprops)
         if grouped_conv_is_faster(layer, backprops):
             return "grad", conv2d_grad_sample(layer, activations[0], backprops)
+        if correlation_is_faster(layer, backprops):
+            return "grad", single_channel_conv_grad_sample(layer, activations[0], backprops)
         return "grad", GRAD_SAMPLERS[type(layer)](layer, activations, backprops)
 
     def _linear_clipped_sum(self, layer: nn.Linear, coef: torch.Tensor) -> dict:

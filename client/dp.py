@@ -18,7 +18,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.bookkeeping import BookKeepingClipper, supports_bookkeeping
+from client.bookkeeping import BookKeepingClipper, BookKeepingDPOptimizer, supports_bookkeeping
 from client.training import augmenter, make_optimizer
 from fedshield.config import PrivacyConfig, TrainConfig
 from fedshield.errors import ConfigError
@@ -113,6 +113,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     if mode == "bk":
         dp_model.remove_hooks()  # disabled hooks would still wrap every layer in autograd nodes
         clipper = BookKeepingClipper(model, privacy_cfg.max_grad_norm)
+        dp_optimizer = BookKeepingDPOptimizer.adopt(dp_optimizer)
     augment = augmenter(train_cfg, seed)  # per example, before clipping: sensitivity unchanged
     steps, loss_sum, seen, started = 0, 0.0, 0, time.perf_counter()
     batches = chain.from_iterable(dp_loader for _ in range(train_cfg.local_epochs))
@@ -122,7 +123,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         try:
             for xb, yb in islice(batches, planned_steps):
                 xb, yb = augment(xb.to(device)), yb.to(device)
-                dp_optimizer.zero_grad()
+                # bk sets every p.grad afresh: dropping the old ones beats zeroing them
+                dp_optimizer.zero_grad(set_to_none=clipper is not None)
                 if clipper is not None:
                     loss = clipper.backward(dp_model, xb, yb).mean()
                 else:

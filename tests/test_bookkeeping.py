@@ -4,12 +4,17 @@ import pytest
 import torch
 from torch import nn
 
+from opacus.optimizers import DPOptimizerFastGradientClipping
+
 from client.bookkeeping import (
     GRAD_SAMPLERS,
     BookKeepingClipper,
+    BookKeepingDPOptimizer,
     conv2d_grad_sample,
+    correlation_is_faster,
     grouped_conv_is_faster,
     linear_sq_norms,
+    single_channel_conv_grad_sample,
     supports_bookkeeping,
 )
 from tasks import get_task
@@ -95,20 +100,33 @@ def test_layers_without_a_rule_and_shared_layers_are_refused():
         clipper.backward(twice, torch.randn(3, 4), torch.tensor([0, 1, 2]))
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(in_channels=16, out_channels=32, kernel_size=3, padding=1),
-    dict(in_channels=16, out_channels=24, kernel_size=(3, 2), stride=2, padding=(1, 0), bias=False),
-    dict(in_channels=16, out_channels=16, kernel_size=3, dilation=2, groups=2),
-    dict(in_channels=8, out_channels=8, kernel_size=1),
+GROUPED, CORRELATION = (grouped_conv_is_faster, conv2d_grad_sample), \
+    (correlation_is_faster, single_channel_conv_grad_sample)
+
+
+@pytest.mark.parametrize("rule, kwargs", [
+    (GROUPED, dict(in_channels=16, out_channels=32, kernel_size=3, padding=1)),
+    (GROUPED, dict(in_channels=16, out_channels=24, kernel_size=(3, 2), stride=2, padding=(1, 0),
+                   bias=False)),
+    (GROUPED, dict(in_channels=16, out_channels=16, kernel_size=3, dilation=2, groups=2)),
+    (GROUPED, dict(in_channels=8, out_channels=8, kernel_size=1)),
+    (CORRELATION, dict(in_channels=1, out_channels=16, kernel_size=8, stride=2, padding=3)),  # TanhCNN
+    (CORRELATION, dict(in_channels=1, out_channels=4, kernel_size=(3, 2), stride=(2, 3),
+                       padding=(1, 0), bias=False)),
+    (CORRELATION, dict(in_channels=1, out_channels=3, kernel_size=3, stride=2, dilation=2)),
+    (CORRELATION, dict(in_channels=1, out_channels=5, kernel_size=4, stride=3, padding=2)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_grouped_conv_per_sample_gradients_equal_opacus_rule(kwargs, dtype):
+def test_our_conv_per_sample_gradients_equal_opacus_rule(rule, kwargs, dtype):
+    """Each of our conv rules, in shapes where it is picked, against Opacus' unfold + bmm."""
+    picks, grad_sample = rule
     torch.manual_seed(0)
     conv = nn.Conv2d(**kwargs).to(dtype)
-    a = torch.randn(5, kwargs["in_channels"], 11, 9, dtype=dtype)
+    a = torch.randn(5, kwargs["in_channels"], 13, 11, dtype=dtype)
     g = torch.randn_like(conv(a))
-    assert grouped_conv_is_faster(conv, g)
-    ours = conv2d_grad_sample(conv, a, g)
+    assert picks(conv, g)
+    assert grouped_conv_is_faster(conv, g) != correlation_is_faster(conv, g)  # never both
+    ours = grad_sample(conv, a, g)
     theirs = GRAD_SAMPLERS[nn.Conv2d](conv, [a], g)
     assert set(ours) == set(theirs)
     for p in ours:
@@ -167,3 +185,35 @@ def test_linear_norms_count_only_trainable_parameters(frozen):
     if frozen != "bias":
         expected += g.square().sum(1)
     torch.testing.assert_close(linear_sq_norms(layer, a, g), expected)
+
+
+
+def test_correlation_is_used_only_for_strided_single_channel_convs():
+    g = torch.zeros(1)
+    assert not correlation_is_faster(nn.Conv2d(1, 32, 3), g)  # stride 1: measured slower
+    assert not correlation_is_faster(nn.Conv2d(3, 16, 3, stride=2), g)  # three input channels
+    assert not correlation_is_faster(nn.Conv2d(1, 8, 3, stride=2, padding_mode="reflect"), g)
+    assert not correlation_is_faster(nn.Linear(16, 16), g)
+
+
+def test_bookkeeping_optimizer_keeps_opacus_noise_and_scaling():
+    """The adopted optimizer steps exactly as Opacus' own would, without deep-copying grads."""
+    results = []
+    for adopt in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        opt = DPOptimizerFastGradientClipping(
+            torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+            expected_batch_size=8, generator=torch.Generator().manual_seed(1))
+        if adopt:
+            opt = BookKeepingDPOptimizer.adopt(opt)
+        clipper = BookKeepingClipper(model, 1.0)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=adopt)
+            clipper.backward(model, torch.randn(8, 4), torch.randint(0, 3, (8,)))
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match="DPOptimizerFastGradientClipping"):
+        BookKeepingDPOptimizer.adopt(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
