@@ -27,12 +27,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TANH_CNN, SCATTERING = "configs/bench-dp-mnist.toml", "configs/bench-dp-mnist-scattering.toml"
 DP_VARIANTS = {  # (config, overrides): the tanh CNN in two standard DP-SGD settings, and the
-    # ScatterNet + linear model (the setting of configs/bench-dp-mnist-scattering.toml)
+    # ScatterNet + linear model (the setting of configs/bench-dp-mnist-scattering.toml; and over
+    # 60 rounds with the released model averaged over rounds, the eps-8 setting)
     "b512-c0.1": (TANH_CNN, ["train.batch_size=512", "train.lr=4.0", "train.momentum=0.0",
                              "privacy.max_grad_norm=0.1"]),
     "b256-c1": (TANH_CNN, ["train.batch_size=256", "train.lr=0.5", "train.momentum=0.5",
                            "privacy.max_grad_norm=1.0"]),
     "scatter-linear": (SCATTERING, []),
+    "scatter-linear-60r-ema": (SCATTERING, ["federation.rounds=60", "aggregation.model_ema=0.7"]),
 }
 ROBUST_RULES = ["fedavg", "bucketing+cclip", "nnm+cclip", "trimmed_mean"]
 ATTACKS = ["none", "label_flip", "sign_flip", "gaussian", "scaling", "alie", "ipm", "minmax",
