@@ -11,6 +11,12 @@ format its strategies aggregate. Flower's side runs the body of each strategy's 
 aggregate_arrayrecords, aggregate_n_closest_weights, trim_mean, and FedMedian's np.median loop.
 "ours + flatten" adds the adapter's one-off cost of turning the records into the (n, d) tensor.
 Rules without a Flower counterpart are timed on our side only.
+
+"flower legacy" times the same rules in Flower 1.42's older Strategy API (flwr.server.strategy:
+aggregate, aggregate_krum, aggregate_median, aggregate_trimmed_avg on (NDArrays, num_examples)
+lists), still shipped and used by most existing Flower code. Its Krum computes the n x n distances
+in a Python loop of vector norms, so it is timed only where n^2 d <= LEGACY_MAX_PAIR_WORK (about
+10 s at n = 100, d = 1e6); its Bulyan repeats that loop for every selection and is not timed.
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ from typing import cast
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.server.strategy.aggregate import (
+    aggregate,
+    aggregate_krum,
+    aggregate_median,
+    aggregate_trimmed_avg,
+)
 from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
@@ -42,11 +54,12 @@ from server.strategy import to_numpy
 SPECS = ["fedavg", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "geomed", "cclip",
          "clip", "fltrust", "flame", "nnm+cclip", "bucketing+krum"]
 MAX_INPUT_BYTES = 1 << 30  # peaks reach ~4x the input on either side; keeps runs under ~4 GiB
+LEGACY_MAX_PAIR_WORK = 1e10  # n^2 d for the legacy Krum's distance loop
 BIAS = 1000
 TRIM = 0.1
 KEY = "num-examples"
 HEADER = ("| rule | n | d | f | ours s | ours + flatten s | flower s | speedup (/ with flatten) "
-          "| CPU s ours / flower | CPU speedup | load |")
+          "| CPU s ours / flower | CPU speedup | flower legacy s | legacy speedup | load |")
 
 
 def make_updates(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -70,6 +83,24 @@ def flatten(contents: list[RecordDict]) -> torch.Tensor:
     """What the strategy adapter does once per round: records -> (n, d) tensor."""
     updates = [to_numpy(cast(ArrayRecord, c["arrays"])) for c in contents]
     return torch.from_numpy(stack(updates, list(updates[0])))
+
+
+def to_results(x: np.ndarray) -> list[tuple[list[np.ndarray], int]]:
+    """The legacy Strategy API's input: (NDArrays, num_examples) per client."""
+    d = x.shape[1]
+    return [([row[: d - BIAS].copy(), row[d - BIAS:].copy()], 100) for row in x]
+
+
+def flower_legacy_for(spec: str, f: int, n: int, d: int) -> Callable[[list], object] | None:
+    if spec in ("krum", "multikrum") and n * n * d > LEGACY_MAX_PAIR_WORK:
+        return None
+    return {
+        "fedavg": aggregate,
+        "krum": lambda r: aggregate_krum(r, f, 0),
+        "multikrum": lambda r: aggregate_krum(r, f, len(r) - f),
+        "median": aggregate_median,
+        "trimmed_mean": lambda r: aggregate_trimmed_avg(r, TRIM),
+    }.get(spec)
 
 
 def flower_krum(contents: list[RecordDict], f: int, m: int) -> ArrayRecord:
@@ -157,12 +188,17 @@ def run(ns, ds, out_dir, repeats: int = 3, specs: list[str] | None = None) -> li
                 flower_fn = flower_for(spec, f)
                 flower, flower_cpu = (best_time(flower_fn, repeats, lambda: to_contents(x_np))
                                       if flower_fn else (None, None))
+                legacy_fn = flower_legacy_for(spec, f, n, d)
+                legacy = (best_time(legacy_fn, repeats, lambda: to_results(x_np))[0]
+                          if legacy_fn else None)
                 row = {"rule": spec, "n": n, "d": d, "f": f, "ours_s": ours,
                        "ours_with_flatten_s": ours + flatten_s, "flower_s": flower,
                        "speedup": flower / ours if flower else None,
                        "speedup_with_flatten": flower / (ours + flatten_s) if flower else None,
                        "ours_cpu_s": ours_cpu, "flower_cpu_s": flower_cpu,
                        "cpu_speedup": flower_cpu / ours_cpu if flower_cpu else None,
+                       "flower_legacy_s": legacy,
+                       "speedup_legacy": legacy / ours if legacy else None,
                        "load_1min": os.getloadavg()[0]}
                 rows.append(row)
                 print(_line(row), flush=True)
@@ -176,11 +212,12 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 def _line(r: dict) -> str:
     if "skipped" in r:
-        return f"| {r['rule']} | {r['n']} | {r['d']:.0e} | skipped: {r['skipped']} |" + " |" * 7
+        return f"| {r['rule']} | {r['n']} | {r['d']:.0e} | skipped: {r['skipped']} |" + " |" * 9
     return (f"| {r['rule']} | {r['n']} | {r['d']:.0e} | {r['f']} | {_fmt(r['ours_s'])} | "
             f"{_fmt(r['ours_with_flatten_s'])} | {_fmt(r['flower_s'])} | "
             f"{_fmt(r['speedup'], '.1f')} / {_fmt(r['speedup_with_flatten'], '.1f')} | "
             f"{_fmt(r['ours_cpu_s'])} / {_fmt(r['flower_cpu_s'])} | {_fmt(r['cpu_speedup'], '.1f')} | "
+            f"{_fmt(r.get('flower_legacy_s'))} | {_fmt(r.get('speedup_legacy'), '.1f')} | "
             f"{r['load_1min']:.1f} |")
 
 

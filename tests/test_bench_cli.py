@@ -22,6 +22,9 @@ def test_bench_aggregators_times_each_rule_against_flower(tmp_path):
         assert (r["flower_s"] is not None) == has_flower
         if has_flower:
             assert r["speedup"] == r["flower_s"] / r["ours_s"]
+            assert r["speedup_legacy"] == r["flower_legacy_s"] / r["ours_s"]  # Flower's older API
+        else:
+            assert r["flower_legacy_s"] is None
     assert "| krum | 8 |" in (out / "results.md").read_text()
 
 
