@@ -72,11 +72,15 @@ def make_updates(n: int, d: int, seed: int = 0) -> np.ndarray:
     return x
 
 
-def to_contents(x: np.ndarray) -> list[RecordDict]:
+def client_arrays(x: np.ndarray) -> list[list[np.ndarray]]:
+    """Each client's update as two arrays, weights and a BIAS-entry "bias" (fresh copies)."""
     d = x.shape[1]
-    return [RecordDict({"arrays": ArrayRecord({"w": Array(row[: d - BIAS].copy()),
-                                               "b": Array(row[d - BIAS:].copy())}),
-                        "metrics": MetricRecord({KEY: 100})}) for row in x]
+    return [[row[: d - BIAS].copy(), row[d - BIAS:].copy()] for row in x]
+
+
+def to_contents(x: np.ndarray) -> list[RecordDict]:
+    return [RecordDict({"arrays": ArrayRecord({"w": Array(w), "b": Array(b)}),
+                        "metrics": MetricRecord({KEY: 100})}) for w, b in client_arrays(x)]
 
 
 def flatten(contents: list[RecordDict]) -> torch.Tensor:
@@ -87,8 +91,7 @@ def flatten(contents: list[RecordDict]) -> torch.Tensor:
 
 def to_results(x: np.ndarray) -> list[tuple[list[np.ndarray], int]]:
     """The legacy Strategy API's input: (NDArrays, num_examples) per client."""
-    d = x.shape[1]
-    return [([row[: d - BIAS].copy(), row[d - BIAS:].copy()], 100) for row in x]
+    return [(arrays, 100) for arrays in client_arrays(x)]
 
 
 def flower_legacy_for(spec: str, f: int, n: int, d: int) -> Callable[[list], object] | None:
