@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,39 @@ def open_unit(v: Any) -> bool:
     return 0.0 < v < 1.0
 
 
+# Seeds feed numpy's SeedSequence, torch.manual_seed and Flower: [0, 2**32) is valid for all.
+SEED_MAX = 2**32 - 1
+# Ints beyond 2**53 do not survive a JSON/float round trip (Flower's run config, metrics).
+INT_MAX = 2**53
+
+
+def seed_range(v: Any) -> bool:
+    return 0 <= v <= SEED_MAX
+
+
+# A run name becomes a folder under output_dir and a part of ledger paths: letters, digits and
+# a few marks only, so it can neither escape output_dir nor make the saved config unreadable.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,99}")
+
+
+def safe_name(v: Any) -> bool:
+    return RUN_NAME.fullmatch(v) is not None and ".." not in v
+
+
+def known_task(v: Any) -> bool:
+    """A task of the real registry (tasks.TASKS), or ``hf:<dataset id or folder>``."""
+    if v.startswith("hf:"):
+        return bool(v[3:]) and v[3:] == v[3:].strip()
+    from tasks.base import get_task  # noqa: PLC0415 (tasks import config)
+
+    try:
+        get_task(v)  # registers the task modules; builds no model and loads no data
+    except ConfigError:
+        return False
+    return True
+
+
+# The shipped task names, for messages and docs; the check itself asks the registry.
 TASK_NAMES = frozenset({"mnist", "mnist5k", "mnist-scattering", "digits", "adult"})
 # Tasks whose inputs are features, not pixels: image augmentation makes no sense on them.
 FEATURE_TASKS = frozenset({"digits", "adult", "mnist-scattering"})
@@ -52,8 +86,8 @@ class TaskConfig:
     # mnist (full MNIST, 60k/10k), mnist5k (5,000-digit sample), mnist-scattering (MNIST as fixed
     # ScatterNet features, for DP), digits (sklearn 8x8), adult (UCI), hf:<dataset> (flwr-datasets
     # FederatedDataset, needs internet).
-    name: str = opt("mnist", lambda v: v in TASK_NAMES or v.startswith("hf:"),
-                    f"one of {', '.join(sorted(TASK_NAMES))} or hf:<dataset>")
+    name: str = opt("mnist", known_task,
+                    f"one of {', '.join(sorted(TASK_NAMES))} or hf:<dataset id>")
     # Model architecture ("" = the task's default; mnist/mnist5k: "cnn" or "tanh_cnn";
     # mnist-scattering: "scatter_linear" or "scatter_cnn").
     model: str = opt("")
@@ -69,7 +103,7 @@ class FederationConfig:
     fraction_evaluate: float = opt(0.0, probability, "a fraction in [0, 1]")
     min_clients: int = opt(2, positive, "an integer >= 1")
     # Seconds the server waits for replies in a round.
-    round_timeout: float = opt(600.0, positive, "seconds > 0")
+    round_timeout: float = opt(600.0, lambda v: 0 < v <= 7 * 86400, "seconds in (0, 604800]")
     # inprocess: fedshield's own grid, deterministic, no Ray; ray: Flower's simulation runtime.
     engine: str = opt("inprocess", choices=("inprocess", "ray"))
 
@@ -85,20 +119,20 @@ class PartitionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = opt(0.05, positive, "a learning rate > 0")
+    lr: float = opt(0.05, lambda v: 0 < v <= 1000, "a learning rate in (0, 1000]")
     # Client learning rate across rounds: constant, or cosine decay from lr (round 1) towards 0
     # (round federation.rounds); the decay is what lets FedAvg settle past its constant-lr plateau.
     lr_schedule: str = opt("constant", choices=("constant", "cosine"))
     momentum: float = opt(0.9, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
     weight_decay: float = opt(0.0, non_negative, ">= 0")
-    local_epochs: int = opt(1, positive, "an integer >= 1")
-    batch_size: int = opt(32, positive, "an integer >= 1")
+    local_epochs: int = opt(1, lambda v: 1 <= v <= 10_000, "an integer in [1, 10000]")
+    batch_size: int = opt(32, lambda v: 1 <= v <= 10_000_000, "an integer in [1, 10000000]")
     # Cap on optimizer steps per round (0 = no cap); keeps slow clients' rounds bounded.
     max_steps: int = opt(0, non_negative, "an integer >= 0")
     # Data augmentation for image tasks: "shift" moves each training image by up to
     # augment_pixels in x and y (a new draw every step); "none" trains on the data as is.
     augment: str = opt("none", choices=("none", "shift"))
-    augment_pixels: float = opt(2.0, positive, "a shift in pixels > 0")
+    augment_pixels: float = opt(2.0, lambda v: 0 < v <= 64, "a shift in pixels in (0, 64]")
     # auto = CUDA when this machine has a GPU, else CPU.
     device: str = opt("auto", choices=("auto", "cpu", "cuda"))
 
@@ -148,7 +182,7 @@ class CentralDPConfig:
 @dataclass(frozen=True)
 class AggregationConfig:
     # A rule name, optionally behind pre-aggregation steps: "fedavg", "krum", "bucketing+cclip"...
-    rule: str = opt("fedavg")
+    rule: str = opt("fedavg")  # checked against the rule registry by _check_rule
     # Assumed number of Byzantine clients per round; -1 = derive from byzantine_fraction_assumed.
     f: int = opt(-1, lambda v: v >= -1, "an integer >= 0, or -1 for the default")
     byzantine_fraction_assumed: float = opt(0.2, lambda v: 0.0 <= v < 0.5, "a fraction in [0, 0.5)")
@@ -279,8 +313,10 @@ class DeploymentConfig:
 
 @dataclass(frozen=True)
 class Config:
-    name: str = opt("run")
-    seed: int = opt(0, non_negative, "an integer >= 0")
+    # Names the run folder inside output_dir (and the clients' ledgers), so it must stay there.
+    name: str = opt("run", safe_name, "1-100 letters, digits or _ . + = @ - (not starting with "
+                    "'.' or '-', no '..'), e.g. \"my-run\"")
+    seed: int = opt(0, seed_range, f"an integer in [0, {SEED_MAX}]")
     output_dir: str = opt("runs")
     # Resume from the newest checkpoint in this run folder ("" = start fresh).
     resume: str = opt("")
@@ -309,6 +345,22 @@ class Config:
 
 # Checks across sections; each returns an error message or None. Other modules append theirs.
 CROSS_CHECKS: list[Callable[[Config], str | None]] = []
+
+
+def _check_rule(cfg: Config) -> str | None:
+    """aggregation.rule, asked of the real rule registry; only its canonical spelling, since other
+    checks (SecAgg+, central DP) compare rule names literally."""
+    from server.aggregation.registry import parse_spec  # noqa: PLC0415 (it imports config)
+
+    spec = cfg.aggregation.rule
+    try:
+        pre, rule = parse_spec(spec)
+    except ConfigError as exc:
+        return str(exc)
+    canonical = "+".join([*pre, rule])
+    if spec != canonical:
+        return f"aggregation.rule = {spec!r}: write it as {canonical!r} (lower case, no spaces)"
+    return None
 
 
 def _check_min_clients(cfg: Config) -> str | None:
@@ -397,7 +449,7 @@ def _check_task_model(cfg: Config) -> str | None:
     return None
 
 
-CROSS_CHECKS += [_check_min_clients, _check_privacy_source, _check_attack, _check_central_dp,
+CROSS_CHECKS += [_check_rule, _check_min_clients, _check_privacy_source, _check_attack, _check_central_dp,
                  _check_augment, _check_task_model]
 
 # Attacks the simulator applies only by poisoning a client's data; every other attack rewrites
@@ -461,26 +513,41 @@ def _check_secagg(cfg: Config) -> str | None:
 CROSS_CHECKS.append(_check_secagg)
 
 
-def _coerce(path: str, value: Any, default: Any) -> Any:
+# Control characters (C0, DEL, C1) have no use in any config string, and a name or path holding
+# one makes logs, folders and the saved config.toml misleading or unreadable.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _coerce(path: str, value: Any, default: Any, why: str = "") -> Any:
     """Accept ints for floats and Flower's string run-config values; refuse anything else."""
     kind = type(default)
+    expected = f"; expected {why}" if why else ""
     if kind is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
     elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT_MAX:
+                raise ConfigError(f"{path} = {value} is out of range{expected} "
+                                  f"(at most 2**53 in any case)")
+            return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if math.isnan(value):
-                raise ConfigError(f"{path}: NaN is not a valid value")
+            # inf/NaN pass every "> 0" check and then break training, accounting or screening
+            # silently (every update rejected, epsilon spent): refuse them for every float.
+            if not math.isfinite(value):
+                raise ConfigError(f"{path} = {value!r} is not a finite number{expected}")
             return float(value)
     elif kind is str:
         if isinstance(value, str):
+            bad = CONTROL.search(value)
+            if bad:
+                raise ConfigError(f"{path} = {value!r} contains the control character "
+                                  f"{bad.group()!r}; remove it")
             return value
     raise ConfigError(f"{path}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
 
@@ -489,7 +556,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.')}: expected a table, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         where = prefix.rstrip(".") or "top level"
         raise ConfigError(f"unknown key {prefix}{unknown[0]!s} ({where} accepts: "
@@ -503,7 +570,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             continue
         if name not in data:
             continue
-        value = _coerce(path, data[name], f.default)
+        value = _coerce(path, data[name], f.default, f.metadata.get("why", ""))
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices and value not in choices:
             raise ConfigError(f"{path} = {value!r} is not valid; choose one of {', '.join(choices)}")
@@ -541,14 +608,19 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """Validate a nested dict (a parsed TOML file) into a Config, or raise ConfigError."""
-    cfg = _build(Config, data, "")
+def validate(cfg: Config) -> Config:
+    """The one entry point for cross-section checks (every ``CROSS_CHECKS`` entry, in order):
+    returns ``cfg`` or raises ConfigError naming the keys and what to change."""
     for check in CROSS_CHECKS:
         problem = check(cfg)
         if problem:
             raise ConfigError(problem)
     return cfg
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Validate a nested dict (a parsed TOML file) into a Config, or raise ConfigError."""
+    return validate(_build(Config, data, ""))
 
 
 def from_run_config(run_config: dict[str, Any]) -> Config:
@@ -598,11 +670,17 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _toml_string(v: str) -> str:
+    """A TOML basic string: backslash, quote and every control character escaped."""
+    out = v.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", out) + '"'
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return _toml_string(v)
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf")
     return str(v)

@@ -23,3 +23,7 @@ class UpdateRejected(FedShieldError):
 
 class TooFewUpdates(FedShieldError):
     """Too few valid updates remain in a round to aggregate safely."""
+
+
+class StateCorrupted(FedShieldError):
+    """A run folder's state file (checkpoint, metrics) is missing, truncated or was altered."""
