@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshield import config as fcfg
 from fedshield.errors import TooFewUpdates
+from fedshield.preflight import preflight
 from server.averaging import ModelAverage
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
@@ -255,6 +256,7 @@ def build_server_app(reporter=None, run_dir: str | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = fcfg.from_run_config(context.run_config)
+        preflight(cfg)  # a config that cannot run fails the run here, before round 1
         run_federation(grid, cfg, reporter, run_dir)
 
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import time
 from importlib import metadata
@@ -12,6 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from fedshield import config as fcfg
+from fedshield.errors import StateCorrupted
+
+log = logging.getLogger("fedshield.outputs")
 
 VERSIONED = ("fedshield", "flwr", "flwr-datasets", "torch", "opacus", "numpy")
 
@@ -49,10 +53,34 @@ class RunFolder:
             fh.write(json.dumps(line, sort_keys=True) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """The metrics lines, one per round. A torn last line (a crash mid-append: no final
+        newline) is dropped with a warning; any other unreadable line, or rounds out of order,
+        is StateCorrupted: the results cannot be trusted, so nothing continues from them."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise StateCorrupted(f"{path} is not UTF-8 text (corrupted); restore it from a backup "
+                                 "or start a new run") from None
+        lines = [(i, line) for i, line in enumerate(text.split("\n"), 1) if line.strip()]
+        rows: list[dict] = []
+        for k, (number, line) in enumerate(lines):
+            row = _metrics_row(line)
+            if row is None and k == len(lines) - 1 and not text.endswith("\n"):
+                log.warning("%s: dropping the torn last line %d (the run stopped while writing "
+                            "it); that round will be redone on resume", path, number)
+                break
+            if row is None:
+                raise StateCorrupted(f"{path}: line {number} is not a metrics record (corrupted "
+                                     "or edited); restore it from a backup or start a new run")
+            if rows and row["round"] <= rows[-1]["round"]:
+                raise StateCorrupted(f"{path}: line {number} is round {row['round']} after round "
+                                     f"{rows[-1]['round']}; the file was edited or two runs wrote "
+                                     "to it. Start a new run")
+            rows.append(row)
+        return rows
 
     def truncate_metrics(self, last_round: int) -> None:
         """On resume, drop lines of rounds after the checkpoint (they will be redone)."""
@@ -93,3 +121,14 @@ class RunFolder:
         fig.savefig(out, dpi=120)
         plt.close(fig)
         return out
+
+
+def _metrics_row(line: str) -> dict | None:
+    """One parsed metrics line, or None when it is not a JSON object with an integer round."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("round"), int) \
+        and not isinstance(row["round"], bool)
+    return row if ok else None

@@ -15,6 +15,7 @@ from flwr.app import Context, RecordDict
 from client.app import make_client_app
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError
+from fedshield.preflight import preflight
 from server.app import build_server_app
 from server.outputs import new_run_dir
 from simulations.grid import InProcessGrid
@@ -22,9 +23,8 @@ from simulations.grid import InProcessGrid
 
 def simulate(cfg: fcfg.Config, reporter=None) -> dict:
     """Run ``cfg`` and return its summary (also in ``<run folder>/summary.json``)."""
+    preflight(cfg)  # refuse what cannot run before a run folder exists or anything trains
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
-    if cfg.resume and not run_dir.is_dir():
-        raise ConfigError(f"resume = {cfg.resume!r} is not a run folder")
     server_app = build_server_app(reporter, str(run_dir))
     run_config = cfg.flat()
     if cfg.federation.engine == "ray":
