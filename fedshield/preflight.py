@@ -140,14 +140,37 @@ def check_model(cfg: fcfg.Config):
         raise ConfigError(f"{which} gives outputs of shape {tuple(out.shape[1:])} on task "
                           f"{task.name!r}, which has {task.num_classes} classes; choose a model "
                           "of this task")
+    if cfg.init_weights:
+        check_init_weights(cfg.init_weights, model.state_dict())
     if cfg.privacy.enabled:
         from opacus.validators import ModuleValidator  # noqa: PLC0415
 
-        errors = ModuleValidator.validate(model, strict=False)
+        errors = ModuleValidator.validate(model.train(), strict=False)
         if errors:
             raise ConfigError(f"privacy.enabled = true but {which} is not DP-compatible: "
                               f"{errors[0]}; choose another model")
     return task, sum(p.numel() for p in model.parameters())
+
+
+def check_init_weights(path: str, expected: dict) -> None:
+    """init_weights must be a safetensors file with exactly the model's tensors and shapes."""
+    from safetensors import SafetensorError  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    what = f"init_weights = {path!r}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} does not exist; give a model.safetensors of a run of this task, "
+                          "or init_weights = \"\" for a random initialisation")
+    try:
+        saved = {k.removeprefix("_module."): v for k, v in load_file(path).items()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ConfigError(f"{what} is not a readable safetensors file ({exc})") from None
+    shapes = {k: tuple(v.shape) for k, v in saved.items()}
+    wanted = {k: tuple(v.shape) for k, v in expected.items()}
+    if shapes != wanted:
+        diff = sorted(set(shapes) ^ set(wanted)) or sorted(k for k in wanted if shapes[k] != wanted[k])
+        raise ConfigError(f"{what} does not fit the model of this task (first difference: "
+                          f"{diff[0]!r}); give weights of the same task.name and task.model")
 
 
 def train_sizes(cfg: fcfg.Config) -> tuple[int, ...]:
@@ -158,10 +181,15 @@ def train_sizes(cfg: fcfg.Config) -> tuple[int, ...]:
     return tuple(local_train_size(len(p)) for p in parts)
 
 
-def preflight(cfg: fcfg.Config, *, partitions: bool = True) -> PreflightReport:
+def preflight(cfg: fcfg.Config, *, partitions: str = "refuse") -> PreflightReport:
     """Refuse ``cfg`` (ConfigError / StateCorrupted, naming the key and what to change) if it
-    cannot run; otherwise return what was checked. ``partitions=False`` skips the partition check
-    (partner sites bring their own data, which the server cannot see)."""
+    cannot run; otherwise return what was checked.
+
+    ``partitions``: "refuse" a partition no batch fits (the simulation runner: it knows the
+    clients use the simulated partitions), only "warn" (the ServerApp: on a SuperLink, partner
+    sites bring their own data, which the server cannot see), or "off"."""
+    if partitions not in ("refuse", "warn", "off"):
+        raise ValueError(f"partitions = {partitions!r}: use 'refuse', 'warn' or 'off'")
     fcfg.from_dict(cfg.to_dict())  # every field and cross-check, also for a Config built directly
     if cfg.resume:
         check_resume(Path(cfg.resume))
@@ -176,19 +204,21 @@ def preflight(cfg: fcfg.Config, *, partitions: bool = True) -> PreflightReport:
     from server.aggregation import build_aggregator  # noqa: PLC0415
 
     build_aggregator(cfg.aggregation.rule, cfg.aggregation, cfg.federation.num_clients, cfg.seed)
-    sizes: tuple[int, ...] = train_sizes(cfg) if partitions else ()
+    sizes: tuple[int, ...] = train_sizes(cfg) if partitions != "off" else ()
     notes: list[str] = []
     problem = partition_problem(sizes, cfg.train.batch_size, cfg.privacy.enabled)
-    if problem:
-        raise ConfigError(problem)
-    if sizes and cfg.privacy.enabled:
+    if problem is None and sizes and cfg.privacy.enabled:
         from privacy.planner import check_delta  # noqa: PLC0415
 
         try:
             check_delta(cfg.privacy.delta, max(sizes))
         except ConfigError as exc:
-            raise ConfigError(f"privacy.delta: {exc} (the largest client has {max(sizes)} "
-                              "training examples)") from None
+            problem = (f"privacy.delta: {exc} (the largest client has {max(sizes)} training "
+                       "examples)")
+    if problem and partitions == "refuse":
+        raise ConfigError(problem)
+    if problem:
+        notes.append(f"clients on the simulated partitions would refuse to train: {problem}")
     if not cfg.privacy.enabled:
         notes += partition_notes(sizes, cfg.train.batch_size)
     for note in notes:
