@@ -198,6 +198,9 @@ def preflight(cfg: fcfg.Config, *, partitions: str = "refuse") -> PreflightRepor
         if problem:
             raise ConfigError(problem)
     task, n_params = check_model(cfg)
+    from tasks import resolve_device  # noqa: PLC0415
+
+    resolve_device(cfg.train.device)  # "cuda" on a machine without one: refused now, not in round 1
     if cfg.attack.name != "none" and cfg.attack.target_label >= task.num_classes:
         raise ConfigError(f"attack.target_label = {cfg.attack.target_label} is not a class of task "
                           f"{task.name!r} (0..{task.num_classes - 1}); choose one of those")
