@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -86,3 +87,209 @@ def test_clients_train_with_the_rounds_scheduled_lr(monkeypatch):
     assert used == [pytest.approx(cfg.train.lr_at(1, 4)), pytest.approx(cfg.train.lr_at(3, 4))]
     assert used[0] == pytest.approx(0.2) and used[1] < 0.2
 
+
+
+# --- hardening: every float finite, bounded ints, safe strings, real registries ---------------
+FLOAT_KEYS = [k for k, v in fcfg.Config().flat().items() if isinstance(v, float)]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_float_refuses_inf_and_nan(key, value):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} = .* is not a finite number"):
+        fcfg.from_dict(fcfg.unflatten({key: value}))
+
+
+def test_inf_is_refused_from_toml_and_run_config_strings(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = inf\n")
+    with pytest.raises(ConfigError, match="train.lr = inf is not a finite number"):
+        fcfg.load(path)
+    with pytest.raises(ConfigError, match="screening.max_norm = nan"):
+        fcfg.load(ROOT / "configs/default.toml", ["screening.max_norm=nan"])
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**32 - 1, True), (2**32, False),
+                                      (2**64, False), (-1, False)])
+def test_seed_must_fit_every_rng(seed, ok):
+    if ok:
+        assert fcfg.from_dict({"seed": seed}).seed == seed
+    else:
+        with pytest.raises(ConfigError, match=r"seed = -?\d+ is out of range; expected an integer "
+                                              r"in \[0, 4294967295\]"):
+            fcfg.from_dict({"seed": seed})
+
+
+@pytest.mark.parametrize("rule, message", [
+    ("+", "unknown rule ''"), ("", "unknown rule ''"), ("nnm+", "unknown rule ''"),
+    ("+krum", "unknown pre-aggregation step ''"), ("krum+nnm", "unknown rule 'nnm'"),
+    ("KRUM", "write it as 'krum'"), (" median", "write it as 'median'"),
+])
+def test_aggregation_rule_is_checked_against_the_rule_registry(rule, message):
+    with pytest.raises(ConfigError, match=rf"aggregation.rule = {re.escape(repr(rule))}.*"
+                                          rf"{re.escape(message)}"):
+        fcfg.from_dict({"aggregation": {"rule": rule}})
+
+
+def test_every_registered_rule_and_step_is_accepted():
+    from server.aggregation import PRE_AGGREGATORS, RULES
+
+    for rule in RULES:
+        assert fcfg.from_dict({"aggregation": {"rule": rule}}).aggregation.rule == rule
+    for step in PRE_AGGREGATORS:
+        fcfg.from_dict({"aggregation": {"rule": f"{step}+median"}})
+
+
+def test_task_name_is_checked_against_the_task_registry(monkeypatch):
+    from tasks.base import TASKS, get_task
+
+    for name in ("hf:", "hf: x", "", "MNIST", "mnist "):
+        with pytest.raises(ConfigError, match="task.name = .* is out of range"):
+            fcfg.from_dict({"task": {"name": name}})
+    assert fcfg.from_dict({"task": {"name": "hf:ylecun/mnist"}}).task.name == "hf:ylecun/mnist"
+    get_task("digits")  # registers the shipped tasks
+    # A newly registered task is valid without touching the config module (no copied list).
+    monkeypatch.setitem(TASKS, "my-task", TASKS["digits"])
+    get_task.cache_clear()
+    try:
+        assert fcfg.from_dict({"task": {"name": "my-task"}}).task.name == "my-task"
+    finally:
+        get_task.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "a\\b", "..", ".hidden", "-rf", "", "x" * 101,
+                                  "a..b", "tab\tname", "new\nline", "nul\x00", "é"])
+def test_unsafe_run_names_are_refused(name):
+    with pytest.raises(ConfigError, match=r"^name = "):
+        fcfg.from_dict({"name": name})
+
+
+def test_safe_run_names_are_accepted():
+    for name in ("default", "nnm+cclip", "eps-3.0_s1", "retrain-20261201-120000", "a=b@c"):
+        assert fcfg.from_dict({"name": name}).name == name
+
+
+def test_control_characters_are_refused_in_every_string():
+    for key in ("output_dir", "resume", "privacy.ledger_dir", "deployment.model_name"):
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)} = .* control character"):
+            fcfg.from_dict(fcfg.unflatten({key: "a\x1bb"}))
+
+
+def test_validate_is_the_one_entry_point_and_cross_checks_stay_extensible(monkeypatch):
+    cfg = fcfg.Config()
+    assert fcfg.validate(cfg) is cfg
+    monkeypatch.setattr(fcfg, "CROSS_CHECKS",
+                        [*fcfg.CROSS_CHECKS, lambda c: "federation.rounds: custom refusal"
+                         if c.federation.rounds == 7 else None])
+    with pytest.raises(ConfigError, match="custom refusal"):
+        fcfg.validate(fcfg.Config(federation=fcfg.FederationConfig(rounds=7)))
+    with pytest.raises(ConfigError, match="custom refusal"):
+        fcfg.from_dict({"federation": {"rounds": 7}})
+
+
+# --- pre-flight --------------------------------------------------------------------------------
+def digits(tmp_path, **sections):
+    data = {"output_dir": str(tmp_path / "runs"), "task": {"name": "digits"},
+            "federation": {"num_clients": 5}, "partition": {"kind": "iid"},
+            "privacy": {"ledger_dir": str(tmp_path / "ledgers")}, "deployment": {"handoff": False}}
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return fcfg.from_dict(data)
+
+
+def test_preflight_partition_sizes_are_what_the_clients_load(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.data import LOCAL_VAL_FRACTION, load_client_data
+    from fedshield.preflight import VAL_FRACTION, preflight
+
+    assert VAL_FRACTION == LOCAL_VAL_FRACTION
+    n = 30
+    cfg = digits(tmp_path, partition={"kind": "dirichlet", "alpha": 0.3, "min_partition_size": 0},
+                 federation={"num_clients": n})
+    report = preflight(cfg)
+    loaded = []
+    for pid in range(n):
+        ctx = Context(run_id=1, node_id=pid, state=RecordDict(), run_config=cfg.flat(),
+                      node_config={"partition-id": pid, "num-partitions": n})
+        loaded.append(len(load_client_data(ctx, cfg)[1]))
+    assert report.train_sizes == tuple(loaded)
+    assert min(loaded) < 20 <= max(loaded)  # both sides of the hold-out rule are exercised
+
+
+def test_preflight_refuses_a_dp_batch_larger_than_a_partition(tmp_path):
+    """The issue's new-user case: mnist5k over 50 clients with the default DP batch of 256."""
+    from fedshield.preflight import partition_problem, preflight
+
+    cfg = fcfg.load(ROOT / "configs/default.toml",
+                    ["task.name=mnist5k", "federation.num_clients=50",
+                     f"output_dir={str(tmp_path)!r}"])
+    with pytest.raises(ConfigError, match=r"train.batch_size = 256 exceeds the \d+ training "
+                                          r"examples of client \d+.*Lower train.batch_size"):
+        preflight(cfg)
+    assert partition_problem((30, 40), 30, private=True) is None
+    assert "at most 29" in partition_problem((29, 40), 30, private=True)
+    assert partition_problem((29, 40), 30, private=False) is None
+    assert "no training examples" in partition_problem((0, 40), 1, private=False)
+
+
+def test_preflight_notes_a_large_batch_without_dp_and_only_warns_in_the_serverapp(tmp_path):
+    from fedshield.preflight import preflight
+
+    report = preflight(digits(tmp_path, train={"batch_size": 1000}))
+    assert len(report.notes) == 1 and "whole partition as one batch" in report.notes[0]
+    private = digits(tmp_path, train={"batch_size": 1000},
+                     privacy={"enabled": True, "noise_multiplier": 1.0})
+    with pytest.raises(ConfigError, match="train.batch_size = 1000 exceeds"):
+        preflight(private)
+    assert "would refuse to train" in preflight(private, partitions="warn").notes[0]
+    assert preflight(private, partitions="off").train_sizes == ()
+
+
+def test_preflight_refuses_what_would_fail_later(tmp_path):
+    from dataclasses import replace
+
+    from fedshield.preflight import preflight
+
+    good = digits(tmp_path)
+    with pytest.raises(ConfigError, match="init_weights = .* does not exist"):
+        preflight(replace(good, init_weights=str(tmp_path / "none.safetensors")))
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match="does not fit the model"):
+        preflight(replace(good, init_weights=str(tmp_path / "other.safetensors")))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="output_dir = .* is a file"):
+        preflight(replace(good, output_dir=str(tmp_path / "file")))
+    # A Config built directly (bypassing load) is validated all the same.
+    with pytest.raises(ConfigError, match="train.lr = inf"):
+        preflight(replace(good, train=replace(good.train, lr=float("inf"))))
+    with pytest.raises(ConfigError, match="name = '../up'"):
+        preflight(replace(good, name="../up"))
+    with pytest.raises(ConfigError, match="attack.target_label = 12 is not a class"):
+        preflight(replace(good, attack=replace(good.attack, name="label_flip", target_label=12,
+                                               byzantine_fraction=0.2)))
+
+
+def test_the_serverapp_runs_preflight_before_training(monkeypatch, tmp_path):
+    """ServerApp main (what `flwr run` starts) raises on a config that cannot run, so Flower marks
+    the run failed; nothing trains. Here: a model that does not fit the task is refused even when
+    the cross-check is bypassed, by the forward pass."""
+    from flwr.app import Context, RecordDict
+
+    import server.app as server_app
+    from tasks import get_task
+
+    monkeypatch.setattr(server_app, "run_federation", lambda *a: pytest.fail("training started"))
+    cfg = digits(tmp_path)
+    digits_task = get_task("digits")
+    mnist_model = get_task("mnist").build_model
+    monkeypatch.setattr("tasks.task_for", lambda task_cfg: digits_task.__class__(
+        **{**digits_task.__dict__, "build_model": mnist_model}))
+    app = server_app.build_server_app()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=cfg.flat())
+    with pytest.raises(ConfigError, match="does not fit task.name = 'digits'"):
+        app(None, context)
