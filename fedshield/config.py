@@ -229,7 +229,8 @@ class ReputationConfig:
     decay: float = opt(0.5, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
 
-# Names in simulations.attacks.ATTACKS (a test keeps the two equal; config must not import simulations).
+# Names in simulations.attacks.ATTACKS (a test keeps the two equal; config must not import
+# simulations).
 ATTACK_NAMES = ("none", "label_flip", "backdoor", "sign_flip", "gaussian", "scaling", "alie", "ipm",
                 "minmax", "minsum", "mimic")
 
@@ -242,7 +243,8 @@ class AttackConfig:
     byzantine_fraction: float = opt(0.0, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
     # Explicit Byzantine partition ids, comma separated ("0,3"); overrides the fraction.
     byzantine_ids: str = opt("")
-    # Multiplier of the update for scaling, and the model-replacement boost (~num_clients / server_lr)
+    # Multiplier of the update for scaling, and the model-replacement boost
+    # (~num_clients / server_lr)
     # of backdoor (Bagdasaryan et al. 2020).
     scale: float = opt(10.0, positive, "> 0")
     # sign_flip sends -sign_flip_scale * own update (1 = plain sign flipping).
@@ -271,7 +273,8 @@ class SecAggConfig:
     # Shares of each client's mask keys (the client and its num_shares - 1 nearest neighbours hold
     # one each); 0 = every sampled client. Flower needs at least 3.
     num_shares: int = opt(3, lambda v: v == 0 or v >= 3, "an integer >= 3, or 0 for all sampled")
-    # Shares needed to remove a dropped client's masks; higher is more private, less dropout-tolerant.
+    # Shares needed to remove a dropped client's masks; higher is more private, less
+    # dropout-tolerant.
     reconstruction_threshold: int = opt(2, lambda v: v >= 2, "an integer >= 2")
     # Each value of a client's update times num-examples / max_weight is clipped to
     # [-clipping_range, clipping_range] and quantized to quantization_range levels before masking
@@ -296,7 +299,8 @@ class DeploymentConfig:
     # Gate: largest |torch - onnxruntime| logit difference accepted on the test inputs.
     parity_tolerance: float = opt(1e-4, positive, "a tolerance > 0")
     # Gate: largest accuracy drop under the run's robustness check (summary.json); 0 = no limit.
-    max_accuracy_drop: float = opt(0.0, probability, "an accuracy difference in [0, 1] (0 = no limit)")
+    max_accuracy_drop: float = opt(0.0, probability,
+                                   "an accuracy difference in [0, 1] (0 = no limit)")
     # Also export an int8 (dynamic quantisation) ONNX model and measure its accuracy.
     quantize: bool = opt(True)
     # Test examples used for the Integrated Gradients explanations in the model card.
@@ -320,7 +324,8 @@ class Config:
     output_dir: str = opt("runs")
     # Resume from the newest checkpoint in this run folder ("" = start fresh).
     resume: str = opt("")
-    # Start from these global weights (safetensors, e.g. the champion when fine-tuning; "" = random init).
+    # Start from these global weights (safetensors, e.g. the champion when fine-tuning;
+    # "" = random init).
     init_weights: str = opt("")
     task: TaskConfig = field(default_factory=TaskConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -449,7 +454,8 @@ def _check_task_model(cfg: Config) -> str | None:
     return None
 
 
-CROSS_CHECKS += [_check_rule, _check_min_clients, _check_privacy_source, _check_attack, _check_central_dp,
+CROSS_CHECKS += [_check_rule, _check_min_clients, _check_privacy_source, _check_attack,
+                 _check_central_dp,
                  _check_augment, _check_task_model]
 
 # Attacks the simulator applies only by poisoning a client's data; every other attack rewrites
@@ -573,7 +579,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         value = _coerce(path, data[name], f.default, f.metadata.get("why", ""))
         choices, check = f.metadata.get("choices"), f.metadata.get("check")
         if choices and value not in choices:
-            raise ConfigError(f"{path} = {value!r} is not valid; choose one of {', '.join(choices)}")
+            raise ConfigError(f"{path} = {value!r} is not valid; choose one of "
+                              f"{', '.join(choices)}")
         if check and not check(value):
             raise ConfigError(f"{path} = {value!r} is out of range; expected {f.metadata['why']}")
         kwargs[name] = value

@@ -168,7 +168,8 @@ def check_init_weights(path: str, expected: dict) -> None:
     shapes = {k: tuple(v.shape) for k, v in saved.items()}
     wanted = {k: tuple(v.shape) for k, v in expected.items()}
     if shapes != wanted:
-        diff = sorted(set(shapes) ^ set(wanted)) or sorted(k for k in wanted if shapes[k] != wanted[k])
+        diff = (sorted(set(shapes) ^ set(wanted))
+                or sorted(k for k in wanted if shapes[k] != wanted[k]))
         raise ConfigError(f"{what} does not fit the model of this task (first difference: "
                           f"{diff[0]!r}); give weights of the same task.name and task.model")
 

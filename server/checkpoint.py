@@ -85,8 +85,8 @@ def save_checkpoint(run_dir: Path, rnd: int, weights: dict[str, torch.Tensor], s
 
 
 def _refuse(state_path: Path, problem: str) -> StateCorrupted:
-    return StateCorrupted(f"{state_path}: {problem}; the run cannot be resumed from it. Restore the "
-                          "run folder from a backup, or start a new run (resume = \"\")")
+    return StateCorrupted(f"{state_path}: {problem}; the run cannot be resumed from it. Restore "
+                          "the run folder from a backup, or start a new run (resume = \"\")")
 
 
 def _read_meta(state_path: Path) -> dict:
@@ -133,7 +133,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     if saved_round != meta["round"]:
         raise _refuse(state_path, f"{weights_path.name} holds round {saved_round} but "
                       f"{STATE} names round {meta['round']}")
-    weights = {k.removeprefix("weights/"): v for k, v in tensors.items() if k.startswith("weights/")}
+    weights = {k.removeprefix("weights/"): v for k, v in tensors.items()
+               if k.startswith("weights/")}
     try:
         state = _join_tensors(meta["state"], tensors)
     except KeyError as exc:

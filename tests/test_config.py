@@ -75,7 +75,8 @@ def test_clients_train_with_the_rounds_scheduled_lr(monkeypatch):
     from tasks import task_for
 
     used = []
-    monkeypatch.setattr(client_app, "train_local", lambda model, data, cfg, seed: used.append(cfg.lr) or {})
+    monkeypatch.setattr(client_app, "train_local",
+                        lambda model, data, cfg, seed: used.append(cfg.lr) or {})
     cfg = fcfg.from_dict({"task": {"name": "digits"}, "federation": {"num_clients": 2},
                           "train": {"lr": 0.2, "lr_schedule": "cosine"}})
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
@@ -83,7 +84,8 @@ def test_clients_train_with_the_rounds_scheduled_lr(monkeypatch):
     weights = task_for(cfg.task).build_model().state_dict()
     rc = {"num-rounds": 4, **fcfg.flatten({"train": dataclasses.asdict(cfg.train)})}
     for rnd in (1, 3):
-        client_app.fit_locally(context, cfg, client_app.load_client_data, weights, rc | {"server-round": rnd})
+        client_app.fit_locally(context, cfg, client_app.load_client_data, weights,
+                               rc | {"server-round": rnd})
     assert used == [pytest.approx(cfg.train.lr_at(1, 4)), pytest.approx(cfg.train.lr_at(3, 4))]
     assert used[0] == pytest.approx(0.2) and used[1] < 0.2
 
