@@ -243,9 +243,8 @@ class AttackConfig:
     byzantine_fraction: float = opt(0.0, lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)")
     # Explicit Byzantine partition ids, comma separated ("0,3"); overrides the fraction.
     byzantine_ids: str = opt("")
-    # Multiplier of the update for scaling, and the model-replacement boost
-    # (~num_clients / server_lr)
-    # of backdoor (Bagdasaryan et al. 2020).
+    # Multiplier of the update for scaling, and the model-replacement boost (~num_clients /
+    # server_lr) of backdoor (Bagdasaryan et al. 2020).
     scale: float = opt(10.0, positive, "> 0")
     # sign_flip sends -sign_flip_scale * own update (1 = plain sign flipping).
     sign_flip_scale: float = opt(1.0, positive, "> 0")
