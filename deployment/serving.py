@@ -215,9 +215,11 @@ def npy_inputs(raw: bytes, input_shape: tuple[int, ...], limit: int) -> np.ndarr
     except ValueError as exc:
         raise HTTPException(422, f"body is not a .npy array ({exc}); send the bytes of numpy.save(file, "
                                  f"batch) for {expected}") from None
-    if dtype.hasobject or dtype.kind not in "fiu" or dtype.subdtype is not None:
-        raise HTTPException(422, f"inputs have dtype {dtype.str if not dtype.hasobject else 'object'}; "
-                                 f"send float32 numbers")
+    if dtype.hasobject:
+        raise HTTPException(422, "body is not a .npy array of numbers: it holds Python objects (a pickle, "
+                                 f"never loaded); send {expected}")
+    if dtype.kind not in "fiu" or dtype.subdtype is not None:
+        raise HTTPException(422, f"inputs have dtype {dtype.str}; send float32 numbers")
     if problem := batch_problem(shape, input_shape, limit):
         raise HTTPException(422, problem)
     count = int(np.prod(shape, dtype=np.int64))  # bounded: shape passed the batch checks
@@ -229,7 +231,7 @@ def npy_inputs(raw: bytes, input_shape: tuple[int, ...], limit: int) -> np.ndarr
     with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused below
         x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
-        raise HTTPException(422, f"inputs contain NaN, infinity or values beyond float32's range "
+        raise HTTPException(422, f"inputs contain NaN or infinity, or values beyond float32's range "
                                  f"(|x| > {FLOAT32_MAX:.3g}); send finite float32 numbers")
     return x
 
