@@ -68,7 +68,8 @@ def build_loaded_model(task, state_dict: dict[str, torch.Tensor]) -> nn.Module:
 def hash_folder(folder: str | Path) -> dict[str, str]:
     """sha256 of every file under ``folder``, keyed by its relative posix path."""
     root = Path(folder)
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def hash_mismatches(folder: str | Path, expected: dict[str, str]) -> list[str]:

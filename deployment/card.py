@@ -51,7 +51,7 @@ def privacy_warning(privacy: dict) -> str:
 
 
 def attack_of(summary: dict, config: dict) -> dict:
-    """What attack was simulated: summary ``attack`` is the attack table or, in older runs, its name."""
+    """The attack simulated; summary ``attack`` is the attack table (older runs: its name)."""
     raw = summary.get("attack")
     table = raw if isinstance(raw, dict) else (config.get("attack") or {})
     name = raw.get("name") if isinstance(raw, dict) else raw
@@ -73,7 +73,8 @@ def noise_used(privacy: dict) -> list[float] | None:
 def _noise_text(privacy: dict) -> str:
     used = noise_used(privacy)
     if used:
-        shown = f"{used[0]:.4g}" if len(used) == 1 else f"{used[0]:.4g}-{used[-1]:.4g} ({len(used)} values)"
+        shown = f"{used[0]:.4g}" if len(used) == 1 else \
+            f"{used[0]:.4g}-{used[-1]:.4g} ({len(used)} values)"
         return f"Noise multiplier used {shown}"
     configured = privacy.get("noise_multiplier")
     if configured:
@@ -171,7 +172,7 @@ def _range_text(rng) -> str:
 
 def render_markdown(card: dict) -> str:
     p, t, m, a = card["privacy"], card["training"], card["metrics"], card["artifacts"]
-    attack = card["attack"]
+    attack, schema_in = card["attack"], card["data_schema"]["input"]
     warning = card.get("privacy_warning")
     lines = [f"# Model card: {card['name']}", ""]
     if warning:
@@ -181,7 +182,7 @@ def render_markdown(card: dict) -> str:
               f"- Task: **{card['task']['name']}**, {card['task']['num_classes']} classes",
               f"- Input: float32, shape {card['data_schema']['input']['shape']} ({card['data_schema']['input']['kind']})",
               f"- Preprocessing: {card['task']['preprocessing']}",
-              f"- Input range seen in evaluation: {_range_text(card['data_schema']['input'].get('range'))}",
+              f"- Input range in evaluation: {_range_text(schema_in.get('range'))}",
               f"- Features: {len(card['data_schema']['feature_names']) or 'pixels'}", "",
               "## Training", "",
               f"- Rounds: {t['rounds']}, clients: {t['num_clients']}, strategy: {t['strategy']}, seed: {t['seed']}",
@@ -193,7 +194,7 @@ def render_markdown(card: dict) -> str:
                   f"- {_noise_text(p)}, clip norm {_fmt(p.get('max_grad_norm'))}",
                   f"- Per-client epsilon: max **{_fmt(p.get('epsilon_max'))}**, mean {_fmt(p.get('epsilon_mean'))}"]
         if warning:
-            lines.append("- **Reproducible noise: the epsilon above is NOT valid against the server.**")
+            lines.append("- **Reproducible noise: this epsilon is NOT valid against the server.**")
     else:
         lines.append("- **No sample-level differential privacy** in training.")
     lines += [f"- Central (user-level) DP: `{json.dumps(p.get('central_dp'))}`", "",

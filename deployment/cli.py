@@ -57,7 +57,8 @@ def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri, 
     for col in ("version", "aliases", "gate", "test_accuracy", "epsilon_max", "created"):
         table.add_column(col)
     for r in rows:
-        eps = f"[bold red]{r['epsilon_max']}[/bold red]" if r.get("warning") else str(r["epsilon_max"])
+        eps = str(r["epsilon_max"])
+        eps = f"[bold red]{eps}[/bold red]" if r.get("warning") else eps
         table.add_row(r["version"], ",".join(r["aliases"]), r["gate"], str(r["test_accuracy"]),
                       eps, r["created"])
     console.print(table)
@@ -84,14 +85,15 @@ def registry_show(version: str = typer.Argument(..., help="Version number."), mo
 @registry_app.command("promote")
 def registry_promote(version: str = typer.Argument(..., help="Version number."), model_name: str = ModelName,
                      registry_uri: str = RegistryUri,
-                     config: Path = typer.Option(None, "--config", "-c", help="TOML whose \\[deployment] table "
-                                                 "adds checks to the policy stored with the version "
-                                                 "(it can tighten, never loosen it)."),
+                     config: Path = typer.Option(
+                         None, "--config", "-c", help="TOML whose \\[deployment] table adds checks "
+                         "to the policy stored with the version (it can tighten, never loosen it)."),
                      force: bool = typer.Option(False, "--force", help="Promote despite policy failures "
                                                 "(never despite a hash mismatch, a failed run or "
                                                 "reproducible noise); needs --reason."),
-                     reason: str = typer.Option("", "--reason", help="Why --force is used; recorded "
-                                                "with who and when as gate.forced.* tags."),
+                     reason: str = typer.Option(
+                         "", "--reason", help="Why --force is used; recorded with who and when as "
+                         "gate.forced.* tags."),
                      as_json: bool = AsJson) -> None:
     """Re-run the promotion gate on a version with the policy stored at registration; champion if
     it passes (or --force --reason).
@@ -139,7 +141,7 @@ def serve_command(
                                             "this federation config (fedshield simulate)."),
     retrain_rounds: int = typer.Option(3, "--retrain-rounds", help="Rounds of the fine-tuning run."),
     body_timeout: float = typer.Option(10.0, "--body-timeout", min=0.1,
-                                       help="Seconds a request body may take to arrive (then 408)."),
+                                       help="Seconds a request body may take (then 408)."),
     strict_inputs: bool = typer.Option(False, "--strict-inputs",
                                        help="Refuse (422) inputs far outside the evaluation range "
                                             "instead of answering with a warning header."),

@@ -70,9 +70,9 @@ def decide(summary: dict, export: dict, policy, hash_problems: list[str]) -> Gat
             "" if status == "completed" else "; only a completed run can be promoted")))
     privacy = summary.get("privacy") or {}
     if privacy.get("reproducible_noise"):
-        checks.append(_check("noise", False, "reproducible (seeded) DP noise: the epsilon is NOT valid "
-                             "against the server, which can regenerate the noise; retrain with "
-                             "privacy.reproducible_noise = false"))
+        checks.append(_check("noise", False, "reproducible (seeded) DP noise: the epsilon is NOT "
+                             "valid against the server, which can regenerate the noise; retrain "
+                             "with privacy.reproducible_noise = false"))
     parity = export.get("parity") or {}
     acc = _number(parity.get("onnx_accuracy"))
     checks.append(_check("accuracy", acc is not None and acc >= policy.min_accuracy,
@@ -104,8 +104,8 @@ def decide(summary: dict, export: dict, policy, hash_problems: list[str]) -> Gat
 def integrity_problems(model_dir: Path, model_hashes: dict[str, str], run_dir: Path,
                        run_hashes: dict[str, str]) -> list[str]:
     """Every gate input must have been hashed at registration and be unchanged."""
-    problems = [f"{name} was not hashed at registration (registered by an older fedshield); register "
-                f"the run again" for name in MODEL_INPUTS if name not in model_hashes]
+    problems = [f"{name} was not hashed at registration (registered by an older fedshield); "
+                f"register the run again" for name in MODEL_INPUTS if name not in model_hashes]
     problems += [f"run/{name} was not hashed at registration; register the run again"
                  for name in RUN_INPUTS if name not in run_hashes]
     problems += hash_mismatches(model_dir, model_hashes)
@@ -119,8 +119,9 @@ def stored_policy(tags: dict[str, str], params: dict[str, str]) -> GatePolicy | 
     if text is None:
         return None
     if POLICY_TAG in params and params[POLICY_TAG] != text:
-        raise RegistryError(f"the version's {POLICY_TAG} tag ({text}) differs from the policy it was "
-                            f"registered with ({params[POLICY_TAG]}); the tag was edited: restore it")
+        raise RegistryError(f"the version's {POLICY_TAG} tag ({text}) differs from the policy it "
+                            f"was registered with ({params[POLICY_TAG]}); the tag was edited: "
+                            f"restore it")
     return GatePolicy.from_json(text)
 
 
@@ -128,8 +129,9 @@ def applied_policy(stored: GatePolicy | None, explicit: GatePolicy | None,
                    version: str) -> tuple[GatePolicy, str]:
     """The policy a promotion applies and where it came from; never an empty one."""
     if stored is None and explicit is None:
-        raise ConfigError(f"version {version} has no stored gate policy (registered before policies "
-                          f"were stored); pass --config CONFIG whose [deployment] table is the policy")
+        raise ConfigError(f"version {version} has no stored gate policy (registered before "
+                          f"policies were stored); pass --config CONFIG whose [deployment] table "
+                          f"is the policy")
     if stored is None:
         return explicit, "config"
     if explicit is None:

@@ -41,8 +41,8 @@ class GatePolicy:
                 raise ValueError(f"keys {sorted(data) if isinstance(data, dict) else data!r}")
             policy = cls(**{k: float(v) for k, v in data.items()})
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"the stored gate policy {text[:200]!r} is malformed ({exc}); register "
-                              f"the run again, or promote with --config CONFIG") from None
+            raise ConfigError(f"the stored gate policy {text[:200]!r} is malformed ({exc}); "
+                              f"register the run again, or promote with --config CONFIG") from None
         if not all(math.isfinite(v) and v >= 0 for v in asdict(policy).values()):
             raise ConfigError(f"the stored gate policy {text[:200]!r} has a non-finite or negative "
                               f"bound; register the run again")

@@ -71,9 +71,10 @@ def client_for(tracking_uri: str, create: bool = True) -> MlflowClient:
     (MLflow would silently create an empty one, and every lookup would then say "no model")."""
     uri = normalise_uri(tracking_uri)
     if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise RegistryError(f"no registry database at {uri[len('sqlite:///'):]}; pass --registry-uri "
-                            f"sqlite:///PATH/registry.db of an existing registry (a moved registry "
-                            f"folder keeps working when its database and {ARTIFACT_DIR}/ move together)")
+        raise RegistryError(f"no registry database at {uri[len('sqlite:///'):]}; pass "
+                            f"--registry-uri sqlite:///PATH/registry.db of an existing registry (a "
+                            f"moved registry keeps working when its database and {ARTIFACT_DIR}/ "
+                            f"move together)")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -111,10 +112,10 @@ def run_artifact_dir(client: MlflowClient, run_id: str, tracking_uri: str) -> Pa
         moved = Path(root).joinpath(*rel)
         if moved.is_dir():
             return moved
-    raise RegistryError(f"the artifacts of run {run_id} are missing: not at {recorded} (where they were "
-                        f"registered)" + (f" nor at {moved} (relative to the registry)" if moved else "")
-                        + f"; move the registry database and its {ARTIFACT_DIR}/ folder together, "
-                        f"or register the run again")
+    elsewhere = f" nor at {moved} (relative to the registry)" if moved else ""
+    raise RegistryError(f"the artifacts of run {run_id} are missing: not at {recorded} (where they "
+                        f"were registered){elsewhere}; move the registry database and its "
+                        f"{ARTIFACT_DIR}/ folder together, or register the run again")
 
 
 def _experiment_id(client: MlflowClient, tracking_uri: str) -> str:
@@ -146,12 +147,13 @@ def refuse_failed_run(summary: dict, where: str | Path) -> None:
     """A failed run is never registered, promoted or handed off (summary ``status``)."""
     if summary.get("status") == "failed":
         why = summary.get("stopped_early") or summary.get("error") or "see its summary.json"
-        raise NotDeployable(f"run {summary.get('name', where)} failed ({why}); a failed run is never "
-                            f"registered or promoted: fix the cause and run the federation again")
+        raise NotDeployable(f"run {summary.get('name', where)} failed ({why}); a failed run is "
+                            f"never registered or promoted: fix the cause and run the federation "
+                            f"again")
 
 
 def epsilon_tag(privacy: dict) -> str:
-    """The registry's epsilon column; says LOUDLY when the epsilon does not hold against the server."""
+    """The registry's epsilon column; LOUD when the epsilon does not hold against the server."""
     eps = str(privacy.get("epsilon_max") if privacy.get("enabled") else "none")
     return f"{eps} (NOT VALID against the server: reproducible noise)" \
         if privacy.get("reproducible_noise") else eps
@@ -245,8 +247,8 @@ def expected_run_hashes(tags: dict[str, str]) -> dict[str, str]:
     return {k[len(RUN_HASH_TAG):]: v for k, v in tags.items() if k.startswith(RUN_HASH_TAG)}
 
 
-def download(client: MlflowClient, mv, dst: str | Path | None = None, tracking_uri: str | None = None,
-             folder: str = "model") -> Path:
+def download(client: MlflowClient, mv, dst: str | Path | None = None,
+             tracking_uri: str | None = None, folder: str = "model") -> Path:
     """Copy a version's ``model/`` (or ``run/``) artifacts to ``dst``; works on a moved registry."""
     dst = Path(dst or tempfile.mkdtemp(prefix="fedshield-model-"))
     local = run_artifact_dir(client, mv.run_id, tracking_uri) if tracking_uri else None

@@ -88,7 +88,8 @@ def _registry_hashes_for_run(run_dir: Path, tracking_uri: str | None) -> tuple[s
         name, version = str(record["model_name"]), str(record["version"])
         if tracking_uri is None:
             config = tomllib.loads((run_dir / "config.toml").read_text())
-            tracking_uri = config.get("deployment", {}).get("registry_uri", "sqlite:///.fedshield/registry.db")
+            tracking_uri = config.get("deployment", {}).get("registry_uri",
+                                                            "sqlite:///.fedshield/registry.db")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{run_dir}/handoff.json or config.toml is unreadable ({exc}); serve the "
                           f"registered version instead: --model models:/NAME/VERSION") from None
@@ -132,9 +133,11 @@ def _load_served_model(model: str | Path, tracking_uri: str | None, quantized: b
         raise ConfigError("no int8 model in this export; re-export with deployment.quantize = true")
     card = read_json(folder / CARD_JSON) if (folder / CARD_JSON).is_file() else {}
     reference = Reference.load(folder / REFERENCE_JSON) if (folder / REFERENCE_JSON).is_file() else None
-    rng = export.get("input_range") or ((card.get("data_schema") or {}).get("input") or {}).get("range")
-    served = ServedModel(name, version, folder, export["task"], tuple(export["input_shape"]), export["num_classes"],
-                         hashes, card, reference, quantized, export.get("metadata", {}).get("model", ""),
+    schema = (card.get("data_schema") or {}).get("input") or {}
+    rng = export.get("input_range") or schema.get("range")
+    served = ServedModel(name, version, folder, export["task"], tuple(export["input_shape"]),
+                         export["num_classes"], hashes, card, reference, quantized,
+                         export.get("metadata", {}).get("model", ""),
                          input_range=rng if isinstance(rng, dict) else None,
                          preprocessing=str((card.get("task") or {}).get("preprocessing", "")))
     served.session = onnx_session(folder / (ONNX_INT8 if quantized else ONNX))
@@ -172,8 +175,9 @@ def request_models(input_shape: tuple[int, ...], max_batch: int, max_explain: in
             if problem := batch_problem(array.shape, input_shape, limit):
                 raise ValueError(problem)
             if array.size and float(np.abs(array).max()) > FLOAT32_MAX:
-                raise ValueError(f"inputs contain values beyond float32's range (|x| > {FLOAT32_MAX:.3g}); "
-                                 f"the model takes float32: send preprocessed inputs")
+                raise ValueError(f"inputs contain values beyond float32's range (|x| > "
+                                 f"{FLOAT32_MAX:.3g}); the model takes float32: send "
+                                 f"preprocessed inputs")
             return value
         return check
 
@@ -216,23 +220,24 @@ def npy_inputs(raw: bytes, input_shape: tuple[int, ...], limit: int) -> np.ndarr
         raise HTTPException(422, f"body is not a .npy array ({exc}); send the bytes of numpy.save(file, "
                                  f"batch) for {expected}") from None
     if dtype.hasobject:
-        raise HTTPException(422, "body is not a .npy array of numbers: it holds Python objects (a pickle, "
-                                 f"never loaded); send {expected}")
+        raise HTTPException(422, "body is not a .npy array of numbers: it holds Python objects "
+                                 f"(a pickle, never loaded); send {expected}")
     if dtype.kind not in "fiu" or dtype.subdtype is not None:
         raise HTTPException(422, f"inputs have dtype {dtype.str}; send float32 numbers")
     if problem := batch_problem(shape, input_shape, limit):
         raise HTTPException(422, problem)
     count = int(np.prod(shape, dtype=np.int64))  # bounded: shape passed the batch checks
     if len(raw) - offset != count * dtype.itemsize:
-        raise HTTPException(422, f".npy header says {shape} {dtype.str} ({count * dtype.itemsize} bytes) but "
-                                 f"the body holds {len(raw) - offset} data bytes; send a complete array")
+        raise HTTPException(422, f".npy header says {shape} {dtype.str} ({count * dtype.itemsize} "
+                                 f"bytes) but the body holds {len(raw) - offset} data bytes; send "
+                                 f"a complete array")
     x = np.frombuffer(raw, dtype=dtype, count=count, offset=offset)
     x = x.reshape(shape[::-1]).T if fortran else x.reshape(shape)
     with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused below
         x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
-        raise HTTPException(422, f"inputs contain NaN or infinity, or values beyond float32's range "
-                                 f"(|x| > {FLOAT32_MAX:.3g}); send finite float32 numbers")
+        raise HTTPException(422, f"inputs contain NaN or infinity, or values beyond float32's "
+                                 f"range (|x| > {FLOAT32_MAX:.3g}); send finite float32 numbers")
     return x
 
 
@@ -270,7 +275,8 @@ class BodyLimit:
         body = json.dumps({"detail": detail}).encode()
         # "connection: close": the rest of the body is never read, so the connection can't be reused
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
@@ -281,13 +287,14 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(send)
         chunks, total, more = [], 0, True
-        deadline = asyncio.get_running_loop().time() + self.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         while more:
             try:
-                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
             except (asyncio.TimeoutError, TimeoutError):
-                return await self._reject(send, 408, f"request body not received within {self.timeout:g} s; "
-                                                     f"send the whole body at once")
+                why = f"request body not received within {self.timeout:g} s; send it at once"
+                return await self._reject(send, 408, why)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -338,7 +345,8 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, record)
         finally:
-            self.metrics.observe_request(path_label(scope["path"]), status[0], time.perf_counter() - start)
+            took = time.perf_counter() - start
+            self.metrics.observe_request(path_label(scope["path"]), status[0], took)
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -427,9 +435,10 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
 
     def refuse_overflow(values: np.ndarray, what: str) -> None:
         if not np.isfinite(values).all():
-            raise HTTPException(422, f"these inputs make the model's {what} overflow (inf/NaN); send inputs "
-                                     f"in the model's range" + (f" [{served.input_range['min']:.4g}, "
-                                     f"{served.input_range['max']:.4g}]" if served.input_range else ""))
+            rng = served.input_range
+            shown = f" [{rng['min']:.4g}, {rng['max']:.4g}]" if rng else ""
+            raise HTTPException(422, f"these inputs make the model's {what} overflow (inf/NaN); "
+                                     f"send inputs in the model's range{shown}")
 
     @app.post("/predict", dependencies=guard)
     async def predict(request: Request, probabilities: bool = True) -> JSONResponse:
@@ -472,8 +481,10 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
         with np.errstate(over="ignore", invalid="ignore"):
             attributions, targets = integrated_gradients(torch_model, x, is_image, target)
         refuse_overflow(np.asarray(attributions), "attributions")
-        return JSONResponse({"method": "integrated_gradients", "baseline": "black image" if is_image else "zeros",
-                "targets": targets.tolist(), "attributions": attributions.tolist()}, headers=headers)
+        return JSONResponse({"method": "integrated_gradients",
+                             "baseline": "black image" if is_image else "zeros",
+                             "targets": targets.tolist(), "attributions": attributions.tolist()},
+                            headers=headers)
 
     @app.get("/metrics", dependencies=guard)
     async def prometheus() -> PlainTextResponse:
@@ -510,4 +521,5 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, token: s
     check_exposure(host, token)
     app = create_app(model, token=token, **app_options)
     # Idle keep-alive connections are closed after 5 s; stalled bodies by BodyLimit's timeout.
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_keep_alive=5)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                timeout_keep_alive=5)

@@ -83,7 +83,8 @@ class ServingMetrics:
                     "# HELP fedshield_retrain_triggers_total Retraining triggers fired.",
                     "# TYPE fedshield_retrain_triggers_total counter",
                     f"fedshield_retrain_triggers_total {self.retrain_triggers}",
-                    "# HELP fedshield_input_range_warnings_total Batches far outside the evaluation input range.",
+                    "# HELP fedshield_input_range_warnings_total Batches far outside the input "
+                    "range.",
                     "# TYPE fedshield_input_range_warnings_total counter",
                     f"fedshield_input_range_warnings_total {self.input_warnings}"]
         return "\n".join(out) + "\n"

@@ -68,7 +68,8 @@ def make_run_dir(root: Path, task_name: str, *, epsilon_max: float = 3.0, privac
                                  "rejected": [], "quarantined": []}) + "\n")
     summary = {
         "name": cfg.name, "task": task_name, "rounds": rounds, "num_clients": 4,
-        "strategy": "fedavg", "attack": attack if attack is not None else {"name": "none"}, "seed": 0,
+        "strategy": "fedavg", "seed": 0,
+        "attack": attack if attack is not None else {"name": "none"},
         "final": final, "best": {"round": rounds, "accuracy": final["accuracy"]},
         "privacy": {"enabled": privacy, "accountant": "prv", "delta": 1e-5,
                     "noise_multiplier": 1.1 if privacy else 0.0, "max_grad_norm": 1.0,

@@ -129,7 +129,8 @@ def test_card_states_the_noise_used_and_the_attack_run(digits_export, tmp_path, 
     card = build_card(run, digits_export, explain_examples=4)
     md = card.md_path.read_text()
     assert f"- Attack simulated: {shown}\n" in md
-    assert card.data["attack"]["simulated"] == (shown != "none") and card.data["attack"]["name"] == shown
+    assert card.data["attack"]["simulated"] == (shown != "none")
+    assert card.data["attack"]["name"] == shown
     assert "Noise multiplier used 1.06-1.91 (3 values)" in md and "Noise multiplier 0" not in md
     assert card.data["privacy"]["noise_multipliers_used"] == [1.06, 1.5, 1.91]
     assert "EPSILON NOT VALID" not in md and card.data["privacy_warning"] == ""

@@ -43,7 +43,8 @@ def test_passing_model_becomes_champion(setup):
     assert result.passed and result.reasons == [] and result.version == "1"
     assert aliases(setup["uri"])["champion"] == "1"
     assert Path(result.card_path).is_file() and (setup["run"] / "handoff.json").is_file()
-    assert {c["name"] for c in result.checks} == {"status", "accuracy", "epsilon", "parity", "integrity"}
+    assert {c["name"] for c in result.checks} == {"status", "accuracy", "epsilon", "parity",
+                                                  "integrity"}
     resolved = resolve(f"models:/{MODEL}@champion", setup["uri"], setup["root"] / "dl")
     assert resolved.version == "1" and set(resolved.sha256) >= {"model.onnx", ONNX_DATA, "model.safetensors"}
     from fastapi.testclient import TestClient

@@ -32,9 +32,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("gate")
     uri = f"sqlite:///{root}/registry/registry.db"
     run = make_run_dir(root / "runs", "digits", epsilon_max=3.0)
-    cfg = fconfig.from_dict({"task": {"name": "digits"},
-                             "deployment": {"registry_uri": uri, "model_name": MODEL, "min_accuracy": 0.5,
-                                            "max_epsilon": 5.0, "explain_examples": 8, "quantize": False}})
+    deployment = {"registry_uri": uri, "model_name": MODEL, "min_accuracy": 0.5, "max_epsilon": 5.0,
+                  "explain_examples": 8, "quantize": False}
+    cfg = fconfig.from_dict({"task": {"name": "digits"}, "deployment": deployment})
     result = handoff(run, cfg)
     assert result.passed and result.version == "1"
     return {"root": root, "uri": uri, "run": run, "result": result}
@@ -63,7 +63,8 @@ def artifacts(setup, version) -> Path:
 
 
 def promote_cli(setup, *args):
-    return CliRunner().invoke(registry_app, ["promote", *args, "-m", MODEL, "--registry-uri", setup["uri"]])
+    return CliRunner().invoke(registry_app, ["promote", *args, "-m", MODEL,
+                                             "--registry-uri", setup["uri"]])
 
 
 def test_promote_without_options_applies_the_stored_policy(setup, tmp_path):
@@ -143,7 +144,8 @@ def test_tampered_gate_input_is_refused(setup, failing, options, edited, edit):
     after = promote(setup["uri"], MODEL, version, force=True, reason="edited the inputs")
     assert not after.passed and not after.forced
     assert [r.split(":")[0] for r in after.reasons if r.startswith("integrity")] == ["integrity"]
-    assert Path(edited).name in " ".join(after.reasons) and "differs from the recorded" in " ".join(after.reasons)
+    said = " ".join(after.reasons)
+    assert Path(edited).name in said and "differs from the recorded" in said
     assert champion(setup["uri"]) == "1"
     if edited.startswith("model/"):  # serving verifies the model folder too
         with pytest.raises(IntegrityError, match=Path(edited).name):
@@ -152,7 +154,8 @@ def test_tampered_gate_input_is_refused(setup, failing, options, edited, edit):
 
 def test_edited_policy_tag_is_refused(setup):
     version = variant(setup, "edited-policy", epsilon_max=8.0)
-    client_for(setup["uri"]).set_model_version_tag(MODEL, version, "gate.policy", GatePolicy().to_json())
+    client = client_for(setup["uri"])
+    client.set_model_version_tag(MODEL, version, "gate.policy", GatePolicy().to_json())
     with pytest.raises(RegistryError, match="tag was edited"):
         promote(setup["uri"], MODEL, version)
     assert champion(setup["uri"]) == "1"
@@ -178,7 +181,8 @@ def test_moved_registry_works_or_refuses_clearly(setup, tmp_path):
             resolve(f"models:/{MODEL}@champion", uri, tmp_path / "dl2")
         cli = typer.Typer()
         cli.command()(serve_command)
-        out = CliRunner().invoke(cli, ["--model", f"models:/{MODEL}@champion", "--registry-uri", uri])
+        out = CliRunner().invoke(cli, ["--model", f"models:/{MODEL}@champion",
+                                       "--registry-uri", uri])
         assert out.exit_code == 1 and "error:" in out.output and "are missing" in out.output
         assert out.exception is None or isinstance(out.exception, SystemExit)
     finally:
@@ -201,13 +205,16 @@ def test_failed_run_is_never_registered(setup):
 
 
 def test_reproducible_noise_is_refused_under_any_policy(setup):
-    version = variant(setup, "reproducible", policy=GatePolicy(min_accuracy=0.5), reproducible_noise=True)
+    version = variant(setup, "reproducible", policy=GatePolicy(min_accuracy=0.5),
+                      reproducible_noise=True)
     decision = promote(setup["uri"], MODEL, version, force=True, reason="research run")
     assert not decision.passed and not decision.forced
-    assert decision.reasons[0].startswith("noise") and "NOT valid against the server" in decision.reasons[0]
+    assert decision.reasons[0].startswith("noise")
+    assert "NOT valid against the server" in decision.reasons[0]
     assert champion(setup["uri"]) == "1"
     row = next(r for r in list_versions(setup["uri"], MODEL) if r["version"] == version)
-    assert "NOT VALID" in row["epsilon_max"] and "EPSILON NOT VALID AGAINST THE SERVER" in row["warning"]
+    assert "NOT VALID" in row["epsilon_max"]
+    assert "EPSILON NOT VALID AGAINST THE SERVER" in row["warning"]
     card = (artifacts(setup, version) / "model" / "model_card.md").read_text()
     assert "EPSILON NOT VALID AGAINST THE SERVER" in card.splitlines()[2]  # right under the title
     out = CliRunner().invoke(registry_app, ["list", "-m", MODEL, "--registry-uri", setup["uri"]])
@@ -220,8 +227,10 @@ def test_policy_records():
                 '{"min_accuracy": NaN}'):
         with pytest.raises(ConfigError, match="stored gate policy"):
             GatePolicy.from_json(bad)
-    loose = GatePolicy(min_accuracy=0.2, max_epsilon=0.0, max_accuracy_drop=0.1, parity_tolerance=1e-3)
-    tight = GatePolicy(min_accuracy=0.5, max_epsilon=4.0, max_accuracy_drop=0.0, parity_tolerance=1e-4)
+    loose = GatePolicy(min_accuracy=0.2, max_epsilon=0.0, max_accuracy_drop=0.1,
+                       parity_tolerance=1e-3)
+    tight = GatePolicy(min_accuracy=0.5, max_epsilon=4.0, max_accuracy_drop=0.0,
+                       parity_tolerance=1e-4)
     assert strictest(loose, tight) == strictest(tight, loose) == GatePolicy(0.5, 4.0, 0.1, 1e-4)
 
 
@@ -236,4 +245,5 @@ def test_decide_refuses_failed_runs_and_reproducible_noise():
         assert [r.split(":")[0] for r in decide(seeded, export, policy, []).reasons] == ["noise"]
     # Malformed export records are failed checks, never a traceback.
     assert not decide(ok, {}, GatePolicy(), []).passed
-    assert not decide(ok, {"parity": {"onnx_accuracy": "0.99", "max_abs_diff": None}}, GatePolicy(), []).passed
+    garbled = {"parity": {"onnx_accuracy": "0.99", "max_abs_diff": None}}
+    assert not decide(ok, garbled, GatePolicy(), []).passed
