@@ -28,6 +28,14 @@ RegistryUri = typer.Option(DEFAULT_URI, "--registry-uri", help="MLflow tracking/
 AsJson = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 
+def _registry_failures() -> tuple[type[Exception], ...]:
+    """What a corrupt or foreign registry raises from inside MLflow: reported, not a traceback."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return MlflowException, SQLAlchemyError, ValueError
+
+
 def _fail(exc: Exception) -> None:
     console.print(f"[red]error:[/red] {exc}")
     raise typer.Exit(1)
@@ -48,7 +56,7 @@ def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri, 
 
     try:
         rows = list_versions(registry_uri, model_name)
-    except FedShieldError as exc:
+    except (FedShieldError, *_registry_failures()) as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -78,7 +86,7 @@ def registry_show(version: str = typer.Argument(..., help="Version number."), mo
 
     try:
         typer.echo(json.dumps(show(registry_uri, model_name, version), indent=2))
-    except FedShieldError as exc:
+    except (FedShieldError, *_registry_failures()) as exc:
         _fail(exc)
 
 
@@ -105,7 +113,7 @@ def registry_promote(version: str = typer.Argument(..., help="Version number."),
 
     try:
         decision = promote(registry_uri, model_name, version, _policy(config), force, reason)
-    except (FedShieldError, ValueError) as exc:
+    except (FedShieldError, *_registry_failures()) as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(decision.to_dict(), indent=2))
@@ -165,7 +173,7 @@ def serve_command(
               window_log=window_log, drift_window=drift_window, drift_threshold=drift_threshold,
               drift_patience=drift_patience, on_trigger=on_trigger, body_timeout=body_timeout,
               strict_inputs=strict_inputs)
-    except FedShieldError as exc:
+    except (FedShieldError, *_registry_failures()) as exc:
         _fail(exc)
 
 

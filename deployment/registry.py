@@ -70,12 +70,21 @@ def client_for(tracking_uri: str, create: bool = True) -> MlflowClient:
     """A client on the registry; ``create=False`` refuses a sqlite database that does not exist
     (MLflow would silently create an empty one, and every lookup would then say "no model")."""
     uri = normalise_uri(tracking_uri)
-    if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if db is not None and db.is_file() and db.stat().st_size and not _is_sqlite(db):
+        raise RegistryError(f"{db} is not a registry database (not SQLite); pass --registry-uri "
+                            f"sqlite:///PATH/registry.db of a fedshield registry")
+    if not create and db is not None and not db.is_file():
         raise RegistryError(f"no registry database at {uri[len('sqlite:///'):]}; pass "
                             f"--registry-uri sqlite:///PATH/registry.db of an existing registry (a "
                             f"moved registry keeps working when its database and {ARTIFACT_DIR}/ "
                             f"move together)")
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _is_sqlite(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(16) == b"SQLite format 3\x00"
 
 
 def _local_path(uri: str) -> Path | None:

@@ -101,12 +101,14 @@ def load_served_model(model: str | Path, tracking_uri: str | None = None, quanti
     """Resolve ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, a run folder or an export folder,
     verify every artifact's sha256, and open the ONNX session."""
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     try:
         return _load_served_model(model, tracking_uri, quantized)
-    except MlflowException as exc:  # a corrupt or foreign registry: say so, no MLflow traceback
+    except (MlflowException, SQLAlchemyError) as exc:  # corrupt or foreign: no MLflow traceback
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         raise ConfigError(f"the registry at {tracking_uri or 'the default URI'} cannot be read "
-                          f"({exc.message.splitlines()[0]}); check --registry-uri") from None
+                          f"({first}); check --registry-uri") from None
 
 
 def _load_served_model(model: str | Path, tracking_uri: str | None, quantized: bool) -> ServedModel:
