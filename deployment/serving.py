@@ -515,6 +515,54 @@ def check_exposure(host: str, token: str | None) -> None:
                           f"characters; pass --token (or FEDSHIELD_SERVE_TOKEN), or bind 127.0.0.1")
 
 
+def header_deadline_protocol(seconds: float) -> Any:
+    """uvicorn's httptools protocol with a deadline on request headers.
+
+    uvicorn only times out idle keep-alive connections: a client that opens a connection and
+    trickles its headers (classic slowloris) would hold it forever. Falls back to uvicorn's own
+    choice when httptools is not installed."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class HeaderDeadline(HttpToolsProtocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(seconds, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()  # also bounds a connection that never sends a byte
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._header_timer is None:  # the next request on a keep-alive connection
+                self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
+
+
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
           **app_options: Any) -> None:
     """Run the serving app under uvicorn (blocks)."""
@@ -522,6 +570,8 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, token: s
 
     check_exposure(host, token)
     app = create_app(model, token=token, **app_options)
-    # Idle keep-alive connections are closed after 5 s; stalled bodies by BodyLimit's timeout.
+    # Idle keep-alive connections are closed after 5 s, headers and bodies that stall after
+    # body_timeout (HeaderDeadline, BodyLimit).
+    timeout = float(app_options.get("body_timeout", DEFAULT_BODY_TIMEOUT))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                timeout_keep_alive=5)
+                timeout_keep_alive=5, http=header_deadline_protocol(timeout))

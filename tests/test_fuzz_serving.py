@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from deployment.card import build_card
 from deployment.export import export_model
-from deployment.serving import RANGE_HEADER, create_app
+from deployment.serving import RANGE_HEADER, create_app, header_deadline_protocol
 from tasks import get_task
 from tests.deploy_support import make_run_dir, trained_state
 
@@ -259,8 +259,9 @@ class LiveServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="critical", timeout_keep_alive=2))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="critical",
+                                timeout_keep_alive=2, http=header_deadline_protocol(BODY_TIMEOUT))
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -347,5 +348,25 @@ def test_slowloris_connections_are_closed_after_the_body_timeout(served):
         # Closed by the body timeout (1 s), not by the client's own 10 s socket timeout.
         assert elapsed < BODY_TIMEOUT + 4.0
         # The server still answers afterwards.
+        health = raw_exchange(live.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 2.0)
+        assert status_of(health) == 200
+
+
+def test_connections_trickling_headers_are_closed(served):
+    """Classic slowloris: headers that never complete; uvicorn alone would keep them open."""
+    with LiveServer(served["app"]) as live:
+        socks = [socket.create_connection(("127.0.0.1", live.port), timeout=10) for _ in range(5)]
+        start = time.monotonic()
+        try:
+            for i, sock in enumerate(socks):
+                if i % 2:  # odd ones send part of a request line and headers, even ones nothing
+                    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            for sock in socks:
+                assert sock.recv(65536) == b""  # EOF: closed by the server, no answer needed
+            elapsed = time.monotonic() - start
+        finally:
+            for sock in socks:
+                sock.close()
+        assert elapsed < BODY_TIMEOUT + 4.0
         health = raw_exchange(live.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 2.0)
         assert status_of(health) == 200
