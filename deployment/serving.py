@@ -207,8 +207,9 @@ def npy_header(raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
             shape, fortran, dtype = npy.read_array_header_2_0(buffer)
         else:
             raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
-        raise ValueError(str(exc) or type(exc).__name__) from None
+    except Exception as exc:  # noqa: BLE001 — numpy's header parser raises SyntaxError,
+        # tokenize.TokenError, ValueError, ... on hostile bytes; all mean "not a .npy array"
+        raise ValueError(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
     return tuple(int(n) for n in shape), bool(fortran), dtype, buffer.tell()
 
 

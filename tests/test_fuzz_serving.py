@@ -17,11 +17,14 @@ import time
 import numpy as np
 import pytest
 import uvicorn
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deployment.card import build_card
 from deployment.export import export_model
-from deployment.serving import RANGE_HEADER, create_app, header_deadline_protocol
+from deployment.serving import RANGE_HEADER, create_app, header_deadline_protocol, npy_inputs
 from tasks import get_task
 from tests.deploy_support import make_run_dir, trained_state
 
@@ -127,6 +130,7 @@ def npy_bodies(rng: random.Random) -> list[bytes]:
     bodies.append(npy_with_header("{'descr': '<f4', 'shape': (2, 64), }", good.tobytes()))
     bodies.append(npy_with_header("__import__('os').system('true')", good.tobytes()))
     bodies.append(npy_with_header(F4.replace("}", "'x': 1}") % "(2, 64)", good.tobytes()))
+    bodies.append(raw[:10] + b"\x00" + raw[11:])  # a NUL in the header (found by hypothesis)
     bodies.append(b"\x93NUMPY\x03\x00" + b"\xff" * 100)
     bodies.append(b"\x93NUMPY\x01\x00\xff\xff" + b"{" * 200)
     for values in (np.full((1, 64), 1e39), np.full((1, 64), -np.inf), np.full((1, 64), np.nan),
@@ -370,3 +374,23 @@ def test_connections_trickling_headers_are_closed(served):
         assert elapsed < BODY_TIMEOUT + 4.0
         health = raw_exchange(live.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 2.0)
         assert status_of(health) == 200
+
+
+VALID_NPY = npy(np.full((2, 64), 0.5, np.float32))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.one_of(st.binary(max_size=600),
+                 st.builds(lambda cut, junk: VALID_NPY[:cut] + junk,
+                           st.integers(0, len(VALID_NPY)), st.binary(max_size=64)),
+                 st.builds(lambda pos, byte: VALID_NPY[:pos] + bytes([byte]) + VALID_NPY[pos + 1:],
+                           st.integers(0, len(VALID_NPY) - 1), st.integers(0, 255))))
+def test_npy_decoding_only_ever_refuses_with_422(raw):
+    """Any bytes at all: a finite float32 batch of the right shape, or a 422, nothing else."""
+    try:
+        x = npy_inputs(raw, (64,), MAX_BATCH)
+    except HTTPException as exc:
+        assert exc.status_code == 422 and isinstance(exc.detail, str)
+        return
+    assert x.dtype == np.float32 and x.shape[1:] == (64,) and 1 <= len(x) <= MAX_BATCH
+    assert np.isfinite(x).all()
