@@ -209,7 +209,8 @@ def npy_header(raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
             raise ValueError(f"unsupported .npy format version {version}")
     except Exception as exc:  # noqa: BLE001 — numpy's header parser raises SyntaxError,
         # tokenize.TokenError, ValueError, ... on hostile bytes; all mean "not a .npy array"
-        raise ValueError(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ValueError(first) from None
     return tuple(int(n) for n in shape), bool(fortran), dtype, buffer.tell()
 
 

@@ -394,3 +394,19 @@ def test_npy_decoding_only_ever_refuses_with_422(raw):
         return
     assert x.dtype == np.float32 and x.shape[1:] == (64,) and 1 <= len(x) <= MAX_BATCH
     assert np.isfinite(x).all()
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([1e39, -1e39, 3.4e38, 1e308]),
+    lambda children: st.lists(children, max_size=66) | st.dictionaries(st.text(max_size=8), children,
+                                                                        max_size=3),
+    max_leaves=200)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(inputs=JSON_VALUES, path=st.sampled_from(["/predict", "/explain"]))
+def test_any_json_body_gets_an_answer_below_500(served, inputs, path):
+    r = served["client"].post(path, json={"inputs": inputs}, headers=AUTH)
+    assert r.status_code in (200, 422), r.text[:300]
+    no_nan(r.text)
