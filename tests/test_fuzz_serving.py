@@ -396,11 +396,13 @@ def test_npy_decoding_only_ever_refuses_with_422(raw):
     assert np.isfinite(x).all()
 
 
+JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+               | st.floats(allow_nan=False, allow_infinity=False)
+               | st.sampled_from([1e39, -1e39, 3.4e38, 1e308]))
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=8)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([1e39, -1e39, 3.4e38, 1e308]),
-    lambda children: st.lists(children, max_size=66) | st.dictionaries(st.text(max_size=8), children,
-                                                                        max_size=3),
+    JSON_LEAVES,
+    lambda children: (st.lists(children, max_size=66)
+                      | st.dictionaries(st.text(max_size=8), children, max_size=3)),
     max_leaves=200)
 
 
