@@ -33,6 +33,10 @@ class IntegrityError(FedShieldError):
     """An artifact's sha256 differs from the one recorded when it was exported and registered."""
 
 
+class NotDeployable(FedShieldError):
+    """The run must not reach the registry or production (it failed, or its guarantee is void)."""
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -59,6 +63,13 @@ def build_loaded_model(task, state_dict: dict[str, torch.Tensor]) -> nn.Module:
         raise FedShieldError(f"weights do not fit task {task.name!r}'s model: {exc}; "
                              f"check that the run folder was trained on that task") from None
     return model.eval()
+
+
+def hash_folder(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, keyed by its relative posix path."""
+    root = Path(folder)
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def hash_mismatches(folder: str | Path, expected: dict[str, str]) -> list[str]:

@@ -38,6 +38,50 @@ def read_run(run_dir: str | Path) -> tuple[dict, dict, list[dict]]:
     return summary, config, rounds
 
 
+REPRODUCIBLE_NOISE_WARNING = (
+    "EPSILON NOT VALID AGAINST THE SERVER: this run used reproducible (seeded) DP noise "
+    "(privacy.reproducible_noise = true). The server knows the seed and can regenerate and "
+    "subtract the noise, so the stated epsilon holds only against parties who see the released "
+    "model alone. Research use only; the promotion gate refuses this model.")
+
+
+def privacy_warning(privacy: dict) -> str:
+    """The loud warning a run's privacy section needs, or "" (summary ``privacy`` contract)."""
+    return REPRODUCIBLE_NOISE_WARNING if (privacy or {}).get("reproducible_noise") else ""
+
+
+def attack_of(summary: dict, config: dict) -> dict:
+    """The attack simulated; summary ``attack`` is the attack table (older runs: its name)."""
+    raw = summary.get("attack")
+    table = raw if isinstance(raw, dict) else (config.get("attack") or {})
+    name = raw.get("name") if isinstance(raw, dict) else raw
+    if name is None:
+        name = table.get("name")
+    name = str(name).strip() if name is not None else ""
+    simulated = name.lower() not in ("", "none")
+    return {"simulated": simulated, "name": name if simulated else "none", "config": table or None}
+
+
+def noise_used(privacy: dict) -> list[float] | None:
+    """The noise multipliers actually used (summary ``noise_multipliers_used``), None if unknown."""
+    used = (privacy or {}).get("noise_multipliers_used")
+    if not isinstance(used, (list, tuple)):
+        return None
+    return sorted({float(v) for v in used if isinstance(v, (int, float))})
+
+
+def _noise_text(privacy: dict) -> str:
+    used = noise_used(privacy)
+    if used:
+        shown = f"{used[0]:.4g}" if len(used) == 1 else \
+            f"{used[0]:.4g}-{used[-1]:.4g} ({len(used)} values)"
+        return f"Noise multiplier used {shown}"
+    configured = privacy.get("noise_multiplier")
+    if configured:
+        return f"Noise multiplier {_fmt(configured)} (configured)"
+    return "Noise multiplier: not recorded (planned from the target epsilon)"
+
+
 def _versions(run_versions: dict) -> dict:
     mine = {}
     for pkg in ("torch", "onnx", "onnxruntime", "captum", "mlflow-skinny", "flwr", "opacus", "fedshield"):
@@ -73,14 +117,19 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
     task = get_task(export.task, export.metadata.get("model", ""))
     test = task.load()[1]
     out = Path(export.out_dir)
-    privacy = summary.get("privacy") or {"enabled": False}
+    privacy = dict(summary.get("privacy") or {"enabled": False})
+    if (used := noise_used(privacy)) is not None:
+        privacy["noise_multipliers_used"] = used
+    warning = privacy_warning(privacy)
     card = {
         "name": summary.get("name", Path(run_dir).name),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_dir": str(Path(run_dir).resolve()),
         "task": {"name": task.name, "num_classes": task.num_classes, "preprocessing": task.preprocessing},
         "data_schema": {
-            "input": {"dtype": "float32", "shape": ["batch", *task.input_shape], "kind": "image" if task.is_image else "tabular"},
+            "input": {"dtype": "float32", "shape": ["batch", *task.input_shape],
+                      "kind": "image" if task.is_image else "tabular",
+                      "range": getattr(export, "input_range", None)},
             "output": {"logits": ["batch", task.num_classes]},
             "feature_names": list(task.feature_names),
         },
@@ -90,9 +139,10 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
             "robustness": summary.get("robustness"), "seed": summary.get("seed"),
             "wall_seconds": summary.get("wall_seconds"),
         },
-        "attack": {"simulated": summary.get("attack") not in (None, "none"), "name": summary.get("attack"),
-                   "config": config.get("attack")},
+        "status": summary.get("status"),
+        "attack": attack_of(summary, config),
         "privacy": privacy,
+        "privacy_warning": warning,
         "metrics": {"final": summary.get("final"), "best": summary.get("best"), "per_round": rounds,
                     "test_onnx_accuracy": export.parity["onnx_accuracy"],
                     "test_int8_accuracy": export.int8["accuracy"] if export.int8 else None},
@@ -114,23 +164,37 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _range_text(rng) -> str:
+    if not isinstance(rng, dict):
+        return "not recorded"
+    return f"[{rng.get('min', 0.0):.4g}, {rng.get('max', 0.0):.4g}]"
+
+
 def render_markdown(card: dict) -> str:
     p, t, m, a = card["privacy"], card["training"], card["metrics"], card["artifacts"]
-    lines = [f"# Model card: {card['name']}", "", f"Created {card['created_at']} from `{card['run_dir']}`.", "",
-             "## Task and data schema", "",
-             f"- Task: **{card['task']['name']}**, {card['task']['num_classes']} classes",
-             f"- Input: float32, shape {card['data_schema']['input']['shape']} ({card['data_schema']['input']['kind']})",
-             f"- Preprocessing: {card['task']['preprocessing']}",
-             f"- Features: {len(card['data_schema']['feature_names']) or 'pixels'}", "",
-             "## Training", "",
-             f"- Rounds: {t['rounds']}, clients: {t['num_clients']}, strategy: {t['strategy']}, seed: {t['seed']}",
-             f"- Defenses: `{json.dumps(t['defenses'])}`",
-             f"- Attack simulated: {card['attack']['simulated']} ({card['attack']['name']})", "",
-             "## Privacy", ""]
+    attack, schema_in = card["attack"], card["data_schema"]["input"]
+    warning = card.get("privacy_warning")
+    lines = [f"# Model card: {card['name']}", ""]
+    if warning:
+        lines += [f"> **WARNING: {warning}**", ""]
+    lines += [f"Created {card['created_at']} from `{card['run_dir']}`.", "",
+              "## Task and data schema", "",
+              f"- Task: **{card['task']['name']}**, {card['task']['num_classes']} classes",
+              f"- Input: float32, shape {card['data_schema']['input']['shape']} ({card['data_schema']['input']['kind']})",
+              f"- Preprocessing: {card['task']['preprocessing']}",
+              f"- Input range in evaluation: {_range_text(schema_in.get('range'))}",
+              f"- Features: {len(card['data_schema']['feature_names']) or 'pixels'}", "",
+              "## Training", "",
+              f"- Rounds: {t['rounds']}, clients: {t['num_clients']}, strategy: {t['strategy']}, seed: {t['seed']}",
+              f"- Defenses: `{json.dumps(t['defenses'])}`",
+              f"- Attack simulated: {attack['name'] if attack['simulated'] else 'none'}", "",
+              "## Privacy", ""]
     if p.get("enabled"):
         lines += [f"- Sample-level DP-SGD (Opacus), accountant **{p.get('accountant')}**, delta {_fmt(p.get('delta'))}",
-                  f"- Noise multiplier {_fmt(p.get('noise_multiplier'))}, clip norm {_fmt(p.get('max_grad_norm'))}",
+                  f"- {_noise_text(p)}, clip norm {_fmt(p.get('max_grad_norm'))}",
                   f"- Per-client epsilon: max **{_fmt(p.get('epsilon_max'))}**, mean {_fmt(p.get('epsilon_mean'))}"]
+        if warning:
+            lines.append("- **Reproducible noise: this epsilon is NOT valid against the server.**")
     else:
         lines.append("- **No sample-level differential privacy** in training.")
     lines += [f"- Central (user-level) DP: `{json.dumps(p.get('central_dp'))}`", "",

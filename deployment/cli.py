@@ -28,13 +28,22 @@ RegistryUri = typer.Option(DEFAULT_URI, "--registry-uri", help="MLflow tracking/
 AsJson = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 
+def _registry_failures() -> tuple[type[Exception], ...]:
+    """What a corrupt or foreign registry raises from inside MLflow: reported, not a traceback."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return MlflowException, SQLAlchemyError, ValueError
+
+
 def _fail(exc: Exception) -> None:
     console.print(f"[red]error:[/red] {exc}")
     raise typer.Exit(1)
 
 
-def _policy(config_path: Path | None) -> fconfig.DeploymentConfig:
-    return fconfig.load(config_path).deployment if config_path else fconfig.DeploymentConfig()
+def _policy(config_path: Path | None) -> fconfig.DeploymentConfig | None:
+    """An explicit extra policy, or None: then the policy stored with the version applies alone."""
+    return fconfig.load(config_path).deployment if config_path else None
 
 
 @registry_app.command("list")
@@ -47,7 +56,7 @@ def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri, 
 
     try:
         rows = list_versions(registry_uri, model_name)
-    except FedShieldError as exc:
+    except (FedShieldError, *_registry_failures()) as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -56,9 +65,14 @@ def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri, 
     for col in ("version", "aliases", "gate", "test_accuracy", "epsilon_max", "created"):
         table.add_column(col)
     for r in rows:
+        eps = str(r["epsilon_max"])
+        eps = f"[bold red]{eps}[/bold red]" if r.get("warning") else eps
         table.add_row(r["version"], ",".join(r["aliases"]), r["gate"], str(r["test_accuracy"]),
-                      str(r["epsilon_max"]), r["created"])
+                      eps, r["created"])
     console.print(table)
+    for r in rows:
+        if r.get("warning"):
+            console.print(f"[bold red]version {r['version']}: {r['warning']}[/bold red]")
 
 
 @registry_app.command("show")
@@ -72,30 +86,39 @@ def registry_show(version: str = typer.Argument(..., help="Version number."), mo
 
     try:
         typer.echo(json.dumps(show(registry_uri, model_name, version), indent=2))
-    except FedShieldError as exc:
+    except (FedShieldError, *_registry_failures()) as exc:
         _fail(exc)
 
 
 @registry_app.command("promote")
 def registry_promote(version: str = typer.Argument(..., help="Version number."), model_name: str = ModelName,
                      registry_uri: str = RegistryUri,
-                     config: Path = typer.Option(None, "--config", "-c", help="TOML whose \\[deployment] table is the policy."),
+                     config: Path = typer.Option(
+                         None, "--config", "-c", help="TOML whose \\[deployment] table adds checks "
+                         "to the policy stored with the version (it can tighten, never loosen it)."),
                      force: bool = typer.Option(False, "--force", help="Promote despite policy failures "
-                                                "(never despite a hash mismatch)."),
+                                                "(never despite a hash mismatch, a failed run or "
+                                                "reproducible noise); needs --reason."),
+                     reason: str = typer.Option(
+                         "", "--reason", help="Why --force is used; recorded with who and when as "
+                         "gate.forced.* tags."),
                      as_json: bool = AsJson) -> None:
-    """Re-run the promotion gate on a version; champion if it passes (or --force).
+    """Re-run the promotion gate on a version with the policy stored at registration; champion if
+    it passes (or --force --reason).
 
-    Example: fedshield registry promote 3 -m fedshield-digits -c configs/default.toml
+    Example: fedshield registry promote 3 -m fedshield-digits
+    Example: fedshield registry promote 3 -m fedshield-digits --force --reason "hotfix, see #42"
     """
     from deployment.gate import promote
 
     try:
-        decision = promote(registry_uri, model_name, version, _policy(config), force)
-    except FedShieldError as exc:
+        decision = promote(registry_uri, model_name, version, _policy(config), force, reason)
+    except (FedShieldError, *_registry_failures()) as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(decision.to_dict(), indent=2))
     else:
+        console.print(f"policy ({decision.policy_source}): {decision.policy}")
         for check in decision.checks:
             mark = "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]"
             console.print(f"{mark} {check['name']}: {check['detail']}")
@@ -125,6 +148,11 @@ def serve_command(
                                        help="On a retraining trigger, fine-tune from this model with "
                                             "this federation config (fedshield simulate)."),
     retrain_rounds: int = typer.Option(3, "--retrain-rounds", help="Rounds of the fine-tuning run."),
+    body_timeout: float = typer.Option(10.0, "--body-timeout", min=0.1,
+                                       help="Seconds a request body may take (then 408)."),
+    strict_inputs: bool = typer.Option(False, "--strict-inputs",
+                                       help="Refuse (422) inputs far outside the evaluation range "
+                                            "instead of answering with a warning header."),
 ) -> None:
     """Serve a model over HTTP (FastAPI + onnxruntime): /predict /explain /metadata /metrics /health.
 
@@ -143,8 +171,9 @@ def serve_command(
     try:
         serve(model, host, port, token, tracking_uri=registry_uri, quantized=int8, max_batch=max_batch,
               window_log=window_log, drift_window=drift_window, drift_threshold=drift_threshold,
-              drift_patience=drift_patience, on_trigger=on_trigger)
-    except FedShieldError as exc:
+              drift_patience=drift_patience, on_trigger=on_trigger, body_timeout=body_timeout,
+              strict_inputs=strict_inputs)
+    except (FedShieldError, *_registry_failures()) as exc:
         _fail(exc)
 
 

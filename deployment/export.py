@@ -34,6 +34,9 @@ class ExportResult:
     int8: dict[str, float] | None    # accuracy, argmax_agreement, size_fp32_bytes, size_int8_bytes
     metadata: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
+    # min/max of the (preprocessed) evaluation inputs: serving warns on inputs far outside it,
+    # e.g. raw 0-255 pixels sent to a model trained on normalised ones (None: older exports).
+    input_range: dict[str, float] | None = None
 
     @property
     def accuracy(self) -> float:
@@ -45,7 +48,8 @@ class ExportResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExportResult":
-        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
         data["input_shape"] = tuple(data["input_shape"])
         return cls(**data)
 
@@ -137,6 +141,7 @@ def export_model(task: Task, state_dict: dict[str, torch.Tensor], out_dir: str |
         sha256={n: sha256_file(out / n) for n in names},
         sizes={n: (out / n).stat().st_size for n in names},
         parity=parity, int8=int8, metadata=meta,
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        input_range={"min": float(test.x.min()), "max": float(test.x.max())})
     (out / EXPORT_JSON).write_text(json.dumps(result.to_dict(), indent=2))
     return result

@@ -1,24 +1,40 @@
 """Promotion gate: a registered version becomes ``champion`` only if it meets the policy.
 
-Checks (policy = ``[deployment]`` config): test accuracy of the served ONNX model >= min_accuracy;
-per-client epsilon (privacy.epsilon_max in summary.json) <= max_epsilon, and DP must be on when a
-limit is set; accuracy drop under the run's robustness check (summary.robustness.accuracy_drop,
-when present) <= max_accuracy_drop; ONNX parity <= parity_tolerance; every artifact's sha256 equal
-to the registry's. A failing version gets the ``candidate`` alias and its reasons as tags.
+Checks: the run completed (summary ``status``); its DP noise was not reproducible (a seeded noise
+makes the epsilon void against the server, so this refuses under any policy); test accuracy of the
+served ONNX model >= min_accuracy; per-client epsilon (privacy.epsilon_max) <= max_epsilon, and DP
+must be on when a limit is set; accuracy drop under the run's robustness check <= max_accuracy_drop;
+ONNX parity <= parity_tolerance; the sha256 of every file the gate reads (model files, export.json,
+card, run/summary.json) equal to the registry's.
+
+The policy is the one stored with the version at registration; an explicit policy (``--config``)
+can only add to it (``strictest``). A version without a stored policy needs an explicit one: the
+gate never runs on an empty policy. ``force`` overrides accuracy/epsilon/robustness/parity failures
+only, needs a reason, and is recorded as tags (who, when, why). A failing version gets the
+``candidate`` alias and its reasons as tags.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from deployment.artifacts import EXPORT_JSON, hash_mismatches
-from deployment.registry import client_for, download, expected_hashes, get_version
-from fedshield.config import DeploymentConfig
+from deployment.policy import POLICY_TAG, GatePolicy, strictest
+from deployment.registry import (RegistryError, client_for, download, expected_hashes,
+                                 expected_run_hashes, get_version)
+from fedshield.errors import ConfigError
 
 CHAMPION, CANDIDATE = "champion", "candidate"
+# Checks --force can never override: the inputs are untrustworthy, or the guarantee is void.
+HARD_CHECKS = ("integrity", "status", "noise")
+# Files the gate decides on; a version whose registration did not hash them is refused.
+MODEL_INPUTS = (EXPORT_JSON,)
+RUN_INPUTS = ("summary.json",)
 
 
 @dataclass
@@ -27,6 +43,8 @@ class GateDecision:
     reasons: list[str]      # why it failed (empty when it passed)
     checks: list[dict]      # every check: name, passed, detail
     forced: bool = False
+    policy: dict = field(default_factory=dict)   # the policy applied
+    policy_source: str = ""                       # stored / stored+config / config
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,50 +54,129 @@ def _check(name: str, ok: bool, detail: str) -> dict:
     return {"name": name, "passed": bool(ok), "detail": detail}
 
 
-def decide(summary: dict, export: dict, policy: DeploymentConfig, hash_problems: list[str]) -> GateDecision:
-    """The pure policy: summary.json + export.json + integrity findings -> decision with reasons."""
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def decide(summary: dict, export: dict, policy, hash_problems: list[str]) -> GateDecision:
+    """The pure policy: summary.json + export.json + integrity findings -> decision with reasons.
+
+    ``policy``: a GatePolicy or a DeploymentConfig (anything with the four gate attributes)."""
+    policy = policy if isinstance(policy, GatePolicy) else GatePolicy.from_deployment(policy)
     checks = []
-    acc = export["parity"]["onnx_accuracy"]
-    checks.append(_check("accuracy", acc >= policy.min_accuracy,
-                         f"test accuracy {acc:.4f} (ONNX) vs minimum {policy.min_accuracy:.4f}"))
+    if "status" in summary:  # absent in runs written before the status contract
+        status = summary["status"]
+        checks.append(_check("status", status == "completed", f"run status {status!r}" + (
+            "" if status == "completed" else "; only a completed run can be promoted")))
+    privacy = summary.get("privacy") or {}
+    if privacy.get("reproducible_noise"):
+        checks.append(_check("noise", False, "reproducible (seeded) DP noise: the epsilon is NOT "
+                             "valid against the server, which can regenerate the noise; retrain "
+                             "with privacy.reproducible_noise = false"))
+    parity = export.get("parity") or {}
+    acc = _number(parity.get("onnx_accuracy"))
+    checks.append(_check("accuracy", acc is not None and acc >= policy.min_accuracy,
+                         f"test accuracy {acc:.4f} (ONNX) vs minimum {policy.min_accuracy:.4f}"
+                         if acc is not None else "export.json records no ONNX test accuracy"))
     if policy.max_epsilon > 0:
-        privacy = summary.get("privacy") or {}
-        eps = privacy.get("epsilon_max") if privacy.get("enabled") else None
+        eps = _number(privacy.get("epsilon_max")) if privacy.get("enabled") else None
         if eps is None:
             checks.append(_check("epsilon", False, f"no sample-level DP guarantee (privacy disabled) but "
                                  f"deployment.max_epsilon = {policy.max_epsilon}"))
         else:
             checks.append(_check("epsilon", eps <= policy.max_epsilon,
                                  f"per-client epsilon {eps:.3f} vs limit {policy.max_epsilon:.3f}"))
-    drop = (summary.get("robustness") or {}).get("accuracy_drop")
+    drop = _number((summary.get("robustness") or {}).get("accuracy_drop"))
     if policy.max_accuracy_drop > 0 and drop is not None:
         checks.append(_check("robustness", drop <= policy.max_accuracy_drop,
                              f"accuracy drop under attack {drop:.4f} vs limit {policy.max_accuracy_drop:.4f}"))
-    diff = export["parity"]["max_abs_diff"]
-    checks.append(_check("parity", diff <= policy.parity_tolerance,
+    diff = _number(parity.get("max_abs_diff"))
+    checks.append(_check("parity", diff is not None and diff <= policy.parity_tolerance,
                          f"max |torch - onnxruntime| logit difference {diff:.2e} vs tolerance "
-                         f"{policy.parity_tolerance:.1e}"))
+                         f"{policy.parity_tolerance:.1e}" if diff is not None
+                         else "export.json records no ONNX parity"))
     checks.append(_check("integrity", not hash_problems,
                          "; ".join(hash_problems) or "every artifact's sha256 matches the registry"))
     reasons = [f"{c['name']}: {c['detail']}" for c in checks if not c["passed"]]
-    return GateDecision(not reasons, reasons, checks)
+    return GateDecision(not reasons, reasons, checks, policy=asdict(policy))
 
 
-def evaluate_version(tracking_uri: str, model_name: str, version: str, policy: DeploymentConfig) -> GateDecision:
-    """Download a version, verify its hashes against the registry and apply the policy."""
-    client = client_for(tracking_uri)
+def integrity_problems(model_dir: Path, model_hashes: dict[str, str], run_dir: Path,
+                       run_hashes: dict[str, str]) -> list[str]:
+    """Every gate input must have been hashed at registration and be unchanged."""
+    problems = [f"{name} was not hashed at registration (registered by an older fedshield); "
+                f"register the run again" for name in MODEL_INPUTS if name not in model_hashes]
+    problems += [f"run/{name} was not hashed at registration; register the run again"
+                 for name in RUN_INPUTS if name not in run_hashes]
+    problems += hash_mismatches(model_dir, model_hashes)
+    problems += [f"run/{p}" for p in hash_mismatches(run_dir, run_hashes)]
+    return problems
+
+
+def stored_policy(tags: dict[str, str], params: dict[str, str]) -> GatePolicy | None:
+    """The policy registered with the version; the tag must agree with the write-once run param."""
+    text = tags.get(POLICY_TAG)
+    if text is None:
+        return None
+    if POLICY_TAG in params and params[POLICY_TAG] != text:
+        raise RegistryError(f"the version's {POLICY_TAG} tag ({text}) differs from the policy it "
+                            f"was registered with ({params[POLICY_TAG]}); the tag was edited: "
+                            f"restore it")
+    return GatePolicy.from_json(text)
+
+
+def applied_policy(stored: GatePolicy | None, explicit: GatePolicy | None,
+                   version: str) -> tuple[GatePolicy, str]:
+    """The policy a promotion applies and where it came from; never an empty one."""
+    if stored is None and explicit is None:
+        raise ConfigError(f"version {version} has no stored gate policy (registered before "
+                          f"policies were stored); pass --config CONFIG whose [deployment] table "
+                          f"is the policy")
+    if stored is None:
+        return explicit, "config"
+    if explicit is None:
+        return stored, "stored"
+    return strictest(stored, explicit), "stored+config"
+
+
+def _read_json(path: Path, problems: list[str]) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path.name} is unreadable ({exc})")
+        return {}
+
+
+def evaluate_version(tracking_uri: str, model_name: str, version: str,
+                     policy=None) -> GateDecision:
+    """Download a version, verify the hashes of everything the gate reads, and apply the policy
+    (the stored one, made stricter by ``policy`` if given: a GatePolicy or DeploymentConfig)."""
+    client = client_for(tracking_uri, create=False)
     mv = get_version(client, model_name, version=version)
+    explicit = None if policy is None else (
+        policy if isinstance(policy, GatePolicy) else GatePolicy.from_deployment(policy))
+    params = client.get_run(mv.run_id).data.params
+    chosen, source = applied_policy(stored_policy(mv.tags, params), explicit, str(mv.version))
     with tempfile.TemporaryDirectory() as tmp:
-        local = download(client, mv, tmp)
+        local = download(client, mv, Path(tmp) / "m", tracking_uri)
+        run_local = download(client, mv, Path(tmp) / "r", tracking_uri, folder="run")
         hashes = expected_hashes(mv.tags)
-        problems = hash_mismatches(local, hashes) if hashes else ["no sha256 tags recorded in the registry"]
-        export = json.loads((local / EXPORT_JSON).read_text())
-        summary_path = Path(client.download_artifacts(mv.run_id, "run/summary.json", tmp))
-        summary = json.loads(summary_path.read_text())
-    return decide(summary, export, policy, problems)
+        if hashes:
+            problems = integrity_problems(local, hashes, run_local, expected_run_hashes(mv.tags))
+        else:
+            problems = ["no sha256 tags recorded in the registry"]
+        export = _read_json(local / EXPORT_JSON, problems)
+        summary = _read_json(run_local / "summary.json", problems)
+    if problems:  # never decide on inputs that are not the registered ones
+        export, summary = {}, {}
+    decision = decide(summary, export, chosen, problems)
+    decision.policy_source = source
+    return decision
 
 
-def record(tracking_uri: str, model_name: str, version: str, decision: GateDecision) -> None:
+def record(tracking_uri: str, model_name: str, version: str, decision: GateDecision,
+           force_record: dict[str, str] | None = None) -> None:
     """Set the alias (champion or candidate) and write the decision as tags on the version."""
     client = client_for(tracking_uri)
     for key in get_version(client, model_name, version=version).tags:
@@ -90,18 +187,40 @@ def record(tracking_uri: str, model_name: str, version: str, decision: GateDecis
     stale = CANDIDATE if alias == CHAMPION else CHAMPION
     if str(client.get_registered_model(model_name).aliases.get(stale)) == str(version):
         client.delete_registered_model_alias(model_name, stale)
-    client.set_model_version_tag(model_name, str(version), "gate", "passed" if decision.passed else "failed")
-    client.set_model_version_tag(model_name, str(version), "stage", alias)
-    client.set_model_version_tag(model_name, str(version), "gate.forced", str(decision.forced).lower())
+    tags = {"gate": "passed" if decision.passed else "failed", "stage": alias,
+            "gate.forced": str(decision.forced).lower(),
+            "gate.applied_policy": json.dumps(decision.policy, sort_keys=True),
+            "gate.policy_source": decision.policy_source}
+    if decision.forced and force_record:
+        tags |= {f"gate.forced.{k}": v[:5000] for k, v in force_record.items()}
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(version), key, value)
     for i, reason in enumerate(decision.reasons):
         client.set_model_version_tag(model_name, str(version), f"gate.reason.{i}", reason[:5000])
 
 
-def promote(tracking_uri: str, model_name: str, version: str, policy: DeploymentConfig,
-            force: bool = False) -> GateDecision:
-    """Run the gate and record it. ``force`` overrides policy failures, never integrity ones."""
+def _actor() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in this environment (containers)
+        return "unknown"
+
+
+def promote(tracking_uri: str, model_name: str, version: str, policy=None,
+            force: bool = False, reason: str = "") -> GateDecision:
+    """Run the gate and record it.
+
+    ``policy`` adds to the stored one (None: the stored policy alone). ``force`` overrides policy
+    failures, never integrity, a failed run or reproducible noise; it needs ``reason`` and is
+    recorded as ``gate.forced.by/at/reason`` tags.
+    """
+    if force and not reason.strip():
+        raise ConfigError("--force needs --reason TEXT saying why the gate is overridden; it is "
+                          "recorded on the version with who and when")
     decision = evaluate_version(tracking_uri, model_name, version, policy)
-    integrity_ok = next(c for c in decision.checks if c["name"] == "integrity")["passed"]
-    decision.forced = force and not decision.passed and integrity_ok
-    record(tracking_uri, model_name, version, decision)
+    hard_ok = all(c["passed"] for c in decision.checks if c["name"] in HARD_CHECKS)
+    decision.forced = force and not decision.passed and hard_ok
+    force_record = {"by": _actor(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "reason": reason.strip()} if decision.forced else None
+    record(tracking_uri, model_name, version, decision, force_record)
     return decision

@@ -1,4 +1,6 @@
-"""The hand-off the ServerApp calls after the last round: export -> card -> register -> gate."""
+"""The hand-off the ServerApp calls after the last round: export -> card -> register -> gate.
+
+A run whose summary says ``status = "failed"`` is refused before anything is exported."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from deployment.card import build_card
 from deployment.export import export_model
 from deployment.gate import promote
 from deployment.reference_stats import Reference, names_for, reference_from_data
-from deployment.registry import register
+from deployment.policy import GatePolicy
+from deployment.registry import refuse_failed_run, register
 from fedshield.config import Config
 from fedshield.errors import FedShieldError
 from tasks import task_for
@@ -64,11 +67,12 @@ def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     if not weights.is_file():
         raise FedShieldError(f"{weights} does not exist; the run folder must hold the global weights "
                              f"(deployment.weights = {cfg.deployment.weights!r})")
+    summary = json.loads((run / "summary.json").read_text())
+    refuse_failed_run(summary, run)  # before anything is exported or registered
     task = task_for(cfg.task)
     out = run / EXPORT_DIR
     if out.exists():
         shutil.rmtree(out)
-    summary = json.loads((run / "summary.json").read_text())
     privacy = summary.get("privacy") or {}
     metadata = {"run": summary.get("name", run.name), "weights": cfg.deployment.weights,
                 "rounds": summary.get("rounds"), "dp": privacy.get("enabled", False),
@@ -80,8 +84,10 @@ def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     reference = drift_reference(run, cfg, out)
     card = build_card(run, export, cfg.deployment.explain_examples, reference.source)
     name = model_name_for(cfg)
-    version = register(run, export, card, cfg.deployment.registry_uri, name)
-    decision = promote(cfg.deployment.registry_uri, name, version, cfg.deployment)
+    # The policy is stored with the version; this and every later promotion applies it.
+    version = register(run, export, card, cfg.deployment.registry_uri, name,
+                       policy=GatePolicy.from_deployment(cfg.deployment))
+    decision = promote(cfg.deployment.registry_uri, name, version)
     result = HandoffResult(name, version, decision.passed, decision.reasons, str(out / CARD_MD), str(out),
                            f"models:/{name}/{version}", decision.checks)
     (run / "handoff.json").write_text(json.dumps(result.to_dict(), indent=2))

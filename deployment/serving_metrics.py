@@ -16,6 +16,8 @@ def _labels(**labels: str) -> str:
 
 
 class ServingMetrics:
+    """Counters keyed by route path; callers pass bounded labels (serving.path_label)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
@@ -26,6 +28,7 @@ class ServingMetrics:
         self.drift: dict[str, float] = {}
         self.drift_windows = 0
         self.retrain_triggers = 0
+        self.input_warnings = 0
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -41,6 +44,10 @@ class ServingMetrics:
         with self._lock:
             for c in classes:
                 self.predictions[int(c)] += 1
+
+    def observe_input_warning(self) -> None:
+        with self._lock:
+            self.input_warnings += 1
 
     def observe_window(self, scores: dict, triggered: bool) -> None:
         with self._lock:
@@ -75,7 +82,11 @@ class ServingMetrics:
                     "# TYPE fedshield_drift_windows_total counter", f"fedshield_drift_windows_total {self.drift_windows}",
                     "# HELP fedshield_retrain_triggers_total Retraining triggers fired.",
                     "# TYPE fedshield_retrain_triggers_total counter",
-                    f"fedshield_retrain_triggers_total {self.retrain_triggers}"]
+                    f"fedshield_retrain_triggers_total {self.retrain_triggers}",
+                    "# HELP fedshield_input_range_warnings_total Batches far outside the input "
+                    "range.",
+                    "# TYPE fedshield_input_range_warnings_total counter",
+                    f"fedshield_input_range_warnings_total {self.input_warnings}"]
         return "\n".join(out) + "\n"
 
 

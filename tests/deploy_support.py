@@ -42,8 +42,13 @@ def _train(task_name: str, epochs: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def make_run_dir(root: Path, task_name: str, *, epsilon_max: float = 3.0, privacy: bool = True,
-                 rounds: int = 3, robustness: dict | None = None, epochs: int = 4) -> Path:
-    """A run folder as the ServerApp writes it; weights saved with Opacus' ``_module.`` prefix."""
+                 rounds: int = 3, robustness: dict | None = None, epochs: int = 4,
+                 status: str | None = "completed", reproducible_noise: bool | None = None,
+                 noise_used: list[float] | None = None, attack: dict | str | None = None) -> Path:
+    """A run folder as the ServerApp writes it; weights saved with Opacus' ``_module.`` prefix.
+
+    ``status``/``reproducible_noise``/``noise_used``/``attack`` follow the summary contract of
+    the server and privacy engineers (None: the key is absent, as in older runs)."""
     task = get_task(task_name)
     state = trained_state(task_name, epochs)
     model = task.build_model()
@@ -63,7 +68,8 @@ def make_run_dir(root: Path, task_name: str, *, epsilon_max: float = 3.0, privac
                                  "rejected": [], "quarantined": []}) + "\n")
     summary = {
         "name": cfg.name, "task": task_name, "rounds": rounds, "num_clients": 4,
-        "strategy": "fedavg", "attack": "none", "seed": 0,
+        "strategy": "fedavg", "seed": 0,
+        "attack": attack if attack is not None else {"name": "none"},
         "final": final, "best": {"round": rounds, "accuracy": final["accuracy"]},
         "privacy": {"enabled": privacy, "accountant": "prv", "delta": 1e-5,
                     "noise_multiplier": 1.1 if privacy else 0.0, "max_grad_norm": 1.0,
@@ -73,6 +79,12 @@ def make_run_dir(root: Path, task_name: str, *, epsilon_max: float = 3.0, privac
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
         "wall_seconds": 4.5,
     }
+    if status is not None:
+        summary["status"] = status
+    if reproducible_noise is not None:
+        summary["privacy"]["reproducible_noise"] = reproducible_noise
+    if noise_used is not None:
+        summary["privacy"]["noise_multipliers_used"] = noise_used
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     prefixed = {f"_module.{k}": v for k, v in state.items()}
     save_file(prefixed, str(run / "model.safetensors"))

@@ -116,3 +116,23 @@ def test_integrated_gradients_complete_and_image_picture(tmp_path):
     assert np.allclose(attr.reshape(3, -1).sum(1), gap, rtol=0.05, atol=1e-3)
     png = attribution_picture(model, test.x[:4], test.y[:4], tmp_path / "ig.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("attack,shown", [({"name": "none", "byzantine_fraction": 0.0}, "none"),
+                                          ("none", "none"), ({"name": ""}, "none"),
+                                          ({"name": "alie", "byzantine_fraction": 0.2}, "alie")])
+def test_card_states_the_noise_used_and_the_attack_run(digits_export, tmp_path, attack, shown):
+    run = make_run_dir(tmp_path, "digits", noise_used=[1.91, 1.06, 1.5], attack=attack)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["privacy"]["noise_multiplier"] = 0.0  # configured 0: planned from the target epsilon
+    (run / "summary.json").write_text(json.dumps(summary))
+    card = build_card(run, digits_export, explain_examples=4)
+    md = card.md_path.read_text()
+    assert f"- Attack simulated: {shown}\n" in md
+    assert card.data["attack"]["simulated"] == (shown != "none")
+    assert card.data["attack"]["name"] == shown
+    assert "Noise multiplier used 1.06-1.91 (3 values)" in md and "Noise multiplier 0" not in md
+    assert card.data["privacy"]["noise_multipliers_used"] == [1.06, 1.5, 1.91]
+    assert "EPSILON NOT VALID" not in md and card.data["privacy_warning"] == ""
+    rng = card.data["data_schema"]["input"]["range"]
+    assert rng == {"min": 0.0, "max": 1.0}  # digits are pixel/16

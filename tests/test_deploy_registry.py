@@ -12,6 +12,7 @@ from deployment.cli import monitor_command, registry_app
 from deployment.export import ExportResult
 from deployment.gate import decide, promote
 from deployment.handoff import handoff
+from deployment.policy import GatePolicy
 from deployment.registry import client_for, list_versions, register, resolve
 from deployment.serving import create_app
 from fedshield import config as fconfig
@@ -42,7 +43,8 @@ def test_passing_model_becomes_champion(setup):
     assert result.passed and result.reasons == [] and result.version == "1"
     assert aliases(setup["uri"])["champion"] == "1"
     assert Path(result.card_path).is_file() and (setup["run"] / "handoff.json").is_file()
-    assert {c["name"] for c in result.checks} == {"accuracy", "epsilon", "parity", "integrity"}
+    assert {c["name"] for c in result.checks} == {"status", "accuracy", "epsilon", "parity",
+                                                  "integrity"}
     resolved = resolve(f"models:/{MODEL}@champion", setup["uri"], setup["root"] / "dl")
     assert resolved.version == "1" and set(resolved.sha256) >= {"model.onnx", ONNX_DATA, "model.safetensors"}
     from fastapi.testclient import TestClient
@@ -55,21 +57,26 @@ def register_variant(setup, name, **run_options):
     run = make_run_dir(setup["root"] / name, "digits", **run_options)
     export = ExportResult.load(setup["result"].export_dir)
     card = build_card(run, export, explain_examples=8)
-    return register(run, export, card, setup["uri"], MODEL)
+    return register(run, export, card, setup["uri"], MODEL,
+                    policy=GatePolicy.from_deployment(setup["cfg"].deployment))
 
 
 def test_epsilon_policy_failure_stays_candidate_with_reason(setup):
     version = register_variant(setup, "eps8", epsilon_max=8.0)
-    decision = promote(setup["uri"], MODEL, version, setup["cfg"].deployment)
+    decision = promote(setup["uri"], MODEL, version)  # the policy stored at registration
+    assert decision.policy_source == "stored" and decision.policy["max_epsilon"] == 5.0
     assert not decision.passed and len(decision.reasons) == 1
     assert "epsilon" in decision.reasons[0] and "8.000 vs limit 5.000" in decision.reasons[0]
     tags = client_for(setup["uri"]).get_model_version(MODEL, version).tags
     assert tags["gate"] == "failed" and tags["stage"] == "candidate" and "epsilon" in tags["gate.reason.0"]
     assert aliases(setup["uri"]) == {"champion": "1", "candidate": version}
-    # --force overrides a policy failure and records it.
-    forced = promote(setup["uri"], MODEL, version, setup["cfg"].deployment, force=True)
+    # --force overrides a policy failure and records who, when and why.
+    forced = promote(setup["uri"], MODEL, version, force=True, reason="accepted by the DPO")
     assert forced.forced and aliases(setup["uri"])["champion"] == version
     assert "candidate" not in aliases(setup["uri"])
+    tags = client_for(setup["uri"]).get_model_version(MODEL, version).tags
+    assert tags["gate.forced"] == "true" and tags["gate.forced.reason"] == "accepted by the DPO"
+    assert tags["gate.forced.by"] and tags["gate.forced.at"].endswith("Z")
     promote(setup["uri"], MODEL, "1", setup["cfg"].deployment)  # restore
     assert aliases(setup["uri"])["champion"] == "1"
 
@@ -81,7 +88,7 @@ def test_tampered_artifact_is_refused_by_gate_and_server(setup):
     raw = bytearray(data.read_bytes())
     raw[-1] ^= 0xFF
     data.write_bytes(bytes(raw))
-    decision = promote(setup["uri"], MODEL, version, setup["cfg"].deployment, force=True)
+    decision = promote(setup["uri"], MODEL, version, force=True, reason="try to override")
     assert not decision.passed and not decision.forced
     assert any("integrity" in r and ONNX_DATA in r for r in decision.reasons)
     assert aliases(setup["uri"])["champion"] == "1"
