@@ -291,10 +291,11 @@ def membership_inference(cfg: fcfg.Config, shadows: int = 4, pool_size: int = 20
     pool = Split(pool_x[pick], pool_y[pick])
     half = len(pool) // 2  # every model trains on exactly half: one noise plan for all
 
-    def trained_on(mask: np.ndarray, name: str, tmp: Path) -> tuple[nn.Module, float]:
+    def trained_on(mask: np.ndarray, model_id: int, tmp: Path) -> tuple[nn.Module, float]:
         torch.manual_seed(int(rng.integers(2**31)))
         model = task.build_model()
-        trainer = _Trainer(cfg, 0, tmp, name)
+        # Each model trains as its own client id, so no two share their (seeded) training draws.
+        trainer = _Trainer(cfg, model_id, tmp, f"mia-{model_id}")
         for r in range(1, cfg.federation.rounds + 1):
             trainer.round(model, pool.subset(np.flatnonzero(mask)), r, cfg.federation.rounds)
         return model, trainer.stated[0]
@@ -306,11 +307,11 @@ def membership_inference(cfg: fcfg.Config, shadows: int = 4, pool_size: int = 20
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         target_in = random_half()
-        target, stated = trained_on(target_in, "target", Path(tmp))
+        target, stated = trained_on(target_in, 0, Path(tmp))
         target_phi, target_loss = _confidences(target, pool)
         inside = np.stack([random_half() for _ in range(shadows)])
-        shadow_phi = np.stack([_confidences(trained_on(inside[k], f"shadow{k}", Path(tmp))[0],
-                                            pool)[0] for k in range(shadows)])
+        shadow_phi = np.stack([_confidences(trained_on(inside[k], k + 1, Path(tmp))[0], pool)[0]
+                               for k in range(shadows)])
     results = []
     for name, score in (("loss", -target_loss),
                         ("lira", audit.lira_scores(target_phi, shadow_phi, inside))):
