@@ -197,12 +197,15 @@ def test_secret_noise_defeats_the_seed_replay(tmp_path):
 def test_membership_inference_finds_members_of_an_overfit_model(tmp_path):
     from privacy.audit_run import membership_inference
 
-    cfg = dataclasses.replace(digits_cfg(tmp_path), federation=fcfg.FederationConfig(
-        num_clients=4, rounds=3))
-    loss, lira = membership_inference(cfg, shadows=2, pool_size=200, audit_seed=0)
+    cfg = digits_cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, federation=fcfg.FederationConfig(num_clients=4, rounds=2),
+                              train=dataclasses.replace(cfg.train, local_epochs=10, momentum=0.9))
+    loss, lira = membership_inference(cfg, shadows=4, pool_size=200, audit_seed=0)
     assert (loss.attack, lira.attack) == ("loss", "lira")
-    assert loss.members + loss.nonmembers == 200 and lira.shadows == 2
-    assert loss.auc > 0.6 and lira.auc > 0.6  # 100 training examples, 6 epochs: memorised
+    assert loss.members + loss.nonmembers == 200 and lira.shadows == 4
+    # 100 examples, 20 epochs: memorised. AUC 0.67-0.78 over auditor seeds 0-2; chance is 0.5
+    # with a standard deviation of 0.04 at 100 members / 100 non-members.
+    assert loss.auc > 0.62 and lira.auc > 0.62
     assert 0.0 <= lira.tpr_at_fpr["0.001"] <= 1.0
 
 
