@@ -172,7 +172,8 @@ def lira_scores(target: np.ndarray, shadow: np.ndarray, inside: np.ndarray) -> n
     ``target`` (n,): statistic on the attacked model; ``shadow`` (K, n): on each shadow model;
     ``inside`` (K, n): whether the example was in that shadow's training set. Where an example has
     no in (or out) shadow, its mean is the other side's shifted by the average in-out gap."""
-    target, shadow, inside = np.asarray(target, float), np.asarray(shadow, float), np.asarray(inside, bool)
+    target, shadow = np.asarray(target, float), np.asarray(shadow, float)
+    inside = np.asarray(inside, bool)
     if shadow.ndim != 2 or shadow.shape != inside.shape or shadow.shape[1] != len(target):
         raise ConfigError(f"shadow statistics {shadow.shape}, inclusion {inside.shape} and target "
                           f"({len(target)},) do not match")

@@ -141,7 +141,8 @@ def _audit_tables(report) -> list[Table]:
         for c in report.canary:
             table.add_row(c.adversary, f"{c.bound.epsilon:.3f}", f"{c.stated_epsilon:.3f}",
                           f"{c.delta:g}", c.accountant if c.noise_multiplier else "-",
-                          f"{c.noise_multiplier:.3f}", f"{c.bound.canaries} ({c.canaries_included})",
+                          f"{c.noise_multiplier:.3f}",
+                          f"{c.bound.canaries} ({c.canaries_included})",
                           f"{c.bound.correct}/{c.bound.guesses}",
                           "yes" if c.noise_reproducible else "no")
         tables.append(table)

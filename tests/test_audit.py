@@ -44,9 +44,9 @@ def test_two_of_two_with_delta_matches_the_hand_formula():
     assert audit.p_value(m, 2, 2, eps, delta) == pytest.approx(hand, rel=1e-12)
 
 
-@pytest.mark.parametrize("m,r,v,eps,delta", [(1000, 100, 100, 3.0, 1e-5), (1000, 200, 150, 1.0, 1e-4),
-                                             (500, 50, 20, 0.5, 1e-3), (100, 100, 0, 1.0, 1e-2),
-                                             (10, 3, 3, 0.0, 0.0)])
+@pytest.mark.parametrize("m,r,v,eps,delta", [
+    (1000, 100, 100, 3.0, 1e-5), (1000, 200, 150, 1.0, 1e-4), (500, 50, 20, 0.5, 1e-3),
+    (100, 100, 0, 1.0, 1e-2), (10, 3, 3, 0.0, 0.0)])
 def test_p_value_equals_the_term_by_term_theorem(m, r, v, eps, delta):
     assert audit.p_value(m, r, v, eps, delta) == pytest.approx(brute_p_value(m, r, v, eps, delta),
                                                                rel=1e-9, abs=1e-15)
