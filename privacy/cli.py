@@ -101,7 +101,7 @@ def audit_command(
     """Empirical privacy audit: a one-run canary epsilon lower bound (95% confidence) next to the
     accountant's epsilon, membership inference (loss, LiRA) and gradient inversion."""
     from fedshield import config as fcfg
-    from privacy.audit_run import run_audit
+    from simulations.audit import run_audit
 
     try:
         cfg = fcfg.load(config, set_ or [])

@@ -147,7 +147,7 @@ def seeded(cfg: fcfg.Config, reproducible: bool) -> fcfg.Config:
 
 @pytest.mark.slow
 def test_without_dp_the_canary_audit_finds_a_large_bound(tmp_path):
-    from privacy.audit_run import canary_audit
+    from simulations.audit import canary_audit
 
     (result,) = canary_audit(digits_cfg(tmp_path), canaries=400, audit_seed=0)
     assert result.stated_epsilon == math.inf
@@ -157,7 +157,7 @@ def test_without_dp_the_canary_audit_finds_a_large_bound(tmp_path):
 
 @pytest.fixture(scope="module")
 def dp_audit(tmp_path_factory):
-    from privacy.audit_run import canary_audit
+    from simulations.audit import canary_audit
 
     cfg = seeded(digits_cfg(tmp_path_factory.mktemp("dp"), enabled=True, target_epsilon=2.0), True)
     return {r.adversary: r for r in canary_audit(cfg, canaries=400, audit_seed=0,
@@ -185,7 +185,7 @@ def test_a_server_that_knows_the_seed_regenerates_reproducible_noise(dp_audit):
 def test_secret_noise_defeats_the_seed_replay(tmp_path):
     if not any(f.name == "reproducible_noise" for f in dataclasses.fields(fcfg.PrivacyConfig)):
         pytest.skip("privacy.reproducible_noise not in the schema yet: every run's noise is seeded")
-    from privacy.audit_run import canary_audit
+    from simulations.audit import canary_audit
 
     cfg = seeded(digits_cfg(tmp_path, enabled=True, target_epsilon=2.0), False)
     (result,) = canary_audit(cfg, canaries=400, audit_seed=0, adversaries=("seed-replay",))
@@ -195,7 +195,7 @@ def test_secret_noise_defeats_the_seed_replay(tmp_path):
 
 @pytest.mark.slow
 def test_membership_inference_finds_members_of_an_overfit_model(tmp_path):
-    from privacy.audit_run import membership_inference
+    from simulations.audit import membership_inference
 
     cfg = digits_cfg(tmp_path)
     cfg = dataclasses.replace(cfg, federation=fcfg.FederationConfig(num_clients=4, rounds=2),
@@ -211,7 +211,7 @@ def test_membership_inference_finds_members_of_an_overfit_model(tmp_path):
 
 @pytest.mark.slow
 def test_gradient_inversion_reconstructs_without_dp_and_not_with_it(tmp_path):
-    from privacy.audit_run import gradient_inversion
+    from simulations.audit import gradient_inversion
 
     cfg = digits_cfg(tmp_path, enabled=True, target_epsilon=2.0)
     clear, private = gradient_inversion(cfg, batch=2, iterations=150, audit_seed=0)
