@@ -14,8 +14,8 @@ hour. Opacus' own ``secure_mode`` needs torchcsprng, whose last release (0.2.1, 
 torch 1.8.1 and has no wheel for Python 3.11.
 
 Gaussian noise keeps Opacus' secure-mode defence against floating-point attacks on the sampler
-(Holohan & Braghin 2021, arXiv:2107.10138, section 5.1; Opacus ``_generate_noise``): each noise value
-is the sum of 2n = 4 standard Gaussians, scaled by std / 2. Each Gaussian is a float32
+(Holohan & Braghin 2021, arXiv:2107.10138, section 5.1; Opacus ``_generate_noise``): each noise
+value is the sum of 2n = 4 standard Gaussians, scaled by std / 2. Each Gaussian is a float32
 Box-Muller draw from 24-bit uniforms, the precision of the ``torch.normal`` draws that Opacus sums.
 
 ``privacy.reproducible_noise = true`` keeps the old seeded draws for research; such a run's
