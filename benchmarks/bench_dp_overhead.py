@@ -6,10 +6,18 @@ Two DP times: the DP-SGD loop alone (``train_seconds``, what the issue's <= 1.5x
 and the whole ``client.dp.train_private`` call (accounting and ledger writes included: about 0.2-0.5 s
 of PRV accounting per round, which dominates on models that train in well under a second).
 
+Secure randomness (privacy/randomness.py: DP noise and Poisson masks from ChaCha20 under a secret
+key, 4 Gaussians summed per noise value) is the default; a "seeded" leg reruns the auto-picked mode
+with ``privacy.reproducible_noise = true`` (Opacus' seeded draws), and ``secure_cost`` is the extra
+DP-loop time it takes, as a share of the seeded loop. ``noise_ms`` times the draws alone for one
+step of the model (min over 20), secure and seeded: a steadier estimate on a busy machine.
+
     python benchmarks/bench_dp_overhead.py                      # MnistCNN, TanhCNN (the default
                                                                 # run's DP model), ScatterNet +
                                                                 # linear on 6,000 MNIST + MLPs
     python benchmarks/bench_dp_overhead.py --tasks digits --repeats 2 --out runs/bench-dp-quick
+    python benchmarks/bench_dp_overhead.py --tasks digits mnist-scattering:scatter_linear \
+        --modes bk --examples 2000 --repeats 3 --out runs/bench-dp-secure   # secure vs seeded only
 
 A task is a task name, optionally with one of its models: ``mnist:tanh_cnn``.
 """
@@ -23,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client.dp import pick_grad_sample_mode, train_private  # noqa: E402
 from fedshield.config import PrivacyConfig, TrainConfig  # noqa: E402
 from privacy.ledger import Ledger  # noqa: E402
+from privacy.randomness import ReproducibleNoiseWarning, SecureRandom  # noqa: E402
 from tasks import Split, get_task  # noqa: E402
 
 MODES = ("bk", "ghost", "hooks", "functorch", "ew")
@@ -54,14 +64,46 @@ def train_plain(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> N
             optimizer.step()
 
 
+def load_examples(task, examples: int) -> Split:
+    """The first ``examples`` training examples. ScatterNet features are computed for just those
+    (the full 60,000-image cache takes minutes on a small machine; the timing is the same)."""
+    if task.name == "mnist-scattering":
+        from tasks.images import load_mnist  # noqa: PLC0415
+
+        pixels = load_mnist()[0].subset(np.arange(examples))
+        return Split(task.from_pixels(pixels.x), pixels.y)
+    train, _ = task.load()
+    return train.subset(np.arange(min(examples, len(train))))
+
+
+def noise_ms(model: nn.Module, secure: bool, repeats: int = 20) -> float:
+    """Milliseconds to draw one step's noise for ``model``'s parameters (fastest of ``repeats``):
+    Opacus' single seeded torch.normal per tensor, or the secure 4-Gaussian ChaCha20 draw."""
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    rng, generator = SecureRandom(), torch.Generator().manual_seed(0)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for shape in shapes:
+            if secure:
+                rng.gaussian(shape, 1.0)
+            else:
+                torch.normal(0.0, 1.0, size=shape, generator=generator)
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
 def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...], repeats: int,
                ledger_dir: Path) -> list[dict]:
     task_name, _, model_name = name.partition(":")
     task = get_task(task_name).with_model(model_name)
-    train, _ = task.load()
-    data = train.subset(np.arange(min(examples, len(train))))
-    times: dict[str, list[float]] = {"plain": [], **{m: [] for m in modes}}
-    loop: dict[str, list[float]] = {m: [] for m in modes}
+    data = load_examples(task, examples)
+    auto = pick_grad_sample_mode(task.build_model())
+    seeded = f"seeded:{auto}"  # the auto mode again, with privacy.reproducible_noise
+    legs = (*modes, seeded) if auto in modes else modes
+    times: dict[str, list[float]] = {"plain": [], **{m: [] for m in legs}}
+    loop: dict[str, list[float]] = {m: [] for m in legs}
+    steps: dict[str, int] = {}
     errors: dict[str, str] = {}
     for rep in range(repeats + 1):  # the first pass warms up and is discarded
         for mode in times:
@@ -75,14 +117,18 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
                 seconds = time.perf_counter() - start
             else:
                 privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1 / (10 * len(data)),
-                                        grad_sample_mode=mode)
+                                        grad_sample_mode=mode.removeprefix("seeded:"),
+                                        reproducible_noise=mode == seeded)
                 ledger_file = ledger_dir / f"{name.replace(':', '-')}-{mode}-{rep}.json"
                 ledger = Ledger(ledger_file, privacy.delta, "prv")
                 try:
                     start = time.perf_counter()
-                    out = train_private(model, data, cfg, privacy, ledger, total_rounds=1, server_round=1,
-                                        run_id="bench", seed=rep)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", ReproducibleNoiseWarning)  # the seeded leg
+                        out = train_private(model, data, cfg, privacy, ledger, total_rounds=1,
+                                            server_round=1, run_id="bench", seed=rep)
                     seconds = time.perf_counter() - start
+                    steps[mode] = out["metrics"]["steps"]
                 except Exception as exc:  # a mode Opacus cannot run on this model is reported, not fatal
                     errors[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     continue
@@ -94,7 +140,6 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
     rows = [{"task": name, "model": type(task.build_model()).__name__, "examples": len(data),
              "mode": "plain", "seconds_min": plain, "seconds_median": statistics.median(times["plain"]),
              "loop_seconds_min": plain, "loop_ratio": 1.0, "ratio": 1.0}]
-    auto = pick_grad_sample_mode(task.build_model())
     for mode in modes:
         if mode in errors:
             rows.append({"task": name, "mode": mode, "error": errors[mode]})
@@ -104,6 +149,18 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
                      "loop_ratio": min(loop[mode]) / plain, "seconds_min": min(times[mode]),
                      "seconds_median": statistics.median(times[mode]), "ratio": min(times[mode]) / plain,
                      "ratio_median": statistics.median(times[mode]) / statistics.median(times["plain"])})
+        if mode == auto and seeded not in errors:
+            model, median = task.build_model(), statistics.median
+            rows[-1].update({
+                "noise": "secure", "steps": steps[mode],
+                "seeded_loop_seconds_min": min(loop[seeded]),
+                "secure_cost": min(loop[mode]) / min(loop[seeded]) - 1,
+                "secure_cost_median": median(loop[mode]) / median(loop[seeded]) - 1,
+                "dp_step_ms": min(loop[seeded]) / steps[seeded] * 1e3,
+                "noise_ms_secure": noise_ms(model, True),
+                "noise_ms_seeded": noise_ms(model, False)})
+            rows[-1]["noise_cost"] = ((rows[-1]["noise_ms_secure"] - rows[-1]["noise_ms_seeded"])
+                                      / rows[-1]["dp_step_ms"])
     return rows
 
 
@@ -114,6 +171,11 @@ def print_row(r: dict) -> None:
     mark = "  <- auto" if r.get("auto_pick") else ""
     print(f"{r['task']:14} {r['mode']:10} {r['examples']:>8} {r['loop_seconds_min']:>8.2f} "
           f"{r['loop_ratio']:>12.2f}x {r['seconds_min']:>8.2f} {r['ratio']:>12.2f}x{mark}", flush=True)
+    if "secure_cost" in r:
+        print(f"{'':14} secure randomness: DP step {r['dp_step_ms']:.2f} ms seeded; loop "
+              f"{r['secure_cost']:+.1%} (median {r['secure_cost_median']:+.1%}); noise draws "
+              f"{r['noise_ms_secure']:.3f} vs {r['noise_ms_seeded']:.3f} ms a step = "
+              f"{r['noise_cost']:+.1%} of a DP step", flush=True)
 
 
 def main() -> None:

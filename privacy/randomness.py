@@ -64,6 +64,7 @@ class SecureRandom:
     """
 
     _encryptor: object = field(init=False, repr=False)
+    _zeros: bytes = field(default=b"", init=False, repr=False)
     bytes_drawn: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -72,12 +73,16 @@ class SecureRandom:
         self._encryptor = cipher.encryptor()
 
     def random_bytes(self, n: int) -> bytearray:
-        """``n`` bytes of keystream (the encryption of zeros)."""
+        """``n`` bytes of keystream (the encryption of zeros), in a new writable buffer."""
         if self.bytes_drawn + n > MAX_STREAM_BYTES:
             raise RuntimeError(f"a SecureRandom stream must not draw more than {MAX_STREAM_BYTES} "
                                "bytes (ChaCha20's block counter); make a new one")
+        if len(self._zeros) < n:  # the plaintext, kept between calls (a step draws the same size)
+            self._zeros = bytes(n)
+        out = bytearray(n)
+        self._encryptor.update_into(memoryview(self._zeros)[:n], out)
         self.bytes_drawn += n
-        return bytearray(self._encryptor.update(bytes(n)))
+        return out
 
     def uniform24(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """(n,) float32 uniforms in (0, 1): (k + 1/2) / 2**24 for 24-bit k, never 0 or 1."""
@@ -106,14 +111,16 @@ class SecureRandom:
         return out[:n]
 
     def gaussian(self, shape: Sequence[int], std: float, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-        """N(0, std^2) noise of ``shape``: the sum of NOISE_SUMMANDS standard Gaussians per value,
-        times std / sqrt(NOISE_SUMMANDS) (Opacus' floating-point-attack fix)."""
+                 device: torch.device | str = "cpu",
+                 summands: int = NOISE_SUMMANDS) -> torch.Tensor:
+        """N(0, std^2) noise of ``shape``: the sum of ``summands`` standard Gaussians per value,
+        times std / sqrt(summands) (Opacus' floating-point-attack fix). Fewer than
+        NOISE_SUMMANDS only to measure what the fix costs (benchmarks/bench_dp_overhead.py)."""
         numel = math.prod(shape)
         if std == 0:
             return torch.zeros(tuple(shape), dtype=dtype, device=device)
-        draws = self.standard_normal(NOISE_SUMMANDS * numel, device).view(NOISE_SUMMANDS, numel)
-        noise = draws.sum(0).mul_(std / math.sqrt(NOISE_SUMMANDS))
+        draws = self.standard_normal(summands * numel, device).view(summands, numel)
+        noise = draws.sum(0).mul_(std / math.sqrt(summands))
         return noise.view(tuple(shape)).to(dtype)
 
     def bernoulli_mask(self, n: int, rate: float) -> torch.Tensor:
