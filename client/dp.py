@@ -14,6 +14,7 @@ keeps Opacus' seeded draws (research only; the epsilon then does not hold agains
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 import warnings
 from itertools import chain, islice
@@ -34,7 +35,7 @@ from fedshield.errors import ConfigError
 from privacy.accounting import compact
 from privacy.ledger import Ledger
 from privacy.planner import check_delta, plan_noise, sample_rate, steps_per_round
-from privacy.randomness import DPStreams, SecureRandom, warn_reproducible_noise
+from privacy.randomness import DPStreams, NoiseAhead, SecureRandom, warn_reproducible_noise
 from tasks import Split, resolve_device
 
 
@@ -60,10 +61,12 @@ class SecureNoise:
     ``SecureRandom`` instead of a torch.Generator (see ``adopt``)."""
 
     noise_rng: SecureRandom
+    noise_steps: int
+    noise_ahead: NoiseAhead | None
 
     def add_noise(self) -> None:
         # as DPOptimizer(FastGradientClipping).add_noise in Opacus 1.6 (adaptive clipping's
-        # multiplier included), with one draw for all parameters: a step's fixed cost is paid once
+        # multiplier included), with one draw for all parameters (and steps: NoiseAhead)
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         sums = [p.summed_grad for p in self.params]
         if not sums:
@@ -71,20 +74,22 @@ class SecureNoise:
         for s in sums:
             _check_processed_flag(s)
         sizes = [s.numel() for s in sums]
-        noise = self.noise_rng.gaussian((sum(sizes),), multiplier * self.max_grad_norm,
-                                        device=sums[0].device)
+        if self.noise_ahead is None or self.noise_ahead.per_step != sum(sizes):
+            self.noise_ahead = NoiseAhead(self.noise_rng, sum(sizes), self.noise_steps,
+                                          sums[0].device)
+        noise = self.noise_ahead.step() * (multiplier * self.max_grad_norm)
         for p, s, chunk in zip(self.params, sums, noise.split(sizes), strict=True):
             p.grad = (s + chunk.view_as(s).to(s.device, s.dtype)).view_as(p)
             _mark_as_processed(s)
 
     @staticmethod
-    def adopt(optimizer: DPOptimizer, rng: SecureRandom) -> DPOptimizer:
+    def adopt(optimizer: DPOptimizer, rng: SecureRandom, steps: int = 1) -> DPOptimizer:
         """``optimizer`` (any Opacus DPOptimizer, BookKeepingDPOptimizer included) drawing its
-        noise from ``rng``; nothing else about it changes."""
+        noise from ``rng``, ahead for up to ``steps`` steps; nothing else about it changes."""
         if not isinstance(optimizer, DPOptimizer):
             raise TypeError(f"expected an Opacus DPOptimizer, got {type(optimizer).__name__}")
         optimizer.__class__ = _secure_class(type(optimizer))
-        optimizer.noise_rng = rng
+        optimizer.noise_rng, optimizer.noise_steps, optimizer.noise_ahead = rng, steps, None
         return optimizer
 
 
@@ -198,10 +203,11 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         warn_reproducible_noise()
     else:  # a fresh secret key per stream, per round: nothing the server knows derives them
         streams = DPStreams.fresh()
-        dp_optimizer = SecureNoise.adopt(dp_optimizer, streams.noise)
+        dp_optimizer = SecureNoise.adopt(dp_optimizer, streams.noise, steps=planned_steps)
         SecurePoissonSampler.adopt(dp_loader.batch_sampler, streams.sampling)
     augment = augmenter(train_cfg, seed)  # per example, before clipping: sensitivity unchanged
     steps, loss_sum, seen, started = 0, 0.0, 0, time.perf_counter()
+    step_seconds, last = [], started  # per step, batch sampling included (for benchmarks)
     batches = chain.from_iterable(dp_loader for _ in range(train_cfg.local_epochs))
     with warnings.catch_warnings():
         # Opacus' hooks fire on the first layer although inputs need no gradient: harmless.
@@ -218,6 +224,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
                     loss.backward()
                 dp_optimizer.step()
                 steps += 1
+                step_seconds.append(time.perf_counter() - last)
+                last = time.perf_counter()
                 if len(yb):  # Poisson batches can be empty (their loss is NaN; the step is still noise)
                     loss_sum += float(loss.item()) * len(yb)
                     seen += len(yb)
@@ -244,6 +252,9 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
             "sample_rate": rate, "steps": steps, "num_examples": n,
             "train_loss": loss_sum / max(seen, 1), "grad_sample_mode": mode,
             "train_seconds": train_seconds,  # the DP-SGD loop alone, without accounting
+            # the least disturbed step on a busy machine; the median is the typical one
+            "step_seconds_min": min(step_seconds, default=0.0),
+            "step_seconds_median": statistics.median(step_seconds) if step_seconds else 0.0,
             "noise_source": "seed" if reproducible else "os-csprng",
         },
     }

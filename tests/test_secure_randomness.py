@@ -22,7 +22,8 @@ from client.app import round_seed
 from client.dp import SecureNoise, SecurePoissonSampler, train_private
 from fedshield.config import PrivacyConfig, TrainConfig
 from privacy.ledger import Ledger
-from privacy.randomness import NOISE_SUMMANDS, DPStreams, ReproducibleNoiseWarning, SecureRandom
+from privacy.randomness import (NOISE_SUMMANDS, DPStreams, NoiseAhead, ReproducibleNoiseWarning,
+                                SecureRandom)
 from tasks import Split
 
 FEATURES, CLASSES, EXAMPLES = 50_000, 10, 64
@@ -186,3 +187,15 @@ def test_adoption_replaces_opacus_draws_and_refuses_what_it_does_not_know():
     assert sampler.generator is None and len(list(sampler)) == 3
     with pytest.raises(TypeError, match="UniformWithReplacementSampler"):
         SecurePoissonSampler.adopt(sampler, SecureRandom())  # already adopted
+
+
+def test_noise_is_drawn_ahead_for_the_planned_steps_only():
+    rng = SecureRandom()
+    ahead = NoiseAhead(rng, per_step=10_000, steps=5)
+    draws = [ahead.step() for _ in range(6)]
+    # the 5 planned steps in one block, then the unplanned 6th alone: nothing drawn to waste
+    assert rng.bytes_drawn == 6 * 10_000 * 4 * NOISE_SUMMANDS
+    stacked = torch.stack(draws).double()
+    assert stacked.shape == (6, 10_000) and stacked.std().item() == pytest.approx(1.0, rel=0.01)
+    # consecutive steps are independent draws, not one block reused
+    assert all(abs(correlation(a, b)) < 0.05 for a, b in zip(draws, draws[1:]))
