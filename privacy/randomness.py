@@ -10,8 +10,9 @@ every client, and never stored or sent.
 Why not a ``torch.Generator`` seeded from the OS: on CPU, ``manual_seed`` keeps only the low 32 bits
 of its argument (``manual_seed(1)`` and ``manual_seed(1 + 2**32)`` draw the same numbers, torch
 2.13), and mt19937 is not a cryptographic generator: 2**32 candidate seeds are within reach of
-a brute-force search that tests each against a reply. Opacus' own ``secure_mode`` needs torchcsprng, whose last release (0.2.1, 2021) pins
-torch 1.8.1 and has no wheel for Python 3.11.
+a brute-force search that tests each against a reply. Opacus' own ``secure_mode`` needs
+torchcsprng, whose last release (0.2.1, 2021) pins torch 1.8.1; pip finds no distribution of it
+for this environment (Python 3.11, torch 2.13).
 
 Gaussian noise keeps Opacus' secure-mode defence against floating-point attacks on the sampler
 (Holohan & Braghin 2021, arXiv:2107.10138, section 5.1; Opacus ``_generate_noise``): each noise
