@@ -6,10 +6,20 @@ Two DP times: the DP-SGD loop alone (``train_seconds``, what the issue's <= 1.5x
 and the whole ``client.dp.train_private`` call (accounting and ledger writes included: about 0.2-0.5 s
 of PRV accounting per round, which dominates on models that train in well under a second).
 
+Secure randomness (privacy/randomness.py: DP noise and Poisson masks from ChaCha20 under a secret
+key, 4 Gaussians summed per noise value) is the default; a "seeded" leg reruns the auto-picked mode
+with ``privacy.reproducible_noise = true`` (Opacus' seeded draws). ``secure_cost`` is what the
+secure draws (noise for every parameter, ahead in NoiseAhead's blocks, and the Poisson mask) add
+to a step, timed alone (``draws_ms``: CPU time on one thread, fastest of 10 rounds) as a share of
+the fastest seeded DP step: steadier on a busy machine than ``secure_cost_loop``, which compares
+the two legs' whole loops.
+
     python benchmarks/bench_dp_overhead.py                      # MnistCNN, TanhCNN (the default
                                                                 # run's DP model), ScatterNet +
                                                                 # linear on 6,000 MNIST + MLPs
     python benchmarks/bench_dp_overhead.py --tasks digits --repeats 2 --out runs/bench-dp-quick
+    python benchmarks/bench_dp_overhead.py --tasks digits mnist-scattering:scatter_linear \
+        --modes bk --examples 2000 --repeats 3 --out runs/bench-dp-secure   # secure vs seeded only
 
 A task is a task name, optionally with one of its models: ``mnist:tanh_cnn``.
 """
@@ -18,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client.dp import pick_grad_sample_mode, train_private  # noqa: E402
 from fedshield.config import PrivacyConfig, TrainConfig  # noqa: E402
 from privacy.ledger import Ledger  # noqa: E402
+from privacy.planner import sample_rate  # noqa: E402
+from privacy.randomness import (  # noqa: E402
+    BLOCK_VALUES,
+    NOISE_SUMMANDS,
+    ReproducibleNoiseWarning,
+    SecureRandom,
+)
 from tasks import Split, get_task  # noqa: E402
 
 MODES = ("bk", "ghost", "hooks", "functorch", "ew")
@@ -54,14 +73,62 @@ def train_plain(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> N
             optimizer.step()
 
 
+def load_examples(task, examples: int) -> Split:
+    """The first ``examples`` training examples. ScatterNet features are computed for just those
+    (the full 60,000-image cache takes minutes on a small machine; the timing is the same)."""
+    if task.name == "mnist-scattering":
+        from tasks.images import load_mnist  # noqa: PLC0415
+
+        pixels = load_mnist()[0].subset(np.arange(examples))
+        return Split(task.from_pixels(pixels.x), pixels.y)
+    train, _ = task.load()
+    return train.subset(np.arange(min(examples, len(train))))
+
+
+def draws_ms(model: nn.Module, examples: int, rate: float, steps: int, summands: int,
+             repeats: int = 10) -> float:
+    """CPU milliseconds a step spends drawing its DP randomness (noise for ``model``'s parameters
+    and the Poisson mask over ``examples``), over a round of ``steps`` (fastest of ``repeats``).
+    Thread CPU time on one torch thread: not inflated when other processes preempt this one, and
+    no less than the wall time the same draws take on more threads (an upper bound).
+
+    summands = 0: Opacus' seeded draws (torch.normal per tensor, torch.rand per mask). Otherwise
+    the secret streams, with noise drawn ahead in NoiseAhead's blocks and that many Gaussians
+    summed per value (4 is what training uses; 1 separates the CSPRNG's cost from the fix's)."""
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    numel = sum(math.prod(shape) for shape in shapes)
+    per_block = max(1, min(steps, BLOCK_VALUES // numel))
+    noise, masks, generator = SecureRandom(), SecureRandom(), torch.Generator().manual_seed(0)
+    best, threads = float("inf"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(repeats):
+        start = time.thread_time()
+        for step in range(steps):
+            if not summands:
+                torch.rand(examples, generator=generator) < rate
+                for shape in shapes:
+                    torch.normal(0.0, 1.0, size=shape, generator=generator)
+                continue
+            masks.bernoulli_mask(examples, rate).nonzero()
+            if step % per_block == 0:
+                noise.gaussian((min(per_block, steps - step), numel), 1.0, summands=summands)
+        best = min(best, time.thread_time() - start)
+    torch.set_num_threads(threads)
+    return best / steps * 1e3
+
+
 def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...], repeats: int,
                ledger_dir: Path) -> list[dict]:
     task_name, _, model_name = name.partition(":")
     task = get_task(task_name).with_model(model_name)
-    train, _ = task.load()
-    data = train.subset(np.arange(min(examples, len(train))))
-    times: dict[str, list[float]] = {"plain": [], **{m: [] for m in modes}}
-    loop: dict[str, list[float]] = {m: [] for m in modes}
+    data = load_examples(task, examples)
+    auto = pick_grad_sample_mode(task.build_model())
+    seeded = f"seeded:{auto}"  # the auto mode again, with privacy.reproducible_noise
+    legs = (*modes, seeded) if auto in modes else modes
+    times: dict[str, list[float]] = {"plain": [], **{m: [] for m in legs}}
+    loop: dict[str, list[float]] = {m: [] for m in legs}
+    steps: dict[str, int] = {}
+    step_min: dict[str, list[float]] = {m: [] for m in legs}
     errors: dict[str, str] = {}
     for rep in range(repeats + 1):  # the first pass warms up and is discarded
         for mode in times:
@@ -75,14 +142,20 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
                 seconds = time.perf_counter() - start
             else:
                 privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1 / (10 * len(data)),
-                                        grad_sample_mode=mode)
+                                        grad_sample_mode=mode.removeprefix("seeded:"),
+                                        reproducible_noise=mode == seeded)
                 ledger_file = ledger_dir / f"{name.replace(':', '-')}-{mode}-{rep}.json"
                 ledger = Ledger(ledger_file, privacy.delta, "prv")
                 try:
                     start = time.perf_counter()
-                    out = train_private(model, data, cfg, privacy, ledger, total_rounds=1, server_round=1,
-                                        run_id="bench", seed=rep)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", ReproducibleNoiseWarning)  # the seeded leg
+                        out = train_private(model, data, cfg, privacy, ledger, total_rounds=1,
+                                            server_round=1, run_id="bench", seed=rep)
                     seconds = time.perf_counter() - start
+                    steps[mode] = out["metrics"]["steps"]
+                    if rep > 0:
+                        step_min[mode].append(out["metrics"]["step_seconds_min"])
                 except Exception as exc:  # a mode Opacus cannot run on this model is reported, not fatal
                     errors[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     continue
@@ -94,7 +167,6 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
     rows = [{"task": name, "model": type(task.build_model()).__name__, "examples": len(data),
              "mode": "plain", "seconds_min": plain, "seconds_median": statistics.median(times["plain"]),
              "loop_seconds_min": plain, "loop_ratio": 1.0, "ratio": 1.0}]
-    auto = pick_grad_sample_mode(task.build_model())
     for mode in modes:
         if mode in errors:
             rows.append({"task": name, "mode": mode, "error": errors[mode]})
@@ -104,6 +176,22 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
                      "loop_ratio": min(loop[mode]) / plain, "seconds_min": min(times[mode]),
                      "seconds_median": statistics.median(times[mode]), "ratio": min(times[mode]) / plain,
                      "ratio_median": statistics.median(times[mode]) / statistics.median(times["plain"])})
+        if mode == auto and seeded not in errors:
+            model, median = task.build_model(), statistics.median
+            rate = sample_rate(len(data), cfg.batch_size)
+            draws = {k: draws_ms(model, len(data), rate, steps[mode], k)
+                     for k in (0, 1, NOISE_SUMMANDS)}
+            step_ms = min(step_min[seeded]) * 1e3  # the fastest seeded step: least disturbed
+            rows[-1].update({
+                "noise": "secure", "steps": steps[mode], "dp_step_ms": step_ms,
+                "draws_ms_seeded": draws[0], "draws_ms_secure": draws[NOISE_SUMMANDS],
+                "draws_ms_secure_one_summand": draws[1],
+                # the headline: what secure draws add to a DP step, as a share of it
+                "secure_cost": (draws[NOISE_SUMMANDS] - draws[0]) / step_ms,
+                "secure_cost_one_summand": (draws[1] - draws[0]) / step_ms,
+                # whole loops, secure vs seeded: the direct measure, but noisy on a busy machine
+                "secure_cost_loop": min(loop[mode]) / min(loop[seeded]) - 1,
+                "secure_cost_loop_median": median(loop[mode]) / median(loop[seeded]) - 1})
     return rows
 
 
@@ -114,6 +202,13 @@ def print_row(r: dict) -> None:
     mark = "  <- auto" if r.get("auto_pick") else ""
     print(f"{r['task']:14} {r['mode']:10} {r['examples']:>8} {r['loop_seconds_min']:>8.2f} "
           f"{r['loop_ratio']:>12.2f}x {r['seconds_min']:>8.2f} {r['ratio']:>12.2f}x{mark}", flush=True)
+    if "secure_cost" in r:
+        print(f"{'':14} secure randomness: DP draws {r['draws_ms_secure']:.3f} ms a step "
+              f"(1 summand {r['draws_ms_secure_one_summand']:.3f}) vs "
+              f"{r['draws_ms_seeded']:.3f} seeded; "
+              f"DP step {r['dp_step_ms']:.2f} ms: cost {r['secure_cost']:+.1%} (1 summand "
+              f"{r['secure_cost_one_summand']:+.1%}); whole loop {r['secure_cost_loop']:+.1%} "
+              f"(median {r['secure_cost_loop_median']:+.1%})", flush=True)
 
 
 def main() -> None:

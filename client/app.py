@@ -92,6 +92,12 @@ def _train_private(model, data, train_cfg, cfg: fcfg.Config, context: Context, r
             "train-seconds": m["train_seconds"]}
 
 
+def round_seed(run_seed: int, server_round: int, partition_id: int) -> int:
+    """The client's seed for one round: augmentation and non-DP shuffling (and DP draws only under
+    privacy.reproducible_noise). The server knows all three inputs, so nothing secret may use it."""
+    return int(np.random.SeedSequence([run_seed, server_round, partition_id]).generate_state(1)[0])
+
+
 def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
                 weights: dict[str, torch.Tensor] | list[np.ndarray],
                 rc: dict) -> tuple[torch.nn.Module, dict]:
@@ -111,9 +117,8 @@ def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
         weights = {name: torch.from_numpy(np.array(a)) for name, a
                    in zip(model.state_dict(), weights, strict=True)}
     model.load_state_dict(weights)
-    seed = int(np.random.SeedSequence([cfg.seed, int(rc.get("server-round", 0)),
-                                       int(context.node_config.get("partition-id", 0))])
-               .generate_state(1)[0])
+    seed = round_seed(cfg.seed, int(rc.get("server-round", 0)),
+                      int(context.node_config.get("partition-id", 0)))
     metrics: dict[str, float] = {}
     if cfg.privacy.enabled:
         metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed))

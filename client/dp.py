@@ -4,16 +4,26 @@ Each round builds a fresh ``PrivacyEngine``; its accountant records exactly the 
 which are appended to the client's ledger. The cumulative epsilon is recomputed from the ledger's
 whole history (every round, every run), so it is right although no engine outlives a round. The
 ledger is checked before training (refuse rather than overspend) and written after it.
+
+DP-SGD noise and the Poisson sampling masks come from two secret streams made fresh each round
+(privacy/randomness.py), never from the seed, which the server knows: Opacus' optimizer and sampler
+are adopted into ``SecureNoise`` / ``SecurePoissonSampler``. ``privacy.reproducible_noise = true``
+keeps Opacus' seeded draws (research only; the epsilon then does not hold against the server).
 """
 
 from __future__ import annotations
 
+import functools
+import statistics
 import time
 import warnings
 from itertools import chain, islice
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -25,6 +35,7 @@ from fedshield.errors import ConfigError
 from privacy.accounting import compact
 from privacy.ledger import Ledger
 from privacy.planner import check_delta, plan_noise, sample_rate, steps_per_round
+from privacy.randomness import DPStreams, NoiseAhead, SecureRandom, warn_reproducible_noise
 from tasks import Split, resolve_device
 
 
@@ -45,6 +56,74 @@ def pick_grad_sample_mode(model: nn.Module) -> str:
     return "bk" if supports_bookkeeping(model) else "hooks"
 
 
+class SecureNoise:
+    """Mixin for Opacus' DP optimizers: ``add_noise`` as Opacus', drawing the Gaussian from a
+    ``SecureRandom`` instead of a torch.Generator (see ``adopt``)."""
+
+    noise_rng: SecureRandom
+    noise_steps: int
+    noise_ahead: NoiseAhead | None
+
+    def add_noise(self) -> None:
+        # as DPOptimizer(FastGradientClipping).add_noise in Opacus 1.6 (adaptive clipping's
+        # multiplier included), with one draw for all parameters (and steps: NoiseAhead)
+        multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        sums = [p.summed_grad for p in self.params]
+        if not sums:
+            return
+        for s in sums:
+            _check_processed_flag(s)
+        sizes = [s.numel() for s in sums]
+        if self.noise_ahead is None or self.noise_ahead.per_step != sum(sizes):
+            self.noise_ahead = NoiseAhead(self.noise_rng, sum(sizes), self.noise_steps,
+                                          sums[0].device)
+        noise = self.noise_ahead.step() * (multiplier * self.max_grad_norm)
+        for p, s, chunk in zip(self.params, sums, noise.split(sizes), strict=True):
+            p.grad = (s + chunk.view_as(s).to(s.device, s.dtype)).view_as(p)
+            _mark_as_processed(s)
+
+    @staticmethod
+    def adopt(optimizer: DPOptimizer, rng: SecureRandom, steps: int = 1) -> DPOptimizer:
+        """``optimizer`` (any Opacus DPOptimizer, BookKeepingDPOptimizer included) drawing its
+        noise from ``rng``, ahead for up to ``steps`` steps; nothing else about it changes."""
+        if not isinstance(optimizer, DPOptimizer):
+            raise TypeError(f"expected an Opacus DPOptimizer, got {type(optimizer).__name__}")
+        optimizer.__class__ = _secure_class(type(optimizer))
+        optimizer.noise_rng, optimizer.noise_steps, optimizer.noise_ahead = rng, steps, None
+        return optimizer
+
+
+@functools.cache
+def _secure_class(cls: type) -> type:
+    if issubclass(cls, SecureNoise):
+        return cls
+    return type(f"Secure{cls.__name__}", (SecureNoise, cls), {})
+
+
+class SecurePoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson sampler (each example in each batch with probability sample_rate, for
+    ``steps`` batches) drawing its masks from a ``SecureRandom``."""
+
+    rng: SecureRandom
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            mask = self.rng.bernoulli_mask(self.num_samples, self.sample_rate)
+            yield mask.nonzero().reshape(-1).tolist()
+
+    @classmethod
+    def adopt(cls, sampler: UniformWithReplacementSampler,
+              rng: SecureRandom) -> SecurePoissonSampler:
+        """``sampler`` (the one DPDataLoader built) drawing its masks from ``rng``."""
+        if type(sampler) is not UniformWithReplacementSampler:
+            raise TypeError("expected Opacus' UniformWithReplacementSampler, got "
+                            f"{type(sampler).__name__}")
+        sampler.__class__ = cls
+        sampler.rng = rng
+        sampler.generator = None  # nothing seeded is left to draw from
+        return sampler
+
+
 def resolve_noise(privacy_cfg: PrivacyConfig, rate: float, total_steps: int) -> float:
     """The configured noise multiplier, or the one planned to spend target_epsilon over all steps."""
     if privacy_cfg.noise_multiplier > 0:
@@ -61,6 +140,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     """Train ``model`` in place for one round of DP-SGD and record the privacy spent.
 
     ``total_rounds`` is the federation's number of rounds (used to plan sigma from target_epsilon).
+    ``seed`` drives augmentation only, unless ``privacy.reproducible_noise`` opts the DP draws in.
     Raises BudgetExhausted before training when the round would exceed ``privacy.max_epsilon``.
     Returns ``{"state_dict": plain state dict (no ``_module.`` prefix), "events": [(noise,
     sample_rate, steps)], "metrics": {...}}``; metrics carry the cumulative epsilon.
@@ -84,12 +164,17 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
 
     device = resolve_device(train_cfg.device)
     model.to(device)
-    generator = torch.Generator().manual_seed(seed)
+    reproducible = privacy_cfg.reproducible_noise
+    # Seeded generators only in the research opt-in; otherwise Opacus gets none (both of its
+    # draws are replaced by secret streams below).
+    generator = torch.Generator().manual_seed(seed) if reproducible else None
     loader = DataLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
                         batch_size=train_cfg.batch_size, generator=generator)
     optimizer = make_optimizer(model, train_cfg)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # seeded for reproducibility
+        # Opacus' warning is about its own seeded RNG: replaced below, or opted into and warned
+        # about in our words (warn_reproducible_noise).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
         warnings.filterwarnings("ignore", message="GDP accounting is experimental")  # said in the docs
         engine = PrivacyEngine(accountant=privacy_cfg.accountant)
         private = engine.make_private(
@@ -99,7 +184,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
             # replaces its two backward passes; the ghost wrapper's own hooks are removed
             grad_sample_mode="ghost" if mode == "bk" else mode,
             # Opacus draws the noise on the parameters' device, so the generator must live there.
-            noise_generator=generator if device.type == "cpu" else
+            noise_generator=None if not reproducible else generator if device.type == "cpu" else
             torch.Generator(device=device).manual_seed(seed))
     if mode in ("ghost", "bk"):
         dp_model, dp_optimizer, criterion, dp_loader = private
@@ -114,8 +199,15 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         dp_model.remove_hooks()  # disabled hooks would still wrap every layer in autograd nodes
         clipper = BookKeepingClipper(model, privacy_cfg.max_grad_norm)
         dp_optimizer = BookKeepingDPOptimizer.adopt(dp_optimizer)
+    if reproducible:
+        warn_reproducible_noise()
+    else:  # a fresh secret key per stream, per round: nothing the server knows derives them
+        streams = DPStreams.fresh()
+        dp_optimizer = SecureNoise.adopt(dp_optimizer, streams.noise, steps=planned_steps)
+        SecurePoissonSampler.adopt(dp_loader.batch_sampler, streams.sampling)
     augment = augmenter(train_cfg, seed)  # per example, before clipping: sensitivity unchanged
     steps, loss_sum, seen, started = 0, 0.0, 0, time.perf_counter()
+    step_seconds, last = [], started  # per step, batch sampling included (for benchmarks)
     batches = chain.from_iterable(dp_loader for _ in range(train_cfg.local_epochs))
     with warnings.catch_warnings():
         # Opacus' hooks fire on the first layer although inputs need no gradient: harmless.
@@ -132,6 +224,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
                     loss.backward()
                 dp_optimizer.step()
                 steps += 1
+                step_seconds.append(time.perf_counter() - last)
+                last = time.perf_counter()
                 if len(yb):  # Poisson batches can be empty (their loss is NaN; the step is still noise)
                     loss_sum += float(loss.item()) * len(yb)
                     seen += len(yb)
@@ -158,5 +252,9 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
             "sample_rate": rate, "steps": steps, "num_examples": n,
             "train_loss": loss_sum / max(seen, 1), "grad_sample_mode": mode,
             "train_seconds": train_seconds,  # the DP-SGD loop alone, without accounting
+            # the least disturbed step on a busy machine; the median is the typical one
+            "step_seconds_min": min(step_seconds, default=0.0),
+            "step_seconds_median": statistics.median(step_seconds) if step_seconds else 0.0,
+            "noise_source": "seed" if reproducible else "os-csprng",
         },
     }

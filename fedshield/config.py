@@ -165,6 +165,9 @@ class PrivacyConfig:
     ledger_scope: str = opt("auto", choices=("auto", "run", "federation"))
     # Opacus per-sample gradient mode: auto picks the fastest correct one for the model.
     grad_sample_mode: str = opt("auto", choices=("auto", "bk", "hooks", "ghost", "functorch", "ew"))
+    # Research only: derive DP-SGD noise and Poisson sampling from the seed (reproducible, and
+    # removable by the server, so the epsilon does not hold against it). Default: secret streams.
+    reproducible_noise: bool = opt(False)
 
 
 @dataclass(frozen=True)

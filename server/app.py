@@ -231,6 +231,7 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
             "noise_multipliers_used": sorted(noise_used),
             "target_epsilon": cfg.privacy.target_epsilon,
             "max_grad_norm": cfg.privacy.max_grad_norm, "max_epsilon": cfg.privacy.max_epsilon,
+            "reproducible_noise": cfg.privacy.reproducible_noise,  # True: eps not valid vs server
             "epsilon_by_client": eps_by_client,
             "epsilon_max": max(eps_by_client.values()) if eps_by_client else None,
             "epsilon_mean": float(np.mean(list(eps_by_client.values()))) if eps_by_client else None,

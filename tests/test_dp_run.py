@@ -43,6 +43,7 @@ def test_reported_epsilon_equals_an_independent_opacus_recomputation(dp_run):
     eps = [line["epsilon_max"] for line in lines(dp_run)]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(4.0, rel=0.01)  # cumulative, spends the target
     assert dp_run["privacy"]["epsilon_max"] <= 4.0 + 1e-9
+    assert dp_run["privacy"]["reproducible_noise"] is False  # secret DP draws by default
 
 
 def test_clients_at_their_budget_refuse_and_are_no_longer_sampled(small_cfg):
