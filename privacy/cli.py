@@ -88,3 +88,54 @@ def _table(result: Plan) -> Table:
         table.add_row(acc.accountant, f"{acc.noise_multiplier:.4f}",
                       *(f"{at[r]:.3f}" for r in marks), f"{acc.epsilon_pld:.3f}")
     return table
+
+
+@privacy_app.command("ledger", epilog=(
+    "Example: fedshield privacy ledger --ledger-dir ledger\n\n"
+    "Script: fedshield privacy ledger --ledger-dir ledger --json"))
+def ledger_command(
+    ledger_dir: str = typer.Option(".fedshield/ledgers",
+                                   help="the site's ledger directory (node config ledger-dir)"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """A site's privacy spend per federation and in total (the total is what its budget caps).
+    Exits 1 when a ledger is deleted, truncated or unreadable."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from privacy.ledger import site_report  # noqa: PLC0415
+
+    if not Path(ledger_dir).is_dir():
+        _fail(f"--ledger-dir {ledger_dir!r} is not a directory; pass the site's ledger-dir")
+    try:
+        report = site_report(ledger_dir)
+    except FedShieldError as exc:
+        _fail(str(exc))
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        console = Console()
+        if not report["sites"]:
+            console.print(f"no privacy ledger in {ledger_dir}")
+        for site in report["sites"]:
+            console.print(_ledger_table(site))
+    if not all(site["complete"] for site in report["sites"]):
+        raise typer.Exit(1)
+
+
+def _ledger_table(site: dict) -> Table:
+    table = Table(title=f"site {site['site']}: epsilon (sample-level, per client, add/remove)",
+                  caption=f"total: all federations composed, delta {site['delta']:g}, "
+                          f"{site['accountant']} floored by PLD; the site's budget caps it")
+    for name in ("federation", "events", "runs", "epsilon", "pld", "delta", "accountant"):
+        table.add_column(name, justify="left" if name == "federation" else "right")
+    for row in site["ledgers"]:
+        if row["problem"]:
+            table.add_row(row["federation"], "-", "-", "[bold red]" + row["problem"][:60], "", "",
+                          "")
+            continue
+        table.add_row(row["federation"], str(row["events"]), str(row["runs"]),
+                      f"{row['epsilon']:.3f}", f"{row['epsilon_pld']:.3f}", f"{row['delta']:g}",
+                      row["accountant"])
+    table.add_row("[bold]total", "", "", f"[bold]{site['total_epsilon']:.3f}",
+                  f"{site['total_epsilon_pld']:.3f}", f"{site['delta']:g}", site["accountant"])
+    return table

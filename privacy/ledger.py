@@ -368,3 +368,60 @@ def _atomic_write(path: Path, doc: dict) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+# -- a site's spend, for `fedshield privacy ledger` ---------------------------------------------
+
+def site_report(ledger_dir: str | Path) -> dict:
+    """Every ledger in ``ledger_dir`` (those the manifest lists, and older unlisted files), grouped
+    by site: each one's events and epsilon (its accountant's, floored by PLD, and PLD alone), and
+    per site the total over all its federations, the one its budget applies to. Damaged or deleted
+    ledgers are reported with their problem, never skipped."""
+    from privacy.accounting import pld_epsilon  # noqa: PLC0415
+
+    root = Path(ledger_dir)
+    manifest = read_manifest(root) if (root / MANIFEST).exists() else {}
+    keys = set(manifest) | {p.relative_to(root).as_posix() for p in root.rglob("*.json")
+                            if p.name != MANIFEST}
+    sites: dict[str, dict] = {}
+    for key in sorted(keys):
+        entry, path = manifest.get(key), root / key
+        row: dict = {"ledger": key, "federation": str(Path(key).parent), "listed": entry is not None}
+        try:
+            if not path.exists():
+                raise LedgerMissing(f"deleted: the manifest lists {entry['events']} events")
+            doc = read_ledger_file(path)
+            if doc.get("format") != FORMAT:
+                continue
+            if entry:
+                verify_against(path, doc["events"], entry)
+            events = [_event(e) for e in doc["events"]]
+            row.update(delta=doc["delta"], accountant=doc["accountant"], events=len(events),
+                       runs=len({e["run_id"] for e in doc["events"]}),
+                       epsilon=reported_epsilon(events, doc["delta"], doc["accountant"]),
+                       epsilon_pld=pld_epsilon(events, doc["delta"]), problem="")
+            site = (entry or {}).get("site") or doc.get("site") or key
+        except LedgerCorrupted as exc:
+            row.update(events=None, epsilon=None, problem=str(exc))
+            events, site = [], (entry or {}).get("site", key)
+        group = sites.setdefault(site, {"site": site, "ledgers": [], "_events": [],
+                                        "_deltas": set(), "_accountants": set()})
+        group["ledgers"].append(row)
+        group["_events"] += events
+        if row.get("delta"):
+            group["_deltas"].add(row["delta"])
+            group["_accountants"].add(row["accountant"])
+    out = []
+    for group in sites.values():
+        # Composed at the smallest delta any of its ledgers uses (the strictest statement).
+        delta = min(group.pop("_deltas"), default=1e-5)
+        accountants = group.pop("_accountants")
+        accountant = accountants.pop() if len(accountants) == 1 else "prv"
+        events = group.pop("_events")
+        group.update(delta=delta, accountant=accountant,
+                     total_epsilon=reported_epsilon(events, delta, accountant),
+                     total_epsilon_pld=pld_epsilon(events, delta),
+                     complete=all(not r["problem"] for r in group["ledgers"]))
+        out.append(group)
+    return {"ledger_dir": str(root), "unit": "sample-level, per client, add/remove",
+            "sites": out}

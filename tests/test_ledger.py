@@ -230,3 +230,29 @@ def test_the_site_key_comes_from_the_node_never_the_federation_name(tmp_path):
     assert ledgers[0].site == ledgers[1].site == "site:hospital-7"
     ledgers[0].record([EVENT], round=1, run_id="run-1")
     assert ledgers[1].site_spent() == pytest.approx(epsilon([EVENT], DELTA, "rdp"))
+
+
+def test_cli_shows_a_sites_spend_per_federation_and_in_total(tmp_path):
+    from typer.testing import CliRunner
+
+    from privacy.cli import privacy_app
+
+    for federation in ("fed-A", "fed-B"):
+        Ledger.for_client(tmp_path, federation, "site-1", DELTA, "rdp", site="site:1").record(
+            [EVENT], round=1, run_id="r")
+    runner = CliRunner()
+    doc = json.loads(runner.invoke(privacy_app, ["ledger", "--ledger-dir", str(tmp_path),
+                                                 "--json"]).stdout)
+    (site,) = doc["sites"]
+    assert site["site"] == "site:1" and [r["federation"] for r in site["ledgers"]] == [
+        "fed-A", "fed-B"]
+    assert site["ledgers"][0]["epsilon"] == pytest.approx(epsilon([EVENT], DELTA, "rdp"))
+    assert site["total_epsilon"] == pytest.approx(epsilon([EVENT, EVENT], DELTA, "rdp"))
+    assert site["total_epsilon_pld"] <= site["total_epsilon"] and doc["unit"].startswith("sample")
+    table = runner.invoke(privacy_app, ["ledger", "--ledger-dir", str(tmp_path)])
+    assert table.exit_code == 0 and "total" in table.output and "fed-B" in table.output
+    (tmp_path / "fed-B" / "client-site-1.json").unlink()
+    damaged = runner.invoke(privacy_app, ["ledger", "--ledger-dir", str(tmp_path), "--json"])
+    assert damaged.exit_code == 1 and "deleted" in damaged.stdout
+    missing = runner.invoke(privacy_app, ["ledger", "--ledger-dir", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "not a directory" in missing.output
