@@ -163,3 +163,15 @@ def _epsilon(events: list[Event], delta: float, accountant: str) -> float:
             if accountant == "gdp":  # root finding fails when mu is so large that epsilon is unbounded
                 return math.inf
             raise
+
+
+SAMPLE_LEVEL = "sample-level, per client, add/remove"
+USER_LEVEL = "user-level, per client, add/remove"
+
+
+def describe(eps: float | None, unit: str, delta: float, accountant: str) -> str:
+    """How every stated epsilon is printed: its unit, adjacency, delta and accountant, e.g.
+    ``eps 2.99 (sample-level, per client, add/remove, delta 1e-05, prv, >= pld)``."""
+    value = "-" if eps is None else f"{eps:.2f}"
+    floor = "" if accountant == "pld" else ", >= pld"
+    return f"eps {value} ({unit}, delta {delta:g}, {accountant}{floor})"
