@@ -177,7 +177,12 @@ class Ledger:
 
     def to_metrics(self) -> dict[str, float | int | str]:
         history = self._read()
-        return {"epsilon": reported_epsilon(self.events(), self.delta, self.accountant),
+        from privacy.accounting import pld_epsilon  # noqa: PLC0415
+
+        events = self.events()
+        return {"epsilon": reported_epsilon(events, self.delta, self.accountant),
+                "epsilon_pld": pld_epsilon(events, self.delta), "site": self.site,
+                "site_epsilon": self.site_spent(), "unit": "sample-level, per client, add/remove",
                 "delta": self.delta, "accountant": self.accountant, "max_epsilon": self.max_epsilon,
                 "rounds_recorded": len(history), "steps": sum(e["steps"] for e in history)}
 
