@@ -145,8 +145,9 @@ def check_bound_accountant(accountant: str, what: str) -> None:
     """Refuse an accountant that is not an upper bound (gdp) where a bound is needed."""
     if accountant not in BOUNDS:
         raise ConfigError(
-            f"the {accountant} accountant is a CLT approximation, not an upper bound (a planned eps "
-            f"3.0 really spends 3.60 on the default schedule), so it cannot be used for {what}. "
+            f"the {accountant} accountant is a CLT approximation, not an upper bound (a planned "
+            f"eps 3.0 really spends 3.60 on the default schedule), so it cannot be used for "
+            f"{what}. "
             'Use accountant = "prv" (tight) or "rdp"')
 
 

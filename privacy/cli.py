@@ -52,8 +52,8 @@ def plan_command(
     --noise-multiplier, the epsilon spent), and epsilon after rounds 1, 10%, 50% and 100%."""
     if accountant is not None and accountant not in BOUNDS:
         _fail(f"--accountant {accountant!r}: choose one of {', '.join(BOUNDS)}"
-              + (" (gdp is a CLT approximation, not an upper bound: a planned eps 3.0 really spends "
-                 "3.60 on the default schedule)" if accountant == "gdp" else ""))
+              + (" (gdp is a CLT approximation, not an upper bound: a planned eps 3.0 really "
+                 "spends 3.60 on the default schedule)" if accountant == "gdp" else ""))
     try:
         result = plan(rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
                       num_examples=num_examples, delta=delta, target_epsilon=target_epsilon,

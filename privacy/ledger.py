@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from fedshield.errors import BudgetExhausted, ConfigError
-from privacy.accounting import ACCOUNTANTS, Event, as_event, check_bound_accountant, reported_epsilon
+from privacy.accounting import (ACCOUNTANTS, Event, as_event, check_bound_accountant,
+                                reported_epsilon)
 
 FORMAT = "fedshield-privacy-ledger"
 VERSION = 1
@@ -46,7 +47,7 @@ class LedgerCorrupted(BudgetExhausted):
 
 
 class LedgerMissing(LedgerCorrupted):
-    """A ledger the site manifest lists is gone or shorter than recorded: a refusal, never a reset."""
+    """A ledger the site manifest lists is gone or shorter than recorded: a refusal, not a reset."""
 
     code = "ledger-missing"
 
@@ -100,7 +101,8 @@ class Ledger:
         try:
             self.key = self.path.resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
-            raise ConfigError(f"ledger {self.path} is not inside its ledger directory {self.root}") from None
+            raise ConfigError(
+                f"ledger {self.path} is not inside its ledger directory {self.root}") from None
         self.site = site or self.key
         self.delta = float(delta)
         self.accountant = accountant
@@ -160,8 +162,8 @@ class Ledger:
             if site_after > self.max_epsilon:
                 raise BudgetExhausted(
                     f"budget exhausted: spent {self.site_spent():.2f} of {self.max_epsilon} (this "
-                    f"round would bring it to {site_after:.2f}); the client refuses to train. Raise "
-                    "privacy.max_epsilon, add noise, or train fewer steps"
+                    f"round would bring it to {site_after:.2f}); the client refuses to train. "
+                    "Raise privacy.max_epsilon, add noise, or train fewer steps"
                     + _site_note(self.site, len(self._site_ledgers())))
         return after
 
@@ -211,8 +213,9 @@ class Ledger:
                 if after > self.max_epsilon:
                     spent = reported_epsilon(known + others, self.delta, self.accountant)
                     raise BudgetExhausted(
-                        f"budget exhausted: spent {spent:.2f} of {self.max_epsilon} (recording round "
-                        f"{round} would bring it to {after:.2f}); the update must not be sent")
+                        f"budget exhausted: spent {spent:.2f} of {self.max_epsilon} (recording "
+                        f"round {round} would bring it to {after:.2f}); the update must not be "
+                        "sent")
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             history += [{"run_id": run_id, "round": int(round), "release": release,
                          "noise_multiplier": noise, "sample_rate": rate, "steps": steps,
@@ -243,8 +246,9 @@ class Ledger:
         if not self.path.exists():
             if entry and entry["events"]:
                 raise LedgerMissing(
-                    f"privacy ledger {self.path} is gone, but the site manifest {self.manifest_path} "
-                    f"lists it with {entry['events']} events: it records privacy already spent, so "
+                    f"privacy ledger {self.path} is gone, but the site manifest "
+                    f"{self.manifest_path} lists it with {entry['events']} events: it records "
+                    "privacy already spent, so "
                     "fedshield will not start the count over. Restore it from the backup of the "
                     "ledger directory")
             return []
@@ -269,8 +273,8 @@ class Ledger:
             if not path.exists():
                 raise LedgerMissing(
                     f"privacy ledger {path} of site {self.site!r} is gone, but the site manifest "
-                    f"{self.manifest_path} lists it with {entry['events']} events; the site's budget "
-                    "counts it. Restore it from the backup of the ledger directory")
+                    f"{self.manifest_path} lists it with {entry['events']} events; the site's "
+                    "budget counts it. Restore it from the backup of the ledger directory")
             events = read_ledger_file(path)["events"]
             verify_against(path, events, entry)
             out.append(events)
@@ -391,7 +395,8 @@ def site_report(ledger_dir: str | Path) -> dict:
     sites: dict[str, dict] = {}
     for key in sorted(keys):
         entry, path = manifest.get(key), root / key
-        row: dict = {"ledger": key, "federation": str(Path(key).parent), "listed": entry is not None}
+        row: dict = {"ledger": key, "federation": str(Path(key).parent),
+                     "listed": entry is not None}
         try:
             if not path.exists():
                 raise LedgerMissing(f"deleted: the manifest lists {entry['events']} events")

@@ -168,7 +168,8 @@ def test_a_torn_write_after_the_ledger_but_before_the_manifest_is_accepted(tmp_p
     manifest = (tmp_path / "site-manifest.json").read_text()
     ledger.record([EVENT], round=3, run_id="run-2")
     (tmp_path / "site-manifest.json").write_text(manifest)  # the manifest lags one event
-    assert len(Ledger.for_client(tmp_path, "fed", "site-1", DELTA, "rdp", site="site:1").history) == 5
+    reopened = Ledger.for_client(tmp_path, "fed", "site-1", DELTA, "rdp", site="site:1")
+    assert len(reopened.history) == 5
 
 
 def test_round_two_of_a_run_the_ledger_never_saw_is_refused(tmp_path):

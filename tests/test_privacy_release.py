@@ -67,7 +67,8 @@ def test_central_dp_run_states_user_level_epsilon_with_its_unit_and_sampling(sma
     assert central["user_level_epsilon"] == pytest.approx(stated)
     assert central["unit"] == "user-level, per client, add/remove"
     assert central["sampling"] == "poisson" and central["client_sample_rate"] == 0.6
-    assert central["label"] == f"eps {stated:.2f} (user-level, per client, add/remove, delta 1e-05, prv, >= pld)"
+    assert central["label"] == (f"eps {stated:.2f} (user-level, per client, add/remove, "
+                                "delta 1e-05, prv, >= pld)")
     assert lines_of(summary)[-1]["privacy_unit"]["central_epsilon"].startswith("user-level")
     out = io.StringIO()
     reporter = ConsoleReporter.__new__(ConsoleReporter)
