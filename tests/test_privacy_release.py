@@ -88,3 +88,31 @@ def test_sample_level_summary_names_unit_delta_and_accountant(small_cfg):
     assert p["noise_multipliers_used"] == [1.0]
     assert lines_of(summary)[0]["privacy_unit"]["epsilon"].startswith("sample-level")
     assert torch.isfinite(torch.tensor(p["epsilon_max"]))
+
+
+def test_an_empty_poisson_cohort_skips_the_round_and_is_never_topped_up(small_cfg):
+    cfg = small_cfg(federation={"rounds": 4, "fraction_train": 0.1, "min_clients": 2},
+                    central_dp={"enabled": True, "noise_multiplier": 1.0},
+                    aggregation={"rule": "fedavg", "weighting": "uniform"},
+                    screening={"max_norm_ratio": 0.0})
+    summary = simulate(cfg)
+    lines = lines_of(summary)
+    assert len(lines) == 4 and all(m["sampled"] == m["accepted"] for m in lines)
+    # min_clients = 2 would have raised the rate to 0.4; Poisson at 0.1 mostly samples 0 or 1
+    assert sum(m["sampled"] for m in lines) < 8
+    assert summary["privacy"]["central_dp"]["user_level_epsilon"] == pytest.approx(
+        user_level_epsilon(1.0, 0.1, 4, 1e-5, "prv"))
+
+
+def test_the_sweep_table_shows_the_noise_actually_used(small_cfg, tmp_path):
+    from simulations.sweeps import privacy_sweep
+
+    base = small_cfg(federation={"rounds": 1}, privacy={"delta": 1e-4})
+    rows = privacy_sweep(base, [8.0, float("inf")], [0], tmp_path / "sweep")
+    private, public = rows
+    # each client plans its own sigma for its data size: all of them are listed
+    assert all(float(x) > 0.3 for x in private["noise_multiplier_used"].split(","))
+    assert private["epsilon_label"].startswith(f"eps {private['epsilon_max']:.2f} (sample-level")
+    assert public["noise_multiplier_used"] is None and public["epsilon_label"] is None
+    table = (tmp_path / "sweep" / "privacy_sweep.md").read_text()
+    assert "noise_multiplier_used" in table and private["noise_multiplier_used"] in table
