@@ -1,6 +1,7 @@
 """End to end: nothing is released outside the ledger, a lost ledger is a refusal, and every
 stated epsilon names its unit, delta and accountant (a central-DP run never says "privacy off")."""
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -23,18 +24,37 @@ def lines_of(summary):
             (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_second_release_of_a_round_with_run_derived_noise_is_refused(tmp_path):
-    """The issue's replay: the same round sent twice with other weights reused the noise draw."""
+# privacy.reproducible_noise comes with the OS-CSPRNG noise of client/dp.py; without that key the
+# noise is derived from the run, as with the opt-in.
+HAS_FRESH_NOISE = "reproducible_noise" in {f.name for f in dataclasses.fields(PrivacyConfig)}
+
+
+def _two_releases(tmp_path, **privacy):
     task = get_task("digits")
     train, _ = task.load()
-    cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1e-4)
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1e-4, **privacy)
     ledger = Ledger(tmp_path / "c.json", 1e-4, "prv")
     args = dict(total_rounds=2, server_round=1, run_id="run", seed=5)
     train_private(task.build_model(), train, TrainConfig(batch_size=64), cfg, ledger, **args)
     spent = ledger.spent()
+    return ledger, spent, lambda: train_private(task.build_model(), train,
+                                                TrainConfig(batch_size=64), cfg, ledger, **args)
+
+
+def test_a_second_release_of_a_round_with_run_derived_noise_is_refused(tmp_path):
+    """The issue's replay: the same round sent twice with other weights reused the noise draw."""
+    opt_in = {"reproducible_noise": True} if HAS_FRESH_NOISE else {}
+    ledger, spent, again = _two_releases(tmp_path, **opt_in)
     with pytest.raises(AlreadyReleased):
-        train_private(task.build_model(), train, TrainConfig(batch_size=64), cfg, ledger, **args)
+        again()
     assert ledger.spent() == spent and len(ledger.history) == 1
+
+
+@pytest.mark.skipif(not HAS_FRESH_NOISE, reason="needs privacy.reproducible_noise (fresh noise)")
+def test_a_second_release_with_fresh_noise_is_a_new_ledger_event(tmp_path):
+    ledger, spent, again = _two_releases(tmp_path, reproducible_noise=False)
+    again()
+    assert [e["release"] for e in ledger.history] == [0, 1] and ledger.spent() > spent
 
 
 def test_a_deleted_ledger_makes_the_site_refuse_the_next_run(small_cfg, tmp_path):
