@@ -56,8 +56,13 @@ def _checked_data(context: Context, cfg: fcfg.Config, load_data: DataLoader):
     return task, train, val
 
 
-def client_ledger(cfg: fcfg.Config, context: Context, run_key: str):
-    """This client's persistent privacy ledger (see privacy.ledger_scope)."""
+def client_ledger(cfg: fcfg.Config, context: Context, run_key: str, server_round: int = 0):
+    """This client's persistent privacy ledger (see privacy.ledger_scope).
+
+    Its budget belongs to the site's data (:func:`site_key`), not to the federation name the
+    coordinator picks: the cap applies to the total over every federation of the site. Raises
+    LedgerMissing for round > 1 of a run the ledger holds nothing of, where every client trains
+    every round (the ledger was lost)."""
     from privacy.ledger import Ledger  # noqa: PLC0415
 
     node = context.node_config
@@ -66,8 +71,28 @@ def client_ledger(cfg: fcfg.Config, context: Context, run_key: str):
         scope = "federation" if "data-path" in node else "run"
     owner = cfg.name if scope == "federation" else f"{cfg.name}/runs/{run_key}"
     client = node.get("site-id", f"partition-{node.get('partition-id', context.node_id)}")
-    return Ledger.for_client(node.get("ledger-dir", cfg.privacy.ledger_dir), owner, client,
-                             cfg.privacy.delta, cfg.privacy.accountant, privacy_cap(cfg, node))
+    # A simulated run re-partitions its benchmark data: its ledger's data is that run's partition.
+    site = site_key(node) if scope == "federation" else f"{owner}/{client}"
+    ledger = Ledger.for_client(node.get("ledger-dir", cfg.privacy.ledger_dir), owner, client,
+                               cfg.privacy.delta, cfg.privacy.accountant, privacy_cap(cfg, node),
+                               site=site)
+    if cfg.federation.fraction_train >= 1.0 and not cfg.central_dp.enabled:
+        ledger.require_run_history(run_key, server_round)
+    return ledger
+
+
+def site_key(node_config) -> str:
+    """What a site's budget belongs to: its site-id, else a fingerprint of its data path, else its
+    partition (simulations). Set by the site in its node config, never by the coordinator."""
+    import hashlib  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    if "site-id" in node_config:
+        return f"site:{node_config['site-id']}"
+    if "data-path" in node_config:
+        path = str(Path(str(node_config["data-path"])).expanduser().resolve())
+        return f"data:{hashlib.sha256(path.encode()).hexdigest()[:16]}"
+    return f"partition:{node_config.get('partition-id', 'none')}"
 
 
 def privacy_cap(cfg: fcfg.Config, node_config) -> float:
@@ -82,9 +107,11 @@ def _train_private(model, data, train_cfg, cfg: fcfg.Config, context: Context, r
     from client.dp import train_private  # noqa: PLC0415 (Opacus only when DP is on)
 
     run_key = str(rc.get("run-key", context.run_id))
-    result = train_private(model, data, train_cfg, cfg.privacy, client_ledger(cfg, context, run_key),
+    server_round = int(rc.get("server-round", 0))
+    ledger = client_ledger(cfg, context, run_key, server_round)
+    result = train_private(model, data, train_cfg, cfg.privacy, ledger,
                            total_rounds=int(rc.get("num-rounds", 1)),
-                           server_round=int(rc.get("server-round", 0)), run_id=run_key, seed=seed)
+                           server_round=server_round, run_id=run_key, seed=seed)
     m = result["metrics"]
     return {"epsilon": m["epsilon"], "delta": m["delta"], "noise-multiplier": m["noise_multiplier"],
             "clip-norm": m["max_grad_norm"], "sample-rate": m["sample_rate"],
@@ -148,8 +175,8 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
                                          round_config(msg))
         except DataValidationError as exc:
             return refusal(msg, context, "invalid-data", str(exc))
-        except BudgetExhausted as exc:
-            return refusal(msg, context, "budget-exhausted", str(exc))
+        except BudgetExhausted as exc:  # also a lost ledger or a repeated release (their codes)
+            return refusal(msg, context, getattr(exc, "code", "budget-exhausted"), str(exc))
         content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
                               "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)

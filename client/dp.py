@@ -151,7 +151,11 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     planned_steps = steps_per_round(n, train_cfg.batch_size, train_cfg.local_epochs, train_cfg.max_steps)
     noise = resolve_noise(privacy_cfg, rate, total_rounds * planned_steps)
     history = ledger.events()
-    projected = ledger.check([(noise, rate, planned_steps)])
+    # A second release of (run, round) is a new ledger event when its noise is fresh (OS CSPRNG);
+    # with noise derived from the run it would repeat the draw, so it is refused.
+    repeat_ok = getattr(privacy_cfg, "reproducible_noise", None) is False
+    projected = ledger.check([(noise, rate, planned_steps)], run_id=run_id, round=server_round,
+                             repeat_ok=repeat_ok)
 
     model.train()
     errors = ModuleValidator.validate(model, strict=False)
@@ -238,7 +242,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     events = list(engine.accountant.history)  # what Opacus accounted: [(noise, rate, steps)]
     if compact(events) != [(noise, rate, steps)]:
         raise RuntimeError(f"Opacus accounted {events}, training took {steps} steps at {noise}, {rate}")
-    ledger.record(events, round=server_round, run_id=run_id)
+    # Raises (the update is then never sent) rather than release anything unrecorded.
+    ledger.record(events, round=server_round, run_id=run_id, repeat_ok=repeat_ok)
     # Unless another writer or an earlier record of this round intervened, the cumulative epsilon is
     # the one projected before training (PRV costs 0.2-1 s per evaluation, so it is not redone).
     epsilon = projected if ledger.events() == history + compact(events) else ledger.spent()

@@ -123,9 +123,11 @@ def privacy_sweep(
     except FedShieldError as exc:
         fail(str(exc))
     for r in rows:
-        eps = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.3f}"
+        spent = r.get("epsilon_label") or "no DP"
+        noise = f", noise multiplier {r['noise_multiplier_used']}" if r.get(
+            "noise_multiplier_used") else ""
         Console().print(f"target eps {r['target_epsilon']:g} seed {r['seed']}: accuracy "
-                        f"{r['final_accuracy']:.4f}, spent eps {eps}")
+                        f"{r['final_accuracy']:.4f}, spent {spent}{noise}")
     Console().print(f"table and plot in {out}/")
 
 

@@ -178,8 +178,11 @@ class CentralDPConfig:
     noise_multiplier: float = opt(1.0, non_negative, ">= 0")
     clip_norm: float = opt(1.0, positive, "an update clip norm > 0")
     delta: float = opt(1e-5, open_unit, "a probability in (0, 1)")
-    # Accountant for the per-client (user-level) epsilon over rounds.
+    # Accountant for the per-client (user-level) epsilon over rounds (floored by PLD).
     accountant: str = opt("prv", choices=("prv", "rdp", "gdp"))
+    # Research only: client sampling and central noise from the run seed instead of the OS
+    # CSPRNG. The stated epsilon is then not valid against anyone who knows the seed.
+    reproducible_noise: bool = opt(False)
 
 
 @dataclass(frozen=True)
@@ -385,6 +388,16 @@ def _check_privacy_source(cfg: Config) -> str | None:
     return None
 
 
+def _check_bound_accountant(cfg: Config) -> str | None:
+    # gdp is a CLT approximation: planned or capped with it, a client overspends (3.0 -> 3.60).
+    p = cfg.privacy
+    if p.enabled and p.accountant == "gdp" and (p.target_epsilon > 0 or p.max_epsilon > 0):
+        return ('privacy.accountant = "gdp" is an approximation, not an upper bound (a planned '
+                "eps 3.0 really spends 3.60 on the default schedule), so it cannot plan "
+                'privacy.target_epsilon or enforce privacy.max_epsilon. Use accountant = "prv"')
+    return None
+
+
 def parse_id_list(text: str, num_clients: int, key: str = "attack.byzantine_ids") -> list[int]:
     """``"0,3"`` -> ``[0, 3]``; ids must be distinct integers in [0, num_clients)."""
     ids = []
@@ -456,8 +469,8 @@ def _check_task_model(cfg: Config) -> str | None:
     return None
 
 
-CROSS_CHECKS += [_check_rule, _check_min_clients, _check_privacy_source, _check_attack,
-                 _check_central_dp,
+CROSS_CHECKS += [_check_rule, _check_min_clients, _check_privacy_source, _check_bound_accountant,
+                 _check_attack, _check_central_dp,
                  _check_augment, _check_task_model]
 
 # Attacks the simulator applies only by poisoning a client's data; every other attack rewrites

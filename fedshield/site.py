@@ -168,10 +168,11 @@ max_retries = 10                 # give up after this many failed reconnects
 # Your data: a .csv (with a "label" column), a .npz (x, y) or a folder <root>/<label>/*.png.
 # Leave empty to use simulation partitions (partition-id/num-partitions) for a dry run.
 data-path = ""
-site-id = "site-{k}"              # names this site in its privacy ledger
+site-id = "site-{k}"              # your budget's owner: max-epsilon caps all federations of it
 partition-id = {k - 1}
 num-partitions = {num_sites}
 # Your cumulative privacy ledger (kept across runs and restarts) and your own budget cap.
+# Back up the whole folder (site-manifest.json too): a lost or truncated ledger is a refusal.
 ledger-dir = "ledger"
 max-epsilon = 8.0
 '''
@@ -299,7 +300,11 @@ With the defaults written by `site init` it is:
 ```
 
 Your data never leaves this machine; only model updates and aggregate metrics (examples, class
-counts, epsilon) are sent. Your cumulative privacy spending is kept in `ledger-dir`.
+counts, epsilon) are sent. Your cumulative privacy spending is kept in `ledger-dir`; your
+`max-epsilon` caps its total over every federation this `site-id` joins, whatever the coordinator
+names them. See it with `fedshield privacy ledger --ledger-dir ledger`. Back up the whole
+`ledger-dir` (with its `site-manifest.json`) after each run: a deleted or truncated ledger makes
+this site refuse to train until it is restored, never start its count over.
 Keep `node_key` secret. Exit code 1 with `[code: 2004]` means the coordinator has not registered
 `node_key.pub` yet.
 """

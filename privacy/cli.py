@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedshield.errors import FedShieldError
-from privacy.accounting import ACCOUNTANTS
-from privacy.planner import Plan, milestones, plan
+from privacy.accounting import BOUNDS
+from privacy.planner import PLAN_ACCOUNTANTS, Plan, milestones, plan
 
 privacy_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                           help="Differential-privacy planning and accounting.")
@@ -45,18 +45,21 @@ def plan_command(
     num_examples: int = typer.Option(..., help="examples on the client"),
     max_steps: int = typer.Option(0, help="cap on steps per round, as train.max_steps (0 = none)"),
     accountant: Optional[str] = typer.Option(
-        None, help=f"one of {', '.join(ACCOUNTANTS)} (default: all three side by side)"),
+        None, help=f"one of {', '.join(BOUNDS)} (default: all three side by side; gdp is an "
+                   "approximation, not a bound, and is refused)"),
     json_out: bool = typer.Option(False, "--json", help="print the plan, with the per-round curve, as JSON"),
 ) -> None:
     """Noise multiplier per accountant that spends --target-epsilon over the schedule (or, with
     --noise-multiplier, the epsilon spent), and epsilon after rounds 1, 10%, 50% and 100%."""
-    if accountant is not None and accountant not in ACCOUNTANTS:
-        _fail(f"--accountant {accountant!r}: choose one of {', '.join(ACCOUNTANTS)}")
+    if accountant is not None and accountant not in BOUNDS:
+        _fail(f"--accountant {accountant!r}: choose one of {', '.join(BOUNDS)}"
+              + (" (gdp is a CLT approximation, not an upper bound: a planned eps 3.0 really "
+                 "spends 3.60 on the default schedule)" if accountant == "gdp" else ""))
     try:
         result = plan(rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
                       num_examples=num_examples, delta=delta, target_epsilon=target_epsilon,
                       noise_multiplier=noise_multiplier, max_steps=max_steps,
-                      accountants=(accountant,) if accountant else ACCOUNTANTS,
+                      accountants=(accountant,) if accountant else PLAN_ACCOUNTANTS,
                       curve_rounds=None if json_out else milestones(rounds))
     except FedShieldError as exc:
         _fail(str(exc))
@@ -69,19 +72,73 @@ def plan_command(
 def _table(result: Plan) -> Table:
     what = (f"target epsilon {result.target_epsilon:g}" if result.target_epsilon is not None
             else "epsilon spent")
-    table = Table(title=f"{what}, delta {result.delta:g}: {result.rounds} rounds x "
-                        f"{result.steps_per_round} steps, sample rate {result.sample_rate:.4g}",
-                  caption="gdp is a CLT approximation and can underestimate epsilon; prv is tight, "
-                          "rdp a looser upper bound")
+    table = Table(title=f"{what} (sample-level, per client, add/remove), delta {result.delta:g}: "
+                        f"{result.rounds} rounds x {result.steps_per_round} steps, sample rate "
+                        f"{result.sample_rate:.4g}",
+                  caption="prv (Opacus) and pld (dp_accounting) are tight, rdp a looser upper "
+                          "bound; column pld: PLD epsilon at the same sigma; each epsilon is the "
+                          "larger of its accountant's and PLD's")
     table.add_column("accountant")
-    table.add_column("noise multiplier", justify="right")
+    table.add_column("sigma", justify="right")  # the noise multiplier
     marks = milestones(result.rounds)
     for r in marks:
         table.add_column(f"eps @ round {r}", justify="right")
+    table.add_column("pld", justify="right")  # PLD epsilon at the same sigma, side by side
     for acc in result.accountants:
         at = dict(acc.curve)
         table.add_row(acc.accountant, f"{acc.noise_multiplier:.4f}",
-                      *(f"{at[r]:.3f}" for r in marks))
+                      *(f"{at[r]:.3f}" for r in marks), f"{acc.epsilon_pld:.3f}")
+    return table
+
+
+@privacy_app.command("ledger", epilog=(
+    "Example: fedshield privacy ledger --ledger-dir ledger\n\n"
+    "Script: fedshield privacy ledger --ledger-dir ledger --json"))
+def ledger_command(
+    ledger_dir: str = typer.Option(".fedshield/ledgers",
+                                   help="the site's ledger directory (node config ledger-dir)"),
+    json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """A site's privacy spend per federation and in total (the total is what its budget caps).
+    Exits 1 when a ledger is deleted, truncated or unreadable."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from privacy.ledger import site_report  # noqa: PLC0415
+
+    if not Path(ledger_dir).is_dir():
+        _fail(f"--ledger-dir {ledger_dir!r} is not a directory; pass the site's ledger-dir")
+    try:
+        report = site_report(ledger_dir)
+    except FedShieldError as exc:
+        _fail(str(exc))
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        console = Console()
+        if not report["sites"]:
+            console.print(f"no privacy ledger in {ledger_dir}")
+        for site in report["sites"]:
+            console.print(_ledger_table(site))
+    if not all(site["complete"] for site in report["sites"]):
+        raise typer.Exit(1)
+
+
+def _ledger_table(site: dict) -> Table:
+    table = Table(title=f"site {site['site']}: epsilon (sample-level, per client, add/remove)",
+                  caption=f"total: all federations composed, delta {site['delta']:g}, "
+                          f"{site['accountant']} floored by PLD; the site's budget caps it")
+    for name in ("federation", "events", "runs", "epsilon", "pld", "delta", "accountant"):
+        table.add_column(name, justify="left" if name == "federation" else "right")
+    for row in site["ledgers"]:
+        if row["problem"]:
+            table.add_row(row["federation"], "-", "-", "[bold red]" + row["problem"][:60], "", "",
+                          "")
+            continue
+        table.add_row(row["federation"], str(row["events"]), str(row["runs"]),
+                      f"{row['epsilon']:.3f}", f"{row['epsilon_pld']:.3f}", f"{row['delta']:g}",
+                      row["accountant"])
+    table.add_row("[bold]total", "", "", f"[bold]{site['total_epsilon']:.3f}",
+                  f"{site['total_epsilon_pld']:.3f}", f"{site['delta']:g}", site["accountant"])
     return table
 
 

@@ -5,6 +5,10 @@ samples every example with probability ``q = 1 / ceil(N / B)`` (about ``B / N``)
 ``int(1 / q)`` steps per epoch; the planner uses exactly those numbers, so planned and recorded
 epsilons agree. Each client's epsilon is over its own examples: a client that sits out some rounds
 spends less than planned, never more.
+
+Every planned or stated epsilon is :func:`privacy.accounting.reported_epsilon`: the larger of the
+accountant's and PLD's, so a plan is never below an independent accountant. gdp is refused: it is
+an approximation, not a bound (its planned noise overspent by up to 20%).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from functools import lru_cache
 from scipy.optimize import brentq
 
 from fedshield.errors import ConfigError
-from privacy.accounting import ACCOUNTANTS, epsilon
+from privacy.accounting import BOUNDS, check_bound_accountant, pld_epsilon, reported_epsilon
+
+# The planner's default table: Opacus' PRV and RDP, and dp_accounting's PLD, side by side.
+PLAN_ACCOUNTANTS = BOUNDS
 
 # Noise beyond which a target is called unreachable: the model would learn nothing.
 MAX_NOISE = 1e3
@@ -56,8 +63,9 @@ def steps_per_round(num_examples: int, batch_size: int, local_epochs: int, max_s
 
 
 def spent(noise: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
-    """Epsilon spent by ``steps`` steps at ``noise`` and ``sample_rate`` (the planner's inverse)."""
-    return epsilon([(noise, sample_rate, steps)], delta, accountant)
+    """Epsilon stated for ``steps`` steps at ``noise`` and ``sample_rate`` (the planner's inverse):
+    the accountant's, floored by PLD's."""
+    return reported_epsilon([(noise, sample_rate, steps)], delta, accountant)
 
 
 @lru_cache(maxsize=256)
@@ -70,8 +78,8 @@ def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: i
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ConfigError(f"target_epsilon = {target_epsilon!r} must be a finite number > 0")
-    if accountant not in ACCOUNTANTS:
-        raise ConfigError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    if accountant not in BOUNDS:
+        check_bound_accountant(accountant, "planning noise")
     if steps < 1:
         raise ConfigError(f"steps = {steps} must be >= 1 to plan noise")
 
@@ -138,6 +146,7 @@ class AccountantPlan:
     noise_multiplier: float
     epsilon: float  # after the last round
     curve: list[tuple[int, float]]  # (round, cumulative epsilon after it)
+    epsilon_pld: float = 0.0  # dp_accounting's PLD epsilon at this noise, side by side
 
 
 @dataclass
@@ -164,7 +173,7 @@ def milestones(rounds: int) -> list[int]:
 
 def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, delta: float,
          target_epsilon: float | None = None, noise_multiplier: float | None = None,
-         accountants: tuple[str, ...] = ACCOUNTANTS, max_steps: int = 0,
+         accountants: tuple[str, ...] = PLAN_ACCOUNTANTS, max_steps: int = 0,
          curve_rounds: list[int] | None = None) -> Plan:
     """Per accountant: the sigma spending ``target_epsilon`` over the schedule and its epsilon curve;
     or, given ``noise_multiplier``, the epsilon it spends (the inverse).
@@ -183,9 +192,13 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
     result = Plan(rounds, local_epochs, batch_size, num_examples, delta, rate, per_round,
                   rounds * per_round, target_epsilon)
     for name in accountants:
+        check_bound_accountant(name, "planning noise")
+    for name in accountants:
         sigma = noise_multiplier if noise_multiplier is not None else plan_noise(
             target_epsilon, delta, rate, rounds * per_round, name)
         points = sorted({*(curve_rounds or range(1, rounds + 1)), rounds})
         curve = [(r, spent(sigma, rate, r * per_round, delta, name)) for r in points if 1 <= r <= rounds]
-        result.accountants.append(AccountantPlan(name, sigma, curve[-1][1], curve))
+        result.accountants.append(AccountantPlan(
+            name, sigma, curve[-1][1], curve,
+            pld_epsilon([(sigma, rate, rounds * per_round)], delta)))
     return result

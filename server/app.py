@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedshield import config as fcfg
 from fedshield.errors import TooFewUpdates
 from fedshield.preflight import preflight
+from privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
 from server.averaging import ModelAverage
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
@@ -55,6 +56,8 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "epsilon_mean": float(np.mean(list(eps.values()))) if eps else None,
         "dp_events": dp,
         "central_epsilon": strategy.user_level_epsilon(rnd),
+        # What each epsilon above measures (the accountant and delta are in the summary).
+        "privacy_unit": {"epsilon": SAMPLE_LEVEL, "central_epsilon": USER_LEVEL},
         "sampled": len(state.sampled),
         "accepted": len(state.accepted),
         "rejected": {str(label(n)): r for n, r in state.rejected.items()},
@@ -235,8 +238,17 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
             "epsilon_by_client": eps_by_client,
             "epsilon_max": max(eps_by_client.values()) if eps_by_client else None,
             "epsilon_mean": float(np.mean(list(eps_by_client.values()))) if eps_by_client else None,
+            "unit": SAMPLE_LEVEL if cfg.privacy.enabled else None,
+            "label": describe(max(eps_by_client.values()) if eps_by_client else None,
+                              SAMPLE_LEVEL + ", max over clients", cfg.privacy.delta,
+                              cfg.privacy.accountant) if cfg.privacy.enabled else None,
             "central_dp": {**asdict(cfg.central_dp),
-                           "user_level_epsilon": lines[-1]["central_epsilon"] if lines else None}
+                           "user_level_epsilon": lines[-1]["central_epsilon"] if lines else None,
+                           "unit": USER_LEVEL, "sampling": "poisson",
+                           "client_sample_rate": cfg.federation.fraction_train,
+                           "label": describe(lines[-1]["central_epsilon"] if lines else None,
+                                             USER_LEVEL, cfg.central_dp.delta,
+                                             cfg.central_dp.accountant)}
             if cfg.central_dp.enabled else None,
             "exhausted_clients": sorted(strategy.node_partition.get(n, n) for n in strategy.exhausted),
         },

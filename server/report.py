@@ -11,11 +11,15 @@ class ConsoleReporter:
         self.console = console or Console()
 
     def start(self, cfg, run_dir) -> None:
-        privacy = "off"
+        kinds = []
         if cfg.privacy.enabled:
-            privacy = (f"local DP ({cfg.privacy.accountant}, delta={cfg.privacy.delta:g}"
-                       + (f", budget eps<={cfg.privacy.max_epsilon:g}" if cfg.privacy.max_epsilon else "")
-                       + ")")
+            kinds.append(f"local DP (sample-level, {cfg.privacy.accountant}, delta="
+                         f"{cfg.privacy.delta:g}" + (f", budget eps<={cfg.privacy.max_epsilon:g}"
+                                                     if cfg.privacy.max_epsilon else "") + ")")
+        if cfg.central_dp.enabled:
+            kinds.append(f"central DP (user-level, Poisson q={cfg.federation.fraction_train:g}, "
+                         f"{cfg.central_dp.accountant}, delta={cfg.central_dp.delta:g})")
+        privacy = " + ".join(kinds) or "off"
         self.console.print(
             f"[bold]fedshield[/] {cfg.name}: task={cfg.task.name} clients={cfg.federation.num_clients} "
             f"rounds={cfg.federation.rounds} partition={cfg.partition.kind} "
@@ -49,11 +53,15 @@ class ConsoleReporter:
         table.add_row("rounds completed", f"{summary['rounds_completed']}/{summary['rounds']}")
         table.add_row("aggregation", summary["strategy"])
         p = summary["privacy"]
+        central = p.get("central_dp")
         if p["enabled"]:
             table.add_row("privacy spent (max / mean eps)",
                           f"{p['epsilon_max']:.3f} / {p['epsilon_mean']:.3f} at delta={p['delta']:g}"
+                          f" ({p.get('unit')}, {p['accountant']})"
                           if p.get("epsilon_max") is not None else "-")
-        else:
+        if central:
+            table.add_row("central DP", central.get("label") or "-")
+        if not p["enabled"] and not central:
             table.add_row("privacy", "off (no DP guarantee)")
         r = summary["robustness"]
         table.add_row("updates rejected / refusals", f"{r['rejected_total']} / {r['refused_total']}")

@@ -34,7 +34,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedshield import config as fcfg
-from privacy.central import add_central_noise, user_level_epsilon
+from privacy.central import (add_central_noise, expected_clients, noise_generator,
+                             poisson_sample, sampling_rng, user_level_epsilon)
 from server.app import RunRecorder, train_round_config
 from server.strategy import RoundState, server_step
 
@@ -60,7 +61,7 @@ class SecAggFedAvg(FedAvg):
         self.exhausted: dict[int, str] = {}
         self.reputation = None  # refused with SecAgg+: it needs individual updates
         self.server_momentum: torch.Tensor | None = None
-        self.dp_generator = torch.Generator().manual_seed(cfg.seed)  # central DP noise
+        self.dp_generator = noise_generator(cfg.central_dp, cfg.seed)  # OS CSPRNG unless opted out
         self.round = RoundState()
         self._global: NDArrays = []
         self._aggregated = False
@@ -79,13 +80,23 @@ class SecAggFedAvg(FedAvg):
         eligible = sorted((p for p in client_manager.all().values()
                            if p.node_id not in self.exhausted), key=lambda p: p.node_id)
         k, _ = self.num_fit_clients(len(eligible))
-        if len(eligible) < max(k, 3):
+        if self.cfg.central_dp.enabled:
+            # Poisson at q, as the central accountant assumes; a cohort too small for SecAgg+ is
+            # skipped (a function of the draw alone, so it costs no privacy), never topped up.
+            rng = sampling_rng(self.cfg.central_dp, self.cfg.seed, rnd)
+            chosen = [eligible[i] for i in poisson_sample(len(eligible), self.fraction_fit, rng)]
+            if len(chosen) < 3:
+                self.round.skipped = (f"the Poisson draw sampled {len(chosen)} clients; SecAgg+ "
+                                      "needs 3, so the round is skipped")
+                return []
+        elif len(eligible) < max(k, 3):
             self.round.skipped = (f"only {len(eligible)} clients can train; SecAgg+ needs "
                                   f"{max(k, 3)}")
             return []
-        # Seeded like the plain path (positions, not 64-bit ids), so a run is reproducible.
-        rng = np.random.default_rng([self.cfg.seed, rnd])
-        chosen = [eligible[i] for i in sorted(rng.choice(len(eligible), size=k, replace=False))]
+        else:
+            # Seeded like the plain path (positions, not 64-bit ids), so a run is reproducible.
+            rng = np.random.default_rng([self.cfg.seed, rnd])
+            chosen = [eligible[i] for i in sorted(rng.choice(len(eligible), size=k, replace=False))]
         self.round.sampled = [p.node_id for p in chosen]
         config = {"server-round": rnd, **train_round_config(self.cfg, self.run.folder)}
         return [(p, FitIns(parameters, config)) for p in chosen]
@@ -117,7 +128,7 @@ class SecAggFedAvg(FedAvg):
                                   .astype(np.float64))
         cdp = self.cfg.central_dp
         if cdp.enabled:  # the sum of clipped updates, over the expected count, plus noise
-            expected = self.fraction_fit * self.cfg.federation.num_clients
+            expected = expected_clients(self.fraction_fit, self.cfg.federation.num_clients)
             update = add_central_noise(update * len(results) / expected, cdp.clip_norm,
                                        cdp.noise_multiplier, expected, self.dp_generator)
         step = self._server_step(update)
@@ -136,8 +147,8 @@ class SecAggFedAvg(FedAvg):
         cdp = self.cfg.central_dp
         if not cdp.enabled:
             return None
-        return user_level_epsilon(cdp.noise_multiplier, min(1.0, self.fraction_fit), rounds,
-                                  cdp.delta, cdp.accountant)
+        return user_level_epsilon(cdp.noise_multiplier, self.fraction_fit, rounds, cdp.delta,
+                                  cdp.accountant)
 
     # --- the end of a round: centralized evaluation, metrics line, checkpoint --------------
     def evaluate(self, server_round: int,

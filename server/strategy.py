@@ -23,7 +23,9 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedshield.config import AggregationConfig, Config
 from fedshield.errors import ConfigError, TooFewUpdates
-from privacy.central import add_central_noise, clip_updates, fixed_denominator_mean, user_level_epsilon
+from privacy.central import (add_central_noise, clip_updates, expected_clients,
+                             fixed_denominator_mean, noise_generator, poisson_sample,
+                             sampling_rng, user_level_epsilon)
 from server.aggregation import AggregationResult, build_aggregator
 from server.reputation import Reputation
 from server.flat import flatten, stack, unflatten
@@ -99,7 +101,7 @@ class ShieldStrategy(FedAvg):
         self.exhausted: dict[int, str] = {}  # node -> the budget refusal it sent
         self.node_partition: dict[int, int] = {}
         self.server_momentum: torch.Tensor | None = None
-        self.dp_generator = torch.Generator().manual_seed(cfg.seed)
+        self.dp_generator = noise_generator(cfg.central_dp, cfg.seed)  # OS CSPRNG unless opted out
         self._global: ArrayRecord | None = None
         self._sent: list[Message] = []
         self.round = RoundState()
@@ -130,6 +132,10 @@ class ShieldStrategy(FedAvg):
                 f"{len(self.reputation.quarantined) if self.reputation else 0}, out of privacy "
                 f"budget: {len(self.exhausted)}); federation.min_clients = "
                 f"{self.cfg.federation.min_clients}")
+        if self.cfg.central_dp.enabled and fraction == self.fraction_train:
+            # Poisson at q, as accounted: a variable cohort, never topped up to min_clients.
+            rng = sampling_rng(self.cfg.central_dp, self.cfg.seed, server_round)
+            return sorted(eligible[i] for i in poisson_sample(len(eligible), fraction, rng))
         k = min(len(eligible), max(self.cfg.federation.min_clients, round(len(eligible) * fraction)))
         rng = np.random.default_rng([self.cfg.seed, server_round])
         # Sample positions, not ids: node ids are 64-bit and numpy would not keep them exact.
@@ -235,8 +241,8 @@ class ShieldStrategy(FedAvg):
             return self.aggregator(deltas, weights, None)
         # Config validation allowed only rules that are a mean of clipped updates ("fedavg",
         # "clip"): clip with the central-DP bound, fixed denominator, noise on the sum.
-        clipped, n_clipped = clip_updates(deltas, cdp.clip_norm)
-        expected = self.fraction_train * self.cfg.federation.num_clients
+        clipped, n_clipped = clip_updates(deltas, cdp.clip_norm)  # float64: norms <= C exactly
+        expected = expected_clients(self.fraction_train, self.cfg.federation.num_clients)
         mean = fixed_denominator_mean(clipped, expected)
         noisy = add_central_noise(mean, cdp.clip_norm, cdp.noise_multiplier, expected,
                                   self.dp_generator)
@@ -248,8 +254,9 @@ class ShieldStrategy(FedAvg):
         cdp = self.cfg.central_dp
         if not cdp.enabled:
             return None
-        rate = min(1.0, self.fraction_train)
-        return user_level_epsilon(cdp.noise_multiplier, rate, rounds, cdp.delta, cdp.accountant)
+        # The Poisson rate sample() draws with: the accounted rate is the sampler's.
+        return user_level_epsilon(cdp.noise_multiplier, self.fraction_train, rounds, cdp.delta,
+                                  cdp.accountant)
 
     def _server_step(self, update: torch.Tensor) -> torch.Tensor:
         step, self.server_momentum = server_step(update, self.server_momentum, self.cfg.aggregation)

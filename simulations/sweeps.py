@@ -29,6 +29,11 @@ def run_point(base: fcfg.Config, overrides: dict[str, Any], out_dir: Path, repor
     return {**overrides, "final_accuracy": summary["final"]["accuracy"] if summary["final"] else None,
             "best_accuracy": summary["best"]["accuracy"] if summary["best"] else None,
             "epsilon_max": summary["privacy"]["epsilon_max"],
+            # the noise the clients actually used (planned per client from the target) and the
+            # unit, delta and accountant of epsilon_max
+            "noise_multiplier_used": ",".join(
+                f"{x:.4g}" for x in summary["privacy"].get("noise_multipliers_used", [])) or None,
+            "epsilon_label": summary["privacy"].get("label"),
             "rounds_completed": summary["rounds_completed"],
             "rejected": summary["robustness"]["rejected_total"],
             "quarantined": len(summary["robustness"]["quarantined"]),
@@ -78,11 +83,12 @@ def privacy_sweep(base: fcfg.Config, epsilons: list[float], seeds: list[int], ou
         row["target_epsilon"] = eps
         rows.append(row)
     write_table(rows, out_dir, "privacy_sweep")
-    plot_privacy_utility(rows, out_dir / "privacy_utility.png")
+    plot_privacy_utility(rows, out_dir / "privacy_utility.png",
+                         f"delta {base.privacy.delta:g}, {base.privacy.accountant} >= pld")
     return rows
 
 
-def plot_privacy_utility(rows: list[dict], path: Path) -> None:
+def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta fixed") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,11 +100,12 @@ def plot_privacy_utility(rows: list[dict], path: Path) -> None:
         accs = [[r["final_accuracy"] for r in rows if r["target_epsilon"] == e] for e in private]
         spent = [np.mean([r["epsilon_max"] for r in rows if r["target_epsilon"] == e]) for e in private]
         ax.errorbar(spent, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs], fmt="o-",
-                    capsize=3, label="client-level DP (epsilon spent, max over clients)")
+                    capsize=3, label="sample-level DP per client, add/remove (epsilon spent, "
+                                     "max over clients)")
     baseline = [r["final_accuracy"] for r in rows if math.isinf(r["target_epsilon"])]
     if baseline:
         ax.axhline(np.mean(baseline), color="gray", ls="--", label="non-private")
-    ax.set_xlabel("epsilon (delta fixed)")
+    ax.set_xlabel(f"epsilon ({accounting})")
     ax.set_ylabel("final test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -9,7 +9,7 @@ import pytest
 
 from fedshield.errors import BudgetExhausted, ConfigError
 from privacy.accounting import epsilon
-from privacy.ledger import Ledger, LedgerCorrupted, ledger_path
+from privacy.ledger import AlreadyReleased, Ledger, LedgerCorrupted, LedgerMissing, ledger_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -38,14 +38,33 @@ def test_survives_a_restart_and_a_new_process(tmp_path):
     assert ledger.to_metrics()["rounds_recorded"] == 2 and ledger.to_metrics()["steps"] == 100
 
 
-def test_recording_the_same_round_twice_counts_once(tmp_path):
+def test_a_second_release_of_a_round_is_refused_or_recorded_never_dropped(tmp_path):
     ledger = Ledger(tmp_path / "l.json", DELTA, "rdp")
-    assert ledger.record([EVENT], round=1, run_id="r1") is True
+    assert ledger.record([EVENT], round=1, run_id="r1") == 0
     once = ledger.spent()
-    assert ledger.record([EVENT], round=1, run_id="r1") is False
+    # Noise derived from the run would repeat: the second release is refused, before and after.
+    with pytest.raises(AlreadyReleased, match="refuses") as info:
+        ledger.check([EVENT], run_id="r1", round=1)
+    assert info.value.code == "already-released"
+    with pytest.raises(AlreadyReleased):
+        ledger.record([EVENT], round=1, run_id="r1")
     assert ledger.spent() == once
-    assert ledger.record([EVENT], round=1, run_id="r2") is True  # another run is another release
-    assert ledger.spent() > once
+    # Fresh noise: the second release is a new event and counts.
+    assert ledger.record([EVENT], round=1, run_id="r1", repeat_ok=True) == 1
+    assert ledger.spent() == pytest.approx(epsilon([EVENT, EVENT], DELTA, "rdp"))
+    assert ledger.releases("r1", 1) == 2
+    assert ledger.record([EVENT], round=1, run_id="r2") == 0  # another run is another release
+
+
+def test_a_resume_with_a_changed_schedule_cannot_under_count(tmp_path):
+    """The issue's case: round 2 redone at another sigma was dropped (3.42 spent, 3.23 recorded)."""
+    ledger = Ledger(tmp_path / "l.json", DELTA, "rdp")
+    ledger.record([(1.0, 0.02, 50)], round=1, run_id="r")
+    ledger.record([(1.0, 0.02, 50)], round=2, run_id="r")
+    ledger.record([(0.8, 0.02, 50)], round=2, run_id="r", repeat_ok=True)  # the resumed redo
+    released = [(1.0, 0.02, 50), (1.0, 0.02, 50), (0.8, 0.02, 50)]
+    assert ledger.spent() == pytest.approx(epsilon(released, DELTA, "rdp"))
+    assert ledger.spent() > epsilon(released[:2], DELTA, "rdp")
 
 
 def test_a_corrupt_file_is_an_error_never_a_reset(tmp_path):
@@ -106,3 +125,135 @@ def test_a_client_at_its_budget_refuses_and_never_exceeds_it(tmp_path):
     with pytest.raises(BudgetExhausted, match="must not be sent"):
         ledger.record([EVENT], round=refused_at, run_id="r1")
     assert ledger.spent() == spent
+
+
+# -- a lost ledger is a refusal; a site's budget is its data's ----------------------------------
+
+def _two_runs(ledger_dir: Path, federation: str = "fed", site: str = "site:1",
+              cap: float = 0.0) -> Ledger:
+    ledger = Ledger.for_client(ledger_dir, federation, "site-1", DELTA, "rdp", cap, site=site)
+    for run in ("run-1", "run-2"):
+        for r in (1, 2):
+            ledger.record([EVENT], round=r, run_id=run)
+    return ledger
+
+
+def test_a_deleted_ledger_is_a_refusal_never_a_reset(tmp_path):
+    ledger = _two_runs(tmp_path)
+    full = ledger.spent()
+    ledger.path.unlink()
+    # Before the manifest the reopened ledger said 0 and the next run spent from scratch.
+    with pytest.raises(LedgerMissing, match="Restore it from the backup") as info:
+        Ledger.for_client(tmp_path, "fed", "site-1", DELTA, "rdp", site="site:1")
+    assert info.value.code == "ledger-missing" and full > 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "reorder"])
+def test_a_truncated_or_altered_ledger_is_refused(tmp_path, damage):
+    ledger = _two_runs(tmp_path)
+    doc = json.loads(ledger.path.read_text())
+    if damage == "truncate":  # still a valid ledger file, one event short
+        doc["events"] = doc["events"][:-1]
+    elif damage == "alter":
+        doc["events"][0]["noise_multiplier"] = 50.0
+    else:
+        doc["events"].reverse()
+    ledger.path.write_text(json.dumps(doc))
+    with pytest.raises(LedgerMissing, match="truncated or altered"):
+        Ledger.for_client(tmp_path, "fed", "site-1", DELTA, "rdp", site="site:1")
+
+
+def test_a_torn_write_after_the_ledger_but_before_the_manifest_is_accepted(tmp_path):
+    ledger = _two_runs(tmp_path)
+    manifest = (tmp_path / "site-manifest.json").read_text()
+    ledger.record([EVENT], round=3, run_id="run-2")
+    (tmp_path / "site-manifest.json").write_text(manifest)  # the manifest lags one event
+    reopened = Ledger.for_client(tmp_path, "fed", "site-1", DELTA, "rdp", site="site:1")
+    assert len(reopened.history) == 5
+
+
+def test_round_two_of_a_run_the_ledger_never_saw_is_refused(tmp_path):
+    ledger = Ledger.for_client(tmp_path, "fed", "site-1", DELTA, "rdp")
+    ledger.require_run_history("run-1", 1)  # round 1: nothing to have seen yet
+    ledger.record([EVENT], round=1, run_id="run-1")
+    ledger.require_run_history("run-1", 2)
+    with pytest.raises(LedgerMissing, match="holds no event of that run"):
+        ledger.require_run_history("run-2", 3)
+
+
+def test_renaming_the_federation_cannot_reset_a_sites_budget(tmp_path):
+    """The issue's case: a site capped at 2.0 spent 2.67 over two federation names."""
+    cap = 2.0
+    spent_by = {}
+    for federation in ("fed-A", "fed-A-renamed", "fed-B"):
+        ledger = Ledger.for_client(tmp_path, federation, "site-1", DELTA, "rdp", cap, site="site:1")
+        for r in range(1, 100):
+            try:
+                ledger.check([EVENT], run_id=federation, round=r)
+            except BudgetExhausted:
+                break
+            ledger.record([EVENT], round=r, run_id=federation)
+            assert ledger.site_spent() <= cap
+        spent_by[federation] = ledger.spent()
+    assert spent_by["fed-A"] > 1.5 and spent_by["fed-A-renamed"] == spent_by["fed-B"] == 0
+    total = epsilon([EVENT] * sum(len(Ledger.for_client(tmp_path, f, "site-1", DELTA, "rdp",
+                                                        site="site:1").history)
+                                  for f in spent_by), DELTA, "rdp")
+    assert total <= cap
+    # Another site in the same ledger directory keeps its own budget.
+    other = Ledger.for_client(tmp_path, "fed-A", "site-2", DELTA, "rdp", cap, site="site:2")
+    assert other.check([EVENT]) == pytest.approx(epsilon([EVENT], DELTA, "rdp"))
+
+
+def test_a_deleted_ledger_of_another_federation_still_blocks_the_site(tmp_path):
+    _two_runs(tmp_path, "fed-A")
+    (tmp_path / "fed-A" / "client-site-1.json").unlink()
+    ledger = Ledger.for_client(tmp_path, "fed-B", "site-1", DELTA, "rdp", 5.0, site="site:1")
+    with pytest.raises(LedgerMissing, match="site 'site:1'"):
+        ledger.check([EVENT])
+
+
+def test_the_site_key_comes_from_the_node_never_the_federation_name(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.app import client_ledger
+    from fedshield import config as fcfg
+
+    node = {"site-id": "hospital-7", "data-path": str(tmp_path / "d.csv"),
+            "ledger-dir": str(tmp_path / "ledgers"), "max-epsilon": 5.0}
+    ledgers = []
+    for name in ("fed-A", "fed-renamed"):
+        cfg = fcfg.from_dict({"name": name, "privacy": {"enabled": True, "noise_multiplier": 1.0,
+                                                         "accountant": "rdp"}})
+        ctx = Context(run_id=1, node_id=9, node_config=node, state=RecordDict(), run_config={})
+        ledgers.append(client_ledger(cfg, ctx, "run-1", 1))
+    assert ledgers[0].path != ledgers[1].path
+    assert ledgers[0].site == ledgers[1].site == "site:hospital-7"
+    ledgers[0].record([EVENT], round=1, run_id="run-1")
+    assert ledgers[1].site_spent() == pytest.approx(epsilon([EVENT], DELTA, "rdp"))
+
+
+def test_cli_shows_a_sites_spend_per_federation_and_in_total(tmp_path):
+    from typer.testing import CliRunner
+
+    from privacy.cli import privacy_app
+
+    for federation in ("fed-A", "fed-B"):
+        Ledger.for_client(tmp_path, federation, "site-1", DELTA, "rdp", site="site:1").record(
+            [EVENT], round=1, run_id="r")
+    runner = CliRunner()
+    doc = json.loads(runner.invoke(privacy_app, ["ledger", "--ledger-dir", str(tmp_path),
+                                                 "--json"]).stdout)
+    (site,) = doc["sites"]
+    assert site["site"] == "site:1" and [r["federation"] for r in site["ledgers"]] == [
+        "fed-A", "fed-B"]
+    assert site["ledgers"][0]["epsilon"] == pytest.approx(epsilon([EVENT], DELTA, "rdp"))
+    assert site["total_epsilon"] == pytest.approx(epsilon([EVENT, EVENT], DELTA, "rdp"))
+    assert site["total_epsilon_pld"] <= site["total_epsilon"] and doc["unit"].startswith("sample")
+    table = runner.invoke(privacy_app, ["ledger", "--ledger-dir", str(tmp_path)])
+    assert table.exit_code == 0 and "total" in table.output and "fed-B" in table.output
+    (tmp_path / "fed-B" / "client-site-1.json").unlink()
+    damaged = runner.invoke(privacy_app, ["ledger", "--ledger-dir", str(tmp_path), "--json"])
+    assert damaged.exit_code == 1 and "deleted" in damaged.stdout
+    missing = runner.invoke(privacy_app, ["ledger", "--ledger-dir", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "not a directory" in missing.output

@@ -190,12 +190,18 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
     lines = metrics(run_dir)
     assert [m["round"] for m in lines] == [1, 2, 3]
     assert lines[:len(done)] == done  # completed rounds are kept as they were
-    assert all(m["accepted"] == sites for m in lines)
+    # A round the stopped server had sent is a second release when the resumed one sends it
+    # again: the client refuses it (noise derived from the run would repeat) or, with fresh
+    # noise, records it as a new event. It is never released unrecorded.
+    for m in lines:
+        assert m["accepted"] + len(m["refused"]) == sites
+        assert all(r.startswith("already-released") for r in m["refused"].values())
     assert eps_first > 0 and lines[0]["epsilon"]["0"] > eps_first  # cumulative across runs
     assert lines[-1]["epsilon"]["0"] > lines[0]["epsilon"]["0"]
     for k in range(1, sites + 1):
         history = ledger_history(kit.site(k))
-        keys = [(e["run_id"], e["round"]) for e in history]
+        keys = [(e["run_id"], e["round"], e.get("release", 0)) for e in history]
         assert len(keys) == len(set(keys))
-        # one run of 1 round, then rounds 1..3 of the resumed run, each counted once
-        assert len(history) == 4, history
+        # one run of 1 round, then rounds 1..3 of the resumed run, each release recorded
+        assert sorted({r for run, r, _ in keys if run == run_dir.name}) == [1, 2, 3]
+        assert len({run for run, _, _ in keys}) == 2 and len(history) >= 4, history
