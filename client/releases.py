@@ -2,7 +2,7 @@
 
 ``stats_release`` makes (once per run) or reloads the client's DP class-histogram release, with its
 event in the client's ledger. ``reply_metrics`` decides which metrics a training reply may carry.
-A release is kept beside the ledger (``client-<id>.releases.json``), keyed by run, so later rounds,
+A release is kept beside the ledger (``releases-client-<id>.json``), keyed by run, so later rounds,
 resumed runs and new processes resend the same noised values instead of drawing (and paying for)
 fresh noise. Losing that file costs privacy, never hides it: the next draw is a new ledger event.
 """
@@ -29,7 +29,8 @@ RELEASE_TAG = "class-histogram-release"
 
 
 def releases_path(ledger: Ledger) -> Path:
-    return ledger.path.with_name(ledger.path.stem + ".releases.json")
+    """Beside the ledger, under a name no ``client-*.json`` ledger glob picks up."""
+    return ledger.path.with_name(f"releases-{ledger.path.stem}.json")
 
 
 def _read(path: Path) -> dict:
