@@ -273,3 +273,25 @@ def test_summary_and_drift_reference_work_from_the_noised_histograms(dp_run, tmp
     assert "dp-gaussian" in reference.source
     expected = np.clip(quality["class_counts"], 0, None)
     assert reference.class_priors == pytest.approx(expected / expected.sum())
+
+
+def test_summary_lists_what_was_sent_outside_the_guarantee():
+    from server.app import build_summary
+
+    cfg = fcfg.from_dict({"privacy": {"enabled": True, "noise_multiplier": 1.0,
+                                      "release_stats": "exact-outside-guarantee"},
+                          "federation": {"fraction_evaluate": 1.0}})
+    base = {"epsilon": {}, "dp_events": {}, "rejected": {}, "refused": {}, "quarantined": [],
+            "accuracy": 0.5, "loss": 1.0, "central_epsilon": None}
+    lines = [{**base, "round": 1, "outside_guarantee": ["class_counts", "train_loss"],
+              "class_counts": {"0": {"counts": [3.0, 1.0], "noise_std": 0.0}}},
+             {**base, "round": 2, "outside_guarantee": ["client_accuracy"],
+              "class_counts": {"1": {"counts": [1.0, 3.0], "noise_std": 0.0}}}]
+    folder = SimpleNamespace(read_metrics=lambda: lines, path=Path("/tmp/none"))
+    summary = build_summary(cfg, folder, SimpleNamespace(node_partition={}, exhausted={}), "", 1.0)
+    assert summary["privacy"]["outside_guarantee"] == ["class_counts", "client_accuracy",
+                                                       "train_loss"]
+    assert summary["privacy"]["release_stats"] == "exact-outside-guarantee"
+    assert summary["privacy"]["stats_noise_multiplier"] is None
+    quality = summary["data_quality"]
+    assert quality["class_counts"] == [4.0, 4.0] and "outside" in quality["source"]
