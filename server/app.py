@@ -19,8 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshield import config as fcfg
 from fedshield.errors import TooFewUpdates
-from privacy.releases import (OUTSIDE_KEY, STATS_NEW_KEY, STATS_NOISE_KEY, class_counts_from_metrics,
-                              histogram_event, merge_class_counts)
+from privacy.releases import (OUTSIDE_KEY, STATS_NEW_KEY, STATS_NOISE_KEY,
+                              class_counts_from_metrics, histogram_event, merge_class_counts)
 from server.averaging import ModelAverage
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
@@ -41,8 +41,8 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
     eps = {str(label(n)): m["epsilon"] for n, m in state.client_metrics.items() if "epsilon" in m}
     # The privacy events of this round, per client: enough to recompute every epsilon.
     dp = {str(label(n)): {"noise_multiplier": m["noise-multiplier"], "sample_rate": m["sample-rate"],
-                          "steps": int(m["steps"]), "clip_norm": m["clip-norm"], "delta": m["delta"],
-                          **release_event(m)}
+                          "steps": int(m["steps"]), "clip_norm": m["clip-norm"],
+                          "delta": m["delta"], **release_event(m)}
           for n, m in state.client_metrics.items() if "noise-multiplier" in m}
     # Class histograms as released: noised under DP (privacy/releases.py), exact without it.
     counts = {str(label(n)): c for n, m in state.client_metrics.items()
@@ -74,7 +74,8 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "client_seconds": {str(label(n)): round(float(m["client-seconds"]), 3)
                            for n, m in state.client_metrics.items() if "client-seconds" in m},
         "class_counts": {k: {"counts": c, "noise_std": std} for k, (c, std) in counts.items()},
-        "outside_guarantee": outside_guarantee(state.client_metrics.values(), record["client_eval"]),
+        "outside_guarantee": outside_guarantee(state.client_metrics.values(),
+                                               record["client_eval"]),
     }
 
 

@@ -47,7 +47,7 @@ def test_noise_is_not_derivable_from_anything_the_server_knows():
     a = np.array(release_histogram(labels, 10, 1.0, secure_rng()).counts) - 1000
     b = np.array(release_histogram(labels, 10, 1.0, secure_rng()).counts) - 1000
     assert not np.array_equal(a, b)
-    big = gaussian_noise(1.0, (100_000,), secure_rng()), gaussian_noise(1.0, (100_000,), secure_rng())
+    big = [gaussian_noise(1.0, (100_000,), secure_rng()) for _ in range(2)]
     # Independent unit normals over 1e5 coordinates: |corr| has std 0.0032; 0.02 is > 6 of those.
     assert abs(np.corrcoef(*big)[0, 1]) < 0.02
     assert np.std(big[0]) == pytest.approx(1.0, rel=0.02)  # sum of 4 halved: still N(0, 1)
@@ -93,7 +93,8 @@ def digits_split(n: int) -> Split:
 
 
 def dp_cfg(tmp: Path, **privacy) -> fcfg.Config:
-    return fcfg.from_dict({"task": {"name": "digits"}, "federation": {"num_clients": 1, "min_clients": 1},
+    return fcfg.from_dict({"task": {"name": "digits"},
+                           "federation": {"num_clients": 1, "min_clients": 1},
                            "train": {"lr": 0.1, "batch_size": 16, "max_steps": 2},
                            "privacy": {"enabled": True, "noise_multiplier": 1.0,
                                        "ledger_dir": str(tmp), "ledger_scope": "run", **privacy}})
@@ -183,7 +184,8 @@ def test_the_opt_in_sends_exact_values_marked_outside_the_guarantee(tmp_path):
 
 
 def test_without_dp_the_reply_is_unchanged(tmp_path):
-    cfg = fcfg.from_dict({"task": {"name": "digits"}, "federation": {"num_clients": 1, "min_clients": 1},
+    cfg = fcfg.from_dict({"task": {"name": "digits"},
+                          "federation": {"num_clients": 1, "min_clients": 1},
                           "train": {"batch_size": 16, "max_steps": 2},
                           "privacy": {"ledger_dir": str(tmp_path)}})
     data = digits_split(200)
@@ -239,7 +241,8 @@ def dp_run(tmp_path_factory):
     from simulations.runner import simulate
 
     tmp = tmp_path_factory.mktemp("releases")
-    cfg = fcfg.from_dict({"name": "rel", "output_dir": str(tmp / "runs"), "task": {"name": "digits"},
+    cfg = fcfg.from_dict({"name": "rel", "output_dir": str(tmp / "runs"),
+                          "task": {"name": "digits"},
                           "federation": {"num_clients": 3, "rounds": 2},
                           "partition": {"kind": "iid"},
                           "train": {"lr": 0.5, "batch_size": 32, "max_steps": 5},
