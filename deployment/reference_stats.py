@@ -162,8 +162,10 @@ def merge_histograms(parts: list[ClientHistograms], edges: np.ndarray, feature_n
 def with_client_class_priors(reference: Reference, data_quality: dict | None) -> Reference:
     """``reference`` with its class priors from the clients' released class histograms (the run
     summary's ``data_quality``, privacy/releases.py): the training label mix, noised under DP.
-    Unchanged when there is no such view or it has another number of classes."""
-    if not data_quality or len(data_quality.get("class_priors", ())) != len(reference.class_priors):
+    Unchanged when there is no such view, it is not the DP one (a run without DP keeps the
+    reference it always had) or it has another number of classes."""
+    if (not data_quality or not data_quality.get("private")
+            or len(data_quality.get("class_priors", ())) != len(reference.class_priors)):
         return reference
     priors = normalise(np.asarray(data_quality["class_counts"], dtype=np.float64))
     return dataclasses.replace(

@@ -180,7 +180,7 @@ class ClassView:
     def to_dict(self) -> dict:
         return {"clients": self.clients, "class_counts": list(self.counts),
                 "class_priors": list(self.priors), "noise_std": self.noise_std,
-                "examples": self.examples,
+                "examples": self.examples, "private": self.private,
                 "source": "dp-gaussian class histograms" if self.private
                 else "exact client histograms (outside any DP guarantee)"}
 

@@ -259,6 +259,8 @@ def test_summary_and_drift_reference_work_from_the_noised_histograms(dp_run, tmp
     run_dir = Path(summary["run_dir"])
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(m["train_loss"] is None and m["outside_guarantee"] == [] for m in lines)
+    assert all(m["client_seconds"] == {} for m in lines)  # no exact timing leaves either
+    assert [sorted(m["class_counts"]) for m in lines] == [["0", "1", "2"]] * 2
     quality = summary["data_quality"]
     assert quality["clients"] == 3 and quality["source"].startswith("dp-gaussian")
     assert quality["noise_std"] == pytest.approx(10.0 * np.sqrt(3))
@@ -298,3 +300,17 @@ def test_summary_lists_what_was_sent_outside_the_guarantee():
     assert summary["privacy"]["stats_noise_multiplier"] is None
     quality = summary["data_quality"]
     assert quality["class_counts"] == [4.0, 4.0] and "outside" in quality["source"]
+
+
+def test_without_dp_the_drift_reference_keeps_the_servers_class_priors(tmp_path):
+    from deployment.handoff import drift_reference
+
+    cfg = fcfg.from_dict({"task": {"name": "digits"}})
+    run, out = tmp_path / "run", tmp_path / "out"  # out, not run: the run has no reference
+    run.mkdir(), out.mkdir()
+    exact = merge_class_counts([([100.0] + [0.0] * 9, 0.0)]).to_dict()
+    plain = drift_reference(run, cfg, out)
+    assert drift_reference(run, cfg, out, exact).class_priors.tolist() \
+        == plain.class_priors.tolist()
+    noised = merge_class_counts([([100.0] + [0.0] * 9, 10.0)]).to_dict()
+    assert drift_reference(run, cfg, out, noised).class_priors[0] == 1.0
