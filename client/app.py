@@ -17,10 +17,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.data import load_client_data
+from client.releases import reply_metrics, stats_release
 from client.training import train_local
 from client.validation import quality_report, validate_split
 from fedshield import config as fcfg
 from fedshield.errors import BudgetExhausted, DataValidationError
+from privacy.releases import EXACT_MODE, OUTSIDE_KEY
 from tasks import Split, Task, evaluate
 
 DataLoader = Callable[[Context, fcfg.Config], tuple[Task, Split, Split]]
@@ -103,20 +105,28 @@ def privacy_cap(cfg: fcfg.Config, node_config) -> float:
 
 
 def _train_private(model, data, train_cfg, cfg: fcfg.Config, context: Context, rc: dict,
-                   seed: int) -> dict[str, float]:
+                   seed: int, num_classes: int) -> dict[str, float]:
     from client.dp import train_private  # noqa: PLC0415 (Opacus only when DP is on)
 
     run_key = str(rc.get("run-key", context.run_id))
     server_round = int(rc.get("server-round", 0))
     ledger = client_ledger(cfg, context, run_key, server_round)
+    # Under DP the example count is private: release the class histogram once (accounted), and
+    # plan sample rate, steps and noise from its noised total (privacy/releases.py).
+    release, stats = None, {}
+    if cfg.privacy.release_stats != EXACT_MODE:
+        release, new = stats_release(data.y, num_classes, cfg.privacy, ledger, run_key)
+        stats = {**release.to_metrics(new), "num-examples": release.planning_count}
     result = train_private(model, data, train_cfg, cfg.privacy, ledger,
                            total_rounds=int(rc.get("num-rounds", 1)),
-                           server_round=server_round, run_id=run_key, seed=seed)
+                           server_round=server_round, run_id=run_key, seed=seed,
+                           planning_examples=release.planning_count if release else None,
+                           extra_events=(release.event,) if release else ())
     m = result["metrics"]
     return {"epsilon": m["epsilon"], "delta": m["delta"], "noise-multiplier": m["noise_multiplier"],
             "clip-norm": m["max_grad_norm"], "sample-rate": m["sample_rate"],
             "steps": float(m["steps"]), "train-loss": m["train_loss"],
-            "train-seconds": m["train_seconds"]}
+            "train-seconds": m["train_seconds"], **stats}
 
 
 def round_seed(run_seed: int, server_round: int, partition_id: int) -> int:
@@ -148,14 +158,15 @@ def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
                       int(context.node_config.get("partition-id", 0)))
     metrics: dict[str, float] = {}
     if cfg.privacy.enabled:
-        metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed))
+        metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed,
+                                      task.num_classes))
     else:
         metrics.update(train_local(model, data, train_cfg, seed))
-    metrics.update(quality_report(data, task.num_classes))
-    metrics["num-examples"] = len(data)
+    exact = {**quality_report(data, task.num_classes), "num-examples": len(data)}
     metrics.update(identity(context))
     metrics["client-seconds"] = time.perf_counter() - started
-    return model, metrics
+    # Under DP only the DP outputs leave, unless the user opted in (client/releases.py).
+    return model, reply_metrics(metrics, cfg.privacy, exact)
 
 
 def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
@@ -190,8 +201,14 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
             return refusal(msg, context, "invalid-data", str(exc))
         if not len(val):
             return refusal(msg, context, "no-validation-data", "too few local examples to hold some out")
+        if cfg.privacy.enabled and cfg.privacy.release_stats != EXACT_MODE:
+            return refusal(msg, context, "not-released",
+                           "exact held-out loss and accuracy are outside the DP guarantee; set "
+                           'privacy.release_stats = "exact-outside-guarantee" to release them')
         result = evaluate(_model_from(msg, task), val)
         metrics = {"num-examples": len(val), "accuracy": result["accuracy"], "loss": result["loss"]}
+        if cfg.privacy.enabled:  # the opt-in: exact values, marked as such
+            metrics[OUTSIDE_KEY] = 1.0
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

@@ -124,19 +124,35 @@ class SecurePoissonSampler(UniformWithReplacementSampler):
         return sampler
 
 
-def resolve_noise(privacy_cfg: PrivacyConfig, rate: float, total_steps: int) -> float:
-    """The configured noise multiplier, or the one planned to spend target_epsilon over all steps."""
+def resolve_noise(privacy_cfg: PrivacyConfig, rate: float, total_steps: int,
+                  extra_events: tuple = ()) -> float:
+    """The configured noise multiplier, or the one planned to spend target_epsilon over all steps
+    together with ``extra_events`` (the client's statistics release)."""
     if privacy_cfg.noise_multiplier > 0:
         return privacy_cfg.noise_multiplier
     if privacy_cfg.target_epsilon > 0:
         return plan_noise(privacy_cfg.target_epsilon, privacy_cfg.delta, rate, total_steps,
-                          privacy_cfg.accountant)
+                          privacy_cfg.accountant, tuple(extra_events))
     raise ConfigError("privacy: set privacy.noise_multiplier or privacy.target_epsilon (> 0)")
+
+
+class _PlannedLengthLoader(DataLoader):
+    """A loader that claims the planned number of batches per epoch: Opacus derives its Poisson
+    rate as 1 / len(loader), and that rate must come from the released (noised) example count,
+    not from the exact one (privacy/releases.py)."""
+
+    def __init__(self, *args, batches: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._planned_batches = batches
+
+    def __len__(self) -> int:
+        return self._planned_batches
 
 
 def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy_cfg: PrivacyConfig,
                   ledger: Ledger, *, total_rounds: int, server_round: int, run_id: str,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, planning_examples: int | None = None,
+                  extra_events: tuple = ()) -> dict:
     """Train ``model`` in place for one round of DP-SGD and record the privacy spent.
 
     ``total_rounds`` is the federation's number of rounds (used to plan sigma from target_epsilon).
@@ -144,16 +160,20 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     Raises BudgetExhausted before training when the round would exceed ``privacy.max_epsilon``.
     Returns ``{"state_dict": plain state dict (no ``_module.`` prefix), "events": [(noise,
     sample_rate, steps)], "metrics": {...}}``; metrics carry the cumulative epsilon.
+
+    ``planning_examples``: the example count the sample rate, steps, planned noise and gradient
+    scale come from (the client's noised released count; default the exact count).
+    ``extra_events``: already-recorded events the planned noise must leave room for.
     """
-    n = len(data)
+    n = planning_examples or len(data)
     check_delta(privacy_cfg.delta, n)
     rate = sample_rate(n, train_cfg.batch_size)
     planned_steps = steps_per_round(n, train_cfg.batch_size, train_cfg.local_epochs, train_cfg.max_steps)
-    noise = resolve_noise(privacy_cfg, rate, total_rounds * planned_steps)
+    noise = resolve_noise(privacy_cfg, rate, total_rounds * planned_steps, extra_events)
     history = ledger.events()
     # A second release of (run, round) is a new ledger event when its noise is fresh (OS CSPRNG);
     # with noise derived from the run it would repeat the draw, so it is refused.
-    repeat_ok = getattr(privacy_cfg, "reproducible_noise", None) is False
+    repeat_ok = not privacy_cfg.reproducible_noise
     projected = ledger.check([(noise, rate, planned_steps)], run_id=run_id, round=server_round,
                              repeat_ok=repeat_ok)
 
@@ -172,8 +192,9 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     # Seeded generators only in the research opt-in; otherwise Opacus gets none (both of its
     # draws are replaced by secret streams below).
     generator = torch.Generator().manual_seed(seed) if reproducible else None
-    loader = DataLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
-                        batch_size=train_cfg.batch_size, generator=generator)
+    loader = _PlannedLengthLoader(TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y)),
+                                  batch_size=train_cfg.batch_size, generator=generator,
+                                  batches=round(1 / rate))
     optimizer = make_optimizer(model, train_cfg)
     with warnings.catch_warnings():
         # Opacus' warning is about its own seeded RNG: replaced below, or opted into and warned
@@ -194,6 +215,9 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         dp_model, dp_optimizer, criterion, dp_loader = private
     else:
         (dp_model, dp_optimizer, dp_loader), criterion = private, nn.CrossEntropyLoss()
+    # Opacus divides the noisy sum by int(len(dataset) * rate), a function of the exact count:
+    # the same formula on the planning count keeps the released scale private.
+    dp_optimizer.expected_batch_size = int(n * rate)
     if dp_loader.sample_rate != rate or len(dp_loader) * train_cfg.local_epochs < planned_steps:
         raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate} for {len(dp_loader)} steps an epoch; "
                            f"the planner assumed {rate} for {planned_steps} steps a round")

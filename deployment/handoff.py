@@ -15,8 +15,9 @@ from deployment.artifacts import CARD_MD, REFERENCE_JSON, load_weights
 from deployment.card import build_card
 from deployment.export import export_model
 from deployment.gate import promote
-from deployment.reference_stats import Reference, names_for, reference_from_data
 from deployment.policy import GatePolicy
+from deployment.reference_stats import (Reference, names_for, reference_from_data,
+                                        with_client_class_priors)
 from deployment.registry import refuse_failed_run, register
 from fedshield.config import Config
 from fedshield.errors import FedShieldError
@@ -44,8 +45,10 @@ def model_name_for(cfg: Config) -> str:
     return cfg.deployment.model_name or f"fedshield-{cfg.task.name.replace(':', '-')}"
 
 
-def drift_reference(run_dir: Path, cfg: Config, out_dir: Path) -> Reference:
-    """The run's merged DP client reference if the server wrote one, else the server's eval split."""
+def drift_reference(run_dir: Path, cfg: Config, out_dir: Path,
+                    data_quality: dict | None = None) -> Reference:
+    """The run's merged DP client reference if the server wrote one, else the server's eval split
+    with the class priors of the clients' released histograms (``data_quality``) when known."""
     path = run_dir / REFERENCE_JSON
     if path.is_file():
         reference = Reference.load(path)
@@ -56,6 +59,7 @@ def drift_reference(run_dir: Path, cfg: Config, out_dir: Path) -> Reference:
                                         names_for(task.input_shape, task.feature_names),
                                         cfg.deployment.reference_bins,
                                         "server evaluation split (no client data, no noise)")
+        reference = with_client_class_priors(reference, data_quality)
     reference.save(out_dir / REFERENCE_JSON)
     return reference
 
@@ -81,7 +85,7 @@ def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     if cfg.task.eval_examples:
         test = test.subset(np.arange(min(cfg.task.eval_examples, len(test))))
     export = export_model(task, load_weights(weights), out, metadata, quantize=cfg.deployment.quantize, test=test)
-    reference = drift_reference(run, cfg, out)
+    reference = drift_reference(run, cfg, out, summary.get("data_quality"))
     card = build_card(run, export, cfg.deployment.explain_examples, reference.source)
     name = model_name_for(cfg)
     # The policy is stored with the version; this and every later promotion applies it.

@@ -159,6 +159,21 @@ def merge_histograms(parts: list[ClientHistograms], edges: np.ndarray, feature_n
                      f"dp-client-histograms ({len(parts)} clients, sigma {sigmas})", noise)
 
 
+def with_client_class_priors(reference: Reference, data_quality: dict | None) -> Reference:
+    """``reference`` with its class priors from the clients' released class histograms (the run
+    summary's ``data_quality``, privacy/releases.py): the training label mix, noised under DP.
+    Unchanged when there is no such view, it is not the DP one (a run without DP keeps the
+    reference it always had) or it has another number of classes."""
+    if (not data_quality or not data_quality.get("private")
+            or len(data_quality.get("class_priors", ())) != len(reference.class_priors)):
+        return reference
+    priors = normalise(np.asarray(data_quality["class_counts"], dtype=np.float64))
+    return dataclasses.replace(
+        reference, class_priors=priors,
+        source=f"{reference.source}; class priors: {data_quality['source']} "
+               f"({data_quality['clients']} clients, noise std {data_quality['noise_std']:.3g})")
+
+
 def reference_from_data(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...], num_classes: int,
                         feature_names: tuple[str, ...], bins: int, source: str) -> Reference:
     """A noise-free reference from data the server holds itself (its evaluation split)."""

@@ -168,6 +168,15 @@ class PrivacyConfig:
     # Research only: derive DP-SGD noise and Poisson sampling from the seed (reproducible, and
     # removable by the server, so the epsilon does not hold against it). Default: secret streams.
     reproducible_noise: bool = opt(False)
+    # What a DP client releases besides its update (privacy/releases.py). dp: once per run a
+    # Gaussian release of its class histogram, accounted in its ledger; no exact count, loss,
+    # quality stat or evaluation metric leaves. exact-outside-guarantee: the exact values are sent,
+    # marked as outside the guarantee in replies, metrics and summary. Ignored without DP.
+    release_stats: str = opt("dp", choices=("dp", "exact-outside-guarantee"))
+    # Noise multiplier of that release (noise std per class count; L2 sensitivity 1). 10 adds
+    # about 1% to a 3.0 budget (the planner includes it) for a count std of ~3 per class.
+    stats_noise_multiplier: float = opt(10.0, lambda v: math.isfinite(v) and v > 0,
+                                        "a finite noise multiplier > 0")
 
 
 @dataclass(frozen=True)
@@ -532,6 +541,21 @@ def _check_secagg(cfg: Config) -> str | None:
 
 
 CROSS_CHECKS.append(_check_secagg)
+
+
+def _check_releases(cfg: Config) -> str | None:
+    """Client evaluation sends exact held-out loss and accuracy: under DP only by opt-in."""
+    if (cfg.privacy.enabled and cfg.privacy.release_stats == "dp"
+            and cfg.federation.fraction_evaluate > 0):
+        return ("federation.fraction_evaluate > 0 with privacy.enabled = true: client evaluation "
+                "sends exact loss and accuracy on the clients' held-out data, which the DP "
+                "guarantee does not cover. Set federation.fraction_evaluate = 0 (the server "
+                "evaluates on its test split), or opt in with privacy.release_stats = "
+                '"exact-outside-guarantee" (those values are then marked outside the guarantee)')
+    return None
+
+
+CROSS_CHECKS.append(_check_releases)
 
 
 # Control characters (C0, DEL, C1) have no use in any config string, and a name or path holding

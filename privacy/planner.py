@@ -70,11 +70,12 @@ def spent(noise: float, sample_rate: float, steps: int, delta: float, accountant
 
 @lru_cache(maxsize=256)
 def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-               accountant: str = "prv") -> float:
+               accountant: str = "prv", extra: tuple[tuple[float, float, int], ...] = ()) -> float:
     """A noise multiplier whose epsilon after ``steps`` steps is at most the target, and close to it.
 
-    The result spends between ``(1 - PLAN_RTOL)`` x target and the target. Cached: every client
-    with the same data size plans the same sigma.
+    The result spends between ``(1 - PLAN_RTOL)`` x target and the target. ``extra``: fixed events
+    the target also pays for (e.g. a client's statistics release, privacy/releases.py). Cached:
+    every client with the same data size plans the same sigma.
     """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ConfigError(f"target_epsilon = {target_epsilon!r} must be a finite number > 0")
@@ -87,7 +88,7 @@ def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: i
 
     def eps(noise: float) -> float:
         if noise not in seen:
-            seen[noise] = spent(noise, sample_rate, steps, delta, accountant)
+            seen[noise] = epsilon([(noise, sample_rate, steps), *extra], delta, accountant)
         return seen[noise]
 
     floor = eps(MAX_NOISE)
@@ -103,7 +104,8 @@ def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: i
             f"target_epsilon = {target_epsilon:g} is so large that the noise multiplier would fall "
             f"below {MIN_NOISE} ({MIN_NOISE} already spends only {ceiling:.3g}); such a guarantee is "
             "meaningless. Lower target_epsilon, or set noise_multiplier directly")
-    lo, hi = _bracket(eps, target_epsilon, _first_guess(target_epsilon, delta, sample_rate, steps, accountant))
+    lo, hi = _bracket(eps, target_epsilon,
+                      _first_guess(target_epsilon, delta, sample_rate, steps, accountant, extra))
     log_target = math.log(target_epsilon)
     # Root of log(eps) - log(target) in log(noise): smooth, so brentq needs few (costly) evaluations.
     root = math.exp(brentq(lambda log_noise: math.log(min(eps(math.exp(log_noise)), 1e300)) - log_target,
@@ -114,11 +116,12 @@ def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: i
     return root
 
 
-def _first_guess(target: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+def _first_guess(target: float, delta: float, rate: float, steps: int, accountant: str,
+                 extra: tuple = ()) -> float:
     # PRV costs ~0.3 s per evaluation; RDP's answer (within ~10%) is a cheap starting point.
     if accountant == "prv":
         try:
-            return plan_noise(target, delta, rate, steps, "rdp")
+            return plan_noise(target, delta, rate, steps, "rdp", extra)
         except ConfigError:  # beyond RDP's reach (PRV is tighter): start from the top
             return MAX_NOISE
     return 1.0

@@ -21,6 +21,8 @@ from fedshield import config as fcfg
 from fedshield.errors import TooFewUpdates
 from fedshield.preflight import preflight
 from privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
+from privacy.releases import (OUTSIDE_KEY, STATS_NEW_KEY, STATS_NOISE_KEY,
+                              class_counts_from_metrics, histogram_event, merge_class_counts)
 from server.averaging import ModelAverage
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
@@ -41,8 +43,12 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
     eps = {str(label(n)): m["epsilon"] for n, m in state.client_metrics.items() if "epsilon" in m}
     # The privacy events of this round, per client: enough to recompute every epsilon.
     dp = {str(label(n)): {"noise_multiplier": m["noise-multiplier"], "sample_rate": m["sample-rate"],
-                          "steps": int(m["steps"]), "clip_norm": m["clip-norm"], "delta": m["delta"]}
+                          "steps": int(m["steps"]), "clip_norm": m["clip-norm"],
+                          "delta": m["delta"], **release_event(m)}
           for n, m in state.client_metrics.items() if "noise-multiplier" in m}
+    # Class histograms as released: noised under DP (privacy/releases.py), exact without it.
+    counts = {str(label(n)): c for n, m in state.client_metrics.items()
+              if (c := class_counts_from_metrics(m)) is not None}
     quarantined = sorted(label(n) for n in strategy.reputation.quarantined) \
         if strategy.reputation else []
     return {
@@ -71,7 +77,32 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         # computation from transport and polling in deployments.
         "client_seconds": {str(label(n)): round(float(m["client-seconds"]), 3)
                            for n, m in state.client_metrics.items() if "client-seconds" in m},
+        "class_counts": {k: {"counts": c, "noise_std": std} for k, (c, std) in counts.items()},
+        "outside_guarantee": outside_guarantee(state.client_metrics.values(),
+                                               record["client_eval"]),
     }
+
+
+def release_event(metrics) -> dict:
+    """The client's statistics-release event, in the round whose ledger entry holds it (the
+    server can then recompute every client epsilon from the metrics lines alone)."""
+    if metrics.get(STATS_NEW_KEY) != 1.0 or STATS_NOISE_KEY not in metrics:
+        return {}
+    try:
+        noise, rate, steps = histogram_event(float(metrics[STATS_NOISE_KEY]))
+    except (TypeError, ValueError, fcfg.ConfigError):
+        return {}
+    return {"release": {"noise_multiplier": noise, "sample_rate": rate, "steps": steps}}
+
+
+def outside_guarantee(train_metrics, client_eval: dict) -> list[str]:
+    """The metrics-line values this round that clients released exactly under DP, by opt-in."""
+    out = []
+    if any(m.get(OUTSIDE_KEY) for m in train_metrics):
+        out += ["class_counts", "client_seconds", "train_loss"]
+    if client_eval.get(OUTSIDE_KEY):
+        out.append("client_accuracy")
+    return out
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:
@@ -217,9 +248,15 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
     best = max(scored, key=lambda m: m["accuracy"]) if scored else None
     eps_by_client: dict[str, float] = {}
     noise_used: set[float] = set()
+    class_parts: dict[str, tuple] = {}
+    outside: set[str] = set()
     for m in lines:
         eps_by_client.update(m["epsilon"])
         noise_used.update(e["noise_multiplier"] for e in m.get("dp_events", {}).values())
+        class_parts.update({k: (v["counts"], v["noise_std"])
+                            for k, v in m.get("class_counts", {}).items()})
+        outside.update(m.get("outside_guarantee", []))
+    quality = merge_class_counts(class_parts.values())
     return {
         "name": cfg.name, "task": cfg.task.name, "run_dir": str(folder.path),
         "rounds": cfg.federation.rounds, "rounds_completed": len(lines),
@@ -251,7 +288,14 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
                                              cfg.central_dp.accountant)}
             if cfg.central_dp.enabled else None,
             "exhausted_clients": sorted(strategy.node_partition.get(n, n) for n in strategy.exhausted),
+            "release_stats": cfg.privacy.release_stats if cfg.privacy.enabled else None,
+            "stats_noise_multiplier": cfg.privacy.stats_noise_multiplier
+            if cfg.privacy.enabled and cfg.privacy.release_stats == "dp" else None,
+            # Values clients sent exactly under DP (the opt-in): NOT covered by the epsilons.
+            "outside_guarantee": sorted(outside),
         },
+        # The federation's class mix from the clients' released histograms (noised under DP).
+        "data_quality": quality.to_dict() if quality else None,
         "robustness": {
             "rejected_total": sum(len(m["rejected"]) for m in lines),
             "refused_total": sum(len(m["refused"]) for m in lines),

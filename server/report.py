@@ -63,6 +63,9 @@ class ConsoleReporter:
             table.add_row("central DP", central.get("label") or "-")
         if not p["enabled"] and not central:
             table.add_row("privacy", "off (no DP guarantee)")
+        if p.get("outside_guarantee"):  # privacy.release_stats = "exact-outside-guarantee"
+            table.add_row("[yellow]sent exactly, outside the DP guarantee[/]",
+                          ", ".join(p["outside_guarantee"]))
         r = summary["robustness"]
         table.add_row("updates rejected / refusals", f"{r['rejected_total']} / {r['refused_total']}")
         table.add_row("clients quarantined", str(r["quarantined"]) if r["quarantined"] else "none")

@@ -29,11 +29,16 @@ def dp_run(tmp_path_factory):
 
 def test_reported_epsilon_equals_an_independent_opacus_recomputation(dp_run):
     """Every client's epsilon in every round equals a fresh Opacus PRV accountant fed the logged
-    (noise multiplier, sample rate, steps) of that client's rounds so far."""
+    (noise multiplier, sample rate, steps) of that client's rounds so far, and of its one class-
+    histogram release (privacy/releases.py: logged in the round it was made, the first)."""
     history: dict[str, list] = {}
     for line in lines(dp_run):
         assert set(line["epsilon"]) == set(line["dp_events"]) == {"0", "1", "2", "3"}
         for client, event in line["dp_events"].items():
+            assert ("release" in event) == (line["round"] == 1)
+            if "release" in event:
+                r = event["release"]
+                history.setdefault(client, []).append((r["noise_multiplier"], 1.0, 1))
             history.setdefault(client, []).append(
                 (event["noise_multiplier"], event["sample_rate"], event["steps"]))
             accountant = PRVAccountant()

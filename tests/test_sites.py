@@ -126,10 +126,14 @@ def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
     assert len(ledger_history(kit.site(NUM_SITES))) == 1  # trained round 1 only
 
 
-def ledger_history(site: Path) -> list[dict]:
+def ledger_history(site: Path, releases: bool = False) -> list[dict]:
+    """The site's training events (``releases``: its statistics-release events instead)."""
+    from client.releases import RELEASE_TAG
+
     files = list((site / "ledger").rglob("client-*.json"))
     assert len(files) == 1, files
-    return json.loads(files[0].read_text())["events"]
+    return [e for e in json.loads(files[0].read_text())["events"]
+            if (RELEASE_TAG in e["run_id"]) == releases]
 
 
 @pytest.mark.slow
@@ -205,3 +209,5 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
         # one run of 1 round, then rounds 1..3 of the resumed run, each release recorded
         assert sorted({r for run, r, _ in keys if run == run_dir.name}) == [1, 2, 3]
         assert len({run for run, _, _ in keys}) == 2 and len(history) >= 4, history
+        # and one class-histogram release per run, the resume reusing the stopped run's
+        assert len(ledger_history(kit.site(k), releases=True)) == 2

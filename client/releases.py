@@ -1,0 +1,94 @@
+"""Client side of what a reply releases besides the update (the design: privacy/releases.py).
+
+``stats_release`` makes (once per run) or reloads the client's DP class-histogram release, with its
+event in the client's ledger. ``reply_metrics`` decides which metrics a training reply may carry.
+A release is kept beside the ledger (``releases-client-<id>.json``), keyed by run, so later rounds,
+resumed runs and new processes resend the same noised values instead of drawing (and paying for)
+fresh noise. Losing that file costs privacy, never hides it: the next draw is a new ledger event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fedshield.config import PrivacyConfig
+from privacy.ledger import Ledger
+from privacy.releases import (EXACT_MODE, OUTSIDE_KEY, HistogramRelease, release_histogram,
+                              secure_rng)
+
+# What a DP training reply may carry: the DP events' public parameters, the release and identity.
+DP_REPLY_KEYS = frozenset({"epsilon", "delta", "noise-multiplier", "clip-norm", "sample-rate",
+                           "steps", "num-examples", "partition-id"})
+RELEASE_TAG = "class-histogram-release"
+
+
+def releases_path(ledger: Ledger) -> Path:
+    """Beside the ledger, under a name no ``client-*.json`` ledger glob picks up."""
+    return ledger.path.with_name(f"releases-{ledger.path.stem}.json")
+
+
+def _read(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}  # lost: the next release is drawn afresh and accounted as a new event
+
+
+def _write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def stats_release(labels: np.ndarray, num_classes: int, privacy: PrivacyConfig, ledger: Ledger,
+                  run_key: str) -> tuple[HistogramRelease, bool]:
+    """This run's class-histogram release and whether it was made now (its event is then new in
+    the ledger). Raises BudgetExhausted when the release itself would exceed the budget."""
+    path = releases_path(ledger)
+    doc = _read(path)
+    try:
+        kept = HistogramRelease.from_dict(doc[run_key])
+        if len(kept.counts) == num_classes:
+            return kept, False
+    except (KeyError, TypeError, ValueError):
+        pass
+    release = release_histogram(labels, num_classes, privacy.stats_noise_multiplier, secure_rng())
+    ledger.check([release.event])
+    # A tag of its own per draw: never the (run, round) key of a training round, and a redraw
+    # (file lost) is a new event, not a duplicate the ledger would skip.
+    tag = f"{run_key}/{RELEASE_TAG}/{secrets.token_hex(4)}"
+    if not ledger.record([release.event], round=0, run_id=tag):
+        raise RuntimeError(f"ledger {ledger.path} already holds {tag}; refusing to release")
+    doc[run_key] = release.to_dict()
+    _write(path, doc)
+    return release, True
+
+
+def reply_metrics(metrics: dict, privacy: PrivacyConfig, exact: dict[str, float]) -> dict:
+    """The metrics a training reply carries.
+
+    No DP: everything, with the exact quality report ``exact`` (there is no guarantee to break).
+    DP with release_stats = "dp": only DP_REPLY_KEYS and the dp-* release values. DP with the
+    opt-in: everything, marked ``outside-guarantee``.
+    """
+    if not privacy.enabled:
+        return {**metrics, **exact}
+    if privacy.release_stats == EXACT_MODE:
+        return {**metrics, **exact, OUTSIDE_KEY: 1.0}
+    return {k: v for k, v in metrics.items() if k in DP_REPLY_KEYS or k.startswith("dp-")}

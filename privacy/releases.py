@@ -1,0 +1,200 @@
+"""What a DP client releases besides its update: one accounted Gaussian class-histogram release.
+
+Adjacency. Client-level epsilons are sample-level under add/remove-one-example adjacency, the one
+Opacus' Poisson-sampling accountant uses. Under add/remove a client's example count is itself
+sensitive, and so is everything computed from it exactly: the class histogram, classes present,
+the training loss, held-out loss and accuracy, and even the DP-SGD sample rate q = batch / n (and
+the steps per epoch, and a noise multiplier planned from q), which would give n away exactly.
+
+What a reply carries under DP (``privacy.release_stats = "dp"``, the default): the update and the
+public parameters of its DP events, nothing exact about the data.
+
+- Once per run (the first round the client trains) the client releases its class histogram with
+  the Gaussian mechanism: one example moves one bin by 1, so the L2 sensitivity is 1 and the noise
+  std is ``sigma`` (``privacy.stats_noise_multiplier``). That is the accountant event
+  ``(sigma, sample_rate=1, steps=1)``, recorded in the same ledger as training, so every epsilon the
+  client reports includes it. Later rounds resend the same noised values (post-processing, free).
+- The noised example count is the sum of the noised bins (post-processing). The client plans its
+  DP-SGD from it: q = 1 / ceil(count / batch), the steps per round, the planned noise and the
+  scale of the averaged noisy gradient all depend on the noised count only, never on the exact n.
+  The server gets q and steps to recompute epsilons, and they reveal nothing beyond the release.
+  (The DP-SGD parameters are chosen after, and from, an earlier DP output: adaptive composition;
+  the ledger's budget check before every release acts as the privacy filter.)
+- ``num-examples`` in the reply is that noised count, rounded and clamped to >= 1: FedAvg's example
+  weighting under DP uses the noised counts.
+- The exact training loss, quality report, client timings and client evaluation (loss, accuracy on
+  held-out data) are not sent. Client evaluation under DP needs the opt-in below.
+
+``privacy.release_stats = "exact-outside-guarantee"``: the client sends today's exact statistics
+(count, histogram, classes present, missing values, losses, accuracy, timings) and plans from the
+exact count; every reply says so (``outside-guarantee`` = 1), and so do the metrics lines and the
+summary: those values are NOT covered by the stated epsilon.
+
+Without DP (``privacy.enabled = false``) there is no guarantee to break: replies are unchanged.
+
+Randomness: noise from numpy's PCG64 seeded by the OS CSPRNG (``secrets``), never from the run
+seed the server knows; each normal draw is the sum of 4 standard draws halved (Opacus' secure-mode
+remedy against floating-point attacks on Gaussian sampling, Holohan and Braghin 2021).
+
+Pure: numpy only, no Flower, no files.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from fedshield.errors import ConfigError
+
+Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), as privacy.accounting
+
+MODES = ("dp", "exact-outside-guarantee")
+EXACT_MODE = "exact-outside-guarantee"
+
+# Add/remove one example moves exactly one class bin by 1.
+HISTOGRAM_SENSITIVITY = 1.0
+
+# Reply metric names (kebab-case, as every other reply metric).
+DP_CLASS_PREFIX = "dp-class-"           # dp-class-0 .. dp-class-{K-1}: the noised histogram
+STATS_NOISE_KEY = "dp-stats-noise-multiplier"  # sigma of the histogram release
+STATS_STD_KEY = "dp-stats-std"          # noise std on every bin (sigma x sensitivity)
+STATS_NEW_KEY = "dp-stats-new"          # 1 in the round whose ledger entry holds the release event
+OUTSIDE_KEY = "outside-guarantee"       # 1: the reply's exact statistics are outside the guarantee
+EXACT_CLASS_PREFIX = "class-"           # quality_report's exact histogram (no DP, or the opt-in)
+
+
+def histogram_event(sigma: float) -> Event:
+    """The accountant event of one Gaussian histogram release at noise multiplier ``sigma``."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ConfigError(f"privacy.stats_noise_multiplier = {sigma!r} must be a finite number > 0")
+    return (float(sigma), 1.0, 1)
+
+
+def secure_rng() -> np.random.Generator:
+    """A generator nobody else can derive: seeded from the OS CSPRNG, not from the run seed."""
+    return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+
+
+def gaussian_noise(std: float, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """N(0, std^2) noise as (sum of 4 N(0, std^2)) / 2, which has the same law but hides the
+    low-order bits a single floating-point draw leaks (Opacus' secure mode does the same)."""
+    return rng.normal(0.0, std, (4, *shape)).sum(0) / 2.0
+
+
+@dataclass(frozen=True)
+class HistogramRelease:
+    """A client's released class histogram: noised counts and the mechanism's public parameters."""
+
+    counts: tuple[float, ...]  # noised, one per class (may be negative: no post-processing here)
+    noise_multiplier: float
+    noise_std: float
+
+    @property
+    def event(self) -> Event:
+        return histogram_event(self.noise_multiplier)
+
+    @property
+    def total(self) -> float:
+        """The noised example count: the sum of the noised bins (post-processing)."""
+        return float(sum(self.counts))
+
+    @property
+    def planning_count(self) -> int:
+        """The example count the client plans DP-SGD from and reports: the noised total, rounded,
+        at least 1 (a function of the release only)."""
+        return planning_count(self.total)
+
+    def to_dict(self) -> dict:
+        return {"counts": list(self.counts), "noise_multiplier": self.noise_multiplier,
+                "noise_std": self.noise_std}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "HistogramRelease":
+        return cls(tuple(float(c) for c in d["counts"]), float(d["noise_multiplier"]),
+                   float(d["noise_std"]))
+
+    def to_metrics(self, new: bool) -> dict[str, float]:
+        """The reply metrics of this release; ``new``: its event is recorded in this round."""
+        out = {f"{DP_CLASS_PREFIX}{k}": float(c) for k, c in enumerate(self.counts)}
+        out.update({STATS_NOISE_KEY: self.noise_multiplier, STATS_STD_KEY: self.noise_std,
+                    STATS_NEW_KEY: 1.0 if new else 0.0})
+        return out
+
+
+def planning_count(noised_total: float) -> int:
+    """Noised count -> a usable example count (>= 1): post-processing, so still private."""
+    if not math.isfinite(noised_total):
+        raise ValueError(f"noised count {noised_total!r} is not finite")
+    return max(1, int(round(noised_total)))
+
+
+def release_histogram(labels: np.ndarray, num_classes: int, sigma: float,
+                      rng: np.random.Generator) -> HistogramRelease:
+    """The Gaussian mechanism on the class histogram of ``labels`` (L2 sensitivity 1)."""
+    histogram_event(sigma)  # validates sigma
+    hist = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    if len(hist) != num_classes:
+        raise ValueError(f"labels reach {len(hist) - 1}, beyond num_classes = {num_classes}")
+    std = float(sigma) * HISTOGRAM_SENSITIVITY
+    noised = hist.astype(np.float64) + gaussian_noise(std, hist.shape, rng)
+    return HistogramRelease(tuple(float(c) for c in noised), float(sigma), std)
+
+
+# --- server side: readers of released values (pure) -----------------------------------------
+
+def class_counts_from_metrics(metrics: Mapping[str, object]) -> tuple[list[float], float] | None:
+    """(class counts, noise std per count) from one reply's metrics: the noised histogram when
+    the client released one, its exact histogram (std 0) when it sent that, else None."""
+    for prefix, std_key in ((DP_CLASS_PREFIX, STATS_STD_KEY), (EXACT_CLASS_PREFIX, None)):
+        keyed = {}
+        for key, value in metrics.items():
+            if key.startswith(prefix) and key[len(prefix):].isdigit():
+                keyed[int(key[len(prefix):])] = value
+        if keyed and sorted(keyed) == list(range(len(keyed))):
+            try:
+                counts = [float(keyed[k]) for k in range(len(keyed))]  # type: ignore[arg-type]
+                std = float(metrics.get(std_key, 0.0)) if std_key else 0.0  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                return None  # malformed reply values: no view from them
+            if all(map(math.isfinite, counts)) and math.isfinite(std) and std >= 0:
+                return counts, std
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class ClassView:
+    """The federation's class distribution from the clients' released histograms."""
+
+    clients: int
+    counts: tuple[float, ...]   # summed (noised) counts
+    priors: tuple[float, ...]   # counts clipped at 0 and normalised (post-processing)
+    noise_std: float            # std of the noise on each summed count
+    examples: float             # summed (noised) example count
+    private: bool               # every part came from the DP release
+
+    def to_dict(self) -> dict:
+        return {"clients": self.clients, "class_counts": list(self.counts),
+                "class_priors": list(self.priors), "noise_std": self.noise_std,
+                "examples": self.examples, "private": self.private,
+                "source": "dp-gaussian class histograms" if self.private
+                else "exact client histograms (outside any DP guarantee)"}
+
+
+def merge_class_counts(parts: Iterable[tuple[Sequence[float], float]]) -> ClassView | None:
+    """Sum clients' (counts, noise std) into one view; None when there is nothing to merge or the
+    parts disagree on the number of classes."""
+    parts = list(parts)
+    if not parts or len({len(c) for c, _ in parts}) != 1:
+        return None
+    counts = np.sum([np.asarray(c, dtype=np.float64) for c, _ in parts], axis=0)
+    clipped = np.clip(counts, 0.0, None)
+    total = clipped.sum()
+    priors = clipped / total if total > 0 else np.full(len(counts), 1.0 / len(counts))
+    noise = float(np.sqrt(sum(s ** 2 for _, s in parts)))
+    return ClassView(len(parts), tuple(map(float, counts)), tuple(map(float, priors)), noise,
+                     float(counts.sum()), all(s > 0 for _, s in parts))
