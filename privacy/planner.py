@@ -88,7 +88,7 @@ def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: i
 
     def eps(noise: float) -> float:
         if noise not in seen:
-            seen[noise] = epsilon([(noise, sample_rate, steps), *extra], delta, accountant)
+            seen[noise] = reported_epsilon([(noise, sample_rate, steps), *extra], delta, accountant)
         return seen[noise]
 
     floor = eps(MAX_NOISE)
