@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.data import load_client_data
@@ -21,6 +21,8 @@ from client.training import train_local
 from client.validation import quality_report, validate_split
 from fedshield import config as fcfg
 from fedshield.errors import BudgetExhausted, DataValidationError
+from fedshield.records import (EvalReport, Refusal, TrainReport, encode_eval_report,
+                               encode_refusal, encode_train_report)
 from tasks import Split, Task, evaluate
 
 DataLoader = Callable[[Context, fcfg.Config], tuple[Task, Split, Split]]
@@ -33,9 +35,8 @@ def identity(context: Context) -> dict[str, int]:
 
 
 def refusal(msg: Message, context: Context, code: str, reason: str) -> Message:
-    record = RecordDict({"refusal": ConfigRecord({"code": code, "reason": reason}),
-                         "metrics": MetricRecord({"num-examples": 0, **identity(context)})})
-    return Message(record, reply_to=msg)
+    pid = identity(context).get("partition-id")
+    return Message(encode_refusal(Refusal(code, reason, pid)), reply_to=msg)
 
 
 def round_config(msg: Message) -> dict:
@@ -145,9 +146,9 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
             return refusal(msg, context, "invalid-data", str(exc))
         except BudgetExhausted as exc:
             return refusal(msg, context, "budget-exhausted", str(exc))
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                              "metrics": MetricRecord(metrics)})
-        return Message(content, reply_to=msg)
+        arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        return Message(encode_train_report(TrainReport.from_metrics(arrays, metrics)),
+                       reply_to=msg)
 
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
@@ -159,8 +160,9 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
         if not len(val):
             return refusal(msg, context, "no-validation-data", "too few local examples to hold some out")
         result = evaluate(_model_from(msg, task), val)
-        metrics = {"num-examples": len(val), "accuracy": result["accuracy"], "loss": result["loss"]}
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        report = EvalReport(num_examples=len(val), accuracy=result["accuracy"],
+                            loss=result["loss"])
+        return Message(encode_eval_report(report), reply_to=msg)
 
     return app
 

@@ -23,3 +23,8 @@ class UpdateRejected(FedShieldError):
 
 class TooFewUpdates(FedShieldError):
     """Too few valid updates remain in a round to aggregate safely."""
+
+
+class RunFailed(FedShieldError):
+    """A run ended without ever updating the model: every round failed (too few accepted
+    updates, every client refused or errored). Its summary.json says why; nothing was registered."""

@@ -18,7 +18,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedshield import config as fcfg
-from fedshield.errors import TooFewUpdates
+from fedshield.errors import RunFailed, TooFewUpdates
 from server.averaging import ModelAverage
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.outputs import RunFolder, library_versions, new_run_dir
@@ -33,18 +33,19 @@ def server_test_split(task_name: str, limit: int) -> Split:
 
 
 def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
+    """One round's line of metrics.jsonl, from the round's decoded reports (fedshield.records)."""
     state: RoundState = record["state"]
     part = strategy.node_partition
     label = lambda n: part.get(n, n)  # noqa: E731 — partition id where known, else node id
-    eps = {str(label(n)): m["epsilon"] for n, m in state.client_metrics.items() if "epsilon" in m}
+    reports = state.reports
+    eps = {str(label(n)): r.epsilon for n, r in reports.items() if r.epsilon is not None}
     # The privacy events of this round, per client: enough to recompute every epsilon.
-    dp = {str(label(n)): {"noise_multiplier": m["noise-multiplier"], "sample_rate": m["sample-rate"],
-                          "steps": int(m["steps"]), "clip_norm": m["clip-norm"], "delta": m["delta"]}
-          for n, m in state.client_metrics.items() if "noise-multiplier" in m}
+    dp = {str(label(n)): asdict(r.dp) for n, r in reports.items() if r.dp is not None}
     quarantined = sorted(label(n) for n in strategy.reputation.quarantined) \
         if strategy.reputation else []
     return {
         "round": rnd,
+        "status": "failed" if state.skipped else "aggregated",
         "accuracy": record["server_eval"].get("accuracy"),
         "loss": record["server_eval"].get("loss"),
         "client_accuracy": record["client_eval"].get("accuracy"),
@@ -57,6 +58,7 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "sampled": len(state.sampled),
         "accepted": len(state.accepted),
         "rejected": {str(label(n)): r for n, r in state.rejected.items()},
+        "rejected_codes": state.rejected_codes,
         "refused": {str(label(n)): r for n, r in state.refused.items()},
         "newly_quarantined": sorted(label(n) for n in state.newly_quarantined),
         "quarantined": quarantined,
@@ -65,9 +67,27 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "seconds": round(record["seconds"], 3),
         # Each client's own wall time for the round (data, training, encoding), to tell
         # computation from transport and polling in deployments.
-        "client_seconds": {str(label(n)): round(float(m["client-seconds"]), 3)
-                           for n, m in state.client_metrics.items() if "client-seconds" in m},
+        "client_seconds": {str(label(n)): round(r.client_seconds, 3)
+                           for n, r in reports.items() if r.client_seconds is not None},
     }
+
+
+def run_failure(lines: list[dict], stopped: str) -> str:
+    """Why a run failed ("" when it did not): no round produced a new global model."""
+    if any(m.get("status", "failed" if m.get("skipped") else "aggregated") == "aggregated"
+           for m in lines):
+        return ""
+    if not lines:
+        return f"no round completed: {stopped}" if stopped else "no round completed"
+    codes: dict[str, int] = {}
+    for m in lines:
+        for code, n in m.get("rejected_codes", {}).items():
+            codes[code] = codes.get(code, 0) + n
+    refused = sum(len(m["refused"]) for m in lines)
+    detail = ", ".join(f"{n} {c}" for c, n in sorted(codes.items())) or "none"
+    return (f"every round failed ({len(lines)}), the model was never updated; last round: "
+            f"{lines[-1]['skipped'] or 'no aggregation'}; rejections over the run: {detail}; "
+            f"refusals: {refused}" + (f"; stopped: {stopped}" if stopped else ""))
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:
@@ -144,7 +164,10 @@ class RunRecorder:
                                 time.perf_counter() - self.started)
         self.folder.write_summary(summary)
         self.folder.plot()
-        if self.cfg.deployment.handoff and summary["rounds_completed"]:
+        if summary["status"] == "failed":
+            # Nothing is exported or registered from a run that never trained.
+            log(WARNING, "run failed: %s; hand-off skipped", summary["failure"])
+        elif self.cfg.deployment.handoff and summary["rounds_completed"]:
             summary["handoff"] = hand_off(self.folder, self.cfg)
             self.folder.write_summary(summary)
         self.reporter.end(summary)
@@ -216,7 +239,9 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
     for m in lines:
         eps_by_client.update(m["epsilon"])
         noise_used.update(e["noise_multiplier"] for e in m.get("dp_events", {}).values())
+    failure = run_failure(lines, stopped)
     return {
+        "status": "failed" if failure else "completed", "failure": failure,
         "name": cfg.name, "task": cfg.task.name, "run_dir": str(folder.path),
         "rounds": cfg.federation.rounds, "rounds_completed": len(lines),
         "num_clients": cfg.federation.num_clients, "partition": asdict(cfg.partition),
@@ -255,7 +280,11 @@ def build_server_app(reporter=None, run_dir: str | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = fcfg.from_run_config(context.run_config)
-        run_federation(grid, cfg, reporter, run_dir)
+        summary = run_federation(grid, cfg, reporter, run_dir)
+        if summary["status"] == "failed":
+            # Flower marks a run whose ServerApp main raised as failed (run_serverapp); the
+            # in-process runner and the CLI see this typed error (summary.json is written).
+            raise RunFailed(f"{summary['failure']} (run folder {summary['run_dir']})")
 
     return app
 
