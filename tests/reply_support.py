@@ -32,7 +32,7 @@ def wire(msg: Message) -> Message:
 
 def digits_cfg(tmp_path, rule: str = "fedavg", n: int = 6, **sections) -> fcfg.Config:
     data = {"name": "replies", "seed": 0, "output_dir": str(tmp_path / "runs"),
-            "task": {"name": "digits"},
+            "task": {"name": "digits", "eval_examples": 64},
             "federation": {"num_clients": n, "rounds": 1, "min_clients": 1},
             "aggregation": {"rule": rule},
             "privacy": {"ledger_dir": str(tmp_path / "ledgers")},
