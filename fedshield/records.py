@@ -206,7 +206,8 @@ def decode_train_reply(msg: Message, reference: Mapping[str, np.ndarray],
         return Rejected("undecodable", f"{type(exc).__name__}: {_clip(str(exc), 200)}")
 
 
-def decode_eval_reply(msg: Message, limits: ReplyLimits = ReplyLimits()) -> EvalReport | Refusal | Rejected:
+def decode_eval_reply(msg: Message,
+                      limits: ReplyLimits = ReplyLimits()) -> EvalReport | Refusal | Rejected:
     """Parse and validate one evaluation reply. Never raises."""
     try:
         if msg.has_error():
@@ -226,7 +227,8 @@ def decode_eval_reply(msg: Message, limits: ReplyLimits = ReplyLimits()) -> Eval
         return Rejected("undecodable", f"{type(exc).__name__}: {_clip(str(exc), 200)}")
 
 
-def decode_train_metrics(metrics: Mapping, limits: ReplyLimits = ReplyLimits()) -> TrainReport | Rejected:
+def decode_train_metrics(metrics: Mapping,
+                         limits: ReplyLimits = ReplyLimits()) -> TrainReport | Rejected:
     """The metrics part of a training reply alone (SecAgg+: the update itself is masked)."""
     try:
         return _train_report({}, _checked_mapping(metrics, limits), limits, None)
@@ -329,7 +331,8 @@ def _checked_mapping(metrics: Mapping, limits: ReplyLimits) -> Mapping:
 
 
 def _scalar(m: Mapping, key: str) -> float | int | None:
-    """The value under ``key`` as a real number (None if absent). Lists, strings, bools: malformed."""
+    """The value under ``key`` as a real number (None if absent); lists, strings, bools are
+    malformed."""
     if key not in m:
         return None
     value = m[key]
@@ -419,7 +422,8 @@ def decode_arrays(record, reference: Mapping[str, np.ndarray],
                    f"{_clip(repr(missing[0]), 100)}")
     extra = [k for k in names if k not in reference]
     if extra:
-        raise _Bad("extra-array", f"{len(extra)} unknown array(s), first {_clip(repr(extra[0]), 100)}")
+        raise _Bad("extra-array", f"{len(extra)} unknown array(s), first "
+                   f"{_clip(repr(extra[0]), 100)}")
     out = {}
     for name, ref in reference.items():
         arr = npy_view(record[name], name, limits, expected_shape=ref.shape)

@@ -31,12 +31,13 @@ from fedshield.errors import TooFewUpdates
 MIN_UPDATES_FOR_RATIO = 3
 
 # Default absolute bound on an update's norm ||weights - global||, for any n (the ratio check
-# needs 3 updates): NORM_BOUND_FACTOR x (||global|| + NORM_BOUND_FLOOR x sqrt(d)). The floor keeps
-# a model that starts near zero trainable (an RMS of 0.01 per parameter). Honest local training
-# moves a model by a fraction of its own norm per round (measured on digits and MNIST: at most
-# about 1x in round 1, see tests/test_reply_boundary.py), so 10x leaves a wide margin, while a
-# scaled or overflowing update (1e3x..1e38x) is refused.
-NORM_BOUND_FACTOR = 10.0
+# needs 3 updates): NORM_BOUND_FACTOR x (||global|| + NORM_BOUND_FLOOR x sqrt(d)); the floor keeps
+# a model that starts near zero trainable. Measured: the largest honest update on digits was
+# 3.4x that scale (DP-SGD at lr 0.5, round 1), and a worst-case estimate for the ScatterNet +
+# linear DP benchmark (lr 2, aligned clipped steps) is about 4x. Refusing an honest update is the
+# costlier mistake, and with one or two clients no bound makes a round robust anyway, so the bound
+# is generous: it stops scaled (1e3x..1e38x), overflowing and garbage updates, not subtle ones.
+NORM_BOUND_FACTOR = 100.0
 NORM_BOUND_FLOOR = 0.01
 
 # FedAvg weight cap: a client's example count counts for at most MAX_WEIGHT_RATIO x the round's

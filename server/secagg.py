@@ -111,7 +111,7 @@ class SecAggFedAvg(FedAvg):
                 report = identity_problem(self.node_partition, node, report.partition_id) or report
             if isinstance(report, TrainReport):
                 self.round.reports[node] = report
-            else:  # its masked update is in the sum (SecAgg+ cannot take it out); its claims are not
+            else:  # its masked update is in the sum (SecAgg+ cannot take it out); its claims not
                 self.round.rejected[node] = f"{report} (metrics ignored; the update is in the sum)"
         self.round.accepted = [proxy.node_id for proxy, _ in results
                                if proxy.node_id in self.round.reports]

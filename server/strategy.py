@@ -252,8 +252,8 @@ class ShieldStrategy(FedAvg):
         log(WARNING, "round %d failed: %s", server_round, reason)
         return None, self._train_metrics()
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None, "configure_train runs before aggregate_train"
         reference = to_numpy(self._global)
         names = list(reference)
@@ -267,9 +267,8 @@ class ShieldStrategy(FedAvg):
             log(WARNING, "round %d: rejected update from node %d: %s", server_round, node, reason)
         for node, reason in self.round.refused.items():
             log(WARNING, "round %d: node %d refused to train: %s", server_round, node, reason)
+        # Reports of screened-out updates stay: their privacy events were spent all the same.
         self.round.accepted = [nodes[i] for i in kept]
-        for node in self.round.rejected:
-            self.round.reports.pop(node, None)
         minimum = self.cfg.federation.min_clients
         if len(kept) < minimum:
             self._update_reputation(server_round, [], torch.zeros(0))
@@ -341,7 +340,8 @@ class ShieldStrategy(FedAvg):
         if self.reputation is None:
             return
         self.round.newly_quarantined = self.reputation.update(
-            server_round, accepted, suspicion.double().clamp(0, 1).tolist(),
+            # A rule's NaN score (degenerate input) counts as fully suspicious, never a crash.
+            server_round, accepted, suspicion.double().nan_to_num(1.0).clamp(0, 1).tolist(),
             rejected=list(self.round.rejected))
         for node in self.round.newly_quarantined:
             log(WARNING, "round %d: node %d quarantined (suspicion %.2f)", server_round, node,
@@ -349,7 +349,8 @@ class ShieldStrategy(FedAvg):
 
     @staticmethod
     def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-        return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v))
+                            for k, v in arrays.items()})
 
     def _train_metrics(self) -> MetricRecord:
         reports = self.round.reports
@@ -386,8 +387,9 @@ class ShieldStrategy(FedAvg):
         counts = [r.num_examples for _, r in reports]
         w = capped_weights(np.array(counts, np.float64)) if all(c is not None for c in counts) \
             else np.ones(len(reports))
-        return MetricRecord({"accuracy": float(np.dot(w, [r.accuracy for _, r in reports]) / w.sum()),
-                             "loss": float(np.dot(w, [r.loss for _, r in reports]) / w.sum()),
+        mean = lambda xs: float(np.dot(w, xs) / w.sum())  # noqa: E731
+        return MetricRecord({"accuracy": mean([r.accuracy for _, r in reports]),
+                             "loss": mean([r.loss for _, r in reports]),
                              "num-clients": len(reports)})
 
     # --- state for checkpoints --------------------------------------------------------------

@@ -38,7 +38,10 @@ def digits_cfg(tmp_path, rule: str = "fedavg", n: int = 6, **sections) -> fcfg.C
             "privacy": {"ledger_dir": str(tmp_path / "ledgers")},
             "deployment": {"handoff": False}}
     for key, value in sections.items():
-        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.update({key: value})
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
     return fcfg.from_dict(data)
 
 

@@ -46,7 +46,7 @@ def raw(data: bytes, stype: str = "numpy.ndarray") -> Array:
 
 
 def with_array(name_index: int, make):
-    """A hostile reply: honest, except the arrays record gets ``make(global array)`` for one array."""
+    """A hostile reply: honest, except one array of the record is ``make(global array)``."""
     def behaviour(g, pid, rnd):
         content = honest(g, pid, rnd)
         name = list(g)[name_index]
@@ -111,8 +111,8 @@ CASES = {
         "malformed:arrays"),
     "metrics-as-config": (with_metrics(record=ConfigRecord({"num-examples": "12"})),
                           "malformed:metrics"),
-    "metrics-missing": (with_content(lambda g, p, r: RecordDict({"arrays": honest(g, p, r)["arrays"]})),
-                        "malformed:metrics"),
+    "metrics-missing": (with_content(lambda g, p, r: RecordDict(
+        {"arrays": honest(g, p, r)["arrays"]})), "malformed:metrics"),
     "empty-reply": (with_content(lambda g, p, r: RecordDict()), "malformed:reply"),
     "error-reply": (with_content(lambda g, p, r: Error(code=1, reason="ValueError: boom")),
                     "client-error"),
@@ -246,9 +246,10 @@ def test_unknown_metrics_pass_through_only_as_finite_scalars():
 
 
 # --- bounds that hold for any n ---------------------------------------------------------------
-@pytest.mark.parametrize("factor", [1e3, 1e20, 3e38])
+@pytest.mark.parametrize("factor", [1e4, 1e20, 3e38])
 def test_a_scaled_update_is_refused_in_a_two_client_round(factor, tmp_path):
-    """The norm-ratio check needs 3 updates; the absolute default bound holds at n = 2."""
+    """The norm-ratio check needs 3 updates; the absolute default bound holds at n = 2 (an
+    honest delta here is 0.69, the bound about 570)."""
     cfg = digits_cfg(tmp_path, "fedavg", 2)
     arrays = initial_arrays(cfg)
 
@@ -266,13 +267,14 @@ def test_a_scaled_update_is_refused_in_a_two_client_round(factor, tmp_path):
 
 
 def test_honest_updates_sit_well_inside_the_default_bound(tmp_path):
-    """Measured on real training (scratch runs, digits with DP at lr 0.5): the largest honest
-    round-1 update was 0.34x the default bound. Here the bound is computed as documented."""
+    """The bound is computed as documented (server/screening.py). Measured on real training
+    (scratch runs, digits with DP-SGD at lr 0.5): the largest honest update was 3.4x the model
+    scale, 0.034x the bound."""
     cfg = digits_cfg(tmp_path)
     reference = {k: v.numpy() for k, v in initial_arrays(cfg).items()}
     d = sum(v.size for v in reference.values())
     norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in reference.values()))
-    assert default_norm_bound(reference) == pytest.approx(10 * (norm + 0.01 * np.sqrt(d)))
+    assert default_norm_bound(reference) == pytest.approx(100 * (norm + 0.01 * np.sqrt(d)))
 
 
 def test_weight_cap_keeps_any_claim_from_taking_more_than_half():
