@@ -60,6 +60,7 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "rejected": {str(label(n)): r for n, r in state.rejected.items()},
         "rejected_codes": state.rejected_codes,
         "refused": {str(label(n)): r for n, r in state.refused.items()},
+        "ignored_claims": {str(label(n)): r for n, r in state.ignored_claims.items()},
         "newly_quarantined": sorted(label(n) for n in state.newly_quarantined),
         "quarantined": quarantined,
         "aggregation": state.aggregation_info,

@@ -108,7 +108,9 @@ class SecAggFedAvg(FedAvg):
             node = int(proxy.node_id)
             report = decode_train_metrics(res.metrics)  # the update itself is masked
             if isinstance(report, TrainReport):
-                report = identity_problem(self.node_partition, node, report.partition_id) or report
+                problem = identity_problem(self.node_partition, node, report.partition_id)
+                if problem is not None:  # as the plain path without a known mapping: drop the claim
+                    self.round.ignored_claims[node] = str(problem)
             if isinstance(report, TrainReport):
                 self.round.reports[node] = report
             else:  # its masked update is in the sum (SecAgg+ cannot take it out); its claims not

@@ -96,6 +96,9 @@ class RoundState:
     weights: dict[int, float] = field(default_factory=dict)  # FedAvg weight of accepted nodes
     aggregation_info: dict[str, float] = field(default_factory=dict)
     skipped: str = ""  # why the round failed (no new global model); "" when it aggregated
+    # Partition claims the server did not believe (no authoritative mapping): the update counts,
+    # the label is not taken.
+    ignored_claims: dict[int, str] = field(default_factory=dict)
 
     @property
     def rejected_codes(self) -> dict[str, int]:
@@ -122,13 +125,14 @@ class ShieldStrategy(FedAvg):
         # The node id is a client's identity; its partition id is a label, learned once (or
         # given by the grid) and never taken from a claim that collides with another node's.
         self.node_partition: dict[int, int] = {}
-        self.grid_partitions: dict[int, int] = {}
+        self.partitions_known = False  # True when the grid told us every node's partition
         self.limits = ReplyLimits()
         self.server_momentum: torch.Tensor | None = None
         self.dp_generator = torch.Generator().manual_seed(cfg.seed)
         self._global: ArrayRecord | None = None
         self._sent: list[Message] = []
         self._sent_eval: list[Message] = []
+        self._round_no = 0
         self.round = RoundState()
 
     # --- sampling ---------------------------------------------------------------------------
@@ -168,8 +172,8 @@ class ShieldStrategy(FedAvg):
         that over anything a client says."""
         known = getattr(grid, "node_to_partition", None)
         if isinstance(known, dict):
-            self.grid_partitions = {int(n): int(p) for n, p in known.items()}
-            self.node_partition.update(self.grid_partitions)
+            self.node_partition.update({int(n): int(p) for n, p in known.items()})
+            self.partitions_known = True
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -230,9 +234,15 @@ class ShieldStrategy(FedAvg):
                 if decoded.code == "budget-exhausted":
                     self.exhausted[node] = decoded.reason
                 continue
-            if problem is not None:
+            if problem is not None and self.partitions_known:  # a lie about a known identity
                 self.round.rejected[node] = str(problem)
                 continue
+            if problem is not None:
+                # First claimant wins a label on a SuperLink; rejecting a later honest claimant's
+                # update would let any node lock another out, so only the claim is dropped.
+                self.round.ignored_claims[node] = str(problem)
+                log(WARNING, "round %d: node %d: partition claim ignored: %s", self._round_no,
+                    node, problem)
             self.round.reports[node] = decoded
             usable.append(node)
         return usable
@@ -257,6 +267,7 @@ class ShieldStrategy(FedAvg):
         assert self._global is not None, "configure_train runs before aggregate_train"
         reference = to_numpy(self._global)
         names = list(reference)
+        self._round_no = server_round
         nodes = self._decode_train_replies(replies, reference)
         updates = [self.round.reports[n].arrays for n in nodes]
         screening = self.screening_config(reference)

@@ -322,6 +322,8 @@ def test_withheld_example_counts_weigh_uniformly(tmp_path):
 
 # --- identity ---------------------------------------------------------------------------------
 def test_without_a_known_mapping_a_partition_label_is_learned_once_and_never_taken(tmp_path):
+    """As on a SuperLink: a conflicting claim is dropped (its update still counts, so no node
+    can lock another out by claiming its label first), and never relabels anyone."""
     cfg = digits_cfg(tmp_path, "fedavg", 3)
     fed = Federation(cfg)
     del fed.grid.node_to_partition  # as on a SuperLink: the server only has the claims
@@ -332,10 +334,15 @@ def test_without_a_known_mapping_a_partition_label_is_learned_once_and_never_tak
     fed.behaviour[0] = with_metrics(partition_id=2)   # steal another's label
     fed.behaviour[1] = with_metrics(partition_id=7)   # change its own
     run_round(strategy, fed, arrays, 2)
-    rejected = strategy.round.rejected
-    assert rejected[fed.partition_node[0]].startswith("identity: ")
-    assert rejected[fed.partition_node[1]].startswith("identity: ")
-    assert strategy.round.accepted == [fed.partition_node[2]]
+    ignored = strategy.round.ignored_claims
+    assert ignored[fed.partition_node[0]].startswith("identity: ")
+    assert ignored[fed.partition_node[1]].startswith("identity: ")
+    assert sorted(strategy.round.accepted) == sorted(fed.partition_node.values())
+    assert strategy.node_partition == {n: p for p, n in fed.partition_node.items()}
+    line = metrics_line(2, {"state": strategy.round, "server_eval": {}, "client_eval": {},
+                            "train": {}, "seconds": 0.0}, strategy)
+    assert line["epsilon"]["2"] == pytest.approx(honest_metrics(2)["epsilon"])
+    assert set(line["ignored_claims"]) == {"0", "1"}
 
 
 # --- min_clients means accepted updates; finite global weights --------------------------------
