@@ -20,7 +20,7 @@ from fedshield.records import TrainReport, encode_train_report
 from simulations.grid import InProcessGrid
 
 # (global arrays, partition id, round) -> reply content, an Error, or a whole Message.
-Behaviour = Callable[[dict[str, np.ndarray], int, int], "RecordDict | Error | Message"]
+Behaviour = Callable[[dict[str, np.ndarray], int, int], RecordDict | Error | Message]
 
 HONEST_SCALE = 0.01  # per-coordinate std of an honest update
 
