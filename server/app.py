@@ -106,8 +106,9 @@ class RunRecorder:
     With ``aggregation.model_ema`` the evaluated, best and final weights are the running average
     of the global models (server/averaging.py); checkpoints keep the raw model and the average.
 
-    ``strategy`` needs ``node_partition``, ``reputation``, ``exhausted`` and ``state_dict()`` /
-    ``load_state_dict()``.
+    ``strategy`` needs ``node_partition``, ``reputation``, ``exhausted``, ``user_level_epsilon()``
+    and ``state_dict()`` / ``load_state_dict()``; a round record's ``state`` is a RoundState whose
+    ``reports`` are decoded (fedshield.records), never raw reply metrics.
     """
 
     def __init__(self, cfg: fcfg.Config, strategy, reporter=None,
