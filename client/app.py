@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.data import load_client_data
@@ -22,6 +22,8 @@ from client.training import train_local
 from client.validation import quality_report, validate_split
 from fedshield import config as fcfg
 from fedshield.errors import BudgetExhausted, DataValidationError
+from fedshield.records import (EvalReport, Refusal, TrainReport, encode_eval_report,
+                               encode_refusal, encode_train_report)
 from privacy.releases import EXACT_MODE, OUTSIDE_KEY
 from tasks import Split, Task, evaluate
 
@@ -35,9 +37,8 @@ def identity(context: Context) -> dict[str, int]:
 
 
 def refusal(msg: Message, context: Context, code: str, reason: str) -> Message:
-    record = RecordDict({"refusal": ConfigRecord({"code": code, "reason": reason}),
-                         "metrics": MetricRecord({"num-examples": 0, **identity(context)})})
-    return Message(record, reply_to=msg)
+    pid = identity(context).get("partition-id")
+    return Message(encode_refusal(Refusal(code, reason, pid)), reply_to=msg)
 
 
 def round_config(msg: Message) -> dict:
@@ -188,9 +189,9 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
             return refusal(msg, context, "invalid-data", str(exc))
         except BudgetExhausted as exc:  # also a lost ledger or a repeated release (their codes)
             return refusal(msg, context, getattr(exc, "code", "budget-exhausted"), str(exc))
-        content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                              "metrics": MetricRecord(metrics)})
-        return Message(content, reply_to=msg)
+        arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        return Message(encode_train_report(TrainReport.from_metrics(arrays, metrics)),
+                       reply_to=msg)
 
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
@@ -206,10 +207,11 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
                            "exact held-out loss and accuracy are outside the DP guarantee; set "
                            'privacy.release_stats = "exact-outside-guarantee" to release them')
         result = evaluate(_model_from(msg, task), val)
-        metrics = {"num-examples": len(val), "accuracy": result["accuracy"], "loss": result["loss"]}
-        if cfg.privacy.enabled:  # the opt-in: exact values, marked as such
-            metrics[OUTSIDE_KEY] = 1.0
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        # Under DP only with the opt-in (checked above): exact values, marked as such.
+        extra = {OUTSIDE_KEY: 1.0} if cfg.privacy.enabled else {}
+        report = EvalReport(num_examples=len(val), accuracy=result["accuracy"],
+                            loss=result["loss"], extra=extra)
+        return Message(encode_eval_report(report), reply_to=msg)
 
     return app
 

@@ -43,10 +43,12 @@ def simulate(
         from simulations.runner import simulate as run
 
         summary = run(cfg, ConsoleReporter(Console(stderr=json_out)))
-    except FedShieldError as exc:
+    except FedShieldError as exc:  # RunFailed included: every round failed, nothing registered
         fail(str(exc))
     if json_out:
         print(json.dumps(summary, indent=2))
+    if summary.get("status") == "failed":  # e.g. Ray's runtime, which logs the ServerApp's error
+        fail(f"run failed: {summary['failure']} (run folder {summary['run_dir']})")
 
 
 def _floats(text: str) -> list[float]:

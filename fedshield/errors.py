@@ -27,3 +27,8 @@ class TooFewUpdates(FedShieldError):
 
 class StateCorrupted(FedShieldError):
     """A run folder's state file (checkpoint, metrics) is missing, truncated or was altered."""
+
+
+class RunFailed(FedShieldError):
+    """A run ended without ever updating the model: every round failed (too few accepted
+    updates, every client refused or errored). Its summary.json says why; nothing was registered."""

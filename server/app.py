@@ -18,7 +18,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedshield import config as fcfg
-from fedshield.errors import TooFewUpdates
+from fedshield.errors import RunFailed, TooFewUpdates
 from fedshield.preflight import preflight
 from privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
 from privacy.releases import (OUTSIDE_KEY, STATS_NEW_KEY, STATS_NOISE_KEY,
@@ -37,22 +37,23 @@ def server_test_split(task_name: str, limit: int) -> Split:
 
 
 def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
+    """One round's line of metrics.jsonl, from the round's decoded reports (fedshield.records)."""
     state: RoundState = record["state"]
     part = strategy.node_partition
     label = lambda n: part.get(n, n)  # noqa: E731 — partition id where known, else node id
-    eps = {str(label(n)): m["epsilon"] for n, m in state.client_metrics.items() if "epsilon" in m}
+    reports = state.reports
+    eps = {str(label(n)): r.epsilon for n, r in reports.items() if r.epsilon is not None}
     # The privacy events of this round, per client: enough to recompute every epsilon.
-    dp = {str(label(n)): {"noise_multiplier": m["noise-multiplier"], "sample_rate": m["sample-rate"],
-                          "steps": int(m["steps"]), "clip_norm": m["clip-norm"],
-                          "delta": m["delta"], **release_event(m)}
-          for n, m in state.client_metrics.items() if "noise-multiplier" in m}
+    dp = {str(label(n)): {**asdict(r.dp), **release_event(r.extra)}
+          for n, r in reports.items() if r.dp is not None}
     # Class histograms as released: noised under DP (privacy/releases.py), exact without it.
-    counts = {str(label(n)): c for n, m in state.client_metrics.items()
-              if (c := class_counts_from_metrics(m)) is not None}
+    counts = {str(label(n)): c for n, r in reports.items()
+              if (c := class_counts_from_metrics(r.extra)) is not None}
     quarantined = sorted(label(n) for n in strategy.reputation.quarantined) \
         if strategy.reputation else []
     return {
         "round": rnd,
+        "status": "failed" if state.skipped else "aggregated",
         "accuracy": record["server_eval"].get("accuracy"),
         "loss": record["server_eval"].get("loss"),
         "client_accuracy": record["client_eval"].get("accuracy"),
@@ -67,7 +68,9 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "sampled": len(state.sampled),
         "accepted": len(state.accepted),
         "rejected": {str(label(n)): r for n, r in state.rejected.items()},
+        "rejected_codes": state.rejected_codes,
         "refused": {str(label(n)): r for n, r in state.refused.items()},
+        "ignored_claims": {str(label(n)): r for n, r in state.ignored_claims.items()},
         "newly_quarantined": sorted(label(n) for n in state.newly_quarantined),
         "quarantined": quarantined,
         "aggregation": state.aggregation_info,
@@ -75,12 +78,30 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
         "seconds": round(record["seconds"], 3),
         # Each client's own wall time for the round (data, training, encoding), to tell
         # computation from transport and polling in deployments.
-        "client_seconds": {str(label(n)): round(float(m["client-seconds"]), 3)
-                           for n, m in state.client_metrics.items() if "client-seconds" in m},
+        "client_seconds": {str(label(n)): round(r.client_seconds, 3)
+                           for n, r in reports.items() if r.client_seconds is not None},
         "class_counts": {k: {"counts": c, "noise_std": std} for k, (c, std) in counts.items()},
-        "outside_guarantee": outside_guarantee(state.client_metrics.values(),
+        "outside_guarantee": outside_guarantee([r.extra for r in reports.values()],
                                                record["client_eval"]),
     }
+
+
+def run_failure(lines: list[dict], stopped: str) -> str:
+    """Why a run failed ("" when it did not): no round produced a new global model."""
+    if any(m.get("status", "failed" if m.get("skipped") else "aggregated") == "aggregated"
+           for m in lines):
+        return ""
+    if not lines:
+        return f"no round completed: {stopped}" if stopped else "no round completed"
+    codes: dict[str, int] = {}
+    for m in lines:
+        for code, n in m.get("rejected_codes", {}).items():
+            codes[code] = codes.get(code, 0) + n
+    refused = sum(len(m["refused"]) for m in lines)
+    detail = ", ".join(f"{n} {c}" for c, n in sorted(codes.items())) or "none"
+    return (f"every round failed ({len(lines)}), the model was never updated; last round: "
+            f"{lines[-1]['skipped'] or 'no aggregation'}; rejections over the run: {detail}; "
+            f"refusals: {refused}" + (f"; stopped: {stopped}" if stopped else ""))
 
 
 def release_event(metrics) -> dict:
@@ -120,8 +141,9 @@ class RunRecorder:
     With ``aggregation.model_ema`` the evaluated, best and final weights are the running average
     of the global models (server/averaging.py); checkpoints keep the raw model and the average.
 
-    ``strategy`` needs ``node_partition``, ``reputation``, ``exhausted`` and ``state_dict()`` /
-    ``load_state_dict()``.
+    ``strategy`` needs ``node_partition``, ``reputation``, ``exhausted``, ``user_level_epsilon()``
+    and ``state_dict()`` / ``load_state_dict()``; a round record's ``state`` is a RoundState whose
+    ``reports`` are decoded (fedshield.records), never raw reply metrics.
     """
 
     def __init__(self, cfg: fcfg.Config, strategy, reporter=None,
@@ -179,7 +201,10 @@ class RunRecorder:
                                 time.perf_counter() - self.started)
         self.folder.write_summary(summary)
         self.folder.plot()
-        if self.cfg.deployment.handoff and summary["rounds_completed"]:
+        if summary["status"] == "failed":
+            # Nothing is exported or registered from a run that never trained.
+            log(WARNING, "run failed: %s; hand-off skipped", summary["failure"])
+        elif self.cfg.deployment.handoff and summary["rounds_completed"]:
             summary["handoff"] = hand_off(self.folder, self.cfg)
             self.folder.write_summary(summary)
         self.reporter.end(summary)
@@ -257,7 +282,9 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
                             for k, v in m.get("class_counts", {}).items()})
         outside.update(m.get("outside_guarantee", []))
     quality = merge_class_counts(class_parts.values())
+    failure = run_failure(lines, stopped)
     return {
+        "status": "failed" if failure else "completed", "failure": failure,
         "name": cfg.name, "task": cfg.task.name, "run_dir": str(folder.path),
         "rounds": cfg.federation.rounds, "rounds_completed": len(lines),
         "num_clients": cfg.federation.num_clients, "partition": asdict(cfg.partition),
@@ -314,7 +341,11 @@ def build_server_app(reporter=None, run_dir: str | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         cfg = fcfg.from_run_config(context.run_config)
         preflight(cfg, partitions="warn")  # fail a config that cannot run before round 1
-        run_federation(grid, cfg, reporter, run_dir)
+        summary = run_federation(grid, cfg, reporter, run_dir)
+        if summary["status"] == "failed":
+            # Flower marks a run whose ServerApp main raised as failed (run_serverapp); the
+            # in-process runner and the CLI see this typed error (summary.json is written).
+            raise RunFailed(f"{summary['failure']} (run folder {summary['run_dir']})")
 
     return app
 

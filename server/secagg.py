@@ -34,10 +34,11 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedshield import config as fcfg
+from fedshield.records import TrainReport, decode_train_metrics
 from privacy.central import (add_central_noise, expected_clients, noise_generator,
                              poisson_sample, sampling_rng, user_level_epsilon)
 from server.app import RunRecorder, train_round_config
-from server.strategy import RoundState, server_step
+from server.strategy import RoundState, identity_problem, server_step
 
 
 class SecAggFedAvg(FedAvg):
@@ -115,10 +116,18 @@ class SecAggFedAvg(FedAvg):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
         for proxy, res in results:
-            self.round.client_metrics[proxy.node_id] = dict(res.metrics)
-            if "partition-id" in res.metrics:
-                self.node_partition[proxy.node_id] = int(res.metrics["partition-id"])
-        self.round.accepted = [proxy.node_id for proxy, _ in results]
+            node = int(proxy.node_id)
+            report = decode_train_metrics(res.metrics)  # the update itself is masked
+            if isinstance(report, TrainReport):
+                problem = identity_problem(self.node_partition, node, report.partition_id)
+                if problem is not None:  # as the plain path without a known mapping: drop the claim
+                    self.round.ignored_claims[node] = str(problem)
+            if isinstance(report, TrainReport):
+                self.round.reports[node] = report
+            else:  # its masked update is in the sum (SecAgg+ cannot take it out); its claims not
+                self.round.rejected[node] = f"{report} (metrics ignored; the update is in the sum)"
+        self.round.accepted = [proxy.node_id for proxy, _ in results
+                               if proxy.node_id in self.round.reports]
         self.round.aggregation_info = {"clients_summed": float(len(results))}
         mean, _ = super().aggregate_fit(server_round, results, failures)
         if mean is None:
@@ -131,17 +140,18 @@ class SecAggFedAvg(FedAvg):
             expected = expected_clients(self.fraction_fit, self.cfg.federation.num_clients)
             update = add_central_noise(update * len(results) / expected, cdp.clip_norm,
                                        cdp.noise_multiplier, expected, self.dp_generator)
-        step = self._server_step(update)
+        step, momentum = server_step(update, self.server_momentum, self.cfg.aggregation)
         new, start = [], 0
         for g in self._global:
             new.append((g + step[start:start + g.size].numpy().reshape(g.shape)).astype(g.dtype))
             start += g.size
+        if not all(np.isfinite(a).all() for a in new if a.dtype.kind == "f"):
+            # Never release a non-finite model (after the cast to the model's dtypes).
+            self._aggregated = False
+            self.round.skipped = "non-finite aggregate: the global model is unchanged"
+            return None, {}
+        self.server_momentum = momentum
         return ndarrays_to_parameters(new), {}
-
-    def _server_step(self, update: torch.Tensor) -> torch.Tensor:
-        """aggregation.server_lr and server_momentum on the mean update, as the plain path."""
-        step, self.server_momentum = server_step(update, self.server_momentum, self.cfg.aggregation)
-        return step
 
     def user_level_epsilon(self, rounds: int) -> float | None:
         cdp = self.cfg.central_dp
@@ -164,11 +174,11 @@ class SecAggFedAvg(FedAvg):
             if node not in self.round.accepted and node not in self.round.refused:
                 self.round.rejected.setdefault(node, "dropped out of the SecAgg+ protocol")
         server_eval = self.run.evaluate_round(weights)
-        accepted = [self.round.client_metrics[n] for n in self.round.accepted]
-        total = sum(float(m.get("num-examples", 0)) for m in accepted) or 1.0
-        train = {"train-loss": sum(float(m["train-loss"]) * float(m.get("num-examples", 0))
-                                   for m in accepted) / total} \
-            if accepted and all("train-loss" in m for m in accepted) else {}
+        accepted = [self.round.reports[n] for n in self.round.accepted]
+        losses = [r.train_loss for r in accepted]
+        counts = [r.num_examples or 1 for r in accepted]
+        train = {"train-loss": float(np.dot(counts, losses) / sum(counts))} \
+            if accepted and all(x is not None for x in losses) else {}
         record = {"train": train, "client_eval": {}, "server_eval": server_eval,
                   "state": self.round, "seconds": time.perf_counter() - self._round_started}
         self.run.on_round(rnd, weights, record)

@@ -7,12 +7,10 @@ The adapter is thin: replies -> screened -> one ``(n, d)`` tensor of deltas from
 
 from __future__ import annotations
 
-import io
-import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from dataclasses import dataclass, field, replace
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 import torch
@@ -23,43 +21,36 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedshield.config import AggregationConfig, Config
 from fedshield.errors import ConfigError, TooFewUpdates
+from fedshield.records import (EvalReport, Refusal, Rejected, ReplyLimits, TrainReport,
+                               decode_eval_reply, decode_train_reply, npy_view)
 from privacy.central import (add_central_noise, clip_updates, expected_clients,
                              fixed_denominator_mean, noise_generator, poisson_sample,
                              sampling_rng, user_level_epsilon)
+from privacy.releases import OUTSIDE_KEY
 from server.aggregation import AggregationResult, build_aggregator
 from server.reputation import Reputation
 from server.flat import flatten, stack, unflatten
-from server.screening import screen_updates
+from server.screening import capped_weights, default_norm_bound, screen_updates
 
 # Called after each round with (round, global arrays, round record); used for checkpoints,
 # metrics lines and progress display.
 RoundCallback = Callable[[int, ArrayRecord, dict], None]
 
 
-NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
-                      (2, 0): np.lib.format.read_array_header_2_0}
-
-
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Read-only views of the record's arrays on their serialized bytes: ``Array.numpy()``
-    (np.load) copies every array, and the (n, d) stack copies them again."""
+    """Read-only views of the server's own arrays on their serialized bytes: ``Array.numpy()``
+    (np.load) copies every array, and the (n, d) stack copies them again. Client arrays go
+    through fedshield.records instead, which validates them first."""
     return {k: array_view(v) for k, v in record.items()}
 
 
 def array_view(array: Array) -> np.ndarray:
-    """A zero-copy view of a plain .npy payload; anything else goes through ``Array.numpy()``."""
-    buf = io.BytesIO(array.data)  # shares the bytes, no copy
+    """A zero-copy view of a .npy payload (records.npy_view); raises ValueError when the payload
+    is not a plain numeric .npy array, as np.load would."""
     try:
-        reader = NPY_HEADER_READERS.get(np.lib.format.read_magic(buf))
-        if reader is None:
-            return array.numpy()
-        shape, fortran_order, dtype = reader(buf)
-    except ValueError:
-        return array.numpy()  # raises the same error np.load would
-    count = math.prod(shape)
-    if fortran_order or dtype.hasobject or len(array.data) - buf.tell() != count * dtype.itemsize:
-        return array.numpy()
-    return np.frombuffer(array.data, dtype=dtype, count=count, offset=buf.tell()).reshape(shape)
+        return npy_view(array, "array")
+    except Exception as exc:  # records' internal error: a ValueError for callers
+        raise ValueError(str(exc)) from None
 
 
 def server_step(update: torch.Tensor, buffer: torch.Tensor | None,
@@ -71,18 +62,53 @@ def server_step(update: torch.Tensor, buffer: torch.Tensor | None,
     return agg.server_lr * update, buffer
 
 
+def reason_code(reason: str) -> str:
+    """The short code a rejection or refusal reason starts with ("code: detail")."""
+    return reason.split(": ", 1)[0]
+
+
+def identity_problem(node_partition: dict[int, int], node: int,
+                     claim: int | None) -> Rejected | None:
+    """None when ``claim`` (a reply's partition id) is consistent with ``node_partition`` (node id
+    -> partition label); learns the label the first time. The node id is the identity: a claim
+    that differs from the node's known partition, or names another node's, is refused."""
+    if claim is None:
+        return None
+    known = node_partition.get(node)
+    if known is not None:
+        if claim != known:
+            return Rejected("identity", f"claims partition-id {claim}, but this node is "
+                            f"partition {known}")
+        return None
+    if claim in node_partition.values():
+        return Rejected("identity", f"claims partition-id {claim}, which belongs to another node")
+    node_partition[node] = claim
+    return None
+
+
 @dataclass
 class RoundState:
     """What one round's aggregation did; becomes part of the round's metrics line."""
 
     sampled: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)  # node -> "code: detail"
     refused: dict[int, str] = field(default_factory=dict)
     newly_quarantined: list[int] = field(default_factory=list)
-    client_metrics: dict[int, dict] = field(default_factory=dict)
+    reports: dict[int, TrainReport] = field(default_factory=dict)  # decoded, valid replies
+    weights: dict[int, float] = field(default_factory=dict)  # FedAvg weight of accepted nodes
     aggregation_info: dict[str, float] = field(default_factory=dict)
-    skipped: str = ""
+    skipped: str = ""  # why the round failed (no new global model); "" when it aggregated
+    # Partition claims the server did not believe (no authoritative mapping): the update counts,
+    # the label is not taken.
+    ignored_claims: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def rejected_codes(self) -> dict[str, int]:
+        codes: dict[str, int] = {}
+        for reason in self.rejected.values():
+            codes[reason_code(reason)] = codes.get(reason_code(reason), 0) + 1
+        return dict(sorted(codes.items()))
 
 
 class ShieldStrategy(FedAvg):
@@ -99,11 +125,17 @@ class ShieldStrategy(FedAvg):
         rep = cfg.reputation
         self.reputation = Reputation.from_config(rep) if rep.enabled else None
         self.exhausted: dict[int, str] = {}  # node -> the budget refusal it sent
+        # The node id is a client's identity; its partition id is a label, learned once (or
+        # given by the grid) and never taken from a claim that collides with another node's.
         self.node_partition: dict[int, int] = {}
+        self.partitions_known = False  # True when the grid told us every node's partition
+        self.limits = ReplyLimits()
         self.server_momentum: torch.Tensor | None = None
         self.dp_generator = noise_generator(cfg.central_dp, cfg.seed)  # OS CSPRNG unless opted out
         self._global: ArrayRecord | None = None
         self._sent: list[Message] = []
+        self._sent_eval: list[Message] = []
+        self._round_no = 0
         self.round = RoundState()
 
     # --- sampling ---------------------------------------------------------------------------
@@ -125,6 +157,7 @@ class ShieldStrategy(FedAvg):
 
     def sample(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
         self._wait_for_nodes(grid)
+        self._learn_grid_partitions(grid)
         eligible = self.eligible_nodes(grid)
         if len(eligible) < self.cfg.federation.min_clients:
             raise TooFewUpdates(
@@ -140,6 +173,14 @@ class ShieldStrategy(FedAvg):
         rng = np.random.default_rng([self.cfg.seed, server_round])
         # Sample positions, not ids: node ids are 64-bit and numpy would not keep them exact.
         return sorted(eligible[i] for i in rng.choice(len(eligible), size=k, replace=False))
+
+    def _learn_grid_partitions(self, grid: Grid) -> None:
+        """fedshield's in-process grid knows each node's partition from its node config: trust
+        that over anything a client says."""
+        known = getattr(grid, "node_to_partition", None)
+        if isinstance(known, dict):
+            self.node_partition.update({int(n): int(p) for n, p in known.items()})
+            self.partitions_known = True
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -160,79 +201,134 @@ class ShieldStrategy(FedAvg):
         nodes = self.sample(grid, server_round, self.fraction_evaluate)
         config["server-round"] = server_round
         record = RecordDict({"arrays": arrays, "config": config})
-        return self._construct_messages(record, nodes, MessageType.EVALUATE)
+        self._sent_eval = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
+        return self._sent_eval
 
-    # --- aggregation ------------------------------------------------------------------------
-    def _sort_replies(self, replies: Iterable[Message]) -> list[Message]:
-        """Drop errors and refusals (logged with their reasons); keep replies carrying arrays."""
-        usable = []
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+    # --- decoding: every reply goes through fedshield.records -------------------------------
+    def _sender(self, msg: Message, sent: list[Message]) -> int:
+        """The node a reply belongs to: the destination of the message it answers (the grid's
+        routing, not a field the client fills in), else the sender the transport recorded."""
+        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        return int(by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
+
+    def identity_problem(self, node: int, claim: int | None) -> Rejected | None:
+        return identity_problem(self.node_partition, node, claim)
+
+    def _decode_train_replies(self, replies: Iterable[Message],
+                              reference: dict[str, np.ndarray]) -> list[int]:
+        """Decode every reply; record refusals and rejections; return the nodes whose update
+        can be screened (their reports are in ``self.round.reports``)."""
+        usable: list[int] = []
         for msg in replies:
-            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            if msg.has_error():
-                self.round.rejected[node] = f"client-error: {msg.error.reason}"
-            elif "refusal" in msg.content:
-                self._learn_partition(msg)
-                code = str(msg.content["refusal"]["code"])
-                reason = str(msg.content["refusal"]["reason"])
-                self.round.refused[node] = f"{code}: {reason}"
-                if code == "budget-exhausted":
-                    self.exhausted[node] = reason
-            elif "arrays" not in msg.content or "metrics" not in msg.content:
-                self.round.rejected[node] = "malformed: reply lacks 'arrays' or 'metrics'"
-            else:
-                usable.append(msg)
+            node = self._sender(msg, self._sent)
+            if node in self.round.reports or node in self.round.refused \
+                    or node in self.round.rejected:
+                self.round.rejected[node] = "duplicate: a second reply for the same round"
+                self.round.reports.pop(node, None)
+                usable = [n for n in usable if n != node]
+                continue
+            if self.round.sampled and node not in self.round.sampled:
+                self.round.rejected[node] = "unsolicited: this node was not sampled this round"
+                continue
+            decoded = decode_train_reply(msg, reference, self.limits)
+            if isinstance(decoded, Rejected):
+                self.round.rejected[node] = str(decoded)
+                continue
+            problem = self.identity_problem(node, decoded.partition_id)
+            if isinstance(decoded, Refusal):
+                # A refusal's partition claim is only a label: ignore a false one, keep the refusal.
+                self.round.refused[node] = f"{decoded.code}: {decoded.reason}"
+                if decoded.code == "budget-exhausted":
+                    self.exhausted[node] = decoded.reason
+                continue
+            if problem is not None and self.partitions_known:  # a lie about a known identity
+                self.round.rejected[node] = str(problem)
+                continue
+            if problem is not None:
+                # First claimant wins a label on a SuperLink; rejecting a later honest claimant's
+                # update would let any node lock another out, so only the claim is dropped.
+                self.round.ignored_claims[node] = str(problem)
+                log(WARNING, "round %d: node %d: partition claim ignored: %s", self._round_no,
+                    node, problem)
+            self.round.reports[node] = decoded
+            usable.append(node)
         return usable
 
-    def _learn_partition(self, msg: Message) -> None:
-        metrics = msg.content["metrics"] if "metrics" in msg.content else {}
-        if "partition-id" in metrics:
-            self.node_partition[msg.metadata.src_node_id] = int(metrics["partition-id"])
+    def screening_config(self, reference: dict[str, np.ndarray]):
+        """The configured screening, with the absolute norm bound that holds for any n: the
+        configured screening.max_norm, or (0) a default from the global model's scale."""
+        scr = self.cfg.screening
+        if scr.enabled and scr.max_norm <= 0:
+            return replace(scr, max_norm=default_norm_bound(reference))
+        return scr
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    # --- aggregation ------------------------------------------------------------------------
+    def _fail_round(self, server_round: int, reason: str) -> tuple[None, MetricRecord]:
+        """The round produced no new global model; the reason goes to the metrics line."""
+        self.round.skipped = reason
+        log(WARNING, "round %d failed: %s", server_round, reason)
+        return None, self._train_metrics()
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._global is not None, "configure_train runs before aggregate_train"
-        usable = self._sort_replies(replies)
         reference = to_numpy(self._global)
         names = list(reference)
-        updates, nodes = [], []
-        for msg in usable:
-            node = msg.metadata.src_node_id
-            self.round.client_metrics[node] = dict(msg.content["metrics"])
-            self._learn_partition(msg)
-            updates.append(to_numpy(msg.content["arrays"]))
-            nodes.append(node)
-        kept = list(range(len(updates)))
-        if self.cfg.screening.enabled:
-            kept, rejections = screen_updates(updates, reference, self.cfg.screening, nodes,
-                                              relative_to_reference=True)
-            self.round.rejected.update({r.client: r.reason for r in rejections})
+        self._round_no = server_round
+        nodes = self._decode_train_replies(replies, reference)
+        updates = [self.round.reports[n].arrays for n in nodes]
+        screening = self.screening_config(reference)
+        kept, rejections = screen_updates(updates, reference, screening, nodes,
+                                          relative_to_reference=True)
+        self.round.rejected.update({r.client: r.reason for r in rejections})
         for node, reason in self.round.rejected.items():
             log(WARNING, "round %d: rejected update from node %d: %s", server_round, node, reason)
         for node, reason in self.round.refused.items():
             log(WARNING, "round %d: node %d refused to train: %s", server_round, node, reason)
+        # Reports of screened-out updates stay: their privacy events were spent all the same.
         self.round.accepted = [nodes[i] for i in kept]
-        if not kept:
-            self.round.skipped = "no valid update this round; the global model is unchanged"
-            log(WARNING, "round %d: %s", server_round, self.round.skipped)
+        minimum = self.cfg.federation.min_clients
+        if len(kept) < minimum:
             self._update_reputation(server_round, [], torch.zeros(0))
-            return None, self._train_metrics()
+            self.round.accepted = []
+            return self._fail_round(
+                server_round, f"only {len(kept)} accepted update(s), federation.min_clients = "
+                f"{minimum}; the global model is unchanged (rejections: "
+                f"{self.round.rejected_codes or 'none'}, refusals: {len(self.round.refused)})")
 
         global_flat = torch.from_numpy(flatten(reference, names))
         deltas = torch.from_numpy(stack([updates[i] for i in kept], names))
         deltas -= global_flat  # in place: no second (n, d) buffer
-        weights = torch.tensor([float(self.round.client_metrics[nodes[i]].get("num-examples", 1))
-                                for i in kept], dtype=torch.float64)
+        weights = self._weights(self.round.accepted)
         try:
             result = self._aggregate(deltas, weights)
-        except ConfigError as exc:  # e.g. too few survivors for the rule's f
-            self.round.skipped = f"aggregation refused: {exc}"
-            log(WARNING, "round %d: %s", server_round, self.round.skipped)
-            return None, self._train_metrics()
-        self.round.aggregation_info = dict(result.info)
-        step = self._server_step(result.update.float())
+        except (ConfigError, ValueError) as exc:  # e.g. too few survivors for the rule's f
+            self._update_reputation(server_round, [], torch.zeros(0))
+            return self._fail_round(server_round, f"aggregation refused: {exc}")
+        self.round.aggregation_info = {**result.info, "norm_bound": float(screening.max_norm)}
+        step, momentum = server_step(result.update.float(), self.server_momentum,
+                                     self.cfg.aggregation)
+        arrays = unflatten((global_flat + step).numpy(), reference)  # cast to the model's dtypes
+        if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
+            # Never release or save a non-finite model; the momentum step is not taken either.
+            self._update_reputation(server_round, [], torch.zeros(0))
+            log(ERROR, "round %d: the aggregate is not finite", server_round)
+            return self._fail_round(server_round, "non-finite aggregate: the global model is "
+                                    "unchanged")
+        self.server_momentum = momentum
         self._update_reputation(server_round, self.round.accepted, result.suspicion)
-        return self._unflatten(global_flat + step, reference), self._train_metrics()
+        return self._record(arrays), self._train_metrics()
+
+    def _weights(self, accepted: list[int]) -> torch.Tensor:
+        """FedAvg weights: the clients' example counts, capped (screening.capped_weights) so no
+        claim can capture the mean; uniform when any accepted client withheld its count."""
+        claims = [self.round.reports[n].num_examples for n in accepted]
+        if all(c is not None for c in claims):
+            weights = capped_weights(np.array(claims, dtype=np.float64))
+        else:
+            weights = np.ones(len(accepted))
+        self.round.weights = dict(zip(accepted, weights.tolist()))
+        return torch.from_numpy(weights)
 
     def _aggregate(self, deltas: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
         """The configured rule, or under central DP the noisy clipped mean it was checked to be."""
@@ -258,39 +354,63 @@ class ShieldStrategy(FedAvg):
         return user_level_epsilon(cdp.noise_multiplier, self.fraction_train, rounds, cdp.delta,
                                   cdp.accountant)
 
-    def _server_step(self, update: torch.Tensor) -> torch.Tensor:
-        step, self.server_momentum = server_step(update, self.server_momentum, self.cfg.aggregation)
-        return step
-
     def _update_reputation(self, server_round: int, accepted: list[int],
                            suspicion: torch.Tensor) -> None:
         if self.reputation is None:
             return
         self.round.newly_quarantined = self.reputation.update(
-            server_round, accepted, suspicion.double().clamp(0, 1).tolist(),
+            # A rule's NaN score (degenerate input) counts as fully suspicious, never a crash.
+            server_round, accepted, suspicion.double().nan_to_num(1.0).clamp(0, 1).tolist(),
             rejected=list(self.round.rejected))
         for node in self.round.newly_quarantined:
             log(WARNING, "round %d: node %d quarantined (suspicion %.2f)", server_round, node,
                 self.reputation.scores.get(node, float("nan")))
 
     @staticmethod
-    def _unflatten(flat: torch.Tensor, reference: dict[str, np.ndarray]) -> ArrayRecord:
-        arrays = unflatten(flat.numpy(), reference)
-        return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+        return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v))
+                            for k, v in arrays.items()})
 
     def _train_metrics(self) -> MetricRecord:
-        m = self.round.client_metrics
-        accepted = [m[n] for n in self.round.accepted if n in m]
-        total = sum(float(x.get("num-examples", 0)) for x in accepted) or 1.0
+        reports = self.round.reports
         out = {"accepted": len(self.round.accepted), "rejected": len(self.round.rejected),
                "refused": len(self.round.refused)}
-        if accepted and all("train-loss" in x for x in accepted):
-            out["train-loss"] = sum(x["train-loss"] * x.get("num-examples", 0)
-                                    for x in accepted) / total
-        eps = [float(x["epsilon"]) for x in m.values() if "epsilon" in x]
+        accepted = [n for n in self.round.accepted if n in reports]
+        losses = [reports[n].train_loss for n in accepted]
+        if accepted and all(x is not None for x in losses):
+            w = [self.round.weights.get(n, 1.0) for n in accepted]
+            out["train-loss"] = float(np.dot(w, losses) / sum(w))
+        eps = [r.epsilon for r in reports.values() if r.epsilon is not None]
         if eps:
             out["epsilon-max"] = max(eps)
             out["epsilon-mean"] = float(np.mean(eps))
+        return MetricRecord(out)
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        """Weighted mean accuracy and loss of the valid evaluation replies (decoded like
+        training replies; a malformed one is logged and left out)."""
+        reports: list[tuple[int, EvalReport]] = []
+        for msg in replies:
+            node = self._sender(msg, self._sent_eval)
+            decoded = decode_eval_reply(msg, self.limits)
+            if isinstance(decoded, Rejected):
+                log(WARNING, "round %d: evaluation reply of node %d rejected: %s", server_round,
+                    node, decoded)
+            elif isinstance(decoded, EvalReport) and \
+                    self.identity_problem(node, decoded.partition_id) is None:
+                reports.append((node, decoded))
+        reports = [(n, r) for n, r in reports if r.accuracy is not None and r.loss is not None]
+        if not reports:
+            return None
+        counts = [r.num_examples for _, r in reports]
+        w = capped_weights(np.array(counts, np.float64)) if all(c is not None for c in counts) \
+            else np.ones(len(reports))
+        mean = lambda xs: float(np.dot(w, xs) / w.sum())  # noqa: E731
+        out = {"accuracy": mean([r.accuracy for _, r in reports]),
+               "loss": mean([r.loss for _, r in reports]), "num-clients": len(reports)}
+        if any(r.extra.get(OUTSIDE_KEY) for _, r in reports):  # exact values sent by opt-in
+            out[OUTSIDE_KEY] = 1.0
         return MetricRecord(out)
 
     # --- state for checkpoints --------------------------------------------------------------

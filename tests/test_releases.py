@@ -210,6 +210,7 @@ def test_client_evaluation_under_dp_needs_the_opt_in():
 # --- the server's views -------------------------------------------------------------------
 
 def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
+    from fedshield.records import TrainReport
     from server.app import metrics_line
     from server.strategy import RoundState
 
@@ -221,7 +222,8 @@ def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
                    "class-0": 20.0, "class-1": 20.0, "train-loss": 0.5, OUTSIDE_KEY: 1.0}
     strategy = SimpleNamespace(node_partition={7: 0, 8: 1}, reputation=None,
                                user_level_epsilon=lambda rnd: None)
-    state = RoundState(client_metrics={7: dp_reply, 8: exact_reply})
+    report = lambda metrics: TrainReport.from_metrics({}, metrics)  # noqa: E731 (as decoded)
+    state = RoundState(reports={7: report(dp_reply), 8: report(exact_reply)})
     record = {"server_eval": {}, "client_eval": {"accuracy": 0.9, OUTSIDE_KEY: 1.0},
               "train": {}, "state": state, "seconds": 1.0}
     line = metrics_line(1, record, strategy)
@@ -231,7 +233,7 @@ def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
     assert line["class_counts"] == {"0": {"counts": [25.5, 14.0], "noise_std": 10.0},
                                     "1": {"counts": [20.0, 20.0], "noise_std": 0.0}}
     assert {"train_loss", "client_accuracy", "class_counts"} <= set(line["outside_guarantee"])
-    state = RoundState(client_metrics={7: {**dp_reply, STATS_NEW_KEY: 0.0}})
+    state = RoundState(reports={7: report({**dp_reply, STATS_NEW_KEY: 0.0})})
     line = metrics_line(2, {**record, "client_eval": {}, "state": state}, strategy)
     assert "release" not in line["dp_events"]["0"] and line["outside_guarantee"] == []
 
