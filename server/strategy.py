@@ -287,7 +287,10 @@ class ShieldStrategy(FedAvg):
             log(WARNING, "round %d: node %d refused to train: %s", server_round, node, reason)
         # Reports of screened-out updates stay: their privacy events were spent all the same.
         self.round.accepted = [nodes[i] for i in kept]
-        minimum = self.cfg.federation.min_clients
+        # Under central DP the cohort is Poisson (accounted as such) and the noisy mean has a fixed
+        # denominator, so any non-empty cohort may be aggregated; requiring min_clients there
+        # would fail most rounds of a small q.
+        minimum = 1 if self.cfg.central_dp.enabled else self.cfg.federation.min_clients
         if len(kept) < minimum:
             self._update_reputation(server_round, [], torch.zeros(0))
             self.round.accepted = []
