@@ -231,8 +231,10 @@ class ScreeningConfig:
     enabled: bool = opt(True)
     # Reject updates whose norm exceeds this multiple of the round's median norm (0 = off).
     max_norm_ratio: float = opt(20.0, non_negative, ">= 0")
-    # Reject updates whose L2 norm exceeds this absolute bound (0 = off).
-    max_norm: float = opt(0.0, non_negative, ">= 0 (0 = off)")
+    # Reject updates whose L2 norm exceeds this absolute bound, in every round whatever its size.
+    # 0 = the default bound derived from the global model's scale (server/screening.py
+    # default_norm_bound: 100 x (||global|| + 0.01 sqrt(d))).
+    max_norm: float = opt(0.0, non_negative, ">= 0 (0 = derived from the model's scale)")
 
 
 @dataclass(frozen=True)

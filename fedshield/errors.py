@@ -32,3 +32,7 @@ class StateCorrupted(FedShieldError):
 class RunFailed(FedShieldError):
     """A run ended without ever updating the model: every round failed (too few accepted
     updates, every client refused or errored). Its summary.json says why; nothing was registered."""
+
+    def __init__(self, message: str, summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary  # the failed run's summary.json, for callers that go on (grids)

@@ -345,7 +345,7 @@ def build_server_app(reporter=None, run_dir: str | None = None) -> ServerApp:
         if summary["status"] == "failed":
             # Flower marks a run whose ServerApp main raised as failed (run_serverapp); the
             # in-process runner and the CLI see this typed error (summary.json is written).
-            raise RunFailed(f"{summary['failure']} (run folder {summary['run_dir']})")
+            raise RunFailed(f"{summary['failure']} (run folder {summary['run_dir']})", summary)
 
     return app
 

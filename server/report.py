@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from privacy.randomness import warn_reproducible_noise
+
 
 class ConsoleReporter:
     def __init__(self, console: Console | None = None) -> None:
@@ -20,6 +22,10 @@ class ConsoleReporter:
             kinds.append(f"central DP (user-level, Poisson q={cfg.federation.fraction_train:g}, "
                          f"{cfg.central_dp.accountant}, delta={cfg.central_dp.delta:g})")
         privacy = " + ".join(kinds) or "off"
+        if cfg.privacy.enabled and cfg.privacy.reproducible_noise:
+            warn_reproducible_noise()
+            self.console.print("[bold red]privacy.reproducible_noise = true: DP noise is derived "
+                               "from the run seed; the epsilon is NOT valid against the server[/]")
         self.console.print(
             f"[bold]fedshield[/] {cfg.name}: task={cfg.task.name} clients={cfg.federation.num_clients} "
             f"rounds={cfg.federation.rounds} partition={cfg.partition.kind} "
@@ -59,6 +65,10 @@ class ConsoleReporter:
                           f"{p['epsilon_max']:.3f} / {p['epsilon_mean']:.3f} at delta={p['delta']:g}"
                           f" ({p.get('unit')}, {p['accountant']})"
                           if p.get("epsilon_max") is not None else "-")
+        if p["enabled"] and p.get("reproducible_noise"):
+            table.add_row("[bold red]reproducible noise[/]",
+                          "the noise is derived from the seed: the epsilon is NOT valid against "
+                          "the server, and the gate will not promote this model")
         if central:
             table.add_row("central DP", central.get("label") or "-")
         if not p["enabled"] and not central:

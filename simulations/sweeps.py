@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedshield import config as fcfg
+from fedshield.errors import RunFailed
 
 
 def run_point(base: fcfg.Config, overrides: dict[str, Any], out_dir: Path, reporter=None) -> dict:
@@ -25,8 +26,13 @@ def run_point(base: fcfg.Config, overrides: dict[str, Any], out_dir: Path, repor
     flat.update(overrides)
     flat["output_dir"] = str(out_dir / "runs")
     cfg = fcfg.from_run_config(flat)
-    summary = simulate(cfg, reporter)
-    return {**overrides, "final_accuracy": summary["final"]["accuracy"] if summary["final"] else None,
+    try:
+        summary = simulate(cfg, reporter)
+    except RunFailed as exc:  # one failed cell is a row saying so, not the end of the grid
+        if exc.summary is None:
+            raise
+        summary = exc.summary
+    return {**overrides, "status": summary.get("status", "completed"), "final_accuracy": summary["final"]["accuracy"] if summary["final"] else None,
             "best_accuracy": summary["best"]["accuracy"] if summary["best"] else None,
             "epsilon_max": summary["privacy"]["epsilon_max"],
             # the noise the clients actually used (planned per client from the target) and the
