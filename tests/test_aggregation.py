@@ -163,7 +163,7 @@ def test_coordinatewise_match_numpy(n, seed):
 @pytest.mark.parametrize("n,seed", CASES)
 def test_geomed_matches_converged_weiszfeld(n, seed):
     x = random_updates(n, seed)
-    close(geomed(t(x), iters=2000, eps=1e-12, ftol=0.0), ref_geomed(x), tol=1e-7)
+    close(geomed(t(x), iters=2000, eps=1e-12, tol=0.0), ref_geomed(x), tol=1e-7)
 
 
 @pytest.mark.parametrize("n,seed", CASES)

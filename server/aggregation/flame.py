@@ -6,6 +6,11 @@
 2. The kept updates are clipped to the median of their norms S and averaged.
 3. Gaussian noise of std lambda * S is added (lambda = 0.001 in the paper's image tasks), drawn
    from the caller's seeded torch.Generator so runs are reproducible.
+
+The cosine matrix is exactly symmetric (distances.gram symmetrises it): scikit-learn's HDBSCAN
+refuses a precomputed matrix that is not, which float32 GEMM rounding made it at n = 5..11.
+FLAME keeps a majority cluster, so it assumes honest clients are more than half: with ``f``
+given it refuses n <= 2f.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ import torch
 from sklearn.cluster import HDBSCAN
 
 from server.aggregation.distances import cosine_similarities, norms
-from server.aggregation.result import AggregationResult, clip_scale, median_of, working_copy
+from server.aggregation.result import (AggregationResult, check_honest_majority, clip_scale,
+                                       median_of, working_copy)
+
+
+def check_flame(n: int, f: int) -> None:
+    check_honest_majority("FLAME", n, f)
 
 
 def majority_cluster(cosine: torch.Tensor) -> torch.Tensor:
@@ -34,8 +44,10 @@ def majority_cluster(cosine: torch.Tensor) -> torch.Tensor:
 
 
 def flame(updates: torch.Tensor, noise: float = 0.001,
-          generator: torch.Generator | None = None) -> AggregationResult:
+          generator: torch.Generator | None = None, f: int | None = None) -> AggregationResult:
     x = working_copy(updates)
+    if f is not None:
+        check_flame(x.shape[0], f)
     keep = majority_cluster(cosine_similarities(x))
     kept = x[keep]
     kept_norms = norms(kept)
