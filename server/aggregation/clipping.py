@@ -60,5 +60,5 @@ def clip(updates: torch.Tensor, clip_norm: float = 0.0, f: int | None = None) ->
     info = {"clipped": float((scale < 1).sum()), "clip_norm": bound}
     # norms err by at most SUM_BLOCK eps relative (distances.SUM_BLOCK)
     noise = SUM_BLOCK * unit_roundoff(x.dtype) * row_norms
-    return AggregationResult(update.to(updates.dtype), excess_over(row_norms, bound, noise, x.dtype),
-                             info)
+    suspicion = excess_over(row_norms, bound, noise, x.dtype)
+    return AggregationResult(update.to(updates.dtype), suspicion, info)

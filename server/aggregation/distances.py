@@ -84,15 +84,23 @@ def sq_distances_from_gram(g: torch.Tensor) -> torch.Tensor:
     return dist
 
 
-def sq_distance_noise(g: torch.Tensor, dtype: torch.dtype, d: int) -> torch.Tensor:
+def sq_distance_noise(g: torch.Tensor, dtype: torch.dtype, d: int,
+                      row_norms: torch.Tensor | None = None) -> torch.Tensor:
     """(n, n) bound on the rounding in ``sq_distances_from_gram(g)`` for rows of ``dtype``.
 
-    Each product a.b over d columns errs by about sqrt(d) eps ||a|| ||b||, and ||a|| ||b|| <=
-    (||a||^2 + ||b||^2) / 2, so ||a||^2 + ||b||^2 - 2 a.b errs by at most ~2 sqrt(d) eps
-    (||a||^2 + ||b||^2), times ROUNDING_SLACK."""
+    Two parts. The Gram formula's own: each product a.b over d columns errs by about sqrt(d) eps
+    ||a|| ||b|| <= sqrt(d) eps (||a||^2 + ||b||^2) / 2, so ||a||^2 + ||b||^2 - 2 a.b errs by at most
+    ~2 sqrt(d) eps (||a||^2 + ||b||^2), times ROUNDING_SLACK (norms of the rows g was built from:
+    centred ones when centred). And the rows' own: whatever computed them in this dtype (a delta
+    new - old, NNM's mixing) rounded them to ~eps of their (uncentred) ``row_norms``, so rows
+    ROUNDING_SLACK ulps apart are equal as far as the dtype can tell: (SLACK eps (||a|| + ||b||))^2.
+    """
     sq = g.diagonal()
-    scale = 2.0 * ROUNDING_SLACK * math.sqrt(max(d, 1)) * unit_roundoff(dtype)
-    return scale * (sq[:, None] + sq[None, :])
+    eps = unit_roundoff(dtype)
+    noise = 2.0 * ROUNDING_SLACK * math.sqrt(max(d, 1)) * eps * (sq[:, None] + sq[None, :])
+    if row_norms is not None:
+        noise += (ROUNDING_SLACK * eps * (row_norms[:, None] + row_norms[None, :])).square()
+    return noise
 
 
 def centring_pays(g: torch.Tensor) -> bool:
@@ -108,9 +116,11 @@ def centring_pays(g: torch.Tensor) -> bool:
 def pairwise_geometry(updates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, n) float64 squared distances between the rows and the bound on their rounding."""
     g = gram(updates, centered=False)
+    row_norms = g.diagonal().sqrt()
     if centring_pays(g):
         g = gram(updates, centered=True)
-    return sq_distances_from_gram(g), sq_distance_noise(g, updates.dtype, updates.shape[1])
+    noise = sq_distance_noise(g, updates.dtype, updates.shape[1], row_norms)
+    return sq_distances_from_gram(g), noise
 
 
 def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
@@ -125,6 +135,22 @@ def cosine_similarities(updates: torch.Tensor) -> torch.Tensor:
     norms = g.diagonal().sqrt()
     denom = (norms[:, None] * norms[None, :]).clamp_min(1e-300)
     return (g / denom).clamp_(-1.0, 1.0)
+
+
+def cosine_distances(updates: torch.Tensor) -> torch.Tensor:
+    """(n, n) float64 1 - cos of the rows (1 against a zero row), exactly symmetric.
+
+    1 - a.b / (|a| |b|) loses everything below eps: rows 1e-5 apart relative have 1 - cos ~ 1e-10,
+    which a float32 cosine rounds to 0 or 8e-8. The same quantity is (||a - b||^2 - (|a| - |b|)^2)
+    / (2 |a| |b|) (the part of the difference across the rows, not along them), from the
+    distances, which pairwise_sq_distances keeps exact to rounding for such rows by centring.
+    """
+    sq = pairwise_sq_distances(updates)
+    r = norms(updates)
+    across = (sq - (r[:, None] - r[None, :]).square()).clamp_min(0.0)
+    denom = 2.0 * r[:, None] * r[None, :]
+    out = torch.where(denom > 0, across / denom.clamp_min(1e-300), torch.ones_like(sq))
+    return out.clamp_(0.0, 2.0).fill_diagonal_(0.0)
 
 
 def _row_norms(block: torch.Tensor) -> torch.Tensor:
