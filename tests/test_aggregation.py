@@ -236,7 +236,7 @@ def test_flame_drops_the_minority_direction_and_noise_is_seeded():
     x = t(np.concatenate([honest, attack]))
     result = flame(x, noise=0.0)
     kept = majority_cluster(cosine_distances(x)).numpy()
-    assert (result.suspicion.numpy()[kept] == 0).all() and (result.suspicion[8:] > 0.5).all()
+    assert (result.suspicion.numpy()[kept] < 0.5).all() and (result.suspicion[8:] > 0.5).all()
     # HDBSCAN may call a few honest updates noise; it must drop every attacker and keep a majority
     assert not kept[8:].any() and kept.sum() >= 11 // 2 + 1
     bound = float(np.median(np.linalg.norm(honest[kept[:8]], axis=1)))

@@ -14,6 +14,8 @@ part of a row's distance (norm) beyond the radius that rounding cannot explain.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from server.aggregation.distances import (SUM_BLOCK, distance_noise, distances_to, norms,
@@ -38,13 +40,19 @@ def cclip(updates: torch.Tensor, center: torch.Tensor | None = None, tau: float 
         check_cclip(n, f)
     v = torch.zeros(d, dtype=x.dtype) if center is None else center.to(x.dtype).clone()
     for _ in range(iters):
-        start = v.clone()
+        start = v.clone()  # the suspicion is of the last step's distances, to its start
         dist = distances_to(x, v)
         radius = median_of(dist) if tau <= 0 else tau  # adaptive: half the clients unclipped
         scale = clip_scale(dist, radius)
         # mean_i s_i (x_i - v) without materialising the (n, d) differences
         v += ((scale.to(x.dtype) @ x) - scale.sum().to(x.dtype) * v) / n
-    suspicion = excess_over(dist, radius, distance_noise(x, start), x.dtype)
+    # Suspicion: the excess over the radius, or over the median distance if that is larger - a
+    # fixed tau below the honest spread clips every honest client, which is not evidence against
+    # them (it quarantined 16 of 16 honest clients at tau = 0.5 in 20 rounds, measured). v's error:
+    # each of the iters steps adds a mean of n clipped terms, each at most radius long.
+    point_error = iters * math.sqrt(n) * (radius + float(norms(start.reshape(1, -1))[0]))
+    reference = max(radius, median_of(dist))
+    suspicion = excess_over(dist, reference, distance_noise(x, start, point_error), x.dtype)
     info = {"clipped": float((scale < 1).sum()), "tau": float(radius)}
     return AggregationResult(v.to(updates.dtype), suspicion, info)
 
@@ -60,5 +68,5 @@ def clip(updates: torch.Tensor, clip_norm: float = 0.0, f: int | None = None) ->
     info = {"clipped": float((scale < 1).sum()), "clip_norm": bound}
     # norms err by at most SUM_BLOCK eps relative (distances.SUM_BLOCK)
     noise = SUM_BLOCK * unit_roundoff(x.dtype) * row_norms
-    suspicion = excess_over(row_norms, bound, noise, x.dtype)
+    suspicion = excess_over(row_norms, max(bound, median_of(row_norms)), noise, x.dtype)  # as cclip
     return AggregationResult(update.to(updates.dtype), suspicion, info)

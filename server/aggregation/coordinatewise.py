@@ -36,7 +36,7 @@ def median(updates: torch.Tensor, f: int | None = None) -> AggregationResult:
         check_median(x.shape[0], f)
     update = coordinate_median(x)
     suspicion = excess_over_median(distances_to(x, update),
-                                   distance_noise(x, update, exact_point=True), x.dtype)
+                                   distance_noise(x, update), x.dtype)
     return AggregationResult(update.to(updates.dtype), suspicion, {})
 
 
@@ -52,6 +52,7 @@ def trimmed_mean(updates: torch.Tensor, trim: int) -> AggregationResult:
     n = x.shape[0]
     check_trim(n, trim)
     update = x.mean(dim=0) if trim == 0 else _window_mean(x, trim, n - trim).to(x.dtype)
+    # the window mean is taken in float64 and rounded once: an order statistic's error
     suspicion = excess_over_median(distances_to(x, update), distance_noise(x, update), x.dtype)
     return AggregationResult(update.to(updates.dtype), suspicion, {"trimmed": float(2 * trim)})
 

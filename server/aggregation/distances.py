@@ -223,16 +223,21 @@ def distances_to(updates: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
     return _combine(parts)
 
 
-def distance_noise(updates: torch.Tensor, point: torch.Tensor, exact_point: bool = False,
+def distance_noise(updates: torch.Tensor, point: torch.Tensor, point_error: float = 0.0,
                    row_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """(n,) bound on the rounding in ``distances_to(updates, point)``.
+    """(n,) bound on the rounding in ``distances_to(updates, point)``, in units of distance.
 
-    The differences are rounded relative to themselves (~eps each); what dominates is the error of
-    ``point`` itself, which a mean or weighted mean of the rows carries: per coordinate up to
-    ~sqrt(n) eps times the rows' entries, so sqrt(n) eps mean_k ||x_k|| in norm. A median (an
-    order statistic, or the mean of two) is exact to eps ||point||."""
-    n = updates.shape[0]
+    The rows and the point are each rounded to ~eps of their norms, and the differences relative
+    to themselves; ``point_error`` is the caller's bound, in units of eps, on how far the point's
+    own computation moved it (0 for an order statistic; for a weighted mean sum_k c_k x_k computed
+    in the dtype, ~sqrt(n) sum_k |c_k| ||x_k||: see ``mean_error``)."""
     row_norms = norms(updates) if row_norms is None else row_norms
     point_norm = float(norms(point.reshape(1, -1))[0])
-    spread = 0.0 if exact_point else math.sqrt(n) * float(row_norms.mean())
-    return ROUNDING_SLACK * unit_roundoff(updates.dtype) * (row_norms + point_norm + spread)
+    return ROUNDING_SLACK * unit_roundoff(updates.dtype) * (row_norms + point_norm + point_error)
+
+
+def mean_error(coeffs: torch.Tensor, row_norms: torch.Tensor) -> float:
+    """Rounding bound (units of eps) of sum_k c_k x_k summed in the rows' dtype: sqrt(n) sum_k
+    |c_k| ||x_k|| (random-walk growth over n terms). Rows with weight ~0 (outliers a robust
+    rule down-weights) add ~0, so they do not blunt the suspicion of everyone else."""
+    return math.sqrt(coeffs.shape[0]) * float(coeffs.double().abs() @ row_norms.double())

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from sklearn.cluster import HDBSCAN
 
-from server.aggregation.distances import ROUNDING_SLACK, cosine_distances, norms, unit_roundoff
+from server.aggregation.distances import (ROUNDING_SLACK, SUM_BLOCK, cosine_distances, norms,
+                                          unit_roundoff)
 from server.aggregation.result import (AggregationResult, check_honest_majority, clip_scale,
                                        excess_over_median, median_of, working_copy)
 
@@ -67,8 +68,9 @@ def flame(updates: torch.Tensor, noise: float = 0.001,
 
 
 def cluster_suspicion(cos_dist: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """0 for the kept; for a dropped update, how far its median cosine distance to the kept ones
-    exceeds the typical one (excess_over_median), so evidence is graded like Krum's.
+    """For a dropped update, how far its median cosine distance to the kept ones exceeds the
+    typical one (excess_over_median), so evidence is graded like Krum's; for every update, at
+    least the excess of its norm over the median norm.
 
     Not a flat 1: HDBSCAN calls some honest updates noise in most rounds (min_samples = 1), and
     flat 1s quarantined 9 of 11 honest clients in 30 honest-only rounds (tests measure it)."""
@@ -79,4 +81,8 @@ def cluster_suspicion(cos_dist: torch.Tensor, keep: torch.Tensor, x: torch.Tenso
     noise = 2.0 * ROUNDING_SLACK * math.sqrt(x.shape[1]) * unit_roundoff(x.dtype)
     suspicion = excess_over_median(typical, noise, x.dtype)
     suspicion[keep] = 0.0
-    return suspicion
+    # FLAME's second line of defence is the norm: an update the clustering cannot place (random
+    # directions look alike to cosine) but of outsized norm is evidence too, graded the same way.
+    row_norms = norms(x)
+    by_norm = excess_over_median(row_norms, SUM_BLOCK * unit_roundoff(x.dtype) * row_norms, x.dtype)
+    return torch.maximum(suspicion, by_norm)

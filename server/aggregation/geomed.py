@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from server.aggregation.coordinatewise import coordinate_median
-from server.aggregation.distances import distance_noise, distances_to
+from server.aggregation.distances import distance_noise, distances_to, mean_error, norms
 from server.aggregation.result import (AggregationResult, check_honest_majority,
                                        excess_over_median, median_of, working_copy)
 
@@ -33,14 +33,15 @@ def geomed(updates: torch.Tensor, iters: int = 10, eps: float = 1e-6, tol: float
         check_geomed(x.shape[0], f)
     z = coordinate_median(x)
     dist = distances_to(x, z)
-    steps, moved = 0, float("inf")
+    steps, moved, coeffs = 0, float("inf"), torch.zeros(x.shape[0], dtype=torch.float64)
     for steps in range(1, iters + 1):
         b = 1.0 / dist.clamp_min(eps)
-        new = (b / b.sum()).to(x.dtype) @ x
+        coeffs = b / b.sum()
+        new = coeffs.to(x.dtype) @ x
         moved = float(distances_to(new.reshape(1, -1), z)[0])
         z, dist = new, distances_to(x, new)
         if moved <= tol * max(median_of(dist), eps):
             break
     info = {"iterations": float(steps), "objective": float(dist.sum()), "last_step": moved}
-    return AggregationResult(z.to(updates.dtype), excess_over_median(dist, distance_noise(x, z),
-                                                                    x.dtype), info)
+    noise = distance_noise(x, z, mean_error(coeffs, norms(x)))
+    return AggregationResult(z.to(updates.dtype), excess_over_median(dist, noise, x.dtype), info)

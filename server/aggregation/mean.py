@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.aggregation.distances import distance_noise, distances_to
+from server.aggregation.distances import distance_noise, distances_to, mean_error, norms
 from server.aggregation.result import AggregationResult, excess_over_median, working_copy
 
 
@@ -23,5 +23,7 @@ def fedavg(updates: torch.Tensor, weights: torch.Tensor | None = None) -> Aggreg
             raise ValueError(f"weights must be {n} non-negative numbers with a positive sum")
         coeffs = (w / w.sum()).to(x.dtype)
     update = coeffs @ x
-    suspicion = excess_over_median(distances_to(x, update), distance_noise(x, update), x.dtype)
+    row_norms = norms(x)
+    noise = distance_noise(x, update, mean_error(coeffs, row_norms), row_norms)
+    suspicion = excess_over_median(distances_to(x, update), noise, x.dtype)
     return AggregationResult(update.to(updates.dtype), suspicion, {"selected": float(n)})
