@@ -11,7 +11,15 @@ because a client can lie about num-examples to dominate a weighted rule. Only pl
 them; it is also the only rule that needs no individual updates (a sum, SecAgg-compatible).
 
 Updates must be finite: server screening rejects NaN/Inf before aggregation (one inf would
-poison the Gram matrix every distance-based rule starts from).
+poison the Gram matrix every distance-based rule starts from). Any finite float32 input works
+(overflowing squares are redone in float64, see distances.py).
+
+Suspicion ignores rounding: a score within the rounding bound of the round's median (or of a
+clipping radius) is 0, the bound scaled by the rows' size and the dtype's eps (result.py).
+
+Each rule is a record (registry.RULE_RECORDS): apply, check(rows, f, cfg), whether it is a mean of
+clipped updates and, if not, why central DP refuses it. Every rule that votes among the clients
+refuses n <= 2f for the f it assumes; fedavg and fltrust take no f (their docstrings say why).
 
 Specs: "rule" or "pre+...+rule", pre-steps applied left to right, e.g. "bucketing+nnm+median".
 Suspicion of a bucket goes to all its members.
@@ -20,9 +28,12 @@ Rules: fedavg, krum, multikrum, bulyan, median, trimmed_mean, geomed, cclip (sta
 the previous aggregate), clip, fltrust (needs the server's reference update), flame.
 """
 
-from server.aggregation.registry import (PRE_AGGREGATORS, RULES, Aggregator, build_aggregator,
+from server.aggregation.registry import (CENTRAL_DP_REFUSALS, MEAN_OF_CLIPPED_RULES,
+                                         PRE_AGGREGATORS, PRE_STEPS, RULE_RECORDS, RULES,
+                                         Aggregator, PreStep, Rule, RuleInputs, build_aggregator,
                                          parse_spec)
 from server.aggregation.result import AggregationResult
 
-__all__ = ["AggregationResult", "Aggregator", "PRE_AGGREGATORS", "RULES", "build_aggregator",
-           "parse_spec"]
+__all__ = ["AggregationResult", "Aggregator", "CENTRAL_DP_REFUSALS", "MEAN_OF_CLIPPED_RULES",
+           "PRE_AGGREGATORS", "PRE_STEPS", "PreStep", "RULES", "RULE_RECORDS", "Rule", "RuleInputs",
+           "build_aggregator", "parse_spec"]

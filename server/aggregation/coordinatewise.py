@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from fedshield.errors import ConfigError
-from server.aggregation.distances import distances_to
+from server.aggregation.distances import distance_noise, distances_to
 from server.aggregation.order_stats import sorted_window_mean
-from server.aggregation.result import AggregationResult, excess_over_median, working_copy
+from server.aggregation.result import (AggregationResult, check_honest_majority,
+                                       excess_over_median, working_copy)
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
@@ -24,10 +25,18 @@ def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     return _window_mean(x, middle, n - middle).to(x.dtype)
 
 
-def median(updates: torch.Tensor) -> AggregationResult:
+def check_median(n: int, f: int) -> None:
+    check_honest_majority("the coordinate-wise median", n, f)
+
+
+def median(updates: torch.Tensor, f: int | None = None) -> AggregationResult:
+    """Per-coordinate median; with ``f`` given, refuses n <= 2f (breakdown point 1/2)."""
     x = working_copy(updates)
+    if f is not None:
+        check_median(x.shape[0], f)
     update = coordinate_median(x)
-    suspicion = excess_over_median(distances_to(x, update))
+    suspicion = excess_over_median(distances_to(x, update),
+                                   distance_noise(x, update), x.dtype)
     return AggregationResult(update.to(updates.dtype), suspicion, {})
 
 
@@ -42,8 +51,9 @@ def trimmed_mean(updates: torch.Tensor, trim: int) -> AggregationResult:
     x = working_copy(updates)
     n = x.shape[0]
     check_trim(n, trim)
-    update = x.mean(dim=0) if trim == 0 else _window_mean(x, trim, n - trim)
-    suspicion = excess_over_median(distances_to(x, update))
+    update = x.mean(dim=0) if trim == 0 else _window_mean(x, trim, n - trim).to(x.dtype)
+    # the window mean is taken in float64 and rounded once: an order statistic's error
+    suspicion = excess_over_median(distances_to(x, update), distance_noise(x, update), x.dtype)
     return AggregationResult(update.to(updates.dtype), suspicion, {"trimmed": float(2 * trim)})
 
 

@@ -3,6 +3,9 @@
 The server trains on a small clean root dataset and passes its update g0 as ``reference``.
 Trust TS_i = ReLU(cos(x_i, g0)); each update is rescaled to ||g0||; the aggregate is the
 trust-weighted mean. With zero total trust the aggregate is zero (nothing is trusted).
+
+Takes no f: trust comes from the server's own root data, not from a vote among the clients, so
+FLTrust makes no honest-majority assumption (Cao et al. evaluate it with most clients malicious).
 """
 
 from __future__ import annotations

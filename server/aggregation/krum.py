@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fedshield.errors import ConfigError
-from server.aggregation.distances import pairwise_sq_distances
+from server.aggregation.distances import pairwise_geometry
 from server.aggregation.order_stats import closest_to_median_mean
 from server.aggregation.result import (AggregationResult, excess_over_median, mean_of_rows,
                                        working_copy)
@@ -37,17 +37,26 @@ def check_bulyan(n: int, f: int) -> None:
 
 def krum_scores(sq_dist: torch.Tensor, f: int) -> torch.Tensor:
     """Sum of squared distances to the n - f - 2 nearest other updates (at least 1)."""
+    return krum_scores_with_noise(sq_dist, torch.zeros_like(sq_dist), f)[0]
+
+
+def krum_scores_with_noise(sq_dist: torch.Tensor, noise: torch.Tensor,
+                           f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Krum scores and the rounding bound of each (the sum of its neighbours' entry bounds)."""
     n = sq_dist.shape[0]
     k = _krum_k(n, f)
     if k < 1:
-        return torch.zeros(n, dtype=sq_dist.dtype)
+        return torch.zeros(n, dtype=sq_dist.dtype), torch.zeros(n, dtype=sq_dist.dtype)
     others = sq_dist.clone().fill_diagonal_(float("inf"))
-    return others.topk(k, dim=1, largest=False).values.sum(dim=1)
+    values, nearest = others.topk(k, dim=1, largest=False)
+    return values.sum(dim=1), noise.gather(1, nearest).sum(dim=1)
 
 
-def _selection_suspicion(scores: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """Unselected clients score by how far their Krum score exceeds the median score."""
-    suspicion = excess_over_median(scores)
+def _selection_suspicion(scores: torch.Tensor, selected: torch.Tensor, noise: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """Unselected clients score by how far their Krum score exceeds the median score, beyond
+    what rounding explains (after NNM the honest rows are equal up to rounding: scores ~0)."""
+    suspicion = excess_over_median(scores, noise, dtype)
     suspicion[selected] = 0.0
     return suspicion
 
@@ -58,11 +67,12 @@ def multikrum(updates: torch.Tensor, f: int, m: int | None = None) -> Aggregatio
     n = x.shape[0]
     m = n - f if m is None or m <= 0 else m
     check_multikrum(n, f, m)
-    scores = krum_scores(pairwise_sq_distances(x), f)
+    scores, noise = krum_scores_with_noise(*pairwise_geometry(x), f)
     selected = scores.argsort(stable=True)[:m]
     update = mean_of_rows(x, selected)
     info = {"selected": float(m), "f": float(f), "first_index": float(selected[0])}
-    return AggregationResult(update.to(updates.dtype), _selection_suspicion(scores, selected), info)
+    suspicion = _selection_suspicion(scores, selected, noise, x.dtype)
+    return AggregationResult(update.to(updates.dtype), suspicion, info)
 
 
 def krum(updates: torch.Tensor, f: int) -> AggregationResult:
@@ -158,10 +168,11 @@ def bulyan(updates: torch.Tensor, f: int) -> AggregationResult:
     n = x.shape[0]
     check_bulyan(n, f)
     theta, beta = n - 2 * f, n - 4 * f
-    sq_dist = pairwise_sq_distances(x)
+    sq_dist, noise = pairwise_geometry(x)
     selected = bulyan_select(sq_dist, f, theta)
     chosen = x[selected]
     update = mean_closest_to_median(chosen, beta)
-    suspicion = _selection_suspicion(krum_scores(sq_dist, f), selected)
+    scores, score_noise = krum_scores_with_noise(sq_dist, noise, f)
+    suspicion = _selection_suspicion(scores, selected, score_noise, x.dtype)
     return AggregationResult(update.to(updates.dtype), suspicion,
                              {"selected": float(theta), "beta": float(beta), "f": float(f)})

@@ -1,4 +1,4 @@
-"""Per-coordinate order statistics of (n, d) updates with a sorting network, vectorised over columns.
+"""Per-coordinate order statistics of (n, d) updates by a sorting network, vectorised over columns.
 
 np.median / np.partition run introselect one column at a time: branchy code on strided memory
 (Flower's np.median: 2.09 s at n = 100, d = 1e6, float32, on 2 cores; this module 0.22 s). A
@@ -8,8 +8,9 @@ min/max along a block of contiguous columns that the compiler vectorises; blocks
 odd-even merge sort, pruned to the comparators that can reach the rows a statistic reads (898 of
 1104 for the median of 100 rows). Exact: a network only permutes values, it never rounds them.
 
-The network grows as n log^2 n comparators, selection as n: above MAX_NETWORK_ROWS rows NumPy is used
-(a cap, not a measured crossover: at n = 1000 the network was still 3.9x faster than np.median).
+The network grows as n log^2 n comparators, selection as n: above MAX_NETWORK_ROWS rows NumPy is
+used (a cap, not a measured crossover: at n = 1000 the network was still 3.9x faster than
+np.median).
 """
 
 from __future__ import annotations

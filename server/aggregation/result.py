@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedshield.errors import ConfigError
+from server.aggregation.distances import ROUNDING_SLACK, unit_roundoff
+
 
 @dataclass
 class AggregationResult:
@@ -28,17 +31,40 @@ def median_of(values: torch.Tensor) -> float:
     return float(torch.quantile(values.double(), 0.5))
 
 
-def excess_over_median(values: torch.Tensor) -> torch.Tensor:
-    """1 - median/value, clamped to [0, 1]: 0 for typical clients, -> 1 for far outliers.
+def excess_over_median(values: torch.Tensor, noise: torch.Tensor | float = 0.0,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(value - median - tol) / value, clamped to [0, 1]: 0 for typical clients, -> 1 for far
+    outliers.
 
-    A client at twice the typical distance scores 0.5, at ten times 0.9; honest spread stays low
-    because the median is taken over the round's own clients.
+    A client at twice the typical distance scores ~0.5, at ten times ~0.9; honest spread stays low
+    because the median is taken over the round's own clients. Scores within rounding of the
+    median are 0: tol = ROUNDING_SLACK * eps(dtype) * |median| (the values' own relative rounding)
+    + ``noise`` (the caller's absolute bound on each value's rounding, from the size of the rows it
+    came from; see distances.sq_distance_noise / distance_noise). Without it, rows that are equal
+    up to rounding (after NNM, most honest rows) have a median score of ~0 and every honest score
+    above it - pure rounding, and kernel-dependent - would be "fully suspicious".
     """
     values = values.double()
-    med = median_of(values)
-    if med <= 0:
-        return (values > 0).double()
-    return (1.0 - med / values.clamp_min(torch.finfo(torch.float64).tiny)).clamp(0.0, 1.0)
+    return excess_over(values, median_of(values), noise, dtype)
+
+
+def excess_over(values: torch.Tensor, bound: float, noise: torch.Tensor | float = 0.0,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(value - bound - tol) / value clamped to [0, 1], tol as in ``excess_over_median``; with
+    bound = a clipping radius this is 1 - the clipping factor, minus what rounding explains."""
+    values = values.double()
+    tol = ROUNDING_SLACK * unit_roundoff(dtype) * abs(bound) + torch.as_tensor(noise).double()
+    excess = values - bound - tol
+    ratio = excess / values.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(excess > 0, ratio, torch.zeros_like(ratio)).clamp(0.0, 1.0)
+
+
+def check_honest_majority(rule: str, n: int, f: int) -> None:
+    """Refuse n <= 2f: a rule whose breakdown point is 1/2 cannot outvote f of n bad updates."""
+    if f < 0 or n <= 2 * f:
+        raise ConfigError(f"{rule} needs more honest than Byzantine updates, n > 2f, got n = {n}, "
+                          f"f = {f}; lower aggregation.f (or byzantine_fraction_assumed) to at "
+                          f"most {max((n - 1) // 2, 0)} or sample more clients")
 
 
 def clip_scale(norms: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:
