@@ -207,7 +207,13 @@ def preflight(cfg: fcfg.Config, *, partitions: str = "refuse") -> PreflightRepor
                           f"{task.name!r} (0..{task.num_classes - 1}); choose one of those")
     from server.aggregation import build_aggregator  # noqa: PLC0415
 
-    build_aggregator(cfg.aggregation.rule, cfg.aggregation, cfg.federation.num_clients, cfg.seed)
+    fed = cfg.federation
+    build_aggregator(cfg.aggregation.rule, cfg.aggregation, fed.num_clients, cfg.seed)
+    # A round hands the rule the sampled clients' updates, not the federation's: an explicit f
+    # must leave an honest majority among those too (e.g. f = 2 of 4 sampled is refused now).
+    sampled = min(fed.num_clients, max(fed.min_clients, round(fed.num_clients * fed.fraction_train)))
+    if not cfg.central_dp.enabled and sampled != fed.num_clients:
+        build_aggregator(cfg.aggregation.rule, cfg.aggregation, sampled, cfg.seed)
     sizes: tuple[int, ...] = train_sizes(cfg) if partitions != "off" else ()
     notes: list[str] = []
     problem = partition_problem(sizes, cfg.train.batch_size, cfg.privacy.enabled)

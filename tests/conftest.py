@@ -8,6 +8,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from fedshield import config as fcfg  # noqa: E402
 
+# Kernel-independence checks (issue 19): `FEDSHIELD_TEST_TORCH_THREADS=1 make test` runs the suite
+# with one intra-op thread (torch picks its CPU count otherwise); OPENBLAS_CORETYPE is set outside.
+if os.environ.get("FEDSHIELD_TEST_TORCH_THREADS"):
+    import torch
+
+    torch.set_num_threads(int(os.environ["FEDSHIELD_TEST_TORCH_THREADS"]))
+
 
 @pytest.fixture
 def small_cfg(tmp_path):
