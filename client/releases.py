@@ -10,15 +10,13 @@ fresh noise. Losing that file costs privacy, never hides it: the next draw is a 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from fedshield.config import PrivacyConfig
-from privacy.ledger import Ledger
+from privacy.ledger import Ledger, atomic_write_json
 from privacy.releases import (EXACT_MODE, OUTSIDE_KEY, HistogramRelease, release_histogram,
                               secure_rng)
 
@@ -41,21 +39,6 @@ def _read(path: Path) -> dict:
         return {}  # lost: the next release is drawn afresh and accounted as a new event
 
 
-def _write(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def stats_release(labels: np.ndarray, num_classes: int, privacy: PrivacyConfig, ledger: Ledger,
                   run_key: str) -> tuple[HistogramRelease, bool]:
     """This run's class-histogram release and whether it was made now (its event is then new in
@@ -75,7 +58,7 @@ def stats_release(labels: np.ndarray, num_classes: int, privacy: PrivacyConfig, 
     tag = f"{run_key}/{RELEASE_TAG}/{secrets.token_hex(4)}"
     ledger.record([release.event], round=0, run_id=tag)  # raises rather than skip a release
     doc[run_key] = release.to_dict()
-    _write(path, doc)
+    atomic_write_json(path, doc)
     return release, True
 
 

@@ -427,8 +427,8 @@ def decode_arrays(record, reference: Mapping[str, np.ndarray],
     out = {}
     for name, ref in reference.items():
         arr = npy_view(record[name], name, limits, expected_shape=ref.shape)
-        if _kind(arr.dtype) != _kind(ref.dtype):
-            raise _Bad("dtype", f"{name} has dtype {arr.dtype}, expected {_kind(ref.dtype)} like "
+        if dtype_kind(arr.dtype) != dtype_kind(ref.dtype):
+            raise _Bad("dtype", f"{name} has dtype {arr.dtype}, expected {dtype_kind(ref.dtype)} like "
                        f"{ref.dtype}")
         _check_finite(arr, name)
         out[name] = arr
@@ -450,7 +450,8 @@ def _histogram(record, limits: ReplyLimits) -> dict[str, np.ndarray]:
     return out
 
 
-def _kind(dtype: np.dtype) -> str:
+def dtype_kind(dtype: np.dtype) -> str:
+    """float, integer or the dtype's name: an update's arrays must be of the model's kinds."""
     if dtype.kind == "f":
         return "float"
     if dtype.kind in "iu":

@@ -285,12 +285,12 @@ class Ledger:
         doc = _manifest_doc(self.root)
         doc["ledgers"][self.key] = {"site": self.site, "events": len(history),
                                     "head": chain(history)}
-        _atomic_write(self.manifest_path, doc)
+        atomic_write_json(self.manifest_path, doc)
 
     def _write(self, events: list[dict]) -> None:
         doc = {"format": FORMAT, "version": VERSION, "delta": self.delta, "accountant": self.accountant,
                "max_epsilon": self.max_epsilon, "site": self.site, "events": events}
-        _atomic_write(self.path, doc)
+        atomic_write_json(self.path, doc)
 
 
 def _event(e: dict) -> Event:
@@ -359,7 +359,8 @@ def read_manifest(root: str | Path) -> dict[str, dict]:
     return _manifest_doc(Path(root))["ledgers"]
 
 
-def _atomic_write(path: Path, doc: dict) -> None:
+def atomic_write_json(path: Path, doc: dict) -> None:
+    """Write ``doc`` as JSON: a crash leaves the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:

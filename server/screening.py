@@ -26,6 +26,7 @@ import numpy as np
 
 from fedshield.config import ScreeningConfig
 from fedshield.errors import TooFewUpdates
+from fedshield.records import dtype_kind as _kind
 
 # Norm ratio checks need a meaningful median.
 MIN_UPDATES_FOR_RATIO = 3
@@ -53,14 +54,6 @@ class Rejection:
     @property
     def code(self) -> str:
         return self.reason.split(":", 1)[0]
-
-
-def _kind(dtype: np.dtype) -> str:
-    if dtype.kind == "f":
-        return "float"
-    if dtype.kind in "iu":
-        return "integer"
-    return dtype.name
 
 
 def structural_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
