@@ -111,6 +111,9 @@ def privacy_sweep(
     seeds: str = typer.Option("0", help="comma-separated seeds"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value on the base"),
     out: str = typer.Option("runs/privacy-sweep", help="folder for the table, plot and runs"),
+    audit_canaries: int = typer.Option(
+        0, help="also run the one-run canary audit with this many canaries at every point and "
+                "report its empirical epsilon lower bound (0 = no audit; 1000 is typical)"),
 ) -> None:
     """Privacy-utility sweep: target epsilon x seeds; writes privacy_sweep.csv/.md and
     privacy_utility.png (accuracy vs epsilon, with the non-private line)."""
@@ -121,15 +124,19 @@ def privacy_sweep(
 
     try:
         base = fcfg.load(config, set_ or [])
-        rows = sweep(base, _floats(epsilons), [int(s) for s in _floats(seeds)], Path(out))
+        rows = sweep(base, _floats(epsilons), [int(s) for s in _floats(seeds)], Path(out),
+                     audit_canaries=audit_canaries)
     except FedShieldError as exc:
         fail(str(exc))
     for r in rows:
         spent = r.get("epsilon_label") or "no DP"
         noise = f", noise multiplier {r['noise_multiplier_used']}" if r.get(
             "noise_multiplier_used") else ""
+        audited = (f", audit lower bound {r['audit_epsilon_lower_bound']:.3f}"
+                   if r.get("audit_epsilon_lower_bound") is not None else "")
+        accuracy = "-" if r["final_accuracy"] is None else f"{r['final_accuracy']:.4f}"
         Console().print(f"target eps {r['target_epsilon']:g} seed {r['seed']}: accuracy "
-                        f"{r['final_accuracy']:.4f}, spent {spent}{noise}")
+                        f"{accuracy}, spent {spent}{noise}{audited}")
     Console().print(f"table and plot in {out}/")
 
 

@@ -76,8 +76,10 @@ def _fmt(v: Any) -> str:
 
 # --- privacy-utility sweep --------------------------------------------------------------------
 def privacy_sweep(base: fcfg.Config, epsilons: list[float], seeds: list[int], out_dir: Path,
-                  reporter=None) -> list[dict]:
-    """Target epsilon (inf = no DP) x seeds; returns one row per run."""
+                  reporter=None, audit_canaries: int = 0) -> list[dict]:
+    """Target epsilon (inf = no DP) x seeds; returns one row per run. With ``audit_canaries`` each
+    row also gets the one-run canary audit's empirical epsilon lower bound at the same settings
+    (simulations/audit.py: the server's view of client 0's updates), next to the stated one."""
     rows = []
     for eps, seed in itertools.product(epsilons, seeds):
         overrides: dict[str, Any] = {"seed": seed, "privacy.enabled": math.isfinite(eps)}
@@ -87,11 +89,24 @@ def privacy_sweep(base: fcfg.Config, epsilons: list[float], seeds: list[int], ou
                               "privacy.ledger_dir": str(out_dir / "ledgers" / f"eps{eps:g}-s{seed}")})
         row = run_point(base, overrides, out_dir, reporter)
         row["target_epsilon"] = eps
+        if audit_canaries:
+            row.update(audit_point(base, overrides, audit_canaries, out_dir))
         rows.append(row)
     write_table(rows, out_dir, "privacy_sweep")
     plot_privacy_utility(rows, out_dir / "privacy_utility.png",
                          f"delta {base.privacy.delta:g}, {base.privacy.accountant} >= pld")
     return rows
+
+
+def audit_point(base: fcfg.Config, overrides: dict[str, Any], canaries: int,
+                out_dir: Path) -> dict:
+    """The canary audit of one sweep point: the bound the server's view of client 0's updates
+    certifies (its ``update`` adversary), at 95% confidence."""
+    from simulations.audit import canary_audit
+
+    cfg = fcfg.from_run_config({**base.flat(), **overrides})  # the audit keeps its own ledgers
+    (result,) = canary_audit(cfg, canaries, adversaries=("update",), workdir=out_dir)
+    return {"audit_epsilon_lower_bound": result.bound.epsilon, "audit_canaries": canaries}
 
 
 def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta fixed") -> None:
@@ -108,6 +123,12 @@ def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta 
         ax.errorbar(spent, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs], fmt="o-",
                     capsize=3, label="sample-level DP per client, add/remove (epsilon spent, "
                                      "max over clients)")
+        for e, x, a in zip(private, spent, accs, strict=True):
+            bounds = [r["audit_epsilon_lower_bound"] for r in rows if r["target_epsilon"] == e
+                      and r.get("audit_epsilon_lower_bound") is not None]
+            if bounds:  # the empirical lower bound next to the stated epsilon
+                ax.annotate(f"audit >= {max(bounds):.2f}", (x, np.mean(a)), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10))
     baseline = [r["final_accuracy"] for r in rows if math.isinf(r["target_epsilon"])]
     if baseline:
         ax.axhline(np.mean(baseline), color="gray", ls="--", label="non-private")

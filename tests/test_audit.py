@@ -251,3 +251,19 @@ def test_the_command_refuses_bad_input_clearly(tmp_path, args, message):
 
     out = CliRunner().invoke(app, ["privacy", "audit", write_cfg(tmp_path), *args])
     assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output
+
+
+@pytest.mark.slow
+def test_the_privacy_sweep_reports_the_audit_bound_next_to_the_stated_epsilon(small_cfg, tmp_path):
+    """Issue 14: the sweep table has an audit column; the bound never exceeds the stated epsilon
+    under DP and is large without DP (the attack works)."""
+    from simulations.sweeps import privacy_sweep
+
+    base = small_cfg(federation={"rounds": 2}, partition={"kind": "iid"},
+                     privacy={"delta": 1e-4})
+    private, public = privacy_sweep(base, [2.0, float("inf")], [0], tmp_path / "sweep",
+                                    audit_canaries=400)
+    assert 0.0 <= private["audit_epsilon_lower_bound"] <= private["epsilon_max"]
+    assert public["audit_epsilon_lower_bound"] > 2.0
+    table = (tmp_path / "sweep" / "privacy_sweep.md").read_text()
+    assert "audit_epsilon_lower_bound" in table
