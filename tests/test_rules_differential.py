@@ -25,6 +25,7 @@ from server.aggregation.krum import bulyan
 from server.aggregation.registry import CENTRAL_DP_REFUSALS, MEAN_OF_CLIPPED_RULES, RULE_RECORDS
 from server.aggregation.result import excess_over_median
 from server.reputation import Reputation
+from tests.test_aggregation import ref_bulyan, ref_krum_scores, ref_multikrum, ref_sq_dist
 
 N, F, D = 11, 2, 40
 FAMILIES = ["random", "duplicated", "huge_outlier", "tiny_on_large"]
@@ -69,37 +70,7 @@ def tolerance(spec: str, name: str, x: np.ndarray, dtype: torch.dtype) -> float:
 
 
 # ---- float64 references: loops and exact differences ----
-
-def ref_sq_dist(x: np.ndarray) -> np.ndarray:
-    return np.array([[np.sum((a - b) ** 2) for b in x] for a in x])
-
-
-def ref_krum_scores(dist: np.ndarray, f: int) -> np.ndarray:
-    n = len(dist)
-    k = min(max(n - f - 2, 1), n - 1)
-    return np.array([np.sort(np.delete(dist[i], i))[:k].sum() for i in range(n)])
-
-
-def ref_multikrum(x: np.ndarray, f: int, m: int) -> np.ndarray:
-    scores = ref_krum_scores(ref_sq_dist(x), f)
-    return x[np.argsort(scores, kind="stable")[:m]].mean(axis=0)
-
-
-def ref_bulyan(x: np.ndarray, f: int) -> np.ndarray:
-    n = len(x)
-    theta, beta = n - 2 * f, n - 4 * f
-    dist = ref_sq_dist(x)
-    remaining, chosen = list(range(n)), []
-    while len(chosen) < theta:
-        scores = ref_krum_scores(dist[np.ix_(remaining, remaining)], f)
-        chosen.append(remaining.pop(int(np.argmin(scores))))
-    sel = x[chosen]
-    out = np.empty(x.shape[1])
-    for j in range(x.shape[1]):
-        col = sel[:, j]
-        out[j] = col[np.argsort(np.abs(col - np.median(col)), kind="stable")[:beta]].mean()
-    return out
-
+# (Krum, Multi-Krum and Bulyan: the loop versions of test_aggregation.py, imported above)
 
 def ref_geomed(x: np.ndarray, eps: float = 1e-6, iters: int = 100_000) -> np.ndarray:
     """Smoothed Weiszfeld in float64 from the coordinate-wise median, run until it stops moving."""
