@@ -72,6 +72,7 @@ def tolerance(spec: str, name: str, x: np.ndarray, dtype: torch.dtype) -> float:
 # ---- float64 references: loops and exact differences ----
 # (Krum, Multi-Krum and Bulyan: the loop versions of test_aggregation.py, imported above)
 
+
 def ref_geomed(x: np.ndarray, eps: float = 1e-6, iters: int = 100_000) -> np.ndarray:
     """Smoothed Weiszfeld in float64 from the coordinate-wise median, run until it stops moving."""
     z = np.median(x, axis=0)
