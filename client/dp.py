@@ -165,7 +165,9 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     scale come from (the client's noised released count; default the exact count).
     ``extra_events``: already-recorded events the planned noise must leave room for.
     """
-    n = planning_examples or len(data)
+    # A noised count below one batch (small clients, see privacy.stats_noise_multiplier) plans
+    # full-batch Poisson sampling, q = 1: still exactly what is accounted.
+    n = max(planning_examples, train_cfg.batch_size) if planning_examples else len(data)
     check_delta(privacy_cfg.delta, n)
     rate = sample_rate(n, train_cfg.batch_size)
     planned_steps = steps_per_round(n, train_cfg.batch_size, train_cfg.local_epochs, train_cfg.max_steps)

@@ -144,13 +144,14 @@ def test_the_release_is_in_the_ledger_once_per_run_and_in_the_reported_epsilon(t
     releases = [e for e in history if client_releases.RELEASE_TAG in e["run_id"]]
     training = [e for e in history if e["run_id"] == "run-a"]
     assert len(releases) == 1 and [e["round"] for e in training] == [1, 2]
+    sigma = cfg.privacy.stats_noise_multiplier
     assert (releases[0]["noise_multiplier"], releases[0]["sample_rate"], releases[0]["steps"]) \
-        == (10.0, 1.0, 1)
+        == (sigma, 1.0, 1)
     assert first[STATS_NEW_KEY] == 1.0 and second[STATS_NEW_KEY] == 0.0
     # Later rounds resend the same noised values: no fresh draw, no new cost.
     counts = lambda m: [m[f"{DP_CLASS_PREFIX}{k}"] for k in range(10)]  # noqa: E731
     assert counts(first) == counts(second)
-    events = [(10.0, 1.0, 1)] + [(1.0, first["sample-rate"], int(first["steps"]))] * 2
+    events = [(sigma, 1.0, 1)] + [(1.0, first["sample-rate"], int(first["steps"]))] * 2
     assert second["epsilon"] == pytest.approx(epsilon(events, 1e-5), rel=1e-9)
     assert second["epsilon"] > epsilon(events[1:], 1e-5)
 
@@ -249,6 +250,7 @@ def dp_run(tmp_path_factory):
                           "partition": {"kind": "iid"},
                           "train": {"lr": 0.5, "batch_size": 32, "max_steps": 5},
                           "privacy": {"enabled": True, "noise_multiplier": 1.0,
+                                      "stats_noise_multiplier": 10.0,
                                       "ledger_dir": str(tmp / "ledgers")},
                           "deployment": {"handoff": False}})
     return cfg, simulate(cfg)
