@@ -25,7 +25,8 @@ from server.aggregation.krum import bulyan
 from server.aggregation.registry import CENTRAL_DP_REFUSALS, MEAN_OF_CLIPPED_RULES, RULE_RECORDS
 from server.aggregation.result import excess_over_median
 from server.reputation import Reputation
-from tests.test_aggregation import ref_bulyan, ref_krum_scores, ref_multikrum, ref_sq_dist
+from tests.test_aggregation import (ref_bulyan, ref_fltrust, ref_krum_scores, ref_multikrum,
+                                   ref_sq_dist)
 
 N, F, D = 11, 2, 40
 FAMILIES = ["random", "duplicated", "huge_outlier", "tiny_on_large"]
@@ -70,7 +71,7 @@ def tolerance(spec: str, name: str, x: np.ndarray, dtype: torch.dtype) -> float:
 
 
 # ---- float64 references: loops and exact differences ----
-# (Krum, Multi-Krum and Bulyan: the loop versions of test_aggregation.py, imported above)
+# (Krum, Multi-Krum, Bulyan and FLTrust: the loop versions of test_aggregation.py, imported above)
 
 
 def ref_geomed(x: np.ndarray, eps: float = 1e-6, iters: int = 100_000) -> np.ndarray:
@@ -99,15 +100,6 @@ def ref_cclip(x: np.ndarray, iters: int) -> np.ndarray:
 def ref_clip(x: np.ndarray) -> np.ndarray:
     bound = np.median(np.linalg.norm(x, axis=1))
     return np.mean([xi * min(1.0, bound / np.linalg.norm(xi)) for xi in x], axis=0)
-
-
-def ref_fltrust(x: np.ndarray, g0: np.ndarray) -> np.ndarray:
-    total, trust_sum = np.zeros_like(g0), 0.0
-    for xi in x:
-        trust = max(0.0, xi @ g0 / (np.linalg.norm(xi) * np.linalg.norm(g0)))
-        total += trust * xi * np.linalg.norm(g0) / np.linalg.norm(xi)
-        trust_sum += trust
-    return total / trust_sum
 
 
 def ref_flame(x: np.ndarray) -> np.ndarray:
