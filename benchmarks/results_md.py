@@ -1,0 +1,263 @@
+"""Render benchmarks/RESULTS.md from the result JSON files under benchmarks/results/.
+
+Every benchmark figure the docs quote lives in a JSON file written by the benchmark that measured
+it; this script turns those files into tables, so no figure is hand-copied. Run it after adding
+a result (``python -m benchmarks.results_md``); ``tests/test_results_md.py`` fails while
+RESULTS.md differs from its output.
+
+Values are printed as recorded, only formatted: accuracies as percentages with two decimals
+(the JSON holds four), epsilons with three decimals, seconds and milliseconds with three
+significant digits, speedups with one decimal and DP-overhead ratios with two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+OUTPUT = ROOT / "benchmarks" / "RESULTS.md"
+
+# The command that produced each result folder (or file), as run. Folders of the DP-overhead
+# benchmark need none: their JSON records the arguments, and the command is rebuilt from them.
+AGGREGATORS = "fedshield bench aggregators --ns 10,100,1000 --ds 100000,1000000"
+COMMANDS: dict[str, str] = {
+    "cpu-2026-11-26/aggregators": AGGREGATORS,
+    "cpu-2026-11-27/aggregators": AGGREGATORS,
+    "cpu-2026-11-27/aggregators-legacy": (
+        "fedshield bench aggregators --ns 100 --ds 1000000 "
+        "--rules fedavg,krum,multikrum,median,trimmed_mean,bulyan"),
+    "cpu-2026-11-26/bench_accuracy_fedavg.json": (
+        "python benchmarks/bench_accuracy.py configs/bench-mnist-fedavg.toml"),
+    "cpu-2026-11-26/bench_accuracy_fedavg_no_augment.json": (
+        "python benchmarks/bench_accuracy.py configs/bench-mnist-fedavg.toml "
+        "--set train.augment=none"),
+    "cpu-2026-11-26/robustness-mnist": (
+        "fedshield robustness configs/bench-robustness.toml --rules bucketing+cclip "
+        "--attacks none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum,backdoor "
+        "--partitions dirichlet-0.5 --set federation.rounds=10 --set train.lr_schedule=constant "
+        "(and the same with --rules nnm+cclip, and --rules fedavg --attacks none)"),
+    "cpu-2026-11-26/robustness-mnist-20rounds": (
+        "fedshield robustness configs/bench-robustness.toml --rules nnm+cclip "
+        "--attacks none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum,backdoor "
+        "--partitions dirichlet-0.5 (and --rules fedavg --attacks none)"),
+    "cpu-2026-11-27/robustness-recheck": (
+        "fedshield robustness configs/bench-robustness.toml --rules nnm+cclip "
+        "--attacks ATTACK --partitions dirichlet-0.5"),
+    "cpu-2026-11-26/bench_serving.json": "python benchmarks/bench_serving.py",
+    "cpu-2026-11-27/dp-accuracy": (
+        "fedshield simulate configs/bench-dp-mnist.toml --set privacy.target_epsilon=3.0 "
+        "--set privacy.max_grad_norm=1.0 --set train.momentum=0.5 --set train.batch_size=B "
+        "--set train.lr=LR [--set federation.rounds=R] (B, LR, R in the file name)"),
+    "cpu-2026-11-27/dp-accuracy-scattering": (
+        "fedshield simulate configs/bench-dp-mnist-scattering.toml "
+        "--set privacy.target_epsilon=E [--set ...] (the settings are in the file name), "
+        "or python benchmarks/run_suite.py dp --only dp-iid-eps1-scatter-linear,..."),
+    "cpu-2026-11-27/privacy-sweep-scattering": (
+        "fedshield privacy sweep configs/bench-dp-mnist-scattering.toml "
+        "--epsilons 0.5,1,3,8,inf --out runs/privacy-sweep-scattering"),
+    "cpu-2026-12-01/privacy-sweep-scattering-audit": (
+        "fedshield privacy sweep configs/bench-dp-mnist-scattering.toml "
+        "--epsilons 0.5,1,3,8,inf --audit-canaries 1000"),
+    "h100-2026-11-26": "python benchmarks/run_suite.py fedavg dp robustness (on an H100 machine)",
+}
+
+
+@dataclass(frozen=True)
+class Table:
+    """A rendered table: column names and rows of already formatted cells."""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+    def markdown(self) -> str:
+        """The table as GitHub-flavoured Markdown."""
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def sig3(v: float) -> str:
+    """Three significant digits, e.g. 0.206, 2.23, 15.2, 141 (seconds, milliseconds)."""
+    if v == 0:
+        return "0"
+    digits = max(0, 2 - math.floor(math.log10(abs(v))))
+    return f"{v:.{digits}f}"
+
+
+def cell(key: str, v: Any) -> str:
+    """One value formatted by what its key measures."""
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool) or isinstance(v, str) or isinstance(v, int):
+        return str(v)
+    if isinstance(v, list):
+        return ", ".join(cell(key, x) for x in v) or "-"
+    if not isinstance(v, float):
+        return str(v)
+    if math.isinf(v):
+        return "inf"
+    if key.endswith(("accuracy", "backdoor_success", "false_quarantine_rate")):
+        return f"{100 * v:.2f}%"
+    if key == "target_epsilon":
+        return f"{v:g}"
+    if "epsilon" in key:
+        return f"{v:.3f}" if key != "audit_epsilon_lower_bound" else f"{v:.2f}"
+    if key.startswith("speedup") or key == "cpu_speedup":
+        return f"{v:.1f}x"
+    if key.endswith("ratio"):
+        return f"{v:.2f}x"
+    if key.endswith("_s") or key.endswith("_ms") or "seconds" in key:
+        return sig3(v)
+    if key == "samples_per_s":
+        return f"{v:.0f}"
+    return f"{v:.4g}"
+
+
+def table(records: list[dict[str, Any]], keys: list[str]) -> Table:
+    """A table of the given keys that any record holds, in that order."""
+    present = [k for k in keys if any(k in r for r in records)]
+    return Table(tuple(present), tuple(tuple(cell(k, r.get(k)) for k in present)
+                                       for r in records))
+
+
+RUN_KEYS = ["job", "config", "overrides", "rule", "attack", "byzantine_fraction", "partition",
+            "task", "clients", "rounds", "target_epsilon", "epsilon_max", "noise",
+            "noise_multiplier_used", "final_accuracy", "best_accuracy", "backdoor_success",
+            "quarantined", "false_quarantine_rate", "rejected", "audit_epsilon_lower_bound",
+            "audit_canaries", "status", "wall_seconds"]
+AGG_KEYS = ["rule", "n", "d", "f", "ours_s", "flower_s", "speedup", "flower_legacy_s",
+            "speedup_legacy", "ours_with_flatten_s", "speedup_with_flatten"]
+OVERHEAD_KEYS = ["task", "model", "examples", "mode", "seconds_min", "seconds_median",
+                 "loop_seconds_min", "ratio", "loop_ratio"]
+SERVING_KEYS = ["mode", "runtime", "format", "batch", "p50_ms", "p99_ms", "mean_ms",
+                "samples_per_s", "n"]
+
+
+def summary_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one ``summary.json`` (a ``fedshield simulate`` run)."""
+    p = s.get("privacy") or {}
+    return {"file": name, "task": s.get("task"), "strategy": s.get("strategy"),
+            "partition": (s.get("partition") or {}).get("kind"), "seed": s.get("seed"),
+            "rounds_completed": s.get("rounds_completed"),
+            "target_epsilon": p.get("target_epsilon") if p.get("enabled") else None,
+            "epsilon_max": p.get("epsilon_max"),
+            "noise": p.get("noise_multipliers_used"),
+            "final_accuracy": s["final"]["accuracy"], "best_accuracy": s["best"]["accuracy"],
+            "best_round": s["best"].get("round"), "wall_seconds": s.get("wall_seconds")}
+
+
+SUMMARY_KEYS = ["file", "task", "strategy", "partition", "seed", "rounds_completed",
+                "target_epsilon", "epsilon_max", "noise", "final_accuracy", "best_accuracy",
+                "best_round", "wall_seconds"]
+
+
+def dp_overhead_command(args: dict[str, Any]) -> str:
+    """The bench_dp_overhead.py command line rebuilt from the arguments its JSON records."""
+    return ("python benchmarks/bench_dp_overhead.py --tasks " + " ".join(args["tasks"])
+            + " --modes " + " ".join(args["modes"])
+            + f" --examples {args['examples']} --batch-size {args['batch_size']}"
+            + f" --epochs {args['epochs']} --repeats {args['repeats']}"
+            + f" --threads {args['threads']}")
+
+
+def render_file(path: Path) -> tuple[str | None, Table]:
+    """(command if the file records one, table) for one result JSON that is not a summary."""
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and data.get("benchmark") == "dp-overhead":
+        return dp_overhead_command(data["args"]), table(data["rows"], OVERHEAD_KEYS)
+    if isinstance(data, dict) and "rows" in data and data["rows"] and "rule" in data["rows"][0]:
+        return None, table(data["rows"], AGG_KEYS)
+    if isinstance(data, dict) and "rows" in data:
+        return data.get("command"), table(data["rows"], SERVING_KEYS)
+    if isinstance(data, list) and data and "worst_accuracy" in data[0]:
+        keys = ["rule", "partition", "byzantine_fraction", "no_attack_accuracy",
+                "worst_accuracy", "worst_attack"]
+        return None, table(data, keys)
+    if isinstance(data, list):
+        return None, table(data, RUN_KEYS)
+    raise ValueError(f"{path}: a result JSON of unknown shape; teach benchmarks/results_md.py "
+                     "to render it (a list of runs, a dict with 'rows', or a summary.json)")
+
+
+def is_summary(path: Path) -> bool:
+    """Whether the file is a ``fedshield simulate`` summary.json (one run)."""
+    data = json.loads(path.read_text())
+    return isinstance(data, dict) and "final" in data and "best" in data
+
+
+def command_for(rel: str) -> str | None:
+    """The recorded command of a result file or of the folder holding it."""
+    while rel:
+        if rel in COMMANDS:
+            return COMMANDS[rel]
+        rel = rel.rpartition("/")[0]
+    return None
+
+
+def render(results: Path = RESULTS) -> str:
+    """The whole RESULTS.md text for every JSON file under ``results``."""
+    out = ["# Benchmark results", "",
+           "Generated by `python -m benchmarks.results_md` from the JSON files under",
+           "`benchmarks/results/`; do not edit by hand. Each section is one result folder or",
+           "file, with the command that produced it. Accuracy is the final test accuracy of the",
+           "global model; epsilons are per-client, sample-level, at the run's delta.",
+           "Dated folders: `cpu-*` ran on the project's 2-core CPU machine, `h100-*` on an H100",
+           "machine lent to the project (accuracy does not depend on the hardware, timings do).",
+           ""]
+    files = sorted(results.rglob("*.json"))
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        rel = f.relative_to(results).as_posix()
+        key = rel.rpartition("/")[0] if is_summary(f) else rel
+        groups.setdefault(key, []).append(f)
+    for key, members in groups.items():
+        out += [f"## {key}", ""]
+        if is_summary(members[0]):
+            command = command_for(key)
+            rows = [summary_row(m.stem, json.loads(m.read_text())) for m in members]
+            tab = table(rows, SUMMARY_KEYS)
+        else:
+            recorded, tab = render_file(members[0])
+            command = recorded or command_for(key)
+        out += [f"Command: `{command}`" if command else "Command: not recorded.", ""]
+        out += [tab.markdown(), ""]
+    return "\n".join(out)
+
+
+def privacy_sweep_table(path: Path) -> str:
+    """The short sweep table the README shows (target, stated, noise, accuracy, audit bound)."""
+    rows = json.loads(path.read_text())
+    lines = ["| target epsilon | stated epsilon (max over clients) | noise multiplier | "
+             "final test accuracy | audit lower bound |", "|---|---|---|---|---|"]
+    for r in rows:
+        dp = r["target_epsilon"] != math.inf
+        lines.append("| " + " | ".join([
+            cell("target_epsilon", r["target_epsilon"]) if dp else "no DP",
+            cell("epsilon_max", r["epsilon_max"]), cell("noise", r["noise_multiplier_used"]),
+            cell("final_accuracy", r["final_accuracy"]),
+            cell("audit_epsilon_lower_bound", r["audit_epsilon_lower_bound"])]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Write RESULTS.md, or with --check exit 1 if it is out of date."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if RESULTS.md is stale")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not OUTPUT.is_file() or OUTPUT.read_text() != text:
+            raise SystemExit("benchmarks/RESULTS.md is out of date: run "
+                             "`python -m benchmarks.results_md`")
+        return
+    OUTPUT.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
