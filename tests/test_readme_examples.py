@@ -1,17 +1,26 @@
-"""The README's cheap examples are checked, so a broken example fails CI.
+"""The README's and the docs' cheap examples are checked, so a broken example fails CI.
 
-Every shell command in the README's code blocks (and in inline code that starts with
-``fedshield``/``flwr run``) is extracted. For ``fedshield`` commands: the command exists, its
-``--help`` works, its options parse, and a config file with ``--set`` overrides loads and
-validates. For ``flwr run --run-config "..."``: the string is parsed and fused with pyproject's
-run config exactly as Flower does, and the result is a valid config; digits examples also pass
-pre-flight. ``python benchmarks/X.py CONFIG`` commands: the script and config exist and load.
+Every shell command in the code blocks of README.md and docs/*.md (and in inline code that
+starts with ``fedshield``/``flwr run``/``make``) is extracted:
+
+- ``fedshield ...``: the command exists, its ``--help`` works, its options parse, and a config
+  file with ``--set`` overrides loads and validates;
+- ``flwr run --run-config "..."``: the string is parsed and fused with pyproject's run config
+  exactly as Flower does, and the result is a valid config; digits examples also pass pre-flight;
+- ``python benchmarks/X.py ...``: the script and config exist and load, the options exist;
+- ``make T``: the Makefile has target T;
+- ``flower-superlink``/``flower-supernode``/``flwr X`` (Flower's own CLIs): the command exists
+  and every option it is given is one its ``--help`` lists.
+
 TOML blocks parse. Commands with placeholders (CONFIG, runs/X, RUN_ID, [...]) are only checked
 for their ``--help``.
 """
 
 import re
 import shlex
+import subprocess
+import sys
+from functools import cache
 from pathlib import Path
 
 import click
@@ -22,7 +31,10 @@ from typer.testing import CliRunner
 from fedshield import config as fcfg
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+# Every page a user reads; generated pages (RESULTS.md) are checked by tests/test_results_md.py.
+PAGES = {p.relative_to(ROOT).as_posix(): p.read_text()
+         for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+README = PAGES["README.md"]
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*$|runs/X\b|<|\[|\.\.\.|^-?[A-Z]$|=[A-Z]+$|^N$")
 
 
@@ -51,22 +63,31 @@ def code_blocks(text: str) -> list[tuple[str, str]]:
     return blocks
 
 
-def commands() -> list[str]:
-    """Shell commands (continuations joined) from code blocks and inline code."""
+COMMAND = re.compile(
+    r"^(\S+=\S+\s+)*(\.venv/bin/)?(fedshield|flwr|python|flower-superlink|flower-supernode) "
+    r"|^make [a-z]")
+
+
+INLINE = re.compile(
+    r"^(\.venv/bin/)?fedshield [a-z]+ |^flwr run |^python benchmarks/|^make [a-z-]+$")
+
+
+def commands(text: str = README) -> list[str]:
+    """Shell commands (continuations joined) from code blocks and inline code of one page."""
     found = []
-    for lang, body in code_blocks(README):
+    for lang, body in code_blocks(text):
         if lang not in ("", "sh", "bash", "indented"):
             continue
         joined = re.sub(r"\\\n\s*", " ", body)
         for line in joined.splitlines():
             line = line.strip().removeprefix("$ ")
-            if re.match(r"^(\S+=\S+\s+)*(\.venv/bin/)?(fedshield|flwr|python) ", line):
+            if COMMAND.match(line):
                 found.append(line)
-    prose = re.sub(r"```.*?```", "", README, flags=re.S).replace("\n", " ")
+    prose = re.sub(r"```.*?```", "", text, flags=re.S).replace("\n", " ")
     for span in re.findall(r"``(.+?)``|`([^`]+)`", prose):
-        text = (span[0] or span[1]).strip()
-        if re.match(r"^(\.venv/bin/)?fedshield [a-z]+ |^flwr run |^python benchmarks/", text):
-            found.append(text)
+        code = (span[0] or span[1]).strip()
+        if INLINE.match(code):
+            found.append(code)
     return sorted(set(found))
 
 
@@ -81,14 +102,25 @@ def argv(command: str) -> list[str]:
     return tokens
 
 
-COMMANDS = commands()
+COMMANDS = sorted({c for text in PAGES.values() for c in commands(text)})
 FEDSHIELD = [c for c in COMMANDS if argv(c)[0] == "fedshield"]
 FLWR_RUN = [c for c in COMMANDS if argv(c)[:2] == ["flwr", "run"] and "--run-config" in argv(c)]
 PYTHON = [c for c in COMMANDS if argv(c)[:1] == ["python"] and argv(c)[1].startswith("benchmarks/")]
+MAKE = [c for c in COMMANDS if argv(c)[0] == "make"]
+FLOWER = [c for c in COMMANDS if argv(c)[0] in ("flower-superlink", "flower-supernode")
+          or (argv(c)[0] == "flwr" and c not in FLWR_RUN)]
 
 
-def test_the_readme_has_examples_of_each_kind():
+def test_the_readme_and_docs_have_examples_of_each_kind():
     assert len(FEDSHIELD) >= 20 and len(FLWR_RUN) >= 2 and len(PYTHON) >= 3, COMMANDS
+    assert len(MAKE) >= 4 and len(FLOWER) >= 4, COMMANDS
+    readme = commands(README)
+    assert sum(argv(c)[0] == "fedshield" for c in readme) >= 10, readme
+    assert {"make run", "make test"} <= {" ".join(argv(c)) for c in readme}, readme
+
+
+def test_the_readme_stays_short():
+    assert len(README.splitlines()) <= 200, "README.md is over 200 lines: move detail to docs/"
 
 
 def cli_group() -> click.Group:
@@ -154,7 +186,11 @@ def test_the_old_digits_flwr_run_example_is_refused_before_training():
 @pytest.mark.parametrize("command", PYTHON)
 def test_python_benchmark_commands_name_existing_files(command):
     tokens = argv(command)
-    assert (ROOT / tokens[1]).is_file(), tokens[1]
+    script = ROOT / tokens[1]
+    assert script.is_file(), tokens[1]
+    source = script.read_text()
+    for option in (t.split("=")[0] for t in tokens[2:] if t.startswith("--")):
+        assert f'"{option}"' in source, f"{command}: {script.name} has no option {option}"
     for config in (t for t in tokens[2:] if t.endswith(".toml") and not PLACEHOLDER.search(t)):
         fcfg.load(ROOT / config)
 
@@ -162,9 +198,46 @@ def test_python_benchmark_commands_name_existing_files(command):
 def test_toml_blocks_parse_and_config_paths_exist():
     import tomllib
 
-    blocks = [body for lang, body in code_blocks(README) if lang == "toml"]
+    blocks = [body for text in PAGES.values() for lang, body in code_blocks(text)
+              if lang == "toml"]
     assert blocks
     for body in blocks:
         tomllib.loads(body)
-    for path in sorted(set(re.findall(r"configs/[\w.-]+\.toml", README))):
+    paths = {p for text in PAGES.values() for p in re.findall(r"configs/[\w.-]+\.toml", text)}
+    for path in sorted(paths):
         fcfg.load(ROOT / path)
+
+
+def make_targets() -> set[str]:
+    makefile = (ROOT / "Makefile").read_text()
+    return set(re.findall(r"^([a-z][\w-]*):", makefile, flags=re.M))
+
+
+@pytest.mark.parametrize("command", MAKE)
+def test_make_commands_name_makefile_targets(command):
+    targets = [t for t in argv(command)[1:] if not re.match(r"^\w+=", t)]
+    assert targets and set(targets) <= make_targets(), f"{command}: not a Makefile target"
+
+
+@cache
+def help_text(*program: str) -> str:
+    """``--help`` of one of Flower's CLIs, run from this interpreter's environment."""
+    exe = Path(sys.executable).with_name(program[0])
+    result = subprocess.run([str(exe), *program[1:], "--help"], capture_output=True, text=True,
+                            timeout=120, env={"PATH": str(exe.parent), "NO_COLOR": "1",
+                                              "COLUMNS": "300", "TERM": "dumb"})
+    assert result.returncode == 0, f"{' '.join(program)} --help: {result.stderr[-2000:]}"
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", FLOWER)
+def test_flower_commands_exist_and_take_these_options(command):
+    tokens = argv(command)
+    program = tokens[:1]
+    if tokens[0] == "flwr":  # subcommands: `flwr ls`, `flwr supernode register`, ...
+        program = [t for t in tokens[:3] if not t.startswith("-") and re.match(r"^[a-z]+$", t)]
+        program = ["flwr", *program[1:3]] if len(program) > 2 and program[1] == "supernode" \
+            else ["flwr", *program[1:2]]
+    text = help_text(*program)
+    for option in (t.split("=")[0] for t in tokens if t.startswith("--")):
+        assert option in text, f"{command}: {' '.join(program)} has no option {option}"
