@@ -23,48 +23,76 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUTPUT = ROOT / "benchmarks" / "RESULTS.md"
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a result was produced: the commands as run (checked by the docs test) and a note."""
+
+    commands: tuple[str, ...]
+    note: str = ""
+
+    def markdown(self) -> str:
+        """``Command: `...` (note)`` for the results page."""
+        label = "Command" if len(self.commands) == 1 else "Commands"
+        text = f"{label}: " + "; ".join(f"`{c}`" for c in self.commands)
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def recipe(*commands: str, note: str = "") -> Recipe:
+    """A Recipe from its commands and an optional note."""
+    return Recipe(tuple(commands), note)
+
+
+ROBUSTNESS = ("fedshield robustness configs/bench-robustness.toml --rules {rules} --attacks "
+              "none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum,backdoor "
+              "--partitions dirichlet-0.5")
+AGGREGATORS = recipe("fedshield bench aggregators --ns 10,100,1000 --ds 100000,1000000")
 # The command that produced each result folder (or file), as run. Folders of the DP-overhead
 # benchmark need none: their JSON records the arguments, and the command is rebuilt from them.
-AGGREGATORS = "fedshield bench aggregators --ns 10,100,1000 --ds 100000,1000000"
-COMMANDS: dict[str, str] = {
+COMMANDS: dict[str, Recipe] = {
     "cpu-2026-11-26/aggregators": AGGREGATORS,
     "cpu-2026-11-27/aggregators": AGGREGATORS,
-    "cpu-2026-11-27/aggregators-legacy": (
+    "cpu-2026-11-27/aggregators-legacy": recipe(
         "fedshield bench aggregators --ns 100 --ds 1000000 "
         "--rules fedavg,krum,multikrum,median,trimmed_mean,bulyan"),
-    "cpu-2026-11-26/bench_accuracy_fedavg.json": (
+    "cpu-2026-11-26/bench_accuracy_fedavg.json": recipe(
         "python benchmarks/bench_accuracy.py configs/bench-mnist-fedavg.toml"),
-    "cpu-2026-11-26/bench_accuracy_fedavg_no_augment.json": (
+    "cpu-2026-11-26/bench_accuracy_fedavg_no_augment.json": recipe(
         "python benchmarks/bench_accuracy.py configs/bench-mnist-fedavg.toml "
         "--set train.augment=none"),
-    "cpu-2026-11-26/robustness-mnist": (
-        "fedshield robustness configs/bench-robustness.toml --rules bucketing+cclip "
-        "--attacks none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum,backdoor "
-        "--partitions dirichlet-0.5 --set federation.rounds=10 --set train.lr_schedule=constant "
-        "(and the same with --rules nnm+cclip, and --rules fedavg --attacks none)"),
-    "cpu-2026-11-26/robustness-mnist-20rounds": (
+    "cpu-2026-11-26/robustness-mnist": recipe(
+        ROBUSTNESS.format(rules="bucketing+cclip")
+        + " --set federation.rounds=10 --set train.lr_schedule=constant",
+        ROBUSTNESS.format(rules="nnm+cclip")
+        + " --set federation.rounds=10 --set train.lr_schedule=constant",
+        "fedshield robustness configs/bench-robustness.toml --rules fedavg --attacks none "
+        "--partitions dirichlet-0.5 --set federation.rounds=10 --set train.lr_schedule=constant"),
+    "cpu-2026-11-26/robustness-mnist-20rounds": recipe(
+        ROBUSTNESS.format(rules="nnm+cclip"),
+        "fedshield robustness configs/bench-robustness.toml --rules fedavg --attacks none "
+        "--partitions dirichlet-0.5"),
+    "cpu-2026-11-27/robustness-recheck": recipe(
         "fedshield robustness configs/bench-robustness.toml --rules nnm+cclip "
-        "--attacks none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum,backdoor "
-        "--partitions dirichlet-0.5 (and --rules fedavg --attacks none)"),
-    "cpu-2026-11-27/robustness-recheck": (
-        "fedshield robustness configs/bench-robustness.toml --rules nnm+cclip "
-        "--attacks ATTACK --partitions dirichlet-0.5"),
-    "cpu-2026-11-26/bench_serving.json": "python benchmarks/bench_serving.py",
-    "cpu-2026-11-27/dp-accuracy": (
+        "--attacks ATTACK --partitions dirichlet-0.5", note="ATTACK is the file's name"),
+    "cpu-2026-11-26/bench_serving.json": recipe("python benchmarks/bench_serving.py"),
+    "cpu-2026-11-27/dp-accuracy": recipe(
         "fedshield simulate configs/bench-dp-mnist.toml --set privacy.target_epsilon=3.0 "
         "--set privacy.max_grad_norm=1.0 --set train.momentum=0.5 --set train.batch_size=B "
-        "--set train.lr=LR [--set federation.rounds=R] (B, LR, R in the file name)"),
-    "cpu-2026-11-27/dp-accuracy-scattering": (
+        "--set train.lr=LR --set federation.rounds=R",
+        note="B, LR and R as in the file name; R = 30 where it names none"),
+    "cpu-2026-11-27/dp-accuracy-scattering": recipe(
         "fedshield simulate configs/bench-dp-mnist-scattering.toml "
-        "--set privacy.target_epsilon=E [--set ...] (the settings are in the file name), "
-        "or python benchmarks/run_suite.py dp --only dp-iid-eps1-scatter-linear,..."),
-    "cpu-2026-11-27/privacy-sweep-scattering": (
+        "--set privacy.target_epsilon=E [--set ...]",
+        "python benchmarks/run_suite.py dp --only dp-iid-eps1-scatter-linear",
+        note="the settings beyond the config's are in the file name"),
+    "cpu-2026-11-27/privacy-sweep-scattering": recipe(
         "fedshield privacy sweep configs/bench-dp-mnist-scattering.toml "
-        "--epsilons 0.5,1,3,8,inf --out runs/privacy-sweep-scattering"),
-    "cpu-2026-12-01/privacy-sweep-scattering-audit": (
+        "--epsilons 0.5,1,3,8,inf --out runs/privacy-sweep-scattering",
+        note="measured at 4357f23, before the secure randomness and the histogram release"),
+    "cpu-2026-12-01/privacy-sweep-scattering-audit": recipe(
         "fedshield privacy sweep configs/bench-dp-mnist-scattering.toml "
         "--epsilons 0.5,1,3,8,inf --audit-canaries 1000"),
-    "h100-2026-11-26": "python benchmarks/run_suite.py fedavg dp robustness (on an H100 machine)",
+    "h100-2026-11-26": recipe("python benchmarks/run_suite.py fedavg dp robustness",
+                              note="on an H100 machine, 14 runs at a time"),
 }
 
 
@@ -166,15 +194,15 @@ def dp_overhead_command(args: dict[str, Any]) -> str:
             + f" --threads {args['threads']}")
 
 
-def render_file(path: Path) -> tuple[str | None, Table]:
+def render_file(path: Path) -> tuple[Recipe | None, Table]:
     """(command if the file records one, table) for one result JSON that is not a summary."""
     data = json.loads(path.read_text())
     if isinstance(data, dict) and data.get("benchmark") == "dp-overhead":
-        return dp_overhead_command(data["args"]), table(data["rows"], OVERHEAD_KEYS)
+        return recipe(dp_overhead_command(data["args"])), table(data["rows"], OVERHEAD_KEYS)
     if isinstance(data, dict) and "rows" in data and data["rows"] and "rule" in data["rows"][0]:
         return None, table(data["rows"], AGG_KEYS)
     if isinstance(data, dict) and "rows" in data:
-        return data.get("command"), table(data["rows"], SERVING_KEYS)
+        return None, table(data["rows"], SERVING_KEYS)
     if isinstance(data, list) and data and "worst_accuracy" in data[0]:
         keys = ["rule", "partition", "byzantine_fraction", "no_attack_accuracy",
                 "worst_accuracy", "worst_attack"]
@@ -191,7 +219,7 @@ def is_summary(path: Path) -> bool:
     return isinstance(data, dict) and "final" in data and "best" in data
 
 
-def command_for(rel: str) -> str | None:
+def command_for(rel: str) -> Recipe | None:
     """The recorded command of a result file or of the folder holding it."""
     while rel:
         if rel in COMMANDS:
@@ -225,7 +253,7 @@ def render(results: Path = RESULTS) -> str:
         else:
             recorded, tab = render_file(members[0])
             command = recorded or command_for(key)
-        out += [f"Command: `{command}`" if command else "Command: not recorded.", ""]
+        out += [command.markdown() if command else "Command: not recorded.", ""]
         out += [tab.markdown(), ""]
     return "\n".join(out)
 

@@ -1,7 +1,7 @@
 """The README's and the docs' cheap examples are checked, so a broken example fails CI.
 
-Every shell command in the code blocks of README.md and docs/*.md (and in inline code that
-starts with ``fedshield``/``flwr run``/``make``) is extracted:
+Every shell command in the code blocks of README.md, docs/*.md and benchmarks/RESULTS.md (and in
+inline code that starts with ``fedshield``/``flwr run``/``make``) is extracted:
 
 - ``fedshield ...``: the command exists, its ``--help`` works, its options parse, and a config
   file with ``--set`` overrides loads and validates;
@@ -31,9 +31,10 @@ from typer.testing import CliRunner
 from fedshield import config as fcfg
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every page a user reads; generated pages (RESULTS.md) are checked by tests/test_results_md.py.
+# Every page a user reads, including the generated benchmark results the docs site includes.
 PAGES = {p.relative_to(ROOT).as_posix(): p.read_text()
-         for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
+         for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                   ROOT / "benchmarks" / "RESULTS.md"]}
 README = PAGES["README.md"]
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*$|runs/X\b|<|\[|\.\.\.|^-?[A-Z]$|=[A-Z]+$|^N$")
 
