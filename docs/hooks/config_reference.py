@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ def field_comments(cls: type) -> dict[str, str]:
     """The ``#`` comment lines written directly above each field of a dataclass, joined."""
     comments: dict[str, str] = {}
     pending: list[str] = []
-    for line in inspect.getsource(cls).splitlines():
+    for line in textwrap.dedent(inspect.getsource(cls)).splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
             pending.append(stripped.lstrip("#").strip())
