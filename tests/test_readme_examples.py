@@ -242,3 +242,23 @@ def test_flower_commands_exist_and_take_these_options(command):
     text = help_text(*program)
     for option in (t.split("=")[0] for t in tokens if t.startswith("--")):
         assert option in text, f"{command}: {' '.join(program)} has no option {option}"
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of a rich table: the cells between the vertical bars, stripped."""
+    return [[c.strip() for c in line.strip().strip("│").split("│")]
+            for line in text.splitlines() if line.strip().startswith("│")]
+
+
+def test_the_planner_example_prints_the_output_the_docs_show():
+    """The one example whose output the docs show is run, and its table must match."""
+    page = PAGES["docs/dp-training.md"]
+    block = next(body for _, body in code_blocks(page) if "$ fedshield privacy plan" in body)
+    command = re.sub(r"\\\n\s*", " ", block).splitlines()[0].removeprefix("$ ")
+    shown = table_rows(block)
+    assert len(shown) >= 3, block
+    from fedshield.cli import app
+
+    result = CliRunner().invoke(app, argv(command)[1:], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert table_rows(result.output) == shown, result.output
