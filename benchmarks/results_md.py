@@ -237,6 +237,9 @@ def render(results: Path = RESULTS) -> str:
            "global model; epsilons are per-client, sample-level, at the run's delta.",
            "Dated folders: `cpu-*` ran on the project's 2-core CPU machine, `h100-*` on an H100",
            "machine lent to the project (accuracy does not depend on the hardware, timings do).",
+           "Folders dated before 2026-12-01 were measured at 4357f23, before the secret DP",
+           "randomness and the noised histogram release; of those, only the MNIST privacy sweep",
+           "has been re-measured since (`cpu-2026-12-01/privacy-sweep-scattering-audit`).",
            ""]
     files = sorted(results.rglob("*.json"))
     groups: dict[str, list[Path]] = {}
