@@ -87,7 +87,7 @@ COMMANDS: dict[str, Recipe] = {
     "cpu-2026-11-27/privacy-sweep-scattering": recipe(
         "fedshield privacy sweep configs/bench-dp-mnist-scattering.toml "
         "--epsilons 0.5,1,3,8,inf --out runs/privacy-sweep-scattering",
-        note="measured at 4357f23, before the secure randomness and the histogram release"),
+        note="measured before the secret DP randomness and the histogram release"),
     "cpu-2026-12-01/privacy-sweep-scattering-audit": recipe(
         "fedshield privacy sweep configs/bench-dp-mnist-scattering.toml "
         "--epsilons 0.5,1,3,8,inf --audit-canaries 1000"),
@@ -237,9 +237,9 @@ def render(results: Path = RESULTS) -> str:
            "global model; epsilons are per-client, sample-level, at the run's delta.",
            "Dated folders: `cpu-*` ran on the project's 2-core CPU machine, `h100-*` on an H100",
            "machine lent to the project (accuracy does not depend on the hardware, timings do).",
-           "Folders dated before 2026-12-01 were measured at 4357f23, before the secret DP",
-           "randomness and the noised histogram release; of those, only the MNIST privacy sweep",
-           "has been re-measured since (`cpu-2026-12-01/privacy-sweep-scattering-audit`).",
+           "Folders dated before 2026-12-01 were measured at or before 4357f23, before the secret",
+           "DP randomness and the noised histogram release; of their figures, only the MNIST",
+           "privacy sweep has been re-measured (`cpu-2026-12-01/privacy-sweep-scattering-audit`).",
            ""]
     files = sorted(results.rglob("*.json"))
     groups: dict[str, list[Path]] = {}
