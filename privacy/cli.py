@@ -10,11 +10,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedshield.config import PrivacyConfig
 from fedshield.errors import FedShieldError
 from privacy.accounting import BOUNDS
 from privacy.planner import PLAN_ACCOUNTANTS, Plan, milestones, plan
+from privacy.releases import EXACT_MODE, MODES
 
-privacy_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+privacy_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                          pretty_exceptions_enable=False,
                           help="Differential-privacy planning and accounting.")
 _err = Console(stderr=True, soft_wrap=True)
 
@@ -35,7 +38,8 @@ def _fail(message: str) -> None:
     "Inverse: fedshield privacy plan --noise-multiplier 1.1 --delta 1e-5 --rounds 50 "
     "--local-epochs 1 --batch-size 64 --num-examples 6000"))
 def plan_command(
-    target_epsilon: Optional[float] = typer.Option(None, help="epsilon to spend over the whole schedule"),
+    target_epsilon: Optional[float] = typer.Option(
+        None, help="epsilon to spend over the whole schedule"),
     noise_multiplier: Optional[float] = typer.Option(
         None, help="instead of a target: the epsilon this noise multiplier spends"),
     delta: float = typer.Option(1e-5, help="delta; must be < 1/num-examples"),
@@ -47,10 +51,25 @@ def plan_command(
     accountant: Optional[str] = typer.Option(
         None, help=f"one of {', '.join(BOUNDS)} (default: all three side by side; gdp is an "
                    "approximation, not a bound, and is refused)"),
-    json_out: bool = typer.Option(False, "--json", help="print the plan, with the per-round curve, as JSON"),
+    json_out: bool = typer.Option(False, "--json",
+                                  help="print the plan, with the per-round curve, as JSON"),
+    release_stats: str = typer.Option(
+        "dp", help="as privacy.release_stats: \"dp\" (default) spends the once-per-run class-"
+                   "histogram release, planned and stated with the training; "
+                   "\"exact-outside-guarantee\" spends nothing on it"),
+    stats_noise_multiplier: float = typer.Option(
+        PrivacyConfig().stats_noise_multiplier,
+        help="as privacy.stats_noise_multiplier: the release's noise (event sigma, q = 1, 1 step)"),
 ) -> None:
     """Noise multiplier per accountant that spends --target-epsilon over the schedule (or, with
-    --noise-multiplier, the epsilon spent), and epsilon after rounds 1, 10%, 50% and 100%."""
+    --noise-multiplier, the epsilon spent), and epsilon after rounds 1, 10%, 50% and 100%.
+
+    Every epsilon includes the client's class-histogram release unless --release-stats
+    exact-outside-guarantee. A client plans from its noised example count (std about
+    stats-noise-multiplier x sqrt(classes)): pass that count as --num-examples to reproduce its
+    numbers exactly; with --target-epsilon it spends the target whatever the count."""
+    if release_stats not in MODES:
+        _fail(f"--release-stats {release_stats!r}: choose one of {', '.join(MODES)}")
     if accountant is not None and accountant not in BOUNDS:
         _fail(f"--accountant {accountant!r}: choose one of {', '.join(BOUNDS)}"
               + (" (gdp is a CLT approximation, not an upper bound: a planned eps 3.0 really "
@@ -60,7 +79,9 @@ def plan_command(
                       num_examples=num_examples, delta=delta, target_epsilon=target_epsilon,
                       noise_multiplier=noise_multiplier, max_steps=max_steps,
                       accountants=(accountant,) if accountant else PLAN_ACCOUNTANTS,
-                      curve_rounds=None if json_out else milestones(rounds))
+                      curve_rounds=None if json_out else milestones(rounds),
+                      stats_noise_multiplier=None if release_stats == EXACT_MODE
+                      else stats_noise_multiplier)
     except FedShieldError as exc:
         _fail(str(exc))
     if json_out:
@@ -72,9 +93,13 @@ def plan_command(
 def _table(result: Plan) -> Table:
     what = (f"target epsilon {result.target_epsilon:g}" if result.target_epsilon is not None
             else "epsilon spent")
+    release = ("including the class-histogram release (sigma "
+               f"{result.stats_noise_multiplier:g}, q = 1, 1 step)"
+               if result.stats_noise_multiplier is not None
+               else "no statistics release accounted (release_stats = exact-outside-guarantee)")
     table = Table(title=f"{what} (sample-level, per client, add/remove), delta {result.delta:g}: "
                         f"{result.rounds} rounds x {result.steps_per_round} steps, sample rate "
-                        f"{result.sample_rate:.4g}",
+                        f"{result.sample_rate:.4g}; {release}",
                   caption="prv (Opacus) and pld (dp_accounting) are tight, rdp a looser upper "
                           "bound; column pld: PLD epsilon at the same sigma; each epsilon is the "
                           "larger of its accountant's and PLD's")
