@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -126,8 +127,6 @@ def ledger_command(
 ) -> None:
     """A site's privacy spend per federation and in total (the total is what its budget caps).
     Exits 1 when a ledger is deleted, truncated or unreadable."""
-    from pathlib import Path  # noqa: PLC0415
-
     from privacy.ledger import site_report  # noqa: PLC0415
 
     if not Path(ledger_dir).is_dir():
@@ -169,27 +168,44 @@ def _ledger_table(site: dict) -> Table:
 
 @privacy_app.command("audit", epilog=(
     "Example: fedshield privacy audit configs/audit-digits.toml --canaries 1000\n\n"
+    "Record it on a run's model card: fedshield privacy audit --run-dir runs/NAME --attacks "
+    "canary (the run's own config.toml; writes runs/NAME/audit.json)\n\n"
     "Without DP, for the attack's ceiling: add --set privacy.enabled=false"))
 def audit_command(
-    config: str = typer.Argument(..., help="TOML experiment config, e.g. configs/default.toml"),
+    config: Optional[str] = typer.Argument(
+        None, help="TOML experiment config, e.g. configs/default.toml (default with --run-dir: "
+                   "the run's config.toml)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value (repeatable)"),
     canaries: int = typer.Option(1000, help="canaries inserted into the client's data (m)"),
     client: int = typer.Option(0, help="partition id of the audited client"),
     shadows: int = typer.Option(4, help="LiRA shadow models"),
     attacks: str = typer.Option("canary,mia,inversion", help="comma-separated attacks to run"),
     seed: Optional[int] = typer.Option(None, help="the auditor's coins (default: fresh entropy)"),
+    run_dir: Optional[str] = typer.Option(
+        None, help="a finished run's folder: write the audit there (audit.json) for its model "
+                   "card, and refresh the card already in its export/"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Empirical privacy audit: a one-run canary epsilon lower bound (95% confidence) next to the
-    accountant's epsilon, membership inference (loss, LiRA) and gradient inversion."""
-    from fedshield import config as fcfg
-    from simulations.audit import run_audit
+    accountant's epsilon, membership inference (loss, LiRA) and gradient inversion.
 
+    The audit trains its own models (canaries never enter a run's released model); with
+    --run-dir its record goes on that run's model card, which says whether the audited settings
+    are the run's."""
+    from fedshield import config as fcfg  # noqa: PLC0415
+    from simulations.audit import run_audit, write_run_audit  # noqa: PLC0415
+
+    if config is None and run_dir is None:
+        _fail("give a CONFIG, or --run-dir RUN to audit a run with its own config.toml")
+    if run_dir is not None and not (Path(run_dir) / "summary.json").is_file():
+        _fail(f"--run-dir {run_dir!r}: no summary.json there; pass the folder of a finished run")
     try:
-        cfg = fcfg.load(config, set_ or [])
+        cfg = fcfg.load(config if config is not None else Path(run_dir) / "config.toml",
+                        set_ or [])
         report = run_audit(cfg, canaries=canaries, client=client, shadows=shadows,
                            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
                            audit_seed=seed)
+        written = write_run_audit(run_dir, report, cfg) if run_dir is not None else None
     except FedShieldError as exc:
         _fail(str(exc))
     if json_out:
@@ -197,6 +213,29 @@ def audit_command(
     else:
         for table in _audit_tables(report):
             Console().print(table)
+    if written is not None:
+        _err.print(f"audit recorded in {written}; " + _card_note(Path(run_dir)))
+
+
+def _card_note(run: Path) -> str:
+    """Refresh the run's card if its hand-off wrote one, and say which cards show the audit."""
+    try:
+        from deployment.card import refresh_audit  # noqa: PLC0415 ([deploy] extra)
+    except ImportError:
+        return "the model card will show it once the [deploy] extra builds one"
+    card = refresh_audit(run)
+    if card is None:
+        return "the run's model card shows it when its hand-off builds the card"
+    note = f"model card refreshed: {card} (and model_card.md)"
+    handoff = run / "handoff.json"
+    if handoff.is_file():
+        try:
+            uri = json.loads(handoff.read_text()).get("model_uri", "its registered version")
+        except ValueError:
+            uri = "its registered version"
+        note += (f"; {uri} keeps the card it was registered with (registered cards are "
+                 "immutable): it says \"not audited\"")
+    return note
 
 
 def _finite(value):

@@ -27,8 +27,11 @@ this client is its update each round, which is exactly what is attacked.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
+import time
+import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +45,8 @@ from client.training import train_local
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError
 from privacy import audit
+from privacy.accounting import SAMPLE_LEVEL
+from privacy.ledger import atomic_write_json
 from tasks import Split, task_for
 from tasks.models import mlp
 
@@ -444,5 +449,43 @@ def run_audit(cfg: fcfg.Config, canaries: int = 1000, client: int = 0, shadows: 
                                      audit_seed=audit_seed) if "inversion" in attacks else [])
 
 
+# -- the record a run folder keeps (its model card shows it) ----------------------------------
+
+def procedure(report: AuditReport, cfg: fcfg.Config) -> str:
+    """What was audited, in words the card prints."""
+    rounds = cfg.federation.rounds
+    canaries = report.canary[0].bound.canaries if report.canary else 0
+    return (f"one-run canary audit (Steinke, Nasr & Jagielski 2023) of client {report.client}'s "
+            f"DP-SGD with this config's privacy settings, schedule ({rounds} rounds) and data, in a "
+            f"separate training: a linear model over the task's features plus {canaries} canary "
+            "features, each Dirac canary included with probability 1/2; the adversary sees the "
+            "client's update every round. Throwaway ledgers: no client budget is spent")
+
+
+def audit_record(report: AuditReport, cfg: fcfg.Config) -> audit.AuditRecord:
+    """``report`` as the record a run folder keeps, with the digest of ``cfg``'s mechanism."""
+    table = tomllib.loads(fcfg.to_toml(cfg))  # what the run's config.toml holds for this cfg
+    return audit.AuditRecord(
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        mechanism_digest=audit.mechanism_digest(table), task=report.task, client=report.client,
+        # The audit trains its own model: the run's (handed-off) model never sees a canary.
+        canaries_in_released_model=False, procedure=procedure(report, cfg),
+        canary=tuple({**c.to_dict(), "unit": SAMPLE_LEVEL} for c in report.canary),
+        membership=tuple(m.to_dict() for m in report.membership),
+        inversion=tuple(i.to_dict() for i in report.inversion))
+
+
+def write_run_audit(run_dir: str | Path, report: AuditReport, cfg: fcfg.Config) -> Path:
+    """Write ``run_dir/audit.json`` (atomically); the run's model card reads it."""
+    run = Path(run_dir)
+    if not (run / "summary.json").is_file():
+        raise ConfigError(f"--run-dir {run}: no summary.json there; pass the folder of a finished "
+                          "run (runs/<name>)")
+    path = run / audit.AUDIT_JSON
+    atomic_write_json(path, json.loads(audit_record(report, cfg).to_json()))
+    return path
+
+
 __all__ = ["AuditReport", "CanaryAudit", "Inversion", "MembershipInference", "canary_audit",
-           "client_seed", "gradient_inversion", "membership_inference", "run_audit"]
+           "audit_record", "client_seed", "gradient_inversion", "membership_inference", "run_audit",
+           "write_run_audit"]
