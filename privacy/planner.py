@@ -40,15 +40,24 @@ MIN_NOISE = 0.3
 PLAN_RTOL = 2e-3
 
 
-def check_delta(delta: float, num_examples: int) -> None:
+def check_delta(delta: float, num_examples: int, *, private_count: bool = False) -> None:
     """Refuse a delta that is not below 1/num_examples (ConfigError): with n examples a larger
-    delta admits a mechanism that publishes whole records. Give the exact count (client/dp.py)."""
+    delta admits a mechanism that publishes whole records. Give the exact count (client/dp.py).
+
+    ``private_count``: the count is a client's exact one, and the message travels to the server
+    (Flower sends a ClientApp's exception text), so the message does not name it."""
     if not 0 < delta < 1:
         raise ConfigError(f"delta = {delta!r} must be in (0, 1)")
-    if delta >= 1 / num_examples:
-        raise ConfigError(f"delta must be < 1/num_examples = {1 / num_examples:.3g}, got {delta:g} "
-                          f"(with {num_examples} examples a larger delta lets a mechanism publish "
-                          "whole records); lower delta")
+    if delta < 1 / num_examples:
+        return
+    if private_count:
+        raise ConfigError(f"privacy.delta = {delta:g} is not below 1/n for this client's exact "
+                          "number of training examples n (a larger delta lets a mechanism "
+                          "publish whole records; n stays on the client); lower privacy.delta "
+                          "below 1/(the largest client's n)")
+    raise ConfigError(f"delta must be < 1/num_examples = {1 / num_examples:.3g}, got {delta:g} "
+                      f"(with {num_examples} examples a larger delta lets a mechanism publish "
+                      "whole records); lower delta")
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:

@@ -122,10 +122,12 @@ def test_the_delta_check_uses_the_exact_count_not_the_noised_one(digits, tmp_pat
     cfg = dataclasses.replace(privacy(tmp_path, noise_multiplier=1.0), delta=1e-2)
     ledger = Ledger.for_client(tmp_path, "fed", 0, 1e-2, "rdp")
     # 200 real examples: delta 1e-2 >= 1/200 is refused although the noised count (50) would pass.
-    with pytest.raises(ConfigError, match="delta must be < 1/num_examples = 0.005"):
+    with pytest.raises(ConfigError, match="not below 1/n for this client's exact") as refused:
         train_private(dp_compatible(task.build_model()), train.subset(np.arange(200)), train_cfg,
                       cfg, ledger, total_rounds=1, server_round=1, run_id="r",
                       planning_examples=50)
+    # Flower sends a ClientApp's exception text to the server: it must not carry the count.
+    assert "200" not in str(refused.value) and "0.005" not in str(refused.value)
     assert ledger.events() == []  # refused before anything was spent
     # 50 real examples: delta 1e-2 < 1/50 trains although the noised count (500) would refuse.
     out = train_private(dp_compatible(task.build_model()), train.subset(np.arange(50)), train_cfg,
