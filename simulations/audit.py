@@ -69,6 +69,8 @@ def noise_is_reproducible(privacy_cfg: fcfg.PrivacyConfig) -> bool:
 
 @dataclass(frozen=True)
 class CanaryAudit:
+    """One adversary's one-run canary bound next to the audited training's stated epsilon."""
+
     adversary: str
     bound: audit.AuditBound
     canaries_included: int
@@ -81,6 +83,7 @@ class CanaryAudit:
     noise_reproducible: bool
 
     def to_dict(self) -> dict:
+        """Plain dict with the bound's epsilon also as ``empirical_epsilon``."""
         out = asdict(self)
         out["bound"] = self.bound.to_dict()
         out["empirical_epsilon"] = self.bound.epsilon
@@ -89,6 +92,8 @@ class CanaryAudit:
 
 @dataclass(frozen=True)
 class MembershipInference:
+    """One membership-inference attack's scores on the final model."""
+
     attack: str  # "loss" or "lira"
     auc: float
     tpr_at_fpr: dict[str, float]
@@ -98,11 +103,14 @@ class MembershipInference:
     stated_epsilon: float
 
     def to_dict(self) -> dict:
+        """Plain dict (JSON-ready but for an infinite stated epsilon)."""
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class Inversion:
+    """Gradient inversion of one update: reconstruction quality against the data-mean baseline."""
+
     private: bool
     batch: int
     mse: float
@@ -112,11 +120,14 @@ class Inversion:
     iterations: int
 
     def to_dict(self) -> dict:
+        """Plain dict (JSON-ready but for an infinite stated epsilon)."""
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class AuditReport:
+    """Every attack's results for one audited client."""
+
     task: str
     client: int
     canary: list[CanaryAudit] = field(default_factory=list)
@@ -124,6 +135,7 @@ class AuditReport:
     inversion: list[Inversion] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """Plain dict of every result."""
         return {"task": self.task, "client": self.client,
                 "canary": [c.to_dict() for c in self.canary],
                 "membership": [m.to_dict() for m in self.membership],
@@ -405,9 +417,10 @@ def gradient_inversion(cfg: fcfg.Config, batch: int = 4, client: int = 0, iterat
                                f"inversion-{private}", privacy)
             trainer.round(model, secret, 1, 1)
             # The server sent `start` and knows the lr: one SGD step's update is -lr * gradient.
-            observed = [(s - p.detach()) / step.lr for s, p in zip(start, model.parameters())]
+            observed = [(s - p.detach()) / step.lr
+                        for s, p in zip(start, model.parameters(), strict=True)]
             with torch.no_grad():
-                for p, s in zip(model.parameters(), start):
+                for p, s in zip(model.parameters(), start, strict=True):
                     p.copy_(s)
             recon = invert_gradient(model, observed, torch.from_numpy(secret.y), shape, bounds,
                                     iterations, tv_weight, seed=int(rng.integers(2**31)))
@@ -453,13 +466,21 @@ def run_audit(cfg: fcfg.Config, canaries: int = 1000, client: int = 0, shadows: 
 
 def procedure(report: AuditReport, cfg: fcfg.Config) -> str:
     """What was audited, in words the card prints."""
-    rounds = cfg.federation.rounds
-    canaries = report.canary[0].bound.canaries if report.canary else 0
-    return (f"one-run canary audit (Steinke, Nasr & Jagielski 2023) of client {report.client}'s "
-            f"DP-SGD with this config's privacy settings, schedule ({rounds} rounds) and data, in a "
-            f"separate training: a linear model over the task's features plus {canaries} canary "
-            "features, each Dirac canary included with probability 1/2; the adversary sees the "
-            "client's update every round. Throwaway ledgers: no client budget is spent")
+    training = "DP-SGD" if cfg.privacy.enabled else "training (no DP)"
+    parts = []
+    if report.canary:
+        parts.append(
+            f"one-run canary audit (Steinke, Nasr & Jagielski 2023) of client {report.client}'s "
+            f"{training} with this config's settings, schedule ({cfg.federation.rounds} rounds) "
+            "and data, in a separate training: a linear model over the task's features plus "
+            f"{report.canary[0].bound.canaries} canary features, each Dirac canary included with "
+            "probability 1/2; the adversary sees the client's update every round")
+    if report.membership:
+        parts.append("membership inference on the final model of a separate training on half "
+                     "of the task's data, with shadow models")
+    if report.inversion:
+        parts.append(f"gradient inversion of client {report.client}'s first update")
+    return "; ".join(parts) + ". Throwaway ledgers: no client budget is spent"
 
 
 def audit_record(report: AuditReport, cfg: fcfg.Config) -> audit.AuditRecord:
