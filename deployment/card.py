@@ -149,7 +149,8 @@ def audit_section(run_dir: str | Path, config: dict) -> dict:
     } for c in record.canary]
     return {"audited": True,
             "status": "audited" if matches is not False else "audited with another configuration",
-            "matches_run_config": matches, "source": AUDIT_JSON, "created_at": record.created_at,
+            "matches_run_config": matches, "mechanism_digest": record.mechanism_digest,
+            "source": AUDIT_JSON, "created_at": record.created_at,
             "client": record.client, "procedure": record.procedure,
             "canaries_in_released_model": record.canaries_in_released_model,
             "canary": canary, "membership": list(record.membership),

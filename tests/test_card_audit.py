@@ -1,8 +1,10 @@
 """The model card shows the empirical privacy audit next to the accountant's epsilon, or says
 that the model was not audited (issue 14 item 8)."""
 
+import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -28,14 +30,26 @@ def audit_cfg(tmp_path) -> fcfg.Config:
                     "ledger_dir": str(tmp_path / "ledgers")}})
 
 
-def exported_run(tmp_path, cfg: fcfg.Config | None = None, **run):
-    """A run folder as the ServerApp leaves it, with its hand-off's export in run/export."""
-    folder = make_run_dir(tmp_path, "digits", **run)
-    if cfg is not None:
-        (folder / "config.toml").write_text(fcfg.to_toml(cfg))
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
     state = {f"_module.{k}": v for k, v in trained_state("digits").items()}
-    export = export_model(get_task("digits"), state, folder / "export", {"run": "t", "rounds": 3})
-    return folder, export
+    out = tmp_path_factory.mktemp("export") / "digits"
+    return export_model(get_task("digits"), state, out, {"run": "t", "rounds": 3})
+
+
+@pytest.fixture
+def exported_run(tmp_path, digits_export):
+    """make(cfg, **run): a run folder as the ServerApp leaves it, with its hand-off's export in
+    run/export (a copy of one export: exporting costs seconds)."""
+
+    def make(cfg: fcfg.Config | None = None, **run):
+        folder = make_run_dir(tmp_path, "digits", **run)
+        if cfg is not None:
+            (folder / "config.toml").write_text(fcfg.to_toml(cfg))
+        shutil.copytree(digits_export.out_dir, folder / "export")
+        return folder, dataclasses.replace(digits_export, out_dir=str(folder / "export"))
+
+    return make
 
 
 def canary_result(bound: float, stated: float, adversary: str = "update") -> CanaryAudit:
@@ -43,8 +57,8 @@ def canary_result(bound: float, stated: float, adversary: str = "update") -> Can
                        stated, 1e-5, "prv", 1.2, 3, 560, False)
 
 
-def test_an_unaudited_card_says_not_audited(tmp_path):
-    run, export = exported_run(tmp_path)
+def test_an_unaudited_card_says_not_audited(exported_run):
+    run, export = exported_run()
     card = build_card(run, export, explain_examples=4)
     assert card.data["privacy_audit"] == {"audited": False, "status": "not audited",
                                           "text": NOT_AUDITED}
@@ -56,11 +70,11 @@ def test_an_unaudited_card_says_not_audited(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_audited_digits_run_shows_the_bound_below_the_stated_epsilon(tmp_path):
+def test_an_audited_digits_run_shows_the_bound_below_the_stated_epsilon(tmp_path, exported_run):
     from fedshield.cli import app
 
     cfg = audit_cfg(tmp_path)
-    run, export = exported_run(tmp_path, cfg, epsilon_max=3.0)
+    run, export = exported_run(cfg, epsilon_max=3.0)
     build_card(run, export, explain_examples=4)  # the hand-off's card: not audited yet
     out = CliRunner().invoke(app, ["privacy", "audit", "--run-dir", str(run), "--attacks",
                                    "canary", "--canaries", "400", "--seed", "0"])
@@ -95,9 +109,9 @@ def test_an_audited_digits_run_shows_the_bound_below_the_stated_epsilon(tmp_path
         render_markdown({**data, "privacy_audit": other}).splitlines())
 
 
-def test_a_bound_above_the_stated_epsilon_is_shouted(tmp_path):
+def test_a_bound_above_the_stated_epsilon_is_shouted(tmp_path, exported_run):
     cfg = audit_cfg(tmp_path)
-    run, export = exported_run(tmp_path, cfg)
+    run, export = exported_run(cfg)
     report = AuditReport("digits", 0, canary=[canary_result(4.2, 1.0, "seed-replay"),
                                               canary_result(math.inf, math.inf)])
     (run / AUDIT_JSON).write_text(audit_record(report, cfg).to_json())
@@ -110,8 +124,8 @@ def test_a_bound_above_the_stated_epsilon_is_shouted(tmp_path):
     assert "subtract its noise" in md and "accountant epsilon **inf (no DP)**" in md
 
 
-def test_an_unreadable_audit_record_is_not_audited_and_says_why(tmp_path):
-    run, _ = exported_run(tmp_path)
+def test_an_unreadable_audit_record_is_not_audited_and_says_why(exported_run):
+    run, _ = exported_run()
     (run / AUDIT_JSON).write_text('{"format": "something else"}')
     section = audit_section(run, read_run(run)[1])
     assert not section["audited"] and section["status"] == "audit record unreadable"
