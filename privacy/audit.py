@@ -304,11 +304,12 @@ class AuditRecord:
             raise ConfigError(f"audit record format {got!r} is not {AUDIT_FORMAT!r}; rerun "
                               "fedshield privacy audit --run-dir")
         try:
+            results = {k: tuple(dict(r) for r in doc.get(k) or ())
+                       for k in ("canary", "membership", "inversion")}
             record = cls(str(doc["created_at"]), str(doc["mechanism_digest"]), str(doc["task"]),
                          int(doc["client"]), bool(doc["canaries_in_released_model"]),
-                         str(doc["procedure"]),
-                         *(tuple(dict(r) for r in doc.get(k) or ())
-                           for k in ("canary", "membership", "inversion")))
+                         str(doc["procedure"]), results["canary"], results["membership"],
+                         results["inversion"])
             for c in record.canary:  # what the card reads of each canary result
                 float(c["empirical_epsilon"]), float(c["stated_epsilon"]), float(c["delta"])
                 int(c["bound"]["canaries"]), str(c["adversary"]), str(c["accountant"])
