@@ -168,7 +168,9 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     # A noised count below one batch (small clients, see privacy.stats_noise_multiplier) plans
     # full-batch Poisson sampling, q = 1: still exactly what is accounted.
     n = max(planning_examples, train_cfg.batch_size) if planning_examples else len(data)
-    check_delta(privacy_cfg.delta, n)
+    # "delta << 1/n" is about the real data set: the exact count. A refusal tells the server the
+    # one bit "n >= 1/delta", never n itself (docs/privacy.md, known limits).
+    check_delta(privacy_cfg.delta, len(data), private_count=True)
     rate = sample_rate(n, train_cfg.batch_size)
     planned_steps = steps_per_round(n, train_cfg.batch_size, train_cfg.local_epochs, train_cfg.max_steps)
     noise = resolve_noise(privacy_cfg, rate, total_rounds * planned_steps, extra_events)

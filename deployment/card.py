@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import tomllib
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ import numpy as np
 from deployment.artifacts import ATTRIBUTION_PNG, CARD_JSON, CARD_MD, SAFETENSORS, build_loaded_model, load_weights
 from deployment.explain import attribution_picture, feature_importance
 from deployment.export import ExportResult
+from fedshield.errors import ConfigError
+from privacy.accounting import SAMPLE_LEVEL
+from privacy.audit import AUDIT_JSON, AuditRecord, mechanism_digest
 from tasks import Split, Task, get_task
 
 TOP_FEATURES = 15
@@ -110,6 +114,66 @@ def _explanations(task: Task, export: ExportResult, test: Split, out: Path, exam
                    "num_features": len(ranked), "feature_importance": ranked[:TOP_FEATURES]}
 
 
+NOT_AUDITED = (
+    "Not audited: no empirical privacy audit is recorded for this run, so the accountant's "
+    "epsilon is the only evidence. `fedshield privacy audit --run-dir RUN` records one.")
+
+
+def audit_section(run_dir: str | Path, config: dict) -> dict:
+    """The card's ``privacy_audit``: the run folder's audit record (privacy/audit.py
+    ``AuditRecord``, written by ``fedshield privacy audit --run-dir``) against the run's own
+    config, or ``audited: false`` saying why. Never silent: no record reads "not audited"."""
+    path = Path(run_dir) / AUDIT_JSON
+    if not path.is_file():
+        return {"audited": False, "status": "not audited", "text": NOT_AUDITED}
+    try:
+        record = AuditRecord.from_json(path.read_text())
+    except (OSError, ConfigError) as exc:
+        return {"audited": False, "status": "audit record unreadable",
+                "text": f"Not audited: {path.name} is unreadable ({exc})."}
+    # Does the audit's mechanism (data, schedule, privacy settings, seed) equal this run's?
+    matches = record.mechanism_digest == mechanism_digest(config) if config else None
+    canary = [{
+        "adversary": c["adversary"],
+        "empirical_epsilon_lower_bound": float(c["empirical_epsilon"]),
+        "confidence": float(c["bound"].get("confidence", 0.95)),
+        "canaries": int(c["bound"]["canaries"]),
+        "canaries_included": c.get("canaries_included"),
+        "correct": c["bound"].get("correct"), "guesses": c["bound"].get("guesses"),
+        "stated_epsilon": float(c["stated_epsilon"]), "unit": c.get("unit", SAMPLE_LEVEL),
+        "delta": float(c["delta"]), "accountant": c["accountant"],
+        "noise_multiplier": c.get("noise_multiplier"), "rounds": c.get("rounds"),
+        "noise_reproducible": c.get("noise_reproducible"),
+        # the accountant's epsilon is an upper bound: a lower bound above it refutes it
+        "holds": float(c["empirical_epsilon"]) <= float(c["stated_epsilon"]),
+    } for c in record.canary]
+    return {"audited": True,
+            "status": "audited" if matches is not False else "audited with another configuration",
+            "matches_run_config": matches, "mechanism_digest": record.mechanism_digest,
+            "source": AUDIT_JSON, "created_at": record.created_at,
+            "client": record.client, "procedure": record.procedure,
+            "canaries_in_released_model": record.canaries_in_released_model,
+            "canary": canary, "membership": list(record.membership),
+            "inversion": list(record.inversion)}
+
+
+def refresh_audit(run_dir: str | Path) -> Path | None:
+    """Re-read the run's audit record into the card its hand-off already wrote (``export/``),
+    JSON and Markdown; None when the run has no card yet (its hand-off will read the record)."""
+    from deployment.handoff import EXPORT_DIR  # noqa: PLC0415 (handoff imports this module)
+
+    run = Path(run_dir)
+    json_path = run / EXPORT_DIR / CARD_JSON
+    if not json_path.is_file():
+        return None
+    card = json.loads(json_path.read_text())
+    _, config, _ = read_run(run)
+    card["privacy_audit"] = audit_section(run, config)
+    json_path.write_text(json.dumps(card, indent=2, default=str))
+    (json_path.parent / CARD_MD).write_text(render_markdown(card))
+    return json_path
+
+
 def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int = 64,
                reference_source: str | None = None) -> ModelCard:
     """Write ``model_card.json`` and ``model_card.md`` (and ``attributions.png`` for images)."""
@@ -143,6 +207,7 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
         "attack": attack_of(summary, config),
         "privacy": privacy,
         "privacy_warning": warning,
+        "privacy_audit": audit_section(run_dir, config),
         "metrics": {"final": summary.get("final"), "best": summary.get("best"), "per_round": rounds,
                     "test_onnx_accuracy": export.parity["onnx_accuracy"],
                     "test_int8_accuracy": export.int8["accuracy"] if export.int8 else None},
@@ -168,6 +233,54 @@ def _range_text(rng) -> str:
     if not isinstance(rng, dict):
         return "not recorded"
     return f"[{rng.get('min', 0.0):.4g}, {rng.get('max', 0.0):.4g}]"
+
+
+def audit_markdown(section: dict | None, privacy: dict) -> list[str]:
+    """The card's "Empirical privacy audit" lines (a card written before audits: not audited)."""
+    section = section or {"audited": False, "text": NOT_AUDITED}
+    lines = ["## Empirical privacy audit", ""]
+    if not section.get("audited"):
+        return lines + [f"- **{section.get('text') or NOT_AUDITED}**", ""]
+    for c in section.get("canary", []):
+        seen = ("the server, seeing the client's update every round" if c["adversary"] == "update"
+                else "the server replaying the client's seeded training to subtract its noise")
+        verdict = ("holds (bound <= stated)" if c["holds"] else
+                   "**EXCEEDS the stated epsilon: the guarantee does not hold against this "
+                   "adversary**")
+        stated = "inf (no DP)" if math.isinf(c["stated_epsilon"]) else f"{c['stated_epsilon']:.3f}"
+        lines.append(
+            f"- Empirical epsilon lower bound **{c['empirical_epsilon_lower_bound']:.3f}** at "
+            f"{c['confidence']:.0%} confidence ({c['canaries']} canaries, "
+            f"{c['canaries_included']} included, {c['correct']}/{c['guesses']} guesses right; "
+            f"adversary: {c['adversary']}, {seen}) vs accountant epsilon **{stated}** "
+            f"({c['unit']}, delta {c['delta']:g}, {c['accountant']}) of the audited training: "
+            f"{verdict}.")
+    if not section.get("canary"):
+        lines.append("- No canary audit in the record: no empirical epsilon bound.")
+    for m in section.get("membership", []):
+        lines.append(f"- Membership inference ({m['attack']}) on the audit's own final model: AUC "
+                     f"{m['auc']:.3f}, TPR {m['tpr_at_fpr'].get('0.001', 0.0):.4f} at FPR 1e-3.")
+    for i in section.get("inversion", []):
+        lines.append(f"- Gradient inversion of one update ({'with' if i['private'] else 'without'}"
+                     f" DP, batch {i['batch']}): PSNR {i['psnr']:.2f} dB (data-mean baseline "
+                     f"{i['baseline_psnr']:.2f} dB).")
+    if section.get("canaries_in_released_model"):
+        lines.append("- **Canaries were inserted into the training data of this model**: it "
+                     "carries them, and its data are not the client's alone.")
+    else:
+        lines.append("- Canaries in this model: **none**. The audit trained separately with this "
+                     "run's settings; the released model's training had no canaries, so the "
+                     "audit does not weaken its privacy.")
+    match = section.get("matches_run_config")
+    lines.append("- Configuration: " + (
+        "the audit used this run's data, schedule, privacy settings and seed." if match else
+        "**the audit used another configuration than this run's: it is not evidence about this "
+        "model.**" if match is False else "this run's config is not recorded: not compared."))
+    if privacy.get("label"):
+        lines.append(f"- This run's stated epsilon: {privacy['label']}.")
+    lines += [f"- What was audited: {section.get('procedure')} ({section.get('source')}, "
+              f"{section.get('created_at')}).", ""]
+    return lines
 
 
 def render_markdown(card: dict) -> str:
@@ -197,8 +310,9 @@ def render_markdown(card: dict) -> str:
             lines.append("- **Reproducible noise: this epsilon is NOT valid against the server.**")
     else:
         lines.append("- **No sample-level differential privacy** in training.")
-    lines += [f"- Central (user-level) DP: `{json.dumps(p.get('central_dp'))}`", "",
-              "## Metrics", "",
+    lines += [f"- Central (user-level) DP: `{json.dumps(p.get('central_dp'))}`", ""]
+    lines += audit_markdown(card.get("privacy_audit"), p)
+    lines += ["## Metrics", "",
               f"- Final: {m['final']}; best: {m['best']}",
               f"- Test accuracy (ONNX, served): {_fmt(m['test_onnx_accuracy'])}; int8: {_fmt(m['test_int8_accuracy'])}", "",
               "| round | accuracy | loss | epsilon max | rejected | quarantined |", "|---|---|---|---|---|---|"]

@@ -8,12 +8,18 @@
   confidence 1 - beta is an empirical lower bound on the mechanism's epsilon.
 - Membership-inference scores: AUC, TPR at a fixed FPR, LiRA's likelihood ratio from shadows.
 - Reconstruction quality for gradient inversion: MSE and PSNR after matching examples.
+- ``AuditRecord``: what an audit leaves in a run folder (``audit.json``) for the model card, with
+  a digest of the audited mechanism's settings so a card can tell whether it audited its run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy import optimize, special, stats
@@ -94,6 +100,7 @@ class AuditBound:
     confidence: float
 
     def to_dict(self) -> dict:
+        """Plain dict (JSON-ready)."""
         return asdict(self)
 
 
@@ -213,3 +220,100 @@ def psnr(mse: float, data_range: float) -> float:
     if data_range <= 0:
         raise ConfigError(f"data_range = {data_range} must be > 0")
     return math.inf if mse <= 0 else 10.0 * math.log10(data_range ** 2 / mse)
+
+
+# -- the audit record a run folder keeps (read by the model card) ------------------------------
+
+AUDIT_JSON = "audit.json"  # in the run folder, beside summary.json
+AUDIT_FORMAT = "fedshield-audit/1"
+# The config sections that define the audited mechanism (and the top-level seed). A card compares
+# their digest with its run's: an audit of other settings is no evidence about this model.
+MECHANISM_SECTIONS = ("task", "federation", "partition", "train", "privacy")
+# Keys of those sections that change where things are kept, not what is computed.
+NOT_MECHANISM = {"privacy": ("ledger_dir",)}
+
+
+def mechanism_digest(config: Mapping[str, Any]) -> str:
+    """sha256 of the mechanism's settings in a config table (as config.toml holds it): the same
+    for an audit and a run exactly when they train with the same data, schedule and privacy."""
+    picked: dict[str, Any] = {"seed": config.get("seed")}
+    for section in MECHANISM_SECTIONS:
+        table = dict(config.get(section) or {})
+        for key in NOT_MECHANISM.get(section, ()):
+            table.pop(key, None)
+        picked[section] = table
+    blob = json.dumps(_jsonable(picked), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """Strict-JSON form: tuples as lists, non-finite floats as the strings "inf"/"-inf"/"nan"."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _floats(value: Any) -> Any:
+    """Inverse of ``_jsonable`` for the strings it writes."""
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    if value in ("inf", "-inf", "nan"):
+        return float(value)
+    return value
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What ``fedshield privacy audit --run-dir`` leaves in a run folder (``audit.json``).
+
+    ``canary``, ``membership``, ``inversion``: the attacks' results as their records' ``to_dict``
+    (simulations/audit.py). ``canaries_in_released_model``: whether canaries were in the training
+    data of the model the run hands off (the audit trains separately: False)."""
+
+    created_at: str
+    mechanism_digest: str
+    task: str
+    client: int
+    canaries_in_released_model: bool
+    procedure: str
+    canary: tuple[dict, ...] = ()
+    membership: tuple[dict, ...] = ()
+    inversion: tuple[dict, ...] = ()
+    format: str = AUDIT_FORMAT
+
+    def to_json(self) -> str:
+        """Strict JSON (an infinite stated epsilon is the string "inf")."""
+        return json.dumps(_jsonable(asdict(self)), indent=2, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> AuditRecord:
+        """Parse ``audit.json``; ConfigError saying what is wrong when it is not one."""
+        try:
+            doc = _floats(json.loads(text))
+        except ValueError as exc:
+            raise ConfigError(f"audit record is not JSON ({exc}); rerun fedshield privacy audit "
+                              "--run-dir") from None
+        if not isinstance(doc, dict) or doc.get("format") != AUDIT_FORMAT:
+            got = doc.get("format") if isinstance(doc, dict) else None
+            raise ConfigError(f"audit record format {got!r} is not {AUDIT_FORMAT!r}; rerun "
+                              "fedshield privacy audit --run-dir")
+        try:
+            results = {k: tuple(dict(r) for r in doc.get(k) or ())
+                       for k in ("canary", "membership", "inversion")}
+            record = cls(str(doc["created_at"]), str(doc["mechanism_digest"]), str(doc["task"]),
+                         int(doc["client"]), bool(doc["canaries_in_released_model"]),
+                         str(doc["procedure"]), results["canary"], results["membership"],
+                         results["inversion"])
+            for c in record.canary:  # what the card reads of each canary result
+                float(c["empirical_epsilon"]), float(c["stated_epsilon"]), float(c["delta"])
+                int(c["bound"]["canaries"]), str(c["adversary"]), str(c["accountant"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"audit record is missing or mangles {exc}; rerun fedshield privacy "
+                              "audit --run-dir") from None
+        return record

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedshield.config import PrivacyConfig
 from fedshield.errors import FedShieldError
 from privacy.accounting import BOUNDS
 from privacy.planner import PLAN_ACCOUNTANTS, Plan, milestones, plan
+from privacy.releases import EXACT_MODE, MODES
 
-privacy_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+privacy_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                          pretty_exceptions_enable=False,
                           help="Differential-privacy planning and accounting.")
 _err = Console(stderr=True, soft_wrap=True)
 
@@ -35,7 +39,8 @@ def _fail(message: str) -> None:
     "Inverse: fedshield privacy plan --noise-multiplier 1.1 --delta 1e-5 --rounds 50 "
     "--local-epochs 1 --batch-size 64 --num-examples 6000"))
 def plan_command(
-    target_epsilon: Optional[float] = typer.Option(None, help="epsilon to spend over the whole schedule"),
+    target_epsilon: Optional[float] = typer.Option(
+        None, help="epsilon to spend over the whole schedule"),
     noise_multiplier: Optional[float] = typer.Option(
         None, help="instead of a target: the epsilon this noise multiplier spends"),
     delta: float = typer.Option(1e-5, help="delta; must be < 1/num-examples"),
@@ -47,10 +52,25 @@ def plan_command(
     accountant: Optional[str] = typer.Option(
         None, help=f"one of {', '.join(BOUNDS)} (default: all three side by side; gdp is an "
                    "approximation, not a bound, and is refused)"),
-    json_out: bool = typer.Option(False, "--json", help="print the plan, with the per-round curve, as JSON"),
+    json_out: bool = typer.Option(False, "--json",
+                                  help="print the plan, with the per-round curve, as JSON"),
+    release_stats: str = typer.Option(
+        "dp", help="as privacy.release_stats: \"dp\" (default) spends the once-per-run class-"
+                   "histogram release, planned and stated with the training; "
+                   "\"exact-outside-guarantee\" spends nothing on it"),
+    stats_noise_multiplier: float = typer.Option(
+        PrivacyConfig().stats_noise_multiplier,
+        help="as privacy.stats_noise_multiplier: the release's noise (event sigma, q = 1, 1 step)"),
 ) -> None:
     """Noise multiplier per accountant that spends --target-epsilon over the schedule (or, with
-    --noise-multiplier, the epsilon spent), and epsilon after rounds 1, 10%, 50% and 100%."""
+    --noise-multiplier, the epsilon spent), and epsilon after rounds 1, 10%, 50% and 100%.
+
+    Every epsilon includes the client's class-histogram release unless --release-stats
+    exact-outside-guarantee. A client plans from its noised example count (std about
+    stats-noise-multiplier x sqrt(classes)): pass that count as --num-examples to reproduce its
+    numbers exactly; with --target-epsilon it spends the target whatever the count."""
+    if release_stats not in MODES:
+        _fail(f"--release-stats {release_stats!r}: choose one of {', '.join(MODES)}")
     if accountant is not None and accountant not in BOUNDS:
         _fail(f"--accountant {accountant!r}: choose one of {', '.join(BOUNDS)}"
               + (" (gdp is a CLT approximation, not an upper bound: a planned eps 3.0 really "
@@ -60,7 +80,9 @@ def plan_command(
                       num_examples=num_examples, delta=delta, target_epsilon=target_epsilon,
                       noise_multiplier=noise_multiplier, max_steps=max_steps,
                       accountants=(accountant,) if accountant else PLAN_ACCOUNTANTS,
-                      curve_rounds=None if json_out else milestones(rounds))
+                      curve_rounds=None if json_out else milestones(rounds),
+                      stats_noise_multiplier=None if release_stats == EXACT_MODE
+                      else stats_noise_multiplier)
     except FedShieldError as exc:
         _fail(str(exc))
     if json_out:
@@ -72,9 +94,13 @@ def plan_command(
 def _table(result: Plan) -> Table:
     what = (f"target epsilon {result.target_epsilon:g}" if result.target_epsilon is not None
             else "epsilon spent")
+    release = ("including the class-histogram release (sigma "
+               f"{result.stats_noise_multiplier:g}, q = 1, 1 step)"
+               if result.stats_noise_multiplier is not None
+               else "no statistics release accounted (release_stats = exact-outside-guarantee)")
     table = Table(title=f"{what} (sample-level, per client, add/remove), delta {result.delta:g}: "
                         f"{result.rounds} rounds x {result.steps_per_round} steps, sample rate "
-                        f"{result.sample_rate:.4g}",
+                        f"{result.sample_rate:.4g}; {release}",
                   caption="prv (Opacus) and pld (dp_accounting) are tight, rdp a looser upper "
                           "bound; column pld: PLD epsilon at the same sigma; each epsilon is the "
                           "larger of its accountant's and PLD's")
@@ -101,8 +127,6 @@ def ledger_command(
 ) -> None:
     """A site's privacy spend per federation and in total (the total is what its budget caps).
     Exits 1 when a ledger is deleted, truncated or unreadable."""
-    from pathlib import Path  # noqa: PLC0415
-
     from privacy.ledger import site_report  # noqa: PLC0415
 
     if not Path(ledger_dir).is_dir():
@@ -144,27 +168,44 @@ def _ledger_table(site: dict) -> Table:
 
 @privacy_app.command("audit", epilog=(
     "Example: fedshield privacy audit configs/audit-digits.toml --canaries 1000\n\n"
+    "Record it on a run's model card: fedshield privacy audit --run-dir runs/NAME --attacks "
+    "canary (the run's own config.toml; writes runs/NAME/audit.json)\n\n"
     "Without DP, for the attack's ceiling: add --set privacy.enabled=false"))
 def audit_command(
-    config: str = typer.Argument(..., help="TOML experiment config, e.g. configs/default.toml"),
+    config: Optional[str] = typer.Argument(
+        None, help="TOML experiment config, e.g. configs/default.toml (default with --run-dir: "
+                   "the run's config.toml)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value (repeatable)"),
     canaries: int = typer.Option(1000, help="canaries inserted into the client's data (m)"),
     client: int = typer.Option(0, help="partition id of the audited client"),
     shadows: int = typer.Option(4, help="LiRA shadow models"),
     attacks: str = typer.Option("canary,mia,inversion", help="comma-separated attacks to run"),
     seed: Optional[int] = typer.Option(None, help="the auditor's coins (default: fresh entropy)"),
+    run_dir: Optional[str] = typer.Option(
+        None, help="a finished run's folder: write the audit there (audit.json) for its model "
+                   "card, and refresh the card already in its export/"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Empirical privacy audit: a one-run canary epsilon lower bound (95% confidence) next to the
-    accountant's epsilon, membership inference (loss, LiRA) and gradient inversion."""
-    from fedshield import config as fcfg
-    from simulations.audit import run_audit
+    accountant's epsilon, membership inference (loss, LiRA) and gradient inversion.
 
+    The audit trains its own models (canaries never enter a run's released model); with
+    --run-dir its record goes on that run's model card, which says whether the audited settings
+    are the run's."""
+    from fedshield import config as fcfg  # noqa: PLC0415
+    from simulations.audit import run_audit, write_run_audit  # noqa: PLC0415
+
+    if config is None and run_dir is None:
+        _fail("give a CONFIG, or --run-dir RUN to audit a run with its own config.toml")
+    if run_dir is not None and not (Path(run_dir) / "summary.json").is_file():
+        _fail(f"--run-dir {run_dir!r}: no summary.json there; pass the folder of a finished run")
     try:
-        cfg = fcfg.load(config, set_ or [])
+        cfg = fcfg.load(config if config is not None else Path(run_dir) / "config.toml",
+                        set_ or [])
         report = run_audit(cfg, canaries=canaries, client=client, shadows=shadows,
                            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
                            audit_seed=seed)
+        written = write_run_audit(run_dir, report, cfg) if run_dir is not None else None
     except FedShieldError as exc:
         _fail(str(exc))
     if json_out:
@@ -172,6 +213,29 @@ def audit_command(
     else:
         for table in _audit_tables(report):
             Console().print(table)
+    if written is not None:
+        _err.print(f"audit recorded in {written}; " + _card_note(Path(run_dir)))
+
+
+def _card_note(run: Path) -> str:
+    """Refresh the run's card if its hand-off wrote one, and say which cards show the audit."""
+    try:
+        from deployment.card import refresh_audit  # noqa: PLC0415 ([deploy] extra)
+    except ImportError:
+        return "the model card will show it once the [deploy] extra builds one"
+    card = refresh_audit(run)
+    if card is None:
+        return "the run's model card shows it when its hand-off builds the card"
+    note = f"model card refreshed: {card} (and model_card.md)"
+    handoff = run / "handoff.json"
+    if handoff.is_file():
+        try:
+            uri = json.loads(handoff.read_text()).get("model_uri", "its registered version")
+        except ValueError:
+            uri = "its registered version"
+        note += (f"; {uri} keeps the card it was registered with (registered cards are "
+                 "immutable): it says \"not audited\"")
+    return note
 
 
 def _finite(value):

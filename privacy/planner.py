@@ -1,4 +1,4 @@
-"""Noise planning: the noise multiplier that spends a target epsilon over a whole federated schedule.
+"""Noise planning: the noise multiplier that spends a target epsilon over a federated schedule.
 
 A client runs ``rounds x local_epochs x steps_per_epoch`` DP-SGD steps. Opacus' Poisson loader
 samples every example with probability ``q = 1 / ceil(N / B)`` (about ``B / N``) and takes
@@ -9,6 +9,12 @@ spends less than planned, never more.
 Every planned or stated epsilon is :func:`privacy.accounting.reported_epsilon`: the larger of the
 accountant's and PLD's, so a plan is never below an independent accountant. gdp is refused: it is
 an approximation, not a bound (its planned noise overspent by up to 20%).
+
+A DP client under ``privacy.release_stats = "dp"`` also spends its once-per-run class-histogram
+release (privacy/releases.py: the event ``(stats_noise_multiplier, 1, 1)``). ``plan`` takes it as
+``stats_noise_multiplier`` and plans and states the epsilon with it, exactly as the client does
+(client/dp.py ``resolve_noise(..., extra_events)``). The client plans from its noised count
+(``planning_examples``), so give that count to reproduce a client's numbers exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from scipy.optimize import brentq
 
 from fedshield.errors import ConfigError
 from privacy.accounting import BOUNDS, check_bound_accountant, pld_epsilon, reported_epsilon
+from privacy.releases import histogram_event
 
 # The planner's default table: Opacus' PRV and RDP, and dp_accounting's PLD, side by side.
 PLAN_ACCOUNTANTS = BOUNDS
@@ -33,13 +40,24 @@ MIN_NOISE = 0.3
 PLAN_RTOL = 2e-3
 
 
-def check_delta(delta: float, num_examples: int) -> None:
+def check_delta(delta: float, num_examples: int, *, private_count: bool = False) -> None:
+    """Refuse a delta that is not below 1/num_examples (ConfigError): with n examples a larger
+    delta admits a mechanism that publishes whole records. Give the exact count (client/dp.py).
+
+    ``private_count``: the count is a client's exact one, and the message travels to the server
+    (Flower sends a ClientApp's exception text), so the message does not name it."""
     if not 0 < delta < 1:
         raise ConfigError(f"delta = {delta!r} must be in (0, 1)")
-    if delta >= 1 / num_examples:
-        raise ConfigError(f"delta must be < 1/num_examples = {1 / num_examples:.3g}, got {delta:g} "
-                          f"(with {num_examples} examples a larger delta lets a mechanism publish "
-                          "whole records); lower delta")
+    if delta < 1 / num_examples:
+        return
+    if private_count:
+        raise ConfigError(f"privacy.delta = {delta:g} is not below 1/n for this client's exact "
+                          "number of training examples n (a larger delta lets a mechanism "
+                          "publish whole records; n stays on the client); lower privacy.delta "
+                          "below 1/(the largest client's n)")
+    raise ConfigError(f"delta must be < 1/num_examples = {1 / num_examples:.3g}, got {delta:g} "
+                      f"(with {num_examples} examples a larger delta lets a mechanism publish "
+                      "whole records); lower delta")
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:
@@ -49,12 +67,13 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
     if batch_size < 1:
         raise ConfigError(f"batch_size = {batch_size} must be >= 1")
     if batch_size > num_examples:
-        raise ConfigError(f"batch_size = {batch_size} exceeds num_examples = {num_examples}: the sample "
-                          "rate would be > 1; lower batch_size")
+        raise ConfigError(f"batch_size = {batch_size} exceeds num_examples = {num_examples}: the "
+                          "sample rate would be > 1; lower batch_size")
     return 1 / math.ceil(num_examples / batch_size)
 
 
-def steps_per_round(num_examples: int, batch_size: int, local_epochs: int, max_steps: int = 0) -> int:
+def steps_per_round(num_examples: int, batch_size: int, local_epochs: int,
+                    max_steps: int = 0) -> int:
     """DP-SGD steps one client takes per round (``max_steps`` > 0 caps them, as training does)."""
     if local_epochs < 1:
         raise ConfigError(f"local_epochs = {local_epochs} must be >= 1")
@@ -62,16 +81,17 @@ def steps_per_round(num_examples: int, batch_size: int, local_epochs: int, max_s
     return min(steps, max_steps) if max_steps > 0 else steps
 
 
-def spent(noise: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
-    """Epsilon stated for ``steps`` steps at ``noise`` and ``sample_rate`` (the planner's inverse):
-    the accountant's, floored by PLD's."""
-    return reported_epsilon([(noise, sample_rate, steps)], delta, accountant)
+def spent(noise: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv",
+          extra: tuple[tuple[float, float, int], ...] = ()) -> float:
+    """Epsilon stated for ``steps`` steps at ``noise`` and ``sample_rate`` (the planner's inverse),
+    together with the fixed events ``extra``: the accountant's, floored by PLD's."""
+    return reported_epsilon([(noise, sample_rate, steps), *extra], delta, accountant)
 
 
 @lru_cache(maxsize=256)
 def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                accountant: str = "prv", extra: tuple[tuple[float, float, int], ...] = ()) -> float:
-    """A noise multiplier whose epsilon after ``steps`` steps is at most the target, and close to it.
+    """A noise multiplier whose epsilon after ``steps`` steps is at most the target, and close.
 
     The result spends between ``(1 - PLAN_RTOL)`` x target and the target. ``extra``: fixed events
     the target also pays for (e.g. a client's statistics release, privacy/releases.py). Cached:
@@ -94,22 +114,25 @@ def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: i
     floor = eps(MAX_NOISE)
     if floor > target_epsilon:
         raise ConfigError(
-            f"target_epsilon = {target_epsilon:g} is unreachable with the {accountant} accountant: even "
-            f"noise_multiplier = {MAX_NOISE:g} spends {floor:.3g} over {steps} steps. Raise "
+            f"target_epsilon = {target_epsilon:g} is unreachable with the {accountant} accountant: "
+            f"even noise_multiplier = {MAX_NOISE:g} spends {floor:.3g} over {steps} steps. Raise "
             "target_epsilon, train fewer rounds/epochs, use a smaller batch"
             + (", or use accountant = \"prv\" (tighter)" if accountant != "prv" else ""))
     ceiling = eps(MIN_NOISE)
     if ceiling <= target_epsilon:
         raise ConfigError(
-            f"target_epsilon = {target_epsilon:g} is so large that the noise multiplier would fall "
-            f"below {MIN_NOISE} ({MIN_NOISE} already spends only {ceiling:.3g}); such a guarantee is "
-            "meaningless. Lower target_epsilon, or set noise_multiplier directly")
+            f"target_epsilon = {target_epsilon:g} is so large that the noise multiplier would "
+            f"fall below {MIN_NOISE} ({MIN_NOISE} already spends only {ceiling:.3g}); such a "
+            "guarantee is meaningless. Lower target_epsilon, or set noise_multiplier directly")
     lo, hi = _bracket(eps, target_epsilon,
                       _first_guess(target_epsilon, delta, sample_rate, steps, accountant, extra))
     log_target = math.log(target_epsilon)
-    # Root of log(eps) - log(target) in log(noise): smooth, so brentq needs few (costly) evaluations.
-    root = math.exp(brentq(lambda log_noise: math.log(min(eps(math.exp(log_noise)), 1e300)) - log_target,
-                           math.log(lo), math.log(hi), xtol=PLAN_RTOL / 4))
+
+    # Root of log(eps) - log(target) in log(noise): smooth, so brentq needs few (costly) calls.
+    def gap(log_noise: float) -> float:
+        return math.log(min(eps(math.exp(log_noise)), 1e300)) - log_target
+
+    root = math.exp(brentq(gap, math.log(lo), math.log(hi), xtol=PLAN_RTOL / 4))
     # Land on the safe side: never plan a sigma that spends more than the target.
     while eps(root) > target_epsilon:
         root *= 1 + PLAN_RTOL / 10
@@ -140,11 +163,14 @@ def _bracket(eps, target: float, guess: float) -> tuple[float, float]:
 def epsilon_curve(noise: float, sample_rate: float, steps_per_round: int, rounds: int, delta: float,
                   accountant: str = "prv") -> list[float]:
     """Cumulative epsilon after each round 1..rounds."""
-    return [spent(noise, sample_rate, r * steps_per_round, delta, accountant) for r in range(1, rounds + 1)]
+    return [spent(noise, sample_rate, r * steps_per_round, delta, accountant)
+            for r in range(1, rounds + 1)]
 
 
 @dataclass
 class AccountantPlan:
+    """One accountant's row of a plan: its sigma, final epsilon and curve."""
+
     accountant: str
     noise_multiplier: float
     epsilon: float  # after the last round
@@ -154,6 +180,8 @@ class AccountantPlan:
 
 @dataclass
 class Plan:
+    """A schedule's plan: sample rate and steps, and one row per accountant."""
+
     rounds: int
     local_epochs: int
     batch_size: int
@@ -164,8 +192,13 @@ class Plan:
     total_steps: int
     target_epsilon: float | None  # None when the noise multiplier was given
     accountants: list[AccountantPlan] = field(default_factory=list)
+    # The once-per-run statistics release every epsilon above includes (None: not planned for,
+    # e.g. release_stats = "exact-outside-guarantee"); its event is (sigma, 1, 1).
+    stats_noise_multiplier: float | None = None
+    extra_events: list[tuple[float, float, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """Plain JSON-ready dict (``--json``)."""
         return asdict(self)
 
 
@@ -177,31 +210,41 @@ def milestones(rounds: int) -> list[int]:
 def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, delta: float,
          target_epsilon: float | None = None, noise_multiplier: float | None = None,
          accountants: tuple[str, ...] = PLAN_ACCOUNTANTS, max_steps: int = 0,
-         curve_rounds: list[int] | None = None) -> Plan:
-    """Per accountant: the sigma spending ``target_epsilon`` over the schedule and its epsilon curve;
+         curve_rounds: list[int] | None = None,
+         stats_noise_multiplier: float | None = None) -> Plan:
+    """Per accountant: the sigma spending ``target_epsilon`` over the schedule and its curve;
     or, given ``noise_multiplier``, the epsilon it spends (the inverse).
 
-    The curve holds every round unless ``curve_rounds`` picks some (PRV costs ~0.3 s a point).
+    ``stats_noise_multiplier``: the client's class-histogram release (``privacy.release_stats =
+    "dp"``), released before round 1; the planned sigma leaves room for it and every epsilon of
+    the curve includes it, as the client's ledger does. The curve holds every round unless
+    ``curve_rounds`` picks some (PRV costs ~0.3 s a point).
     """
     if (target_epsilon is None) == (noise_multiplier is None):
         raise ConfigError("give exactly one of target_epsilon or noise_multiplier")
-    if noise_multiplier is not None and not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+    if noise_multiplier is not None and not (math.isfinite(noise_multiplier)
+                                             and noise_multiplier > 0):
         raise ConfigError(f"noise_multiplier = {noise_multiplier!r} must be a finite number > 0")
     if rounds < 1:
         raise ConfigError(f"rounds = {rounds} must be >= 1")
     check_delta(delta, num_examples)
+    # The release's event, exactly as the client records it (privacy/releases.py).
+    extra = (histogram_event(stats_noise_multiplier),) if stats_noise_multiplier is not None \
+        else ()
     rate = sample_rate(num_examples, batch_size)
     per_round = steps_per_round(num_examples, batch_size, local_epochs, max_steps)
     result = Plan(rounds, local_epochs, batch_size, num_examples, delta, rate, per_round,
-                  rounds * per_round, target_epsilon)
+                  rounds * per_round, target_epsilon, stats_noise_multiplier=stats_noise_multiplier,
+                  extra_events=list(extra))
     for name in accountants:
         check_bound_accountant(name, "planning noise")
     for name in accountants:
         sigma = noise_multiplier if noise_multiplier is not None else plan_noise(
-            target_epsilon, delta, rate, rounds * per_round, name)
+            target_epsilon, delta, rate, rounds * per_round, name, extra)
         points = sorted({*(curve_rounds or range(1, rounds + 1)), rounds})
-        curve = [(r, spent(sigma, rate, r * per_round, delta, name)) for r in points if 1 <= r <= rounds]
+        curve = [(r, spent(sigma, rate, r * per_round, delta, name, extra))
+                 for r in points if 1 <= r <= rounds]
         result.accountants.append(AccountantPlan(
             name, sigma, curve[-1][1], curve,
-            pld_epsilon([(sigma, rate, rounds * per_round)], delta)))
+            pld_epsilon([(sigma, rate, rounds * per_round), *extra], delta)))
     return result

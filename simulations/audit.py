@@ -27,8 +27,11 @@ this client is its update each round, which is exactly what is attacked.
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
+import time
+import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +45,8 @@ from client.training import train_local
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError
 from privacy import audit
+from privacy.accounting import SAMPLE_LEVEL
+from privacy.ledger import atomic_write_json
 from tasks import Split, task_for
 from tasks.models import mlp
 
@@ -64,6 +69,8 @@ def noise_is_reproducible(privacy_cfg: fcfg.PrivacyConfig) -> bool:
 
 @dataclass(frozen=True)
 class CanaryAudit:
+    """One adversary's one-run canary bound next to the audited training's stated epsilon."""
+
     adversary: str
     bound: audit.AuditBound
     canaries_included: int
@@ -76,6 +83,7 @@ class CanaryAudit:
     noise_reproducible: bool
 
     def to_dict(self) -> dict:
+        """Plain dict with the bound's epsilon also as ``empirical_epsilon``."""
         out = asdict(self)
         out["bound"] = self.bound.to_dict()
         out["empirical_epsilon"] = self.bound.epsilon
@@ -84,6 +92,8 @@ class CanaryAudit:
 
 @dataclass(frozen=True)
 class MembershipInference:
+    """One membership-inference attack's scores on the final model."""
+
     attack: str  # "loss" or "lira"
     auc: float
     tpr_at_fpr: dict[str, float]
@@ -93,11 +103,14 @@ class MembershipInference:
     stated_epsilon: float
 
     def to_dict(self) -> dict:
+        """Plain dict (JSON-ready but for an infinite stated epsilon)."""
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class Inversion:
+    """Gradient inversion of one update: reconstruction quality against the data-mean baseline."""
+
     private: bool
     batch: int
     mse: float
@@ -107,11 +120,14 @@ class Inversion:
     iterations: int
 
     def to_dict(self) -> dict:
+        """Plain dict (JSON-ready but for an infinite stated epsilon)."""
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class AuditReport:
+    """Every attack's results for one audited client."""
+
     task: str
     client: int
     canary: list[CanaryAudit] = field(default_factory=list)
@@ -119,6 +135,7 @@ class AuditReport:
     inversion: list[Inversion] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """Plain dict of every result."""
         return {"task": self.task, "client": self.client,
                 "canary": [c.to_dict() for c in self.canary],
                 "membership": [m.to_dict() for m in self.membership],
@@ -400,9 +417,10 @@ def gradient_inversion(cfg: fcfg.Config, batch: int = 4, client: int = 0, iterat
                                f"inversion-{private}", privacy)
             trainer.round(model, secret, 1, 1)
             # The server sent `start` and knows the lr: one SGD step's update is -lr * gradient.
-            observed = [(s - p.detach()) / step.lr for s, p in zip(start, model.parameters())]
+            observed = [(s - p.detach()) / step.lr
+                        for s, p in zip(start, model.parameters(), strict=True)]
             with torch.no_grad():
-                for p, s in zip(model.parameters(), start):
+                for p, s in zip(model.parameters(), start, strict=True):
                     p.copy_(s)
             recon = invert_gradient(model, observed, torch.from_numpy(secret.y), shape, bounds,
                                     iterations, tv_weight, seed=int(rng.integers(2**31)))
@@ -444,5 +462,51 @@ def run_audit(cfg: fcfg.Config, canaries: int = 1000, client: int = 0, shadows: 
                                      audit_seed=audit_seed) if "inversion" in attacks else [])
 
 
+# -- the record a run folder keeps (its model card shows it) ----------------------------------
+
+def procedure(report: AuditReport, cfg: fcfg.Config) -> str:
+    """What was audited, in words the card prints."""
+    training = "DP-SGD" if cfg.privacy.enabled else "training (no DP)"
+    parts = []
+    if report.canary:
+        parts.append(
+            f"one-run canary audit (Steinke, Nasr & Jagielski 2023) of client {report.client}'s "
+            f"{training} with this config's settings, schedule ({cfg.federation.rounds} rounds) "
+            "and data, in a separate training: a linear model over the task's features plus "
+            f"{report.canary[0].bound.canaries} canary features, each Dirac canary included with "
+            "probability 1/2; the adversary sees the client's update every round")
+    if report.membership:
+        parts.append("membership inference on the final model of a separate training on half "
+                     "of the task's data, with shadow models")
+    if report.inversion:
+        parts.append(f"gradient inversion of client {report.client}'s first update")
+    return "; ".join(parts) + ". Throwaway ledgers: no client budget is spent"
+
+
+def audit_record(report: AuditReport, cfg: fcfg.Config) -> audit.AuditRecord:
+    """``report`` as the record a run folder keeps, with the digest of ``cfg``'s mechanism."""
+    table = tomllib.loads(fcfg.to_toml(cfg))  # what the run's config.toml holds for this cfg
+    return audit.AuditRecord(
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        mechanism_digest=audit.mechanism_digest(table), task=report.task, client=report.client,
+        # The audit trains its own model: the run's (handed-off) model never sees a canary.
+        canaries_in_released_model=False, procedure=procedure(report, cfg),
+        canary=tuple({**c.to_dict(), "unit": SAMPLE_LEVEL} for c in report.canary),
+        membership=tuple(m.to_dict() for m in report.membership),
+        inversion=tuple(i.to_dict() for i in report.inversion))
+
+
+def write_run_audit(run_dir: str | Path, report: AuditReport, cfg: fcfg.Config) -> Path:
+    """Write ``run_dir/audit.json`` (atomically); the run's model card reads it."""
+    run = Path(run_dir)
+    if not (run / "summary.json").is_file():
+        raise ConfigError(f"--run-dir {run}: no summary.json there; pass the folder of a finished "
+                          "run (runs/<name>)")
+    path = run / audit.AUDIT_JSON
+    atomic_write_json(path, json.loads(audit_record(report, cfg).to_json()))
+    return path
+
+
 __all__ = ["AuditReport", "CanaryAudit", "Inversion", "MembershipInference", "canary_audit",
-           "client_seed", "gradient_inversion", "membership_inference", "run_audit"]
+           "audit_record", "client_seed", "gradient_inversion", "membership_inference", "run_audit",
+           "write_run_audit"]
