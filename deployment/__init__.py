@@ -6,5 +6,6 @@ and Integrated Gradients explanations (card.py, explain.py) -> MLflow registry (
 promotion gate (gate.py: ``champion`` or ``candidate`` with reasons). Then ``serve`` (serving.py:
 FastAPI + onnxruntime, bearer token, integrity check against the registry, Prometheus metrics)
 feeds a ``DriftMonitor`` (drift.py) whose reference comes from DP client histograms
-(reference_stats.py) and which emits ``RetrainTrigger`` records. CLI commands live in cli.py.
+(reference_stats.py) and which emits ``RetrainTrigger`` records. CLI commands live in
+fedshield/commands/deploy.py (orchestration layer).
 """

@@ -19,7 +19,7 @@ from pathlib import Path
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError, StateCorrupted
 
-log = logging.getLogger("fedshield.preflight")
+log = logging.getLogger(__name__)
 
 # client/data.py holds this share of a partition out for local evaluation, from 20 examples on.
 # Mirrored here (a test keeps both equal to what load_client_data returns).
