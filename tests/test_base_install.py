@@ -98,8 +98,9 @@ def test_the_flower_component_registers_a_skip_note_in_a_base_install(tmp_path):
 
 
 def test_with_the_extra_the_components_register_the_handoff(no_hooks):
-    from deployment.hooks import install_post_run_hooks, run_handoff
     from flwr.serverapp import ServerApp
+
+    from deployment.hooks import install_post_run_hooks, run_handoff
 
     components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
         "components"]

@@ -78,7 +78,7 @@ def package_cycles(edges) -> list[list[str]]:
 
 
 def layer_ignores() -> set[tuple[str, str]]:
-    """The layers contract's ignore_imports: the cycles another change is removing (listed there)."""
+    """The layers contract's ignore_imports: cycles another change removes (named there)."""
     (layers,) = [c for c in LINTER["contracts"] if c["type"] == "layers"]
     return {tuple(x.strip() for x in line.split("->")) for line in layers.get("ignore_imports", [])}
 
@@ -90,15 +90,20 @@ def static_python(where: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_package_cycles_are_found_and_named():
-    edges = [("server.app", "fedshield.config"), ("fedshield.config", "privacy.central"),
-             ("privacy.central", "server.aggregation"), ("client.app", "server.flat"),
-             ("fedshield.cli", "simulations.runner"), ("simulations.runner", "server.app")]
+    edges = [("server.app", "fedshield.config"),
+             ("fedshield.config", "privacy.central"),
+             ("privacy.central", "server.aggregation"),
+             ("client.app", "server.flat"),
+             ("fedshield.cli", "simulations.runner"),
+             ("simulations.runner", "server.app")]
     assert package_cycles(edges) == [["fedshield.config", "privacy", "server"]]
     # The same modules under the installed root are the same packages.
-    renamed = [("fedshield.server.app", "fedshield.client.x"), ("fedshield.client.y",
-                                                               "fedshield.server.z")]
+    renamed = [("fedshield.server.app", "fedshield.client.x"),
+               ("fedshield.client.y", "fedshield.server.z")]
     assert package_cycles(renamed) == [["fedshield.client", "fedshield.server"]]
-    assert package_cycles([("server.app", "server.secagg"), ("server.secagg", "server.app")]) == []
+    # A cycle inside one package is not a package cycle.
+    assert package_cycles([("server.app", "server.secagg"),
+                           ("server.secagg", "server.app")]) == []
 
 
 def test_no_import_cycles_between_packages():
@@ -131,3 +136,20 @@ def test_the_layout_names_every_folder_that_installs_under_fedshield():
     # that hold Python packages, every one of them.
     folders = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"fedshield", "tests"}
     assert set(SUBPACKAGES) == folders
+
+
+def test_the_wheel_lists_every_package():
+    # Before the rename: setuptools finds the folders; after it: an explicit list under the
+    # fedshield root that must name every folder holding an __init__.py.
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    if isinstance(setuptools["packages"], dict):  # [tool.setuptools.packages.find]
+        assert "server*" in setuptools["packages"]["find"]["include"]
+        return
+    found = {"fedshield"} | {
+        "fedshield." + ".".join(p.parent.relative_to(ROOT / "fedshield").parts)
+        for p in (ROOT / "fedshield").rglob("*/__init__.py")} | {
+        "fedshield." + ".".join(p.parent.relative_to(ROOT).parts)
+        for name in SUBPACKAGES for p in (ROOT / name).rglob("__init__.py")}
+    assert set(setuptools["packages"]) == found
+    assert setuptools["package-dir"] == {"fedshield": "fedshield",
+                                         **{f"fedshield.{n}": n for n in SUBPACKAGES}}
