@@ -7,10 +7,13 @@ as ``fedshield.server``, ``fedshield.client``, ... (fedshield/layout.py).
 
 import json
 import os
+import shutil
+import site
 import subprocess
 import sys
 import tempfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,51 @@ def test_the_wheel_lists_every_package():
     assert set(setuptools["packages"]) == found
     assert setuptools["package-dir"] == {"fedshield": "fedshield",
                                          **{f"fedshield.{n}": n for n in SUBPACKAGES}}
+
+
+INSTALLED_CHECK = """
+import importlib, json
+found = {}
+for name in json.loads(__import__("sys").argv[1]):
+    try:
+        found[name] = importlib.import_module(name).__file__
+    except ModuleNotFoundError:
+        found[name] = None
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_wheel_installs_one_import_root(tmp_path):
+    # Build from a copy (pip reuses a build/ folder left in the checkout), install into a fresh
+    # venv that borrows only this environment's dependencies, and import from outside the repo.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "runs", ".fedshield", "__pycache__", "*_cache",
+        "results"))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(wheels)], check=True, timeout=300)
+    (wheel,) = wheels.glob("fedshield-*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    if LINTER["root_packages"] != ["fedshield"]:  # before the rename: the collision itself
+        assert set(SUBPACKAGES) <= tops
+        return
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"fedshield"}
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site_dir,) = venv.glob("lib/python*/site-packages")
+    (site_dir / "deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(site_dir), str(wheel)], check=True, timeout=300)
+    names = ["fedshield.server.app", "fedshield.client.app", "fedshield.flower",
+             *[n for n in SUBPACKAGES if n != "benchmarks"]]  # Opacus ships a `benchmarks`
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", INSTALLED_CHECK,
+                           json.dumps(names)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout)
+    assert all(str(site_dir) in found[n] for n in names[:3]), found
+    assert all(found[n] is None for n in names[3:]), found
