@@ -1,4 +1,7 @@
-"""The hand-off the ServerApp calls after the last round: export -> card -> register -> gate.
+"""The hand-off after the last round: export -> card -> register -> gate.
+
+It runs as the ServerApp's post-run hook (server/hooks.py), which deployment/hooks.py registers
+when the ``[deploy]`` extra is installed; the ServerApp never imports this module.
 
 A run whose summary says ``status = "failed"`` is refused before anything is exported."""
 

@@ -171,15 +171,15 @@ def bench_aggregators(
 
 
 def _mount() -> None:
-    """Sub-commands that live beside their library code."""
-    from deployment.cli import monitor_command, registry_app, serve_command
+    """Sub-commands from fedshield/commands/ and fedshield/site.py (all orchestration)."""
+    from fedshield.commands.deploy import monitor_command, registry_app, serve_command
     from fedshield.site import site_app
 
     app.add_typer(registry_app, name="registry", help="List, show and promote registered models.")
     app.command("serve")(serve_command)
     app.command("monitor")(monitor_command)
     app.add_typer(site_app, name="site")
-    from privacy.cli import privacy_app
+    from fedshield.commands.privacy import privacy_app
 
     privacy_app.command("sweep", epilog="Example: fedshield privacy sweep configs/default.toml "
                         "--epsilons 1,3,8,inf --seeds 0,1")(privacy_sweep)

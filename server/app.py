@@ -19,12 +19,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshield import config as fcfg
 from fedshield.errors import RunFailed, TooFewUpdates
-from fedshield.preflight import preflight
+from server.preflight import preflight
 from privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
 from privacy.releases import (OUTSIDE_KEY, STATS_NEW_KEY, STATS_NOISE_KEY,
                               class_counts_from_metrics, histogram_event, merge_class_counts)
 from server.averaging import ModelAverage
 from server.checkpoint import load_checkpoint, save_checkpoint
+from server.hooks import HANDOFF, run_post_run_hook
 from server.outputs import RunFolder, library_versions, new_run_dir
 from server.report import ConsoleReporter
 from server.strategy import RoundState, ShieldStrategy
@@ -254,15 +255,10 @@ def train_round_config(cfg: fcfg.Config, folder: RunFolder) -> dict:
 
 
 def hand_off(folder: RunFolder, cfg: fcfg.Config) -> dict:
-    """Export, document, register and gate the final model (deployment/). A failure here is
-    reported, never raised: the run's own results are already on disk."""
-    from deployment.handoff import handoff
-
-    try:
-        return handoff(folder.path, cfg).to_dict()
-    except Exception as exc:  # noqa: BLE001 — keep the finished run; say what went wrong
-        log(WARNING, "hand-off failed: %s: %s", type(exc).__name__, exc)
-        return {"error": f"{type(exc).__name__}: {exc}"}
+    """Export, document, register and gate the final model: the post-run hook that orchestration
+    registered (server/hooks.py; deployment/ is never imported here). A failure or a missing
+    ``[deploy]`` extra is reported in the summary, never raised: the run's results are on disk."""
+    return run_post_run_hook(HANDOFF, folder.path, cfg)
 
 
 def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy, stopped: str,

@@ -85,6 +85,8 @@ class ConsoleReporter:
         handoff = summary.get("handoff")
         if handoff and "error" in handoff:
             table.add_row("[red]hand-off failed[/]", handoff["error"])
+        elif handoff and "skipped" in handoff:  # e.g. a base install without the [deploy] extra
+            table.add_row("[yellow]hand-off skipped[/]", handoff["skipped"])
         elif handoff:
             gate = "[green]champion[/]" if handoff["passed"] else \
                 "[yellow]candidate[/] (" + "; ".join(handoff["reasons"]) + ")"

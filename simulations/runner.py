@@ -13,9 +13,10 @@ from pathlib import Path
 from flwr.app import Context, RecordDict
 
 from client.app import make_client_app
+from deployment.hooks import install_post_run_hooks
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError
-from fedshield.preflight import preflight
+from server.preflight import preflight
 from server.app import build_server_app
 from server.outputs import new_run_dir
 from simulations.grid import InProcessGrid
@@ -24,6 +25,7 @@ from simulations.grid import InProcessGrid
 def simulate(cfg: fcfg.Config, reporter=None) -> dict:
     """Run ``cfg`` and return its summary (also in ``<run folder>/summary.json``)."""
     preflight(cfg)  # refuse what cannot run before a run folder exists or anything trains
+    install_post_run_hooks()  # the hand-off, or the note why a base install skips it
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
     server_app = build_server_app(reporter, str(run_dir))
     run_config = cfg.flat()
@@ -38,7 +40,7 @@ def simulate(cfg: fcfg.Config, reporter=None) -> dict:
         client_apps = {pid: make_client_app() for pid in range(cfg.federation.num_clients)}
         reply_filter = None
         if cfg.attack.name != "none":
-            from simulations.attacks.federation import adversarial_apps
+            from simulations.adversary import adversarial_apps
 
             client_apps, reply_filter = adversarial_apps(cfg, client_apps)
         grid = InProcessGrid(client_apps, run_config, cfg.seed, reply_filter=reply_filter)
@@ -57,7 +59,7 @@ def attack_report(cfg: fcfg.Config, run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     from server.reputation import detection_rate, false_quarantine_rate
-    from simulations.attacks.federation import backdoor_success, byzantine_ids
+    from simulations.adversary import backdoor_success, byzantine_ids
     from tasks import task_for
 
     byz = byzantine_ids(cfg)

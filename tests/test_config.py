@@ -203,7 +203,7 @@ def test_preflight_partition_sizes_are_what_the_clients_load(tmp_path):
     from flwr.app import Context, RecordDict
 
     from client.data import LOCAL_VAL_FRACTION, load_client_data
-    from fedshield.preflight import VAL_FRACTION, preflight
+    from server.preflight import VAL_FRACTION, preflight
 
     assert VAL_FRACTION == LOCAL_VAL_FRACTION
     n = 30
@@ -221,7 +221,7 @@ def test_preflight_partition_sizes_are_what_the_clients_load(tmp_path):
 
 def test_preflight_refuses_a_dp_batch_larger_than_a_partition(tmp_path):
     """The issue's new-user case: mnist5k over 50 clients with the default DP batch of 256."""
-    from fedshield.preflight import partition_problem, preflight
+    from server.preflight import partition_problem, preflight
 
     cfg = fcfg.load(ROOT / "configs/default.toml",
                     ["task.name=mnist5k", "federation.num_clients=50",
@@ -236,7 +236,7 @@ def test_preflight_refuses_a_dp_batch_larger_than_a_partition(tmp_path):
 
 
 def test_preflight_notes_a_large_batch_without_dp_and_only_warns_in_the_serverapp(tmp_path):
-    from fedshield.preflight import preflight
+    from server.preflight import preflight
 
     report = preflight(digits(tmp_path, train={"batch_size": 1000}))
     assert len(report.notes) == 1 and "whole partition as one batch" in report.notes[0]
@@ -251,7 +251,7 @@ def test_preflight_notes_a_large_batch_without_dp_and_only_warns_in_the_serverap
 def test_preflight_refuses_what_would_fail_later(tmp_path):
     from dataclasses import replace
 
-    from fedshield.preflight import preflight
+    from server.preflight import preflight
 
     good = digits(tmp_path)
     with pytest.raises(ConfigError, match="init_weights = .* does not exist"):

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from deployment.artifacts import IntegrityError, ONNX_DATA
 from deployment.card import build_card
-from deployment.cli import monitor_command, registry_app
+from fedshield.commands.deploy import monitor_command, registry_app
 from deployment.export import ExportResult
 from deployment.gate import decide, promote
 from deployment.handoff import handoff

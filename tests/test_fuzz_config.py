@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from fedshield import config as fcfg
 from fedshield.errors import BudgetExhausted, ConfigError, DataValidationError, FedShieldError
-from fedshield.preflight import preflight
+from server.preflight import preflight
 
 MUTATIONS = int(os.environ.get("FEDSHIELD_FUZZ_EXAMPLES", 300))  # more for a deeper local search
 FLAT = fcfg.Config().flat()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from deployment.artifacts import IntegrityError, NotDeployable
 from deployment.card import build_card
-from deployment.cli import registry_app, serve_command
+from fedshield.commands.deploy import registry_app, serve_command
 from deployment.export import ExportResult, export_model
 from deployment.gate import decide, promote
 from deployment.handoff import handoff

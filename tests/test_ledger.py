@@ -236,7 +236,7 @@ def test_the_site_key_comes_from_the_node_never_the_federation_name(tmp_path):
 def test_cli_shows_a_sites_spend_per_federation_and_in_total(tmp_path):
     from typer.testing import CliRunner
 
-    from privacy.cli import privacy_app
+    from fedshield.commands.privacy import privacy_app
 
     for federation in ("fed-A", "fed-B"):
         Ledger.for_client(tmp_path, federation, "site-1", DELTA, "rdp", site="site:1").record(

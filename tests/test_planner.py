@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
 from fedshield.errors import ConfigError
-from privacy.cli import privacy_app
+from fedshield.commands.privacy import privacy_app
 from privacy.planner import epsilon_curve, plan, plan_noise, sample_rate, spent, steps_per_round
 
 DELTA = 1e-5

@@ -9,7 +9,7 @@ import torch
 
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError, StateCorrupted
-from fedshield.preflight import check_resume, preflight
+from server.preflight import check_resume, preflight
 from server.checkpoint import STATE, load_checkpoint, save_checkpoint
 from server.outputs import RunFolder
 

@@ -1,7 +1,9 @@
-"""Typer commands the ``fedshield`` CLI mounts: ``registry list|show|promote``, ``serve``, ``monitor``.
+"""Typer commands the ``fedshield`` CLI mounts: ``registry list|show|promote``, ``serve``,
+``monitor`` (orchestration layer: they drive deployment/, which never imports them).
 
 Mount with ``app.add_typer(registry_app, name="registry")``, ``app.command("serve")(serve_command)``
-and ``app.command("monitor")(monitor_command)``; ``python -m deployment.cli`` runs them alone.
+and ``app.command("monitor")(monitor_command)``; ``python -m fedshield.commands.deploy`` runs them
+alone.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pathlib import Path
 from fedshield import config as fcfg
 from fedshield.errors import ConfigError, StateCorrupted
 
-log = logging.getLogger("fedshield.preflight")
+log = logging.getLogger(__name__)
 
 # client/data.py holds this share of a partition out for local evaluation, from 20 examples on.
 # Mirrored here (a test keeps both equal to what load_client_data returns).
@@ -176,7 +176,7 @@ def check_init_weights(path: str, expected: dict) -> None:
 
 def train_sizes(cfg: fcfg.Config) -> tuple[int, ...]:
     """Each simulated client's training examples: the partitions the clients will load."""
-    from tasks.partition import cached_partitions  # noqa: PLC0415 (cached: clients reuse it)
+    from tasks.partition import cached_partitions  # noqa: PLC0415 (clients reuse it)
 
     parts = cached_partitions(cfg.task.name, cfg.federation.num_clients, cfg.partition, cfg.seed)
     return tuple(local_train_size(len(p)) for p in parts)

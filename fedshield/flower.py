@@ -1,0 +1,13 @@
+"""The Flower App's server component (``[tool.flwr.app.components] serverapp``) for ``flwr run``.
+
+Orchestration layer: it registers the post-run hand-off hook (when the ``[deploy]`` extra is
+installed; otherwise the run ends with a note that the hand-off was skipped) before Flower calls
+the ServerApp, which itself never imports deployment/. The client component stays
+``client.app:app``: clients have no post-run step.
+"""
+
+from deployment.hooks import install_post_run_hooks
+from server.app import build_server_app
+
+install_post_run_hooks()
+serverapp = build_server_app()

@@ -1,0 +1,82 @@
+"""Post-run hooks: what runs after the last round, registered by the layer above the ServerApp.
+
+The ServerApp (apps layer) must not import deployment/ (orchestration layer), and a base install
+without the ``[deploy]`` extra must still finish a run. So the hand-off is a hook: orchestration
+(``simulations.runner``, the Flower component ``fedshield.flower:serverapp``) registers it through
+``deployment.hooks.install_post_run_hooks`` when the extra is importable, or registers why it is
+not; the ServerApp only calls :func:`run_post_run_hook`.
+
+Why a process-wide registry rather than an argument: Flower builds the ServerApp in its own
+process from the component string, and the secure-aggregation path shares ``RunRecorder``; a
+registry filled before ``main`` runs reaches both without threading a parameter through them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedshield.config import Config
+
+HANDOFF = "handoff"  # the summary key, and the hook that `deployment.handoff = true` asks for
+
+log = logging.getLogger("flwr")  # Flower's console logger: the note shows wherever the run logs
+
+PostRun = Callable[[Path, "Config"], dict]
+
+
+@dataclass(frozen=True)
+class PostRunHook:
+    """A registered hook: ``run`` is None when it is unavailable, and ``skipped`` says why."""
+
+    name: str
+    run: PostRun | None
+    skipped: str = ""
+
+
+_HOOKS: dict[str, PostRunHook] = {}
+
+NOT_REGISTERED = ("no hand-off hook is registered in this process: run through `fedshield "
+                  "simulate`, or point Flower's serverapp component at fedshield.flower:serverapp")
+
+
+def register_post_run(name: str, run: PostRun) -> None:
+    """Register (or replace) the hook ``name``; its result dict goes to ``summary[name]``."""
+    _HOOKS[name] = PostRunHook(name, run)
+
+
+def mark_unavailable(name: str, reason: str) -> None:
+    """Record that hook ``name`` cannot run here (e.g. a missing extra) and why, for the note."""
+    _HOOKS[name] = PostRunHook(name, None, reason)
+
+
+def unregister_post_run(name: str) -> None:
+    """Forget hook ``name`` (tests, or an embedding application that hands off itself)."""
+    _HOOKS.pop(name, None)
+
+
+def registered(name: str) -> PostRunHook | None:
+    """The hook registered under ``name``, if any."""
+    return _HOOKS.get(name)
+
+
+def run_post_run_hook(name: str, run_dir: Path, cfg: Config) -> dict:
+    """Run hook ``name`` on a finished run folder and return what goes into the summary.
+
+    ``{"skipped": why}`` when it is unavailable, ``{"error": ...}`` when it failed: the run's own
+    results are already on disk, so a hook never fails the run."""
+    hook = _HOOKS.get(name)
+    label = "hand-off" if name == HANDOFF else name
+    if hook is None or hook.run is None:
+        reason = hook.skipped if hook is not None else NOT_REGISTERED
+        log.warning("%s skipped: %s", label, reason)
+        return {"skipped": reason}
+    try:
+        return hook.run(run_dir, cfg)
+    except Exception as exc:  # any failure: keep the finished run and say what went wrong
+        log.warning("%s failed: %s: %s", label, type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
