@@ -157,11 +157,11 @@ def audit_command(
 ) -> None:
     """Empirical privacy audit: a one-run canary epsilon lower bound (95% confidence) next to the
     accountant's epsilon, membership inference (loss, LiRA) and gradient inversion."""
-    from fedshield import config as fcfg
+    from fedshield import validation
     from simulations.audit import run_audit
 
     try:
-        cfg = fcfg.load(config, set_ or [])
+        cfg = validation.load(config, set_ or [])
         report = run_audit(cfg, canaries=canaries, client=client, shadows=shadows,
                            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
                            audit_seed=seed)

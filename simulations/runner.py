@@ -13,7 +13,7 @@ from pathlib import Path
 from flwr.app import Context, RecordDict
 
 from client.app import make_client_app
-from fedshield import config as fcfg
+from fedshield import schema
 from fedshield.errors import ConfigError
 from fedshield.preflight import preflight
 from server.app import build_server_app
@@ -21,7 +21,7 @@ from server.outputs import new_run_dir
 from simulations.grid import InProcessGrid
 
 
-def simulate(cfg: fcfg.Config, reporter=None) -> dict:
+def simulate(cfg: schema.Config, reporter=None) -> dict:
     """Run ``cfg`` and return its summary (also in ``<run folder>/summary.json``)."""
     preflight(cfg)  # refuse what cannot run before a run folder exists or anything trains
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
@@ -52,7 +52,7 @@ def simulate(cfg: fcfg.Config, reporter=None) -> dict:
     return summary
 
 
-def attack_report(cfg: fcfg.Config, run_dir: Path) -> dict:
+def attack_report(cfg: schema.Config, run_dir: Path) -> dict:
     """Who was Byzantine, who got caught, and (for backdoors) the attack's success rate."""
     from safetensors.torch import load_file
 

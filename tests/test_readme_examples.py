@@ -19,7 +19,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fedshield import config as fcfg
+from fedshield import schema, validation
+from fedshield.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -121,8 +122,8 @@ def test_fedshield_commands_exist_and_parse(command):
                   None)
     if config:
         sets = ctx.params.get("set_") or []
-        cfg = fcfg.load(ROOT / config, sets)  # raises ConfigError for a broken example
-        assert isinstance(cfg, fcfg.Config)
+        cfg = validation.load(ROOT / config, sets)  # raises ConfigError for a broken example
+        assert isinstance(cfg, schema.Config)
 
 
 def fused_run_config(run_config: str) -> dict:
@@ -135,7 +136,7 @@ def fused_run_config(run_config: str) -> dict:
 def test_flwr_run_examples_give_valid_configs(command, tmp_path):
     tokens = argv(command)
     run_config = tokens[tokens.index("--run-config") + 1]
-    cfg = fcfg.from_run_config(fused_run_config(run_config))
+    cfg = validation.from_run_config(fused_run_config(run_config))
     if cfg.task.name == "digits":  # cheap: the ServerApp's whole pre-flight, strictly
         from dataclasses import replace
 
@@ -147,8 +148,8 @@ def test_flwr_run_examples_give_valid_configs(command, tmp_path):
 def test_the_old_digits_flwr_run_example_is_refused_before_training():
     """The README's former example (default model tanh_cnn on digits) is refused by the config
     check the ServerApp runs first, so the Flower run ends failed instead of training."""
-    with pytest.raises(fcfg.ConfigError, match="task.model = 'tanh_cnn' is not a model"):
-        fcfg.from_run_config(fused_run_config("task.name='digits' federation.rounds=3"))
+    with pytest.raises(ConfigError, match="task.model = 'tanh_cnn' is not a model"):
+        validation.from_run_config(fused_run_config("task.name='digits' federation.rounds=3"))
 
 
 @pytest.mark.parametrize("command", PYTHON)
@@ -156,7 +157,7 @@ def test_python_benchmark_commands_name_existing_files(command):
     tokens = argv(command)
     assert (ROOT / tokens[1]).is_file(), tokens[1]
     for config in (t for t in tokens[2:] if t.endswith(".toml") and not PLACEHOLDER.search(t)):
-        fcfg.load(ROOT / config)
+        validation.load(ROOT / config)
 
 
 def test_toml_blocks_parse_and_config_paths_exist():
@@ -167,4 +168,4 @@ def test_toml_blocks_parse_and_config_paths_exist():
     for body in blocks:
         tomllib.loads(body)
     for path in sorted(set(re.findall(r"configs/[\w.-]+\.toml", README))):
-        fcfg.load(ROOT / path)
+        validation.load(ROOT / path)
