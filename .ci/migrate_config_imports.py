@@ -74,9 +74,10 @@ def migrate(text: str) -> str:
                 text = re.sub(rf"\b{alias}\.{name}\b", new, text)
         short = ", ".join(sorted(ALIAS[x] for x in modules))
 
-        def imports(m: re.Match, short: str = short, extra: list[str] = extra) -> str:
+        def imports(m: re.Match, short: str = short, extra: list[str] = extra,
+                    before: str = text) -> str:
             lines = [f"from fedshield import {short}{m['comment'] or ''}"] if short else []
-            lines += [e for e in extra if e not in text]
+            lines += [e for e in extra if e not in before]
             return "\n".join(m["indent"] + line for line in lines)
 
         text = ALIAS_LINE.sub(imports, text)

@@ -31,8 +31,8 @@ def test_bad_configs_name_the_key(data, message):
 
 
 def test_overrides_and_round_trip(tmp_path):
-    cfg = validation.load(ROOT / "configs/default.toml", ["federation.rounds=7", "task.name=mnist5k",
-                                                    "train.lr=0.5"])
+    cfg = validation.load(ROOT / "configs/default.toml",
+                          ["federation.rounds=7", "task.name=mnist5k", "train.lr=0.5"])
     assert (cfg.federation.rounds, cfg.task.name, cfg.train.lr) == (7, "mnist5k", 0.5)
     path = tmp_path / "c.toml"
     path.write_text(configio.to_toml(cfg))
@@ -66,7 +66,7 @@ def test_cosine_schedule_decays_from_lr_towards_zero():
     constant, cosine = schema.TrainConfig(lr=0.1), schema.TrainConfig(lr=0.1, lr_schedule="cosine")
     assert [constant.lr_at(r, 10) for r in (1, 5, 10)] == [0.1] * 3
     lrs = [cosine.lr_at(r, 10) for r in range(1, 11)]
-    assert lrs[0] == 0.1 and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
+    assert lrs[0] == 0.1 and all(a > b > 0 for a, b in zip(lrs, lrs[1:], strict=False))
     assert lrs[5] == pytest.approx(0.05)  # halfway: cos(pi/2)
     assert cosine.lr_at(1, 1) == 0.1
 
@@ -328,8 +328,8 @@ def test_preflight_refuses_what_would_fail_later(tmp_path):
     good = digits(tmp_path)
     with pytest.raises(ConfigError, match="init_weights = .* does not exist"):
         preflight(replace(good, init_weights=str(tmp_path / "none.safetensors")))
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match="does not fit the model"):
