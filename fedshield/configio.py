@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 import tomllib
 from pathlib import Path
@@ -58,13 +59,15 @@ def coerce(path: str, value: Any, default: Any, why: str = "") -> Any:
     raise ConfigError(f"{path}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
 
 
+# Schema metadata key -> how a value must compare with the bound.
+BOUNDS = (("ge", operator.ge), ("gt", operator.gt), ("le", operator.le), ("lt", operator.lt))
+
+
 def in_range(value: Any, meta: Any) -> bool:
     """Whether ``value`` is inside a field's declared range (schema metadata ge/gt/le/lt/...)."""
     if value in meta.get("also", ()):
         return True
-    bounds = (("ge", lambda b: value >= b), ("gt", lambda b: value > b),
-              ("le", lambda b: value <= b), ("lt", lambda b: value < b))
-    if not all(meta.get(name) is None or holds(meta[name]) for name, holds in bounds):
+    if not all(meta.get(name) is None or holds(value, meta[name]) for name, holds in BOUNDS):
         return False
     pattern = meta.get("pattern")
     return not pattern or re.fullmatch(pattern, value) is not None
@@ -118,7 +121,8 @@ def _build(cls: type, data: Any, prefix: str, base: Any) -> Any:
 def build(data: dict[str, Any]) -> Config:
     """A nested dict (a parsed TOML file) over ``Config()``, checked per key only (no
     cross-checks: use ``fedshield.validation.from_dict``)."""
-    return _build(Config, data, "", Config())
+    cfg: Config = _build(Config, data, "", Config())
+    return cfg
 
 
 def section(cls: type, data: dict[str, Any], prefix: str) -> Any:

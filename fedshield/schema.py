@@ -30,9 +30,9 @@ SECAGG_MODULUS = 2**32
 RUN_NAME_PATTERN = r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,99}"
 
 
-def setting(default: Any, why: str = "", *, choices: tuple = (), ge: float | None = None,
+def setting(default: Any, why: str = "", *, choices: tuple[str, ...] = (), ge: float | None = None,
             gt: float | None = None, le: float | None = None, lt: float | None = None,
-            also: tuple = (), pattern: str = "") -> Any:
+            also: tuple[int, ...] = (), pattern: str = "") -> Any:
     """A config field: its default and, as data, what values it accepts (``why`` in words)."""
     meta = {"why": why, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt,
             "also": also, "pattern": pattern}
