@@ -4,7 +4,8 @@ Rewrites ``from fedshield.config import ...`` lines and ``fcfg.X`` / ``fconfig.X
 ``from fedshield import config as fcfg`` in the given files (default: every tracked .py file), so
 a branch written against fedshield.config still imports after the split. Idempotent; prints the
 files it changed. Per file, not per function: each aliased import line (also a function-level one)
-gets every module the file uses through the alias; ruff's F401 then names any left unused. Delete once no branch imports fedshield.config.
+gets every module the file uses through the alias; ruff's F401 then names any left unused.
+Delete once no branch imports fedshield.config.
 
     python .ci/migrate_config_imports.py [FILE ...]
 """
