@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedshield import schema, validation
-from fedshield.errors import ConfigError
-from fedshield.errors import RunFailed
+from fedshield.errors import ConfigError, RunFailed
 
 
 def run_point(base: schema.Config, overrides: dict[str, Any], out_dir: Path, reporter=None) -> dict:
