@@ -37,7 +37,7 @@ flwr-run: install
 
 # Regenerate [tool.flwr.app.config] in pyproject.toml from configs/default.toml.
 flwr-config: install
-	$(PY) -c "import re,sys; from fedshield.config import load,to_flwr_table; \
+	$(PY) -c "import re,sys; from fedshield.validation import load; from fedshield.configio import to_flwr_table; \
 	p=open('pyproject.toml').read().split('[tool.flwr.app.config]\n')[0]; \
 	open('pyproject.toml','w').write(p+'[tool.flwr.app.config]\n'+to_flwr_table(load('configs/default.toml')))"
 

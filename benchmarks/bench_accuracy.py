@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedshield import config as fcfg  # noqa: E402
+from fedshield import validation  # noqa: E402
 from simulations.runner import simulate  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in configs:
-        cfg = fcfg.load(path, overrides + [f"output_dir={str(out / 'runs')!r}".replace("'", '"')])
+        cfg = validation.load(path, overrides + [f"output_dir={str(out / 'runs')!r}".replace("'", '"')])
         started = time.perf_counter()
         summary = simulate(cfg)
         rows.append({"config": path, "overrides": overrides, "task": cfg.task.name,

@@ -45,7 +45,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedshield.config import AggregationConfig
+from fedshield.schema import AggregationConfig
 from fedshield.errors import ConfigError
 from server.aggregation import build_aggregator
 from server.flat import stack

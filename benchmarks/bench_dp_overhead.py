@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.dp import pick_grad_sample_mode, train_private  # noqa: E402
-from fedshield.config import PrivacyConfig, TrainConfig  # noqa: E402
+from fedshield.schema import PrivacyConfig, TrainConfig  # noqa: E402
 from privacy.ledger import Ledger  # noqa: E402
 from privacy.planner import sample_rate  # noqa: E402
 from privacy.randomness import (  # noqa: E402

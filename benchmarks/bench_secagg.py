@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedshield import config as fcfg  # noqa: E402
+from fedshield import validation  # noqa: E402
 from simulations.runner import simulate  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def run(config: str, overrides: list[str], repeats: int, out: Path) -> list[dict
     rows = []
     for rep in range(repeats):
         for secagg in (True, False):
-            cfg = fcfg.load(config, overrides + [f'output_dir="{out / "runs"}"',
+            cfg = validation.load(config, overrides + [f'output_dir="{out / "runs"}"',
                                                  f"secagg.enabled={str(secagg).lower()}"])
             started = time.perf_counter()
             summary = simulate(cfg)

@@ -20,14 +20,14 @@ from client.data import load_client_data
 from client.releases import reply_metrics, stats_release
 from client.training import train_local
 from client.validation import quality_report, validate_split
-from fedshield import config as fcfg
+from fedshield import configio, schema, validation
 from fedshield.errors import BudgetExhausted, DataValidationError
 from fedshield.records import (EvalReport, Refusal, TrainReport, encode_eval_report,
                                encode_refusal, encode_train_report)
 from privacy.releases import EXACT_MODE, OUTSIDE_KEY
 from tasks import Split, Task, evaluate
 
-DataLoader = Callable[[Context, fcfg.Config], tuple[Task, Split, Split]]
+DataLoader = Callable[[Context, schema.Config], tuple[Task, Split, Split]]
 
 
 def identity(context: Context) -> dict[str, int]:
@@ -51,7 +51,7 @@ def _model_from(msg: Message, task: Task) -> torch.nn.Module:
     return model
 
 
-def _checked_data(context: Context, cfg: fcfg.Config, load_data: DataLoader):
+def _checked_data(context: Context, cfg: schema.Config, load_data: DataLoader):
     task, train, val = load_data(context, cfg)
     validate_split(train, task, "local training data")
     if len(val):
@@ -59,7 +59,7 @@ def _checked_data(context: Context, cfg: fcfg.Config, load_data: DataLoader):
     return task, train, val
 
 
-def client_ledger(cfg: fcfg.Config, context: Context, run_key: str, server_round: int = 0):
+def client_ledger(cfg: schema.Config, context: Context, run_key: str, server_round: int = 0):
     """This client's persistent privacy ledger (see privacy.ledger_scope).
 
     Its budget belongs to the site's data (:func:`site_key`), not to the federation name the
@@ -98,14 +98,14 @@ def site_key(node_config) -> str:
     return f"partition:{node_config.get('partition-id', 'none')}"
 
 
-def privacy_cap(cfg: fcfg.Config, node_config) -> float:
+def privacy_cap(cfg: schema.Config, node_config) -> float:
     """The tighter of the federation's budget and the site's own (node config max-epsilon);
     0 = no budget. A site can lower its cap, never raise the federation's."""
     caps = [c for c in (cfg.privacy.max_epsilon, float(node_config.get("max-epsilon", 0.0))) if c > 0]
     return min(caps, default=0.0)
 
 
-def _train_private(model, data, train_cfg, cfg: fcfg.Config, context: Context, rc: dict,
+def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context, rc: dict,
                    seed: int, num_classes: int) -> dict[str, float]:
     from client.dp import train_private  # noqa: PLC0415 (Opacus only when DP is on)
 
@@ -136,7 +136,7 @@ def round_seed(run_seed: int, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([run_seed, server_round, partition_id]).generate_state(1)[0])
 
 
-def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
+def fit_locally(context: Context, cfg: schema.Config, load_data: DataLoader,
                 weights: dict[str, torch.Tensor] | list[np.ndarray],
                 rc: dict) -> tuple[torch.nn.Module, dict]:
     """One round of local training from the global ``weights`` (DP-SGD when privacy is on).
@@ -147,7 +147,7 @@ def fit_locally(context: Context, cfg: fcfg.Config, load_data: DataLoader,
     """
     started = time.perf_counter()
     task, data, _ = _checked_data(context, cfg, load_data)
-    train_cfg = fcfg.section(fcfg.TrainConfig, fcfg.unflatten(rc).get("train", {}), "train.")
+    train_cfg = configio.section(schema.TrainConfig, configio.unflatten(rc).get("train", {}), "train.")
     train_cfg = replace(train_cfg, lr=train_cfg.lr_at(int(rc.get("server-round", 1)),
                                                       int(rc.get("num-rounds", 1))))
     model = task.build_model()
@@ -176,7 +176,7 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg = fcfg.from_run_config(context.run_config)
+        cfg = validation.from_run_config(context.run_config)
         if cfg.secagg.enabled:  # Flower's SecAgg+ protocol messages (see client/secagg.py)
             from client.secagg import secagg_train  # noqa: PLC0415
 
@@ -195,7 +195,7 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
 
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
-        cfg = fcfg.from_run_config(context.run_config)
+        cfg = validation.from_run_config(context.run_config)
         try:
             task, _, val = _checked_data(context, cfg, load_data)
         except DataValidationError as exc:

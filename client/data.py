@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Context
 
-from fedshield.config import Config
+from fedshield.schema import Config
 from tasks import Split, Task, task_for
 from tasks.partition import cached_partitions
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.bookkeeping import BookKeepingClipper, BookKeepingDPOptimizer, supports_bookkeeping
 from client.training import augmenter, make_optimizer
-from fedshield.config import PrivacyConfig, TrainConfig
+from fedshield.schema import PrivacyConfig, TrainConfig
 from fedshield.errors import ConfigError
 from privacy.accounting import compact
 from privacy.ledger import Ledger

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedshield.config import PrivacyConfig
+from fedshield.schema import PrivacyConfig
 from privacy.ledger import Ledger, atomic_write_json
 from privacy.releases import (EXACT_MODE, OUTSIDE_KEY, HistogramRelease, release_histogram,
                               secure_rng)

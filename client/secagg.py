@@ -28,18 +28,18 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from client.app import DataLoader, fit_locally
-from fedshield import config as fcfg
+from fedshield import schema
 from fedshield.errors import ConfigError
 from privacy.central import clip_updates
 
 
-def secagg_train(msg: Message, context: Context, cfg: fcfg.Config,
+def secagg_train(msg: Message, context: Context, cfg: schema.Config,
                  load_data: DataLoader) -> Message:
     """Answer one SecAgg+ protocol message; local training happens in its masking stage."""
     return secaggplus_mod(msg, context, partial(legacy_fit, cfg=cfg, load_data=load_data))
 
 
-def legacy_fit(msg: Message, context: Context, *, cfg: fcfg.Config,
+def legacy_fit(msg: Message, context: Context, *, cfg: schema.Config,
                load_data: DataLoader) -> Message:
     """The plain path's local training, read from a legacy FitIns and answered as a FitRes
     whose parameters are the client's update (trained - global), clipped where the rule says."""
@@ -58,7 +58,7 @@ def legacy_fit(msg: Message, context: Context, *, cfg: fcfg.Config,
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def update_bound(cfg: fcfg.Config) -> float:
+def update_bound(cfg: schema.Config) -> float:
     """The L2 bound a client applies to its own update (0 = none): central DP's clip norm, or the
     "clip" rule's. Clipped updates are summed with equal weights, as both mechanisms assume."""
     if cfg.central_dp.enabled:
@@ -79,7 +79,7 @@ def clip_to(arrays: list[np.ndarray], bound: float) -> list[np.ndarray]:
     return out
 
 
-def check_quantizable(arrays: list[np.ndarray], weight: int, secagg: fcfg.SecAggConfig) -> None:
+def check_quantizable(arrays: list[np.ndarray], weight: int, secagg: schema.SecAggConfig) -> None:
     """Flower clips ``weight / max_weight * value`` to the clipping range without a word; a
     clipped value would silently corrupt the sum, so refuse instead."""
     largest = max(float(abs(a).max()) for a in arrays if a.size) * weight / secagg.max_weight

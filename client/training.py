@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedshield.config import TrainConfig
+from fedshield.schema import TrainConfig
 from tasks import Split, resolve_device
 
 

@@ -22,7 +22,7 @@ from deployment.policy import GatePolicy
 from deployment.reference_stats import (Reference, names_for, reference_from_data,
                                         with_client_class_priors)
 from deployment.registry import refuse_failed_run, register
-from fedshield.config import Config
+from fedshield.schema import Config
 from fedshield.errors import FedShieldError
 from tasks import task_for
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from fedshield.config import Config
+from fedshield.schema import Config
 from server.hooks import HANDOFF, mark_unavailable, register_post_run
 
 # What the hand-off imports from the [deploy] extra: MLflow registry, ONNX export (dynamo needs

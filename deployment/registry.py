@@ -35,7 +35,7 @@ from deployment.artifacts import (EXPORT_JSON, IntegrityError, NotDeployable,  #
 from deployment.card import ModelCard, privacy_warning, read_run  # noqa: E402
 from deployment.export import ExportResult  # noqa: E402
 from deployment.policy import POLICY_TAG, GatePolicy  # noqa: E402
-from fedshield.config import flatten  # noqa: E402
+from fedshield.configio import flatten  # noqa: E402
 from fedshield.errors import ConfigError, FedShieldError  # noqa: E402
 
 EXPERIMENT = "fedshield"

@@ -35,10 +35,10 @@ def simulate(
     json_out: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
 ) -> None:
     """Run a federated simulation on this machine and write runs/<name>-<timestamp>/."""
-    from fedshield import config as fcfg
+    from fedshield import validation
 
     try:
-        cfg = fcfg.load(config, set_ or [])
+        cfg = validation.load(config, set_ or [])
         from server.report import ConsoleReporter
         from simulations.runner import simulate as run
 
@@ -83,11 +83,11 @@ def robustness(
     each rule's worst case over attacks."""
     from pathlib import Path
 
-    from fedshield import config as fcfg
+    from fedshield import validation
     from simulations.sweeps import robustness_matrix
 
     try:
-        base = fcfg.load(config, set_ or [])
+        base = validation.load(config, set_ or [])
         result = robustness_matrix(base, _names(rules), _names(attacks), _floats(fractions),
                                    _names(partitions), Path(out))
     except FedShieldError as exc:
@@ -119,11 +119,11 @@ def privacy_sweep(
     privacy_utility.png (accuracy vs epsilon, with the non-private line)."""
     from pathlib import Path
 
-    from fedshield import config as fcfg
+    from fedshield import validation
     from simulations.sweeps import privacy_sweep as sweep
 
     try:
-        base = fcfg.load(config, set_ or [])
+        base = validation.load(config, set_ or [])
         rows = sweep(base, _floats(epsilons), [int(s) for s in _floats(seeds)], Path(out),
                      audit_canaries=audit_canaries)
     except FedShieldError as exc:

@@ -17,10 +17,6 @@ class BudgetExhausted(FedShieldError):
     """Training would push a client past its privacy budget."""
 
 
-class UpdateRejected(FedShieldError):
-    """A client update failed server-side screening."""
-
-
 class TooFewUpdates(FedShieldError):
     """Too few valid updates remain in a round to aggregate safely."""
 

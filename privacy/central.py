@@ -22,7 +22,7 @@ import secrets
 import numpy as np
 import torch
 
-from fedshield.config import CentralDPConfig
+from fedshield.schema import CentralDPConfig
 from fedshield.errors import ConfigError
 from privacy.accounting import reported_epsilon
 
@@ -174,7 +174,7 @@ def check_secagg(rule_spec: str) -> None:
 
 
 def central_dp_config_check(cfg) -> str | None:
-    """A ``fedshield.config.CROSS_CHECKS`` entry: the problem with cfg's central DP setup, or None."""
+    """A ``fedshield.validation`` check: the problem with cfg's central DP setup, or None."""
     try:
         check_central_dp(cfg.aggregation.rule, cfg.central_dp, weighting=cfg.aggregation.weighting,
                          norm_ratio_screening=(cfg.screening.enabled

@@ -17,8 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedshield import config as fcfg
-from fedshield.errors import RunFailed, TooFewUpdates
+from fedshield import configio, schema, validation
+from fedshield.errors import ConfigError, RunFailed, TooFewUpdates
 from server.preflight import preflight
 from privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
 from privacy.releases import (OUTSIDE_KEY, STATS_NEW_KEY, STATS_NOISE_KEY,
@@ -112,7 +112,7 @@ def release_event(metrics) -> dict:
         return {}
     try:
         noise, rate, steps = histogram_event(float(metrics[STATS_NOISE_KEY]))
-    except (TypeError, ValueError, fcfg.ConfigError):
+    except (TypeError, ValueError, ConfigError):
         return {}
     return {"release": {"noise_multiplier": noise, "sample_rate": rate, "steps": steps}}
 
@@ -131,7 +131,7 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise fcfg.ConfigError(f"init_weights = {path!r} does not exist")
+        raise ConfigError(f"init_weights = {path!r} does not exist")
     return {k.removeprefix("_module."): v for k, v in load_file(path).items()}
 
 
@@ -147,7 +147,7 @@ class RunRecorder:
     ``reports`` are decoded (fedshield.records), never raw reply metrics.
     """
 
-    def __init__(self, cfg: fcfg.Config, strategy, reporter=None,
+    def __init__(self, cfg: schema.Config, strategy, reporter=None,
                  run_dir: str | None = None) -> None:
         self.started = time.perf_counter()
         self.cfg, self.strategy = cfg, strategy
@@ -212,7 +212,7 @@ class RunRecorder:
         return summary
 
 
-def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | None = None) -> dict:
+def run_federation(grid: Grid, cfg: schema.Config, reporter=None, run_dir: str | None = None) -> dict:
     """Train for ``cfg.federation.rounds`` rounds; returns the summary written to summary.json."""
     if cfg.secagg.enabled:  # sum-only aggregation through Flower's SecAgg+ workflow
         from server.secagg import run_secagg_federation  # noqa: PLC0415
@@ -245,23 +245,23 @@ def run_federation(grid: Grid, cfg: fcfg.Config, reporter=None, run_dir: str | N
     return run.finish(result_arrays.to_torch_state_dict(), stopped)
 
 
-def train_round_config(cfg: fcfg.Config, folder: RunFolder) -> dict:
+def train_round_config(cfg: schema.Config, folder: RunFolder) -> dict:
     """What every training message carries besides the weights (clients read ``train.*``).
 
     run-key names this run for the clients' ledgers: stable across a resume, so a redone round
     is never counted twice."""
     return {"num-rounds": cfg.federation.rounds, "run-key": folder.path.name,
-            **fcfg.flatten({"train": asdict(cfg.train)})}
+            **configio.flatten({"train": asdict(cfg.train)})}
 
 
-def hand_off(folder: RunFolder, cfg: fcfg.Config) -> dict:
+def hand_off(folder: RunFolder, cfg: schema.Config) -> dict:
     """Export, document, register and gate the final model: the post-run hook that orchestration
     registered (server/hooks.py; deployment/ is never imported here). A failure or a missing
     ``[deploy]`` extra is reported in the summary, never raised: the run's results are on disk."""
     return run_post_run_hook(HANDOFF, folder.path, cfg)
 
 
-def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy, stopped: str,
+def build_summary(cfg: schema.Config, folder: RunFolder, strategy: ShieldStrategy, stopped: str,
                   wall: float) -> dict:
     lines = folder.read_metrics()
     last = lines[-1] if lines else None
@@ -335,7 +335,7 @@ def build_server_app(reporter=None, run_dir: str | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = fcfg.from_run_config(context.run_config)
+        cfg = validation.from_run_config(context.run_config)
         preflight(cfg, partitions="warn")  # fail a config that cannot run before round 1
         summary = run_federation(grid, cfg, reporter, run_dir)
         if summary["status"] == "failed":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fedshield.config import Config
+    from fedshield.schema import Config
 
 HANDOFF = "handoff"  # the summary key, and the hook that `deployment.handoff = true` asks for
 

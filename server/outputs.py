@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fedshield import config as fcfg
+from fedshield import configio, schema
 from fedshield.errors import StateCorrupted
 
 log = logging.getLogger("fedshield.outputs")
@@ -30,7 +30,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def new_run_dir(cfg: fcfg.Config) -> Path:
+def new_run_dir(cfg: schema.Config) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
     path, k = base, 1
@@ -45,8 +45,8 @@ class RunFolder:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    def write_config(self, cfg: fcfg.Config) -> None:
-        (self.path / "config.toml").write_text(fcfg.to_toml(cfg))
+    def write_config(self, cfg: schema.Config) -> None:
+        (self.path / "config.toml").write_text(configio.to_toml(cfg))
 
     def append_metrics(self, line: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as fh:

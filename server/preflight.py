@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedshield import config as fcfg
+from fedshield import schema, validation
 from fedshield.errors import ConfigError, StateCorrupted
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def partition_notes(train_sizes: tuple[int, ...], batch_size: int) -> list[str]:
             "their whole partition as one batch"]
 
 
-def run_dir_problem(cfg: fcfg.Config) -> str | None:
+def run_dir_problem(cfg: schema.Config) -> str | None:
     """Why a new run folder could not be created under output_dir (or None)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -118,7 +118,7 @@ def check_resume(run_dir: Path) -> None:
                              "Restore them from a backup or start a new run")
 
 
-def check_model(cfg: fcfg.Config):
+def check_model(cfg: schema.Config):
     """The task, after a forward pass of its model on two test inputs gave one logit per class."""
     import torch  # noqa: PLC0415
 
@@ -174,7 +174,7 @@ def check_init_weights(path: str, expected: dict) -> None:
                           f"{diff[0]!r}); give weights of the same task.name and task.model")
 
 
-def train_sizes(cfg: fcfg.Config) -> tuple[int, ...]:
+def train_sizes(cfg: schema.Config) -> tuple[int, ...]:
     """Each simulated client's training examples: the partitions the clients will load."""
     from tasks.partition import cached_partitions  # noqa: PLC0415 (clients reuse it)
 
@@ -182,7 +182,7 @@ def train_sizes(cfg: fcfg.Config) -> tuple[int, ...]:
     return tuple(local_train_size(len(p)) for p in parts)
 
 
-def preflight(cfg: fcfg.Config, *, partitions: str = "refuse") -> PreflightReport:
+def preflight(cfg: schema.Config, *, partitions: str = "refuse") -> PreflightReport:
     """Refuse ``cfg`` (ConfigError / StateCorrupted, naming the key and what to change) if it
     cannot run; otherwise return what was checked.
 
@@ -191,7 +191,7 @@ def preflight(cfg: fcfg.Config, *, partitions: str = "refuse") -> PreflightRepor
     sites bring their own data, which the server cannot see), or "off"."""
     if partitions not in ("refuse", "warn", "off"):
         raise ValueError(f"partitions = {partitions!r}: use 'refuse', 'warn' or 'off'")
-    fcfg.from_dict(cfg.to_dict())  # every field and cross-check, also for a Config built directly
+    validation.from_dict(cfg.to_dict())  # every field and cross-check, also for a Config built directly
     if cfg.resume:
         check_resume(Path(cfg.resume))
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-from fedshield.config import ReputationConfig
+from fedshield.schema import ReputationConfig
 
 
 class Reputation:

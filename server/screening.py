@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedshield.config import ScreeningConfig
+from fedshield.schema import ScreeningConfig
 from fedshield.errors import TooFewUpdates
 from fedshield.records import dtype_kind as _kind
 

@@ -33,7 +33,8 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedshield import config as fcfg
+from fedshield import schema
+from privacy.secagg import SECAGG_MODULUS
 from fedshield.records import TrainReport, decode_train_metrics
 from privacy.central import (add_central_noise, expected_clients, noise_generator,
                              poisson_sample, sampling_rng, user_level_epsilon)
@@ -49,7 +50,7 @@ class SecAggFedAvg(FedAvg):
     result is its metrics. Central DP adds its noise to that sum (clients clipped their updates).
     """
 
-    def __init__(self, cfg: fcfg.Config) -> None:
+    def __init__(self, cfg: schema.Config) -> None:
         fed = cfg.federation
         super().__init__(fraction_fit=fed.fraction_train, fraction_evaluate=0.0,
                          min_fit_clients=fed.min_clients, min_evaluate_clients=0,
@@ -240,17 +241,17 @@ class ErrorWatch(Grid):
         return replies
 
 
-def secagg_workflow(cfg: fcfg.Config) -> SecAggPlusWorkflow:
+def secagg_workflow(cfg: schema.Config) -> SecAggPlusWorkflow:
     s = cfg.secagg
     return SecAggPlusWorkflow(
         num_shares=s.num_shares or 1,  # Flower reads 1 as "every sampled client"
         reconstruction_threshold=s.reconstruction_threshold,
         max_weight=s.max_weight, clipping_range=s.clipping_range,
-        quantization_range=s.quantization_range, modulus_range=fcfg.SECAGG_MODULUS,
+        quantization_range=s.quantization_range, modulus_range=SECAGG_MODULUS,
         timeout=cfg.federation.round_timeout)
 
 
-def run_secagg_federation(grid: Grid, cfg: fcfg.Config, reporter=None,
+def run_secagg_federation(grid: Grid, cfg: schema.Config, reporter=None,
                           run_dir: str | None = None) -> dict:
     """Train for ``cfg.federation.rounds`` SecAgg+ rounds; returns the summary (summary.json)."""
     strategy = SecAggFedAvg(cfg)

@@ -19,7 +19,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fedshield.config import AggregationConfig, Config
+from fedshield.schema import AggregationConfig, Config
 from fedshield.errors import ConfigError, TooFewUpdates
 from fedshield.records import (EvalReport, Refusal, Rejected, ReplyLimits, TrainReport,
                                decode_eval_reply, decode_train_reply, npy_view)

@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 
 from client.app import make_client_app
 from client.data import load_client_data
-from fedshield.config import Config
+from fedshield.schema import Config
 from server.flat import flatten, stack, unflatten
 from simulations.attacks import ATTACKS, select_byzantine, triggered_test_set
 from tasks import Split, task_for

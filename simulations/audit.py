@@ -42,7 +42,7 @@ from torch import nn
 
 from client.data import load_client_data
 from client.training import train_local
-from fedshield import config as fcfg
+from fedshield import configio, schema
 from fedshield.errors import ConfigError
 from privacy import audit
 from privacy.accounting import SAMPLE_LEVEL
@@ -61,7 +61,7 @@ def client_seed(run_seed: int, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([run_seed, server_round, partition_id]).generate_state(1)[0])
 
 
-def noise_is_reproducible(privacy_cfg: fcfg.PrivacyConfig) -> bool:
+def noise_is_reproducible(privacy_cfg: schema.PrivacyConfig) -> bool:
     """Whether DP-SGD noise comes from the seed (the server can regenerate it). Before the
     secure-randomness change every run is seeded; after it only ``privacy.reproducible_noise``."""
     return bool(getattr(privacy_cfg, "reproducible_noise", True))
@@ -145,7 +145,7 @@ class AuditReport:
 # -- shared plumbing -------------------------------------------------------------------------
 
 
-def client_split(cfg: fcfg.Config, client: int) -> Split:
+def client_split(cfg: schema.Config, client: int) -> Split:
     """The audited client's local training data, exactly as its ClientApp loads it."""
     if not 0 <= client < cfg.federation.num_clients:
         raise ConfigError(f"--client {client} is not a partition id in [0, "
@@ -161,8 +161,8 @@ class _Trainer:
     """One client's rounds, private or not, each with its own throwaway ledger (the audit measures
     the mechanism; it must not spend a real client's budget)."""
 
-    def __init__(self, cfg: fcfg.Config, client: int, ledger_dir: Path, name: str,
-                 privacy_cfg: fcfg.PrivacyConfig | None = None) -> None:
+    def __init__(self, cfg: schema.Config, client: int, ledger_dir: Path, name: str,
+                 privacy_cfg: schema.PrivacyConfig | None = None) -> None:
         self.cfg, self.client = cfg, client
         self.privacy = privacy_cfg or cfg.privacy
         # Canary and replay inputs are not images: no augmentation (it would also draw randomness).
@@ -218,7 +218,7 @@ def _columns(model: nn.Module, first: int) -> np.ndarray:
     return model[0].weight.detach()[:, first:].double().numpy().copy()
 
 
-def canary_audit(cfg: fcfg.Config, canaries: int = 1000, client: int = 0,
+def canary_audit(cfg: schema.Config, canaries: int = 1000, client: int = 0,
                  adversaries: tuple[str, ...] | None = None, audit_seed: int | None = None,
                  workdir: str | Path | None = None) -> list[CanaryAudit]:
     """Train the client with ``canaries`` canaries for ``federation.rounds`` rounds and bound
@@ -291,7 +291,7 @@ def _confidences(model: nn.Module, data: Split) -> tuple[np.ndarray, np.ndarray]
     return audit.logit_confidence(logits.numpy(), data.y), loss.numpy()
 
 
-def membership_inference(cfg: fcfg.Config, shadows: int = 4, pool_size: int = 2000,
+def membership_inference(cfg: schema.Config, shadows: int = 4, pool_size: int = 2000,
                          audit_seed: int | None = None,
                          workdir: str | Path | None = None) -> list[MembershipInference]:
     """Train a target on a random half of a pool from the task's data and ``shadows`` shadows on
@@ -381,7 +381,7 @@ def invert_gradient(model: nn.Module, observed: list[torch.Tensor], labels: torc
     return guess.detach()
 
 
-def gradient_inversion(cfg: fcfg.Config, batch: int = 4, client: int = 0, iterations: int = 300,
+def gradient_inversion(cfg: schema.Config, batch: int = 4, client: int = 0, iterations: int = 300,
                        tv_weight: float = 1e-2, audit_seed: int | None = None,
                        workdir: str | Path | None = None) -> list[Inversion]:
     """Invert the client's round-1 update on a batch of ``batch`` of its examples: one local step
@@ -399,7 +399,7 @@ def gradient_inversion(cfg: fcfg.Config, batch: int = 4, client: int = 0, iterat
     bounds = (float(real.x.min()), float(real.x.max()))
     data_range = bounds[1] - bounds[0]
     baseline = audit.psnr(float(np.mean((secret.x - real.x.mean(0)) ** 2)), data_range)
-    settings = [(False, fcfg.PrivacyConfig())]
+    settings = [(False, schema.PrivacyConfig())]
     if cfg.privacy.enabled:
         settings.append((True, replace(cfg.privacy, noise_multiplier=_client_noise(cfg, len(real)),
                                        target_epsilon=0.0, max_epsilon=0.0)))
@@ -430,7 +430,7 @@ def gradient_inversion(cfg: fcfg.Config, batch: int = 4, client: int = 0, iterat
     return out
 
 
-def _client_noise(cfg: fcfg.Config, n: int) -> float:
+def _client_noise(cfg: schema.Config, n: int) -> float:
     """The noise multiplier the client uses per step over its real schedule."""
     from client.dp import resolve_noise  # noqa: PLC0415
     from privacy.planner import sample_rate, steps_per_round  # noqa: PLC0415
@@ -444,7 +444,7 @@ def _client_noise(cfg: fcfg.Config, n: int) -> float:
 ATTACKS = ("canary", "mia", "inversion")
 
 
-def run_audit(cfg: fcfg.Config, canaries: int = 1000, client: int = 0, shadows: int = 4,
+def run_audit(cfg: schema.Config, canaries: int = 1000, client: int = 0, shadows: int = 4,
               attacks: tuple[str, ...] = ATTACKS, audit_seed: int | None = None,
               inversion_batch: int = 4, inversion_iterations: int = 300) -> AuditReport:
     """Every requested attack on ``cfg``'s training, as one report."""
@@ -464,7 +464,7 @@ def run_audit(cfg: fcfg.Config, canaries: int = 1000, client: int = 0, shadows: 
 
 # -- the record a run folder keeps (its model card shows it) ----------------------------------
 
-def procedure(report: AuditReport, cfg: fcfg.Config) -> str:
+def procedure(report: AuditReport, cfg: schema.Config) -> str:
     """What was audited, in words the card prints."""
     training = "DP-SGD" if cfg.privacy.enabled else "training (no DP)"
     parts = []
@@ -483,9 +483,9 @@ def procedure(report: AuditReport, cfg: fcfg.Config) -> str:
     return "; ".join(parts) + ". Throwaway ledgers: no client budget is spent"
 
 
-def audit_record(report: AuditReport, cfg: fcfg.Config) -> audit.AuditRecord:
+def audit_record(report: AuditReport, cfg: schema.Config) -> audit.AuditRecord:
     """``report`` as the record a run folder keeps, with the digest of ``cfg``'s mechanism."""
-    table = tomllib.loads(fcfg.to_toml(cfg))  # what the run's config.toml holds for this cfg
+    table = tomllib.loads(configio.to_toml(cfg))  # what the run's config.toml holds for this cfg
     return audit.AuditRecord(
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         mechanism_digest=audit.mechanism_digest(table), task=report.task, client=report.client,
@@ -496,7 +496,7 @@ def audit_record(report: AuditReport, cfg: fcfg.Config) -> audit.AuditRecord:
         inversion=tuple(i.to_dict() for i in report.inversion))
 
 
-def write_run_audit(run_dir: str | Path, report: AuditReport, cfg: fcfg.Config) -> Path:
+def write_run_audit(run_dir: str | Path, report: AuditReport, cfg: schema.Config) -> Path:
     """Write ``run_dir/audit.json`` (atomically); the run's model card reads it."""
     run = Path(run_dir)
     if not (run / "summary.json").is_file():

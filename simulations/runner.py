@@ -14,7 +14,7 @@ from flwr.app import Context, RecordDict
 
 from client.app import make_client_app
 from deployment.hooks import install_post_run_hooks
-from fedshield import config as fcfg
+from fedshield import schema
 from fedshield.errors import ConfigError
 from server.preflight import preflight
 from server.app import build_server_app
@@ -22,7 +22,7 @@ from server.outputs import new_run_dir
 from simulations.grid import InProcessGrid
 
 
-def simulate(cfg: fcfg.Config, reporter=None) -> dict:
+def simulate(cfg: schema.Config, reporter=None) -> dict:
     """Run ``cfg`` and return its summary (also in ``<run folder>/summary.json``)."""
     preflight(cfg)  # refuse what cannot run before a run folder exists or anything trains
     install_post_run_hooks()  # the hand-off, or the note why a base install skips it
@@ -54,7 +54,7 @@ def simulate(cfg: fcfg.Config, reporter=None) -> dict:
     return summary
 
 
-def attack_report(cfg: fcfg.Config, run_dir: Path) -> dict:
+def attack_report(cfg: schema.Config, run_dir: Path) -> dict:
     """Who was Byzantine, who got caught, and (for backdoors) the attack's success rate."""
     from safetensors.torch import load_file
 

@@ -15,17 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from fedshield import config as fcfg
-from fedshield.errors import RunFailed
+from fedshield import schema, validation
+from fedshield.errors import ConfigError, RunFailed
 
 
-def run_point(base: fcfg.Config, overrides: dict[str, Any], out_dir: Path, reporter=None) -> dict:
+def run_point(base: schema.Config, overrides: dict[str, Any], out_dir: Path, reporter=None) -> dict:
     from simulations.runner import simulate
 
     flat = base.flat()
     flat.update(overrides)
     flat["output_dir"] = str(out_dir / "runs")
-    cfg = fcfg.from_run_config(flat)
+    cfg = validation.from_run_config(flat)
     try:
         summary = simulate(cfg, reporter)
     except RunFailed as exc:  # one failed cell is a row saying so, not the end of the grid
@@ -75,7 +75,7 @@ def _fmt(v: Any) -> str:
 
 
 # --- privacy-utility sweep --------------------------------------------------------------------
-def privacy_sweep(base: fcfg.Config, epsilons: list[float], seeds: list[int], out_dir: Path,
+def privacy_sweep(base: schema.Config, epsilons: list[float], seeds: list[int], out_dir: Path,
                   reporter=None, audit_canaries: int = 0) -> list[dict]:
     """Target epsilon (inf = no DP) x seeds; returns one row per run. With ``audit_canaries`` each
     row also gets the one-run canary audit's empirical epsilon lower bound at the same settings
@@ -98,13 +98,13 @@ def privacy_sweep(base: fcfg.Config, epsilons: list[float], seeds: list[int], ou
     return rows
 
 
-def audit_point(base: fcfg.Config, overrides: dict[str, Any], canaries: int,
+def audit_point(base: schema.Config, overrides: dict[str, Any], canaries: int,
                 out_dir: Path) -> dict:
     """The canary audit of one sweep point: the bound the server's view of client 0's updates
     certifies (its ``update`` adversary), at 95% confidence."""
     from simulations.audit import canary_audit
 
-    cfg = fcfg.from_run_config({**base.flat(), **overrides})  # the audit keeps its own ledgers
+    cfg = validation.from_run_config({**base.flat(), **overrides})  # the audit keeps its own ledgers
     (result,) = canary_audit(cfg, canaries, adversaries=("update",), workdir=out_dir)
     return {"audit_epsilon_lower_bound": result.bound.epsilon, "audit_canaries": canaries}
 
@@ -142,7 +142,7 @@ def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta 
 
 
 # --- robustness matrix ------------------------------------------------------------------------
-def robustness_matrix(base: fcfg.Config, rules: list[str], attacks: list[str],
+def robustness_matrix(base: schema.Config, rules: list[str], attacks: list[str],
                       fractions: list[float], partitions: list[str], out_dir: Path,
                       reporter=None) -> dict:
     """rule x attack x Byzantine fraction x partition; plus each rule's worst case over attacks."""
@@ -173,7 +173,7 @@ def _partition(name: str) -> dict[str, Any]:
         return {"partition.kind": "dirichlet", "partition.alpha": float(name.split("-", 1)[1])}
     if name == "shards":
         return {"partition.kind": "shards"}
-    raise fcfg.ConfigError(f"partition {name!r}: use iid, shards or dirichlet-<alpha>, e.g. dirichlet-0.5")
+    raise ConfigError(f"partition {name!r}: use iid, shards or dirichlet-<alpha>, e.g. dirichlet-0.5")
 
 
 def worst_cases(rows: list[dict]) -> list[dict]:

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedshield.config import PartitionConfig
+from fedshield.schema import PartitionConfig
 from fedshield.errors import ConfigError
 
 

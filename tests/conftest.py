@@ -6,7 +6,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from fedshield import config as fcfg  # noqa: E402
+from tests.config_support import neutral_config  # noqa: E402
 
 # Kernel-independence checks (issue 19): `FEDSHIELD_TEST_TORCH_THREADS=1 make test` runs the suite
 # with one intra-op thread (torch picks its CPU count otherwise); OPENBLAS_CORETYPE is set outside.
@@ -33,7 +33,7 @@ def small_cfg(tmp_path):
                 data.setdefault(key, {}).update(value)
             else:
                 data[key] = value
-        return fcfg.from_dict(data)
+        return neutral_config(data)
 
     return make
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from fedshield import config as fconfig
+from fedshield import configio
+from tests.config_support import neutral_config
 from tasks import evaluate, get_task
 
 
@@ -56,9 +57,9 @@ def make_run_dir(root: Path, task_name: str, *, epsilon_max: float = 3.0, privac
     final = evaluate(model, task.load()[1])
     run = root / f"{task_name}-run"
     run.mkdir(parents=True, exist_ok=True)
-    cfg = fconfig.from_dict({"name": f"test-{task_name}", "task": {"name": task_name},
+    cfg = neutral_config({"name": f"test-{task_name}", "task": {"name": task_name},
                              "federation": {"rounds": rounds, "num_clients": 4}})
-    (run / "config.toml").write_text(fconfig.to_toml(cfg))
+    (run / "config.toml").write_text(configio.to_toml(cfg))
     with open(run / "metrics.jsonl", "w") as fh:
         for r in range(1, rounds + 1):
             acc = final["accuracy"] * (0.8 + 0.2 * r / rounds)

@@ -15,7 +15,8 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from fedshield import config as fcfg
+from fedshield import schema
+from tests.config_support import neutral_config
 from fedshield.records import TrainReport, encode_train_report
 from simulations.grid import InProcessGrid
 
@@ -30,7 +31,7 @@ def wire(msg: Message) -> Message:
     return message_from_proto(ProtoMessage.FromString(message_to_proto(msg).SerializeToString()))
 
 
-def digits_cfg(tmp_path, rule: str = "fedavg", n: int = 6, **sections) -> fcfg.Config:
+def digits_cfg(tmp_path, rule: str = "fedavg", n: int = 6, **sections) -> schema.Config:
     data = {"name": "replies", "seed": 0, "output_dir": str(tmp_path / "runs"),
             "task": {"name": "digits", "eval_examples": 64},
             "federation": {"num_clients": n, "rounds": 1, "min_clients": 1},
@@ -42,7 +43,7 @@ def digits_cfg(tmp_path, rule: str = "fedavg", n: int = 6, **sections) -> fcfg.C
             data.setdefault(key, {}).update(value)
         else:
             data[key] = value
-    return fcfg.from_dict(data)
+    return neutral_config(data)
 
 
 def honest_delta(global_arrays: dict[str, np.ndarray], pid: int, rnd: int,
@@ -67,7 +68,7 @@ class Federation:
     """``n`` scripted clients; ``behaviour[pid]`` overrides the honest reply of partition pid.
     ``replies`` holds the last round's replies as the server received them."""
 
-    def __init__(self, cfg: fcfg.Config, behaviour: dict[int, Behaviour] | None = None) -> None:
+    def __init__(self, cfg: schema.Config, behaviour: dict[int, Behaviour] | None = None) -> None:
         self.behaviour: dict[int, Behaviour] = dict(behaviour or {})
         self.replies: list[Message] = []
         apps = {pid: self._app(pid) for pid in range(cfg.federation.num_clients)}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedshield.config import AggregationConfig
+from fedshield.schema import AggregationConfig
 from fedshield.errors import ConfigError
 from server.aggregation import PRE_AGGREGATORS, RULES, AggregationResult, build_aggregator
 from server.aggregation.clipping import cclip, clip

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedshield.config import AggregationConfig
+from fedshield.schema import AggregationConfig
 from server.aggregation import RULES, build_aggregator
 from server.aggregation.distances import (centring_pays, gram, pairwise_sq_distances,
                                           sq_distances_from_gram)

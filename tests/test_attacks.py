@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from fedshield.config import ATTACK_NAMES, AttackConfig, from_dict
+from fedshield.schema import AttackConfig
+from fedshield.validation import from_dict
 from fedshield.errors import ConfigError
 from simulations.attacks import ATTACKS, alie_z_max, apply_trigger, select_byzantine, triggered_test_set
 from simulations.attacks.data_poisoning import IMAGE_TRIGGER_VALUE
@@ -27,8 +28,11 @@ def craft(name, own, honest, g=None, **params):
 
 # --- registry and config ---------------------------------------------------------------------
 
-def test_registry_matches_config_names():
-    assert set(ATTACKS) == set(ATTACK_NAMES) - {"none"}
+def test_config_names_are_the_registry(monkeypatch):
+    for name in ATTACKS:  # every registered attack is a valid attack.name, with no copied list
+        assert from_dict({"attack": {"name": name, "byzantine_fraction": 0.2}}).attack.name == name
+    monkeypatch.setitem(ATTACKS, "my-attack", ATTACKS["gaussian"])
+    assert from_dict({"attack": {"name": "my-attack", "byzantine_fraction": 0.2}}).attack.name
     for attack in ATTACKS.values():
         assert (attack.poison_data is not None) == (attack.kind in ("data", "both"))
         assert (attack.craft is not None) == (attack.kind in ("update", "both"))

@@ -11,7 +11,8 @@ from scipy import special
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from fedshield import config as fcfg
+from fedshield import configio, schema
+from tests.config_support import neutral_config
 from fedshield.errors import ConfigError
 from privacy import audit
 
@@ -128,15 +129,15 @@ def test_reconstruction_quality_ignores_batch_order():
 ROUNDS = 3  # 3 rounds x 2 epochs of ~30 Poisson batches: a canary misses them all w.p. ~0.3%
 
 
-def digits_cfg(tmp_path, **privacy) -> fcfg.Config:
-    return fcfg.from_dict({
+def digits_cfg(tmp_path, **privacy) -> schema.Config:
+    return neutral_config({
         "name": "audit-test", "seed": 0, "task": {"name": "digits"},
         "federation": {"num_clients": 4, "rounds": ROUNDS}, "partition": {"kind": "iid"},
         "train": {"lr": 0.1, "momentum": 0.5, "batch_size": 16, "local_epochs": 2},
         "privacy": {"ledger_dir": str(tmp_path / "ledgers"), "delta": 1e-5, **privacy}})
 
 
-def seeded(cfg: fcfg.Config, reproducible: bool) -> fcfg.Config:
+def seeded(cfg: schema.Config, reproducible: bool) -> schema.Config:
     """``cfg`` with privacy.reproducible_noise where the schema has it (the secure-randomness
     change); before it every run's noise is seeded."""
     if not any(f.name == "reproducible_noise" for f in dataclasses.fields(cfg.privacy)):
@@ -183,7 +184,7 @@ def test_a_server_that_knows_the_seed_regenerates_reproducible_noise(dp_audit):
 
 @pytest.mark.slow
 def test_secret_noise_defeats_the_seed_replay(tmp_path):
-    if not any(f.name == "reproducible_noise" for f in dataclasses.fields(fcfg.PrivacyConfig)):
+    if not any(f.name == "reproducible_noise" for f in dataclasses.fields(schema.PrivacyConfig)):
         pytest.skip("privacy.reproducible_noise not in the schema yet: every run's noise is seeded")
     from simulations.audit import canary_audit
 
@@ -198,7 +199,7 @@ def test_membership_inference_finds_members_of_an_overfit_model(tmp_path):
     from simulations.audit import membership_inference
 
     cfg = digits_cfg(tmp_path)
-    cfg = dataclasses.replace(cfg, federation=fcfg.FederationConfig(num_clients=4, rounds=2),
+    cfg = dataclasses.replace(cfg, federation=schema.FederationConfig(num_clients=4, rounds=2),
                               train=dataclasses.replace(cfg.train, local_epochs=10, momentum=0.9))
     loss, lira = membership_inference(cfg, shadows=4, pool_size=200, audit_seed=0)
     assert (loss.attack, lira.attack) == ("loss", "lira")
@@ -225,7 +226,7 @@ def test_gradient_inversion_reconstructs_without_dp_and_not_with_it(tmp_path):
 
 def write_cfg(tmp_path) -> str:
     path = tmp_path / "audit.toml"
-    path.write_text(fcfg.to_toml(digits_cfg(tmp_path)))
+    path.write_text(configio.to_toml(digits_cfg(tmp_path)))
     return str(path)
 
 

@@ -12,17 +12,18 @@ from typer.testing import CliRunner
 from deployment.artifacts import CARD_JSON, CARD_MD
 from deployment.card import NOT_AUDITED, audit_section, build_card, read_run, render_markdown
 from deployment.export import export_model
-from fedshield import config as fcfg
+from fedshield import configio, schema, validation
 from fedshield.errors import ConfigError
 from privacy.audit import AUDIT_JSON, AuditBound, AuditRecord, mechanism_digest
 from simulations.audit import AuditReport, CanaryAudit, audit_record
 from tasks import get_task
+from tests.config_support import neutral_config
 from tests.deploy_support import make_run_dir, trained_state
 
 
-def audit_cfg(tmp_path) -> fcfg.Config:
+def audit_cfg(tmp_path) -> schema.Config:
     """A DP digits run cheap enough to audit in a test (as tests/test_audit.py's)."""
-    return fcfg.from_dict({
+    return neutral_config({
         "name": "card-audit", "seed": 0, "task": {"name": "digits"},
         "federation": {"num_clients": 4, "rounds": 3}, "partition": {"kind": "iid"},
         "train": {"lr": 0.1, "momentum": 0.5, "batch_size": 16, "local_epochs": 2},
@@ -42,10 +43,10 @@ def exported_run(tmp_path, digits_export):
     """make(cfg, **run): a run folder as the ServerApp leaves it, with its hand-off's export in
     run/export (a copy of one export: exporting costs seconds)."""
 
-    def make(cfg: fcfg.Config | None = None, **run):
+    def make(cfg: schema.Config | None = None, **run):
         folder = make_run_dir(tmp_path, "digits", **run)
         if cfg is not None:
-            (folder / "config.toml").write_text(fcfg.to_toml(cfg))
+            (folder / "config.toml").write_text(configio.to_toml(cfg))
         shutil.copytree(digits_export.out_dir, folder / "export")
         return folder, dataclasses.replace(digits_export, out_dir=str(folder / "export"))
 
@@ -100,8 +101,8 @@ def test_an_audited_digits_run_shows_the_bound_below_the_stated_epsilon(tmp_path
         assert "Canaries in this model: **none**" in md
         assert "the audit used this run's data, schedule, privacy settings and seed" in md
     # The same record against a run trained otherwise is flagged, not passed off as its audit.
-    (run / "config.toml").write_text(fcfg.to_toml(
-        fcfg.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "lr": 0.2}})))
+    (run / "config.toml").write_text(configio.to_toml(
+        validation.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "lr": 0.2}})))
     other = audit_section(run, read_run(run)[1])
     assert other["matches_run_config"] is False
     assert other["status"] == "audited with another configuration"

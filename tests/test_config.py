@@ -1,12 +1,15 @@
+import ast
 import dataclasses
 import re
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedshield import config as fcfg
+from fedshield import configio, schema, validation
 from fedshield.errors import ConfigError
+from tests.config_support import NEUTRAL_NAME, neutral, neutral_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,46 +27,46 @@ ROOT = Path(__file__).resolve().parents[1]
 ])
 def test_bad_configs_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        fcfg.from_dict(data)
+        neutral_config(data)
 
 
 def test_overrides_and_round_trip(tmp_path):
-    cfg = fcfg.load(ROOT / "configs/default.toml", ["federation.rounds=7", "task.name=mnist5k",
-                                                    "train.lr=0.5"])
+    cfg = validation.load(ROOT / "configs/default.toml",
+                          ["federation.rounds=7", "task.name=mnist5k", "train.lr=0.5"])
     assert (cfg.federation.rounds, cfg.task.name, cfg.train.lr) == (7, "mnist5k", 0.5)
     path = tmp_path / "c.toml"
-    path.write_text(fcfg.to_toml(cfg))
-    assert fcfg.load(path) == cfg
-    assert fcfg.from_run_config(cfg.flat()) == cfg
+    path.write_text(configio.to_toml(cfg))
+    assert validation.load(path) == cfg
+    assert validation.from_run_config(cfg.flat()) == cfg
 
 
 def test_override_errors():
     with pytest.raises(ConfigError, match="key=value"):
-        fcfg.load(ROOT / "configs/default.toml", ["federation.rounds"])
+        validation.load(ROOT / "configs/default.toml", ["federation.rounds"])
     with pytest.raises(ConfigError, match="does not exist"):
-        fcfg.load(ROOT / "configs/missing.toml")
+        validation.load(ROOT / "configs/missing.toml")
 
 
 def test_every_shipped_config_is_valid():
     configs = sorted((ROOT / "configs").glob("*.toml"))
     assert configs
     for path in configs:
-        fcfg.load(path)
+        validation.load(path)
 
 
 def test_pyproject_run_config_is_the_default_config():
     """`flwr run .` reads [tool.flwr.app.config]; it must equal configs/default.toml resolved."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    flwr_config = fcfg.flatten(pyproject["tool"]["flwr"]["app"]["config"])
-    assert fcfg.from_run_config(flwr_config) == fcfg.load(ROOT / "configs/default.toml")
-    assert set(flwr_config) == set(fcfg.Config().flat())
+    flwr_config = configio.flatten(pyproject["tool"]["flwr"]["app"]["config"])
+    assert validation.from_run_config(flwr_config) == validation.load(ROOT / "configs/default.toml")
+    assert set(flwr_config) == set(schema.Config().flat())
 
 
 def test_cosine_schedule_decays_from_lr_towards_zero():
-    constant, cosine = fcfg.TrainConfig(lr=0.1), fcfg.TrainConfig(lr=0.1, lr_schedule="cosine")
+    constant, cosine = schema.TrainConfig(lr=0.1), schema.TrainConfig(lr=0.1, lr_schedule="cosine")
     assert [constant.lr_at(r, 10) for r in (1, 5, 10)] == [0.1] * 3
     lrs = [cosine.lr_at(r, 10) for r in range(1, 11)]
-    assert lrs[0] == 0.1 and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
+    assert lrs[0] == 0.1 and all(a > b > 0 for a, b in zip(lrs, lrs[1:], strict=False))
     assert lrs[5] == pytest.approx(0.05)  # halfway: cos(pi/2)
     assert cosine.lr_at(1, 1) == 0.1
 
@@ -77,12 +80,12 @@ def test_clients_train_with_the_rounds_scheduled_lr(monkeypatch):
     used = []
     monkeypatch.setattr(client_app, "train_local",
                         lambda model, data, cfg, seed: used.append(cfg.lr) or {})
-    cfg = fcfg.from_dict({"task": {"name": "digits"}, "federation": {"num_clients": 2},
+    cfg = neutral_config({"task": {"name": "digits"}, "federation": {"num_clients": 2},
                           "train": {"lr": 0.2, "lr_schedule": "cosine"}})
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config=cfg.flat())
     weights = task_for(cfg.task).build_model().state_dict()
-    rc = {"num-rounds": 4, **fcfg.flatten({"train": dataclasses.asdict(cfg.train)})}
+    rc = {"num-rounds": 4, **configio.flatten({"train": dataclasses.asdict(cfg.train)})}
     for rnd in (1, 3):
         client_app.fit_locally(context, cfg, client_app.load_client_data, weights,
                                rc | {"server-round": rnd})
@@ -92,34 +95,34 @@ def test_clients_train_with_the_rounds_scheduled_lr(monkeypatch):
 
 
 # --- hardening: every float finite, bounded ints, safe strings, real registries ---------------
-FLOAT_KEYS = [k for k, v in fcfg.Config().flat().items() if isinstance(v, float)]
+FLOAT_KEYS = [k for k, v in schema.Config().flat().items() if isinstance(v, float)]
 
 
 @pytest.mark.parametrize("key", FLOAT_KEYS)
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
 def test_every_float_refuses_inf_and_nan(key, value):
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} = .* is not a finite number"):
-        fcfg.from_dict(fcfg.unflatten({key: value}))
+        neutral_config(configio.unflatten({key: value}))
 
 
 def test_inf_is_refused_from_toml_and_run_config_strings(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[train]\nlr = inf\n")
     with pytest.raises(ConfigError, match="train.lr = inf is not a finite number"):
-        fcfg.load(path)
+        validation.load(path)
     with pytest.raises(ConfigError, match="screening.max_norm = nan"):
-        fcfg.load(ROOT / "configs/default.toml", ["screening.max_norm=nan"])
+        validation.load(ROOT / "configs/default.toml", ["screening.max_norm=nan"])
 
 
 @pytest.mark.parametrize("seed, ok", [(0, True), (2**32 - 1, True), (2**32, False),
                                       (2**64, False), (-1, False)])
 def test_seed_must_fit_every_rng(seed, ok):
     if ok:
-        assert fcfg.from_dict({"seed": seed}).seed == seed
+        assert neutral_config({"seed": seed}).seed == seed
     else:
         with pytest.raises(ConfigError, match=r"seed = -?\d+ is out of range; expected an integer "
                                               r"in \[0, 4294967295\]"):
-            fcfg.from_dict({"seed": seed})
+            neutral_config({"seed": seed})
 
 
 @pytest.mark.parametrize("rule, message", [
@@ -130,16 +133,16 @@ def test_seed_must_fit_every_rng(seed, ok):
 def test_aggregation_rule_is_checked_against_the_rule_registry(rule, message):
     with pytest.raises(ConfigError, match=rf"aggregation.rule = {re.escape(repr(rule))}.*"
                                           rf"{re.escape(message)}"):
-        fcfg.from_dict({"aggregation": {"rule": rule}})
+        neutral_config({"aggregation": {"rule": rule}})
 
 
 def test_every_registered_rule_and_step_is_accepted():
     from server.aggregation import PRE_AGGREGATORS, RULES
 
     for rule in RULES:
-        assert fcfg.from_dict({"aggregation": {"rule": rule}}).aggregation.rule == rule
+        assert neutral_config({"aggregation": {"rule": rule}}).aggregation.rule == rule
     for step in PRE_AGGREGATORS:
-        fcfg.from_dict({"aggregation": {"rule": f"{step}+median"}})
+        neutral_config({"aggregation": {"rule": f"{step}+median"}})
 
 
 def test_task_name_is_checked_against_the_task_registry(monkeypatch):
@@ -147,14 +150,14 @@ def test_task_name_is_checked_against_the_task_registry(monkeypatch):
 
     for name in ("hf:", "hf: x", "", "MNIST", "mnist "):
         with pytest.raises(ConfigError, match="task.name = .* is out of range"):
-            fcfg.from_dict({"task": {"name": name}})
-    assert fcfg.from_dict({"task": {"name": "hf:ylecun/mnist"}}).task.name == "hf:ylecun/mnist"
+            neutral_config({"task": {"name": name}})
+    assert neutral_config({"task": {"name": "hf:ylecun/mnist"}}).task.name == "hf:ylecun/mnist"
     get_task("digits")  # registers the shipped tasks
     # A newly registered task is valid without touching the config module (no copied list).
     monkeypatch.setitem(TASKS, "my-task", TASKS["digits"])
     get_task.cache_clear()
     try:
-        assert fcfg.from_dict({"task": {"name": "my-task"}}).task.name == "my-task"
+        assert neutral_config({"task": {"name": "my-task"}}).task.name == "my-task"
     finally:
         get_task.cache_clear()
 
@@ -163,30 +166,99 @@ def test_task_name_is_checked_against_the_task_registry(monkeypatch):
                                   "a..b", "tab\tname", "new\nline", "nul\x00", "é"])
 def test_unsafe_run_names_are_refused(name):
     with pytest.raises(ConfigError, match=r"^name = "):
-        fcfg.from_dict({"name": name})
+        neutral_config({"name": name})
 
 
 def test_safe_run_names_are_accepted():
     for name in ("default", "nnm+cclip", "eps-3.0_s1", "retrain-20261201-120000", "a=b@c"):
-        assert fcfg.from_dict({"name": name}).name == name
+        assert neutral_config({"name": name}).name == name
 
 
 def test_control_characters_are_refused_in_every_string():
     for key in ("output_dir", "resume", "privacy.ledger_dir", "deployment.model_name"):
         with pytest.raises(ConfigError, match=rf"{re.escape(key)} = .* control character"):
-            fcfg.from_dict(fcfg.unflatten({key: "a\x1bb"}))
+            neutral_config(configio.unflatten({key: "a\x1bb"}))
 
 
-def test_validate_is_the_one_entry_point_and_cross_checks_stay_extensible(monkeypatch):
-    cfg = fcfg.Config()
-    assert fcfg.validate(cfg) is cfg
-    monkeypatch.setattr(fcfg, "CROSS_CHECKS",
-                        [*fcfg.CROSS_CHECKS, lambda c: "federation.rounds: custom refusal"
-                         if c.federation.rounds == 7 else None])
+def test_validate_is_the_one_entry_point_with_one_fixed_list_of_checks(monkeypatch):
+    cfg = schema.Config()
+    assert validation.validate(cfg) is cfg
+    assert isinstance(validation.CHECKS, tuple)  # no list another module could append to
+    custom = (*validation.CHECKS, lambda c: "federation.rounds: custom refusal"
+              if c.federation.rounds == 7 else None)
+    monkeypatch.setattr(validation, "CHECKS", custom)
     with pytest.raises(ConfigError, match="custom refusal"):
-        fcfg.validate(fcfg.Config(federation=fcfg.FederationConfig(rounds=7)))
-    with pytest.raises(ConfigError, match="custom refusal"):
-        fcfg.from_dict({"federation": {"rounds": 7}})
+        validation.validate(schema.Config(federation=schema.FederationConfig(rounds=7)))
+    with pytest.raises(ConfigError, match="custom refusal"):  # the readers run the same checks
+        validation.from_dict({"federation": {"rounds": 7}})
+
+
+# --- the schema: only dataclasses, defaults = configs/default.toml ----------------------------
+def test_schema_defaults_are_the_default_config_key_for_key():
+    """Config(), `fedshield simulate configs/default.toml` and `flwr run .` are one run."""
+    default = validation.load(ROOT / "configs/default.toml").flat()
+    assert schema.Config().flat() == default
+    assert validation.from_dict({}) == schema.Config()
+    # ... and default.toml names every key that differs from a bare section's default.
+    given = configio.flatten(tomllib.loads((ROOT / "configs/default.toml").read_text()))
+    bare = schema.Config(**{f.name: type(getattr(schema.Config(), f.name))()
+                            for f in dataclasses.fields(schema.Config)
+                            if dataclasses.is_dataclass(getattr(schema.Config(), f.name))})
+    assert {k for k, v in bare.flat().items() if default[k] != v} <= set(given)
+
+
+def test_the_tests_neutral_base_is_the_bare_sections():
+    """tests/config_support's base turns off exactly what Config() adds to the bare sections."""
+    bare = {f.name: type(getattr(schema.Config(), f.name))()
+            for f in dataclasses.fields(schema.Config)
+            if dataclasses.is_dataclass(getattr(schema.Config(), f.name))}
+    assert neutral_config({}) == schema.Config(name=NEUTRAL_NAME, **bare)
+    assert neutral({"train": {"lr": 0.2}})["train"] == {"lr": 0.2, "momentum": 0.9,
+                                                         "batch_size": 32}
+
+
+def _imports(module: str) -> set[str]:
+    tree = ast.parse((ROOT / (module.replace(".", "/") + ".py")).read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.add(node.module)
+    return out
+
+
+def test_schema_and_configio_are_core_modules():
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    assert {m.split(".")[0] for m in _imports("fedshield.schema")} <= stdlib
+    upper = {m for m in _imports("fedshield.configio") if m.split(".")[0] not in stdlib}
+    assert upper <= {"fedshield.errors", "fedshield.schema"}, upper
+    from privacy.secagg import SECAGG_MODULUS
+
+    assert schema.SECAGG_MODULUS == SECAGG_MODULUS  # the schema's bound on quantization_range
+
+
+def test_removed_and_registry_backed_keys():
+    # Read nowhere (issue 17 will add client DP drift references): refused, never ignored.
+    with pytest.raises(ConfigError, match="unknown key deployment.reference_noise_multiplier"):
+        validation.from_dict({"deployment": {"reference_noise_multiplier": 1.0}})
+    with pytest.raises(ConfigError, match="privacy.accountant = 'pld' is not valid; choose one "
+                                          "of prv, rdp, gdp"):
+        validation.from_dict({"privacy": {"accountant": "pld"}})
+    with pytest.raises(ConfigError, match="central_dp.accountant = 'x' is not valid"):
+        validation.from_dict({"central_dp": {"accountant": "x"}})
+    # The default run's model is full MNIST's: another task says which model it wants.
+    with pytest.raises(ConfigError, match="task.model = 'tanh_cnn' is not a model of task "
+                                          "'digits'.*set task.model = \"\""):
+        validation.from_dict({"task": {"name": "digits"}})
+    assert validation.from_dict({"task": {"name": "digits", "model": ""}}).task.model == ""
+
+
+def test_augment_is_refused_for_tasks_whose_inputs_are_not_pixels():
+    for task in ("digits", "mnist-scattering"):
+        with pytest.raises(ConfigError, match="train.augment = 'shift' shifts images"):
+            neutral_config({"task": {"name": task}, "train": {"augment": "shift"}})
+    assert neutral_config({"train": {"augment": "shift"}}).train.augment == "shift"
 
 
 # --- pre-flight --------------------------------------------------------------------------------
@@ -196,7 +268,7 @@ def digits(tmp_path, **sections):
             "privacy": {"ledger_dir": str(tmp_path / "ledgers")}, "deployment": {"handoff": False}}
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
-    return fcfg.from_dict(data)
+    return neutral_config(data)
 
 
 def test_preflight_partition_sizes_are_what_the_clients_load(tmp_path):
@@ -223,7 +295,7 @@ def test_preflight_refuses_a_dp_batch_larger_than_a_partition(tmp_path):
     """The issue's new-user case: mnist5k over 50 clients with the default DP batch of 256."""
     from server.preflight import partition_problem, preflight
 
-    cfg = fcfg.load(ROOT / "configs/default.toml",
+    cfg = validation.load(ROOT / "configs/default.toml",
                     ["task.name=mnist5k", "federation.num_clients=50",
                      f"output_dir={str(tmp_path)!r}"])
     with pytest.raises(ConfigError, match=r"train.batch_size = 256 exceeds the \d+ training "
@@ -256,8 +328,8 @@ def test_preflight_refuses_what_would_fail_later(tmp_path):
     good = digits(tmp_path)
     with pytest.raises(ConfigError, match="init_weights = .* does not exist"):
         preflight(replace(good, init_weights=str(tmp_path / "none.safetensors")))
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match="does not fit the model"):

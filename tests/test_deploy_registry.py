@@ -15,8 +15,8 @@ from deployment.handoff import handoff
 from deployment.policy import GatePolicy
 from deployment.registry import client_for, list_versions, register, resolve
 from deployment.serving import create_app
-from fedshield import config as fconfig
-from fedshield.config import DeploymentConfig
+from fedshield.schema import DeploymentConfig
+from tests.config_support import neutral_config
 from tests.deploy_support import make_run_dir
 
 MODEL = "fedshield-digits-test"
@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/registry.db"
     run = make_run_dir(root / "runs", "digits", epsilon_max=3.0)
-    cfg = fconfig.from_dict({"task": {"name": "digits"},
+    cfg = neutral_config({"task": {"name": "digits"},
                              "deployment": {"registry_uri": uri, "model_name": MODEL, "min_accuracy": 0.5,
                                             "max_epsilon": 5.0, "explain_examples": 16}})
     result = handoff(run, cfg)

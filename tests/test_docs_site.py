@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from fedshield import config as fcfg
+from fedshield import schema, validation
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = ROOT / "docs" / "hooks" / "config_reference.py"
@@ -24,7 +24,7 @@ def hook():
 
 def test_the_configuration_reference_lists_every_key_with_its_default():
     text = hook().reference_markdown()
-    flat = fcfg.Config().flat()
+    flat = schema.Config().flat()
     assert flat
     for key, default in flat.items():
         row = next((line for line in text.splitlines() if line.startswith(f"| `{key}` |")), None)
@@ -35,8 +35,8 @@ def test_the_configuration_reference_lists_every_key_with_its_default():
 
 def test_the_reference_names_default_toml_where_it_differs_from_the_schema():
     text = hook().reference_markdown()
-    shipped = fcfg.load(ROOT / "configs" / "default.toml").flat()
-    differing = [k for k, v in fcfg.Config().flat().items() if shipped[k] != v]
+    shipped = validation.load(ROOT / "configs" / "default.toml").flat()
+    differing = [k for k, v in schema.Config().flat().items() if shipped[k] != v]
     for key in differing:
         row = next(line for line in text.splitlines() if line.startswith(f"| `{key}` |"))
         assert "configs/default.toml" in row, row

@@ -7,6 +7,7 @@ import pytest
 from opacus.accountants import PRVAccountant
 
 from simulations.runner import simulate
+from tests.config_support import neutral_config
 
 
 def lines(summary):
@@ -15,10 +16,8 @@ def lines(summary):
 
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
-    from fedshield import config as fcfg
-
     tmp = tmp_path_factory.mktemp("dp")
-    cfg = fcfg.from_dict({"name": "dp", "output_dir": str(tmp / "runs"), "task": {"name": "digits"},
+    cfg = neutral_config({"name": "dp", "output_dir": str(tmp / "runs"), "task": {"name": "digits"},
                           "federation": {"num_clients": 4, "rounds": 3},
                           "partition": {"kind": "iid"}, "train": {"lr": 0.5, "batch_size": 32},
                           "privacy": {"enabled": True, "target_epsilon": 4.0,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from client.dp import pick_grad_sample_mode, train_private
-from fedshield.config import PrivacyConfig, TrainConfig
+from fedshield.schema import PrivacyConfig, TrainConfig
 from fedshield.errors import BudgetExhausted
 from privacy.accounting import epsilon
 from privacy.ledger import Ledger

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedshield import config as fcfg
+from fedshield import configio
+from tests.config_support import neutral_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SUPERLINK_PORT = 39091  # fixed by flwr's managed local SuperLink
@@ -34,7 +35,7 @@ def test_flwr_run_local_simulation(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     out = tmp_path / "runs"
-    overrides = fcfg.to_run_config_overrides(fcfg.from_dict({
+    overrides = configio.to_run_config_overrides(neutral_config({
         "task": {"name": "digits"}, "federation": {"num_clients": 3, "rounds": 2},
         "train": {"lr": 0.1}, "output_dir": str(out), "deployment": {"handoff": False}}))
     try:

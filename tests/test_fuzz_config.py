@@ -17,17 +17,19 @@ from flwr.app import Context, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedshield import config as fcfg
+from fedshield import configio, schema, validation
 from fedshield.errors import BudgetExhausted, ConfigError, DataValidationError, FedShieldError
+from privacy.accounting import ACCOUNTANTS
 from server.preflight import preflight
+from tests.config_support import neutral_config
 
 MUTATIONS = int(os.environ.get("FEDSHIELD_FUZZ_EXAMPLES", 300))  # more for a deeper local search
-FLAT = fcfg.Config().flat()
+FLAT = schema.Config().flat()
 SECTIONS = sorted({k.split(".")[0] for k in FLAT if "." in k})
 PATH_KEYS = {"output_dir", "resume", "init_weights", "privacy.ledger_dir",
              "deployment.registry_uri"}
 FIELDS = {}
-for top in dataclasses.fields(fcfg.Config):
+for top in dataclasses.fields(schema.Config):
     if top.default_factory is dataclasses.MISSING:
         FIELDS[top.name] = top
     else:
@@ -53,6 +55,10 @@ def values_for(key: str):
     if key == "aggregation.rule":
         choices += ["krum", "median", "nnm+cclip", "bucketing+krum", "bulyan", "multikrum", "flame",
                     "trimmed_mean", "geomed", "clip", "fltrust"]
+    if key == "attack.name":  # names from the registries, not schema metadata
+        choices += list(validation.attack_names())
+    if key in ("privacy.accountant", "central_dp.accountant"):
+        choices += list(ACCOUNTANTS)
     if key == "task.name":
         choices += ["digits", "adult", "mnist5k"]
     if key == "task.model":
@@ -83,7 +89,7 @@ def names_a_key(message: str) -> bool:
             or any(f"{s}." in message or f"{s}:" in message for s in SECTIONS))
 
 
-def build_run(cfg: fcfg.Config, root: Path) -> str:
+def build_run(cfg: schema.Config, root: Path) -> str:
     """Everything a run builds before and in its first client step; returns the outcome."""
     from client.app import fit_locally
     from client.data import load_client_data
@@ -92,9 +98,9 @@ def build_run(cfg: fcfg.Config, root: Path) -> str:
     from tasks import task_for
 
     saved = root / "config.toml"
-    saved.write_text(fcfg.to_toml(cfg))
-    assert fcfg.load(saved) == cfg, "the resolved config does not reload"
-    assert fcfg.from_run_config(cfg.flat()) == cfg, "the Flower run config does not reload"
+    saved.write_text(configio.to_toml(cfg))
+    assert validation.load(saved) == cfg, "the resolved config does not reload"
+    assert validation.from_run_config(cfg.flat()) == cfg, "the Flower run config does not reload"
     run_dir = new_run_dir(cfg)
     assert run_dir.resolve().parent == Path(cfg.output_dir).resolve(), run_dir
     if not cfg.secagg.enabled:
@@ -104,7 +110,7 @@ def build_run(cfg: fcfg.Config, root: Path) -> str:
                       node_config={"partition-id": 0,
                                    "num-partitions": cfg.federation.num_clients})
     rc = {"num-rounds": cfg.federation.rounds, "server-round": 1, "run-key": run_dir.name,
-          **fcfg.flatten({"train": dataclasses.asdict(cfg.train)})}
+          **configio.flatten({"train": dataclasses.asdict(cfg.train)})}
     try:
         fit_locally(context, cfg, load_client_data, model.state_dict(), rc)
     except (BudgetExhausted, DataValidationError):
@@ -124,12 +130,12 @@ def test_config_mutations_are_refused_clearly_or_run():
               suppress_health_check=list(HealthCheck))
     @given(st.lists(MUTATION, min_size=1, max_size=3))
     def one(mutations):
-        flat = fcfg.flatten(base(root))
+        flat = configio.flatten(base(root))
         for key, value in mutations:
             flat[key] = value
         outcomes["total"] += 1
         try:
-            cfg = fcfg.from_dict(fcfg.unflatten(flat))
+            cfg = neutral_config(configio.unflatten(flat))
             preflight(cfg)
         except ConfigError as exc:
             assert names_a_key(str(exc)), f"{mutations}: the message names no key: {exc}"

@@ -18,7 +18,8 @@ from deployment.handoff import handoff
 from deployment.policy import GatePolicy, strictest
 from deployment.registry import RegistryError, client_for, list_versions, register, resolve
 from deployment.serving import create_app
-from fedshield import config as fconfig
+from fedshield import configio
+from tests.config_support import neutral_config
 from fedshield.errors import ConfigError
 from tasks import get_task
 from tests.deploy_support import make_run_dir, trained_state
@@ -34,7 +35,7 @@ def setup(tmp_path_factory):
     run = make_run_dir(root / "runs", "digits", epsilon_max=3.0)
     deployment = {"registry_uri": uri, "model_name": MODEL, "min_accuracy": 0.5, "max_epsilon": 5.0,
                   "explain_examples": 8, "quantize": False}
-    cfg = fconfig.from_dict({"task": {"name": "digits"}, "deployment": deployment})
+    cfg = neutral_config({"task": {"name": "digits"}, "deployment": deployment})
     result = handoff(run, cfg)
     assert result.passed and result.version == "1"
     return {"root": root, "uri": uri, "run": run, "result": result}
@@ -76,7 +77,7 @@ def test_promote_without_options_applies_the_stored_policy(setup, tmp_path):
     assert champion(setup["uri"]) == "1"
     # An explicit policy can add checks but never loosen the stored one.
     lax = tmp_path / "lax.toml"
-    lax.write_text(fconfig.to_toml(fconfig.from_dict({"deployment": {"min_accuracy": 0.0}})))
+    lax.write_text(configio.to_toml(neutral_config({"deployment": {"min_accuracy": 0.0}})))
     out = promote_cli(setup, weak, "-c", str(lax), "--json")
     decision = json.loads(out.output)
     assert out.exit_code == 2 and decision["policy_source"] == "stored+config"
@@ -88,7 +89,7 @@ def test_version_without_a_stored_policy_needs_an_explicit_one(setup, tmp_path):
     out = promote_cli(setup, version)
     assert out.exit_code == 1 and "no stored gate policy" in out.output
     strict = tmp_path / "strict.toml"
-    strict.write_text(fconfig.to_toml(fconfig.from_dict({"deployment": {"min_accuracy": 0.999}})))
+    strict.write_text(configio.to_toml(neutral_config({"deployment": {"min_accuracy": 0.999}})))
     out = promote_cli(setup, version, "-c", str(strict), "--json")
     assert out.exit_code == 2 and json.loads(out.output)["policy_source"] == "config"
     assert champion(setup["uri"]) == "1"
@@ -193,7 +194,7 @@ def test_moved_registry_works_or_refuses_clearly(setup, tmp_path):
 
 def test_failed_run_is_never_registered(setup):
     run = make_run_dir(setup["root"] / "failed", "digits", status="failed")
-    cfg = fconfig.from_dict({"task": {"name": "digits"},
+    cfg = neutral_config({"task": {"name": "digits"},
                              "deployment": {"registry_uri": setup["uri"], "model_name": MODEL}})
     before = len(list_versions(setup["uri"], MODEL))
     with pytest.raises(NotDeployable, match="failed"):

@@ -10,6 +10,7 @@ import pytest
 from fedshield.errors import BudgetExhausted, ConfigError
 from privacy.accounting import epsilon
 from privacy.ledger import AlreadyReleased, Ledger, LedgerCorrupted, LedgerMissing, ledger_path
+from tests.config_support import neutral_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -217,13 +218,12 @@ def test_the_site_key_comes_from_the_node_never_the_federation_name(tmp_path):
     from flwr.app import Context, RecordDict
 
     from client.app import client_ledger
-    from fedshield import config as fcfg
 
     node = {"site-id": "hospital-7", "data-path": str(tmp_path / "d.csv"),
             "ledger-dir": str(tmp_path / "ledgers"), "max-epsilon": 5.0}
     ledgers = []
     for name in ("fed-A", "fed-renamed"):
-        cfg = fcfg.from_dict({"name": name, "privacy": {"enabled": True, "noise_multiplier": 1.0,
+        cfg = neutral_config({"name": name, "privacy": {"enabled": True, "noise_multiplier": 1.0,
                                                          "accountant": "rdp"}})
         ctx = Context(run_id=1, node_id=9, node_config=node, state=RecordDict(), run_config={})
         ledgers.append(client_ledger(cfg, ctx, "run-1", 1))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fedshield.config import PartitionConfig
+from fedshield.schema import PartitionConfig
 from fedshield.errors import ConfigError
 from tasks import get_task
 from tasks.partition import partition_indices

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from client.dp import dp_compatible, train_private
 from client.releases import stats_release
-from fedshield import config as fcfg
+from fedshield import schema
 from fedshield.errors import ConfigError
 from privacy.accounting import reported_epsilon
-from privacy.cli import privacy_app
+from fedshield.commands.privacy import privacy_app
 from privacy.ledger import Ledger
 from privacy.planner import plan
 from privacy.releases import HistogramRelease, release_histogram, secure_rng
@@ -25,21 +25,21 @@ ROUNDS, BATCH, EXAMPLES = 2, 32, 400
 
 @pytest.fixture(scope="module")
 def digits():
-    task = task_for(fcfg.TaskConfig(name="digits"))
+    task = task_for(schema.TaskConfig(name="digits"))
     train, _ = task.load()
     return task, train
 
 
-def privacy(tmp_path, **kw) -> fcfg.PrivacyConfig:
-    return fcfg.PrivacyConfig(enabled=True, delta=DELTA, ledger_dir=str(tmp_path), **kw)
+def privacy(tmp_path, **kw) -> schema.PrivacyConfig:
+    return schema.PrivacyConfig(enabled=True, delta=DELTA, ledger_dir=str(tmp_path), **kw)
 
 
-def client_run(task, data: Split, privacy_cfg: fcfg.PrivacyConfig, ledger: Ledger,
+def client_run(task, data: Split, privacy_cfg: schema.PrivacyConfig, ledger: Ledger,
                rounds: int = ROUNDS) -> tuple[HistogramRelease, list[dict]]:
     """A DP client's run as client/app.py ``_train_private`` does it: the release once, then
     each round planned from its noised count with its event as an extra."""
     release, _ = stats_release(data.y, task.num_classes, privacy_cfg, ledger, "run")
-    train_cfg = fcfg.TrainConfig(batch_size=BATCH, local_epochs=1, lr=0.05)
+    train_cfg = schema.TrainConfig(batch_size=BATCH, local_epochs=1, lr=0.05)
     model = dp_compatible(task.build_model())
     metrics = [train_private(model, data, train_cfg, privacy_cfg, ledger, total_rounds=rounds,
                              server_round=r, run_id="run",
@@ -118,7 +118,7 @@ def test_the_plan_command_states_the_release_and_can_leave_it_out():
 
 def test_the_delta_check_uses_the_exact_count_not_the_noised_one(digits, tmp_path):
     task, train = digits
-    train_cfg = fcfg.TrainConfig(batch_size=BATCH, local_epochs=1, max_steps=1)
+    train_cfg = schema.TrainConfig(batch_size=BATCH, local_epochs=1, max_steps=1)
     cfg = dataclasses.replace(privacy(tmp_path, noise_multiplier=1.0), delta=1e-2)
     ledger = Ledger.for_client(tmp_path, "fed", 0, 1e-2, "rdp")
     # 200 real examples: delta 1e-2 >= 1/200 is refused although the noised count (50) would pass.
@@ -146,7 +146,7 @@ def test_a_100_example_client_is_accounted_at_the_rate_it_samples(digits, tmp_pa
     accountant's over those events."""
     task, train = digits
     data = train.subset(np.arange(100))
-    train_cfg = fcfg.TrainConfig(batch_size=64, local_epochs=1, lr=0.05)
+    train_cfg = schema.TrainConfig(batch_size=64, local_epochs=1, lr=0.05)
     cfg = privacy(tmp_path, noise_multiplier=1.0, accountant="rdp")
     ledger = Ledger.for_client(tmp_path, "fed", 0, DELTA, "rdp")
     out = train_private(dp_compatible(task.build_model()), data, train_cfg, cfg, ledger,

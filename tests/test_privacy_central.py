@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from fedshield.config import CentralDPConfig
 from fedshield.errors import ConfigError
+from fedshield.schema import CentralDPConfig
 from privacy.accounting import epsilon
 from privacy.central import (add_central_noise, check_central_dp, check_secagg, clip_updates,
                              fixed_denominator_mean, user_level_epsilon)
+from tests.config_support import neutral_config
 
 ON = CentralDPConfig(enabled=True, noise_multiplier=1.0, clip_norm=1.0)
 
@@ -87,15 +88,14 @@ def test_clip_norm_must_be_positive():
 
 def test_config_check_reports_the_problem_for_a_whole_config():
     """Loading a config runs the check: a wrong central-DP combination never starts."""
-    from fedshield import config as fcfg
     from privacy.central import central_dp_config_check
 
     with pytest.raises(ConfigError, match="median"):
-        fcfg.from_dict({"central_dp": {"enabled": True}, "aggregation": {"rule": "median"}})
+        neutral_config({"central_dp": {"enabled": True}, "aggregation": {"rule": "median"}})
     with pytest.raises(ConfigError, match="weighting"):
-        fcfg.from_dict({"central_dp": {"enabled": True},
+        neutral_config({"central_dp": {"enabled": True},
                         "aggregation": {"rule": "fedavg", "weighting": "examples"}})
-    good = fcfg.from_dict({"central_dp": {"enabled": True}, "aggregation": {"rule": "fedavg",
+    good = neutral_config({"central_dp": {"enabled": True}, "aggregation": {"rule": "fedavg",
                                                                             "weighting": "uniform"},
                            "screening": {"max_norm_ratio": 0.0}})
     assert central_dp_config_check(good) is None
@@ -104,9 +104,8 @@ def test_config_check_reports_the_problem_for_a_whole_config():
 # -- sampling as accounted, secure randomness, float64 clipping, screening ---------------------
 
 def central_cfg(**central):
-    from fedshield import config as fcfg
 
-    return fcfg.from_dict({"task": {"name": "digits"},
+    return neutral_config({"task": {"name": "digits"},
                            "federation": {"num_clients": 10, "fraction_train": 0.1,
                                           "min_clients": 2},
                            "central_dp": {"enabled": True, **central},
@@ -207,21 +206,19 @@ def test_central_clipping_is_float64_and_never_exceeds_c_at_a_million_coordinate
 
 
 def test_norm_ratio_screening_with_central_dp_is_refused_with_the_reason():
-    from fedshield import config as fcfg
 
     with pytest.raises(ConfigError, match="2C / expected"):
-        fcfg.from_dict({"central_dp": {"enabled": True},
+        neutral_config({"central_dp": {"enabled": True},
                         "aggregation": {"rule": "fedavg", "weighting": "uniform"}})
     cfg = central_cfg()
     assert cfg.screening.enabled and cfg.screening.max_norm_ratio == 0  # per-update checks stay
 
 
 def test_gdp_cannot_plan_or_cap_a_budget():
-    from fedshield import config as fcfg
     from privacy.ledger import Ledger
 
     for privacy in ({"target_epsilon": 3.0}, {"noise_multiplier": 1.0, "max_epsilon": 3.0}):
         with pytest.raises(ConfigError, match="not an upper bound"):
-            fcfg.from_dict({"privacy": {"enabled": True, "accountant": "gdp", **privacy}})
+            neutral_config({"privacy": {"enabled": True, "accountant": "gdp", **privacy}})
     with pytest.raises(ConfigError, match="not an upper bound"):
         Ledger("/tmp/never-written.json", 1e-5, "gdp", max_epsilon=3.0)

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from client.dp import train_private
-from fedshield.config import PrivacyConfig, TrainConfig
+from fedshield.schema import PrivacyConfig, TrainConfig
 from privacy.central import user_level_epsilon
 from privacy.ledger import AlreadyReleased, Ledger
 from server.report import ConsoleReporter

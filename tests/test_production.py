@@ -15,9 +15,10 @@ import uvicorn
 from deployment.registry import list_versions
 from deployment.retrain import launch_retraining
 from deployment.serving import create_app
-from fedshield import config as fcfg
+from fedshield import configio, validation
 from simulations.runner import simulate
 from tasks import get_task
+from tests.config_support import neutral_config
 
 
 def free_port() -> int:
@@ -60,8 +61,8 @@ def test_federation_to_production(tmp_path, monkeypatch):
                              "min_accuracy": 0.7, "quantize": False, "drift_window": 60,
                              "drift_patience": 2}}
     config_path = tmp_path / "prod.toml"
-    config_path.write_text(fcfg.to_toml(fcfg.from_dict(config)))
-    summary = simulate(fcfg.load(config_path))
+    config_path.write_text(configio.to_toml(neutral_config(config)))
+    summary = simulate(validation.load(config_path))
 
     handoff = summary["handoff"]
     assert handoff["passed"], handoff["reasons"]

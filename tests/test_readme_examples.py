@@ -28,7 +28,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fedshield import config as fcfg
+from fedshield import schema, validation
+from fedshield.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every page a user reads, including the generated benchmark results the docs site includes.
@@ -154,8 +155,8 @@ def test_fedshield_commands_exist_and_parse(command):
                   None)
     if config:
         sets = ctx.params.get("set_") or []
-        cfg = fcfg.load(ROOT / config, sets)  # raises ConfigError for a broken example
-        assert isinstance(cfg, fcfg.Config)
+        cfg = validation.load(ROOT / config, sets)  # raises ConfigError for a broken example
+        assert isinstance(cfg, schema.Config)
 
 
 def fused_run_config(run_config: str) -> dict:
@@ -168,7 +169,7 @@ def fused_run_config(run_config: str) -> dict:
 def test_flwr_run_examples_give_valid_configs(command, tmp_path):
     tokens = argv(command)
     run_config = tokens[tokens.index("--run-config") + 1]
-    cfg = fcfg.from_run_config(fused_run_config(run_config))
+    cfg = validation.from_run_config(fused_run_config(run_config))
     if cfg.task.name == "digits":  # cheap: the ServerApp's whole pre-flight, strictly
         from dataclasses import replace
 
@@ -180,8 +181,8 @@ def test_flwr_run_examples_give_valid_configs(command, tmp_path):
 def test_the_old_digits_flwr_run_example_is_refused_before_training():
     """The README's former example (default model tanh_cnn on digits) is refused by the config
     check the ServerApp runs first, so the Flower run ends failed instead of training."""
-    with pytest.raises(fcfg.ConfigError, match="task.model = 'tanh_cnn' is not a model"):
-        fcfg.from_run_config(fused_run_config("task.name='digits' federation.rounds=3"))
+    with pytest.raises(ConfigError, match="task.model = 'tanh_cnn' is not a model"):
+        validation.from_run_config(fused_run_config("task.name='digits' federation.rounds=3"))
 
 
 @pytest.mark.parametrize("command", PYTHON)
@@ -193,7 +194,7 @@ def test_python_benchmark_commands_name_existing_files(command):
     for option in (t.split("=")[0] for t in tokens[2:] if t.startswith("--")):
         assert f'"{option}"' in source, f"{command}: {script.name} has no option {option}"
     for config in (t for t in tokens[2:] if t.endswith(".toml") and not PLACEHOLDER.search(t)):
-        fcfg.load(ROOT / config)
+        validation.load(ROOT / config)
 
 
 def test_toml_blocks_parse_and_config_paths_exist():
@@ -206,7 +207,7 @@ def test_toml_blocks_parse_and_config_paths_exist():
         tomllib.loads(body)
     paths = {p for text in PAGES.values() for p in re.findall(r"configs/[\w.-]+\.toml", text)}
     for path in sorted(paths):
-        fcfg.load(ROOT / path)
+        validation.load(ROOT / path)
 
 
 def make_targets() -> set[str]:

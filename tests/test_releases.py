@@ -11,7 +11,8 @@ from flwr.app import Context, RecordDict
 
 import client.app as client_app
 import client.releases as client_releases
-from fedshield import config as fcfg
+from fedshield import configio, schema
+from tests.config_support import neutral_config
 from fedshield.errors import BudgetExhausted, ConfigError
 from privacy.accounting import epsilon
 from privacy.ledger import Ledger
@@ -88,31 +89,31 @@ def test_server_readers_prefer_the_noised_histogram_and_refuse_malformed_values(
 # --- the client ---------------------------------------------------------------------------
 
 def digits_split(n: int) -> Split:
-    train = task_for(fcfg.TaskConfig(name="digits")).load()[0]
+    train = task_for(schema.TaskConfig(name="digits")).load()[0]
     return train.subset(np.arange(n))
 
 
-def dp_cfg(tmp: Path, **privacy) -> fcfg.Config:
-    return fcfg.from_dict({"task": {"name": "digits"},
+def dp_cfg(tmp: Path, **privacy) -> schema.Config:
+    return neutral_config({"task": {"name": "digits"},
                            "federation": {"num_clients": 1, "min_clients": 1},
                            "train": {"lr": 0.1, "batch_size": 16, "max_steps": 2},
                            "privacy": {"enabled": True, "noise_multiplier": 1.0,
                                        "ledger_dir": str(tmp), "ledger_scope": "run", **privacy}})
 
 
-def fit(cfg: fcfg.Config, data: Split, rnd: int = 1, run_key: str = "run-a") -> dict:
+def fit(cfg: schema.Config, data: Split, rnd: int = 1, run_key: str = "run-a") -> dict:
     task = task_for(cfg.task)
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
                       state=RecordDict(), run_config=cfg.flat())
     rc = {"num-rounds": 3, "server-round": rnd, "run-key": run_key,
-          **fcfg.flatten({"train": dataclasses.asdict(cfg.train)})}
+          **configio.flatten({"train": dataclasses.asdict(cfg.train)})}
     weights = task.build_model().state_dict()
     _, metrics = client_app.fit_locally(context, cfg, lambda c, f: (task, data, data.subset([])),
                                         weights, rc)
     return metrics
 
 
-def client_ledger(cfg: fcfg.Config, run_key: str = "run-a") -> Ledger:
+def client_ledger(cfg: schema.Config, run_key: str = "run-a") -> Ledger:
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
                       state=RecordDict(), run_config=cfg.flat())
     return client_app.client_ledger(cfg, context, run_key)
@@ -185,7 +186,7 @@ def test_the_opt_in_sends_exact_values_marked_outside_the_guarantee(tmp_path):
 
 
 def test_without_dp_the_reply_is_unchanged(tmp_path):
-    cfg = fcfg.from_dict({"task": {"name": "digits"},
+    cfg = neutral_config({"task": {"name": "digits"},
                           "federation": {"num_clients": 1, "min_clients": 1},
                           "train": {"batch_size": 16, "max_steps": 2},
                           "privacy": {"ledger_dir": str(tmp_path)}})
@@ -202,10 +203,10 @@ def test_client_evaluation_under_dp_needs_the_opt_in():
     base = {"privacy": {"enabled": True, "noise_multiplier": 1.0},
             "federation": {"fraction_evaluate": 0.5}}
     with pytest.raises(ConfigError, match="release_stats"):
-        fcfg.from_dict(base)
-    fcfg.from_dict({**base, "privacy": {**base["privacy"],
+        neutral_config(base)
+    neutral_config({**base, "privacy": {**base["privacy"],
                                         "release_stats": "exact-outside-guarantee"}})
-    fcfg.from_dict({"federation": {"fraction_evaluate": 0.5}})  # no DP: nothing to break
+    neutral_config({"federation": {"fraction_evaluate": 0.5}})  # no DP: nothing to break
 
 
 # --- the server's views -------------------------------------------------------------------
@@ -244,7 +245,7 @@ def dp_run(tmp_path_factory):
     from simulations.runner import simulate
 
     tmp = tmp_path_factory.mktemp("releases")
-    cfg = fcfg.from_dict({"name": "rel", "output_dir": str(tmp / "runs"),
+    cfg = neutral_config({"name": "rel", "output_dir": str(tmp / "runs"),
                           "task": {"name": "digits"},
                           "federation": {"num_clients": 3, "rounds": 2},
                           "partition": {"kind": "iid"},
@@ -287,7 +288,7 @@ def test_summary_and_drift_reference_work_from_the_noised_histograms(dp_run, tmp
 def test_summary_lists_what_was_sent_outside_the_guarantee():
     from server.app import build_summary
 
-    cfg = fcfg.from_dict({"privacy": {"enabled": True, "noise_multiplier": 1.0,
+    cfg = neutral_config({"privacy": {"enabled": True, "noise_multiplier": 1.0,
                                       "release_stats": "exact-outside-guarantee"},
                           "federation": {"fraction_evaluate": 1.0}})
     base = {"epsilon": {}, "dp_events": {}, "rejected": {}, "refused": {}, "quarantined": [],
@@ -309,7 +310,7 @@ def test_summary_lists_what_was_sent_outside_the_guarantee():
 def test_without_dp_the_drift_reference_keeps_the_servers_class_priors(tmp_path):
     from deployment.handoff import drift_reference
 
-    cfg = fcfg.from_dict({"task": {"name": "digits"}})
+    cfg = neutral_config({"task": {"name": "digits"}})
     run, out = tmp_path / "run", tmp_path / "out"  # out, not run: the run has no reference
     run.mkdir(), out.mkdir()
     exact = merge_class_counts([([100.0] + [0.0] * 9, 0.0)]).to_dict()

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fedshield.config import ReputationConfig
+from fedshield.schema import ReputationConfig
 from server.reputation import Reputation, detection_rate, false_quarantine_rate
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from sklearn.cluster import HDBSCAN
 
-from fedshield.config import AggregationConfig
+from fedshield.schema import AggregationConfig
 from fedshield.errors import ConfigError
 from server.aggregation import RULES, build_aggregator
 from server.aggregation.distances import norms

@@ -5,7 +5,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from fedshield import config as fconfig
+from tests.config_support import neutral_config
 from fedshield.errors import ConfigError
 from tasks import get_task, scattering
 from tasks.images import load_mnist5k
@@ -54,7 +54,7 @@ def test_models_take_the_features_and_are_opacus_valid(model):
 
 def test_config_refuses_a_model_of_another_task_and_augmenting_features():
     with pytest.raises(ConfigError, match="not a model of task 'mnist-scattering'"):
-        fconfig.from_dict({"task": {"name": "mnist-scattering", "model": "tanh_cnn"}})
+        neutral_config({"task": {"name": "mnist-scattering", "model": "tanh_cnn"}})
     with pytest.raises(ConfigError, match="takes features, not pixels"):
-        fconfig.from_dict({"task": {"name": "mnist-scattering"}, "train": {"augment": "shift"}})
-    assert fconfig.from_dict({"task": {"name": "mnist-scattering", "model": "scatter_cnn"}})
+        neutral_config({"task": {"name": "mnist-scattering"}, "train": {"augment": "shift"}})
+    assert neutral_config({"task": {"name": "mnist-scattering", "model": "scatter_cnn"}})

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from fedshield.config import ScreeningConfig
+from fedshield.schema import ScreeningConfig
 from fedshield.errors import TooFewUpdates
 from server.flat import flatten, stack, unflatten
 from server.screening import Rejection, require_min_kept, screen_updates

@@ -11,7 +11,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from safetensors.torch import load_file
 
 import simulations.runner as runner
-from fedshield import config as fcfg
+from tests.config_support import neutral_config
 from fedshield.errors import ConfigError
 from client.secagg import clip_to
 from privacy.central import user_level_epsilon
@@ -61,11 +61,11 @@ def runs(tmp_path_factory):
         aggregated.append([parameters_to_ndarrays(res.parameters) for _, res in results])
         return original(self, server_round, results, failures)
 
-    plain = simulate(fcfg.from_dict(base))
+    plain = simulate(neutral_config(base))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner, "InProcessGrid", RecordingGrid)
         mp.setattr(SecAggFedAvg, "aggregate_fit", spying_aggregate_fit)
-        cfg = fcfg.from_dict({**base, "secagg": {"enabled": True}})
+        cfg = neutral_config({**base, "secagg": {"enabled": True}})
         secure = simulate(cfg)
     return {"cfg": cfg, "plain": plain, "secure": secure, "replies": replies,
             "aggregated": aggregated, "base": base}
@@ -122,8 +122,8 @@ def test_resume_continues_a_secagg_run(runs):
     """Stopped after round 2 of 3, resumed from its checkpoint: it ends where the uninterrupted
     3-round run ended (up to quantization)."""
     base = {**runs["base"], "secagg": {"enabled": True}}
-    part = simulate(fcfg.from_dict({**base, "federation": {"num_clients": 5, "rounds": 2}}))
-    resumed = simulate(fcfg.from_dict({**base, "resume": part["run_dir"]}))
+    part = simulate(neutral_config({**base, "federation": {"num_clients": 5, "rounds": 2}}))
+    resumed = simulate(neutral_config({**base, "resume": part["run_dir"]}))
     lines = lines_of(resumed)
     assert [m["round"] for m in lines] == [1, 2, 3] and lines[-1]["accepted"] == 5
     torch.manual_seed(0)
@@ -184,11 +184,11 @@ def secagg_cfg(**sections):
 
 
 def test_the_sum_only_configurations_are_accepted():
-    assert fcfg.from_dict(secagg_cfg()).secagg.enabled
-    assert fcfg.from_dict(secagg_cfg(privacy={"enabled": True, "noise_multiplier": 1.0}))
-    assert fcfg.from_dict(secagg_cfg(central_dp={"enabled": True},
+    assert neutral_config(secagg_cfg()).secagg.enabled
+    assert neutral_config(secagg_cfg(privacy={"enabled": True, "noise_multiplier": 1.0}))
+    assert neutral_config(secagg_cfg(central_dp={"enabled": True},
                                      aggregation={"weighting": "uniform"}))
-    assert fcfg.from_dict(secagg_cfg(aggregation={"rule": "clip", "clip_norm": 1.0}))
+    assert neutral_config(secagg_cfg(aggregation={"rule": "clip", "clip_norm": 1.0}))
 
 
 SUM_ONLY_WHY = "only sees the SUM of updates under SecAgg+"
@@ -209,7 +209,7 @@ SUM_ONLY_WHY = "only sees the SUM of updates under SecAgg+"
 ])
 def test_combinations_that_need_individual_updates_are_refused(sections, reason):
     with pytest.raises(ConfigError) as err:
-        fcfg.from_dict(secagg_cfg(**sections))
+        neutral_config(secagg_cfg(**sections))
     assert reason in str(err.value) and str(err.value).startswith("secagg")
     if "enabled = false" in reason or "clip_norm" in reason:
         assert SUM_ONLY_WHY in str(err.value)
@@ -219,7 +219,7 @@ def test_combinations_that_need_individual_updates_are_refused(sections, reason)
 def test_attacks_that_rewrite_updates_are_refused(name):
     attack = {"name": name, "byzantine_ids": "1"}
     if ATTACKS[name].craft is None:
-        assert fcfg.from_dict(secagg_cfg(attack=attack)).attack.name == name
+        assert neutral_config(secagg_cfg(attack=attack)).attack.name == name
     else:
         with pytest.raises(ConfigError, match=f"attack.name = '{name}' rewrites updates"):
-            fcfg.from_dict(secagg_cfg(attack=attack))
+            neutral_config(secagg_cfg(attack=attack))

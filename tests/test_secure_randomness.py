@@ -20,7 +20,7 @@ from torch import nn
 
 from client.app import round_seed
 from client.dp import SecureNoise, SecurePoissonSampler, train_private
-from fedshield.config import PrivacyConfig, TrainConfig
+from fedshield.schema import PrivacyConfig, TrainConfig
 from privacy.ledger import Ledger
 from privacy.randomness import (NOISE_SUMMANDS, DPStreams, NoiseAhead, ReproducibleNoiseWarning,
                                 SecureRandom)

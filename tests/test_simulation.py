@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedshield import config as fcfg
+from fedshield import validation
 from simulations.runner import simulate
 from tasks import evaluate, get_task
+from tests.config_support import neutral_config
 
 
 def read_lines(run_dir):
@@ -18,7 +19,7 @@ def read_lines(run_dir):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = fcfg.from_dict({"name": "e2e", "output_dir": str(tmp), "task": {"name": "digits"},
+    cfg = neutral_config({"name": "e2e", "output_dir": str(tmp), "task": {"name": "digits"},
                           "federation": {"num_clients": 5, "rounds": 4, "fraction_evaluate": 1.0},
                           "partition": {"kind": "dirichlet", "alpha": 1.0},
                           "train": {"lr": 0.1, "batch_size": 16},
@@ -45,7 +46,7 @@ def test_run_folder_contents(finished_run):
     for name in ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png",
                  "model.safetensors", "best.safetensors", "checkpoint.json"):
         assert (run_dir / name).is_file(), name
-    assert fcfg.load(run_dir / "config.toml") == cfg
+    assert validation.load(run_dir / "config.toml") == cfg
     lines = read_lines(run_dir)
     assert [m["round"] for m in lines] == [1, 2, 3, 4]
     for key in ("accuracy", "loss", "seconds", "epsilon_max", "rejected", "quarantined", "sampled"):
@@ -65,7 +66,7 @@ def test_run_folder_contents(finished_run):
 
 def test_same_seed_same_result(finished_run, tmp_path):
     cfg, summary = finished_run
-    again = simulate(fcfg.from_dict({**cfg.to_dict(), "output_dir": str(tmp_path)}))
+    again = simulate(neutral_config({**cfg.to_dict(), "output_dir": str(tmp_path)}))
     assert again["final"]["accuracy"] == pytest.approx(summary["final"]["accuracy"], abs=1e-6)
 
 

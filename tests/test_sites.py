@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedshield import config as fcfg
-from fedshield.config import PartitionConfig
+from fedshield import configio
+from tests.config_support import neutral_config
+from fedshield.schema import PartitionConfig
 from fedshield.site import init_sites, write_node_key
 from fedshield.site_local import LocalFederation, free_port, wait_for
 from server.checkpoint import load_checkpoint
@@ -93,7 +94,7 @@ def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
         assert "code: 2004" in fed.log("rogue")
 
         run_id = fed.submit(
-            fcfg.to_run_config_overrides(fcfg.from_dict({
+            configio.to_run_config_overrides(neutral_config({
                 "task": {"name": TASK, "model": "tanh_cnn"},
                 "federation": {"num_clients": NUM_SITES, "min_clients": 2, "rounds": 3,
                                "round_timeout": 60.0},
@@ -148,7 +149,7 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
     out = tmp_path / "runs"
     def run_config(rounds: int, output_dir: Path, resume: str = "") -> str:
         """Every key given, so the runs do not depend on configs/default.toml."""
-        return fcfg.to_run_config_overrides(fcfg.from_dict({
+        return configio.to_run_config_overrides(neutral_config({
             "task": {"name": "digits"}, "output_dir": str(output_dir), "resume": resume,
             "federation": {"num_clients": sites, "min_clients": sites, "round_timeout": 90.0,
                            "rounds": rounds},

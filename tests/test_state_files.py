@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedshield import config as fcfg
+from fedshield import configio, validation
 from fedshield.errors import ConfigError, StateCorrupted
 from server.preflight import check_resume, preflight
 from server.checkpoint import STATE, load_checkpoint, save_checkpoint
 from server.outputs import RunFolder
+from tests.config_support import neutral_config
 
 
 def write_run(folder: Path, rounds: int = 2) -> dict[str, torch.Tensor]:
@@ -192,9 +193,9 @@ def test_a_real_run_resumes_only_from_an_intact_checkpoint(small_cfg):
 
 def test_resolved_config_with_odd_strings_reloads(tmp_path):
     """config.toml is written so that it always loads back (quotes, backslashes, unicode)."""
-    cfg = fcfg.from_dict({"name": "x", "output_dir": 'a "quoted" \\ dir é',
+    cfg = neutral_config({"name": "x", "output_dir": 'a "quoted" \\ dir é',
                           "deployment": {"model_name": "m\\n"}})
     path = tmp_path / "c.toml"
-    path.write_text(fcfg.to_toml(cfg))
-    assert fcfg.load(path) == cfg
-    assert '"\\u0007"' in fcfg._toml_value("\x07")  # control characters are escaped, too
+    path.write_text(configio.to_toml(cfg))
+    assert validation.load(path) == cfg
+    assert '"\\u0007"' in configio.toml_value("\x07")  # control characters are escaped, too

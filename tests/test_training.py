@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from client.training import random_shift
-from fedshield import config as fcfg
+from tests.config_support import neutral_config
 from fedshield.errors import ConfigError
 
 
@@ -42,4 +42,4 @@ def test_shift_refuses_flat_features():
 
 def test_augmenting_a_feature_task_is_refused_at_load():
     with pytest.raises(ConfigError, match="takes features, not pixels"):
-        fcfg.from_dict({"task": {"name": "digits"}, "train": {"augment": "shift"}})
+        neutral_config({"task": {"name": "digits"}, "train": {"augment": "shift"}})

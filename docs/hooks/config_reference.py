@@ -73,12 +73,12 @@ def section_table(cls: type, prefix: str, default_toml: dict[str, Any]) -> list[
 
 def reference_markdown() -> str:
     """The whole reference: top-level keys, then one section per nested table."""
-    from fedshield import config as fcfg
+    from fedshield import schema, validation
 
-    default_toml = fcfg.load(ROOT / "configs" / "default.toml").flat()
+    default_toml = validation.load(ROOT / "configs" / "default.toml").flat()
     out = ["## Top-level keys", ""]
-    out += section_table(fcfg.Config, "", default_toml)
-    for f in dataclasses.fields(fcfg.Config):
+    out += section_table(schema.Config, "", default_toml)
+    for f in dataclasses.fields(schema.Config):
         if f.default_factory is dataclasses.MISSING:
             continue
         section = f.default_factory

@@ -15,10 +15,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedshield import config as fconfig
+from fedshield import schema, validation
 from fedshield.errors import FedShieldError
 
-DEFAULTS = fconfig.DeploymentConfig()
+DEFAULTS = schema.DeploymentConfig()
 DEFAULT_URI = DEFAULTS.registry_uri
 console = Console()
 
@@ -43,9 +43,9 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _policy(config_path: Path | None) -> fconfig.DeploymentConfig | None:
+def _policy(config_path: Path | None) -> schema.DeploymentConfig | None:
     """An explicit extra policy, or None: then the policy stored with the version applies alone."""
-    return fconfig.load(config_path).deployment if config_path else None
+    return validation.load(config_path).deployment if config_path else None
 
 
 @registry_app.command("list")

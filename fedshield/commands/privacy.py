@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedshield.config import PrivacyConfig
+from fedshield.schema import PrivacyConfig
 from fedshield.errors import FedShieldError
 from privacy.accounting import BOUNDS
 from privacy.planner import PLAN_ACCOUNTANTS, Plan, milestones, plan
@@ -192,16 +192,16 @@ def audit_command(
     The audit trains its own models (canaries never enter a run's released model); with
     --run-dir its record goes on that run's model card, which says whether the audited settings
     are the run's."""
-    from fedshield import config as fcfg  # noqa: PLC0415
-    from simulations.audit import run_audit, write_run_audit  # noqa: PLC0415
+    from fedshield import validation
+    from simulations.audit import run_audit, write_run_audit
 
     if config is None and run_dir is None:
         _fail("give a CONFIG, or --run-dir RUN to audit a run with its own config.toml")
     if run_dir is not None and not (Path(run_dir) / "summary.json").is_file():
         _fail(f"--run-dir {run_dir!r}: no summary.json there; pass the folder of a finished run")
     try:
-        cfg = fcfg.load(config if config is not None else Path(run_dir) / "config.toml",
-                        set_ or [])
+        cfg = validation.load(config if config is not None else Path(run_dir) / "config.toml",
+                              set_ or [])
         report = run_audit(cfg, canaries=canaries, client=client, shadows=shadows,
                            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
                            audit_seed=seed)

@@ -29,7 +29,7 @@ from server.aggregation.preagg import bucketing, check_nnm, nnm
 from server.aggregation.result import AggregationResult
 
 if TYPE_CHECKING:
-    from fedshield.config import AggregationConfig
+    from fedshield.schema import AggregationConfig
 
 
 @dataclass

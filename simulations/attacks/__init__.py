@@ -8,8 +8,8 @@ Simulation only: server/ and client/ never import this package. The runner:
    with ``attack.craft(own (b, d), honest (h, d), cfg.attack, generator)`` (omniscient attackers
    see the round's honest updates, as in the literature).
 
-Config names are validated on load by ``fedshield.config`` (``ATTACK_NAMES``, kept equal to
-``ATTACKS`` by a test), so no separate validation call is needed.
+Config names are validated on load by ``fedshield.validation``, against ``ATTACKS`` itself, so
+no separate validation call is needed.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import math
 import torch
 from scipy.stats import norm
 
-from fedshield.config import AttackConfig
+from fedshield.schema import AttackConfig
 from simulations.attacks.base import broadcast, coordinate_std, knowledge
 
 

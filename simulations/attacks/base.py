@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedshield.config import AttackConfig
+from fedshield.schema import AttackConfig
 
 # (x, y, num_classes, params, rng) -> poisoned (x, y); the inputs are never modified in place
 PoisonData = Callable[[np.ndarray, np.ndarray, int, AttackConfig, np.random.Generator],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedshield.config import AttackConfig
+from fedshield.schema import AttackConfig
 from fedshield.errors import ConfigError
 from tasks.images import MNIST_MEAN, MNIST_STD
 

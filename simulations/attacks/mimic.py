@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fedshield.config import AttackConfig
+from fedshield.schema import AttackConfig
 from simulations.attacks.base import broadcast, knowledge
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from fedshield.config import AttackConfig
+from fedshield.schema import AttackConfig
 from simulations.attacks.base import broadcast, coordinate_std, knowledge
 
 # Binary search stops when the bracket is this small relative to gamma.

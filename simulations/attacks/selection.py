@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from fedshield.config import byzantine_count, parse_id_list
 from fedshield.errors import ConfigError
+
+
+def parse_id_list(text: str, num_clients: int, key: str = "attack.byzantine_ids") -> list[int]:
+    """``"0,3"`` -> ``[0, 3]``; ids must be distinct integers in [0, num_clients)."""
+    ids = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            ids.append(int(part))
+        except ValueError:
+            raise ConfigError(f"{key} = {text!r}: {part!r} is not an integer; "
+                              'write comma-separated client ids, e.g. "0,3"') from None
+    bad = [i for i in ids if not 0 <= i < num_clients]
+    if bad:
+        raise ConfigError(f"{key} = {text!r}: id {bad[0]} is outside [0, {num_clients}) "
+                          f"(federation.num_clients = {num_clients})")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{key} = {text!r} lists a client twice")
+    return ids
+
+
+def byzantine_count(num_clients: int, fraction: float) -> int:
+    """Byzantine clients for ``fraction`` of ``num_clients``: never more than the fraction says."""
+    # The epsilon keeps 0.29 * 100 at 29 despite float rounding.
+    return math.floor(fraction * num_clients + 1e-9)
 
 
 def select_byzantine(num_clients: int, fraction: float, explicit_ids: str, seed: int) -> frozenset[int]:

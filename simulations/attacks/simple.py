@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedshield.config import AttackConfig
+from fedshield.schema import AttackConfig
 
 
 def sign_flip(own: torch.Tensor, honest: torch.Tensor, params: AttackConfig,
