@@ -3,9 +3,9 @@
 The server knows the code, the config and the run's seed, and sees every reply. A DP draw derived
 from any of them (the seed, the round, the partition id) can be regenerated and subtracted, and
 then the epsilon means nothing against the server. So DP-SGD noise and Poisson sampling masks come
-from ``SecureRandom``: a ChaCha20 keystream (OpenSSL, through ``cryptography``) under a 256-bit key
-drawn from the OS CSPRNG (``secrets``) when the stream is made, i.e. fresh for every round of
-every client, and never stored or sent.
+from ``SecureRandom``: an AES-256-CTR keystream (OpenSSL, through ``cryptography``; ChaCha20 on
+request) under a 256-bit key drawn from the OS CSPRNG (``secrets``) when the stream is made, i.e.
+fresh for every round of every client, and never stored or sent.
 
 Why not a ``torch.Generator`` seeded from the OS: on CPU, ``manual_seed`` keeps only the low 32 bits
 of its argument (``manual_seed(1)`` and ``manual_seed(1 + 2**32)`` draw the same numbers, torch
@@ -16,8 +16,13 @@ for this environment (Python 3.11, torch 2.13).
 
 Gaussian noise keeps Opacus' secure-mode defence against floating-point attacks on the sampler
 (Holohan & Braghin 2021, arXiv:2107.10138, section 5.1; Opacus ``_generate_noise``): each noise
-value is the sum of 2n = 4 standard Gaussians, scaled by std / 2. Each Gaussian is a float32
-Box-Muller draw from 24-bit uniforms, the precision of the ``torch.normal`` draws that Opacus sums.
+value is the sum of 2n = 4 standard Gaussians, scaled by std / 2, from 4 distinct Box-Muller pairs
+(``SecureRandom.gaussian`` says why distinct). Each Gaussian is a float32 Box-Muller output from
+24-bit uniforms, the precision of the ``torch.normal`` draws that Opacus sums.
+
+Cost (benchmarks/bench_dp_overhead.py): most of it is float32 log/sqrt/cos/sin for 4 Gaussians a
+value; the keystream is about a seventh. AES-256-CTR beats ChaCha20 here (VAES), fewer bytes per
+uniform (3) cost more to unpack than they save, and the mask compares integers instead of floats.
 
 ``privacy.reproducible_noise = true`` keeps the old seeded draws for research; such a run's
 epsilon does not hold against the server (``warn_reproducible_noise``).
@@ -122,11 +127,15 @@ class SecureRandom:
         Pair p's cosine output is value p, its sine output value P + p + 1 (P pairs, cyclically):
         the sines are shifted by one, so that k consecutive chunks of m >= 2 values (``gaussian``
         sums such chunks) never hold both outputs of one pair; see ``gaussian``."""
+        return self._box_muller(n, 1.0, device)
+
+    def _box_muller(self, n: int, scale: float, device: torch.device | str) -> torch.Tensor:
+        """``standard_normal(n) * scale``, the scale applied to the radius (one pass fewer)."""
         pairs = (n + 1) // 2
         s = self._signed24(2 * pairs).to(device)
         # radius from u = j / 2**24 in (0, 1]; angle 2 pi k / 2**24 - pi, the same grid of angles
-        radius = torch.add(s[:pairs], float(2**23 + 1)).mul_(2.0 ** -24).log_().mul_(-2.0)
-        radius = radius.sqrt_()
+        radius = torch.add(s[:pairs], float(2**23 + 1)).mul_(2.0 ** -24).log_()
+        radius = radius.mul_(-2.0 * scale * scale).sqrt_()
         angle = torch.mul(s[pairs:], 2 * math.pi * 2.0 ** -24)
         out = torch.empty(2 * pairs, dtype=torch.float32, device=s.device)
         torch.cos(angle, out=out[:pairs]).mul_(radius)
@@ -155,8 +164,8 @@ class SecureRandom:
             return torch.zeros(tuple(shape), dtype=dtype, device=device)
         # one value alone would put both outputs of a pair into it: draw two, keep one
         width = max(numel, 2) if summands > 1 else numel
-        draws = self.standard_normal(summands * width, device).view(summands, width)
-        noise = draws.sum(0)[:numel].mul_(std / math.sqrt(summands))
+        draws = self._box_muller(summands * width, std / math.sqrt(summands), device)
+        noise = draws.view(summands, width).sum(0)[:numel]
         return noise.view(tuple(shape)).to(dtype)
 
     def bernoulli_mask(self, n: int, rate: float) -> torch.Tensor:
