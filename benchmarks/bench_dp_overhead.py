@@ -12,7 +12,7 @@ Secure randomness (privacy/randomness.py: DP noise and Poisson masks from AES-25
 secret key, 4 Gaussians summed per noise value) is the default; a "seeded" leg reruns the
 auto-picked mode with ``privacy.reproducible_noise = true`` (Opacus' seeded draws). ``secure_cost``
 is what the secure draws (noise for every parameter, ahead in NoiseAhead's blocks, and the Poisson
-mask) add to a step, timed alone (``draws_ms``: CPU time on one thread, fastest of 10 rounds) as a
+mask) add to a step, timed alone (``draws_ms``: CPU time on one thread, fastest of 20 rounds) as a
 share of the fastest seeded DP step: steadier on a busy machine than ``secure_cost_loop``, which
 compares the two legs' whole loops. Minimum-based on purpose: on a shared machine the fastest run
 is the least disturbed one; medians are in the JSON.
@@ -34,6 +34,7 @@ A task is a task name, optionally with one of its models: ``mnist:tanh_cnn``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -101,19 +102,28 @@ def train_plain(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> N
 
 
 def load_examples(task, examples: int) -> Split:
-    """The first ``examples`` training examples. ScatterNet features are computed for just those
-    (the full 60,000-image cache takes minutes on a small machine; the timing is the same)."""
+    """The first ``examples`` training examples. ScatterNet features come from the machine's
+    feature cache when an earlier run made it (tasks/scattering.py, memory-mapped), else are
+    computed for just those (the full 60,000-image cache takes minutes on a small machine)."""
     if task.name == "mnist-scattering":
         from tasks.images import load_mnist  # noqa: PLC0415
+        from tasks.scattering import J, L, cache_dir  # noqa: PLC0415
 
-        pixels = load_mnist()[0].subset(np.arange(examples))
+        train = load_mnist()[0]
+        # the name cached_scatter gives the full training set's features
+        digest = hashlib.sha256(train.x.tobytes()).hexdigest()[:16]
+        cache = cache_dir() / f"mnist-train-scattering-J{J}L{L}-{digest}.npy"
+        if cache.is_file():
+            features = np.load(cache, mmap_mode="r")
+            return Split(np.array(features[:examples]), train.y[:examples].copy())
+        pixels = train.subset(np.arange(examples))
         return Split(task.from_pixels(pixels.x), pixels.y)
     train, _ = task.load()
     return train.subset(np.arange(min(examples, len(train))))
 
 
 def draws_ms(model: nn.Module, examples: int, rate: float, steps: int, summands: int,
-             repeats: int = 10, cipher: str = DEFAULT_CIPHER) -> float:
+             repeats: int = 20, cipher: str = DEFAULT_CIPHER) -> float:
     """CPU milliseconds a step spends drawing its DP randomness (noise for ``model``'s parameters
     and the Poisson mask over ``examples``), over a round of ``steps`` (fastest of ``repeats``).
     Thread CPU time on one torch thread: not inflated when other processes preempt this one, and
