@@ -183,7 +183,7 @@ def test_noise_ahead_serves_fresh_unit_noise_for_every_step_of_a_round():
     rng = SecureRandom()
     ahead = NoiseAhead(rng, per_step=39_700, steps=20)  # ScatterNet + linear's parameter count
     steps = torch.stack([ahead.step() for _ in range(20)])
-    # 6 steps a block (2**18 values): 4 draws, and nothing beyond the 20 planned steps
+    # whole steps a block (BLOCK_VALUES), and nothing drawn beyond the 20 planned steps
     assert rng.bytes_drawn == 20 * 39_700 * 4 * NOISE_SUMMANDS
     assert steps.double().std().item() == pytest.approx(1.0, rel=0.01)
     # no step repeats another: within a block and across blocks (steps 5 and 6 straddle one)
