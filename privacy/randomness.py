@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from fedshield.errors import ConfigError
 
@@ -46,8 +46,8 @@ NOISE_SUMMANDS = 4
 # One round draws at most a few GB. 2**36 bytes stays below ChaCha20's 32-bit block counter (2**32
 # blocks of 64 bytes) and far below AES-CTR's birthday bound (2**32 of the 2**64 blocks).
 MAX_STREAM_BYTES = 2**36
-# AES-256-CTR: measured 2x faster than ChaCha20 here (OpenSSL with VAES; privacy/randomness.py's
-# share of a DP step, benchmarks/bench_dp_overhead.py)
+# AES-256-CTR: its keystream is 2x ChaCha20's speed here (OpenSSL with VAES), whole draws up to 40%
+# faster (benchmarks/bench_dp_overhead.py's ChaCha20 column)
 CIPHERS = ("aes-256-ctr", "chacha20")
 DEFAULT_CIPHER = "aes-256-ctr"
 
@@ -79,7 +79,7 @@ class SecureRandom:
     """
 
     cipher: str = DEFAULT_CIPHER
-    _encryptor: object = field(init=False, repr=False)
+    _encryptor: CipherContext = field(init=False, repr=False)
     _zeros: bytes = field(default=b"", init=False, repr=False)
     bytes_drawn: int = field(default=0, init=False)
 
@@ -89,10 +89,9 @@ class SecureRandom:
         key = secrets.token_bytes(32)
         # A fresh key makes a fixed nonce / initial counter safe: (key, nonce) is never reused.
         if self.cipher == "aes-256-ctr":
-            cipher = Cipher(algorithms.AES(key), modes.CTR(bytes(16)))
+            self._encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
         else:
-            cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None)
-        self._encryptor = cipher.encryptor()
+            self._encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
 
     def random_bytes(self, n: int) -> bytearray:
         """``n`` bytes of keystream (the encryption of zeros), in a new writable buffer."""
