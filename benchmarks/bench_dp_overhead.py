@@ -1,18 +1,25 @@
-"""DP-SGD overhead: one round of DP local training vs the same round without DP, per grad_sample_mode.
+"""DP-SGD overhead: one round of DP local training vs the same round without DP, per
+grad_sample_mode.
 
 Same model, data, batch size and epochs in one process; runs are interleaved and repeated, and the
 ratio uses each configuration's fastest run (the least disturbed by other processes on the machine).
 Two DP times: the DP-SGD loop alone (``train_seconds``, what the issue's <= 1.5x target is about)
-and the whole ``client.dp.train_private`` call (accounting and ledger writes included: about 0.2-0.5 s
-of PRV accounting per round, which dominates on models that train in well under a second).
+and the whole ``client.dp.train_private`` call (accounting and ledger writes included: about
+0.2-0.5 s of PRV accounting per round, which dominates on models that train in well under a
+second).
 
-Secure randomness (privacy/randomness.py: DP noise and Poisson masks from ChaCha20 under a secret
-key, 4 Gaussians summed per noise value) is the default; a "seeded" leg reruns the auto-picked mode
-with ``privacy.reproducible_noise = true`` (Opacus' seeded draws). ``secure_cost`` is what the
-secure draws (noise for every parameter, ahead in NoiseAhead's blocks, and the Poisson mask) add
-to a step, timed alone (``draws_ms``: CPU time on one thread, fastest of 10 rounds) as a share of
-the fastest seeded DP step: steadier on a busy machine than ``secure_cost_loop``, which compares
-the two legs' whole loops.
+Secure randomness (privacy/randomness.py: DP noise and Poisson masks from AES-256-CTR under a
+secret key, 4 Gaussians summed per noise value) is the default; a "seeded" leg reruns the
+auto-picked mode with ``privacy.reproducible_noise = true`` (Opacus' seeded draws). ``secure_cost``
+is what the secure draws (noise for every parameter, ahead in NoiseAhead's blocks, and the Poisson
+mask) add to a step, timed alone (``draws_ms``: CPU time on one thread, fastest of 20 rounds) as a
+share of the fastest seeded DP step: steadier on a busy machine than ``secure_cost_loop``, which
+compares the two legs' whole loops. Minimum-based on purpose: on a shared machine the fastest run
+is the least disturbed one; medians are in the JSON.
+
+Each task runs at ``--batch-size`` (64) and at the batch size of every DP config in configs/ that
+trains it (``privacy.enabled`` and the same task and model: e.g. 1024 for
+configs/bench-dp-mnist-scattering.toml); each row says which config its batch comes from.
 
     python benchmarks/bench_dp_overhead.py                      # MnistCNN, TanhCNN (the default
                                                                 # run's DP model), ScatterNet +
@@ -27,13 +34,16 @@ A task is a task name, optionally with one of its models: ``mnist:tanh_cnn``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -50,6 +60,7 @@ from privacy.ledger import Ledger  # noqa: E402
 from privacy.planner import sample_rate  # noqa: E402
 from privacy.randomness import (  # noqa: E402
     BLOCK_VALUES,
+    DEFAULT_CIPHER,
     NOISE_SUMMANDS,
     ReproducibleNoiseWarning,
     SecureRandom,
@@ -57,6 +68,23 @@ from privacy.randomness import (  # noqa: E402
 from tasks import Split, get_task  # noqa: E402
 
 MODES = ("bk", "ghost", "hooks", "functorch", "ew")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# a config's batch is timed on at least this many batches' worth of examples (Poisson steps)
+MIN_BATCHES = 4
+
+
+def config_batches(name: str, configs: Path = CONFIGS) -> list[tuple[int, str]]:
+    """(batch size, config path) of every DP config that trains task ``name`` ("task[:model]"),
+    one per distinct batch size, in file-name order."""
+    task_name, _, model = name.partition(":")
+    found: dict[int, str] = {}
+    for path in sorted(configs.glob("*.toml")):
+        cfg = tomllib.loads(path.read_text())
+        task, train = cfg.get("task", {}), cfg.get("train", {})
+        if (task.get("name") == task_name and task.get("model", "") == model
+                and cfg.get("privacy", {}).get("enabled") and "batch_size" in train):
+            found.setdefault(int(train["batch_size"]), f"configs/{path.name}")
+    return sorted(found.items())
 
 
 def train_plain(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> None:
@@ -74,38 +102,49 @@ def train_plain(model: nn.Module, data: Split, cfg: TrainConfig, seed: int) -> N
 
 
 def load_examples(task, examples: int) -> Split:
-    """The first ``examples`` training examples. ScatterNet features are computed for just those
-    (the full 60,000-image cache takes minutes on a small machine; the timing is the same)."""
+    """The first ``examples`` training examples. ScatterNet features come from the machine's
+    feature cache when an earlier run made it (tasks/scattering.py, memory-mapped), else are
+    computed for just those (the full 60,000-image cache takes minutes on a small machine)."""
     if task.name == "mnist-scattering":
         from tasks.images import load_mnist  # noqa: PLC0415
+        from tasks.scattering import J, L, cache_dir  # noqa: PLC0415
 
-        pixels = load_mnist()[0].subset(np.arange(examples))
+        train = load_mnist()[0]
+        # the name cached_scatter gives the full training set's features
+        digest = hashlib.sha256(train.x.tobytes()).hexdigest()[:16]
+        cache = cache_dir() / f"mnist-train-scattering-J{J}L{L}-{digest}.npy"
+        if cache.is_file():
+            features = np.load(cache, mmap_mode="r")
+            return Split(np.array(features[:examples]), train.y[:examples].copy())
+        pixels = train.subset(np.arange(examples))
         return Split(task.from_pixels(pixels.x), pixels.y)
     train, _ = task.load()
     return train.subset(np.arange(min(examples, len(train))))
 
 
 def draws_ms(model: nn.Module, examples: int, rate: float, steps: int, summands: int,
-             repeats: int = 10) -> float:
+             repeats: int = 20, cipher: str = DEFAULT_CIPHER) -> float:
     """CPU milliseconds a step spends drawing its DP randomness (noise for ``model``'s parameters
     and the Poisson mask over ``examples``), over a round of ``steps`` (fastest of ``repeats``).
     Thread CPU time on one torch thread: not inflated when other processes preempt this one, and
     no less than the wall time the same draws take on more threads (an upper bound).
 
     summands = 0: Opacus' seeded draws (torch.normal per tensor, torch.rand per mask). Otherwise
-    the secret streams, with noise drawn ahead in NoiseAhead's blocks and that many Gaussians
-    summed per value (4 is what training uses; 1 separates the CSPRNG's cost from the fix's)."""
+    the secret streams (``cipher``), with noise drawn ahead in NoiseAhead's blocks and that many
+    Gaussians summed per value (4 is what training uses; 1 separates the CSPRNG's cost from the
+    fix's). Both legs turn the mask into indices, as both samplers do."""
     shapes = [p.shape for p in model.parameters() if p.requires_grad]
     numel = sum(math.prod(shape) for shape in shapes)
     per_block = max(1, min(steps, BLOCK_VALUES // numel))
-    noise, masks, generator = SecureRandom(), SecureRandom(), torch.Generator().manual_seed(0)
+    noise, masks = SecureRandom(cipher), SecureRandom(cipher)
+    generator = torch.Generator().manual_seed(0)
     best, threads = float("inf"), torch.get_num_threads()
     torch.set_num_threads(1)
     for _ in range(repeats):
         start = time.thread_time()
         for step in range(steps):
             if not summands:
-                torch.rand(examples, generator=generator) < rate
+                (torch.rand(examples, generator=generator) < rate).nonzero()
                 for shape in shapes:
                     torch.normal(0.0, 1.0, size=shape, generator=generator)
                 continue
@@ -117,11 +156,12 @@ def draws_ms(model: nn.Module, examples: int, rate: float, steps: int, summands:
     return best / steps * 1e3
 
 
-def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...], repeats: int,
-               ledger_dir: Path) -> list[dict]:
+def bench_task(name: str, data: Split, cfg: TrainConfig, modes: tuple[str, ...], repeats: int,
+               ledger_dir: Path, batch_from: str) -> list[dict]:
+    """Rows for task ``name`` at ``cfg.batch_size`` (which ``batch_from`` names): plain, each DP
+    mode, and on the auto-picked mode's row the cost of secure randomness."""
     task_name, _, model_name = name.partition(":")
     task = get_task(task_name).with_model(model_name)
-    data = load_examples(task, examples)
     auto = pick_grad_sample_mode(task.build_model())
     seeded = f"seeded:{auto}"  # the auto mode again, with privacy.reproducible_noise
     legs = (*modes, seeded) if auto in modes else modes
@@ -141,10 +181,12 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
                 train_plain(model, data, cfg, rep)
                 seconds = time.perf_counter() - start
             else:
-                privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1 / (10 * len(data)),
+                privacy = PrivacyConfig(enabled=True, noise_multiplier=1.0,
+                                        delta=1 / (10 * len(data)),
                                         grad_sample_mode=mode.removeprefix("seeded:"),
                                         reproducible_noise=mode == seeded)
-                ledger_file = ledger_dir / f"{name.replace(':', '-')}-{mode}-{rep}.json"
+                tag = f"{name.replace(':', '-')}-b{cfg.batch_size}-{mode}-{rep}"
+                ledger_file = ledger_dir / f"{tag}.json"
                 ledger = Ledger(ledger_file, privacy.delta, "prv")
                 try:
                     start = time.perf_counter()
@@ -156,7 +198,7 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
                     steps[mode] = out["metrics"]["steps"]
                     if rep > 0:
                         step_min[mode].append(out["metrics"]["step_seconds_min"])
-                except Exception as exc:  # a mode Opacus cannot run on this model is reported, not fatal
+                except Exception as exc:  # a mode Opacus cannot run is reported, not fatal
                     errors[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     continue
             if rep > 0:
@@ -164,31 +206,39 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
                 if mode != "plain":
                     loop[mode].append(out["metrics"]["train_seconds"])
     plain = min(times["plain"])
+    batch = {"batch_size": cfg.batch_size, "batch_from": batch_from}
     rows = [{"task": name, "model": type(task.build_model()).__name__, "examples": len(data),
-             "mode": "plain", "seconds_min": plain, "seconds_median": statistics.median(times["plain"]),
+             **batch, "mode": "plain", "seconds_min": plain,
+             "seconds_median": statistics.median(times["plain"]),
              "loop_seconds_min": plain, "loop_ratio": 1.0, "ratio": 1.0}]
     for mode in modes:
         if mode in errors:
-            rows.append({"task": name, "mode": mode, "error": errors[mode]})
+            rows.append({"task": name, **batch, "mode": mode, "error": errors[mode]})
             continue
-        rows.append({"task": name, "model": rows[0]["model"], "examples": len(data), "mode": mode,
+        rows.append({"task": name, "model": rows[0]["model"], "examples": len(data), **batch,
+                     "mode": mode,
                      "auto_pick": mode == auto, "loop_seconds_min": min(loop[mode]),
                      "loop_ratio": min(loop[mode]) / plain, "seconds_min": min(times[mode]),
-                     "seconds_median": statistics.median(times[mode]), "ratio": min(times[mode]) / plain,
-                     "ratio_median": statistics.median(times[mode]) / statistics.median(times["plain"])})
+                     "seconds_median": statistics.median(times[mode]),
+                     "ratio": min(times[mode]) / plain,
+                     "ratio_median": statistics.median(times[mode])
+                     / statistics.median(times["plain"])})
         if mode == auto and seeded not in errors:
             model, median = task.build_model(), statistics.median
             rate = sample_rate(len(data), cfg.batch_size)
             draws = {k: draws_ms(model, len(data), rate, steps[mode], k)
                      for k in (0, 1, NOISE_SUMMANDS)}
+            chacha = draws_ms(model, len(data), rate, steps[mode], NOISE_SUMMANDS,
+                              cipher="chacha20")
             step_ms = min(step_min[seeded]) * 1e3  # the fastest seeded step: least disturbed
             rows[-1].update({
                 "noise": "secure", "steps": steps[mode], "dp_step_ms": step_ms,
                 "draws_ms_seeded": draws[0], "draws_ms_secure": draws[NOISE_SUMMANDS],
-                "draws_ms_secure_one_summand": draws[1],
+                "draws_ms_secure_one_summand": draws[1], "draws_ms_secure_chacha20": chacha,
                 # the headline: what secure draws add to a DP step, as a share of it
                 "secure_cost": (draws[NOISE_SUMMANDS] - draws[0]) / step_ms,
                 "secure_cost_one_summand": (draws[1] - draws[0]) / step_ms,
+                "secure_cost_chacha20": (chacha - draws[0]) / step_ms,
                 # whole loops, secure vs seeded: the direct measure, but noisy on a busy machine
                 "secure_cost_loop": min(loop[mode]) / min(loop[seeded]) - 1,
                 "secure_cost_loop_median": median(loop[mode]) / median(loop[seeded]) - 1})
@@ -196,29 +246,58 @@ def bench_task(name: str, examples: int, cfg: TrainConfig, modes: tuple[str, ...
 
 
 def print_row(r: dict) -> None:
+    """One console line per row (two for the auto-picked mode: the secure-randomness cost)."""
+    where = f"b{r['batch_size']}"
     if "error" in r:
-        print(f"{r['task']:14} {r['mode']:10} unsupported: {r['error']}", flush=True)
+        print(f"{r['task']:14} {where:>5} {r['mode']:10} unsupported: {r['error']}", flush=True)
         return
     mark = "  <- auto" if r.get("auto_pick") else ""
-    print(f"{r['task']:14} {r['mode']:10} {r['examples']:>8} {r['loop_seconds_min']:>8.2f} "
-          f"{r['loop_ratio']:>12.2f}x {r['seconds_min']:>8.2f} {r['ratio']:>12.2f}x{mark}", flush=True)
+    print(f"{r['task']:14} {where:>5} {r['mode']:10} {r['examples']:>8} "
+          f"{r['loop_seconds_min']:>8.2f} {r['loop_ratio']:>12.2f}x {r['seconds_min']:>8.2f} "
+          f"{r['ratio']:>12.2f}x{mark}", flush=True)
     if "secure_cost" in r:
-        print(f"{'':14} secure randomness: DP draws {r['draws_ms_secure']:.3f} ms a step "
-              f"(1 summand {r['draws_ms_secure_one_summand']:.3f}) vs "
-              f"{r['draws_ms_seeded']:.3f} seeded; "
+        print(f"{'':20} secure randomness ({r['batch_from']}): DP draws "
+              f"{r['draws_ms_secure']:.3f} ms a step (1 summand "
+              f"{r['draws_ms_secure_one_summand']:.3f}, ChaCha20 "
+              f"{r['draws_ms_secure_chacha20']:.3f}) vs {r['draws_ms_seeded']:.3f} seeded; "
               f"DP step {r['dp_step_ms']:.2f} ms: cost {r['secure_cost']:+.1%} (1 summand "
               f"{r['secure_cost_one_summand']:+.1%}); whole loop {r['secure_cost_loop']:+.1%} "
               f"(median {r['secure_cost_loop_median']:+.1%})", flush=True)
 
 
+def secure_cost_table(rows: list[dict]) -> str:
+    """Markdown: the cost of secure randomness per task and batch size (auto-picked mode)."""
+    lines = ["| task | model | batch (from) | steps | DP step ms | seeded draws ms | "
+             "secure draws ms | secure cost | 1 summand | ChaCha20 | whole loop (min) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "secure_cost" not in r:
+            continue
+        lines.append(
+            f"| {r['task']} | {r['model']} | {r['batch_size']} ({r['batch_from']}) | {r['steps']} "
+            f"| {r['dp_step_ms']:.2f} | {r['draws_ms_seeded']:.3f} | {r['draws_ms_secure']:.3f} "
+            f"| {r['secure_cost']:+.1%} | {r['secure_cost_one_summand']:+.1%} "
+            f"| {r['secure_cost_chacha20']:+.1%} | {r['secure_cost_loop']:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Run the benchmark; write results.json and table.md to ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=["mnist", "mnist:tanh_cnn",
-                                                      "mnist-scattering:scatter_linear", "digits", "adult"],
+                                                      "mnist-scattering:scatter_linear", "digits",
+                                                      "adult"],
                         help="task names, optionally task:model (e.g. mnist:tanh_cnn)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--examples", type=int, default=6000, help="training examples per task (cap)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--examples", type=int, default=6000,
+                        help=f"training examples per task (cap; raised to {MIN_BATCHES} batches of "
+                             "the largest batch size timed)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="the common batch size every task runs at")
+    parser.add_argument("--config-batches", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run each task at the batch size of each DP config in configs/ "
+                             "that trains it")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -226,23 +305,37 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(lr=0.05, momentum=0.9, batch_size=args.batch_size, local_epochs=args.epochs)
-    print(f"{'task':14} {'mode':10} {'examples':>8} {'loop s':>8} {'loop DP/plain':>13} "
-          f"{'call s':>8} {'call DP/plain':>13}", flush=True)
+    load_before = os.getloadavg()  # how busy the machine was: a min-based ratio assumes some quiet
+    print(f"{'task':14} {'batch':>5} {'mode':10} {'examples':>8} {'loop s':>8} "
+          f"{'loop DP/plain':>13} {'call s':>8} {'call DP/plain':>13}", flush=True)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as ledgers:
         for name in args.tasks:
-            task_rows = bench_task(name, args.examples, cfg, tuple(args.modes), args.repeats, Path(ledgers))
-            for r in task_rows:
-                print_row(r)
-            rows += task_rows
+            batches = [(args.batch_size, "--batch-size")]
+            if args.config_batches:
+                batches += [b for b in config_batches(name) if b[0] != args.batch_size]
+            task_name, _, model_name = name.partition(":")
+            task = get_task(task_name).with_model(model_name)
+            data = load_examples(task, max(args.examples, MIN_BATCHES * max(b for b, _ in batches)))
+            for batch, source in batches:
+                cfg = TrainConfig(lr=0.05, momentum=0.9, batch_size=batch, local_epochs=args.epochs)
+                task_rows = bench_task(name, data, cfg, tuple(args.modes), args.repeats,
+                                       Path(ledgers), source)
+                for r in task_rows:
+                    print_row(r)
+                rows += task_rows
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": "dp-overhead", "args": vars(args), "torch": torch.__version__,
-              "machine": platform.platform(), "threads": args.threads, "rows": rows}
+              "machine": platform.platform(), "threads": args.threads,
+              "cpus": os.cpu_count(), "load_average_1_5_15": {"start": load_before,
+                                                               "end": os.getloadavg()},
+              "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'results.json'}")
+    (out / "table.md").write_text(secure_cost_table(rows))
+    print(secure_cost_table(rows))
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
 
 
 if __name__ == "__main__":

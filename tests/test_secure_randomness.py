@@ -161,7 +161,7 @@ def test_streams_are_fresh_independent_and_masks_sample_at_the_rate():
     # binomial(1e6, 0.02): std 140 of 20,000 inclusions; 5 sigma
     assert abs(int(mask.sum()) - 20_000) < 700
     u = SecureRandom().uniform24(1_000_000)
-    assert 0 < u.min() and u.max() < 1
+    assert 0 < u.min() and u.max() <= 1
 
 
 def test_adoption_replaces_opacus_draws_and_refuses_what_it_does_not_know():
