@@ -322,6 +322,20 @@ class PrivacySummary(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DataQuality(_Record):
+    """The federation's class mix from the clients' released histograms (noised under DP;
+    privacy/releases.py ClassView): what the drift reference takes its class priors from."""
+
+    clients: int
+    class_counts: tuple[float, ...]  # summed (noised) counts
+    class_priors: tuple[float, ...]  # clipped at 0 and normalised
+    noise_std: float
+    examples: float
+    private: bool  # every part came from the DP release
+    source: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class RobustnessSummary(_Record):
     """Rejected updates, refusals and quarantine over the run; ``accuracy_drop`` is written by
     a robustness check (none today) and read by the promotion gate."""
@@ -378,7 +392,7 @@ class RunSummary(_Record):
     final: FinalMetrics | None = None
     best: BestRound | None = None
     privacy: PrivacySummary = field(default_factory=PrivacySummary)
-    data_quality: Mapping[str, Any] | None = None  # privacy.releases.ClassMix.to_dict()
+    data_quality: DataQuality | None = None
     robustness: RobustnessSummary | None = None
     stopped_early: str = ""
     versions: Mapping[str, str] = field(default_factory=dict)

@@ -22,7 +22,8 @@ from fedshield import config as fcfg
 from fedshield.errors import RunFailed, TooFewUpdates
 from fedshield.preflight import preflight
 from fedshield.run_records import (AGGREGATED, COMPLETED, FAILED, BestRound, CentralDPSummary,
-                                   ClassCounts, DPEventLine, FinalMetrics, HandoffSummary,
+                                   ClassCounts, DataQuality, DPEventLine, FinalMetrics,
+                                   HandoffSummary,
                                    MetricsLine, PrivacySummary, PrivacyUnits, ReleaseEvent,
                                    RobustnessSummary, RunSummary)
 from privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
@@ -331,7 +332,8 @@ def build_summary(cfg: fcfg.Config, folder: RunFolder, strategy: ShieldStrategy,
             outside_guarantee=tuple(sorted(outside)),
         ),
         # The federation's class mix from the clients' released histograms (noised under DP).
-        data_quality=quality.to_dict() if quality else None,
+        data_quality=DataQuality.from_dict(quality.to_dict(), "data_quality")
+        if quality else None,
         robustness=RobustnessSummary(
             rejected_total=sum(len(m.rejected) for m in lines),
             refused_total=sum(len(m.refused) for m in lines),
