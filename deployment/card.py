@@ -69,7 +69,8 @@ def noise_used(privacy: PrivacySummary) -> list[float] | None:
 
 
 def _noise_text(privacy: dict) -> str:
-    used = noise_used(privacy)
+    """The card's noise line, from the card's privacy block (build_card sorted the used noise)."""
+    used = privacy.get("noise_multipliers_used")
     if used:
         shown = f"{used[0]:.4g}" if len(used) == 1 else \
             f"{used[0]:.4g}-{used[-1]:.4g} ({len(used)} values)"

@@ -227,7 +227,7 @@ def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
     state = RoundState(reports={7: report(dp_reply), 8: report(exact_reply)})
     record = {"server_eval": {}, "client_eval": {"accuracy": 0.9, OUTSIDE_KEY: 1.0},
               "train": {}, "state": state, "seconds": 1.0}
-    line = metrics_line(1, record, strategy)
+    line = metrics_line(1, record, strategy).to_dict()  # the line as written
     assert line["dp_events"]["0"]["release"] == {"noise_multiplier": 10.0, "sample_rate": 1.0,
                                                  "steps": 1}
     assert "release" not in line["dp_events"]["1"]
@@ -235,7 +235,7 @@ def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
                                     "1": {"counts": [20.0, 20.0], "noise_std": 0.0}}
     assert {"train_loss", "client_accuracy", "class_counts"} <= set(line["outside_guarantee"])
     state = RoundState(reports={7: report({**dp_reply, STATS_NEW_KEY: 0.0})})
-    line = metrics_line(2, {**record, "client_eval": {}, "state": state}, strategy)
+    line = metrics_line(2, {**record, "client_eval": {}, "state": state}, strategy).to_dict()
     assert "release" not in line["dp_events"]["0"] and line["outside_guarantee"] == []
 
 
