@@ -30,13 +30,13 @@ def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
         rows.append({"config": path, "overrides": overrides, "task": cfg.task.name,
                      "partition": f"{cfg.partition.kind}"
                                   + (f"({cfg.partition.alpha})" if cfg.partition.kind == "dirichlet" else ""),
-                     "clients": cfg.federation.num_clients, "rounds": summary["rounds_completed"],
+                     "clients": cfg.federation.num_clients, "rounds": summary.rounds_completed,
                      "rule": cfg.aggregation.rule, "attack": cfg.attack.name,
-                     "final_accuracy": summary["final"]["accuracy"],
-                     "best_accuracy": summary["best"]["accuracy"],
-                     "epsilon_max": summary["privacy"]["epsilon_max"],
+                     "final_accuracy": summary.final_accuracy,
+                     "best_accuracy": summary.best_accuracy,
+                     "epsilon_max": summary.privacy.epsilon_max,
                      "wall_seconds": round(time.perf_counter() - started, 1),
-                     "run_dir": summary["run_dir"]})
+                     "run_dir": summary.run_dir})
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     header = "| config | task | partition | clients | rounds | rule | attack | final acc | best acc | eps max | wall s |"
     lines = [header, "|" + "---|" * 11]

@@ -37,6 +37,8 @@ from flwr.app import ArrayRecord  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 
 from fedshield import configio, validation  # noqa: E402
+from fedshield.run_records import METRICS_FILE, MetricsLine  # noqa: E402
+from fedshield.run_records import read_metrics as read_run_metrics  # noqa: E402
 from fedshield.site import flwr_bin, init_sites  # noqa: E402
 from fedshield.site_local import LocalFederation, free_port, wait_for  # noqa: E402
 from tasks import get_task  # noqa: E402
@@ -64,19 +66,21 @@ def run_config_string(task: str, n: int, rounds: int, out: Path) -> str:
     return configio.to_run_config_overrides(validation.from_dict(overrides(task, n, rounds, out)))
 
 
-def read_metrics(out: Path) -> list[dict]:
-    path = next(out.glob("*/metrics.jsonl"))
-    return [json.loads(x) for x in path.read_text().splitlines() if x]
+def read_metrics(out: Path) -> list[MetricsLine]:
+    """The metrics lines of the one run folder under ``out``."""
+    return read_run_metrics(next(out.glob(f"*/{METRICS_FILE}")).parent)
 
 
-def summarise(lines: list[dict], n: int, rounds: int, wall: float, info: dict | None) -> dict:
+def summarise(lines: list[MetricsLine], n: int, rounds: int, wall: float,
+              info: dict | None) -> dict:
+    """One benchmark row from a run's metrics lines (and Flower's run info, when given)."""
     steady = lines[1:] or lines  # round 1 also pays start-up (imports, first connections)
-    client = [s for m in steady for s in m.get("client_seconds", {}).values()]
-    row = {"rounds_completed": len(lines), "accepted_min": min(m["accepted"] for m in lines),
-           "round1_s": lines[0]["seconds"],
-           "round_s": statistics.median(m["seconds"] for m in steady),
+    client = [s for m in steady for s in m.client_seconds.values()]
+    row = {"rounds_completed": len(lines), "accepted_min": min(m.accepted for m in lines),
+           "round1_s": lines[0].seconds,
+           "round_s": statistics.median(m.seconds or 0.0 for m in steady),
            "client_s": statistics.median(client) if client else None,
-           "final_accuracy": lines[-1]["accuracy"], "wall_s": round(wall, 1)}
+           "final_accuracy": lines[-1].accuracy, "wall_s": round(wall, 1)}
     row["overhead_s"] = row["round_s"] - row["client_s"] if client else None
     if info:
         traffic, compute = info["network-traffic"], info["compute-time"]

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedshield import validation  # noqa: E402
+from fedshield.run_records import read_metrics  # noqa: E402
 from simulations.runner import simulate  # noqa: E402
 
 
@@ -32,14 +33,13 @@ def run(config: str, overrides: list[str], repeats: int, out: Path) -> list[dict
             started = time.perf_counter()
             summary = simulate(cfg)
             wall = time.perf_counter() - started
-            lines = [json.loads(x) for x in
-                     (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-            later = [m["seconds"] for m in lines[1:]] or [lines[0]["seconds"]]
+            lines = read_metrics(summary.run_dir)
+            later = [m.seconds for m in lines[1:]] or [lines[0].seconds]
             rows.append({"secagg": secagg, "repeat": rep, "clients": cfg.federation.num_clients,
-                         "rounds": len(lines), "first_round_s": lines[0]["seconds"],
+                         "rounds": len(lines), "first_round_s": lines[0].seconds,
                          "median_round_s": statistics.median(later),
-                         "wall_s": round(wall, 2), "final_accuracy": summary["final"]["accuracy"],
-                         "run_dir": summary["run_dir"]})
+                         "wall_s": round(wall, 2), "final_accuracy": summary.final_accuracy,
+                         "run_dir": summary.run_dir})
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     return rows
 

@@ -24,6 +24,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedshield.run_records import RunSummary  # noqa: E402
 
 TANH_CNN, SCATTERING = "configs/bench-dp-mnist.toml", "configs/bench-dp-mnist-scattering.toml"
 DP_VARIANTS = {  # (config, overrides): the tanh CNN in two standard DP-SGD settings, and the
@@ -77,13 +80,15 @@ def run_job(job, out: Path, threads: int) -> dict:
     if proc.returncode != 0:
         row["error"] = proc.stderr[-1500:]
         return row
-    s = json.loads(proc.stdout)
-    row.update({"final_accuracy": s["final"]["accuracy"], "best_accuracy": s["best"]["accuracy"],
-                "rounds": s["rounds_completed"], "epsilon_max": s["privacy"]["epsilon_max"],
-                "noise": s["privacy"].get("noise_multipliers_used"),
-                "rejected": s["robustness"]["rejected_total"],
-                "quarantined": s["robustness"]["quarantined"],
-                "attack_report": s.get("attack_report"), "run_dir": s["run_dir"]})
+    s = RunSummary.from_json(proc.stdout, f"the summary printed by job {name}")
+    noise, robustness = s.privacy.noise_multipliers_used, s.robustness
+    row.update({"final_accuracy": s.final_accuracy, "best_accuracy": s.best_accuracy,
+                "rounds": s.rounds_completed, "epsilon_max": s.privacy.epsilon_max,
+                "noise": list(noise) if noise is not None else None,
+                "rejected": robustness.rejected_total if robustness else None,
+                "quarantined": list(robustness.quarantined) if robustness else None,
+                "attack_report": s.attack_report.to_dict() if s.attack_report else None,
+                "run_dir": s.run_dir})
     return row
 
 

@@ -16,6 +16,8 @@ from deployment.artifacts import ATTRIBUTION_PNG, CARD_JSON, CARD_MD, SAFETENSOR
 from deployment.explain import attribution_picture, feature_importance
 from deployment.export import ExportResult
 from fedshield.errors import ConfigError
+from fedshield.run_records import (BestRound, FinalMetrics, MetricsLine, PrivacySummary,
+                                   RobustnessSummary, RunSummary, read_metrics, read_summary)
 from privacy.accounting import SAMPLE_LEVEL
 from privacy.audit import AUDIT_JSON, AuditRecord, mechanism_digest
 from tasks import Split, Task, get_task
@@ -31,15 +33,13 @@ class ModelCard:
     md_path: Path
 
 
-def read_run(run_dir: str | Path) -> tuple[dict, dict, list[dict]]:
-    """(summary, raw config table, per-round metrics) of a run folder."""
+def read_run(run_dir: str | Path) -> tuple[RunSummary, dict, list[MetricsLine]]:
+    """(summary, raw config table, per-round metrics) of a run folder (StateCorrupted if its
+    summary or metrics are torn or edited)."""
     run = Path(run_dir)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     config = tomllib.loads((run / "config.toml").read_text()) if (run / "config.toml").is_file() else {}
-    metrics_path = run / "metrics.jsonl"
-    rounds = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-        if metrics_path.is_file() else []
-    return summary, config, rounds
+    return summary, config, read_metrics(run)
 
 
 REPRODUCIBLE_NOISE_WARNING = (
@@ -49,14 +49,14 @@ REPRODUCIBLE_NOISE_WARNING = (
     "model alone. Research use only; the promotion gate refuses this model.")
 
 
-def privacy_warning(privacy: dict) -> str:
+def privacy_warning(privacy: PrivacySummary) -> str:
     """The loud warning a run's privacy section needs, or "" (summary ``privacy`` contract)."""
-    return REPRODUCIBLE_NOISE_WARNING if (privacy or {}).get("reproducible_noise") else ""
+    return REPRODUCIBLE_NOISE_WARNING if privacy.reproducible_noise else ""
 
 
-def attack_of(summary: dict, config: dict) -> dict:
+def attack_of(summary: RunSummary, config: dict) -> dict:
     """The attack simulated; summary ``attack`` is the attack table (older runs: its name)."""
-    raw = summary.get("attack")
+    raw = summary.attack
     table = raw if isinstance(raw, dict) else (config.get("attack") or {})
     name = raw.get("name") if isinstance(raw, dict) else raw
     if name is None:
@@ -66,16 +66,15 @@ def attack_of(summary: dict, config: dict) -> dict:
     return {"simulated": simulated, "name": name if simulated else "none", "config": table or None}
 
 
-def noise_used(privacy: dict) -> list[float] | None:
+def noise_used(privacy: PrivacySummary) -> list[float] | None:
     """The noise multipliers actually used (summary ``noise_multipliers_used``), None if unknown."""
-    used = (privacy or {}).get("noise_multipliers_used")
-    if not isinstance(used, (list, tuple)):
-        return None
-    return sorted({float(v) for v in used if isinstance(v, (int, float))})
+    used = privacy.noise_multipliers_used
+    return None if used is None else sorted(set(used))
 
 
 def _noise_text(privacy: dict) -> str:
-    used = noise_used(privacy)
+    """The card's noise line, from the card's privacy block (build_card sorted the used noise)."""
+    used = privacy.get("noise_multipliers_used")
     if used:
         shown = f"{used[0]:.4g}" if len(used) == 1 else \
             f"{used[0]:.4g}-{used[-1]:.4g} ({len(used)} values)"
@@ -94,6 +93,10 @@ def _versions(run_versions: dict) -> dict:
         except PackageNotFoundError:
             continue
     return {"training": run_versions, "export": mine}
+
+
+def _dict_or_none(part: FinalMetrics | BestRound | RobustnessSummary | None) -> dict | None:
+    return part.to_dict() if part is not None else None
 
 
 def _defenses(config: dict) -> dict:
@@ -181,12 +184,12 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
     task = get_task(export.task, export.metadata.get("model", ""))
     test = task.load()[1]
     out = Path(export.out_dir)
-    privacy = dict(summary.get("privacy") or {"enabled": False})
-    if (used := noise_used(privacy)) is not None:
+    privacy = summary.privacy.to_dict()
+    if (used := noise_used(summary.privacy)) is not None:
         privacy["noise_multipliers_used"] = used
-    warning = privacy_warning(privacy)
+    warning = privacy_warning(summary.privacy)
     card = {
-        "name": summary.get("name", Path(run_dir).name),
+        "name": summary.name or Path(run_dir).name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_dir": str(Path(run_dir).resolve()),
         "task": {"name": task.name, "num_classes": task.num_classes, "preprocessing": task.preprocessing},
@@ -198,24 +201,25 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
             "feature_names": list(task.feature_names),
         },
         "training": {
-            "rounds": summary.get("rounds"), "num_clients": summary.get("num_clients"),
-            "strategy": summary.get("strategy"), "defenses": _defenses(config),
-            "robustness": summary.get("robustness"), "seed": summary.get("seed"),
-            "wall_seconds": summary.get("wall_seconds"),
+            "rounds": summary.rounds, "num_clients": summary.num_clients,
+            "strategy": summary.strategy, "defenses": _defenses(config),
+            "robustness": _dict_or_none(summary.robustness), "seed": summary.seed,
+            "wall_seconds": summary.wall_seconds,
         },
-        "status": summary.get("status"),
+        "status": summary.status,
         "attack": attack_of(summary, config),
         "privacy": privacy,
         "privacy_warning": warning,
         "privacy_audit": audit_section(run_dir, config),
-        "metrics": {"final": summary.get("final"), "best": summary.get("best"), "per_round": rounds,
+        "metrics": {"final": _dict_or_none(summary.final), "best": _dict_or_none(summary.best),
+                    "per_round": [m.to_dict() for m in rounds],
                     "test_onnx_accuracy": export.parity["onnx_accuracy"],
                     "test_int8_accuracy": export.int8["accuracy"] if export.int8 else None},
         "artifacts": {"sha256": export.sha256, "sizes": export.sizes, "parity": export.parity, "int8": export.int8},
         "explanations": _explanations(task, export, test, out, explain_examples),
         "drift_reference": reference_source,
         "config": config,
-        "versions": _versions(summary.get("versions") or {}),
+        "versions": _versions(dict(summary.versions)),
     }
     json_path, md_path = out / CARD_JSON, out / CARD_MD
     json_path.write_text(json.dumps(card, indent=2, default=str))

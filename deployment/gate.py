@@ -21,20 +21,22 @@ import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 from deployment.artifacts import EXPORT_JSON, hash_mismatches
 from deployment.policy import POLICY_TAG, GatePolicy, strictest
 from deployment.registry import (RegistryError, client_for, download, expected_hashes,
                                  expected_run_hashes, get_version)
-from fedshield.errors import ConfigError
+from fedshield.errors import ConfigError, StateCorrupted
+from fedshield.run_records import COMPLETED, SUMMARY_FILE, RunSummary
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 # Checks --force can never override: the inputs are untrustworthy, or the guarantee is void.
 HARD_CHECKS = ("integrity", "status", "noise")
 # Files the gate decides on; a version whose registration did not hash them is refused.
 MODEL_INPUTS = (EXPORT_JSON,)
-RUN_INPUTS = ("summary.json",)
+RUN_INPUTS = (SUMMARY_FILE,)
 
 
 @dataclass
@@ -58,18 +60,25 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def decide(summary: dict, export: dict, policy, hash_problems: list[str]) -> GateDecision:
+def decide(summary: RunSummary | Mapping | None, export: dict, policy,
+           hash_problems: list[str]) -> GateDecision:
     """The pure policy: summary.json + export.json + integrity findings -> decision with reasons.
 
-    ``policy``: a GatePolicy or a DeploymentConfig (anything with the four gate attributes)."""
+    ``summary``: the run's RunSummary (a parsed summary.json object is decoded into one; None:
+    no trustworthy summary). ``policy``: a GatePolicy or a DeploymentConfig (anything with the
+    four gate attributes)."""
     policy = policy if isinstance(policy, GatePolicy) else GatePolicy.from_deployment(policy)
+    if summary is None:
+        summary = RunSummary()
+    elif not isinstance(summary, RunSummary):
+        summary = RunSummary.from_dict(summary)
     checks = []
-    if "status" in summary:  # absent in runs written before the status contract
-        status = summary["status"]
-        checks.append(_check("status", status == "completed", f"run status {status!r}" + (
-            "" if status == "completed" else "; only a completed run can be promoted")))
-    privacy = summary.get("privacy") or {}
-    if privacy.get("reproducible_noise"):
+    if summary.status is not None:  # absent in runs written before the status contract
+        status = summary.status
+        checks.append(_check("status", status == COMPLETED, f"run status {status!r}" + (
+            "" if status == COMPLETED else "; only a completed run can be promoted")))
+    privacy = summary.privacy
+    if privacy.reproducible_noise:
         checks.append(_check("noise", False, "reproducible (seeded) DP noise: the epsilon is NOT "
                              "valid against the server, which can regenerate the noise; retrain "
                              "with privacy.reproducible_noise = false"))
@@ -79,14 +88,14 @@ def decide(summary: dict, export: dict, policy, hash_problems: list[str]) -> Gat
                          f"test accuracy {acc:.4f} (ONNX) vs minimum {policy.min_accuracy:.4f}"
                          if acc is not None else "export.json records no ONNX test accuracy"))
     if policy.max_epsilon > 0:
-        eps = _number(privacy.get("epsilon_max")) if privacy.get("enabled") else None
+        eps = privacy.sample_level_epsilon
         if eps is None:
             checks.append(_check("epsilon", False, f"no sample-level DP guarantee (privacy disabled) but "
                                  f"deployment.max_epsilon = {policy.max_epsilon}"))
         else:
             checks.append(_check("epsilon", eps <= policy.max_epsilon,
                                  f"per-client epsilon {eps:.3f} vs limit {policy.max_epsilon:.3f}"))
-    drop = _number((summary.get("robustness") or {}).get("accuracy_drop"))
+    drop = summary.robustness.accuracy_drop if summary.robustness else None
     if policy.max_accuracy_drop > 0 and drop is not None:
         checks.append(_check("robustness", drop <= policy.max_accuracy_drop,
                              f"accuracy drop under attack {drop:.4f} vs limit {policy.max_accuracy_drop:.4f}"))
@@ -148,6 +157,16 @@ def _read_json(path: Path, problems: list[str]) -> dict:
         return {}
 
 
+def _read_summary(path: Path, problems: list[str]) -> RunSummary | None:
+    try:
+        return RunSummary.from_json(path.read_bytes(), f"run/{SUMMARY_FILE}")
+    except OSError as exc:
+        problems.append(f"{path.name} is unreadable ({exc})")
+    except StateCorrupted as exc:
+        problems.append(str(exc))
+    return None
+
+
 def evaluate_version(tracking_uri: str, model_name: str, version: str,
                      policy=None) -> GateDecision:
     """Download a version, verify the hashes of everything the gate reads, and apply the policy
@@ -167,9 +186,9 @@ def evaluate_version(tracking_uri: str, model_name: str, version: str,
         else:
             problems = ["no sha256 tags recorded in the registry"]
         export = _read_json(local / EXPORT_JSON, problems)
-        summary = _read_json(run_local / "summary.json", problems)
+        summary = _read_summary(run_local / SUMMARY_FILE, problems)
     if problems:  # never decide on inputs that are not the registered ones
-        export, summary = {}, {}
+        export, summary = {}, None
     decision = decide(summary, export, chosen, problems)
     decision.policy_source = source
     return decision

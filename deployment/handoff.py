@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from deployment.reference_stats import (Reference, names_for, reference_from_dat
 from deployment.registry import refuse_failed_run, register
 from fedshield.schema import Config
 from fedshield.errors import FedShieldError
+from fedshield.run_records import DataQuality, read_summary
 from tasks import task_for
 
 EXPORT_DIR = "export"
@@ -49,7 +51,7 @@ def model_name_for(cfg: Config) -> str:
 
 
 def drift_reference(run_dir: Path, cfg: Config, out_dir: Path,
-                    data_quality: dict | None = None) -> Reference:
+                    data_quality: DataQuality | Mapping | None = None) -> Reference:
     """The run's merged DP client reference if the server wrote one, else the server's eval split
     with the class priors of the clients' released histograms (``data_quality``) when known."""
     path = run_dir / REFERENCE_JSON
@@ -74,21 +76,21 @@ def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     if not weights.is_file():
         raise FedShieldError(f"{weights} does not exist; the run folder must hold the global weights "
                              f"(deployment.weights = {cfg.deployment.weights!r})")
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     refuse_failed_run(summary, run)  # before anything is exported or registered
     task = task_for(cfg.task)
     out = run / EXPORT_DIR
     if out.exists():
         shutil.rmtree(out)
-    privacy = summary.get("privacy") or {}
-    metadata = {"run": summary.get("name", run.name), "weights": cfg.deployment.weights,
-                "rounds": summary.get("rounds"), "dp": privacy.get("enabled", False),
-                "epsilon_max": privacy.get("epsilon_max")}
+    privacy = summary.privacy
+    metadata = {"run": summary.name or run.name, "weights": cfg.deployment.weights,
+                "rounds": summary.rounds, "dp": privacy.enabled,
+                "epsilon_max": privacy.epsilon_max}
     test = task.load()[1]
     if cfg.task.eval_examples:
         test = test.subset(np.arange(min(cfg.task.eval_examples, len(test))))
     export = export_model(task, load_weights(weights), out, metadata, quantize=cfg.deployment.quantize, test=test)
-    reference = drift_reference(run, cfg, out, summary.get("data_quality"))
+    reference = drift_reference(run, cfg, out, summary.data_quality)
     card = build_card(run, export, cfg.deployment.explain_examples, reference.source)
     name = model_name_for(cfg)
     # The policy is stored with the version; this and every later promotion applies it.

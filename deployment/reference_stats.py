@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedshield.run_records import DataQuality
 
 BANDS = 4
 
@@ -159,19 +162,23 @@ def merge_histograms(parts: list[ClientHistograms], edges: np.ndarray, feature_n
                      f"dp-client-histograms ({len(parts)} clients, sigma {sigmas})", noise)
 
 
-def with_client_class_priors(reference: Reference, data_quality: dict | None) -> Reference:
+def with_client_class_priors(reference: Reference,
+                             data_quality: DataQuality | Mapping | None) -> Reference:
     """``reference`` with its class priors from the clients' released class histograms (the run
-    summary's ``data_quality``, privacy/releases.py): the training label mix, noised under DP.
-    Unchanged when there is no such view, it is not the DP one (a run without DP keeps the
-    reference it always had) or it has another number of classes."""
-    if (not data_quality or not data_quality.get("private")
-            or len(data_quality.get("class_priors", ())) != len(reference.class_priors)):
+    summary's ``data_quality``, privacy/releases.py; a mapping is decoded as that record): the
+    training label mix, noised under DP. Unchanged when there is no such view, it is not the DP
+    one (a run without DP keeps the reference it always had) or it has another number of
+    classes."""
+    if data_quality is not None and not isinstance(data_quality, DataQuality):
+        data_quality = DataQuality.from_dict(data_quality, "data_quality")
+    if (data_quality is None or not data_quality.private
+            or len(data_quality.class_priors) != len(reference.class_priors)):
         return reference
-    priors = normalise(np.asarray(data_quality["class_counts"], dtype=np.float64))
+    priors = normalise(np.asarray(data_quality.class_counts, dtype=np.float64))
     return dataclasses.replace(
         reference, class_priors=priors,
-        source=f"{reference.source}; class priors: {data_quality['source']} "
-               f"({data_quality['clients']} clients, noise std {data_quality['noise_std']:.3g})")
+        source=f"{reference.source}; class priors: {data_quality.source} "
+               f"({data_quality.clients} clients, noise std {data_quality.noise_std:.3g})")
 
 
 def reference_from_data(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...], num_classes: int,

@@ -37,11 +37,13 @@ from deployment.export import ExportResult  # noqa: E402
 from deployment.policy import POLICY_TAG, GatePolicy  # noqa: E402
 from fedshield.configio import flatten  # noqa: E402
 from fedshield.errors import ConfigError, FedShieldError  # noqa: E402
+from fedshield.run_records import (METRICS_FILE, SUMMARY_FILE, MetricsLine,  # noqa: E402
+                                   PrivacySummary, RunSummary)
 
 EXPERIMENT = "fedshield"
 HASH_TAG = "sha256."
 RUN_HASH_TAG = "run_sha256."
-RUN_FILES = ("summary.json", "metrics.jsonl", "config.toml")
+RUN_FILES = (SUMMARY_FILE, METRICS_FILE, "config.toml")
 ARTIFACT_DIR = "registry-artifacts"
 MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
@@ -138,13 +140,15 @@ def _params(config: dict) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in sorted(flatten(config).items())]
 
 
-def _metrics(rounds: list[dict], export: ExportResult) -> list[Metric]:
+def _metrics(rounds: list[MetricsLine], export: ExportResult) -> list[Metric]:
     now = int(time.time() * 1000)
     out = []
     for r in rounds:
-        for key in ("accuracy", "loss", "epsilon_max", "epsilon_mean", "seconds"):
-            if isinstance(r.get(key), (int, float)):
-                out.append(Metric(f"round_{key}", float(r[key]), now, int(r.get("round", 0))))
+        for key, value in (("accuracy", r.accuracy), ("loss", r.loss),
+                           ("epsilon_max", r.epsilon_max), ("epsilon_mean", r.epsilon_mean),
+                           ("seconds", r.seconds)):
+            if value is not None:
+                out.append(Metric(f"round_{key}", value, now, r.round))
     out += [Metric("test_onnx_accuracy", export.parity["onnx_accuracy"], now, 0),
             Metric("onnx_parity_max_abs_diff", export.parity["max_abs_diff"], now, 0)]
     if export.int8:
@@ -152,20 +156,20 @@ def _metrics(rounds: list[dict], export: ExportResult) -> list[Metric]:
     return out
 
 
-def refuse_failed_run(summary: dict, where: str | Path) -> None:
+def refuse_failed_run(summary: RunSummary, where: str | Path) -> None:
     """A failed run is never registered, promoted or handed off (summary ``status``)."""
-    if summary.get("status") == "failed":
-        why = summary.get("stopped_early") or summary.get("error") or "see its summary.json"
-        raise NotDeployable(f"run {summary.get('name', where)} failed ({why}); a failed run is "
+    if summary.failed:
+        why = summary.stopped_early or summary.failure or f"see its {SUMMARY_FILE}"
+        raise NotDeployable(f"run {summary.name or where} failed ({why}); a failed run is "
                             f"never registered or promoted: fix the cause and run the federation "
                             f"again")
 
 
-def epsilon_tag(privacy: dict) -> str:
+def epsilon_tag(privacy: PrivacySummary) -> str:
     """The registry's epsilon column; LOUD when the epsilon does not hold against the server."""
-    eps = str(privacy.get("epsilon_max") if privacy.get("enabled") else "none")
+    eps = str(privacy.epsilon_max if privacy.enabled else "none")
     return f"{eps} (NOT VALID against the server: reproducible noise)" \
-        if privacy.get("reproducible_noise") else eps
+        if privacy.reproducible_noise else eps
 
 
 def register(run_dir: str | Path, export: ExportResult, card: ModelCard, tracking_uri: str,
@@ -181,7 +185,7 @@ def register(run_dir: str | Path, export: ExportResult, card: ModelCard, trackin
     if problems := hash_mismatches(export.out_dir, export.sha256):
         raise IntegrityError("refusing to register a changed export: " + "; ".join(problems))
     client = client_for(tracking_uri)
-    run = client.create_run(_experiment_id(client, tracking_uri), run_name=summary.get("name"),
+    run = client.create_run(_experiment_id(client, tracking_uri), run_name=summary.name,
                             tags={"task": export.task, "run_dir": str(Path(run_dir).resolve())})
     run_id = run.info.run_id
     params = _params(config)
@@ -202,7 +206,7 @@ def register(run_dir: str | Path, export: ExportResult, card: ModelCard, trackin
         client.get_registered_model(model_name)
     except MlflowException:
         client.create_registered_model(model_name, description="fedshield federated model")
-    privacy = summary.get("privacy") or {}
+    privacy = summary.privacy
     tags = {f"{HASH_TAG}{n}": h for n, h in model_hashes.items()} | {
         f"{RUN_HASH_TAG}{n}": h for n, h in run_hashes.items()} | {
         "task": export.task, "test_accuracy": f"{export.accuracy:.6f}",
@@ -213,7 +217,7 @@ def register(run_dir: str | Path, export: ExportResult, card: ModelCard, trackin
         tags[POLICY_TAG] = policy.to_json()
     version = client.create_model_version(model_name, source=f"{run.info.artifact_uri}/model",
                                           run_id=run_id, tags=tags,
-                                          description=f"run {summary.get('name')} ({export.task})")
+                                          description=f"run {summary.name} ({export.task})")
     return str(version.version)
 
 

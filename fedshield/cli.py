@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Optional
@@ -46,9 +45,9 @@ def simulate(
     except FedShieldError as exc:  # RunFailed included: every round failed, nothing registered
         fail(str(exc))
     if json_out:
-        print(json.dumps(summary, indent=2))
-    if summary.get("status") == "failed":  # e.g. Ray's runtime, which logs the ServerApp's error
-        fail(f"run failed: {summary['failure']} (run folder {summary['run_dir']})")
+        print(summary.to_json())
+    if summary.failed:  # e.g. Ray's runtime, which logs the ServerApp's error
+        fail(f"run failed: {summary.failure} (run folder {summary.run_dir})")
 
 
 def _floats(text: str) -> list[float]:

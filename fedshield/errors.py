@@ -1,5 +1,12 @@
 """Typed errors. Each message tells the user what is wrong and what to change."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the record imports this module
+    from fedshield.run_records import RunSummary
+
 
 class FedShieldError(Exception):
     """Base class for every error fedshield raises on purpose."""
@@ -29,6 +36,6 @@ class RunFailed(FedShieldError):
     """A run ended without ever updating the model: every round failed (too few accepted
     updates, every client refused or errored). Its summary.json says why; nothing was registered."""
 
-    def __init__(self, message: str, summary: dict | None = None) -> None:
+    def __init__(self, message: str, summary: RunSummary | None = None) -> None:
         super().__init__(message)
         self.summary = summary  # the failed run's summary.json, for callers that go on (grids)

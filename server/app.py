@@ -7,7 +7,8 @@ simulation runtime) and on a SuperLink with real SuperNodes.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from logging import WARNING
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedshield import configio, schema, validation
 from fedshield.errors import ConfigError, RunFailed, TooFewUpdates
+from fedshield.run_records import (AGGREGATED, COMPLETED, FAILED, BestRound, CentralDPSummary,
+                                   ClassCounts, DataQuality, DPEventLine, FinalMetrics,
+                                   HandoffSummary,
+                                   MetricsLine, PrivacySummary, PrivacyUnits, ReleaseEvent,
+                                   RobustnessSummary, RunSummary)
 from server.preflight import preflight
 from privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
 from privacy.releases import (OUTSIDE_KEY, STATS_NEW_KEY, STATS_NOISE_KEY,
@@ -37,7 +43,7 @@ def server_test_split(task_name: str, limit: int) -> Split:
     return test if not limit or limit >= len(test) else test.subset(np.arange(limit))
 
 
-def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
+def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> MetricsLine:
     """One round's line of metrics.jsonl, from the round's decoded reports (fedshield.records)."""
     state: RoundState = record["state"]
     part = strategy.node_partition
@@ -45,76 +51,76 @@ def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> dict:
     reports = state.reports
     eps = {str(label(n)): r.epsilon for n, r in reports.items() if r.epsilon is not None}
     # The privacy events of this round, per client: enough to recompute every epsilon.
-    dp = {str(label(n)): {**asdict(r.dp), **release_event(r.extra)}
+    dp = {str(label(n)): DPEventLine(**asdict(r.dp), release=release_event(r.extra))
           for n, r in reports.items() if r.dp is not None}
     # Class histograms as released: noised under DP (privacy/releases.py), exact without it.
     counts = {str(label(n)): c for n, r in reports.items()
               if (c := class_counts_from_metrics(r.extra)) is not None}
     quarantined = sorted(label(n) for n in strategy.reputation.quarantined) \
         if strategy.reputation else []
-    return {
-        "round": rnd,
-        "status": "failed" if state.skipped else "aggregated",
-        "accuracy": record["server_eval"].get("accuracy"),
-        "loss": record["server_eval"].get("loss"),
-        "client_accuracy": record["client_eval"].get("accuracy"),
-        "train_loss": record["train"].get("train-loss"),
-        "epsilon": eps,
-        "epsilon_max": max(eps.values()) if eps else None,
-        "epsilon_mean": float(np.mean(list(eps.values()))) if eps else None,
-        "dp_events": dp,
-        "central_epsilon": strategy.user_level_epsilon(rnd),
+    return MetricsLine(
+        round=rnd,
+        status=FAILED if state.skipped else AGGREGATED,
+        accuracy=record["server_eval"].get("accuracy"),
+        loss=record["server_eval"].get("loss"),
+        client_accuracy=record["client_eval"].get("accuracy"),
+        train_loss=record["train"].get("train-loss"),
+        epsilon=eps,
+        epsilon_max=max(eps.values()) if eps else None,
+        epsilon_mean=float(np.mean(list(eps.values()))) if eps else None,
+        dp_events=dp,
+        central_epsilon=strategy.user_level_epsilon(rnd),
         # What each epsilon above measures (the accountant and delta are in the summary).
-        "privacy_unit": {"epsilon": SAMPLE_LEVEL, "central_epsilon": USER_LEVEL},
-        "sampled": len(state.sampled),
-        "accepted": len(state.accepted),
-        "rejected": {str(label(n)): r for n, r in state.rejected.items()},
-        "rejected_codes": state.rejected_codes,
-        "refused": {str(label(n)): r for n, r in state.refused.items()},
-        "ignored_claims": {str(label(n)): r for n, r in state.ignored_claims.items()},
-        "newly_quarantined": sorted(label(n) for n in state.newly_quarantined),
-        "quarantined": quarantined,
-        "aggregation": state.aggregation_info,
-        "skipped": state.skipped,
-        "seconds": round(record["seconds"], 3),
+        privacy_unit=PrivacyUnits(epsilon=SAMPLE_LEVEL, central_epsilon=USER_LEVEL),
+        sampled=len(state.sampled),
+        accepted=len(state.accepted),
+        rejected={str(label(n)): r for n, r in state.rejected.items()},
+        rejected_codes=state.rejected_codes,
+        refused={str(label(n)): r for n, r in state.refused.items()},
+        ignored_claims={str(label(n)): r for n, r in state.ignored_claims.items()},
+        newly_quarantined=tuple(sorted(label(n) for n in state.newly_quarantined)),
+        quarantined=tuple(quarantined),
+        aggregation=state.aggregation_info,
+        skipped=state.skipped,
+        seconds=round(record["seconds"], 3),
         # Each client's own wall time for the round (data, training, encoding), to tell
         # computation from transport and polling in deployments.
-        "client_seconds": {str(label(n)): round(r.client_seconds, 3)
-                           for n, r in reports.items() if r.client_seconds is not None},
-        "class_counts": {k: {"counts": c, "noise_std": std} for k, (c, std) in counts.items()},
-        "outside_guarantee": outside_guarantee([r.extra for r in reports.values()],
-                                               record["client_eval"]),
-    }
+        client_seconds={str(label(n)): round(r.client_seconds, 3)
+                        for n, r in reports.items() if r.client_seconds is not None},
+        class_counts={k: ClassCounts(counts=tuple(c), noise_std=std)
+                      for k, (c, std) in counts.items()},
+        outside_guarantee=tuple(outside_guarantee([r.extra for r in reports.values()],
+                                                  record["client_eval"])),
+    )
 
 
-def run_failure(lines: list[dict], stopped: str) -> str:
+def run_failure(lines: list[MetricsLine], stopped: str) -> str:
     """Why a run failed ("" when it did not): no round produced a new global model."""
-    if any(m.get("status", "failed" if m.get("skipped") else "aggregated") == "aggregated"
-           for m in lines):
+    if any(m.aggregated for m in lines):
         return ""
     if not lines:
         return f"no round completed: {stopped}" if stopped else "no round completed"
     codes: dict[str, int] = {}
     for m in lines:
-        for code, n in m.get("rejected_codes", {}).items():
+        for code, n in m.rejected_codes.items():
             codes[code] = codes.get(code, 0) + n
-    refused = sum(len(m["refused"]) for m in lines)
+    refused = sum(len(m.refused) for m in lines)
     detail = ", ".join(f"{n} {c}" for c, n in sorted(codes.items())) or "none"
     return (f"every round failed ({len(lines)}), the model was never updated; last round: "
-            f"{lines[-1]['skipped'] or 'no aggregation'}; rejections over the run: {detail}; "
+            f"{lines[-1].skipped or 'no aggregation'}; rejections over the run: {detail}; "
             f"refusals: {refused}" + (f"; stopped: {stopped}" if stopped else ""))
 
 
-def release_event(metrics) -> dict:
+def release_event(metrics) -> ReleaseEvent | None:
     """The client's statistics-release event, in the round whose ledger entry holds it (the
     server can then recompute every client epsilon from the metrics lines alone)."""
     if metrics.get(STATS_NEW_KEY) != 1.0 or STATS_NOISE_KEY not in metrics:
-        return {}
+        return None
     try:
         noise, rate, steps = histogram_event(float(metrics[STATS_NOISE_KEY]))
     except (TypeError, ValueError, ConfigError):
-        return {}
-    return {"release": {"noise_multiplier": noise, "sample_rate": rate, "steps": steps}}
+        return None
+    return ReleaseEvent(noise_multiplier=noise, sample_rate=rate, steps=steps)
 
 
 def outside_guarantee(train_metrics, client_eval: dict) -> list[str]:
@@ -174,8 +180,8 @@ class RunRecorder:
         self.reporter.start(cfg, self.folder.path)
         self.test = server_test_split(cfg.task.name, cfg.task.eval_examples)
         self.device = resolve_device(cfg.train.device)
-        self.best_acc = max((m["accuracy"] for m in self.folder.read_metrics()
-                             if m.get("accuracy") is not None), default=-1.0)
+        self.best_acc = max((m.accuracy for m in self.folder.read_metrics()
+                             if m.accuracy is not None), default=-1.0)
 
     def evaluate_round(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
         """Server-side evaluation of this round's released model: the new global model, or with
@@ -183,11 +189,11 @@ class RunRecorder:
         self.model.load_state_dict(self.average.update(weights))
         return evaluate(self.model.to(self.device), self.test)
 
-    def on_round(self, rnd: int, weights: dict[str, torch.Tensor], record: dict) -> dict:
+    def on_round(self, rnd: int, weights: dict[str, torch.Tensor], record: dict) -> MetricsLine:
         line = metrics_line(rnd, record, self.strategy)
         self.folder.append_metrics(line)
-        if line["accuracy"] is not None and line["accuracy"] > self.best_acc:
-            self.best_acc = line["accuracy"]
+        if line.accuracy is not None and line.accuracy > self.best_acc:
+            self.best_acc = line.accuracy
             meta = {"round": rnd, "task": self.task.name, "accuracy": self.best_acc}
             self.folder.save_weights("best.safetensors", self.average.current(weights), meta)
         save_checkpoint(self.folder.path, rnd, weights,
@@ -195,24 +201,26 @@ class RunRecorder:
         self.reporter.round(line, self.cfg.federation.rounds)
         return line
 
-    def finish(self, final_weights: dict[str, torch.Tensor], stopped: str) -> dict:
+    def finish(self, final_weights: dict[str, torch.Tensor], stopped: str) -> RunSummary:
         self.folder.save_weights("model.safetensors", self.average.current(final_weights),
                                  {"task": self.task.name, "name": self.cfg.name})
         summary = build_summary(self.cfg, self.folder, self.strategy, stopped,
                                 time.perf_counter() - self.started)
         self.folder.write_summary(summary)
         self.folder.plot()
-        if summary["status"] == "failed":
+        if summary.failed:
             # Nothing is exported or registered from a run that never trained.
-            log(WARNING, "run failed: %s; hand-off skipped", summary["failure"])
-        elif self.cfg.deployment.handoff and summary["rounds_completed"]:
-            summary["handoff"] = hand_off(self.folder, self.cfg)
+            log(WARNING, "run failed: %s; hand-off skipped", summary.failure)
+        elif self.cfg.deployment.handoff and summary.rounds_completed:
+            summary = replace(summary, handoff=HandoffSummary.from_dict(
+                hand_off(self.folder, self.cfg), "hand-off result"))
             self.folder.write_summary(summary)
         self.reporter.end(summary)
         return summary
 
 
-def run_federation(grid: Grid, cfg: schema.Config, reporter=None, run_dir: str | None = None) -> dict:
+def run_federation(grid: Grid, cfg: schema.Config, reporter=None,
+                   run_dir: str | None = None) -> RunSummary:
     """Train for ``cfg.federation.rounds`` rounds; returns the summary written to summary.json."""
     if cfg.secagg.enabled:  # sum-only aggregation through Flower's SecAgg+ workflow
         from server.secagg import run_secagg_federation  # noqa: PLC0415
@@ -262,75 +270,81 @@ def hand_off(folder: RunFolder, cfg: schema.Config) -> dict:
 
 
 def build_summary(cfg: schema.Config, folder: RunFolder, strategy: ShieldStrategy, stopped: str,
-                  wall: float) -> dict:
+                  wall: float) -> RunSummary:
+    """The run's summary.json, from its metrics lines and configuration."""
     lines = folder.read_metrics()
     last = lines[-1] if lines else None
-    scored = [m for m in lines if m.get("accuracy") is not None]
-    best = max(scored, key=lambda m: m["accuracy"]) if scored else None
+    scored = [m for m in lines if m.accuracy is not None]
+    best = max(scored, key=lambda m: m.accuracy) if scored else None
     eps_by_client: dict[str, float] = {}
     noise_used: set[float] = set()
     class_parts: dict[str, tuple] = {}
     outside: set[str] = set()
     for m in lines:
-        eps_by_client.update(m["epsilon"])
-        noise_used.update(e["noise_multiplier"] for e in m.get("dp_events", {}).values())
-        class_parts.update({k: (v["counts"], v["noise_std"])
-                            for k, v in m.get("class_counts", {}).items()})
-        outside.update(m.get("outside_guarantee", []))
+        eps_by_client.update(m.epsilon)
+        noise_used.update(e.noise_multiplier for e in m.dp_events.values())
+        class_parts.update({k: (list(v.counts), v.noise_std) for k, v in m.class_counts.items()})
+        outside.update(m.outside_guarantee)
     quality = merge_class_counts(class_parts.values())
     failure = run_failure(lines, stopped)
-    return {
-        "status": "failed" if failure else "completed", "failure": failure,
-        "name": cfg.name, "task": cfg.task.name, "run_dir": str(folder.path),
-        "rounds": cfg.federation.rounds, "rounds_completed": len(lines),
-        "num_clients": cfg.federation.num_clients, "partition": asdict(cfg.partition),
-        "strategy": cfg.aggregation.rule, "attack": asdict(cfg.attack), "seed": cfg.seed,
-        "secagg": cfg.secagg.enabled,
-        "final": {"accuracy": last["accuracy"], "loss": last["loss"]} if last else None,
-        "best": {"round": best["round"], "accuracy": best["accuracy"]} if best else None,
-        "privacy": {
-            "enabled": cfg.privacy.enabled, "accountant": cfg.privacy.accountant,
-            "delta": cfg.privacy.delta, "noise_multiplier": cfg.privacy.noise_multiplier,
-            "noise_multipliers_used": sorted(noise_used),
-            "target_epsilon": cfg.privacy.target_epsilon,
-            "max_grad_norm": cfg.privacy.max_grad_norm, "max_epsilon": cfg.privacy.max_epsilon,
-            "reproducible_noise": cfg.privacy.reproducible_noise,  # True: eps not valid vs server
-            "epsilon_by_client": eps_by_client,
-            "epsilon_max": max(eps_by_client.values()) if eps_by_client else None,
-            "epsilon_mean": float(np.mean(list(eps_by_client.values()))) if eps_by_client else None,
-            "unit": SAMPLE_LEVEL if cfg.privacy.enabled else None,
-            "label": describe(max(eps_by_client.values()) if eps_by_client else None,
-                              SAMPLE_LEVEL + ", max over clients", cfg.privacy.delta,
-                              cfg.privacy.accountant) if cfg.privacy.enabled else None,
-            "central_dp": {**asdict(cfg.central_dp),
-                           "user_level_epsilon": lines[-1]["central_epsilon"] if lines else None,
-                           "unit": USER_LEVEL, "sampling": "poisson",
-                           "client_sample_rate": cfg.federation.fraction_train,
-                           "label": describe(lines[-1]["central_epsilon"] if lines else None,
-                                             USER_LEVEL, cfg.central_dp.delta,
-                                             cfg.central_dp.accountant)}
+    central_epsilon = last.central_epsilon if last else None
+    return RunSummary(
+        status=FAILED if failure else COMPLETED, failure=failure,
+        name=cfg.name, task=cfg.task.name, run_dir=str(folder.path),
+        rounds=cfg.federation.rounds, rounds_completed=len(lines),
+        num_clients=cfg.federation.num_clients, partition=asdict(cfg.partition),
+        strategy=cfg.aggregation.rule, attack=asdict(cfg.attack), seed=cfg.seed,
+        secagg=cfg.secagg.enabled,
+        final=FinalMetrics(accuracy=last.accuracy, loss=last.loss) if last else None,
+        best=BestRound(round=best.round, accuracy=best.accuracy) if best else None,
+        privacy=PrivacySummary(
+            enabled=cfg.privacy.enabled, accountant=cfg.privacy.accountant,
+            delta=cfg.privacy.delta, noise_multiplier=cfg.privacy.noise_multiplier,
+            noise_multipliers_used=tuple(sorted(noise_used)),
+            target_epsilon=cfg.privacy.target_epsilon,
+            max_grad_norm=cfg.privacy.max_grad_norm, max_epsilon=cfg.privacy.max_epsilon,
+            reproducible_noise=cfg.privacy.reproducible_noise,  # True: eps not valid vs server
+            epsilon_by_client=eps_by_client,
+            epsilon_max=max(eps_by_client.values()) if eps_by_client else None,
+            epsilon_mean=float(np.mean(list(eps_by_client.values()))) if eps_by_client else None,
+            unit=SAMPLE_LEVEL if cfg.privacy.enabled else None,
+            label=describe(max(eps_by_client.values()) if eps_by_client else None,
+                           SAMPLE_LEVEL + ", max over clients", cfg.privacy.delta,
+                           cfg.privacy.accountant) if cfg.privacy.enabled else None,
+            # The config's [central_dp] table plus what was spent; typed by the record.
+            central_dp=CentralDPSummary.from_dict(
+                {**asdict(cfg.central_dp), "user_level_epsilon": central_epsilon,
+                 "unit": USER_LEVEL, "sampling": "poisson",
+                 "client_sample_rate": cfg.federation.fraction_train,
+                 "label": describe(central_epsilon, USER_LEVEL, cfg.central_dp.delta,
+                                   cfg.central_dp.accountant)}, "central_dp")
             if cfg.central_dp.enabled else None,
-            "exhausted_clients": sorted(strategy.node_partition.get(n, n) for n in strategy.exhausted),
-            "release_stats": cfg.privacy.release_stats if cfg.privacy.enabled else None,
-            "stats_noise_multiplier": cfg.privacy.stats_noise_multiplier
+            exhausted_clients=tuple(sorted(strategy.node_partition.get(n, n)
+                                           for n in strategy.exhausted)),
+            release_stats=cfg.privacy.release_stats if cfg.privacy.enabled else None,
+            stats_noise_multiplier=cfg.privacy.stats_noise_multiplier
             if cfg.privacy.enabled and cfg.privacy.release_stats == "dp" else None,
             # Values clients sent exactly under DP (the opt-in): NOT covered by the epsilons.
-            "outside_guarantee": sorted(outside),
-        },
+            outside_guarantee=tuple(sorted(outside)),
+        ),
         # The federation's class mix from the clients' released histograms (noised under DP).
-        "data_quality": quality.to_dict() if quality else None,
-        "robustness": {
-            "rejected_total": sum(len(m["rejected"]) for m in lines),
-            "refused_total": sum(len(m["refused"]) for m in lines),
-            "quarantined": lines[-1]["quarantined"] if lines else [],
-        },
-        "stopped_early": stopped,
-        "versions": library_versions(),
-        "wall_seconds": round(wall, 2),
-    }
+        data_quality=DataQuality.from_dict(quality.to_dict(), "data_quality")
+        if quality else None,
+        robustness=RobustnessSummary(
+            rejected_total=sum(len(m.rejected) for m in lines),
+            refused_total=sum(len(m.refused) for m in lines),
+            quarantined=last.quarantined if last else (),
+        ),
+        stopped_early=stopped,
+        versions=library_versions(),
+        wall_seconds=round(wall, 2),
+    )
 
 
-def build_server_app(reporter=None, run_dir: str | None = None) -> ServerApp:
+def build_server_app(reporter=None, run_dir: str | None = None,
+                     on_summary: Callable[[RunSummary], None] | None = None) -> ServerApp:
+    """The ServerApp; ``on_summary`` receives the run's summary (the in-process runner's way to
+    get the record without reading summary.json back)."""
     app = ServerApp()
 
     @app.main()
@@ -338,10 +352,12 @@ def build_server_app(reporter=None, run_dir: str | None = None) -> ServerApp:
         cfg = validation.from_run_config(context.run_config)
         preflight(cfg, partitions="warn")  # fail a config that cannot run before round 1
         summary = run_federation(grid, cfg, reporter, run_dir)
-        if summary["status"] == "failed":
+        if on_summary is not None:
+            on_summary(summary)
+        if summary.failed:
             # Flower marks a run whose ServerApp main raised as failed (run_serverapp); the
             # in-process runner and the CLI see this typed error (summary.json is written).
-            raise RunFailed(f"{summary['failure']} (run folder {summary['run_dir']})", summary)
+            raise RunFailed(f"{summary.failure} (run folder {summary.run_dir})", summary)
 
     return app
 

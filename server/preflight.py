@@ -110,7 +110,7 @@ def check_resume(run_dir: Path) -> None:
         raise ConfigError(f"{what} is empty: there is nothing to resume; give the folder of the "
                           "run to continue, or resume = \"\" to start a new run")
     checkpoint = load_checkpoint(run_dir)  # StateCorrupted if truncated or altered
-    rounds = [m["round"] for m in RunFolder(run_dir).read_metrics()]  # StateCorrupted if corrupt
+    rounds = [m.round for m in RunFolder(run_dir).read_metrics()]  # StateCorrupted if corrupt
     done = checkpoint.round if checkpoint else 0
     if [r for r in rounds if r <= done] != list(range(1, done + 1)):
         raise StateCorrupted(f"{what}: the checkpoint is at round {done} but metrics.jsonl holds "

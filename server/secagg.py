@@ -36,6 +36,7 @@ from flwr.supercore.run import Run
 from fedshield import schema
 from privacy.secagg import SECAGG_MODULUS
 from fedshield.records import TrainReport, decode_train_metrics
+from fedshield.run_records import RunSummary
 from privacy.central import (add_central_noise, expected_clients, noise_generator,
                              poisson_sample, sampling_rng, user_level_epsilon)
 from server.app import RunRecorder, train_round_config
@@ -252,7 +253,7 @@ def secagg_workflow(cfg: schema.Config) -> SecAggPlusWorkflow:
 
 
 def run_secagg_federation(grid: Grid, cfg: schema.Config, reporter=None,
-                          run_dir: str | None = None) -> dict:
+                          run_dir: str | None = None) -> RunSummary:
     """Train for ``cfg.federation.rounds`` SecAgg+ rounds; returns the summary (summary.json)."""
     strategy = SecAggFedAvg(cfg)
     run = RunRecorder(cfg, strategy, reporter, run_dir)

@@ -7,7 +7,7 @@ in-process grid: deterministic, no Ray, and the only engine that supports simula
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import Context, RecordDict
@@ -15,19 +15,21 @@ from flwr.app import Context, RecordDict
 from client.app import make_client_app
 from deployment.hooks import install_post_run_hooks
 from fedshield import schema
-from fedshield.errors import ConfigError
+from fedshield.errors import ConfigError, RunFailed
+from fedshield.run_records import AttackReport, RunSummary
 from server.preflight import preflight
 from server.app import build_server_app
-from server.outputs import new_run_dir
+from server.outputs import RunFolder, new_run_dir
 from simulations.grid import InProcessGrid
 
 
-def simulate(cfg: schema.Config, reporter=None) -> dict:
+def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
     """Run ``cfg`` and return its summary (also in ``<run folder>/summary.json``)."""
     preflight(cfg)  # refuse what cannot run before a run folder exists or anything trains
     install_post_run_hooks()  # the hand-off, or the note why a base install skips it
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
-    server_app = build_server_app(reporter, str(run_dir))
+    summaries: list[RunSummary] = []  # the ServerApp hands its summary over (no read-back)
+    server_app = build_server_app(reporter, str(run_dir), on_summary=summaries.append)
     run_config = cfg.flat()
     if cfg.federation.engine == "ray":
         if cfg.attack.name != "none":
@@ -47,14 +49,18 @@ def simulate(cfg: schema.Config, reporter=None) -> dict:
         context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
                           run_config=run_config)
         server_app(grid, context)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    if not summaries:  # Ray's runtime logs a ServerApp error instead of raising it
+        raise RunFailed(f"the run in {run_dir} ended without a summary; the ServerApp's error "
+                        "is in the log above")
+    summary = summaries[-1]
     if cfg.attack.name != "none":
-        summary["attack_report"] = attack_report(cfg, run_dir)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+        # The attack report needs the final model: added once the ServerApp has written it.
+        summary = replace(summary, attack_report=attack_report(cfg, run_dir))
+        RunFolder(run_dir).write_summary(summary)
     return summary
 
 
-def attack_report(cfg: schema.Config, run_dir: Path) -> dict:
+def attack_report(cfg: schema.Config, run_dir: Path) -> AttackReport:
     """Who was Byzantine, who got caught, and (for backdoors) the attack's success rate."""
     from safetensors.torch import load_file
 
@@ -63,14 +69,15 @@ def attack_report(cfg: schema.Config, run_dir: Path) -> dict:
     from tasks import task_for
 
     byz = byzantine_ids(cfg)
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    quarantined = set(lines[-1]["quarantined"]) if lines else set()
-    report = {"byzantine_ids": sorted(byz), "quarantined": sorted(quarantined),
-              "detection_rate": detection_rate(quarantined, byz),
-              "false_quarantine_rate": false_quarantine_rate(quarantined, byz,
-                                                             cfg.federation.num_clients)}
+    lines = RunFolder(run_dir).read_metrics()
+    quarantined = set(lines[-1].quarantined) if lines else set()
+    success = None
     if cfg.attack.name == "backdoor":
         model = task_for(cfg.task).build_model()
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        report["backdoor_success"] = backdoor_success(cfg, model)
-    return report
+        success = backdoor_success(cfg, model)
+    return AttackReport(byzantine_ids=tuple(sorted(byz)), quarantined=tuple(sorted(quarantined)),
+                        detection_rate=detection_rate(quarantined, byz),
+                        false_quarantine_rate=false_quarantine_rate(
+                            quarantined, byz, cfg.federation.num_clients),
+                        backdoor_success=success)

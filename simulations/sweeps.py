@@ -17,9 +17,12 @@ import numpy as np
 
 from fedshield import schema, validation
 from fedshield.errors import ConfigError, RunFailed
+from fedshield.run_records import COMPLETED, RunSummary
 
 
-def run_point(base: schema.Config, overrides: dict[str, Any], out_dir: Path, reporter=None) -> dict:
+def run_point(base: schema.Config, overrides: dict[str, Any], out_dir: Path,
+              reporter=None) -> dict:
+    """Run one grid point (base config + overrides) and return its table row."""
     from simulations.runner import simulate
 
     flat = base.flat()
@@ -32,20 +35,26 @@ def run_point(base: schema.Config, overrides: dict[str, Any], out_dir: Path, rep
         if exc.summary is None:
             raise
         summary = exc.summary
-    return {**overrides, "status": summary.get("status", "completed"), "final_accuracy": summary["final"]["accuracy"] if summary["final"] else None,
-            "best_accuracy": summary["best"]["accuracy"] if summary["best"] else None,
-            "epsilon_max": summary["privacy"]["epsilon_max"],
+    return sweep_row(overrides, summary)
+
+
+def sweep_row(overrides: dict[str, Any], summary: RunSummary) -> dict:
+    """One table row of a grid: the point's overrides and what its run summary says."""
+    privacy, robustness, attack = summary.privacy, summary.robustness, summary.attack_report
+    return {**overrides, "status": summary.status or COMPLETED,
+            "final_accuracy": summary.final_accuracy, "best_accuracy": summary.best_accuracy,
+            "epsilon_max": privacy.epsilon_max,
             # the noise the clients actually used (planned per client from the target) and the
             # unit, delta and accountant of epsilon_max
             "noise_multiplier_used": ",".join(
-                f"{x:.4g}" for x in summary["privacy"].get("noise_multipliers_used", [])) or None,
-            "epsilon_label": summary["privacy"].get("label"),
-            "rounds_completed": summary["rounds_completed"],
-            "rejected": summary["robustness"]["rejected_total"],
-            "quarantined": len(summary["robustness"]["quarantined"]),
-            "backdoor_success": summary.get("attack_report", {}).get("backdoor_success"),
-            "false_quarantine_rate": summary.get("attack_report", {}).get("false_quarantine_rate"),
-            "wall_seconds": summary["wall_seconds"], "run_dir": summary["run_dir"]}
+                f"{x:.4g}" for x in privacy.noise_multipliers_used or ()) or None,
+            "epsilon_label": privacy.label,
+            "rounds_completed": summary.rounds_completed,
+            "rejected": robustness.rejected_total if robustness else None,
+            "quarantined": len(robustness.quarantined) if robustness else None,
+            "backdoor_success": attack.backdoor_success if attack else None,
+            "false_quarantine_rate": attack.false_quarantine_rate if attack else None,
+            "wall_seconds": summary.wall_seconds, "run_dir": summary.run_dir}
 
 
 def write_table(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]:

@@ -66,7 +66,7 @@ def make_run_dir(root: Path, task_name: str, *, epsilon_max: float = 3.0, privac
             fh.write(json.dumps({"round": r, "accuracy": acc, "loss": final["loss"] + (rounds - r) * 0.1,
                                  "seconds": 1.5, "epsilon_max": epsilon_max * r / rounds,
                                  "epsilon_mean": 0.8 * epsilon_max * r / rounds,
-                                 "rejected": [], "quarantined": []}) + "\n")
+                                 "rejected": {}, "quarantined": []}) + "\n")
     summary = {
         "name": cfg.name, "task": task_name, "rounds": rounds, "num_clients": 4,
         "strategy": "fedavg", "seed": 0,

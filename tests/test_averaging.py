@@ -51,7 +51,7 @@ def test_state_round_trips():
 
 
 def final_weights(summary):
-    return load_file(str(Path(summary["run_dir"]) / "model.safetensors"))
+    return load_file(str(Path(summary.run_dir) / "model.safetensors"))
 
 
 def test_released_model_is_the_average_and_clients_train_the_raw_one(small_cfg):
@@ -66,14 +66,14 @@ def test_released_model_is_the_average_and_clients_train_the_raw_one(small_cfg):
     for k in released:
         mean = sum(w[k].double() for w in raw) / 3
         assert torch.allclose(released[k].double(), mean, atol=1e-6), k
-    checkpoint = json.loads((Path(summary["run_dir"]) / "checkpoint.json").read_text())
-    raw_ckpt = load_file(str(Path(summary["run_dir"]) / checkpoint["weights"]))
+    checkpoint = json.loads((Path(summary.run_dir) / "checkpoint.json").read_text())
+    raw_ckpt = load_file(str(Path(summary.run_dir) / checkpoint["weights"]))
     assert all(torch.equal(raw_ckpt[f"weights/{k}"], raw[2][k]) for k in released)
     task = get_task("digits")
     model = task.build_model()
     model.load_state_dict(released)
-    assert evaluate(model, task.load()[1])["accuracy"] == pytest.approx(summary["final"]["accuracy"])
+    assert evaluate(model, task.load()[1])["accuracy"] == pytest.approx(summary.final.accuracy)
 
     part = simulate(small_cfg(name="part", aggregation={"model_ema": 0.9}, federation={"rounds": 2}))
-    resumed = simulate(small_cfg(name="part", resume=part["run_dir"], aggregation={"model_ema": 0.9}))
+    resumed = simulate(small_cfg(name="part", resume=part.run_dir, aggregation={"model_ema": 0.9}))
     assert all(torch.allclose(final_weights(resumed)[k], released[k], atol=1e-7) for k in released)

@@ -11,7 +11,7 @@ from tests.config_support import neutral_config
 
 
 def lines(summary):
-    return [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def test_reported_epsilon_equals_an_independent_opacus_recomputation(dp_run):
             assert line["epsilon"][client] == pytest.approx(expected, rel=1e-6)
     eps = [line["epsilon_max"] for line in lines(dp_run)]
     assert eps == sorted(eps) and eps[-1] == pytest.approx(4.0, rel=0.01)  # cumulative, spends the target
-    assert dp_run["privacy"]["epsilon_max"] <= 4.0 + 1e-9
-    assert dp_run["privacy"]["reproducible_noise"] is False  # secret DP draws by default
+    assert dp_run.privacy.epsilon_max <= 4.0 + 1e-9
+    assert dp_run.privacy.reproducible_noise is False  # secret DP draws by default
 
 
 def test_clients_at_their_budget_refuse_and_are_no_longer_sampled(small_cfg):
@@ -65,12 +65,12 @@ def test_clients_at_their_budget_refuse_and_are_no_longer_sampled(small_cfg):
     assert refused, "no client reached its budget"
     assert all("budget exhausted: spent" in r for r in refused.values())
     assert all(e <= budget for m in metrics for e in m["epsilon"].values())
-    assert summary["status"] == "completed" and metrics[0]["status"] == "aggregated"
-    assert set(summary["privacy"]["exhausted_clients"]) == {int(c) for c in refused}
+    assert summary.status == "completed" and metrics[0]["status"] == "aggregated"
+    assert set(summary.privacy.exhausted_clients) == {int(c) for c in refused}
     # After refusing, a client is never sampled again.
     first_refusal = {c: min(m["round"] for m in metrics if c in m["refused"]) for c in refused}
     for m in metrics:
         for c, rnd in first_refusal.items():
             if m["round"] > rnd:
                 assert c not in m["epsilon"] and c not in m["refused"]
-    assert summary["stopped_early"] or summary["rounds_completed"] == 4
+    assert summary.stopped_early or summary.rounds_completed == 4

@@ -21,7 +21,7 @@ from tasks import get_task
 
 def lines_of(summary):
     return [json.loads(x) for x in
-            (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # privacy.reproducible_noise comes with the OS-CSPRNG noise of client/dp.py; without that key the
@@ -82,12 +82,12 @@ def test_central_dp_run_states_user_level_epsilon_with_its_unit_and_sampling(sma
                     aggregation={"rule": "fedavg", "weighting": "uniform"},
                     screening={"max_norm_ratio": 0.0})
     summary = simulate(cfg)
-    central = summary["privacy"]["central_dp"]
+    central = summary.privacy.central_dp
     stated = user_level_epsilon(1.0, 0.6, 2, cfg.central_dp.delta, "prv")
-    assert central["user_level_epsilon"] == pytest.approx(stated)
-    assert central["unit"] == "user-level, per client, add/remove"
-    assert central["sampling"] == "poisson" and central["client_sample_rate"] == 0.6
-    assert central["label"] == (f"eps {stated:.2f} (user-level, per client, add/remove, "
+    assert central.user_level_epsilon == pytest.approx(stated)
+    assert central.unit == "user-level, per client, add/remove"
+    assert central.sampling == "poisson" and central.client_sample_rate == 0.6
+    assert central.label == (f"eps {stated:.2f} (user-level, per client, add/remove, "
                                 "delta 1e-05, prv, >= pld)")
     assert lines_of(summary)[-1]["privacy_unit"]["central_epsilon"].startswith("user-level")
     out = io.StringIO()
@@ -101,13 +101,13 @@ def test_sample_level_summary_names_unit_delta_and_accountant(small_cfg):
     cfg = small_cfg(federation={"rounds": 1},
                     privacy={"enabled": True, "noise_multiplier": 1.0, "delta": 1e-4})
     summary = simulate(cfg)
-    p = summary["privacy"]
-    assert p["unit"] == "sample-level, per client, add/remove"
-    assert p["label"] == (f"eps {p['epsilon_max']:.2f} (sample-level, per client, add/remove, "
-                          "max over clients, delta 0.0001, prv, >= pld)")
-    assert p["noise_multipliers_used"] == [1.0]
+    p = summary.privacy
+    assert p.unit == "sample-level, per client, add/remove"
+    assert p.label == (f"eps {p.epsilon_max:.2f} (sample-level, per client, add/remove, "
+                       "max over clients, delta 0.0001, prv, >= pld)")
+    assert list(p.noise_multipliers_used) == [1.0]
     assert lines_of(summary)[0]["privacy_unit"]["epsilon"].startswith("sample-level")
-    assert torch.isfinite(torch.tensor(p["epsilon_max"]))
+    assert torch.isfinite(torch.tensor(p.epsilon_max))
 
 
 def test_an_empty_poisson_cohort_skips_the_round_and_is_never_topped_up(small_cfg):
@@ -118,12 +118,12 @@ def test_an_empty_poisson_cohort_skips_the_round_and_is_never_topped_up(small_cf
                     aggregation={"rule": "fedavg", "weighting": "uniform"},
                     screening={"max_norm_ratio": 0.0})
     summary = simulate(cfg)
-    assert summary["status"] == "completed"
+    assert summary.status == "completed"
     lines = lines_of(summary)
     assert len(lines) == 4 and all(m["sampled"] == m["accepted"] for m in lines)
     # min_clients = 2 would have raised the rate to 0.4; Poisson at 0.1 mostly samples 0 or 1
     assert sum(m["sampled"] for m in lines) < 8
-    assert summary["privacy"]["central_dp"]["user_level_epsilon"] == pytest.approx(
+    assert summary.privacy.central_dp.user_level_epsilon == pytest.approx(
         user_level_epsilon(1.0, 0.1, 4, 1e-5, "prv"))
 
 

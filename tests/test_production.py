@@ -64,10 +64,10 @@ def test_federation_to_production(tmp_path, monkeypatch):
     config_path.write_text(configio.to_toml(neutral_config(config)))
     summary = simulate(validation.load(config_path))
 
-    handoff = summary["handoff"]
-    assert handoff["passed"], handoff["reasons"]
-    assert handoff["model_uri"] == "models:/prod-digits/1"
-    card = json.loads((tmp_path / "runs" / summary["run_dir"].split("/")[-1] / "export" /
+    handoff = summary.handoff
+    assert handoff.passed, handoff.reasons
+    assert handoff.model_uri == "models:/prod-digits/1"
+    card = json.loads((tmp_path / "runs" / summary.run_dir.split("/")[-1] / "export" /
                        "model_card.json").read_text())
     assert card["privacy"] is not None and card["metrics"]  # provenance travels with the model
 

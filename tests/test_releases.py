@@ -228,7 +228,7 @@ def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
     state = RoundState(reports={7: report(dp_reply), 8: report(exact_reply)})
     record = {"server_eval": {}, "client_eval": {"accuracy": 0.9, OUTSIDE_KEY: 1.0},
               "train": {}, "state": state, "seconds": 1.0}
-    line = metrics_line(1, record, strategy)
+    line = metrics_line(1, record, strategy).to_dict()  # the line as written
     assert line["dp_events"]["0"]["release"] == {"noise_multiplier": 10.0, "sample_rate": 1.0,
                                                  "steps": 1}
     assert "release" not in line["dp_events"]["1"]
@@ -236,7 +236,7 @@ def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
                                     "1": {"counts": [20.0, 20.0], "noise_std": 0.0}}
     assert {"train_loss", "client_accuracy", "class_counts"} <= set(line["outside_guarantee"])
     state = RoundState(reports={7: report({**dp_reply, STATS_NEW_KEY: 0.0})})
-    line = metrics_line(2, {**record, "client_eval": {}, "state": state}, strategy)
+    line = metrics_line(2, {**record, "client_eval": {}, "state": state}, strategy).to_dict()
     assert "release" not in line["dp_events"]["0"] and line["outside_guarantee"] == []
 
 
@@ -261,31 +261,32 @@ def test_summary_and_drift_reference_work_from_the_noised_histograms(dp_run, tmp
     from deployment.handoff import drift_reference
 
     cfg, summary = dp_run
-    run_dir = Path(summary["run_dir"])
+    run_dir = Path(summary.run_dir)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(m["train_loss"] is None and m["outside_guarantee"] == [] for m in lines)
     assert all(m["client_seconds"] == {} for m in lines)  # no exact timing leaves either
     assert [sorted(m["class_counts"]) for m in lines] == [["0", "1", "2"]] * 2
-    quality = summary["data_quality"]
-    assert quality["clients"] == 3 and quality["source"].startswith("dp-gaussian")
-    assert quality["noise_std"] == pytest.approx(10.0 * np.sqrt(3))
-    assert sum(quality["class_priors"]) == pytest.approx(1.0)
+    quality = summary.data_quality
+    assert quality.clients == 3 and quality.source.startswith("dp-gaussian")
+    assert quality.noise_std == pytest.approx(10.0 * np.sqrt(3))
+    assert sum(quality.class_priors) == pytest.approx(1.0)
     # The noised total is near the federation's real size (3 x 10 classes of noise std 10: the
     # total's noise std is ~55, so 5 of those is a bound that cannot fail by chance).
     from client.data import LOCAL_VAL_FRACTION
 
     local = len(task_for(cfg.task).load()[0]) * (1 - LOCAL_VAL_FRACTION)  # +- 3 rounding
-    assert abs(quality["examples"] - local) < 5 * 55
-    assert summary["privacy"]["release_stats"] == "dp"
-    assert summary["privacy"]["stats_noise_multiplier"] == 10.0
-    assert summary["privacy"]["outside_guarantee"] == []
+    assert abs(quality.examples - local) < 5 * 55
+    assert summary.privacy.release_stats == "dp"
+    assert summary.privacy.stats_noise_multiplier == 10.0
+    assert list(summary.privacy.outside_guarantee) == []
     reference = drift_reference(run_dir, cfg, tmp_path, quality)
     assert "dp-gaussian" in reference.source
-    expected = np.clip(quality["class_counts"], 0, None)
+    expected = np.clip(quality.class_counts, 0, None)
     assert reference.class_priors == pytest.approx(expected / expected.sum())
 
 
 def test_summary_lists_what_was_sent_outside_the_guarantee():
+    from fedshield.run_records import MetricsLine
     from server.app import build_summary
 
     cfg = neutral_config({"privacy": {"enabled": True, "noise_multiplier": 1.0,
@@ -297,14 +298,15 @@ def test_summary_lists_what_was_sent_outside_the_guarantee():
               "class_counts": {"0": {"counts": [3.0, 1.0], "noise_std": 0.0}}},
              {**base, "round": 2, "outside_guarantee": ["client_accuracy"],
               "class_counts": {"1": {"counts": [1.0, 3.0], "noise_std": 0.0}}}]
-    folder = SimpleNamespace(read_metrics=lambda: lines, path=Path("/tmp/none"))
+    folder = SimpleNamespace(read_metrics=lambda: [MetricsLine.from_dict(m) for m in lines],
+                             path=Path("/tmp/none"))
     summary = build_summary(cfg, folder, SimpleNamespace(node_partition={}, exhausted={}), "", 1.0)
-    assert summary["privacy"]["outside_guarantee"] == ["class_counts", "client_accuracy",
+    assert list(summary.privacy.outside_guarantee) == ["class_counts", "client_accuracy",
                                                        "train_loss"]
-    assert summary["privacy"]["release_stats"] == "exact-outside-guarantee"
-    assert summary["privacy"]["stats_noise_multiplier"] is None
-    quality = summary["data_quality"]
-    assert quality["class_counts"] == [4.0, 4.0] and "outside" in quality["source"]
+    assert summary.privacy.release_stats == "exact-outside-guarantee"
+    assert summary.privacy.stats_noise_multiplier is None
+    quality = summary.data_quality
+    assert list(quality.class_counts) == [4.0, 4.0] and "outside" in quality.source
 
 
 def test_without_dp_the_drift_reference_keeps_the_servers_class_priors(tmp_path):

@@ -181,10 +181,10 @@ def test_each_hostile_reply_is_a_coded_rejection_and_the_round_goes_on(case, six
     assert len(strategy.round.rejected[node]) > len(code) + 5  # says what was wrong
     line = metrics_line(1, {"state": strategy.round, "server_eval": {}, "client_eval": {},
                             "train": {}, "seconds": 0.0}, strategy)
-    assert line["rejected_codes"] == {code: 1} and line["status"] == "aggregated"
+    assert line.rejected_codes == {code: 1} and line.status == "aggregated"
     assert all(np.isfinite(v).all() for v in new.to_numpy_ndarrays())
     # The thief's epsilon never overwrites partition 3's in the metrics line.
-    assert line["epsilon"]["3"] == pytest.approx(honest_metrics(3)["epsilon"])
+    assert line.epsilon["3"] == pytest.approx(honest_metrics(3)["epsilon"])
 
 
 def test_a_fortran_order_array_is_read_as_numpy_writes_it(six_clients):
@@ -341,8 +341,8 @@ def test_without_a_known_mapping_a_partition_label_is_learned_once_and_never_tak
     assert strategy.node_partition == {n: p for p, n in fed.partition_node.items()}
     line = metrics_line(2, {"state": strategy.round, "server_eval": {}, "client_eval": {},
                             "train": {}, "seconds": 0.0}, strategy)
-    assert line["epsilon"]["2"] == pytest.approx(honest_metrics(2)["epsilon"])
-    assert set(line["ignored_claims"]) == {"0", "1"}
+    assert line.epsilon["2"] == pytest.approx(honest_metrics(2)["epsilon"])
+    assert set(line.ignored_claims) == {"0", "1"}
 
 
 # --- min_clients means accepted updates; finite global weights --------------------------------
@@ -357,7 +357,7 @@ def test_nine_of_ten_nan_with_min_clients_five_fails_the_round(tmp_path):
     assert metrics["rejected"] == 9
     line = metrics_line(1, {"state": strategy.round, "server_eval": {}, "client_eval": {},
                             "train": {}, "seconds": 0.0}, strategy)
-    assert line["status"] == "failed" and line["rejected_codes"] == {"non-finite": 9}
+    assert line.status == "failed" and line.rejected_codes == {"non-finite": 9}
 
 
 def test_a_non_finite_aggregate_is_never_released(tmp_path, monkeypatch):

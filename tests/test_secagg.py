@@ -26,7 +26,7 @@ SUM_ONLY = {"screening": {"enabled": False}, "reputation": {"enabled": False}}
 
 
 def lines_of(summary):
-    text = (Path(summary["run_dir"]) / "metrics.jsonl").read_text()
+    text = (Path(summary.run_dir) / "metrics.jsonl").read_text()
     return [json.loads(x) for x in text.splitlines()]
 
 
@@ -35,7 +35,7 @@ def flat(weights):
 
 
 def final_model(summary):
-    return load_file(str(Path(summary["run_dir"]) / "model.safetensors"))
+    return load_file(str(Path(summary.run_dir) / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_secagg_run_learns_like_plain_fedavg(runs):
     accs = [m["accuracy"] for m in lines_of(secure)]
     assert [m["round"] for m in lines_of(secure)] == [1, 2, 3]
     assert accs[-1] > accs[0] + 0.05 and accs[-1] > 0.7, accs
-    assert secure["final"]["accuracy"] == pytest.approx(plain["final"]["accuracy"], abs=0.02)
+    assert secure.final.accuracy == pytest.approx(plain.final.accuracy, abs=0.02)
     # Same seeds, same local training: the models differ only by SecAgg+'s stochastic
     # quantization (measured: 5e-5 to 3e-4 of the distance trained), not by another average
     # (an unweighted mean of the same clients lands 3e-2 away).
@@ -84,8 +84,8 @@ def test_secagg_run_learns_like_plain_fedavg(runs):
     start = flat(get_task("digits").build_model().state_dict())
     a, b = flat(final_model(plain)), flat(final_model(secure))
     assert float((a - b).norm() / (a - start).norm()) < 5e-3
-    assert secure["secagg"] is True and plain["secagg"] is False
-    saved = json.loads((Path(secure["run_dir"]) / "summary.json").read_text())
+    assert secure.secagg is True and plain.secagg is False
+    saved = json.loads((Path(secure.run_dir) / "summary.json").read_text())
     assert saved["secagg"] is True and saved["rounds_completed"] == 3
     for line in lines_of(secure):
         assert line["sampled"] == 5 and line["accepted"] == 5 and not line["rejected"]
@@ -123,7 +123,7 @@ def test_resume_continues_a_secagg_run(runs):
     3-round run ended (up to quantization)."""
     base = {**runs["base"], "secagg": {"enabled": True}}
     part = simulate(neutral_config({**base, "federation": {"num_clients": 5, "rounds": 2}}))
-    resumed = simulate(neutral_config({**base, "resume": part["run_dir"]}))
+    resumed = simulate(neutral_config({**base, "resume": part.run_dir}))
     lines = lines_of(resumed)
     assert [m["round"] for m in lines] == [1, 2, 3] and lines[-1]["accepted"] == 5
     torch.manual_seed(0)

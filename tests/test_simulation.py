@@ -32,7 +32,7 @@ def test_accuracy_improves_over_rounds(finished_run):
     task = get_task("digits")
     torch.manual_seed(cfg.seed)
     untrained = evaluate(task.build_model(), task.load()[1])["accuracy"]
-    lines = read_lines(__import__("pathlib").Path(summary["run_dir"]))
+    lines = read_lines(__import__("pathlib").Path(summary.run_dir))
     accs = [m["accuracy"] for m in lines]
     assert accs[-1] > accs[0] + 0.1, accs
     assert accs[-1] > untrained + 0.5 and accs[-1] > 0.8, (untrained, accs)
@@ -41,7 +41,7 @@ def test_accuracy_improves_over_rounds(finished_run):
 
 def test_run_folder_contents(finished_run):
     cfg, summary = finished_run
-    run_dir = __import__("pathlib").Path(summary["run_dir"])
+    run_dir = __import__("pathlib").Path(summary.run_dir)
     assert run_dir.name.startswith("e2e-")
     for name in ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png",
                  "model.safetensors", "best.safetensors", "checkpoint.json"):
@@ -67,18 +67,18 @@ def test_run_folder_contents(finished_run):
 def test_same_seed_same_result(finished_run, tmp_path):
     cfg, summary = finished_run
     again = simulate(neutral_config({**cfg.to_dict(), "output_dir": str(tmp_path)}))
-    assert again["final"]["accuracy"] == pytest.approx(summary["final"]["accuracy"], abs=1e-6)
+    assert again.final.accuracy == pytest.approx(summary.final.accuracy, abs=1e-6)
 
 
 def test_invalid_client_data_is_refused_and_the_round_goes_on(small_cfg, nan_client):
     """One client holds NaNs: it refuses with the reason, the others train on."""
     summary = simulate(small_cfg(federation={"rounds": 2}))
-    lines = read_lines(__import__("pathlib").Path(summary["run_dir"]))
+    lines = read_lines(__import__("pathlib").Path(summary.run_dir))
     for line in lines:
         assert list(line["refused"]) == ["2"]
         assert "invalid-data" in line["refused"]["2"] and "NaN" in line["refused"]["2"]
         assert line["accepted"] == 4
-    assert summary["robustness"]["refused_total"] == 2
+    assert summary.robustness.refused_total == 2
     assert lines[-1]["accuracy"] > 0.5
 
 
@@ -87,8 +87,8 @@ def test_resume_continues_from_the_checkpoint(small_cfg, tmp_path):
     same result as an uninterrupted 3-round run."""
     full = simulate(small_cfg(name="full", federation={"rounds": 3}))
     part = simulate(small_cfg(name="part", federation={"rounds": 2}))
-    resumed = simulate(small_cfg(name="part", resume=part["run_dir"], federation={"rounds": 3}))
-    assert resumed["run_dir"] == part["run_dir"]
-    lines = read_lines(__import__("pathlib").Path(part["run_dir"]))
+    resumed = simulate(small_cfg(name="part", resume=part.run_dir, federation={"rounds": 3}))
+    assert resumed.run_dir == part.run_dir
+    lines = read_lines(__import__("pathlib").Path(part.run_dir))
     assert [m["round"] for m in lines] == [1, 2, 3]
-    assert resumed["final"]["accuracy"] == pytest.approx(full["final"]["accuracy"], abs=1e-6)
+    assert resumed.final.accuracy == pytest.approx(full.final.accuracy, abs=1e-6)

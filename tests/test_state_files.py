@@ -9,6 +9,7 @@ import torch
 
 from fedshield import configio, validation
 from fedshield.errors import ConfigError, StateCorrupted
+from fedshield.run_records import MetricsLine
 from server.preflight import check_resume, preflight
 from server.checkpoint import STATE, load_checkpoint, save_checkpoint
 from server.outputs import RunFolder
@@ -20,7 +21,7 @@ def write_run(folder: Path, rounds: int = 2) -> dict[str, torch.Tensor]:
     weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)}
     run = RunFolder(folder)
     for rnd in range(1, rounds + 1):
-        run.append_metrics({"round": rnd, "accuracy": 0.5 + rnd / 10})
+        run.append_metrics(MetricsLine(round=rnd, accuracy=0.5 + rnd / 10))
         save_checkpoint(folder, rnd, weights,
                         {"momentum": torch.full((3,), float(rnd)), "reputation": {"7": 0.25}})
     return weights
@@ -100,7 +101,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(run_dir, caplog):
     path.write_text(path.read_text() + '{"round": 3, "accur')
     with caplog.at_level(logging.WARNING, logger="fedshield.outputs"):
         rows = RunFolder(run_dir).read_metrics()
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r.round for r in rows] == [1, 2]
     assert "torn last line 3" in caplog.text
     RunFolder(run_dir).truncate_metrics(2)  # what a resume does: the torn line is gone
     assert path.read_text().endswith("}\n") and len(path.read_text().splitlines()) == 2
@@ -179,7 +180,7 @@ def test_a_real_run_resumes_only_from_an_intact_checkpoint(small_cfg):
     from simulations.runner import simulate
 
     summary = simulate(small_cfg(federation={"rounds": 1}))
-    run_dir = Path(summary["run_dir"])
+    run_dir = Path(summary.run_dir)
     cfg = small_cfg(resume=str(run_dir), federation={"rounds": 2})
     preflight(cfg)  # intact: accepted
     slot = run_dir / json.loads((run_dir / STATE).read_text())["weights"]
@@ -188,7 +189,7 @@ def test_a_real_run_resumes_only_from_an_intact_checkpoint(small_cfg):
     slot.write_bytes(bytes(raw))
     with pytest.raises(StateCorrupted, match="sha256"):
         simulate(cfg)
-    assert [m["round"] for m in RunFolder(run_dir).read_metrics()] == [1]  # nothing was redone
+    assert [m.round for m in RunFolder(run_dir).read_metrics()] == [1]  # nothing was redone
 
 
 def test_resolved_config_with_odd_strings_reloads(tmp_path):
