@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedshield.run_records import RunSummary
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUTPUT = ROOT / "benchmarks" / "RESULTS.md"
@@ -167,17 +169,20 @@ SERVING_KEYS = ["mode", "runtime", "format", "batch", "p50_ms", "p99_ms", "mean_
                 "samples_per_s", "n"]
 
 
-def summary_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
+def summary_row(name: str, data: dict[str, Any]) -> dict[str, Any]:
     """The figures of one ``summary.json`` (a ``fedshield simulate`` run)."""
-    p = s.get("privacy") or {}
-    return {"file": name, "task": s.get("task"), "strategy": s.get("strategy"),
-            "partition": (s.get("partition") or {}).get("kind"), "seed": s.get("seed"),
-            "rounds_completed": s.get("rounds_completed"),
-            "target_epsilon": p.get("target_epsilon") if p.get("enabled") else None,
-            "epsilon_max": p.get("epsilon_max"),
-            "noise": p.get("noise_multipliers_used"),
-            "final_accuracy": s["final"]["accuracy"], "best_accuracy": s["best"]["accuracy"],
-            "best_round": s["best"].get("round"), "wall_seconds": s.get("wall_seconds")}
+    s = RunSummary.from_dict(data)
+    p = s.privacy
+    return {"file": name, "task": s.task, "strategy": s.strategy,
+            "partition": (s.partition or {}).get("kind"), "seed": s.seed,
+            "rounds_completed": s.rounds_completed,
+            "target_epsilon": p.target_epsilon if p.enabled else None,
+            "epsilon_max": p.epsilon_max,
+            "noise": list(p.noise_multipliers_used) if p.noise_multipliers_used is not None
+            else None,
+            "final_accuracy": s.final.accuracy if s.final else None,
+            "best_accuracy": s.best.accuracy if s.best else None,
+            "best_round": s.best.round if s.best else None, "wall_seconds": s.wall_seconds}
 
 
 SUMMARY_KEYS = ["file", "task", "strategy", "partition", "seed", "rounds_completed",

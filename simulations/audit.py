@@ -44,6 +44,7 @@ from client.data import load_client_data
 from client.training import train_local
 from fedshield import configio, schema
 from fedshield.errors import ConfigError
+from fedshield.run_records import SUMMARY_FILE
 from privacy import audit
 from privacy.accounting import SAMPLE_LEVEL
 from privacy.ledger import atomic_write_json
@@ -499,7 +500,7 @@ def audit_record(report: AuditReport, cfg: schema.Config) -> audit.AuditRecord:
 def write_run_audit(run_dir: str | Path, report: AuditReport, cfg: schema.Config) -> Path:
     """Write ``run_dir/audit.json`` (atomically); the run's model card reads it."""
     run = Path(run_dir)
-    if not (run / "summary.json").is_file():
+    if not (run / SUMMARY_FILE).is_file():
         raise ConfigError(f"--run-dir {run}: no summary.json there; pass the folder of a finished "
                           "run (runs/<name>)")
     path = run / audit.AUDIT_JSON

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from fedshield.schema import PrivacyConfig
 from fedshield.errors import FedShieldError
+from fedshield.run_records import SUMMARY_FILE
 from privacy.accounting import BOUNDS
 from privacy.planner import PLAN_ACCOUNTANTS, Plan, milestones, plan
 from privacy.releases import EXACT_MODE, MODES
@@ -197,7 +198,7 @@ def audit_command(
 
     if config is None and run_dir is None:
         _fail("give a CONFIG, or --run-dir RUN to audit a run with its own config.toml")
-    if run_dir is not None and not (Path(run_dir) / "summary.json").is_file():
+    if run_dir is not None and not (Path(run_dir) / SUMMARY_FILE).is_file():
         _fail(f"--run-dir {run_dir!r}: no summary.json there; pass the folder of a finished run")
     try:
         cfg = validation.load(config if config is not None else Path(run_dir) / "config.toml",
