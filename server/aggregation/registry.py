@@ -22,8 +22,14 @@ from server.aggregation.coordinatewise import check_median, check_trim, median, 
 from server.aggregation.flame import check_flame, flame
 from server.aggregation.fltrust import fltrust
 from server.aggregation.geomed import check_geomed, geomed
-from server.aggregation.krum import (bulyan, check_bulyan, check_krum, check_multikrum, krum,
-                                     multikrum)
+from server.aggregation.krum import (
+    bulyan,
+    check_bulyan,
+    check_krum,
+    check_multikrum,
+    krum,
+    multikrum,
+)
 from server.aggregation.mean import fedavg
 from server.aggregation.preagg import bucketing, check_nnm, nnm
 from server.aggregation.result import AggregationResult
@@ -220,6 +226,7 @@ class Aggregator:
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor | None = None,
                  reference: torch.Tensor | None = None) -> AggregationResult:
+        """Aggregate one round's (n, d) updates: pre-steps, then the rule; suspicion per client."""
         n = updates.shape[0]
         f = self.resolve_f(n)
         inputs = RuleInputs(self.cfg, f, reference=reference, center=self.center,
@@ -242,6 +249,7 @@ class Aggregator:
         return {"name": self.name, "center": self.center, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict saved; refuses the state of another spec."""
         if state.get("name") != self.name:
             raise ConfigError(f"aggregator state is for {state.get('name')!r}, not {self.name!r}; "
                               f"resume with the same aggregation.rule")
@@ -251,4 +259,5 @@ class Aggregator:
 
 def build_aggregator(spec: str, cfg: AggregationConfig, num_clients: int,
                      seed: int = 0) -> Aggregator:
+    """The Aggregator for ``spec``, validated for ``num_clients`` updates a round."""
     return Aggregator(spec, cfg, num_clients, seed)
