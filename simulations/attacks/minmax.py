@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from fedshield.config import AttackConfig
-from simulations.attacks.base import Craft, broadcast, coordinate_std, knowledge
+from simulations.attacks.base import broadcast, coordinate_std, knowledge
 
 # Binary search stops when the bracket is this small relative to gamma.
 RELATIVE_TOLERANCE = 1e-9
@@ -85,7 +85,7 @@ def optimal_gamma(ref: torch.Tensor, p: torch.Tensor, objective: str) -> float:
     return largest_feasible(feasible)
 
 
-def _crafter(objective: str) -> Craft:
+def _crafter(objective: str) -> Callable[..., torch.Tensor]:
     def craft(own: torch.Tensor, honest: torch.Tensor, params: AttackConfig,
               generator: torch.Generator) -> torch.Tensor:
         ref = knowledge(own, honest)

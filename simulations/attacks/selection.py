@@ -8,10 +8,8 @@ from fedshield.config import byzantine_count, parse_id_list
 from fedshield.errors import ConfigError
 
 
-def select_byzantine(num_clients: int, fraction: float, explicit_ids: str,
-                     seed: int) -> frozenset[int]:
-    """Explicit ids ("0,3") if given, else floor(fraction * num_clients) clients drawn with
-    ``seed``."""
+def select_byzantine(num_clients: int, fraction: float, explicit_ids: str, seed: int) -> frozenset[int]:
+    """Explicit ids ("0,3") if given, else floor(fraction * num_clients) clients drawn with ``seed``."""
     if explicit_ids.strip():
         return frozenset(parse_id_list(explicit_ids, num_clients))
     if not 0.0 <= fraction < 1.0:
