@@ -81,7 +81,7 @@ def load_csv(path: Path, task: Task) -> Split:
     """A CSV of a task's features (or Adult's raw columns) and labels; see the module docstring."""
     rows = _read_rows(path)
     if task.name == "adult":
-        from tasks import adult
+        from tasks import adult  # only Adult partners need the raw encoder
 
         raw = _raw_adult_rows(path, rows, adult.COLUMNS)
         if raw is not None:
