@@ -147,7 +147,7 @@ def client_process(url: str, batch: int, fmt: str, requests: int, out: str) -> N
             raise SystemExit(f"HTTP {response.status}: {payload[:300]!r}")
         if i >= 50:  # warm-up
             times.append(elapsed)
-            server.append(float(response.getheader("server-timing").split("dur=")[1]) / 1e3)
+            server.append(float(response.getheader("server-timing", "").split("dur=")[1]) / 1e3)
     conn.close()
     Path(out).write_text(json.dumps({"times": times, "server": server, "body_bytes": len(body)}))
 

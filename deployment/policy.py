@@ -27,7 +27,9 @@ class GatePolicy:
     @classmethod
     def from_deployment(cls, deployment) -> GatePolicy:
         """The gate keys of a ``[deployment]`` table (DeploymentConfig or anything alike)."""
-        return cls(**{f.name: float(getattr(deployment, f.name, f.default)) for f in fields(cls)})
+        defaults = cls()
+        return cls(**{f.name: float(getattr(deployment, f.name, getattr(defaults, f.name)))
+                      for f in fields(cls)})
 
     def to_json(self) -> str:
         """The policy as sorted-key JSON (the stored form)."""

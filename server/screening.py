@@ -81,7 +81,7 @@ def structural_problem(update: dict[str, np.ndarray],
 
 def non_finite_problem(update: dict[str, np.ndarray]) -> str | None:
     """Which arrays of an update hold NaN or Inf, or None."""
-    counts = {"nan": {}, "inf": {}}
+    counts: dict[str, dict[str, int]] = {"nan": {}, "inf": {}}
     for name, arr in update.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             counts["nan"][name] = int(np.isnan(arr).sum())
