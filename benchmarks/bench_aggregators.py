@@ -79,6 +79,7 @@ def client_arrays(x: np.ndarray) -> list[list[np.ndarray]]:
 
 
 def to_contents(x: np.ndarray) -> list[RecordDict]:
+    """The Message API's input: one RecordDict of arrays and example count per client."""
     return [RecordDict({"arrays": ArrayRecord({"w": Array(w), "b": Array(b)}),
                         "metrics": MetricRecord({KEY: 100})}) for w, b in client_arrays(x)]
 
@@ -95,6 +96,7 @@ def to_results(x: np.ndarray) -> list[tuple[list[np.ndarray], int]]:
 
 
 def flower_legacy_for(spec: str, f: int, n: int, d: int) -> Callable[[list], object] | None:
+    """Flower's legacy Strategy-API aggregate function for ``spec`` (None: none, or too slow)."""
     if spec in ("krum", "multikrum") and n * n * d > LEGACY_MAX_PAIR_WORK:
         return None
     return {
@@ -107,10 +109,12 @@ def flower_legacy_for(spec: str, f: int, n: int, d: int) -> Callable[[list], obj
 
 
 def flower_krum(contents: list[RecordDict], f: int, m: int) -> ArrayRecord:
+    """Flower 1.42's Message-API Multi-Krum: select m, then average."""
     return aggregate_arrayrecords(select_multikrum(contents, f, m), KEY)
 
 
 def flower_bulyan(contents: list[RecordDict], f: int) -> list[np.ndarray]:
+    """Flower 1.42's Bulyan on RecordDicts."""
     theta = len(contents) - 2 * f
     selected = select_multikrum(contents, f, theta)
     arrays = [cast(ArrayRecord, c["arrays"]).to_numpy_ndarrays(keep_input=False) for c in selected]
@@ -119,6 +123,7 @@ def flower_bulyan(contents: list[RecordDict], f: int) -> list[np.ndarray]:
 
 
 def flower_coordinatewise(contents: list[RecordDict], reduce: Callable) -> ArrayRecord:
+    """A coordinate-wise ``reduce`` over the clients' arrays, as an ArrayRecord."""
     out = ArrayRecord()
     for key in list(cast(ArrayRecord, contents[0]["arrays"]).keys()):
         layers = [cast(ArrayRecord, c["arrays"]).pop(key).numpy() for c in contents]
@@ -127,6 +132,7 @@ def flower_coordinatewise(contents: list[RecordDict], reduce: Callable) -> Array
 
 
 def flower_for(spec: str, f: int) -> Callable[[list[RecordDict]], object] | None:
+    """Flower 1.42's Message-API equivalent of ``spec`` (None where it has none)."""
     return {
         "fedavg": lambda c: aggregate_arrayrecords(c, KEY),
         "krum": lambda c: flower_krum(c, f, 1),
@@ -156,7 +162,8 @@ def best_time(fn: Callable[..., object], repeats: int, setup: Callable[[], objec
     A first run slower than ``repeat_below_s`` is not repeated: first runs pay one-off costs (fresh
     pages for large outputs: flattening 400 MB took 0.99 s cold, 0.11-0.21 s after), which only
     matter next to fast runs. CPU seconds are reported too because the benchmark machine is
-    shared: when other work competes for the 2 cores, wall time inflates but CPU time mostly does not.
+    shared: when other work competes for the 2 cores, wall time inflates but CPU time mostly does
+    not.
     """
     best = (math.inf, math.inf)
     for _ in range(repeats):
@@ -182,17 +189,20 @@ def run(ns, ds, out_dir, repeats: int = 3, specs: list[str] | None = None) -> li
                 continue
             x_np = make_updates(n, d)
             x = torch.from_numpy(x_np)
-            flatten_s = best_time(flatten, repeats, lambda: to_contents(x_np))[0]
+            # B023 (noqa below): each lambda is called at once, within its own iteration
+            flatten_s = best_time(flatten, repeats, lambda: to_contents(x_np))[0]  # noqa: B023
             reference = torch.from_numpy(x_np[n // 5:].mean(axis=0))
             for spec in specs:
                 f = assumed_f(spec, n)
                 agg = build_aggregator(spec, AggregationConfig(f=f, trim_fraction=TRIM), n)
-                ours, ours_cpu = best_time(lambda: agg(x, reference=reference), repeats)
+                ours, ours_cpu = best_time(lambda: agg(x, reference=reference),  # noqa: B023
+                                           repeats)
                 flower_fn = flower_for(spec, f)
-                flower, flower_cpu = (best_time(flower_fn, repeats, lambda: to_contents(x_np))
+                flower, flower_cpu = (best_time(flower_fn, repeats,
+                                                lambda: to_contents(x_np))  # noqa: B023
                                       if flower_fn else (None, None))
                 legacy_fn = flower_legacy_for(spec, f, n, d)
-                legacy = (best_time(legacy_fn, repeats, lambda: to_results(x_np))[0]
+                legacy = (best_time(legacy_fn, repeats, lambda: to_results(x_np))[0]  # noqa: B023
                           if legacy_fn else None)
                 row = {"rule": spec, "n": n, "d": d, "f": f, "ours_s": ours,
                        "ours_with_flatten_s": ours + flatten_s, "flower_s": flower,
@@ -219,9 +229,9 @@ def _line(r: dict) -> str:
     return (f"| {r['rule']} | {r['n']} | {r['d']:.0e} | {r['f']} | {_fmt(r['ours_s'])} | "
             f"{_fmt(r['ours_with_flatten_s'])} | {_fmt(r['flower_s'])} | "
             f"{_fmt(r['speedup'], '.1f')} / {_fmt(r['speedup_with_flatten'], '.1f')} | "
-            f"{_fmt(r['ours_cpu_s'])} / {_fmt(r['flower_cpu_s'])} | {_fmt(r['cpu_speedup'], '.1f')} | "
-            f"{_fmt(r.get('flower_legacy_s'))} | {_fmt(r.get('speedup_legacy'), '.1f')} | "
-            f"{r['load_1min']:.1f} |")
+            f"{_fmt(r['ours_cpu_s'])} / {_fmt(r['flower_cpu_s'])} | "
+            f"{_fmt(r['cpu_speedup'], '.1f')} | {_fmt(r.get('flower_legacy_s'))} | "
+            f"{_fmt(r.get('speedup_legacy'), '.1f')} | {r['load_1min']:.1f} |")
 
 
 def _write(rows: list[dict], out: Path) -> None:
@@ -237,6 +247,7 @@ def _write(rows: list[dict], out: Path) -> None:
 
 
 def main() -> None:
+    """Command line: time the rules against Flower's and write the results."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", default="runs/bench-aggregators")

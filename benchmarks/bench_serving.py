@@ -36,12 +36,15 @@ FORMATS = ("json", "npy")
 
 
 def percentiles(seconds: list[float]) -> dict:
+    """p50, p99 and mean (ms) and the count of per-call latencies given in seconds."""
     ms = np.asarray(seconds) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "mean_ms": float(ms.mean()), "n": int(len(ms))}
 
 
 def export_mnist(folder: Path) -> None:
+    """Export an untrained MNIST CNN (fp32 and int8) to ``folder``: serving cost needs no
+    training."""
     import torch
 
     from deployment.export import export_model
@@ -68,18 +71,21 @@ class TorchSession:
         self.model = build_loaded_model(get_task("mnist"), load_weights(folder / SAFETENSORS))
 
     def run(self, _outputs, feeds):
+        """``InferenceSession.run`` with torch eager: the logits of the one input."""
         with self.torch.inference_mode():
             return [self.model(self.torch.from_numpy(next(iter(feeds.values())))).numpy()]
 
 
 def in_process(folder: Path, repeats: int) -> list[dict]:
+    """Latency of each runtime called in-process, per batch size."""
     import torch
 
     from deployment.export import INPUT_NAME, onnx_session
 
     rows = []
     runtimes = {"onnxruntime": onnx_session(folder / "model.onnx"),
-                "onnxruntime-int8": onnx_session(folder / "model.int8.onnx"), "torch-eager": TorchSession(folder)}
+                "onnxruntime-int8": onnx_session(folder / "model.int8.onnx"),
+                "torch-eager": TorchSession(folder)}
     rng = np.random.default_rng(0)
     for batch in BATCHES:
         x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
@@ -108,7 +114,8 @@ def serve_process(folder: str, port: int, runtime: str) -> None:
     served = load_served_model(folder, quantized=runtime == "onnxruntime-int8")
     if runtime == "torch-eager":
         served.session = TorchSession(Path(folder))
-    uvicorn.run(create_app(served, max_batch=1024), host="127.0.0.1", port=port, log_level="error", access_log=False)
+    uvicorn.run(create_app(served, max_batch=1024), host="127.0.0.1", port=port, log_level="error",
+                access_log=False)
 
 
 def request_body(batch: int, fmt: str) -> tuple[bytes, dict]:
@@ -140,18 +147,20 @@ def client_process(url: str, batch: int, fmt: str, requests: int, out: str) -> N
             raise SystemExit(f"HTTP {response.status}: {payload[:300]!r}")
         if i >= 50:  # warm-up
             times.append(elapsed)
-            server.append(float(response.getheader("server-timing").split("dur=")[1]) / 1e3)
+            server.append(float(response.getheader("server-timing", "").split("dur=")[1]) / 1e3)
     conn.close()
     Path(out).write_text(json.dumps({"times": times, "server": server, "body_bytes": len(body)}))
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, limit: float = 120.0) -> None:
+    """Wait until ``url``/health answers, or fail if the server process exits."""
     import httpx
 
     deadline = time.monotonic() + limit
@@ -167,19 +176,21 @@ def wait_healthy(url: str, proc: subprocess.Popen, limit: float = 120.0) -> None
 
 
 def over_http(folder: Path, requests: int, out: Path) -> list[dict]:
+    """Client-observed latency of each runtime served over HTTP, per batch and format."""
     rows = []
     for runtime in ("onnxruntime", "onnxruntime-int8", "torch-eager"):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, __file__, "--serve", str(folder), "--port", str(port),
-                                   "--runtime", runtime])
+        server = subprocess.Popen([sys.executable, __file__, "--serve", str(folder),
+                                   "--port", str(port), "--runtime", runtime])
         try:
             wait_healthy(url, server)
             for batch, fmt in itertools.product(BATCHES, FORMATS):
                 n = max(50, requests // max(1, batch // 8)) if batch > 1 else requests
                 result = out / f"client-{runtime}-{batch}-{fmt}.json"
-                subprocess.run([sys.executable, __file__, "--client", url, "--batch", str(batch), "--format", fmt,
-                                "--requests", str(n), "--result", str(result)], check=True, timeout=600)
+                subprocess.run([sys.executable, __file__, "--client", url, "--batch", str(batch),
+                                "--format", fmt, "--requests", str(n), "--result", str(result)],
+                               check=True, timeout=600)
                 data = json.loads(result.read_text())
                 result.unlink()
                 stats = percentiles(data["times"])
@@ -196,19 +207,23 @@ def over_http(folder: Path, requests: int, out: Path) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """Client-observed latency; for HTTP also the time inside the app (Server-Timing header)."""
-    lines = [f"{'mode':<11} {'runtime':<17} {'batch':>5} {'p50 ms':>8} {'p99 ms':>8} {'samples/s':>10} "
-             f"{'app p50':>8} {'app p99':>8}"]
+    lines = [f"{'mode':<11} {'runtime':<17} {'batch':>5} {'p50 ms':>8} {'p99 ms':>8} "
+             f"{'samples/s':>10} {'app p50':>8} {'app p99':>8}"]
     for r in rows:
-        app = f"{r['server_p50_ms']:>8.3f} {r['server_p99_ms']:>8.3f}" if "server_p50_ms" in r else f"{'-':>8} {'-':>8}"
-        lines.append(f"{r['mode']:<11} {r['runtime']:<17} {r['batch']:>5} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
-                     f"{r['samples_per_s']:>10.0f} {app}")
+        app = (f"{r['server_p50_ms']:>8.3f} {r['server_p99_ms']:>8.3f}" if "server_p50_ms" in r
+               else f"{'-':>8} {'-':>8}")
+        lines.append(f"{r['mode']:<11} {r['runtime']:<17} {r['batch']:>5} {r['p50_ms']:>8.3f} "
+                     f"{r['p99_ms']:>8.3f} {r['samples_per_s']:>10.0f} {app}")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Command line: run the benchmark (or, internally, one server or client process)."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench-serving")
-    parser.add_argument("--requests", type=int, default=2000, help="HTTP requests per runtime for batch 1")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="HTTP requests per runtime for batch 1")
     parser.add_argument("--repeats", type=int, default=3000, help="in-process calls for batch 1")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
@@ -229,7 +244,8 @@ def main() -> None:
     export_mnist(folder)
     rows = in_process(folder, args.repeats) + over_http(folder, args.requests, out)
     report = {"rows": rows, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                        "load_average": os.getloadavg(), "platform": platform.platform()},
+                                        "load_average": os.getloadavg(),
+                                        "platform": platform.platform()},
               "command": " ".join(sys.argv)}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(table(rows))

@@ -41,6 +41,7 @@ LINEAR_NORM = GradSampleHooksFastGradientClipping.NORM_SAMPLERS[nn.Linear]
 
 
 def trainable_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules that hold trainable parameters of their own."""
     return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
@@ -49,7 +50,8 @@ def supports_bookkeeping(model: nn.Module) -> bool:
     return all(type(m) is nn.Linear or type(m) in GRAD_SAMPLERS for m in trainable_layers(model))
 
 
-def linear_sq_norms(layer: nn.Linear, activations: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
+def linear_sq_norms(layer: nn.Linear, activations: torch.Tensor,
+                    backprops: torch.Tensor) -> torch.Tensor:
     """(n,) per-sample squared gradient norms of a Linear layer's trainable parameters.
 
     With (n, features) inputs example i's weight gradient g_i a_i^T has rank one, so its squared
@@ -58,7 +60,8 @@ def linear_sq_norms(layer: nn.Linear, activations: torch.Tensor, backprops: torc
     Inputs with more dimensions (sequences) use Opacus' ghost-norm rule.
     """
     if backprops.dim() != 2:
-        return sum(v.float().square() for v in LINEAR_NORM(layer, [activations], backprops).values())
+        per_param = LINEAR_NORM(layer, [activations], backprops).values()
+        return sum(v.float().square() for v in per_param)
     g_sq = torch.linalg.vector_norm(backprops.float(), dim=1).square()
     out = torch.zeros_like(g_sq)
     if layer.weight.requires_grad:
@@ -82,7 +85,8 @@ def grouped_conv_is_faster(layer: nn.Module, backprops: torch.Tensor) -> bool:
     return layer.in_channels // layer.groups >= 8 and layer.out_channels // layer.groups <= 64
 
 
-def conv2d_grad_sample(layer: nn.Conv2d, activations: torch.Tensor, backprops: torch.Tensor) -> dict:
+def conv2d_grad_sample(layer: nn.Conv2d, activations: torch.Tensor,
+                       backprops: torch.Tensor) -> dict:
     """Per-sample gradients of a Conv2d as one weight-gradient call with the batch as groups.
 
     Example i's gradient is the weight gradient of group i in a convolution whose input and output
@@ -148,6 +152,7 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     0.03 ms for ``clone``, a visible share of a small model's step."""
 
     def accumulate(self) -> None:
+        """Add this step's clipped gradients to ``summed_grad`` (clone on the first step)."""
         for p in self.params:
             if p.summed_grad is not None:
                 p.summed_grad.add_(p.grad)
@@ -158,7 +163,8 @@ class BookKeepingDPOptimizer(DPOptimizerFastGradientClipping):
     def adopt(cls, optimizer: DPOptimizerFastGradientClipping) -> BookKeepingDPOptimizer:
         """The optimizer PrivacyEngine.make_private built, as this class (no state is added)."""
         if type(optimizer) is not DPOptimizerFastGradientClipping:
-            raise TypeError(f"expected Opacus' DPOptimizerFastGradientClipping, got {type(optimizer)}")
+            raise TypeError("expected Opacus' DPOptimizerFastGradientClipping, got "
+                            f"{type(optimizer)}")
         optimizer.__class__ = cls
         return optimizer
 
@@ -174,7 +180,8 @@ class BookKeepingClipper:
                              "privacy.grad_sample_mode = 'hooks'")
         self.max_grad_norm = max_grad_norm
         self.layers = trainable_layers(model)
-        self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self.params = [p for m in self.layers for p in m.parameters(recurse=False)
+                       if p.requires_grad]
         self.saved: dict[nn.Module, tuple[list[torch.Tensor], torch.Tensor]] = {}
         self.inputs: dict[nn.Module, list[torch.Tensor]] = {}
         self.handles = []
@@ -189,8 +196,8 @@ class BookKeepingClipper:
             raise ValueError(f"{type(layer).__name__} runs twice in one forward pass (shared "
                              "weights); use privacy.grad_sample_mode = 'hooks'")
         if not isinstance(output, torch.Tensor):
-            raise ValueError(f"{type(layer).__name__} returns {type(output).__name__}, not a tensor; "
-                             "use privacy.grad_sample_mode = 'hooks'")
+            raise ValueError(f"{type(layer).__name__} returns {type(output).__name__}, not a "
+                             "tensor; use privacy.grad_sample_mode = 'hooks'")
         self.inputs[layer] = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
         if not output.requires_grad:
             # Nothing before this layer needs a gradient: the graph starts here. The clone keeps
@@ -247,7 +254,8 @@ class BookKeepingClipper:
         coef = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
         for layer, (kind, values) in per_sample.items():
             grads = (self._linear_clipped_sum(layer, coef) if kind == "sq_norm" else
-                     {p: torch.einsum("n,n...->...", coef.to(g.dtype), g) for p, g in values.items()})
+                     {p: torch.einsum("n,n...->...", coef.to(g.dtype), g)
+                      for p, g in values.items()})
             for p, g in grads.items():
                 p.grad = g
         self.saved.clear()
@@ -275,6 +283,7 @@ class BookKeepingClipper:
         return out
 
     def remove(self) -> None:
+        """Remove the hooks and drop the saved activations."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()

@@ -13,6 +13,7 @@ from tasks import Split, resolve_device
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with the ``[train]`` learning rate, momentum and weight decay."""
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
 
@@ -32,7 +33,8 @@ def random_shift(x: torch.Tensor, max_pixels: float, generator: torch.Generator)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     theta[:, :, 2] = offsets
-    grid = nn.functional.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = nn.functional.affine_grid(theta.to(x.device, x.dtype), list(x.shape),
+                                     align_corners=False)
     return nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 

@@ -38,6 +38,7 @@ class NotDeployable(FedShieldError):
 
 
 def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -45,12 +46,14 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str = OPACUS_PREFIX) -> dict[str, torch.Tensor]:
+def strip_prefix(state_dict: dict[str, torch.Tensor],
+                 prefix: str = OPACUS_PREFIX) -> dict[str, torch.Tensor]:
     """Drop Opacus' ``_module.`` prefix (GradSampleModule) so keys match the plain model."""
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors state dict with Opacus' prefix stripped."""
     return strip_prefix(load_file(str(path)))
 
 
@@ -81,7 +84,8 @@ def hash_mismatches(folder: str | Path, expected: dict[str, str]) -> list[str]:
         if not path.is_file():
             problems.append(f"{name} is missing from {folder}")
         elif (actual := sha256_file(path)) != digest:
-            problems.append(f"{name} sha256 {actual[:12]}... differs from the recorded {digest[:12]}...")
+            problems.append(f"{name} sha256 {actual[:12]}... differs from the recorded "
+                            f"{digest[:12]}...")
     return problems
 
 
@@ -95,4 +99,5 @@ def verify(folder: str | Path, expected: dict[str, str]) -> None:
 
 
 def read_json(path: str | Path) -> dict:
+    """A JSON file's object."""
     return json.loads(Path(path).read_text())

@@ -9,8 +9,8 @@ examples, so bins empty in both add nothing and a small window is not flagged fo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 from scipy.spatial.distance import jensenshannon
@@ -33,6 +33,7 @@ def ks_binned(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
 
 
 def js_distance(reference: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Jensen-Shannon distance (base 2, in [0, 1]) between histograms, along the last axis."""
     return np.nan_to_num(jensenshannon(reference, current, base=2, axis=-1))
 
 
@@ -47,17 +48,19 @@ def window_scores(reference: Reference, features: np.ndarray, predictions: np.nd
     """Scores of one window of monitored features and predicted classes against the reference."""
     cur = smoothed(histograms(features, reference.edges), reference.probs)
     per_feature = psi(reference.probs, cur)
-    classes = np.bincount(np.asarray(predictions, dtype=np.int64), minlength=len(reference.class_priors))
+    classes = np.bincount(np.asarray(predictions, dtype=np.int64),
+                          minlength=len(reference.class_priors))
     pred = smoothed(classes.astype(np.float64), reference.class_priors)
     order = np.argsort(-per_feature)[:top]
+    names = reference.feature_names
     return {
         "psi_mean": float(per_feature.mean()), "psi_max": float(per_feature.max()),
         "ks_max": float(ks_binned(reference.probs, cur).max()),
         "js_mean": float(js_distance(reference.probs, cur).mean()),
         "prediction_psi": float(psi(reference.class_priors, pred)),
         "prediction_js": float(js_distance(reference.class_priors, pred)),
-        "top_features": [[reference.feature_names[i] if i < len(reference.feature_names) else str(i),
-                          float(per_feature[i])] for i in order],
+        "top_features": [[names[i] if i < len(names) else str(i), float(per_feature[i])]
+                         for i in order],
     }
 
 
@@ -70,14 +73,17 @@ class RetrainTrigger:
     scores: list[float]
     statistic: str
     threshold: float
-    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                  time.gmtime()))
 
     def to_dict(self) -> dict:
+        """A JSON-able dict."""
         return asdict(self)
 
 
 @dataclass
 class WindowReport:
+    """The scores of one full window of served examples, and where the trigger stands."""
     index: int
     examples: int
     scores: dict
@@ -86,16 +92,19 @@ class WindowReport:
     note: str = ""
 
     def to_dict(self) -> dict:
+        """A JSON-able dict (one line of the window log)."""
         return asdict(self)
 
 
 class TriggerPolicy:
-    """Fires when a score exceeds ``threshold`` in ``patience`` consecutive windows (then resets)."""
+    """Fires when a score exceeds ``threshold`` in ``patience`` consecutive windows (then
+    resets)."""
 
     def __init__(self, statistic: str = "psi_mean", threshold: float = 0.2, patience: int = 3,
                  budget_remaining: Callable[[], bool] | None = None) -> None:
         if statistic not in STATISTICS:
-            raise ValueError(f"unknown drift statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
+            raise ValueError(f"unknown drift statistic {statistic!r}; choose one of "
+                             f"{', '.join(STATISTICS)}")
         if patience < 1 or threshold <= 0:
             raise ValueError("drift patience must be >= 1 and threshold > 0")
         self.statistic, self.threshold, self.patience = statistic, threshold, patience
@@ -123,8 +132,9 @@ class TriggerPolicy:
 class DriftMonitor:
     """Consumes served inputs and predictions, scores full windows, fires retraining triggers."""
 
-    def __init__(self, reference: Reference, window: int = 200, threshold: float = 0.2, patience: int = 3,
-                 statistic: str = "psi_mean", budget_remaining: Callable[[], bool] | None = None,
+    def __init__(self, reference: Reference, window: int = 200, threshold: float = 0.2,
+                 patience: int = 3, statistic: str = "psi_mean",
+                 budget_remaining: Callable[[], bool] | None = None,
                  on_trigger: Callable[[RetrainTrigger], None] | None = None,
                  on_window: Callable[[WindowReport], None] | None = None) -> None:
         if window < 1:
@@ -140,10 +150,12 @@ class DriftMonitor:
 
     @property
     def latest(self) -> WindowReport | None:
+        """The last full window's report (None before the first window fills)."""
         return self.reports[-1] if self.reports else None
 
     def observe(self, inputs: np.ndarray, predictions: np.ndarray) -> list[WindowReport]:
-        """Add a served batch (model inputs, predicted classes); returns the windows it completed."""
+        """Add a served batch (model inputs, predicted classes); returns the windows it
+        completed."""
         feats = monitored_features(inputs, self.reference.input_shape)
         self._features.append(feats)
         self._predictions.append(np.asarray(predictions).reshape(-1))
@@ -172,7 +184,8 @@ class DriftMonitor:
         return report
 
 
-def replay_windows(reports: list[dict], statistic: str, threshold: float, patience: int) -> list[RetrainTrigger]:
+def replay_windows(reports: list[dict], statistic: str, threshold: float,
+                   patience: int) -> list[RetrainTrigger]:
     """Re-apply a trigger policy to logged window reports (``WindowReport.to_dict`` lines)."""
     policy = TriggerPolicy(statistic, threshold, patience)
     fired = []

@@ -16,10 +16,12 @@ from torch import nn
 
 
 def baseline_for(x: torch.Tensor, is_image: bool) -> torch.Tensor:
+    """The integrated-gradients baseline: the darkest pixel for images, zeros for features."""
     return torch.full_like(x, float(x.min())) if is_image else torch.zeros_like(x)
 
 
-def integrated_gradients(model: nn.Module, x: np.ndarray, is_image: bool, target: np.ndarray | None = None,
+def integrated_gradients(model: nn.Module, x: np.ndarray, is_image: bool,
+                         target: np.ndarray | None = None,
                          steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Attributions with the shape of ``x`` for ``target`` (default: the predicted class).
 

@@ -1,4 +1,5 @@
-"""Export global weights: safetensors + ONNX (+ int8 ONNX), checked against torch on real test data."""
+"""Export global weights: safetensors + ONNX (+ int8 ONNX), checked against torch on real test
+data."""
 
 from __future__ import annotations
 
@@ -15,8 +16,15 @@ import onnxruntime as ort
 import torch
 from safetensors.torch import save_file
 
-from deployment.artifacts import (EXPORT_JSON, ONNX, ONNX_DATA, ONNX_INT8, SAFETENSORS,
-                                  build_loaded_model, sha256_file)
+from deployment.artifacts import (
+    EXPORT_JSON,
+    ONNX,
+    ONNX_DATA,
+    ONNX_INT8,
+    SAFETENSORS,
+    build_loaded_model,
+    sha256_file,
+)
 from tasks import Split, Task
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -24,6 +32,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 @dataclass
 class ExportResult:
+    """What an export wrote: files, their hashes, the parity check and the test accuracy."""
     out_dir: str
     task: str
     input_shape: tuple[int, ...]
@@ -44,17 +53,20 @@ class ExportResult:
         return self.parity["onnx_accuracy"]
 
     def to_dict(self) -> dict:
+        """A JSON-able dict (export.json)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ExportResult":
+    def from_dict(cls, data: dict) -> ExportResult:
+        """The result a ``to_dict`` wrote (unknown keys are ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         data["input_shape"] = tuple(data["input_shape"])
         return cls(**data)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "ExportResult":
+    def load(cls, folder: str | Path) -> ExportResult:
+        """The export.json of an export folder."""
         return cls.from_dict(json.loads((Path(folder) / EXPORT_JSON).read_text()))
 
 
@@ -67,13 +79,17 @@ def onnx_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
 
 
 def onnx_logits(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    parts = [session.run(None, {INPUT_NAME: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    """Logits of ``x`` from an onnxruntime session, in batches."""
+    parts = [session.run(None, {INPUT_NAME: x[i:i + batch_size]})[0] for i in range(0, len(x),
+                                                                                    batch_size)]
     return np.concatenate(parts)
 
 
 @torch.no_grad()
 def torch_logits(model: torch.nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    parts = [model(torch.from_numpy(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    """Logits of ``x`` from the torch model, in batches."""
+    parts = [model(torch.from_numpy(x[i:i + batch_size])).numpy() for i in range(0, len(x),
+                                                                                 batch_size)]
     return np.concatenate(parts)
 
 
@@ -88,6 +104,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
+    """Write a dynamically int8-quantised copy of the float32 ONNX model."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -109,7 +126,8 @@ def export_model(task: Task, state_dict: dict[str, torch.Tensor], out_dir: str |
     out.mkdir(parents=True, exist_ok=True)
     model = build_loaded_model(task, state_dict)
     clean_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()} | {"task": task.name, "model": task.model_name}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()} | {"task": task.name,
+                                                                    "model": task.model_name}
     save_file(clean_state, str(out / SAFETENSORS), metadata=meta)
 
     test = test if test is not None else task.load()[1]

@@ -18,21 +18,25 @@ POLICY_TAG = "gate.policy"
 
 @dataclass(frozen=True)
 class GatePolicy:
+    """The bounds a run must meet to be promoted; stored with each registered version."""
     min_accuracy: float = 0.0        # test accuracy of the served ONNX model
     max_epsilon: float = 0.0         # per-client epsilon limit (0 = no limit)
     max_accuracy_drop: float = 0.0   # accuracy drop under the robustness check (0 = no limit)
     parity_tolerance: float = 1e-4   # largest |torch - onnxruntime| logit difference
 
     @classmethod
-    def from_deployment(cls, deployment) -> "GatePolicy":
+    def from_deployment(cls, deployment) -> GatePolicy:
         """The gate keys of a ``[deployment]`` table (DeploymentConfig or anything alike)."""
-        return cls(**{f.name: float(getattr(deployment, f.name, f.default)) for f in fields(cls)})
+        defaults = cls()
+        return cls(**{f.name: float(getattr(deployment, f.name, getattr(defaults, f.name)))
+                      for f in fields(cls)})
 
     def to_json(self) -> str:
+        """The policy as sorted-key JSON (the stored form)."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "GatePolicy":
+    def from_json(cls, text: str) -> GatePolicy:
         """Parse a stored policy; a malformed one is an error, never an empty policy."""
         try:
             data = json.loads(text)
@@ -49,6 +53,7 @@ class GatePolicy:
         return policy
 
     def describe(self) -> str:
+        """The bounds in words, for messages and the CLI."""
         def limit(v: float) -> str:
             return f"{v:g}" if v > 0 else "no limit"
         return (f"min_accuracy {self.min_accuracy:g}, max_epsilon {limit(self.max_epsilon)}, "

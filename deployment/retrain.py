@@ -39,6 +39,7 @@ def launch_retraining(trigger: RetrainTrigger, config_path: str, model_ref: str,
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = retrain_command(config_path, model_ref, registry_uri, rounds, workdir)
-    (workdir / "trigger.json").write_text(json.dumps({**trigger.to_dict(), "command": cmd}, indent=2))
+    (workdir / "trigger.json").write_text(json.dumps({**trigger.to_dict(), "command": cmd},
+                                                     indent=2))
     log = open(workdir / "retrain.log", "w")  # noqa: SIM115 — owned by the child process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

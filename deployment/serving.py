@@ -14,16 +14,17 @@ connection is closed), inputs far outside the evaluation range get a warning hea
 
 import asyncio
 import io
-import logging
 import ipaddress
 import json
+import logging
 import secrets
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -32,8 +33,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 
-from deployment.artifacts import (CARD_JSON, EXPORT_JSON, ONNX, ONNX_INT8, REFERENCE_JSON, SAFETENSORS,
-                                  build_loaded_model, load_weights, read_json, verify)
+from deployment.artifacts import (
+    CARD_JSON,
+    EXPORT_JSON,
+    ONNX,
+    ONNX_INT8,
+    REFERENCE_JSON,
+    SAFETENSORS,
+    build_loaded_model,
+    load_weights,
+    read_json,
+    verify,
+)
 from deployment.drift import DriftMonitor, RetrainTrigger, WindowReport
 from deployment.explain import integrated_gradients
 from deployment.export import INPUT_NAME, onnx_session
@@ -61,6 +72,7 @@ NPY_TYPES = ("application/x-npy", "application/octet-stream")
 
 @dataclass
 class ServedModel:
+    """A verified export ready to serve: its ONNX session, schema, card and drift reference."""
     name: str
     version: str
     folder: Path
@@ -77,7 +89,8 @@ class ServedModel:
     preprocessing: str = ""
 
 
-def _registry_hashes_for_run(run_dir: Path, tracking_uri: str | None) -> tuple[str, str, dict[str, str]] | None:
+def _registry_hashes_for_run(run_dir: Path,
+                             tracking_uri: str | None) -> tuple[str, str, dict[str, str]] | None:
     handoff = run_dir / "handoff.json"
     if not handoff.is_file():
         return None
@@ -97,7 +110,8 @@ def _registry_hashes_for_run(run_dir: Path, tracking_uri: str | None) -> tuple[s
     return name, str(mv.version), expected_hashes(mv.tags)
 
 
-def load_served_model(model: str | Path, tracking_uri: str | None = None, quantized: bool = False) -> ServedModel:
+def load_served_model(model: str | Path, tracking_uri: str | None = None,
+                      quantized: bool = False) -> ServedModel:
     """Resolve ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``, a run folder or an export folder,
     verify every artifact's sha256, and open the ONNX session."""
     from mlflow.exceptions import MlflowException
@@ -117,24 +131,28 @@ def _load_served_model(model: str | Path, tracking_uri: str | None, quantized: b
         from deployment.registry import resolve
 
         resolved = resolve(text, tracking_uri or "sqlite:///.fedshield/registry.db")
-        name, version, folder, hashes = resolved.name, resolved.version, resolved.local_dir, resolved.sha256
+        name, version = resolved.name, resolved.version
+        folder, hashes = resolved.local_dir, resolved.sha256
     else:
         path = Path(text)
         folder = path / "export" if (path / "export" / EXPORT_JSON).is_file() else path
         if not (folder / EXPORT_JSON).is_file():
             raise ConfigError(f"{path} is neither a run folder with export/ nor an export folder "
-                              f"(no {EXPORT_JSON}); pass models:/NAME@champion or a handed-off run folder")
+                              f"(no {EXPORT_JSON}); pass models:/NAME@champion or a handed-off run "
+                              "folder")
         registered = _registry_hashes_for_run(path, tracking_uri) if folder != path else None
         if registered:
             name, version, hashes = registered
         else:
-            name, version, hashes = path.resolve().name, "local", read_json(folder / EXPORT_JSON)["sha256"]
+            name, version = path.resolve().name, "local"
+            hashes = read_json(folder / EXPORT_JSON)["sha256"]
         verify(folder, hashes)
     export = read_json(folder / EXPORT_JSON)
     if quantized and ONNX_INT8 not in hashes:
         raise ConfigError("no int8 model in this export; re-export with deployment.quantize = true")
     card = read_json(folder / CARD_JSON) if (folder / CARD_JSON).is_file() else {}
-    reference = Reference.load(folder / REFERENCE_JSON) if (folder / REFERENCE_JSON).is_file() else None
+    has_reference = (folder / REFERENCE_JSON).is_file()
+    reference = Reference.load(folder / REFERENCE_JSON) if has_reference else None
     schema = (card.get("data_schema") or {}).get("input") or {}
     rng = export.get("input_range") or schema.get("range")
     served = ServedModel(name, version, folder, export["task"], tuple(export["input_shape"]),
@@ -163,17 +181,20 @@ def batch_problem(shape: tuple[int, ...], input_shape: tuple[int, ...], limit: i
     return None
 
 
-def request_models(input_shape: tuple[int, ...], max_batch: int, max_explain: int) -> tuple[type[BaseModel], type[BaseModel]]:
+def request_models(input_shape: tuple[int, ...], max_batch: int,
+                   max_explain: int) -> tuple[type[BaseModel], type[BaseModel]]:
     """Pydantic request bodies whose validation checks numbers (finite floats) and shape."""
 
     def shape_check(limit: int) -> Callable[[list], list]:
         def check(value: list) -> list:
             if not value:
-                raise ValueError(f"inputs is empty; send between 1 and {limit} examples per request")
+                raise ValueError(f"inputs is empty; send between 1 and {limit} examples per "
+                                 "request")
             try:
                 array = np.asarray(value, dtype=np.float64)  # exact: no overflow before the check
             except ValueError:
-                raise ValueError(f"inputs are ragged; every example must have shape {input_shape}") from None
+                raise ValueError("inputs are ragged; every example must have shape "
+                                 f"{input_shape}") from None
             if problem := batch_problem(array.shape, input_shape, limit):
                 raise ValueError(problem)
             if array.size and float(np.abs(array).max()) > FLOAT32_MAX:
@@ -184,9 +205,11 @@ def request_models(input_shape: tuple[int, ...], max_batch: int, max_explain: in
         return check
 
     body = _nested(1 + len(input_shape))
-    predict = create_model("PredictRequest", inputs=(Annotated[body, AfterValidator(shape_check(max_batch))], ...),
+    predict = create_model("PredictRequest",
+                           inputs=(Annotated[body, AfterValidator(shape_check(max_batch))], ...),
                            probabilities=(bool, True))
-    explain = create_model("ExplainRequest", inputs=(Annotated[body, AfterValidator(shape_check(max_explain))], ...),
+    explain = create_model("ExplainRequest",
+                           inputs=(Annotated[body, AfterValidator(shape_check(max_explain))], ...),
                            target=(list[Annotated[int, Field(ge=0)]] | None, None))
     return predict, explain
 
@@ -221,8 +244,8 @@ def npy_inputs(raw: bytes, input_shape: tuple[int, ...], limit: int) -> np.ndarr
     try:
         shape, fortran, dtype, offset = npy_header(raw)
     except ValueError as exc:
-        raise HTTPException(422, f"body is not a .npy array ({exc}); send the bytes of numpy.save(file, "
-                                 f"batch) for {expected}") from None
+        raise HTTPException(422, f"body is not a .npy array ({exc}); send the bytes of "
+                                 f"numpy.save(file, batch) for {expected}") from None
     if dtype.hasobject:
         raise HTTPException(422, "body is not a .npy array of numbers: it holds Python objects "
                                  f"(a pickle, never loaded); send {expected}")
@@ -285,6 +308,7 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send):
+        """ASGI entry point: pass non-HTTP scopes through, bound the body of HTTP requests."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
@@ -296,7 +320,7 @@ class BodyLimit:
         while more:
             try:
                 message = await asyncio.wait_for(receive(), deadline - loop.time())
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 why = f"request body not received within {self.timeout:g} s; send it at once"
                 return await self._reject(send, 408, why)
             if message["type"] == "http.disconnect":
@@ -335,6 +359,7 @@ class RequestMetrics:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
+        """ASGI entry point: pass non-HTTP scopes through, count and time HTTP requests."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
@@ -343,7 +368,8 @@ class RequestMetrics:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 took = (time.perf_counter() - start) * 1e3
-                message["headers"] = [*message.get("headers", []), (b"server-timing", f"app;dur={took:.3f}".encode())]
+                message["headers"] = [*message.get("headers", []), (b"server-timing",
+                                                                    f"app;dur={took:.3f}".encode())]
             await send(message)
 
         try:
@@ -354,7 +380,8 @@ class RequestMetrics:
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 listing what is wrong and where, without echoing the (possibly huge or non-finite) input."""
+    """422 listing what is wrong and where, without echoing the (possibly huge or non-finite)
+    input."""
     errors = exc.errors()
     detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
               for e in errors[:ERRORS_SHOWN]]
@@ -362,6 +389,8 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 def bearer_guard(token: str | None) -> Callable:
+    """A FastAPI dependency refusing requests without ``Authorization: Bearer TOKEN`` (no token:
+    it accepts every request)."""
     expected = f"Bearer {token}".encode() if token else None
 
     async def guard(request: Request) -> None:  # async: a sync dependency costs a thread hop
@@ -369,13 +398,16 @@ def bearer_guard(token: str | None) -> Callable:
             return
         given = request.headers.get("authorization", "").encode()
         if not secrets.compare_digest(given, expected):
-            raise HTTPException(401, "missing or wrong bearer token; send 'Authorization: Bearer <token>'",
+            raise HTTPException(401, "missing or wrong bearer token; send 'Authorization: Bearer "
+                                     "<token>'",
                                 headers={"WWW-Authenticate": "Bearer"})
     return guard
 
 
-def create_app(model: str | Path | ServedModel, token: str | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-               max_body_bytes: int = DEFAULT_MAX_BODY, tracking_uri: str | None = None, quantized: bool = False,
+def create_app(model: str | Path | ServedModel, token: str | None = None,
+               max_batch: int = DEFAULT_MAX_BATCH,
+               max_body_bytes: int = DEFAULT_MAX_BODY, tracking_uri: str | None = None,
+               quantized: bool = False,
                drift_window: int = 200, drift_threshold: float = 0.2, drift_patience: int = 3,
                window_log: str | Path | None = None,
                on_trigger: Callable[[RetrainTrigger], None] | None = None,
@@ -390,10 +422,12 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
     appended to ``window_log`` (JSONL, read by ``fedshield monitor``) and retraining triggers go to
     ``on_trigger``.
     """
-    served = model if isinstance(model, ServedModel) else load_served_model(model, tracking_uri, quantized)
+    served = model if isinstance(model, ServedModel) else load_served_model(model, tracking_uri,
+                                                                            quantized)
     metrics = ServingMetrics()
     lock = threading.Lock()
-    torch_model = build_loaded_model(get_task(served.task, served.model), load_weights(served.folder / SAFETENSORS))
+    torch_model = build_loaded_model(get_task(served.task, served.model),
+                                     load_weights(served.folder / SAFETENSORS))
     is_image = len(served.input_shape) == 3
     PredictRequest, ExplainRequest = request_models(served.input_shape, max_batch, MAX_EXPLAIN)
 
@@ -406,12 +440,14 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
     monitor = None
     if served.reference is not None:
         monitor = DriftMonitor(served.reference, drift_window, drift_threshold, drift_patience,
-                               budget_remaining=budget_remaining, on_trigger=on_trigger, on_window=log_window)
+                               budget_remaining=budget_remaining, on_trigger=on_trigger,
+                               on_window=log_window)
 
     guard = [Depends(bearer_guard(token))]
     app = FastAPI(title=f"fedshield model {served.name}", version=str(served.version),
                   docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(RequestValidationError, validation_error)
+    # Starlette types handlers as taking any Exception; this one is registered for its subclass
+    app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.state.served, app.state.monitor, app.state.metrics = served, monitor, metrics
     labels = {"name": served.name, "version": served.version, "task": served.task,
               "variant": "int8" if served.quantized else "fp32"}
@@ -450,11 +486,13 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
         if request.headers.get("content-type", "").split(";")[0].strip() in NPY_TYPES:
             x = npy_inputs(raw, served.input_shape, max_batch)
         else:
-            # Parsed and validated in one pass by pydantic-core (about half the time of json + validate).
+            # Parsed and validated in one pass by pydantic-core (about half the time of json +
+            # validate).
             try:
-                body = PredictRequest.model_validate_json(raw)
+                body: Any = PredictRequest.model_validate_json(raw)  # fields made at run time
             except ValidationError as exc:
-                raise RequestValidationError([e | {"loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+                errors = [e | {"loc": ("body", *e["loc"])} for e in exc.errors()]
+                raise RequestValidationError(errors) from None
             x, probabilities = np.asarray(body.inputs, dtype=np.float32), body.probabilities
         headers = check_range(x)
         if len(x) <= INLINE_BATCH:  # microseconds: a thread hop would cost more than the call
@@ -475,12 +513,14 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
 
     @app.post("/explain", dependencies=guard)
     def explain(body: ExplainRequest) -> JSONResponse:  # type: ignore[valid-type]
-        x = np.asarray(body.inputs, dtype=np.float32)
+        request: Any = body  # a model built at run time (request_models): mypy sees no fields
+        x = np.asarray(request.inputs, dtype=np.float32)
         target = None
-        if body.target is not None:
-            if len(body.target) != len(x) or max(body.target) >= served.num_classes:
-                raise HTTPException(422, f"target needs one class in [0, {served.num_classes - 1}] per example")
-            target = np.asarray(body.target)
+        if request.target is not None:
+            if len(request.target) != len(x) or max(request.target) >= served.num_classes:
+                raise HTTPException(422, f"target needs one class in [0, {served.num_classes - 1}] "
+                                         "per example")
+            target = np.asarray(request.target)
         headers = check_range(x)
         with np.errstate(over="ignore", invalid="ignore"):
             attributions, targets = integrated_gradients(torch_model, x, is_image, target)
@@ -500,6 +540,7 @@ def create_app(model: str | Path | ServedModel, token: str | None = None, max_ba
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` only listens on this machine (localhost or a loopback address)."""
     if host == "localhost":
         return True
     try:
@@ -513,8 +554,9 @@ def check_exposure(host: str, token: str | None) -> None:
     if is_loopback(host):
         return
     if not token or len(token) < MIN_REMOTE_TOKEN:
-        raise ConfigError(f"refusing to serve on {host} without a bearer token of at least {MIN_REMOTE_TOKEN} "
-                          f"characters; pass --token (or FEDSHIELD_SERVE_TOKEN), or bind 127.0.0.1")
+        raise ConfigError(f"refusing to serve on {host} without a bearer token of at least "
+                          f"{MIN_REMOTE_TOKEN} characters; pass --token (or "
+                          "FEDSHIELD_SERVE_TOKEN), or bind 127.0.0.1")
 
 
 def header_deadline_protocol(seconds: float) -> Any:
@@ -545,7 +587,7 @@ def header_deadline_protocol(seconds: float) -> Any:
             if not self.transport.is_closing():
                 self.transport.close()
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm()  # also bounds a connection that never sends a byte
 

@@ -31,6 +31,7 @@ class ServingMetrics:
         self.input_warnings = 0
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
+        """Count one request and its latency."""
         with self._lock:
             self.requests[(path, status)] += 1
             counts = self.buckets[path]
@@ -41,23 +42,28 @@ class ServingMetrics:
             self.latency_count[path] += 1
 
     def observe_predictions(self, classes) -> None:
+        """Count the predicted classes of one request."""
         with self._lock:
             for c in classes:
                 self.predictions[int(c)] += 1
 
     def observe_input_warning(self) -> None:
+        """Count a request whose inputs were outside the evaluation range."""
         with self._lock:
             self.input_warnings += 1
 
     def observe_window(self, scores: dict, triggered: bool) -> None:
+        """Keep the scores of the latest full drift window."""
         with self._lock:
             self.drift = {k: v for k, v in scores.items() if isinstance(v, float)}
             self.drift_windows += 1
             self.retrain_triggers += int(triggered)
 
     def render(self, model_labels: dict[str, str]) -> str:
+        """The counters in Prometheus' text format."""
         with self._lock:
-            out = ["# HELP fedshield_model_info Model being served.", "# TYPE fedshield_model_info gauge",
+            out = ["# HELP fedshield_model_info Model being served.", "# TYPE fedshield_model_info "
+                                                                      "gauge",
                    f"fedshield_model_info{_labels(**model_labels)} 1",
                    "# HELP fedshield_requests_total HTTP requests by path and status code.",
                    "# TYPE fedshield_requests_total counter"]
@@ -66,20 +72,29 @@ class ServingMetrics:
             out += ["# HELP fedshield_request_duration_seconds Request latency.",
                     "# TYPE fedshield_request_duration_seconds histogram"]
             for path in sorted(self.buckets):
-                for bound, n in zip(LATENCY_BUCKETS, self.buckets[path]):
-                    out.append(f"fedshield_request_duration_seconds_bucket{_labels(path=path, le=repr(bound))} {n}")
-                out.append(f"fedshield_request_duration_seconds_bucket{_labels(path=path, le='+Inf')} "
+                # strict: one count per latency bucket, by construction
+                for bound, n in zip(LATENCY_BUCKETS, self.buckets[path], strict=True):
+                    le = _labels(path=path, le=repr(bound))
+                    out.append(f"fedshield_request_duration_seconds_bucket{le} {n}")
+                le = _labels(path=path, le="+Inf")
+                out.append(f"fedshield_request_duration_seconds_bucket{le} "
                            f"{self.latency_count[path]}")
-                out.append(f"fedshield_request_duration_seconds_sum{_labels(path=path)} {self.latency_sum[path]!r}")
-                out.append(f"fedshield_request_duration_seconds_count{_labels(path=path)} {self.latency_count[path]}")
+                out.append(f"fedshield_request_duration_seconds_sum{_labels(path=path)} "
+                           f"{self.latency_sum[path]!r}")
+                out.append(f"fedshield_request_duration_seconds_count{_labels(path=path)} "
+                           f"{self.latency_count[path]}")
             out += ["# HELP fedshield_predictions_total Predicted classes.",
                     "# TYPE fedshield_predictions_total counter"]
-            out += [f"fedshield_predictions_total{_labels(label=str(c))} {n}" for c, n in sorted(self.predictions.items())]
-            out += ["# HELP fedshield_drift_score Drift scores of the latest full window against the reference.",
+            out += [f"fedshield_predictions_total{_labels(label=str(c))} {n}" for c,
+                    n in sorted(self.predictions.items())]
+            out += ["# HELP fedshield_drift_score Drift scores of the latest full window against "
+                    "the reference.",
                     "# TYPE fedshield_drift_score gauge"]
-            out += [f"fedshield_drift_score{_labels(statistic=k)} {v!r}" for k, v in sorted(self.drift.items())]
+            out += [f"fedshield_drift_score{_labels(statistic=k)} {v!r}" for k,
+                    v in sorted(self.drift.items())]
             out += ["# HELP fedshield_drift_windows_total Full windows scored.",
-                    "# TYPE fedshield_drift_windows_total counter", f"fedshield_drift_windows_total {self.drift_windows}",
+                    "# TYPE fedshield_drift_windows_total counter",
+                    f"fedshield_drift_windows_total {self.drift_windows}",
                     "# HELP fedshield_retrain_triggers_total Retraining triggers fired.",
                     "# TYPE fedshield_retrain_triggers_total counter",
                     f"fedshield_retrain_triggers_total {self.retrain_triggers}",
@@ -91,7 +106,8 @@ class ServingMetrics:
 
 
 def parse_text(text: str) -> dict[str, float]:
-    """Samples of a text exposition: ``name{labels}`` -> value (used by the monitor CLI and tests)."""
+    """Samples of a text exposition: ``name{labels}`` -> value (used by the monitor CLI and
+    tests)."""
     samples = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):

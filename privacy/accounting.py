@@ -1,16 +1,17 @@
 """Privacy accounting on plain events, with Opacus' accountants.
 
-A privacy event is plain data: ``(noise_multiplier, sample_rate, steps)``, i.e. ``steps`` applications
-of the Poisson-subsampled Gaussian mechanism. A history is a list of events; composing rounds (or
-runs) is concatenating their histories. Epsilon is always recomputed from the whole history, so it
-never depends on an accountant object having survived in memory.
+A privacy event is plain data: ``(noise_multiplier, sample_rate, steps)``, i.e. ``steps``
+applications of the Poisson-subsampled Gaussian mechanism. A history is a list of events; composing
+rounds (or runs) is concatenating their histories. Epsilon is always recomputed from the whole
+history, so it never depends on an accountant object having survived in memory.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from fedshield.errors import ConfigError
 
@@ -33,8 +34,9 @@ PRV_MAX_EPSILON = 64.0
 Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
 
-def make_accountant(name: str) -> "IAccountant":
-    """A fresh Opacus accountant: ``prv`` (tightest), ``rdp`` (classic) or ``gdp`` (CLT, approximate)."""
+def make_accountant(name: str) -> IAccountant:
+    """A fresh Opacus accountant: ``prv`` (tightest), ``rdp`` (classic) or ``gdp`` (CLT,
+    approximate)."""
     # Imported here: opacus imports torch, which processes that only read or write ledgers skip.
     from opacus.accountants import create_accountant
 
@@ -46,15 +48,17 @@ def make_accountant(name: str) -> "IAccountant":
         return create_accountant(mechanism=name)
 
 
-def as_event(event: Sequence) -> Event:
+def as_event(event: Sequence[float]) -> Event:
     """Validate one event; refuses what the Gaussian-mechanism accountants cannot account for."""
     try:
         noise, rate, steps = event
         noise, rate, steps = float(noise), float(rate), int(steps)
     except (TypeError, ValueError):
-        raise ConfigError(f"a privacy event is (noise_multiplier, sample_rate, steps), got {event!r}") from None
+        raise ConfigError("a privacy event is (noise_multiplier, sample_rate, steps), got "
+                          f"{event!r}") from None
     if not (math.isfinite(noise) and noise > 0):
-        raise ConfigError(f"privacy event {event!r}: noise_multiplier must be > 0 (no noise, no DP)")
+        raise ConfigError(f"privacy event {event!r}: noise_multiplier must be > 0 (no noise, no "
+                          "DP)")
     if not 0 < rate <= 1:
         raise ConfigError(f"privacy event {event!r}: sample_rate must be in (0, 1]")
     if steps < 0:
@@ -62,7 +66,7 @@ def as_event(event: Sequence) -> Event:
     return noise, rate, steps
 
 
-def compact(history: Iterable[Sequence]) -> list[Event]:
+def compact(history: Iterable[Sequence[float]]) -> list[Event]:
     """Merge events with the same (noise, rate), summing steps; drop empty ones.
 
     Composition is commutative, so this changes no epsilon; it is the history Opacus itself keeps
@@ -76,7 +80,7 @@ def compact(history: Iterable[Sequence]) -> list[Event]:
     return [(noise, rate, n) for (noise, rate), n in steps.items()]
 
 
-def epsilon(history: Iterable[Sequence], delta: float, accountant: str = "prv") -> float:
+def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = "prv") -> float:
     """Epsilon at ``delta`` spent by all events in ``history`` (0 for an empty history)."""
     if not 0 < delta < 1:
         raise ConfigError(f"delta = {delta!r} must be in (0, 1)")
@@ -90,7 +94,8 @@ def epsilon(history: Iterable[Sequence], delta: float, accountant: str = "prv") 
     if accountant == "gdp" and len(events) > 1:
         # Opacus' GDP accountant only reads its last entry: it cannot compose different mechanisms.
         raise ConfigError("the gdp accountant needs one constant (noise_multiplier, sample_rate); "
-                          f"this history has {len(events)} different ones. Use accountant = \"prv\"")
+                          f"this history has {len(events)} different ones. Use accountant = "
+                          "\"prv\"")
     if accountant == "prv":
         rdp_bound = _epsilon(events, delta, "rdp")
         if rdp_bound > PRV_MAX_EPSILON:
@@ -98,7 +103,7 @@ def epsilon(history: Iterable[Sequence], delta: float, accountant: str = "prv") 
     return _epsilon(events, delta, accountant)
 
 
-def pld_epsilon(history: Iterable[Sequence], delta: float) -> float:
+def pld_epsilon(history: Iterable[Sequence[float]], delta: float) -> float:
     """Epsilon at ``delta`` by dp_accounting's PLD accountant: an implementation independent of
     Opacus' (Google's), composing each event as Poisson-subsampled Gaussian ``steps`` times."""
     if not 0 < delta < 1:
@@ -107,8 +112,8 @@ def pld_epsilon(history: Iterable[Sequence], delta: float) -> float:
     if not events:
         return 0.0
     # Imported here: dp_accounting pulls in scipy/absl, which ledger-only processes skip.
-    import dp_accounting as dpa  # noqa: PLC0415
-    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant  # noqa: PLC0415
+    import dp_accounting as dpa
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 
     acc = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     for noise, rate, steps in events:
@@ -116,7 +121,8 @@ def pld_epsilon(history: Iterable[Sequence], delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
-def reported_epsilon(history: Iterable[Sequence], delta: float, accountant: str = "prv") -> float:
+def reported_epsilon(history: Iterable[Sequence[float]], delta: float,
+                     accountant: str = "prv") -> float:
     """The epsilon fedshield states: the larger of ``accountant``'s and PLD's, so a stated epsilon
     is never below an independent accountant's (nor a gdp approximation below a bound).
 
@@ -133,7 +139,7 @@ def reported_epsilon(history: Iterable[Sequence], delta: float, accountant: str 
     return max(primary, pld_epsilon(history, delta))
 
 
-def side_by_side(history: Iterable[Sequence], delta: float,
+def side_by_side(history: Iterable[Sequence[float]], delta: float,
                  accountants: Sequence[str] = ("prv", "pld")) -> dict[str, float]:
     """Epsilon by each accountant (raw, not maxed), for reports that show them side by side."""
     history = compact(history)
@@ -155,13 +161,15 @@ def _epsilon(events: list[Event], delta: float, accountant: str) -> float:
     acc = make_accountant(accountant)
     acc.history = events
     with warnings.catch_warnings():
-        # RDP warns when the optimal order sits at the end of its alpha grid (the bound is still valid).
+        # RDP warns when the optimal order sits at the end of its alpha grid (the bound is still
+        # valid).
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", RuntimeWarning)
         try:
             return float(acc.get_epsilon(delta=delta))
         except ValueError:
-            if accountant == "gdp":  # root finding fails when mu is so large that epsilon is unbounded
+            # root finding fails when mu is so large that epsilon is unbounded
+            if accountant == "gdp":
                 return math.inf
             raise
 

@@ -25,13 +25,19 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any
 
 from fedshield.errors import BudgetExhausted, ConfigError
-from privacy.accounting import (ACCOUNTANTS, Event, as_event, check_bound_accountant,
-                                reported_epsilon)
+from privacy.accounting import (
+    ACCOUNTANTS,
+    Event,
+    as_event,
+    check_bound_accountant,
+    reported_epsilon,
+)
 
 FORMAT = "fedshield-privacy-ledger"
 VERSION = 1
@@ -58,7 +64,7 @@ class AlreadyReleased(BudgetExhausted):
     code = "already-released"
 
 
-def chain(events: Sequence[dict], head: str = "") -> str:
+def chain(events: Sequence[dict[str, Any]], head: str = "") -> str:
     """Hash chain over events (canonical JSON): the manifest keeps its head to detect truncation."""
     for event in events:
         body = json.dumps(event, sort_keys=True, separators=(",", ":"))
@@ -71,7 +77,8 @@ def _safe(part: str) -> str:
 
 
 def ledger_path(ledger_dir: str | Path, federation_id: str, client_id: str | int) -> Path:
-    """Where a client keeps its ledger for one federation: ``<dir>/<federation>/client-<id>.json``."""
+    """Where a client keeps its ledger for one federation:
+    ``<dir>/<federation>/client-<id>.json``."""
     return Path(ledger_dir) / _safe(federation_id) / f"client-{_safe(str(client_id))}.json"
 
 
@@ -89,7 +96,8 @@ class Ledger:
                  max_epsilon: float = 0.0, *, root: str | Path | None = None,
                  site: str | None = None) -> None:
         if accountant not in ACCOUNTANTS:
-            raise ConfigError(f"unknown accountant {accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+            raise ConfigError(f"unknown accountant {accountant!r}; choose one of "
+                              f"{', '.join(ACCOUNTANTS)}")
         if not 0 < delta < 1:
             raise ConfigError(f"delta = {delta!r} must be in (0, 1)")
         if max_epsilon < 0:
@@ -112,22 +120,25 @@ class Ledger:
     @classmethod
     def for_client(cls, ledger_dir: str | Path, federation_id: str, client_id: str | int,
                    delta: float, accountant: str = "prv", max_epsilon: float = 0.0,
-                   site: str | None = None) -> "Ledger":
+                   site: str | None = None) -> Ledger:
+        """The ledger of one client of one federation, under ``ledger_dir`` (see ledger_path)."""
         return cls(ledger_path(ledger_dir, federation_id, client_id), delta, accountant,
                    max_epsilon, root=ledger_dir, site=site)
 
     # -- reading -------------------------------------------------------------------------------
 
     @property
-    def history(self) -> list[dict]:
+    def history(self) -> list[dict[str, Any]]:
         """Every recorded event: run_id, round, release, noise_multiplier, sample_rate, steps,
         timestamp."""
         return self._read()
 
     def events(self) -> list[Event]:
+        """Every event recorded in this ledger, read (and verified) from disk."""
         return [_event(e) for e in self._read()]
 
     def spent(self) -> float:
+        """Epsilon spent by this ledger's events (its accountant's, floored by PLD)."""
         return reported_epsilon(self.events(), self.delta, self.accountant)
 
     def site_events(self) -> list[Event]:
@@ -136,18 +147,19 @@ class Ledger:
         return self.events() + [ev for other in self._site_ledgers() for ev in map(_event, other)]
 
     def site_spent(self) -> float:
+        """Epsilon spent by every event of this ledger's site: the total its budget caps."""
         return reported_epsilon(self.site_events(), self.delta, self.accountant)
 
     def releases(self, run_id: str, round: int) -> int:
         """How many times (run_id, round) was released."""
         return sum(e["run_id"] == run_id and e["round"] == round for e in self._read())
 
-    def would_spend(self, events: Iterable[Sequence]) -> float:
+    def would_spend(self, events: Iterable[Sequence[float]]) -> float:
         """Epsilon of this ledger if ``events`` were added to it."""
         return reported_epsilon(self.events() + [as_event(e) for e in events], self.delta,
                                 self.accountant)
 
-    def check(self, events: Iterable[Sequence], *, run_id: str | None = None, round: int = 0,
+    def check(self, events: Iterable[Sequence[float]], *, run_id: str | None = None, round: int = 0,
               repeat_ok: bool = False) -> float:
         """Before training: raise BudgetExhausted if ``events`` would take the site past its budget,
         AlreadyReleased if (run_id, round) was released and ``repeat_ok`` is False (the caller's
@@ -178,8 +190,9 @@ class Ledger:
                 "will not start the count over")
 
     def to_metrics(self) -> dict[str, float | int | str]:
+        """This ledger's epsilons (own and site-wide, accountant and PLD) for a metrics line."""
         history = self._read()
-        from privacy.accounting import pld_epsilon  # noqa: PLC0415
+        from privacy.accounting import pld_epsilon
 
         events = self.events()
         return {"epsilon": reported_epsilon(events, self.delta, self.accountant),
@@ -190,7 +203,7 @@ class Ledger:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def record(self, events: Iterable[Sequence], round: int, run_id: str, *,
+    def record(self, events: Iterable[Sequence[float]], round: int, run_id: str, *,
                repeat_ok: bool = False) -> int:
         """After training, before the update is sent: append this release's events; returns its
         release number (0 for the first release of (run_id, round)).
@@ -203,7 +216,7 @@ class Ledger:
         events = [as_event(e) for e in events]
         with self._locked():
             history = self._read()
-            release = sum(e["run_id"] == run_id and e["round"] == round for e in history)
+            release: int = sum(e["run_id"] == run_id and e["round"] == round for e in history)
             if release and not repeat_ok:
                 raise AlreadyReleased(_repeat_message(run_id, round))
             if self.max_epsilon > 0:
@@ -228,6 +241,7 @@ class Ledger:
 
     @property
     def manifest_path(self) -> Path:
+        """The site manifest (hash chains of every ledger) under this ledger's root."""
         return self.root / MANIFEST
 
     @contextmanager
@@ -241,7 +255,7 @@ class Ledger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _read(self) -> list[dict]:
+    def _read(self) -> list[dict[str, Any]]:
         entry = read_manifest(self.root).get(self.key)
         if not self.path.exists():
             if entry and entry["events"]:
@@ -253,17 +267,18 @@ class Ledger:
                     "ledger directory")
             return []
         doc = read_ledger_file(self.path)
-        events = doc["events"]
+        events: list[dict[str, Any]] = doc["events"]
         if entry:
             verify_against(self.path, events, entry)
         if doc.get("delta") != self.delta or doc.get("accountant") != self.accountant:
             raise ConfigError(
-                f"privacy ledger {self.path} was created with delta = {doc.get('delta')} and accountant "
-                f"= {doc.get('accountant')!r}; this run asks for delta = {self.delta} and accountant = "
-                f"{self.accountant!r}. Keep them fixed for a client's lifetime, or use a new federation id")
+                f"privacy ledger {self.path} was created with delta = {doc.get('delta')} and "
+                f"accountant = {doc.get('accountant')!r}; this run asks for delta = {self.delta} "
+                f"and accountant = {self.accountant!r}. Keep them fixed for a client's lifetime, "
+                "or use a new federation id")
         return events
 
-    def _site_ledgers(self) -> list[list[dict]]:
+    def _site_ledgers(self) -> list[list[dict[str, Any]]]:
         """The events of every other ledger of this site listed in the manifest (verified)."""
         out = []
         for key, entry in read_manifest(self.root).items():
@@ -280,20 +295,21 @@ class Ledger:
             out.append(events)
         return out
 
-    def _register(self, history: list[dict]) -> None:
+    def _register(self, history: list[dict[str, Any]]) -> None:
         """Under the lock, after the ledger is written: its count and chain head in the manifest."""
         doc = _manifest_doc(self.root)
         doc["ledgers"][self.key] = {"site": self.site, "events": len(history),
                                     "head": chain(history)}
         atomic_write_json(self.manifest_path, doc)
 
-    def _write(self, events: list[dict]) -> None:
-        doc = {"format": FORMAT, "version": VERSION, "delta": self.delta, "accountant": self.accountant,
-               "max_epsilon": self.max_epsilon, "site": self.site, "events": events}
+    def _write(self, events: list[dict[str, Any]]) -> None:
+        doc = {"format": FORMAT, "version": VERSION, "delta": self.delta,
+               "accountant": self.accountant, "max_epsilon": self.max_epsilon, "site": self.site,
+               "events": events}
         atomic_write_json(self.path, doc)
 
 
-def _event(e: dict) -> Event:
+def _event(e: dict[str, Any]) -> Event:
     return (e["noise_multiplier"], e["sample_rate"], e["steps"])
 
 
@@ -309,10 +325,10 @@ def _site_note(site: str, others: int) -> str:
             if others else "")
 
 
-def read_ledger_file(path: Path) -> dict:
+def read_ledger_file(path: Path) -> dict[str, Any]:
     """A ledger file's document, its events validated; LedgerCorrupted if unreadable."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc: dict[str, Any] = json.loads(Path(path).read_text())
         if doc.get("format") != FORMAT or doc.get("version") != VERSION:
             raise ValueError(f"not a {FORMAT} v{VERSION} file")
         for e in doc["events"]:
@@ -326,7 +342,7 @@ def read_ledger_file(path: Path) -> dict:
     return doc
 
 
-def verify_against(path: Path, events: list[dict], entry: dict) -> None:
+def verify_against(path: Path, events: list[dict[str, Any]], entry: dict[str, Any]) -> None:
     """The ledger holds at least the manifest's events, unchanged (its chain passes the head)."""
     count = int(entry["events"])
     if len(events) < count or chain(events[:count]) != entry["head"]:
@@ -336,12 +352,12 @@ def verify_against(path: Path, events: list[dict], entry: dict) -> None:
             "as spent cannot be trusted. Restore it from the backup of the ledger directory")
 
 
-def _manifest_doc(root: Path) -> dict:
+def _manifest_doc(root: Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST
     if not path.exists():
         return {"format": MANIFEST_FORMAT, "version": 1, "ledgers": {}}
     try:
-        doc = json.loads(path.read_text())
+        doc: dict[str, Any] = json.loads(path.read_text())
         if doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("ledgers"), dict):
             raise ValueError(f"not a {MANIFEST_FORMAT} file")
         for entry in doc["ledgers"].values():
@@ -354,12 +370,13 @@ def _manifest_doc(root: Path) -> dict:
     return doc
 
 
-def read_manifest(root: str | Path) -> dict[str, dict]:
+def read_manifest(root: str | Path) -> dict[str, dict[str, Any]]:
     """The ledgers a site holds: relative path -> {site, events, head}."""
-    return _manifest_doc(Path(root))["ledgers"]
+    ledgers: dict[str, dict[str, Any]] = _manifest_doc(Path(root))["ledgers"]
+    return ledgers
 
 
-def atomic_write_json(path: Path, doc: dict) -> None:
+def atomic_write_json(path: Path, doc: dict[str, Any]) -> None:
     """Write ``doc`` as JSON: a crash leaves the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -382,24 +399,25 @@ def atomic_write_json(path: Path, doc: dict) -> None:
 
 # -- a site's spend, for `fedshield privacy ledger` ---------------------------------------------
 
-def site_report(ledger_dir: str | Path) -> dict:
+def site_report(ledger_dir: str | Path) -> dict[str, Any]:
     """Every ledger in ``ledger_dir`` (those the manifest lists, and older unlisted files), grouped
     by site: each one's events and epsilon (its accountant's, floored by PLD, and PLD alone), and
     per site the total over all its federations, the one its budget applies to. Damaged or deleted
     ledgers are reported with their problem, never skipped."""
-    from privacy.accounting import pld_epsilon  # noqa: PLC0415
+    from privacy.accounting import pld_epsilon
 
     root = Path(ledger_dir)
     manifest = read_manifest(root) if (root / MANIFEST).exists() else {}
     keys = set(manifest) | {p.relative_to(root).as_posix() for p in root.rglob("*.json")
                             if p.name != MANIFEST}
-    sites: dict[str, dict] = {}
+    sites: dict[str, dict[str, Any]] = {}
     for key in sorted(keys):
         entry, path = manifest.get(key), root / key
-        row: dict = {"ledger": key, "federation": str(Path(key).parent),
-                     "listed": entry is not None}
+        row: dict[str, Any] = {"ledger": key, "federation": str(Path(key).parent),
+                               "listed": entry is not None}
         try:
             if not path.exists():
+                assert entry is not None  # keys not in the manifest come from files that exist
                 raise LedgerMissing(f"deleted: the manifest lists {entry['events']} events")
             doc = read_ledger_file(path)
             if doc.get("format") != FORMAT:

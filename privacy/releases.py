@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,8 @@ def secure_rng() -> np.random.Generator:
 def gaussian_noise(std: float, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """N(0, std^2) noise as (sum of 4 N(0, std^2)) / 2, which has the same law but hides the
     low-order bits a single floating-point draw leaks (Opacus' secure mode does the same)."""
-    return rng.normal(0.0, std, (4, *shape)).sum(0) / 2.0
+    noise: np.ndarray = rng.normal(0.0, std, (4, *shape)).sum(0) / 2.0
+    return noise
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class HistogramRelease:
 
     @property
     def event(self) -> Event:
+        """The privacy event of this release (one Gaussian mechanism)."""
         return histogram_event(self.noise_multiplier)
 
     @property
@@ -108,12 +111,14 @@ class HistogramRelease:
         at least 1 (a function of the release only)."""
         return planning_count(self.total)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (the release sidecar's format)."""
         return {"counts": list(self.counts), "noise_multiplier": self.noise_multiplier,
                 "noise_std": self.noise_std}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "HistogramRelease":
+    def from_dict(cls, d: Mapping[str, Any]) -> HistogramRelease:
+        """The release a ``to_dict`` wrote."""
         return cls(tuple(float(c) for c in d["counts"]), float(d["noise_multiplier"]),
                    float(d["noise_std"]))
 
@@ -177,7 +182,8 @@ class ClassView:
     examples: float             # summed (noised) example count
     private: bool               # every part came from the DP release
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict for the summary, saying where the numbers came from."""
         return {"clients": self.clients, "class_counts": list(self.counts),
                 "class_priors": list(self.priors), "noise_std": self.noise_std,
                 "examples": self.examples, "private": self.private,

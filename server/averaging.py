@@ -1,4 +1,5 @@
-"""Averaging the global models over rounds (Polyak / EMA): the model the server evaluates and hands off.
+"""Averaging the global models over rounds (Polyak / EMA): the model the server evaluates and hands
+off.
 
 Under DP every round's global model is already private, so averaging them is post-processing: it
 costs no privacy and smooths the round-to-round noise of the updates (De et al. 2022 average the
@@ -35,7 +36,8 @@ def ema_update(average: dict[str, torch.Tensor] | None, weights: dict[str, torch
 
 
 class ModelAverage:
-    """Running average of the global models, one ``update`` a round; ``state_dict`` for checkpoints."""
+    """Running average of the global models, one ``update`` a round; ``state_dict`` for
+    checkpoints."""
 
     def __init__(self, decay: float) -> None:
         if not 0.0 <= decay < 1.0:
@@ -46,6 +48,7 @@ class ModelAverage:
 
     @property
     def enabled(self) -> bool:
+        """Averaging is on (``aggregation.model_ema`` > 0)."""
         return self.decay > 0
 
     def update(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,13 +61,16 @@ class ModelAverage:
         return self.current(weights)
 
     def current(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The averaged weights in ``like``'s dtypes (``like`` itself when averaging is off)."""
         if not self.enabled or self.average is None:
             return like
         return {k: self.average[k].to(v.dtype) for k, v in like.items()}
 
     def state_dict(self) -> dict:
+        """torch.save-able state for checkpoints."""
         return {"count": self.count, "average": self.average}
 
     def load_state_dict(self, state: dict | None) -> None:
+        """Restore what ``state_dict`` saved (nothing for None)."""
         if state:
             self.count, self.average = int(state["count"]), state["average"]

@@ -30,6 +30,7 @@ FORMAT = 2  # 2: with weights_sha256 and digest
 
 @dataclass
 class Checkpoint:
+    """One saved round: its global weights and the strategy's state."""
     round: int
     weights: dict[str, torch.Tensor]
     state: dict
@@ -73,6 +74,7 @@ def _digest(meta: dict) -> str:
 
 
 def save_checkpoint(run_dir: Path, rnd: int, weights: dict[str, torch.Tensor], state: dict) -> None:
+    """Save round ``rnd`` atomically into the slot it does not share with the previous round."""
     slot = SLOTS[rnd % 2]
     tensors = {f"weights/{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
     plain_state = _split_tensors(state, tensors)

@@ -14,16 +14,17 @@ def stack(updates: list[dict[str, np.ndarray]], names: list[str]) -> np.ndarray:
     """The ``(n, d)`` float32 matrix of n updates, in one allocation."""
     sizes = [int(np.prod(np.shape(updates[0][k]))) if updates else 0 for k in names]
     out = np.empty((len(updates), sum(sizes)), dtype=np.float32)
-    for row, arrays in zip(out, updates):
+    for row, arrays in zip(out, updates, strict=True):  # one row per update, by construction
         start = 0
-        for name, size in zip(names, sizes):
+        for name, size in zip(names, sizes, strict=True):
             row[start:start + size] = np.ravel(arrays[name])
             start += size
     return out
 
 
 def unflatten(vector: np.ndarray, reference: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Arrays shaped (and typed) like ``reference``; views into ``vector`` where the dtype matches."""
+    """Arrays shaped (and typed) like ``reference``; views into ``vector`` where the dtype
+    matches."""
     expected = sum(int(a.size) for a in reference.values())
     if vector.ndim != 1 or vector.size != expected:
         raise ValueError(f"vector of shape {vector.shape} does not hold the reference's "

@@ -2,8 +2,8 @@
 
 Each round a participating client gets a suspicion in [0, 1] from the robust rule (1.0 when
 screening rejected its update). Its score is an exponential moving average over the rounds it took
-part in: ``score = decay * score + (1 - decay) * suspicion``, starting at its first suspicion, so one
-noisy round neither condemns nor clears it. A client whose score is above ``threshold`` after
+part in: ``score = decay * score + (1 - decay) * suspicion``, starting at its first suspicion, so
+one noisy round neither condemns nor clears it. A client whose score is above ``threshold`` after
 ``patience`` consecutive participating rounds is quarantined: the caller stops sampling it. Rounds a
 client sits out leave its score and streak unchanged.
 """
@@ -17,6 +17,8 @@ from fedshield.schema import ReputationConfig
 
 
 class Reputation:
+    """Per-client suspicion moving averages; quarantine after ``patience`` rounds above
+    threshold."""
     def __init__(self, threshold: float, patience: int, decay: float = 0.5) -> None:
         if not 0.0 <= threshold <= 1.0 or patience < 1 or not 0.0 <= decay < 1.0:
             raise ValueError(f"need threshold in [0, 1], patience >= 1, decay in [0, 1); got "
@@ -29,10 +31,12 @@ class Reputation:
 
     @classmethod
     def from_config(cls, cfg: ReputationConfig) -> "Reputation":
+        """The tracker a ``[reputation]`` config section describes."""
         return cls(cfg.threshold, cfg.patience, cfg.decay)
 
     @property
     def quarantined(self) -> set[int]:
+        """The clients quarantined so far."""
         return set(self.quarantined_at)
 
     def update(self, round: int, client_ids: Sequence[int], suspicion: Sequence[float],
@@ -46,7 +50,7 @@ class Reputation:
             raise ValueError(f"round {round} was already recorded (last round {self.last_round})")
         if len(client_ids) != len(suspicion):
             raise ValueError(f"{len(client_ids)} clients but {len(suspicion)} suspicion values")
-        observed = {int(c): float(s) for c, s in zip(client_ids, suspicion)}
+        observed = {int(c): float(s) for c, s in zip(client_ids, suspicion, strict=True)}
         bad = {c: s for c, s in observed.items() if not (math.isfinite(s) and 0.0 <= s <= 1.0)}
         if bad:
             raise ValueError(f"suspicion must be in [0, 1]; got {bad}")
@@ -74,6 +78,7 @@ class Reputation:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` saved."""
         self.threshold, self.patience = float(state["threshold"]), int(state["patience"])
         self.decay, self.last_round = float(state["decay"]), int(state["last_round"])
         self.scores = {int(c): float(s) for c, s, _ in state["clients"]}

@@ -48,15 +48,19 @@ MAX_WEIGHT_RATIO = 10.0
 
 @dataclass(frozen=True)
 class Rejection:
+    """One screened-out update: the client and why (``code: detail``)."""
     client: int
     reason: str  # "code: human-readable detail"
 
     @property
     def code(self) -> str:
+        """The reason's code (the part before the colon)."""
         return self.reason.split(":", 1)[0]
 
 
-def structural_problem(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> str | None:
+def structural_problem(update: dict[str, np.ndarray],
+                       reference: dict[str, np.ndarray]) -> str | None:
+    """Why an update does not match the model's arrays (names, dtypes, shapes), or None."""
     missing = [k for k in reference if k not in update]
     if missing:
         return f"missing: {len(missing)} model array(s) absent, first {missing[0]!r}"
@@ -68,14 +72,16 @@ def structural_problem(update: dict[str, np.ndarray], reference: dict[str, np.nd
         if not isinstance(arr, np.ndarray):
             return f"dtype: {name} is a {type(arr).__name__}, expected a numpy array"
         if _kind(arr.dtype) != _kind(ref.dtype):
-            return f"dtype: {name} has dtype {arr.dtype}, expected {_kind(ref.dtype)} like {ref.dtype}"
+            return (f"dtype: {name} has dtype {arr.dtype}, expected {_kind(ref.dtype)} like "
+                    f"{ref.dtype}")
         if arr.shape != ref.shape:
             return f"shape: {name} has shape {arr.shape}, expected {ref.shape}"
     return None
 
 
 def non_finite_problem(update: dict[str, np.ndarray]) -> str | None:
-    counts = {"nan": {}, "inf": {}}
+    """Which arrays of an update hold NaN or Inf, or None."""
+    counts: dict[str, dict[str, int]] = {"nan": {}, "inf": {}}
     for name, arr in update.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             counts["nan"][name] = int(np.isnan(arr).sum())
@@ -136,7 +142,8 @@ def screen_updates(updates: list[dict[str, np.ndarray]], reference: dict[str, np
         if problem:
             problems[i] = problem
     if cfg.enabled:
-        problems.update(norm_problems(updates, [i for i in range(len(updates)) if i not in problems],
+        problems.update(norm_problems(updates,
+                                      [i for i in range(len(updates)) if i not in problems],
                                       reference if relative_to_reference else None, cfg))
     kept = [i for i in range(len(updates)) if i not in problems]
     rejections = [Rejection(client_ids[i], problems[i]) for i in sorted(problems)]
@@ -145,6 +152,7 @@ def screen_updates(updates: list[dict[str, np.ndarray]], reference: dict[str, np
 
 def norm_problems(updates: list[dict[str, np.ndarray]], candidates: list[int],
                   base: dict[str, np.ndarray] | None, cfg: ScreeningConfig) -> dict[int, str]:
+    """Candidates whose update norm breaks the absolute or median-relative bound, with why."""
     norms = {i: update_norm(updates[i], base) for i in candidates}
     problems = {}
     if cfg.max_norm > 0:

@@ -7,9 +7,12 @@ round (update attacks, omniscient as in the literature). Honest code paths are u
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.app import make_client_app
@@ -17,27 +20,34 @@ from client.data import load_client_data
 from fedshield.schema import Config
 from server.flat import flatten, stack, unflatten
 from simulations.attacks import ATTACKS, select_byzantine, triggered_test_set
-from tasks import Split, task_for
+from tasks import Split, Task, task_for
+
+ReplyFilter = Callable[[list[Message], list[Message]], list[Message]]
+ClientLoader = Callable[[Context, Config], tuple[Task, Split, Split]]
 
 
 def byzantine_ids(cfg: Config) -> frozenset[int]:
+    """The partition ids of the run's Byzantine clients (explicit ids, else drawn with the seed)."""
     return select_byzantine(cfg.federation.num_clients, cfg.attack.byzantine_fraction,
                             cfg.attack.byzantine_ids, cfg.seed)
 
 
-def _poisoned_loader(cfg: Config):
+def _poisoned_loader(cfg: Config) -> ClientLoader:
     attack = ATTACKS[cfg.attack.name]
+    poison_data = attack.poison_data
+    assert poison_data is not None  # only called for attacks that poison data
 
-    def load(context, run_cfg):
+    def load(context: Context, run_cfg: Config) -> tuple[Task, Split, Split]:
         task, train, val = load_client_data(context, run_cfg)
         rng = np.random.default_rng([cfg.seed, int(context.node_config["partition-id"])])
-        x, y = attack.poison_data(train.x, train.y, task.num_classes, cfg.attack, rng)
+        x, y = poison_data(train.x, train.y, task.num_classes, cfg.attack, rng)
         return task, Split(x, y), val
 
     return load
 
 
-def adversarial_apps(cfg: Config, client_apps: dict[int, ClientApp]):
+def adversarial_apps(cfg: Config, client_apps: dict[int, ClientApp]
+                     ) -> tuple[dict[int, ClientApp], ReplyFilter | None]:
     """(client apps with Byzantine ones swapped in, reply filter or None)."""
     attack = ATTACKS[cfg.attack.name]
     byz = byzantine_ids(cfg)
@@ -45,38 +55,46 @@ def adversarial_apps(cfg: Config, client_apps: dict[int, ClientApp]):
     if attack.poison_data is not None:
         poisoned = make_client_app(load_data=_poisoned_loader(cfg))
         apps.update({pid: poisoned for pid in byz})
-    if attack.craft is None:
+    craft = attack.craft
+    if craft is None:
         return apps, None
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def reply_filter(sent: list[Message], replies: list[Message]) -> list[Message]:
         by_id = {m.metadata.message_id: m for m in sent}
-        global_arrays = {k: v.numpy() for k, v in sent[0].content["arrays"].items()}
+        global_arrays = {k: v.numpy() for k, v in _arrays(sent[0]).items()}
         names = list(global_arrays)
         trained = [r for r in replies if not r.has_error() and "arrays" in r.content
                    and "refusal" not in r.content]
-        is_byz = [int(r.content["metrics"].get("partition-id", -1)) in byz for r in trained]
-        bad = [r for r, b in zip(trained, is_byz) if b]
+        is_byz = [int(cast(int, r.content["metrics"].get("partition-id", -1))) in byz
+                  for r in trained]
+        bad = [r for r, b in zip(trained, is_byz, strict=True) if b]
         if not bad:
             return replies
-        good = [r for r, b in zip(trained, is_byz) if not b]
+        good = [r for r, b in zip(trained, is_byz, strict=True) if not b]
         g = torch.from_numpy(flatten(global_arrays, names))
 
-        def deltas(msgs):
-            arrays = [{k: v.numpy() for k, v in m.content["arrays"].items()} for m in msgs]
+        def deltas(msgs: list[Message]) -> torch.Tensor:
+            arrays = [{k: v.numpy() for k, v in _arrays(m).items()} for m in msgs]
             return torch.from_numpy(stack(arrays, names)) - g if msgs else torch.zeros(0, len(g))
 
-        crafted = attack.craft(deltas(bad), deltas(good), cfg.attack, generator) + g
+        crafted = craft(deltas(bad), deltas(good), cfg.attack, generator) + g
         swapped = {}
-        for reply, vector in zip(bad, crafted):
+        # strict: an attack returns one row per Byzantine update (base.Craft)
+        for reply, vector in zip(bad, crafted, strict=True):
             arrays = unflatten(vector.numpy(), global_arrays)
             content = RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(np.array(v))
                                                          for k, v in arrays.items()}),
                                   "metrics": reply.content["metrics"]})
-            swapped[id(reply)] = Message(content, reply_to=by_id[reply.metadata.reply_to_message_id])
+            swapped[id(reply)] = Message(content,
+                                         reply_to=by_id[reply.metadata.reply_to_message_id])
         return [swapped.get(id(r), r) for r in replies]
 
     return apps, reply_filter
+
+
+def _arrays(message: Message) -> ArrayRecord:
+    return cast(ArrayRecord, message.content["arrays"])
 
 
 def backdoor_success(cfg: Config, model: torch.nn.Module) -> float:

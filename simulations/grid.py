@@ -30,6 +30,7 @@ CLIENT_APP_EXCEPTION = 1  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 
 
 def make_run(run_id: int, run_config: dict) -> Run:
+    """The Flower Run record an in-process federation reports (no FAB: the apps are in memory)."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S")
     return Run(run_id=run_id, fab_id="fedshield", fab_version="inprocess", fab_hash="",
                override_config=dict(run_config), pending_at=now, starting_at=now,
@@ -39,6 +40,7 @@ def make_run(run_id: int, run_config: dict) -> Run:
 
 
 class InProcessGrid(Grid):
+    """A Flower Grid that delivers messages to in-memory ClientApps, in order, in this process."""
     def __init__(self, client_apps: dict[int, ClientApp], run_config: dict, seed: int,
                  node_configs: dict[int, dict] | None = None,
                  reply_filter: ReplyFilter | None = None) -> None:
@@ -48,7 +50,7 @@ class InProcessGrid(Grid):
         self._run = make_run(self.run_id, run_config)
         # Node ids are random 63-bit ints as on a SuperLink; partition ids live in node_config.
         ids = rng.choice(2**62, size=len(client_apps), replace=False) + 1
-        self.node_to_partition = {int(n): p for n, p in zip(ids, sorted(client_apps))}
+        self.node_to_partition = {int(n): p for n, p in zip(ids, sorted(client_apps), strict=True)}
         self._apps = {int(n): client_apps[p] for n, p in self.node_to_partition.items()}
         num = len(client_apps)
         self._contexts = {
@@ -66,20 +68,25 @@ class InProcessGrid(Grid):
 
     # --- Grid interface --------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
+        """Set the Run the grid reports."""
         self._run = run
 
     @property
     def run(self) -> Run:
+        """The Run this grid serves."""
         return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
+        """A message to ``dst_node_id``, as Flower's Grid builds it."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
+        """The node ids of the in-memory clients."""
         return list(self._apps)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Queue messages for delivery; returns their ids."""
         messages = list(messages)
         # After a network hop each message owns its content. Flower's legacy workflows (SecAgg+)
         # send one RecordDict to many nodes, and its client mod edits the record it receives.
@@ -94,6 +101,7 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Deliver the queued messages with these ids and return the replies."""
         sent = [self._pending.pop(i) for i in message_ids if i in self._pending]
         replies = [self._deliver(msg) for msg in sent]
         if self._reply_filter is not None and sent and sent[0].metadata.message_type == "train":
@@ -102,6 +110,7 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
+        """Push and pull in one call (the timeout has nothing to wait for in-process)."""
         return self.pull_messages(self.push_messages(messages))
 
     # --- delivery --------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def _read(name: str) -> list[list[str]]:
 
 
 def encode(train_rows, test_rows):
-    """One-hot categoricals (vocabulary from train; '?' is its own category), standardised numerics."""
+    """One-hot categoricals (vocabulary from train; '?' is its own category), standardised
+    numerics."""
     idx = {c: i for i, c in enumerate(COLUMNS)}
     vocab = {c: sorted({r[idx[c]] for r in train_rows}) for c in CATEGORICAL}
     names = list(NUMERIC) + [f"{c}={v}" for c in CATEGORICAL for v in vocab[c]]
@@ -76,12 +77,14 @@ def _encoded():
 
 
 def load_adult() -> tuple[Split, Split]:
+    """UCI Adult's (train, test), encoded as the module docstring says."""
     train, test, _ = _encoded()
     return train, test
 
 
 @register("adult")
 def adult() -> Task:
+    """The adult task: income > 50K from the encoded census columns, with an MLP."""
     names = _encoded()[2]
     return Task("adult", (len(names),), 2, lambda: mlp(len(names), 2, (64, 32)), load_adult,
                 "numeric columns standardised (log1p on fnlwgt/capital gain/loss) with train "

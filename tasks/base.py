@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
-from typing import Callable
+from functools import cache
 
 import numpy as np
 import torch
@@ -15,7 +15,8 @@ from fedshield.errors import ConfigError
 
 @dataclass(frozen=True)
 class Split:
-    """Features ``x`` (float32, ``(n, *input_shape)``) and integer labels ``y`` (int64, ``(n,)``)."""
+    """Features ``x`` (float32, ``(n, *input_shape)``) and integer labels ``y`` (int64,
+    ``(n,)``)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -23,12 +24,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, idx: np.ndarray) -> "Split":
+    def subset(self, idx: np.ndarray) -> Split:
+        """The examples at ``idx``."""
         return Split(self.x[idx], self.y[idx])
 
 
 @dataclass(frozen=True)
 class Task:
+    """A task: input shape, classes, model builders, the data loader and its preprocessing."""
     name: str
     input_shape: tuple[int, ...]
     num_classes: int
@@ -44,7 +47,7 @@ class Task:
     pixel_shape: tuple[int, ...] = ()
     from_pixels: Callable[[np.ndarray], np.ndarray] | None = None
 
-    def with_model(self, name: str) -> "Task":
+    def with_model(self, name: str) -> Task:
         """This task with ``build_model`` set to the named architecture ("" = default)."""
         if not name:
             return self
@@ -55,6 +58,7 @@ class Task:
 
     @property
     def is_image(self) -> bool:
+        """Inputs are (channels, height, width) images."""
         return len(self.input_shape) == 3
 
     @property
@@ -67,6 +71,7 @@ TASKS: dict[str, Callable[[], Task]] = {}
 
 
 def register(name: str):
+    """Decorator: register a task builder under its config name (``task.name``)."""
     def wrap(fn: Callable[[], Task]) -> Callable[[], Task]:
         TASKS[name] = fn
         return fn
@@ -74,8 +79,9 @@ def register(name: str):
     return wrap
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_task(name: str, model: str = "") -> Task:
+    """The task ``name`` (a registered one, or ``hf:<dataset>``) with model ``model``."""
     # Import for the side effect of registering each task module.
     from tasks import adult, hf, images, scattering  # noqa: F401
 
@@ -87,6 +93,7 @@ def get_task(name: str, model: str = "") -> Task:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device ``train.device`` names ("auto": CUDA when there is one)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

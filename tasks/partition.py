@@ -17,6 +17,8 @@ from fedshield.errors import ConfigError
 
 def partition_indices(labels: np.ndarray, num_partitions: int, cfg: PartitionConfig,
                       seed: int) -> list[np.ndarray]:
+    """Index arrays into the train split, one per client, by ``cfg.kind`` (iid, dirichlet,
+    shards)."""
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
 
@@ -49,6 +51,7 @@ def partition_indices(labels: np.ndarray, num_partitions: int, cfg: PartitionCon
 @lru_cache(maxsize=8)
 def cached_partitions(task_name: str, num_partitions: int, cfg: PartitionConfig,
                       seed: int) -> tuple[np.ndarray, ...]:
+    """``partition_indices`` of a task's train labels, computed once per process."""
     from tasks import get_task
 
     train, _ = get_task(task_name).load()

@@ -27,6 +27,7 @@ CHANNELS, SIDE = 1 + J * L + L * L * J * (J - 1) // 2, 28 // 2 ** J  # 81, 7
 
 
 def cache_dir() -> Path:
+    """Where computed features are cached: $FEDSHIELD_CACHE or ~/.cache/fedshield."""
     return Path(os.environ.get("FEDSHIELD_CACHE", Path.home() / ".cache" / "fedshield"))
 
 
@@ -62,6 +63,7 @@ def cached_scatter(name: str, images: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def load_mnist_scattering() -> tuple[Split, Split]:
+    """MNIST (train, test) as ScatterNet features (cached)."""
     train, test = load_mnist()
     return (Split(cached_scatter("mnist-train", train.x), train.y),
             Split(cached_scatter("mnist-test", test.x), test.y))
@@ -77,6 +79,7 @@ class ScatterLinear(nn.Module):
         self.fc = nn.Linear(CHANNELS * SIDE * SIDE, num_classes)
 
     def forward(self, x):
+        """Logits of a batch of ScatterNet features."""
         return self.fc(self.norm(x).flatten(1))
 
 
@@ -94,12 +97,15 @@ class ScatterCNN(nn.Module):
                                         nn.Linear(32, num_classes))
 
     def forward(self, x):
+        """Logits of a batch of ScatterNet features."""
         return self.classifier(self.features(self.norm(x)))
 
 
 @register("mnist-scattering")
 def mnist_scattering() -> Task:
-    return Task("mnist-scattering", (CHANNELS, SIDE, SIDE), 10, ScatterLinear, load_mnist_scattering,
+    """MNIST as fixed ScatterNet features, with Tramer & Boneh's linear model or CNN."""
+    return Task("mnist-scattering", (CHANNELS, SIDE, SIDE), 10, ScatterLinear,
+                load_mnist_scattering,
                 MNIST_PREPROCESSING + f"; then kymatio Scattering2D(J={J}, L={L}) -> "
                 f"({CHANNELS}, {SIDE}, {SIDE})",
                 models={"scatter_linear": ScatterLinear, "scatter_cnn": ScatterCNN},

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
-
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from torch import nn
 
 from client.bookkeeping import (
     GRAD_SAMPLERS,
@@ -27,9 +26,11 @@ def clipped_sum_by_loop(model, x, y, c):
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(x)):
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params,
+        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
+                                    params,
                                     allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads,
+                                                                         strict=True)]
         norm = torch.sqrt(sum(g.square().sum() for g in grads))
         factor = min(1.0, c / (float(norm) + 1e-6))
         for t, g in zip(total, grads, strict=True):
@@ -110,7 +111,8 @@ GROUPED, CORRELATION = (grouped_conv_is_faster, conv2d_grad_sample), \
                    bias=False)),
     (GROUPED, dict(in_channels=16, out_channels=16, kernel_size=3, dilation=2, groups=2)),
     (GROUPED, dict(in_channels=8, out_channels=8, kernel_size=1)),
-    (CORRELATION, dict(in_channels=1, out_channels=16, kernel_size=8, stride=2, padding=3)),  # TanhCNN
+    # TanhCNN
+    (CORRELATION, dict(in_channels=1, out_channels=16, kernel_size=8, stride=2, padding=3)),
     (CORRELATION, dict(in_channels=1, out_channels=4, kernel_size=(3, 2), stride=(2, 3),
                        padding=(1, 0), bias=False)),
     (CORRELATION, dict(in_channels=1, out_channels=3, kernel_size=3, stride=2, dilation=2)),
@@ -213,7 +215,7 @@ def test_bookkeeping_optimizer_keeps_opacus_noise_and_scaling():
             clipper.backward(model, torch.randn(8, 4), torch.randint(0, 3, (8,)))
             opt.step()
         results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
     with pytest.raises(TypeError, match="DPOptimizerFastGradientClipping"):
         BookKeepingDPOptimizer.adopt(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))

@@ -60,7 +60,8 @@ def test_int8_accuracy_measured_and_smaller(digits_export):
     int8 = digits_export.int8
     assert int8["size_int8_bytes"] < int8["size_fp32_bytes"]
     x, y = get_task("digits").load()[1].x, get_task("digits").load()[1].y
-    measured = (onnx_logits(onnx_session(f"{digits_export.out_dir}/{ONNX_INT8}"), x).argmax(1) == y).mean()
+    measured = (onnx_logits(onnx_session(f"{digits_export.out_dir}/{ONNX_INT8}"),
+                            x).argmax(1) == y).mean()
     assert int8["accuracy"] == pytest.approx(measured)
     assert abs(int8["accuracy"] - digits_export.accuracy) < 0.05
 
@@ -69,7 +70,8 @@ def test_wrong_task_weights_are_refused(tmp_path):
     from fedshield.errors import FedShieldError
 
     with pytest.raises(FedShieldError, match="do not fit"):
-        export_model(get_task("digits"), trained_state("digits") | {"extra": torch.zeros(1)}, tmp_path)
+        export_model(get_task("digits"), trained_state("digits") | {"extra": torch.zeros(1)},
+                     tmp_path)
 
 
 def test_card_has_privacy_rounds_hashes_and_feature_importance(digits_export, tmp_path):
@@ -86,7 +88,8 @@ def test_card_has_privacy_rounds_hashes_and_feature_importance(digits_export, tm
     scores = [f["importance"] for f in expl["feature_importance"]]
     assert scores == sorted(scores, reverse=True) and scores[0] > 0
     md = card.md_path.read_text()
-    assert "Per-client epsilon: max **2.5**" in md and "| 4 |" in md and digits_export.sha256[ONNX] in md
+    assert "Per-client epsilon: max **2.5**" in md and "| 4 |" in md
+    assert digits_export.sha256[ONNX] in md
 
 
 def test_adult_card_ranks_every_feature(tmp_path):

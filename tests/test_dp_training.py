@@ -1,4 +1,5 @@
-"""DP-SGD rounds on real data (sklearn digits): accounted, refused at the budget, and still learning."""
+"""DP-SGD rounds on real data (sklearn digits): accounted, refused at the budget, and still
+learning."""
 
 import numpy as np
 import pytest
@@ -57,7 +58,8 @@ def test_target_epsilon_is_planned_over_the_whole_schedule(digits, tmp_path):
                         grad_sample_mode="hooks")
     ledger = Ledger(tmp_path / "c1.json", DELTA, "rdp")
     model = task.build_model()
-    out = train_private(model, train, TRAIN, cfg, ledger, total_rounds=3, server_round=1, run_id="r", seed=0)
+    out = train_private(model, train, TRAIN, cfg, ledger, total_rounds=3, server_round=1,
+                        run_id="r", seed=0)
     # After 1 of 3 planned rounds, epsilon is well below target; all 3 would spend it.
     full = epsilon([out["events"][0]] * 3, DELTA, "rdp")
     assert out["metrics"]["epsilon"] < full and full == pytest.approx(2.0, rel=0.01) and full <= 2.0
@@ -66,18 +68,21 @@ def test_target_epsilon_is_planned_over_the_whole_schedule(digits, tmp_path):
 
 def test_a_client_at_its_budget_refuses_before_training(digits, tmp_path):
     task, train, _ = digits
-    cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=DELTA, accountant="rdp", max_epsilon=1.5)
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=DELTA, accountant="rdp",
+                        max_epsilon=1.5)
     ledger = Ledger(tmp_path / "c2.json", DELTA, "rdp", max_epsilon=1.5)
     model = task.build_model()
     spent = []
-    with pytest.raises(BudgetExhausted, match=r"budget exhausted: spent .* of 1.5 .*refuses to train"):
+    with pytest.raises(BudgetExhausted,
+                       match=r"budget exhausted: spent .* of 1.5 .*refuses to train"):
         for r in range(1, 20):
             spent.append(train_private(model, train, TRAIN, cfg, ledger, total_rounds=20,
                                        server_round=r, run_id="r", seed=r)["metrics"]["epsilon"])
     assert spent and max(spent) <= 1.5 and ledger.spent() == spent[-1]
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(BudgetExhausted):
-        train_private(model, train, TRAIN, cfg, ledger, total_rounds=20, server_round=99, run_id="r")
+        train_private(model, train, TRAIN, cfg, ledger, total_rounds=20, server_round=99,
+                      run_id="r")
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # untouched
 
 
@@ -100,7 +105,8 @@ def test_empty_poisson_batches_still_step_and_stay_finite(digits, tmp_path):
     task, train, _ = digits
     tiny = train.subset(np.arange(10))  # q = 0.1: about a third of the batches are empty
     cfg = PrivacyConfig(enabled=True, noise_multiplier=1.0, delta=1e-3, accountant="rdp")
-    out = train_private(task.build_model(), tiny, TrainConfig(lr=0.01, batch_size=1, local_epochs=3), cfg,
+    out = train_private(task.build_model(), tiny,
+                        TrainConfig(lr=0.01, batch_size=1, local_epochs=3), cfg,
                         Ledger(tmp_path / "c3.json", 1e-3, "rdp"), total_rounds=1, server_round=1,
                         run_id="r", seed=0)
     assert out["metrics"]["steps"] == 30  # every sampled batch, empty or not, is a released step
@@ -117,8 +123,10 @@ def test_augmented_dp_round_on_mnist_images_is_accounted_like_a_plain_one(tmp_pa
     out = {}
     for augment in ("none", "shift"):
         ledger = Ledger(tmp_path / f"{augment}.json", DELTA, "prv")
-        out[augment] = train_private(task.build_model(), train, TrainConfig(batch_size=64, augment=augment),
-                                     cfg, ledger, total_rounds=1, server_round=1, run_id="r", seed=3)
+        out[augment] = train_private(task.build_model(), train,
+                                     TrainConfig(batch_size=64, augment=augment),
+                                     cfg, ledger, total_rounds=1, server_round=1, run_id="r",
+                                     seed=3)
     assert out["shift"]["events"] == out["none"]["events"]
     assert out["shift"]["metrics"]["epsilon"] == out["none"]["metrics"]["epsilon"]
     assert out["shift"]["metrics"]["train_loss"] != out["none"]["metrics"]["train_loss"]

@@ -4,10 +4,25 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from deployment.drift import DriftMonitor, js_distance, ks_binned, psi, replay_windows, window_scores
-from deployment.reference_stats import (Reference, client_histograms, fixed_edges, histogram_sensitivity,
-                                        histograms, image_summary_features, merge_histograms,
-                                        monitored_features, reference_from_data)
+from deployment.drift import (
+    DriftMonitor,
+    js_distance,
+    ks_binned,
+    psi,
+    replay_windows,
+    window_scores,
+)
+from deployment.reference_stats import (
+    Reference,
+    client_histograms,
+    fixed_edges,
+    histogram_sensitivity,
+    histograms,
+    image_summary_features,
+    merge_histograms,
+    monitored_features,
+    reference_from_data,
+)
 from tasks import get_task
 
 
@@ -36,7 +51,8 @@ def test_psi_separates_shifted_normals():
     rng = np.random.default_rng(1)
     feats_ref = rng.normal(0, 1, (5000, 1))
     edges = fixed_edges(feats_ref, 10)
-    ref = Reference(edges, histograms(feats_ref, edges) / 5000, np.array([0.5, 0.5]), ("x",), (1,), "test")
+    ref = Reference(edges, histograms(feats_ref, edges) / 5000, np.array([0.5, 0.5]), ("x",), (1,),
+                    "test")
     same = window_scores(ref, rng.normal(0, 1, (500, 1)), np.zeros(500))
     shifted = window_scores(ref, rng.normal(1, 1, (500, 1)), np.zeros(500))
     assert same["psi_mean"] < 0.05 < 0.25 < shifted["psi_mean"]
@@ -46,7 +62,8 @@ def test_psi_separates_shifted_normals():
 def digits_reference():
     task = get_task("digits")
     train, test = task.load()
-    ref = reference_from_data(train.x, train.y, task.input_shape, 10, task.feature_names, 10, "train split")
+    ref = reference_from_data(train.x, train.y, task.input_shape, 10, task.feature_names, 10,
+                              "train split")
     return ref, test
 
 
@@ -81,14 +98,16 @@ def test_drifted_digits_trigger_after_patience_windows(digits_reference, corrupt
 
 def test_trigger_blocked_without_privacy_budget(digits_reference):
     ref, test = digits_reference
-    monitor = DriftMonitor(ref, window=50, threshold=0.2, patience=2, budget_remaining=lambda: False)
+    monitor = DriftMonitor(ref, window=50, threshold=0.2, patience=2,
+                           budget_remaining=lambda: False)
     monitor.observe(1.0 - test.x[:150], test.y[:150])
     assert monitor.triggers == []
     assert "no privacy budget" in monitor.reports[1].note
 
 
 def test_replay_of_logged_windows_counts_consecutive_only():
-    logged = [{"index": i, "scores": {"psi_mean": v}} for i, v in enumerate([0.3, 0.1, 0.3, 0.4, 0.5, 0.6])]
+    logged = [{"index": i, "scores": {"psi_mean": v}} for i, v in enumerate([0.3, 0.1, 0.3, 0.4,
+                                                                             0.5, 0.6])]
     fired = replay_windows(logged, "psi_mean", 0.2, 3)
     assert [t.windows for t in fired] == [[2, 3, 4]]
 
@@ -96,8 +115,10 @@ def test_replay_of_logged_windows_counts_consecutive_only():
 def test_prediction_drift_seen_in_class_mix(digits_reference):
     ref, test = digits_reference
     only_zeros = np.zeros(200, dtype=np.int64)
-    assert window_scores(ref, monitored_features(test.x[:200], (64,)), only_zeros)["prediction_psi"] > 1.0
-    assert window_scores(ref, monitored_features(test.x[:200], (64,)), test.y[:200])["prediction_psi"] < 0.1
+    assert window_scores(ref, monitored_features(test.x[:200], (64,)),
+                         only_zeros)["prediction_psi"] > 1.0
+    assert window_scores(ref, monitored_features(test.x[:200], (64,)),
+                         test.y[:200])["prediction_psi"] < 0.1
 
 
 def test_image_summary_features_see_inversion():
@@ -115,7 +136,8 @@ def test_dp_histogram_noise_has_the_stated_std_and_event():
     exact = histograms(monitored_features(train.x[:200], (64,)), edges)
     sigma = 0.7
     rng = np.random.default_rng(0)
-    draws = [client_histograms(train.x[:200], train.y[:200], (64,), 10, edges, sigma, rng) for _ in range(40)]
+    draws = [client_histograms(train.x[:200], train.y[:200], (64,), 10, edges, sigma,
+                               rng) for _ in range(40)]
     noise = np.stack([d.feature_counts - exact for d in draws])
     expected_std = sigma * np.sqrt(2 * 65)
     assert draws[0].sensitivity == histogram_sensitivity(64) == pytest.approx(np.sqrt(130))
@@ -131,10 +153,12 @@ def test_event_composes_as_one_gaussian_mechanism_in_opacus():
     sigma, delta = 1.0, 1e-5
 
     def gaussian_delta(eps):  # exact (Balle & Wang 2018), sensitivity 1, std sigma
-        return stats.norm.cdf(0.5 / sigma - eps * sigma) - np.exp(eps) * stats.norm.cdf(-0.5 / sigma - eps * sigma)
+        return (stats.norm.cdf(0.5 / sigma - eps * sigma)
+                - np.exp(eps) * stats.norm.cdf(-0.5 / sigma - eps * sigma))
 
     event = client_histograms(np.zeros((5, 64)), np.zeros(5, dtype=int), (64,), 10,
-                              fixed_edges(np.zeros((5, 64)), 4), sigma, np.random.default_rng(0)).event
+                              fixed_edges(np.zeros((5, 64)), 4), sigma,
+                              np.random.default_rng(0)).event
     prv = PRVAccountant()
     prv.history = [event]
     eps = prv.get_epsilon(delta)
@@ -161,10 +185,14 @@ def test_merged_client_histograms_approach_the_clean_reference():
     assert 0.3 * noise_tv < total_variation.mean() < 1.5 * noise_tv
     # The noisy reference still tells clean held-out digits from inverted ones.
     _, test = task.load()
-    clean_score = window_scores(merged, monitored_features(test.x[:200], (64,)), test.y[:200])["psi_mean"]
-    inverted_score = window_scores(merged, monitored_features(1 - test.x[:200], (64,)), test.y[:200])["psi_mean"]
+    clean_score = window_scores(merged, monitored_features(test.x[:200], (64,)),
+                                test.y[:200])["psi_mean"]
+    inverted_score = window_scores(merged, monitored_features(1 - test.x[:200], (64,)),
+                                   test.y[:200])["psi_mean"]
     assert clean_score < 0.2 < 1.0 < inverted_score
     assert np.abs(merged.class_priors - np.bincount(train.y) / len(train)).max() < 0.03
-    assert merged.noise_std == pytest.approx(0.5 * np.sqrt(130) * 2)  # sqrt(4 clients) * per-client std
+    # sqrt(4 clients) * per-client std
+    assert merged.noise_std == pytest.approx(0.5 * np.sqrt(130) * 2)
     restored = Reference.from_json(merged.to_json())
-    assert np.array_equal(restored.edges, merged.edges) and np.allclose(restored.probs, merged.probs)
+    assert np.array_equal(restored.edges, merged.edges) and np.allclose(restored.probs,
+                                                                        merged.probs)

@@ -72,7 +72,8 @@ HOSTILE_NUMBERS = ["1e39", "-1e39", "1e400", "-1e400", "3.4e38", "-3.4e38", "1e3
                    "[]", "{}"]
 CONTENT_TYPES = ["application/json", "application/x-npy", "application/octet-stream",
                  "text/plain", "multipart/form-data; boundary=x",
-                 "application/json; charset=utf-16", "", "\u00ff/\u00fe", "application/x-www-form-urlencoded", "image/png"]
+                 "application/json; charset=utf-16", "", "\u00ff/\u00fe",
+                 "application/x-www-form-urlencoded", "image/png"]
 GARBAGE_TEXT = ["\u0000", "\ud7ff", "\U0001f600", "\u202e", "\ufeff", "é", "\\", '"', "\x1b[31m"]
 
 
@@ -167,7 +168,8 @@ def hostile_requests(seed: int = 0) -> list[dict]:
                          "url": rng.choice(ROUTES), "content": body, "headers": headers})
     weird_paths = ["/", "/predict/", "/PREDICT", "/predict%00", "/../etc/passwd",
                    "/metrics?x=" + "a" * 3000, "/%ff%fe", "/docs", "/openapi.json",
-                   "/" + "x" * 4000, "/health/../predict", "//predict", "/\u00e9t\u00e9", "/predict;x=1",
+                   "/" + "x" * 4000, "/health/../predict", "//predict", "/\u00e9t\u00e9",
+                   "/predict;x=1",
                    "/metrics/other"] + [f"/random-{i}" for i in range(40)]
     for path in weird_paths:
         requests.append({"method": rng.choice(["GET", "POST"]), "url": path, "headers": AUTH})

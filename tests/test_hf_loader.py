@@ -11,9 +11,13 @@ def test_federated_dataset_loader_on_a_local_copy(tmp_path):
     train, test = get_task("mnist5k").load()
     rng = np.random.default_rng(0)
     train, test = train.subset(rng.permutation(len(train))), test.subset(rng.permutation(len(test)))
-    raw = lambda s: np.clip(np.rint(s.x[:, 0] * 0.3081 * 255 + 0.1307 * 255), 0, 255).astype(np.uint8)  # noqa: E731
+
+    def raw(s):
+        return np.clip(np.rint(s.x[:, 0] * 0.3081 * 255 + 0.1307 * 255), 0, 255).astype(np.uint8)
+
     for name, split, n in (("train", train, 300), ("test", test, 100)):
-        ds = datasets.Dataset.from_dict({"image": raw(split)[:n].tolist(), "label": split.y[:n].tolist()})
+        ds = datasets.Dataset.from_dict({"image": raw(split)[:n].tolist(),
+                                         "label": split.y[:n].tolist()})
         ds.to_parquet(str(tmp_path / f"{name}.parquet"))
     task = get_task(f"hf:{tmp_path}")
     hf_train, hf_test = task.load()

@@ -32,7 +32,7 @@ def test_tabular_csv_matches_features_by_header_in_any_order(tmp_path, digits):
     names = list(task.feature_names)
     perm = np.random.default_rng(0).permutation(len(names))
     header = ["label"] + [names[i] for i in perm]
-    rows = [[int(y)] + list(x[perm]) for x, y in zip(data.x, data.y)]
+    rows = [[int(y)] + list(x[perm]) for x, y in zip(data.x, data.y, strict=True)]
     split = load_local(str(write_csv(tmp_path / "d.csv", header, rows)), task)
     np.testing.assert_allclose(split.x, data.x, rtol=1e-6)
     np.testing.assert_array_equal(split.y, data.y)
@@ -78,7 +78,7 @@ def test_npz_roundtrip_and_errors(tmp_path, digits):
 def write_image_folder(root, pixels, labels):
     from PIL import Image
 
-    for k, (p, y) in enumerate(zip(pixels, labels)):
+    for k, (p, y) in enumerate(zip(pixels, labels, strict=True)):
         (root / str(y)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(p.reshape(28, 28)).save(root / str(y) / f"{k}.png")
     return root
@@ -104,8 +104,8 @@ def test_image_formats_give_the_task_preprocessing(tmp_path, mnist_pixels):
     validate_split(from_npz, task)
 
     header = ["label"] + [f"pixel{i}" for i in range(784)]
-    from_csv = load_local(str(write_csv(tmp_path / "m.csv", header,
-                                        [[int(y)] + list(p) for p, y in zip(pixels, labels)])), task)
+    rows = [[int(y)] + list(p) for p, y in zip(pixels, labels, strict=True)]
+    from_csv = load_local(str(write_csv(tmp_path / "m.csv", header, rows)), task)
     np.testing.assert_allclose(from_csv.x, expected, atol=1e-5)
 
     root = write_image_folder(tmp_path / "imgs", pixels, labels)
@@ -130,7 +130,8 @@ def test_raw_images_of_a_scattering_task_become_its_features(tmp_path, mnist_pix
 
     task = get_task("mnist-scattering")
     pixels, labels = mnist_pixels[0][:6], mnist_pixels[1][:6]
-    expected = scatter(((pixels.reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081).astype(np.float32))
+    expected = scatter(((pixels.reshape(-1, 1, 28,
+                                        28) / 255.0 - 0.1307) / 0.3081).astype(np.float32))
     np.savez(tmp_path / "raw.npz", x=pixels.reshape(-1, 28, 28), y=labels)
     from_npz = load_local(str(tmp_path / "raw.npz"), task)
     assert from_npz.x.shape == (6, 81, 7, 7)

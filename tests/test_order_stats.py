@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from server.aggregation import order_stats
-from server.aggregation.order_stats import (batcher_network, closest_to_median_mean, network_for,
-                                            sorted_window_mean)
+from server.aggregation.order_stats import (
+    batcher_network,
+    closest_to_median_mean,
+    network_for,
+    sorted_window_mean,
+)
 
 
 def apply(pairs, values):
@@ -27,7 +31,8 @@ def test_batcher_network_sorts_every_zero_one_input(n):
         assert apply(pairs, bits) == sorted(bits), bits
 
 
-@pytest.mark.parametrize("n,rows", [(100, (49, 50)), (25, (12,)), (20, tuple(range(3)) + tuple(range(17, 20)))])
+@pytest.mark.parametrize("n,rows", [(100, (49, 50)), (25, (12,)),
+                                    (20, tuple(range(3)) + tuple(range(17, 20)))])
 def test_pruned_network_is_smaller_and_still_right_on_its_rows(n, rows):
     full, pruned = network_for(n), network_for(n, rows)
     assert len(pruned) < len(full)
@@ -53,7 +58,8 @@ def test_window_means_match_a_full_sort(n, d, seed, dtype):
     windows = {(middle, n - middle), (0, n), (n // 5, n - n // 5)}
     for first, stop in windows:
         if first < stop:
-            np.testing.assert_allclose(sorted_window_mean(x, first, stop), ref_window(x, first, stop),
+            np.testing.assert_allclose(sorted_window_mean(x, first, stop), ref_window(x, first,
+                                                                                      stop),
                                        rtol=1e-9, atol=1e-15)
     # the median is exact: the network only moves values
     got = sorted_window_mean(x, middle, n - middle)

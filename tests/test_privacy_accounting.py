@@ -38,7 +38,8 @@ def test_repeated_rounds_equal_one_long_run(name):
 
 
 def test_compact_merges_identical_mechanisms_only():
-    assert compact([(1.0, 0.1, 3), (2.0, 0.1, 1), (1.0, 0.1, 4), (1.0, 0.2, 0)]) == [(1.0, 0.1, 7), (2.0, 0.1, 1)]
+    assert compact([(1.0, 0.1, 3), (2.0, 0.1, 1), (1.0, 0.1, 4), (1.0, 0.2, 0)]) == [(1.0, 0.1, 7),
+                                                                                     (2.0, 0.1, 1)]
 
 
 def test_epsilon_grows_with_steps_and_falls_with_noise():
@@ -58,7 +59,8 @@ def test_huge_epsilon_falls_back_to_the_rdp_bound_instead_of_exploding():
     assert epsilon(history, DELTA, "prv") == epsilon(history, DELTA, "rdp") > 64
 
 
-@pytest.mark.parametrize("bad", [(0.0, 0.1, 1), (1.0, 0.0, 1), (1.0, 1.5, 1), (1.0, 0.1, -1), ("x", 0.1, 1), (1.0,)])
+@pytest.mark.parametrize("bad", [(0.0, 0.1, 1), (1.0, 0.0, 1), (1.0, 1.5, 1), (1.0, 0.1, -1),
+                                 ("x", 0.1, 1), (1.0,)])
 def test_invalid_events_are_refused(bad):
     with pytest.raises(ConfigError):
         epsilon([bad], DELTA)
@@ -103,10 +105,10 @@ def test_a_reported_epsilon_is_never_below_pld(accountant, history):
 def test_gdp_underestimates_and_the_stated_epsilon_is_pld_then():
     """The default MNIST schedule (q = 1/24, 8 rounds x 24 steps): gdp's noise for eps 3.0 really
     spends more by PLD; the stated epsilon is PLD's, never gdp's."""
+    from scipy.optimize import brentq
+
     from privacy.accounting import pld_epsilon, reported_epsilon, side_by_side
     from privacy.planner import MIN_NOISE
-
-    from scipy.optimize import brentq
 
     rate, steps = 1 / 24, 192
     sigma = brentq(lambda s: epsilon([(s, rate, steps)], DELTA, "gdp") - 3.0, MIN_NOISE, 10)

@@ -18,7 +18,8 @@ def reference():
 
 def honest_updates(reference, n, seed=0, scale=0.01):
     rng = np.random.default_rng(seed)
-    return [{k: (scale * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in reference.items()}
+    return [{k: (scale * rng.standard_normal(v.shape)).astype(v.dtype) for k,
+             v in reference.items()}
             for _ in range(n)]
 
 
@@ -73,15 +74,19 @@ def test_norm_ratio_needs_three_updates_and_respects_the_ratio(reference):
     assert screen_updates(ups, reference, ScreeningConfig(), [0, 1])[0] == [0, 1]
     ups = honest_updates(reference, 4)
     ups[3] = {k: v * 5 for k, v in ups[3].items()}
-    assert screen_updates(ups, reference, ScreeningConfig(max_norm_ratio=6.0), [0, 1, 2, 3])[0] == [0, 1, 2, 3]
-    kept, rejected = screen_updates(ups, reference, ScreeningConfig(max_norm_ratio=3.0), [0, 1, 2, 3])
+    assert screen_updates(ups, reference, ScreeningConfig(max_norm_ratio=6.0),
+                          [0, 1, 2, 3])[0] == [0, 1, 2, 3]
+    kept, rejected = screen_updates(ups, reference, ScreeningConfig(max_norm_ratio=3.0),
+                                    [0, 1, 2, 3])
     assert kept == [0, 1, 2] and codes(rejected) == {3: "norm"}
-    assert screen_updates(ups, reference, ScreeningConfig(max_norm_ratio=0.0), [0, 1, 2, 3])[0] == [0, 1, 2, 3]
+    assert screen_updates(ups, reference, ScreeningConfig(max_norm_ratio=0.0),
+                          [0, 1, 2, 3])[0] == [0, 1, 2, 3]
 
 
 def test_absolute_norm_cap(reference):
     ups = honest_updates(reference, 3)
-    norms = [np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in u.values())) for u in ups]
+    norms = [np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in u.values()))
+             for u in ups]
     cap = (sorted(norms)[1] + sorted(norms)[2]) / 2
     kept, rejected = screen_updates(ups, reference, ScreeningConfig(max_norm=cap), [0, 1, 2])
     assert len(kept) == 2 and codes(rejected) == {int(np.argmax(norms)): "norm_cap"}
@@ -111,14 +116,16 @@ def test_disabled_screening_keeps_only_structural_checks(reference):
 def test_require_min_kept_explains_what_happened():
     require_min_kept([0, 1], 2, [])
     with pytest.raises(TooFewUpdates, match=r"only 1 update.*2 needed.*2 nan, 1 norm"):
-        require_min_kept([0], 2, [Rejection(1, "nan: x"), Rejection(2, "nan: y"), Rejection(3, "norm: z")])
+        require_min_kept([0], 2,
+                         [Rejection(1, "nan: x"), Rejection(2, "nan: y"), Rejection(3, "norm: z")])
 
 
 def test_flat_round_trip_in_reference_order(reference):
     names = list(reference)
     ups = honest_updates(reference, 3)
     matrix = stack(ups, names)
-    assert matrix.dtype == np.float32 and matrix.shape == (3, sum(v.size for v in reference.values()))
+    assert matrix.dtype == np.float32 and matrix.shape == (3,
+                                                           sum(v.size for v in reference.values()))
     assert np.array_equal(matrix[1], flatten(ups[1], names))
     back = unflatten(matrix[1], reference)
     assert list(back) == names
@@ -129,7 +136,8 @@ def test_flat_round_trip_in_reference_order(reference):
         unflatten(matrix[1][:-1], reference)
 
 
-@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((), np.float64),
+@pytest.mark.parametrize("array",
+                         [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((), np.float64),
                                    np.zeros((0, 5), np.int64), np.asfortranarray(np.ones((3, 2))),
                                    np.arange(6, dtype=np.float16)])
 def test_array_views_equal_flowers_own_deserialisation(array):

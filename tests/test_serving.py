@@ -38,12 +38,14 @@ def served(tmp_path_factory):
     run = make_run_dir(root, "digits", epsilon_max=2.0)
     export = export_model(task, trained_state("digits"), run / "export", {"run": "serving-test"})
     train, test = task.load()
-    reference_from_data(train.x, train.y, (64,), 10, task.feature_names, 10, "train").save(run / "export" / REFERENCE_JSON)
+    reference_from_data(train.x, train.y, (64,), 10, task.feature_names, 10,
+                        "train").save(run / "export" / REFERENCE_JSON)
     build_card(run, export, explain_examples=8)
     triggers, log = [], root / "windows.jsonl"
     app = create_app(run, token=TOKEN, max_batch=256, max_body_bytes=MAX_BODY, drift_window=50,
                      drift_patience=2, window_log=log, on_trigger=triggers.append)
-    return {"run": run, "export": export, "test": test, "client": TestClient(app), "triggers": triggers, "log": log}
+    return {"run": run, "export": export, "test": test, "client": TestClient(app),
+            "triggers": triggers, "log": log}
 
 
 def post(client, inputs, headers=AUTH, path="/predict", **extra):
@@ -68,7 +70,8 @@ def test_predict_matches_onnxruntime(served):
     expected = onnx_logits(onnx_session(Path(served["export"].out_dir) / "model.onnx"), x).argmax(1)
     assert body["predictions"] == expected.tolist()
     assert np.allclose(np.sum(body["probabilities"], 1), 1.0, atol=1e-5)
-    assert post(served["client"], x[:1].tolist(), probabilities=False).json().keys() == {"predictions", "model_version"}
+    assert post(served["client"], x[:1].tolist(),
+                probabilities=False).json().keys() == {"predictions", "model_version"}
 
 
 @pytest.mark.parametrize("inputs,fragment", [
@@ -88,7 +91,8 @@ def test_invalid_inputs_get_422_saying_what_is_wrong(served, inputs, fragment):
 
 def test_non_finite_values_are_422(served):
     body = '{"inputs": [[' + ",".join(["0.0"] * 63 + ["NaN"]) + "]]}"
-    r = served["client"].post("/predict", content=body, headers=AUTH | {"content-type": "application/json"})
+    r = served["client"].post("/predict", content=body,
+                              headers=AUTH | {"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "inputs", 0, 63]
     assert "finite" in r.json()["detail"][0]["msg"]
 
@@ -100,7 +104,8 @@ def npy_bytes(array) -> bytes:
 
 
 def post_npy(client, content, query=""):
-    return client.post(f"/predict{query}", content=content, headers=AUTH | {"content-type": "application/x-npy"})
+    return client.post(f"/predict{query}", content=content,
+                       headers=AUTH | {"content-type": "application/x-npy"})
 
 
 def test_binary_npy_batch_gets_the_json_answer(served):
@@ -127,9 +132,11 @@ def test_invalid_npy_gets_422_saying_what_is_wrong(served, content, fragment):
 
 
 def test_oversized_body_is_413(served):
-    body = json.dumps({"inputs": [[0.123456789] * 64] * 250})  # within max_batch, over MAX_BODY bytes
+    # within max_batch, over MAX_BODY bytes
+    body = json.dumps({"inputs": [[0.123456789] * 64] * 250})
     assert len(body) > MAX_BODY
-    r = served["client"].post("/predict", content=body, headers=AUTH | {"content-type": "application/json"})
+    r = served["client"].post("/predict", content=body,
+                              headers=AUTH | {"content-type": "application/json"})
     assert r.status_code == 413 and str(MAX_BODY) in r.json()["detail"]
 
 
@@ -170,12 +177,14 @@ def test_metrics_exposition_and_drift(served):
         assert SAMPLE.match(line), line
         key, value = line.rsplit(" ", 1)
         samples[key] = float(value)
-    buckets = [v for k, v in samples.items() if k.startswith('fedshield_request_duration_seconds_bucket{path="/predict"')]
+    prefix = 'fedshield_request_duration_seconds_bucket{path="/predict"'
+    buckets = [v for k, v in samples.items() if k.startswith(prefix)]
     assert buckets == sorted(buckets)
     assert buckets[-1] == samples['fedshield_request_duration_seconds_count{path="/predict"}']
     assert samples['fedshield_requests_total{path="/predict",code="200"}'] >= 4
     assert samples['fedshield_requests_total{path="/predict",code="401"}'] >= 1
-    assert samples['fedshield_drift_score{statistic="psi_mean"}'] > 1.0  # latest window: inverted digits
+    # latest window: inverted digits
+    assert samples['fedshield_drift_score{statistic="psi_mean"}'] > 1.0
     assert samples["fedshield_retrain_triggers_total"] >= 1 and served["triggers"]
     windows = [json.loads(line) for line in served["log"].read_text().splitlines()]
     clean_scores = [w["scores"]["psi_mean"] for w in windows if not w["over_threshold"]]
@@ -230,8 +239,10 @@ def test_real_uvicorn_on_loopback(served):
             assert ok.status_code == 200 and len(ok.json()["predictions"]) == 4
             bad = client.post("/predict", json={"inputs": [[1.0] * 65]}, headers=AUTH)
             assert bad.status_code == 422 and "expected (batch, 64)" in bad.text
-            assert client.post("/predict", json={"inputs": [[0.0] * 64] * 65}, headers=AUTH).status_code == 422
-            assert 'fedshield_requests_total{path="/predict",code="200"} 1' in client.get("/metrics", headers=AUTH).text
+            assert client.post("/predict", json={"inputs": [[0.0] * 64] * 65},
+                               headers=AUTH).status_code == 422
+            text = client.get("/metrics", headers=AUTH).text
+            assert 'fedshield_requests_total{path="/predict",code="200"} 1' in text
     finally:
         proc.terminate()
         try:

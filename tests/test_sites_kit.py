@@ -50,7 +50,8 @@ def test_coordinator_files_carry_the_exact_commands(kit):
     assert "--enable-supernode-auth" in text and "--disable-runtime-dependency-installation" in text
     assert "--port 9193" in text and "state.db" in text
     for k in (1, 2):
-        assert f"flwr supernode register {(kit.site(k) / 'node_key.pub').resolve()} fedshield" in text
+        key = (kit.site(k) / 'node_key.pub').resolve()
+        assert f"flwr supernode register {key} fedshield" in text
     assert "flwr run " in text and "--format json" in text
 
 

@@ -28,10 +28,20 @@ Rules: fedavg, krum, multikrum, bulyan, median, trimmed_mean, geomed, cclip (sta
 the previous aggregate), clip, fltrust (needs the server's reference update), flame.
 """
 
-from server.aggregation.registry import (CENTRAL_DP_REFUSALS, MEAN_OF_CLIPPED_RULES,
-                                         PRE_AGGREGATORS, PRE_STEPS, RULE_RECORDS, RULES,
-                                         Aggregator, PreStep, Rule, RuleInputs, build_aggregator,
-                                         parse_spec)
+from server.aggregation.registry import (
+                                         CENTRAL_DP_REFUSALS,
+                                         MEAN_OF_CLIPPED_RULES,
+                                         PRE_AGGREGATORS,
+                                         PRE_STEPS,
+                                         RULE_RECORDS,
+                                         RULES,
+                                         Aggregator,
+                                         PreStep,
+                                         Rule,
+                                         RuleInputs,
+                                         build_aggregator,
+                                         parse_spec,
+)
 from server.aggregation.result import AggregationResult
 
 __all__ = ["AggregationResult", "Aggregator", "CENTRAL_DP_REFUSALS", "MEAN_OF_CLIPPED_RULES",

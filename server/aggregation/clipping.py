@@ -18,22 +18,39 @@ import math
 
 import torch
 
-from server.aggregation.distances import (SUM_BLOCK, distance_noise, distances_to, norms,
-                                          unit_roundoff)
-from server.aggregation.result import (AggregationResult, check_honest_majority, clip_scale,
-                                       excess_over, median_of, working_copy)
+from server.aggregation.distances import (
+    SUM_BLOCK,
+    distance_noise,
+    distances_to,
+    norms,
+    unit_roundoff,
+)
+from server.aggregation.result import (
+    AggregationResult,
+    check_honest_majority,
+    clip_scale,
+    excess_over,
+    median_of,
+    working_copy,
+)
 
 
 def check_cclip(n: int, f: int) -> None:
+    """Refuse n <= 2f: centered clipping needs the honest updates to outnumber the bad ones."""
     check_honest_majority("centered clipping", n, f)
 
 
 def check_clip(n: int, f: int) -> None:
+    """Refuse n <= 2f: norm clipping needs the honest updates to outnumber the bad ones."""
     check_honest_majority("norm clipping", n, f)
 
 
 def cclip(updates: torch.Tensor, center: torch.Tensor | None = None, tau: float = 10.0,
           iters: int = 1, f: int | None = None) -> AggregationResult:
+    """Centered clipping: ``iters`` steps of v <- v + mean_i clip(x_i - v, tau) from ``center``.
+
+    tau <= 0 takes the radius of each step as the median distance to v; with ``f`` given, refuses
+    n <= 2f."""
     x = working_copy(updates)
     n, d = x.shape
     if f is not None:
@@ -58,6 +75,8 @@ def cclip(updates: torch.Tensor, center: torch.Tensor | None = None, tau: float 
 
 
 def clip(updates: torch.Tensor, clip_norm: float = 0.0, f: int | None = None) -> AggregationResult:
+    """Mean of the updates clipped to norm ``clip_norm`` (<= 0: the median norm); with ``f``
+    given, refuses n <= 2f."""
     x = working_copy(updates)
     if f is not None:
         check_clip(x.shape[0], f)

@@ -14,8 +14,12 @@ import torch
 from fedshield.errors import ConfigError
 from server.aggregation.distances import distance_noise, distances_to
 from server.aggregation.order_stats import sorted_window_mean
-from server.aggregation.result import (AggregationResult, check_honest_majority,
-                                       excess_over_median, working_copy)
+from server.aggregation.result import (
+    AggregationResult,
+    check_honest_majority,
+    excess_over_median,
+    working_copy,
+)
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
@@ -26,6 +30,7 @@ def coordinate_median(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_median(n: int, f: int) -> None:
+    """Refuse n <= 2f: the median's breakdown point is 1/2."""
     check_honest_majority("the coordinate-wise median", n, f)
 
 
@@ -41,6 +46,7 @@ def median(updates: torch.Tensor, f: int | None = None) -> AggregationResult:
 
 
 def check_trim(n: int, trim: int) -> None:
+    """Refuse a trim that leaves no value: trimmed mean needs 0 <= trim and 2 * trim < n."""
     if trim < 0 or 2 * trim >= n:
         raise ConfigError(f"trimmed mean needs 2 * trim < n, got trim = {trim} per side with "
                           f"n = {n}; lower aggregation.trim_fraction (or f when it is 0)")

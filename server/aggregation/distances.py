@@ -42,6 +42,7 @@ ROUNDING_SLACK = 8.0
 
 
 def column_chunks(n: int, d: int, itemsize: int = 8) -> Iterator[slice]:
+    """Column slices of an (n, d) array, each about CHUNK_BYTES of ``itemsize``-byte values."""
     step = max(1, CHUNK_BYTES // (itemsize * max(n, 1)))
     for start in range(0, d, step):
         yield slice(start, min(start + step, d))
@@ -78,6 +79,8 @@ def gram(updates: torch.Tensor, centered: bool = True) -> torch.Tensor:
 
 
 def sq_distances_from_gram(g: torch.Tensor) -> torch.Tensor:
+    """(n, n) squared distances ||x_i||^2 + ||x_j||^2 - 2 <x_i, x_j> from a Gram matrix, >= 0, with
+    an exact zero diagonal."""
     sq = g.diagonal()
     dist = (sq[:, None] + sq[None, :] - 2.0 * g).clamp_min_(0.0)
     dist.fill_diagonal_(0.0)
@@ -179,7 +182,8 @@ def _combine(parts: list[torch.Tensor]) -> torch.Tensor:
     """Norms of whole rows from the norms of their column chunks (overflow-safe)."""
     stacked = torch.stack(parts, dim=1)
     top = stacked.amax(dim=1, keepdim=True).clamp_min(1e-300)
-    return top.squeeze(1) * torch.linalg.vector_norm(stacked / top, dim=1)
+    row_norms: torch.Tensor = top.squeeze(1) * torch.linalg.vector_norm(stacked / top, dim=1)
+    return row_norms
 
 
 def norms(updates: torch.Tensor) -> torch.Tensor:

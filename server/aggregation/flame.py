@@ -23,13 +23,25 @@ import numpy as np
 import torch
 from sklearn.cluster import HDBSCAN
 
-from server.aggregation.distances import (ROUNDING_SLACK, SUM_BLOCK, cosine_distances, norms,
-                                          unit_roundoff)
-from server.aggregation.result import (AggregationResult, check_honest_majority, clip_scale,
-                                       excess_over_median, median_of, working_copy)
+from server.aggregation.distances import (
+    ROUNDING_SLACK,
+    SUM_BLOCK,
+    cosine_distances,
+    norms,
+    unit_roundoff,
+)
+from server.aggregation.result import (
+    AggregationResult,
+    check_honest_majority,
+    clip_scale,
+    excess_over_median,
+    median_of,
+    working_copy,
+)
 
 
 def check_flame(n: int, f: int) -> None:
+    """Refuse n <= 2f: FLAME keeps a majority cluster, so honest clients must be a majority."""
     check_honest_majority("FLAME", n, f)
 
 
@@ -49,6 +61,8 @@ def majority_cluster(cosine_distance: torch.Tensor) -> torch.Tensor:
 
 def flame(updates: torch.Tensor, noise: float = 0.001,
           generator: torch.Generator | None = None, f: int | None = None) -> AggregationResult:
+    """FLAME: keep the majority HDBSCAN cluster, clip to its median norm, average, add noise of
+    std ``noise`` * that norm drawn from ``generator``; with ``f`` given, refuses n <= 2f."""
     x = working_copy(updates)
     if f is not None:
         check_flame(x.shape[0], f)

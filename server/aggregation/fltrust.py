@@ -18,6 +18,8 @@ from server.aggregation.result import AggregationResult, working_copy
 
 
 def fltrust(updates: torch.Tensor, reference: torch.Tensor | None) -> AggregationResult:
+    """FLTrust: the mean of the updates rescaled to ||reference||, weighted by ReLU(cosine with
+    ``reference``), the server's update on its clean root data; suspicion is 1 - trust."""
     if reference is None:
         raise ConfigError("FLTrust needs the server's reference update from a clean root dataset "
                           "(pass reference=...); without server root data choose another rule, "

@@ -16,11 +16,17 @@ import torch
 
 from server.aggregation.coordinatewise import coordinate_median
 from server.aggregation.distances import distance_noise, distances_to, mean_error, norms
-from server.aggregation.result import (AggregationResult, check_honest_majority,
-                                       excess_over_median, median_of, working_copy)
+from server.aggregation.result import (
+    AggregationResult,
+    check_honest_majority,
+    excess_over_median,
+    median_of,
+    working_copy,
+)
 
 
 def check_geomed(n: int, f: int) -> None:
+    """Refuse n <= 2f: the geometric median's breakdown point is 1/2."""
     check_honest_majority("the geometric median", n, f)
 
 
@@ -34,7 +40,7 @@ def geomed(updates: torch.Tensor, iters: int = 10, eps: float = 1e-6, tol: float
     z = coordinate_median(x)
     dist = distances_to(x, z)
     steps, moved, coeffs = 0, float("inf"), torch.zeros(x.shape[0], dtype=torch.float64)
-    for steps in range(1, iters + 1):
+    for steps in range(1, iters + 1):  # noqa: B007 - read after the loop (steps taken)
         b = 1.0 / dist.clamp_min(eps)
         coeffs = b / b.sum()
         new = coeffs.to(x.dtype) @ x

@@ -12,17 +12,23 @@ import torch
 from fedshield.errors import ConfigError
 from server.aggregation.distances import pairwise_geometry
 from server.aggregation.order_stats import closest_to_median_mean
-from server.aggregation.result import (AggregationResult, excess_over_median, mean_of_rows,
-                                       working_copy)
+from server.aggregation.result import (
+    AggregationResult,
+    excess_over_median,
+    mean_of_rows,
+    working_copy,
+)
 
 
 def check_krum(n: int, f: int) -> None:
+    """Refuse n <= 2f + 2 (Blanchard et al.'s condition for Krum)."""
     if f < 0 or n <= 2 * f + 2:
         raise ConfigError(f"Krum needs n > 2f + 2 updates, got n = {n}, f = {f}; lower "
                           f"aggregation.f (or byzantine_fraction_assumed) or sample more clients")
 
 
 def check_multikrum(n: int, f: int, m: int) -> None:
+    """Krum's condition, and m in [1, n] updates to average."""
     check_krum(n, f)
     if not 1 <= m <= n:
         raise ConfigError(f"Multi-Krum selects m in [1, n], got m = {m} with n = {n}; set "
@@ -30,6 +36,7 @@ def check_multikrum(n: int, f: int, m: int) -> None:
 
 
 def check_bulyan(n: int, f: int) -> None:
+    """Refuse n < 4f + 3 (El Mhamdi et al.'s condition for Bulyan)."""
     if f < 0 or n < 4 * f + 3:
         raise ConfigError(f"Bulyan needs n >= 4f + 3 updates, got n = {n}, f = {f}; lower "
                           f"aggregation.f to at most {max((n - 3) // 4, 0)} or use more clients")
@@ -133,7 +140,7 @@ def _lowest(scores: torch.Tensor, sorted_dist: torch.Tensor, valid: torch.Tensor
     """argmin of the running scores; near-ties (e.g. mutual nearest neighbours when k = 1) are
     settled on exactly recomputed sums, lowest index first, as a fresh Krum would."""
     low = float(scores.min())
-    near = (scores <= low + 1e-9 * abs(low)).nonzero().flatten().tolist()
+    near: list[int] = (scores <= low + 1e-9 * abs(low)).nonzero().flatten().tolist()
     if len(near) == 1:
         return near[0]
     exact = [float(sorted_dist[i, : int(last[i]) + 1][valid[i, : int(last[i]) + 1]].sum())
@@ -164,6 +171,8 @@ def mean_closest_to_median(values: torch.Tensor, beta: int) -> torch.Tensor:
 
 
 def bulyan(updates: torch.Tensor, f: int) -> AggregationResult:
+    """Bulyan: theta = n - 2f updates picked by repeated Krum, then per coordinate the mean of
+    the beta = theta - 2f values closest to the median; refuses n < 4f + 3."""
     x = working_copy(updates)
     n = x.shape[0]
     check_bulyan(n, f)

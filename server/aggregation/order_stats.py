@@ -71,7 +71,7 @@ def _block(n: int) -> int:
 
 
 @numba.njit(inline="always")
-def _load_and_sort(x, pairs, j0, w, buf):
+def _load_and_sort(x: np.ndarray, pairs: np.ndarray, j0: int, w: int, buf: np.ndarray) -> None:
     n = x.shape[0]
     for i in range(n):
         for j in range(w):
@@ -89,7 +89,8 @@ def _load_and_sort(x, pairs, j0, w, buf):
 
 
 @numba.njit(parallel=True, cache=True)
-def _sorted_window_means(x, pairs, first, stop, block):
+def _sorted_window_means(x: np.ndarray, pairs: np.ndarray, first: int, stop: int,
+                         block: int) -> np.ndarray:
     """Per column, the float64 mean of sorted rows first..stop-1."""
     n, d = x.shape
     out = np.empty(d, dtype=np.float64)
@@ -108,7 +109,8 @@ def _sorted_window_means(x, pairs, first, stop, block):
 
 
 @numba.njit(parallel=True, cache=True)
-def _closest_window_means(x, pairs, beta, block):
+def _closest_window_means(x: np.ndarray, pairs: np.ndarray, beta: int,
+                          block: int) -> np.ndarray:
     """Per column, the float64 mean of the beta values closest to the column's median.
 
     In sorted order those values are a contiguous window: start from all n and drop the end
@@ -152,7 +154,9 @@ def sorted_window_mean(x: np.ndarray, first: int, stop: int) -> np.ndarray:
     if not 0 <= first < stop <= n:
         raise ValueError(f"rank window [{first}, {stop}) is outside 0..{n}")
     if n > MAX_NETWORK_ROWS:  # kth = the window's ends: the window then holds exactly its values
-        return np.partition(x, (first, stop - 1), axis=0)[first:stop].mean(axis=0, dtype=np.float64)
+        kept = np.partition(x, (first, stop - 1), axis=0)[first:stop]
+        means: np.ndarray = kept.mean(axis=0, dtype=np.float64)
+        return means
     # The window is right once either its own ranks or all the ranks outside it are: prune the
     # network to the smaller of the two sets.
     window = tuple(range(first, stop))
@@ -169,5 +173,6 @@ def closest_to_median_mean(x: np.ndarray, beta: int) -> np.ndarray:
     if n > MAX_NETWORK_ROWS:
         center = np.median(x, axis=0)
         idx = np.argpartition(np.abs(x - center), beta - 1, axis=0)[:beta]
-        return np.take_along_axis(x, idx, axis=0).mean(axis=0, dtype=np.float64)
+        means: np.ndarray = np.take_along_axis(x, idx, axis=0).mean(axis=0, dtype=np.float64)
+        return means
     return _closest_window_means(_contiguous(x), network_for(n), beta, _block(n))

@@ -19,6 +19,8 @@ from server.aggregation.result import working_copy
 
 def bucketing(updates: torch.Tensor, bucket_size: int,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle the updates with ``generator`` and average buckets of ``bucket_size`` (the last one
+    may be smaller); returns (bucket means, bucket of each client)."""
     x = working_copy(updates)
     n = x.shape[0]
     if bucket_size < 1:
@@ -33,11 +35,14 @@ def bucketing(updates: torch.Tensor, bucket_size: int,
 
 
 def check_nnm(n: int, f: int) -> None:
+    """Refuse f outside [0, n): nearest-neighbour mixing averages n - f updates."""
     if not 0 <= f < n:
         raise ConfigError(f"nearest-neighbour mixing needs 0 <= f < n, got n = {n}, f = {f}")
 
 
 def nnm(updates: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-neighbour mixing: each update becomes the mean of its n - f nearest updates,
+    itself included; returns (mixed, identity membership)."""
     x = working_copy(updates)
     n = x.shape[0]
     check_nnm(n, f)

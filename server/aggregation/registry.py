@@ -1,10 +1,10 @@
 """Spec strings -> stateful aggregators: "rule" or "pre+...+pre+rule".
 
-Each rule is one ``Rule`` record in RULE_RECORDS: how to apply it, how to check that it can
-aggregate ``rows`` updates with f assumed bad ones, and the facts central DP needs (whether its
-output is a mean of clipped updates, and if not, why central DP refuses it). Adding a rule is one
-function plus one record; nothing else binds rules by name. RULES (name -> plain function) is kept
-for callers that want the bare math.
+Each rule is one ``Rule`` record in RULE_RECORDS: its bare math function, how to apply it, how to
+check that it can aggregate ``rows`` updates with f assumed bad ones, and the facts central DP
+needs (whether its output is a mean of clipped updates, and if not, why central DP refuses it).
+Adding a rule is one file plus one record (CONTRIBUTING.md); nothing else binds rules by name.
+RULES (name -> bare function, for callers that want the math) is derived from the records.
 """
 
 from __future__ import annotations
@@ -22,8 +22,14 @@ from server.aggregation.coordinatewise import check_median, check_trim, median, 
 from server.aggregation.flame import check_flame, flame
 from server.aggregation.fltrust import fltrust
 from server.aggregation.geomed import check_geomed, geomed
-from server.aggregation.krum import (bulyan, check_bulyan, check_krum, check_multikrum, krum,
-                                     multikrum)
+from server.aggregation.krum import (
+    bulyan,
+    check_bulyan,
+    check_krum,
+    check_multikrum,
+    krum,
+    multikrum,
+)
 from server.aggregation.mean import fedavg
 from server.aggregation.preagg import bucketing, check_nnm, nnm
 from server.aggregation.result import AggregationResult
@@ -62,6 +68,7 @@ class Rule:
     calibrated for); otherwise ``central_dp_refusal`` says why central DP refuses the rule.
     """
     name: str
+    function: Callable[..., AggregationResult]  # the bare math, as RULES lists it
     apply: Callable[[torch.Tensor, RuleInputs], AggregationResult]
     check: Callable[[int, int, AggregationConfig], None]
     mean_of_clipped: bool = False
@@ -89,51 +96,49 @@ def _same_shape_center(x: torch.Tensor, center: torch.Tensor | None) -> torch.Te
 
 
 RULE_RECORDS: dict[str, Rule] = {r.name: r for r in (
-    Rule("fedavg", lambda x, a: fedavg(x, a.weights), _no_check, mean_of_clipped=True,
+    Rule("fedavg", fedavg, lambda x, a: fedavg(x, a.weights), _no_check, mean_of_clipped=True,
          uses_weights=True),
-    Rule("krum", lambda x, a: krum(x, a.f), lambda n, f, c: check_krum(n, f),
+    Rule("krum", krum, lambda x, a: krum(x, a.f), lambda n, f, c: check_krum(n, f),
          central_dp_refusal="krum selects one client's update, so one client can change the "
                             "output by up to 2C"),
-    Rule("multikrum", lambda x, a: multikrum(x, a.f, a.cfg.multikrum_m),
+    Rule("multikrum", multikrum, lambda x, a: multikrum(x, a.f, a.cfg.multikrum_m),
          lambda n, f, c: check_multikrum(n, f, c.multikrum_m or n - f),
          central_dp_refusal="multikrum averages a data-dependent selection, so one client changes "
                             "which updates are averaged and moves the output by more than "
                             "C / expected"),
-    Rule("bulyan", lambda x, a: bulyan(x, a.f), lambda n, f, c: check_bulyan(n, f),
+    Rule("bulyan", bulyan, lambda x, a: bulyan(x, a.f), lambda n, f, c: check_bulyan(n, f),
          central_dp_refusal="bulyan selects and trims updates by their values, so one client "
                             "changes the selection"),
-    Rule("median", lambda x, a: median(x, a.f), lambda n, f, c: check_median(n, f),
+    Rule("median", median, lambda x, a: median(x, a.f), lambda n, f, c: check_median(n, f),
          central_dp_refusal="the coordinate-wise median is not a sum, its sensitivity to one "
                             "client is not C / expected"),
-    Rule("trimmed_mean", lambda x, a: trimmed_mean(x, trim_for(a.cfg, x.shape[0], a.f)),
+    Rule("trimmed_mean", trimmed_mean,
+         lambda x, a: trimmed_mean(x, trim_for(a.cfg, x.shape[0], a.f)),
          lambda n, f, c: check_trim(n, trim_for(c, n, f)),
          central_dp_refusal="trimmed_mean drops updates by their values, so one client changes "
                             "which are kept"),
-    Rule("geomed", lambda x, a: geomed(x, a.cfg.geomed_iters, a.cfg.geomed_eps, f=a.f),
+    Rule("geomed", geomed, lambda x, a: geomed(x, a.cfg.geomed_iters, a.cfg.geomed_eps, f=a.f),
          lambda n, f, c: check_geomed(n, f),
          central_dp_refusal="the geometric median is not a sum of clipped updates; its "
                             "sensitivity is not C / expected"),
-    Rule("cclip", lambda x, a: cclip(x, _same_shape_center(x, a.center), a.cfg.cclip_tau,
-                                     a.cfg.cclip_iters, f=a.f),
+    Rule("cclip", cclip, lambda x, a: cclip(x, _same_shape_center(x, a.center), a.cfg.cclip_tau,
+                                            a.cfg.cclip_iters, f=a.f),
          lambda n, f, c: check_cclip(n, f), stateful=True,
          central_dp_refusal="centered clipping iterates around a data-dependent centre, so its "
                             "sensitivity is not C / expected"),
-    Rule("clip", lambda x, a: clip(x, a.cfg.clip_norm, f=a.f), lambda n, f, c: check_clip(n, f),
-         mean_of_clipped=True),
-    Rule("fltrust", lambda x, a: fltrust(x, a.reference), _no_check,
+    Rule("clip", clip, lambda x, a: clip(x, a.cfg.clip_norm, f=a.f),
+         lambda n, f, c: check_clip(n, f), mean_of_clipped=True),
+    Rule("fltrust", fltrust, lambda x, a: fltrust(x, a.reference), _no_check,
          central_dp_refusal="fltrust weighs updates by their similarity to a server update, so "
                             "weights are unbounded"),
-    Rule("flame", lambda x, a: flame(x, a.cfg.flame_noise, a.generator, f=a.f),
+    Rule("flame", flame, lambda x, a: flame(x, a.cfg.flame_noise, a.generator, f=a.f),
          lambda n, f, c: check_flame(n, f),
          central_dp_refusal="flame clusters and re-clips by data-dependent norms, so one client "
                             "changes the output by more than C / expected"),
 )}
 
 RULES: dict[str, Callable[..., AggregationResult]] = {
-    "fedavg": fedavg, "krum": krum, "multikrum": multikrum, "bulyan": bulyan, "median": median,
-    "trimmed_mean": trimmed_mean, "geomed": geomed, "cclip": cclip, "clip": clip,
-    "fltrust": fltrust, "flame": flame,
-}
+    n: r.function for n, r in RULE_RECORDS.items()}
 
 PRE_STEPS: dict[str, PreStep] = {s.name: s for s in (
     PreStep("bucketing", lambda x, a: bucketing(x, a.cfg.bucket_size, a.generator),
@@ -221,6 +226,7 @@ class Aggregator:
 
     def __call__(self, updates: torch.Tensor, weights: torch.Tensor | None = None,
                  reference: torch.Tensor | None = None) -> AggregationResult:
+        """Aggregate one round's (n, d) updates: pre-steps, then the rule; suspicion per client."""
         n = updates.shape[0]
         f = self.resolve_f(n)
         inputs = RuleInputs(self.cfg, f, reference=reference, center=self.center,
@@ -243,6 +249,7 @@ class Aggregator:
         return {"name": self.name, "center": self.center, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict saved; refuses the state of another spec."""
         if state.get("name") != self.name:
             raise ConfigError(f"aggregator state is for {state.get('name')!r}, not {self.name!r}; "
                               f"resume with the same aggregation.rule")
@@ -252,4 +259,5 @@ class Aggregator:
 
 def build_aggregator(spec: str, cfg: AggregationConfig, num_clients: int,
                      seed: int = 0) -> Aggregator:
+    """The Aggregator for ``spec``, validated for ``num_clients`` updates a round."""
     return Aggregator(spec, cfg, num_clients, seed)

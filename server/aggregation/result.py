@@ -12,6 +12,7 @@ from server.aggregation.distances import ROUNDING_SLACK, unit_roundoff
 
 @dataclass
 class AggregationResult:
+    """What a rule returns: the aggregate, each client's suspicion and a few numbers."""
     update: torch.Tensor  # (d,), same dtype as the input updates
     suspicion: torch.Tensor  # (n,) float in [0, 1], the rule's own evidence that client i is bad
     info: dict[str, float] = field(default_factory=dict)

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 from simulations.attacks.alie import alie, alie_z_max
 from simulations.attacks.base import Attack
-from simulations.attacks.data_poisoning import apply_trigger, backdoor, label_flip, triggered_test_set
+from simulations.attacks.data_poisoning import (
+    apply_trigger,
+    backdoor,
+    label_flip,
+    triggered_test_set,
+)
 from simulations.attacks.ipm import ipm
 from simulations.attacks.mimic import mimic
 from simulations.attacks.minmax import minmax, minsum
@@ -25,8 +30,9 @@ from simulations.attacks.simple import gaussian, scaling, sign_flip
 
 ATTACKS: dict[str, Attack] = {a.name: a for a in (
     Attack("label_flip", "data", "labels y -> num_classes - 1 - y", poison_data=label_flip),
-    Attack("backdoor", "both", "pixel/feature trigger -> target_label on poison_fraction of the data, "
-           "update boosted by scale (model replacement)", poison_data=backdoor, craft=scaling),
+    Attack("backdoor", "both", "pixel/feature trigger -> target_label on poison_fraction of the "
+           "data, update boosted by scale (model replacement)", poison_data=backdoor,
+           craft=scaling),
     Attack("sign_flip", "update", "-sign_flip_scale * own update", craft=sign_flip),
     Attack("gaussian", "update", "N(0, noise_std^2) vectors", craft=gaussian),
     Attack("scaling", "update", "own update * scale", craft=scaling),
@@ -40,4 +46,5 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
            "(Karimireddy et al. 2022)", craft=mimic),
 )}
 
-__all__ = ["ATTACKS", "Attack", "alie_z_max", "apply_trigger", "select_byzantine", "triggered_test_set"]
+__all__ = ["ATTACKS", "Attack", "alie_z_max", "apply_trigger", "select_byzantine",
+           "triggered_test_set"]

@@ -19,7 +19,8 @@ TABULAR_TRIGGER_VALUE = 1.0
 
 
 def apply_trigger(x: np.ndarray, task_is_image: bool) -> np.ndarray:
-    """A copy of ``x`` (one example or a batch, channels first) with the backdoor trigger stamped."""
+    """A copy of ``x`` (one example or a batch, channels first) with the backdoor trigger
+    stamped."""
     out = np.array(x, copy=True)
     if task_is_image:
         out[(..., *IMAGE_TRIGGER)] = IMAGE_TRIGGER_VALUE
@@ -48,7 +49,8 @@ def backdoor(x: np.ndarray, y: np.ndarray, num_classes: int, params: AttackConfi
     return x, y
 
 
-def triggered_test_set(x: np.ndarray, y: np.ndarray, target_label: int, task_is_image: bool) -> np.ndarray:
+def triggered_test_set(x: np.ndarray, y: np.ndarray, target_label: int,
+                       task_is_image: bool) -> np.ndarray:
     """Test examples whose true label is not the target, with the trigger stamped.
 
     Backdoor success rate = fraction of these the model classifies as ``target_label``.

@@ -29,5 +29,6 @@ def mimic_target(ref: torch.Tensor) -> int:
 
 def mimic(own: torch.Tensor, honest: torch.Tensor, params: AttackConfig,
           generator: torch.Generator) -> torch.Tensor:
+    """All Byzantine clients send a copy of the honest update ``mimic_target`` picks."""
     ref = knowledge(own, honest)
     return broadcast(ref[mimic_target(ref)], own)

@@ -1,22 +1,22 @@
 """Min-Max and Min-Sum (Shejwalkar & Houmansadr, NDSS 2021, "Manipulating the Byzantine").
 
-The malicious update is ``mean + gamma * p`` for a perturbation direction ``p`` (inverse std, inverse
-unit mean, or inverse sign), with gamma as large as possible while the update stays inside the
-honest updates' spread:
+The malicious update is ``mean + gamma * p`` for a perturbation direction ``p`` (inverse std,
+inverse unit mean, or inverse sign), with gamma as large as possible while the update stays inside
+the honest updates' spread:
 
 - min-max: its largest distance to an honest update <= the largest honest pairwise distance;
 - min-sum: its sum of squared distances to the honest updates <= the largest such sum of an
   honest update.
 
 As in the paper gamma is found by binary search on that feasibility test (the feasible set is an
-interval [0, gamma*] because both sides are convex in gamma and gamma = 0 is feasible). Distances are
-expanded as ``|c_i|^2 + 2 gamma c_i.p + gamma^2 |p|^2`` with ``c_i = mean - x_i`` so each test costs
-O(h), not O(h d).
+interval [0, gamma*] because both sides are convex in gamma and gamma = 0 is feasible). Distances
+are expanded as ``|c_i|^2 + 2 gamma c_i.p + gamma^2 |p|^2`` with ``c_i = mean - x_i`` so each test
+costs O(h), not O(h d).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -28,6 +28,7 @@ RELATIVE_TOLERANCE = 1e-9
 
 
 def perturbation(ref: torch.Tensor, direction: str) -> torch.Tensor:
+    """The direction p: minus the coordinate std ("std"), the unit mean ("unit") or its sign."""
     mean = ref.mean(dim=0)
     if direction == "std":
         return -coordinate_std(ref)
@@ -40,12 +41,14 @@ def perturbation(ref: torch.Tensor, direction: str) -> torch.Tensor:
 
 
 def pairwise_sq_distances(ref: torch.Tensor) -> torch.Tensor:
+    """(h, h) squared distances between the rows of ``ref``, clamped at 0."""
     sq = (ref * ref).sum(dim=1)
     return (sq[:, None] + sq[None, :] - 2.0 * ref @ ref.T).clamp_min(0.0)
 
 
 def largest_feasible(feasible: Callable[[float], bool]) -> float:
-    """Largest gamma >= 0 with ``feasible(gamma)``, given feasible(0) and an interval feasible set."""
+    """Largest gamma >= 0 with ``feasible(gamma)``, given feasible(0) and an interval feasible
+    set."""
     lo, hi = 0.0, 1.0
     while feasible(hi):  # grow the bracket; the quadratic constraint fails for large gamma
         lo, hi = hi, 2.0 * hi
@@ -82,7 +85,7 @@ def optimal_gamma(ref: torch.Tensor, p: torch.Tensor, objective: str) -> float:
     return largest_feasible(feasible)
 
 
-def _crafter(objective: str):
+def _crafter(objective: str) -> Callable[..., torch.Tensor]:
     def craft(own: torch.Tensor, honest: torch.Tensor, params: AttackConfig,
               generator: torch.Generator) -> torch.Tensor:
         ref = knowledge(own, honest)

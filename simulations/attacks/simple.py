@@ -15,7 +15,8 @@ def sign_flip(own: torch.Tensor, honest: torch.Tensor, params: AttackConfig,
 
 def gaussian(own: torch.Tensor, honest: torch.Tensor, params: AttackConfig,
              generator: torch.Generator) -> torch.Tensor:
-    """Each Byzantine client sends an independent N(0, noise_std^2 I) vector (Blanchard et al. 2017)."""
+    """Each Byzantine client sends an independent N(0, noise_std^2 I) vector (Blanchard et al.
+    2017)."""
     noise = torch.randn(own.shape, generator=generator, dtype=torch.float64)
     return (params.noise_std * noise).to(own.dtype)
 
