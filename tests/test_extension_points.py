@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from fedshield import config as fcfg
+from fedshield import validation
 from fedshield.errors import ConfigError
 from server.aggregation.registry import RULE_RECORDS, Rule
 from simulations.attacks import ATTACKS, Attack
 from simulations.runner import simulate
 from tasks.base import TASKS, get_task
+from tests.config_support import neutral
 from tests.fixtures.extension import toy_attack, toy_rule
 
 TOY_TASK = "tests.fixtures.extension.toy_task"
@@ -56,13 +57,14 @@ def toy_task_registered():
 
 def digits_cfg(tmp_path, **sections):
     """One round of a 5-client digits federation, DP-SGD on (the default), no hand-off."""
-    data = {"name": "ext", "seed": 0, "output_dir": str(tmp_path / "runs"),
-            "task": {"name": "digits"},
-            "federation": {"num_clients": 5, "rounds": 1},
-            "partition": {"kind": "dirichlet", "alpha": 1.0},
-            "train": {"lr": 0.1, "batch_size": 16},
-            "privacy": {"ledger_dir": str(tmp_path / "ledgers")},
-            "deployment": {"handoff": False}}
+    data = neutral({"name": "ext", "seed": 0, "output_dir": str(tmp_path / "runs"),
+                    "task": {"name": "digits"},
+                    "federation": {"num_clients": 5, "rounds": 1},
+                    "partition": {"kind": "dirichlet", "alpha": 1.0},
+                    "train": {"lr": 0.1, "batch_size": 16},
+                    "privacy": {"enabled": True, "target_epsilon": 3.0,
+                                "ledger_dir": str(tmp_path / "ledgers")},
+                    "deployment": {"handoff": False}})
     for key, value in sections.items():
         data.setdefault(key, {}).update(value)
     return data
@@ -70,28 +72,28 @@ def digits_cfg(tmp_path, **sections):
 
 def metrics(summary):
     return [json.loads(x) for x in
-            (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_unregistered_names_are_refused_by_validation(tmp_path):
     """Before the registry lines the same configs are refused: the registries are what validation
     asks, not a copied list."""
     with pytest.raises(ConfigError, match="toy_mean"):
-        fcfg.from_dict(digits_cfg(tmp_path, aggregation={"rule": "toy_mean"}))
+        validation.from_dict(digits_cfg(tmp_path, aggregation={"rule": "toy_mean"}))
     with pytest.raises(ConfigError, match="toy-digits"):
-        fcfg.from_dict(digits_cfg(tmp_path, task={"name": "toy-digits"}))
+        validation.from_dict(digits_cfg(tmp_path, task={"name": "toy-digits"}))
     with pytest.raises(ConfigError, match="zero_update"):
-        fcfg.from_dict(digits_cfg(tmp_path, attack={"name": "zero_update", "byzantine_ids": "0"}))
+        validation.from_dict(digits_cfg(tmp_path, attack={"name": "zero_update", "byzantine_ids": "0"}))
 
 
 def test_a_new_rule_and_task_run_a_federation(tmp_path, toy_rule_registered, toy_task_registered):
-    cfg = fcfg.from_dict(digits_cfg(tmp_path, task={"name": toy_task_registered.NAME},
+    cfg = validation.from_dict(digits_cfg(tmp_path, task={"name": toy_task_registered.NAME},
                                     aggregation={"rule": "nnm+toy_mean", "f": 1}))
     summary = simulate(cfg)
     assert toy_rule_registered.CALLS == [5]  # one round, all 5 clients, after nnm
     [line] = metrics(summary)
     assert line["round"] == 1 and line["accepted"] == 5
-    assert summary["rounds_completed"] == 1
+    assert summary.rounds_completed == 1
     # The task's model is the toy one: a single 64 -> 10 linear layer.
     assert [tuple(p.shape) for p in get_task(toy_task_registered.NAME).build_model().parameters()] \
         == [(10, 64), (10,)]
@@ -100,24 +102,19 @@ def test_a_new_rule_and_task_run_a_federation(tmp_path, toy_rule_registered, toy
 def test_a_new_rule_is_checked_like_the_shipped_ones(tmp_path, toy_rule_registered):
     """The record's check runs in pre-flight: f = 2 of 4 clients is refused with the rule's
     reason, before any run folder exists; central DP refuses it with the record's reason."""
-    cfg = fcfg.from_dict(digits_cfg(tmp_path, federation={"num_clients": 4},
+    cfg = validation.from_dict(digits_cfg(tmp_path, federation={"num_clients": 4},
                                     aggregation={"rule": "toy_mean", "f": 2}))
     with pytest.raises(ConfigError, match="toy_mean needs more than 2f = 4 updates"):
         simulate(cfg)
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="central DP .*toy_mean"):
-        fcfg.from_dict(digits_cfg(tmp_path, aggregation={"rule": "toy_mean"},
+        validation.from_dict(digits_cfg(tmp_path, aggregation={"rule": "toy_mean"},
                                   central_dp={"enabled": True}))
 
 
-# Until the config split (branch h-config) lands, fedshield/config.py checks attack.name against
-# a copied tuple (ATTACK_NAMES), so the one-line recipe is refused there: strict, so that this
-# marker fails (XPASS) as soon as validation asks simulations.attacks.ATTACKS; then delete it.
-@pytest.mark.xfail(raises=ConfigError, strict=True,
-                   reason="config.ATTACK_NAMES is a copy of the attack registry (issue 15)")
 def test_a_new_attack_runs_in_a_federation(tmp_path, toy_attack_registered):
-    cfg = fcfg.from_dict(digits_cfg(tmp_path, attack={"name": "zero_update",
+    cfg = validation.from_dict(digits_cfg(tmp_path, attack={"name": "zero_update",
                                                       "byzantine_ids": "0"}))
     summary = simulate(cfg)
     assert toy_attack_registered.CALLS == [(1, 4)]  # one round: 1 Byzantine, 4 honest updates
-    assert summary["attack_report"]["byzantine_ids"] == [0]
+    assert list(summary.attack_report.byzantine_ids) == [0]

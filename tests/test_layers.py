@@ -26,7 +26,7 @@ LINTER = PYPROJECT["tool"]["importlinter"]
 
 EDGES_SCRIPT = """
 import json, sys, grimp
-graph = grimp.build_graph(*json.loads(sys.argv[1]))
+graph = grimp.build_graph(*json.loads(sys.argv[1]), exclude_type_checking_imports=True)
 print(json.dumps(sorted([m, i] for m in graph.modules
                         for i in graph.find_modules_directly_imported_by(m))))
 """
