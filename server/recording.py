@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from logging import WARNING
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from server.reputation import Reputation
 from tasks import Split, evaluate, get_task, resolve_device, task_for
 
 
+@runtime_checkable
 class RecordedStrategy(Protocol):
     """Exactly what RunRecorder, the metrics line and the summary read from a strategy.
 
