@@ -77,13 +77,19 @@ def test_central_noise_has_the_calibrated_std_and_is_not_the_seeds():
     assert abs(np.corrcoef(released, seeded)[0, 1]) < 0.015
 
 
-def test_both_strategies_hold_the_same_mechanism_and_state_its_epsilon_alike():
+def test_both_strategies_hold_the_same_mechanism_and_state_its_epsilon_alike(monkeypatch):
+    """Both account the sampler's own Poisson rate q (the accountant itself is checked against
+    dp_accounting in test_privacy_central)."""
+    import server.central_dp
+
+    monkeypatch.setattr(server.central_dp, "user_level_epsilon", lambda *args: args)
     cfg = central_cfg()
     plain, secagg = ShieldStrategy(cfg), SecAggFedAvg(cfg)
     assert isinstance(plain.federation.central, CentralDP)
     assert isinstance(secagg.federation.central, CentralDP)
+    assert plain.federation.central.rate == cfg.federation.fraction_train
     assert plain.user_level_epsilon(40) == secagg.user_level_epsilon(40) \
-        == CentralDP(cfg).epsilon(40)
+        == (1.3, 0.3, 40, cfg.central_dp.delta, cfg.central_dp.accountant)
     off = ShieldStrategy(digits_cfg(Path("/tmp")))
     assert off.federation.central is None and off.user_level_epsilon(40) is None
 
