@@ -3,8 +3,9 @@
 For each rule (nnm+cclip, fedavg, median) with 2 and 6 clients, hypothesis sends 170 hostile
 replies (1,020 in all), one per round among honest ones, each a real Flower Message round-tripped
 through Flower's protobuf serialisation. Each round goes configure_train -> replies ->
-aggregate_train -> server evaluation -> metrics line -> checkpoint (ShieldStrategy.start with the
-RunRecorder of server/app.py), and the global model carries over from round to round.
+aggregate_train -> server evaluation -> metrics line -> checkpoint (Flower's Strategy.start with
+server/app.py's end_of_round and server/recording.py's RunRecorder), and the global model carries
+over from round to round.
 
 Properties, for every hostile reply:
 - no exception escapes the round;
