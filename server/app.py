@@ -37,7 +37,8 @@ def end_of_round(run: RunRecorder, strategy: ShieldStrategy) -> EvaluateFn:
         weights = arrays.to_torch_state_dict()
         server_eval = run.evaluate_round(weights)
         run.on_round(rnd, weights, strategy.round.record(rnd, server_eval))
-        return MetricRecord(server_eval)
+        metrics: dict[str, int | float | list[int] | list[float]] = dict(server_eval)
+        return MetricRecord(metrics)
 
     return evaluate_fn
 

@@ -63,9 +63,10 @@ def fixed_size_sample(num_eligible: int, k: int, seed: int, server_round: int) -
 
 def weighted_loss(losses: list[float | None], weights: list[float]) -> float | None:
     """The weighted mean training loss, or None when there is none or a client withheld its."""
-    if not losses or any(x is None for x in losses):
+    known = [x for x in losses if x is not None]
+    if not losses or len(known) < len(losses):
         return None
-    return float(np.dot(weights, losses) / sum(weights))
+    return float(np.dot(weights, known) / sum(weights))
 
 
 @dataclass
