@@ -2,46 +2,54 @@
 
 Handlers are thin: they decode the message, call plain functions, and encode the reply. A client
 that cannot or must not train (invalid data, privacy budget exhausted) replies with a ``refusal``
-record naming the reason, so the server logs it and the round goes on.
+record naming the reason, so the server logs it and the round goes on. One round of local
+training is client/fit.py; the SecAgg+ protocol messages are client/secagg.py.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
-from typing import Callable
-
-import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from client.data import load_client_data
-from client.releases import reply_metrics, stats_release
-from client.training import train_local
-from client.validation import quality_report, validate_split
-from fedshield import configio, schema, validation
+from client.fit import (
+    DataLoader,
+    checked_data,
+    client_ledger,
+    fit_locally,
+    identity,
+    privacy_cap,
+    round_seed,
+    site_key,
+)
+from client.secagg import secagg_train
+from fedshield import validation
 from fedshield.errors import BudgetExhausted, DataValidationError
-from fedshield.records import (EvalReport, Refusal, TrainReport, encode_eval_report,
-                               encode_refusal, encode_train_report)
+from fedshield.records import (
+    EvalReport,
+    Refusal,
+    TrainReport,
+    encode_eval_report,
+    encode_refusal,
+    encode_train_report,
+)
 from privacy.releases import EXACT_MODE, OUTSIDE_KEY
-from tasks import Split, Task, evaluate
+from tasks import Task, evaluate
 
-DataLoader = Callable[[Context, schema.Config], tuple[Task, Split, Split]]
-
-
-def identity(context: Context) -> dict[str, int]:
-    """The partition id, where the node has one, so the server can report per client."""
-    pid = context.node_config.get("partition-id")
-    return {} if pid is None else {"partition-id": int(pid)}
+# Re-exported: callers and tests import these from client.app (their home is client/fit.py).
+__all__ = ["DataLoader", "client_ledger", "fit_locally", "make_client_app", "privacy_cap",
+           "round_seed", "site_key"]
 
 
 def refusal(msg: Message, context: Context, code: str, reason: str) -> Message:
+    """The reply of a client that must not train or evaluate: a code and a reason."""
     pid = identity(context).get("partition-id")
     return Message(encode_refusal(Refusal(code, reason, pid)), reply_to=msg)
 
 
 def round_config(msg: Message) -> dict:
+    """The message's round config (``server-round``, ``train.*``), empty when absent."""
     return dict(msg.content["config"]) if "config" in msg.content else {}
 
 
@@ -49,125 +57,6 @@ def _model_from(msg: Message, task: Task) -> torch.nn.Module:
     model = task.build_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
-
-
-def _checked_data(context: Context, cfg: schema.Config, load_data: DataLoader):
-    task, train, val = load_data(context, cfg)
-    validate_split(train, task, "local training data")
-    if len(val):
-        validate_split(val, task, "local validation data")
-    return task, train, val
-
-
-def client_ledger(cfg: schema.Config, context: Context, run_key: str, server_round: int = 0):
-    """This client's persistent privacy ledger (see privacy.ledger_scope).
-
-    Its budget belongs to the site's data (:func:`site_key`), not to the federation name the
-    coordinator picks: the cap applies to the total over every federation of the site. Raises
-    LedgerMissing for round > 1 of a run the ledger holds nothing of, where every client trains
-    every round (the ledger was lost)."""
-    from privacy.ledger import Ledger  # noqa: PLC0415
-
-    node = context.node_config
-    scope = cfg.privacy.ledger_scope
-    if scope == "auto":
-        scope = "federation" if "data-path" in node else "run"
-    owner = cfg.name if scope == "federation" else f"{cfg.name}/runs/{run_key}"
-    client = node.get("site-id", f"partition-{node.get('partition-id', context.node_id)}")
-    # A simulated run re-partitions its benchmark data: its ledger's data is that run's partition.
-    site = site_key(node) if scope == "federation" else f"{owner}/{client}"
-    ledger = Ledger.for_client(node.get("ledger-dir", cfg.privacy.ledger_dir), owner, client,
-                               cfg.privacy.delta, cfg.privacy.accountant, privacy_cap(cfg, node),
-                               site=site)
-    if cfg.federation.fraction_train >= 1.0 and not cfg.central_dp.enabled:
-        ledger.require_run_history(run_key, server_round)
-    return ledger
-
-
-def site_key(node_config) -> str:
-    """What a site's budget belongs to: its site-id, else a fingerprint of its data path, else its
-    partition (simulations). Set by the site in its node config, never by the coordinator."""
-    import hashlib  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    if "site-id" in node_config:
-        return f"site:{node_config['site-id']}"
-    if "data-path" in node_config:
-        path = str(Path(str(node_config["data-path"])).expanduser().resolve())
-        return f"data:{hashlib.sha256(path.encode()).hexdigest()[:16]}"
-    return f"partition:{node_config.get('partition-id', 'none')}"
-
-
-def privacy_cap(cfg: schema.Config, node_config) -> float:
-    """The tighter of the federation's budget and the site's own (node config max-epsilon);
-    0 = no budget. A site can lower its cap, never raise the federation's."""
-    caps = [c for c in (cfg.privacy.max_epsilon, float(node_config.get("max-epsilon", 0.0))) if c > 0]
-    return min(caps, default=0.0)
-
-
-def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context, rc: dict,
-                   seed: int, num_classes: int) -> dict[str, float]:
-    from client.dp import train_private  # noqa: PLC0415 (Opacus only when DP is on)
-
-    run_key = str(rc.get("run-key", context.run_id))
-    server_round = int(rc.get("server-round", 0))
-    ledger = client_ledger(cfg, context, run_key, server_round)
-    # Under DP the example count is private: release the class histogram once (accounted), and
-    # plan sample rate, steps and noise from its noised total (privacy/releases.py).
-    release, stats = None, {}
-    if cfg.privacy.release_stats != EXACT_MODE:
-        release, new = stats_release(data.y, num_classes, cfg.privacy, ledger, run_key)
-        stats = {**release.to_metrics(new), "num-examples": release.planning_count}
-    result = train_private(model, data, train_cfg, cfg.privacy, ledger,
-                           total_rounds=int(rc.get("num-rounds", 1)),
-                           server_round=server_round, run_id=run_key, seed=seed,
-                           planning_examples=release.planning_count if release else None,
-                           extra_events=(release.event,) if release else ())
-    m = result["metrics"]
-    return {"epsilon": m["epsilon"], "delta": m["delta"], "noise-multiplier": m["noise_multiplier"],
-            "clip-norm": m["max_grad_norm"], "sample-rate": m["sample_rate"],
-            "steps": float(m["steps"]), "train-loss": m["train_loss"],
-            "train-seconds": m["train_seconds"], **stats}
-
-
-def round_seed(run_seed: int, server_round: int, partition_id: int) -> int:
-    """The client's seed for one round: augmentation and non-DP shuffling (and DP draws only under
-    privacy.reproducible_noise). The server knows all three inputs, so nothing secret may use it."""
-    return int(np.random.SeedSequence([run_seed, server_round, partition_id]).generate_state(1)[0])
-
-
-def fit_locally(context: Context, cfg: schema.Config, load_data: DataLoader,
-                weights: dict[str, torch.Tensor] | list[np.ndarray],
-                rc: dict) -> tuple[torch.nn.Module, dict]:
-    """One round of local training from the global ``weights`` (DP-SGD when privacy is on).
-
-    ``weights`` are named tensors, or unnamed arrays in the model's state_dict order (Flower's
-    legacy messages); ``rc`` is the round config (``server-round``, ``train.*``). Returns (trained
-    model, metrics); raises DataValidationError or BudgetExhausted when the client must not train.
-    """
-    started = time.perf_counter()
-    task, data, _ = _checked_data(context, cfg, load_data)
-    train_cfg = configio.section(schema.TrainConfig, configio.unflatten(rc).get("train", {}), "train.")
-    train_cfg = replace(train_cfg, lr=train_cfg.lr_at(int(rc.get("server-round", 1)),
-                                                      int(rc.get("num-rounds", 1))))
-    model = task.build_model()
-    if isinstance(weights, list):
-        weights = {name: torch.from_numpy(np.array(a)) for name, a
-                   in zip(model.state_dict(), weights, strict=True)}
-    model.load_state_dict(weights)
-    seed = round_seed(cfg.seed, int(rc.get("server-round", 0)),
-                      int(context.node_config.get("partition-id", 0)))
-    metrics: dict[str, float] = {}
-    if cfg.privacy.enabled:
-        metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed,
-                                      task.num_classes))
-    else:
-        metrics.update(train_local(model, data, train_cfg, seed))
-    exact = {**quality_report(data, task.num_classes), "num-examples": len(data)}
-    metrics.update(identity(context))
-    metrics["client-seconds"] = time.perf_counter() - started
-    # Under DP only the DP outputs leave, unless the user opted in (client/releases.py).
-    return model, reply_metrics(metrics, cfg.privacy, exact)
 
 
 def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
@@ -178,8 +67,6 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg = validation.from_run_config(context.run_config)
         if cfg.secagg.enabled:  # Flower's SecAgg+ protocol messages (see client/secagg.py)
-            from client.secagg import secagg_train  # noqa: PLC0415
-
             return secagg_train(msg, context, cfg, load_data)
         try:
             model, metrics = fit_locally(context, cfg, load_data,
@@ -197,11 +84,12 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
     def evaluate_handler(msg: Message, context: Context) -> Message:
         cfg = validation.from_run_config(context.run_config)
         try:
-            task, _, val = _checked_data(context, cfg, load_data)
+            task, _, val = checked_data(context, cfg, load_data)
         except DataValidationError as exc:
             return refusal(msg, context, "invalid-data", str(exc))
         if not len(val):
-            return refusal(msg, context, "no-validation-data", "too few local examples to hold some out")
+            return refusal(msg, context, "no-validation-data",
+                           "too few local examples to hold some out")
         if cfg.privacy.enabled and cfg.privacy.release_stats != EXACT_MODE:
             return refusal(msg, context, "not-released",
                            "exact held-out loss and accuracy are outside the DP guarantee; set "

@@ -27,7 +27,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from client.app import DataLoader, fit_locally
+from client.fit import DataLoader, fit_locally
 from fedshield import schema
 from fedshield.errors import ConfigError
 from privacy.central import clip_updates

@@ -1,250 +1,73 @@
 """fedshield ServerApp: run the configured federation and write the run folder.
 
 The same app runs under ``fedshield simulate`` (in-process grid), ``flwr run .`` (Flower's
-simulation runtime) and on a SuperLink with real SuperNodes.
+simulation runtime) and on a SuperLink with real SuperNodes. This module is Flower plumbing
+only: the strategies are server/strategy.py and server/secagg.py, the run folder and its
+bookkeeping server/recording.py.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
-from logging import WARNING
-from pathlib import Path
 
-import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedshield import configio, schema, validation
-from fedshield.errors import ConfigError, RunFailed, TooFewUpdates
-from fedshield.run_records import (AGGREGATED, COMPLETED, FAILED, BestRound, CentralDPSummary,
-                                   ClassCounts, DataQuality, DPEventLine, FinalMetrics,
-                                   HandoffSummary,
-                                   MetricsLine, PrivacySummary, PrivacyUnits, ReleaseEvent,
-                                   RobustnessSummary, RunSummary)
+from fedshield import schema, validation
+from fedshield.errors import RunFailed, TooFewUpdates
+from fedshield.run_records import RunSummary
+from server.checkpoint import load_checkpoint
 from server.preflight import preflight
-from privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
-from privacy.releases import (OUTSIDE_KEY, STATS_NEW_KEY, STATS_NOISE_KEY,
-                              class_counts_from_metrics, histogram_event, merge_class_counts)
-from server.averaging import ModelAverage
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.hooks import HANDOFF, run_post_run_hook
-from server.outputs import RunFolder, library_versions, new_run_dir
-from server.report import ConsoleReporter
-from server.strategy import RoundState, ShieldStrategy
-from tasks import Split, evaluate, get_task, resolve_device, task_for
+from server.recording import RunRecorder, train_round_config
+from server.secagg import run_secagg_federation
+from server.strategy import ShieldStrategy
+
+EvaluateFn = Callable[[int, ArrayRecord], "MetricRecord | None"]
 
 
-def server_test_split(task_name: str, limit: int) -> Split:
-    _, test = get_task(task_name).load()
-    return test if not limit or limit >= len(test) else test.subset(np.arange(limit))
+def end_of_round(run: RunRecorder, strategy: ShieldStrategy) -> EvaluateFn:
+    """The ``evaluate_fn`` for Flower's ``Strategy.start``: it is called before round 1 and at
+    the end of every round, which is where the run records the round (server evaluation,
+    metrics line, best weights, checkpoint). Flower counts each segment's rounds from 1; the
+    metrics line gets the run's round."""
 
+    def evaluate_fn(segment_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if segment_round == 0:  # the model before round 1: already evaluated and recorded
+            return None
+        rnd = strategy.federation.run_round(segment_round)
+        weights = arrays.to_torch_state_dict()
+        server_eval = run.evaluate_round(weights)
+        run.on_round(rnd, weights, strategy.round.record(rnd, server_eval))
+        metrics: dict[str, int | float | list[int] | list[float]] = dict(server_eval)
+        return MetricRecord(metrics)
 
-def metrics_line(rnd: int, record: dict, strategy: ShieldStrategy) -> MetricsLine:
-    """One round's line of metrics.jsonl, from the round's decoded reports (fedshield.records)."""
-    state: RoundState = record["state"]
-    part = strategy.node_partition
-    label = lambda n: part.get(n, n)  # noqa: E731 — partition id where known, else node id
-    reports = state.reports
-    eps = {str(label(n)): r.epsilon for n, r in reports.items() if r.epsilon is not None}
-    # The privacy events of this round, per client: enough to recompute every epsilon.
-    dp = {str(label(n)): DPEventLine(**asdict(r.dp), release=release_event(r.extra))
-          for n, r in reports.items() if r.dp is not None}
-    # Class histograms as released: noised under DP (privacy/releases.py), exact without it.
-    counts = {str(label(n)): c for n, r in reports.items()
-              if (c := class_counts_from_metrics(r.extra)) is not None}
-    quarantined = sorted(label(n) for n in strategy.reputation.quarantined) \
-        if strategy.reputation else []
-    return MetricsLine(
-        round=rnd,
-        status=FAILED if state.skipped else AGGREGATED,
-        accuracy=record["server_eval"].get("accuracy"),
-        loss=record["server_eval"].get("loss"),
-        client_accuracy=record["client_eval"].get("accuracy"),
-        train_loss=record["train"].get("train-loss"),
-        epsilon=eps,
-        epsilon_max=max(eps.values()) if eps else None,
-        epsilon_mean=float(np.mean(list(eps.values()))) if eps else None,
-        dp_events=dp,
-        central_epsilon=strategy.user_level_epsilon(rnd),
-        # What each epsilon above measures (the accountant and delta are in the summary).
-        privacy_unit=PrivacyUnits(epsilon=SAMPLE_LEVEL, central_epsilon=USER_LEVEL),
-        sampled=len(state.sampled),
-        accepted=len(state.accepted),
-        rejected={str(label(n)): r for n, r in state.rejected.items()},
-        rejected_codes=state.rejected_codes,
-        refused={str(label(n)): r for n, r in state.refused.items()},
-        ignored_claims={str(label(n)): r for n, r in state.ignored_claims.items()},
-        newly_quarantined=tuple(sorted(label(n) for n in state.newly_quarantined)),
-        quarantined=tuple(quarantined),
-        aggregation=state.aggregation_info,
-        skipped=state.skipped,
-        seconds=round(record["seconds"], 3),
-        # Each client's own wall time for the round (data, training, encoding), to tell
-        # computation from transport and polling in deployments.
-        client_seconds={str(label(n)): round(r.client_seconds, 3)
-                        for n, r in reports.items() if r.client_seconds is not None},
-        class_counts={k: ClassCounts(counts=tuple(c), noise_std=std)
-                      for k, (c, std) in counts.items()},
-        outside_guarantee=tuple(outside_guarantee([r.extra for r in reports.values()],
-                                                  record["client_eval"])),
-    )
-
-
-def run_failure(lines: list[MetricsLine], stopped: str) -> str:
-    """Why a run failed ("" when it did not): no round produced a new global model."""
-    if any(m.aggregated for m in lines):
-        return ""
-    if not lines:
-        return f"no round completed: {stopped}" if stopped else "no round completed"
-    codes: dict[str, int] = {}
-    for m in lines:
-        for code, n in m.rejected_codes.items():
-            codes[code] = codes.get(code, 0) + n
-    refused = sum(len(m.refused) for m in lines)
-    detail = ", ".join(f"{n} {c}" for c, n in sorted(codes.items())) or "none"
-    return (f"every round failed ({len(lines)}), the model was never updated; last round: "
-            f"{lines[-1].skipped or 'no aggregation'}; rejections over the run: {detail}; "
-            f"refusals: {refused}" + (f"; stopped: {stopped}" if stopped else ""))
-
-
-def release_event(metrics) -> ReleaseEvent | None:
-    """The client's statistics-release event, in the round whose ledger entry holds it (the
-    server can then recompute every client epsilon from the metrics lines alone)."""
-    if metrics.get(STATS_NEW_KEY) != 1.0 or STATS_NOISE_KEY not in metrics:
-        return None
-    try:
-        noise, rate, steps = histogram_event(float(metrics[STATS_NOISE_KEY]))
-    except (TypeError, ValueError, ConfigError):
-        return None
-    return ReleaseEvent(noise_multiplier=noise, sample_rate=rate, steps=steps)
-
-
-def outside_guarantee(train_metrics, client_eval: dict) -> list[str]:
-    """The metrics-line values this round that clients released exactly under DP, by opt-in."""
-    out = []
-    if any(m.get(OUTSIDE_KEY) for m in train_metrics):
-        out += ["class_counts", "client_seconds", "train_loss"]
-    if client_eval.get(OUTSIDE_KEY):
-        out.append("client_accuracy")
-    return out
-
-
-def load_weights(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not Path(path).is_file():
-        raise ConfigError(f"init_weights = {path!r} does not exist")
-    return {k.removeprefix("_module."): v for k, v in load_file(path).items()}
-
-
-class RunRecorder:
-    """What both run modes (plain and SecAgg+) share: the run folder, the initial weights (from
-    the checkpoint when resuming), server-side evaluation, the per-round bookkeeping (metrics line,
-    best weights, checkpoint, progress) and the end of the run (final weights, summary, plot).
-    With ``aggregation.model_ema`` the evaluated, best and final weights are the running average
-    of the global models (server/averaging.py); checkpoints keep the raw model and the average.
-
-    ``strategy`` needs ``node_partition``, ``reputation``, ``exhausted``, ``user_level_epsilon()``
-    and ``state_dict()`` / ``load_state_dict()``; a round record's ``state`` is a RoundState whose
-    ``reports`` are decoded (fedshield.records), never raw reply metrics.
-    """
-
-    def __init__(self, cfg: schema.Config, strategy, reporter=None,
-                 run_dir: str | None = None) -> None:
-        self.started = time.perf_counter()
-        self.cfg, self.strategy = cfg, strategy
-        self.reporter = reporter or ConsoleReporter()
-        self.task = task_for(cfg.task)
-        self.folder = RunFolder(Path(run_dir or cfg.resume) if (run_dir or cfg.resume)
-                                else new_run_dir(cfg))
-        torch.manual_seed(cfg.seed)
-        self.model = self.task.build_model()
-        if cfg.init_weights:
-            self.model.load_state_dict(load_weights(cfg.init_weights))
-        self.start_round = 1
-        self.initial_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.average = ModelAverage(cfg.aggregation.model_ema)
-        checkpoint = load_checkpoint(self.folder.path) if cfg.resume else None
-        if checkpoint is not None:
-            # In the model's order: Flower's legacy messages (SecAgg+) carry unnamed arrays.
-            self.initial_weights = {k: checkpoint.weights[k] for k in self.model.state_dict()}
-            strategy.load_state_dict(checkpoint.state)
-            self.average.load_state_dict(checkpoint.state.get("model_average"))
-            self.start_round = checkpoint.round + 1
-            self.folder.truncate_metrics(checkpoint.round)
-        self.folder.write_config(cfg)
-        self.reporter.start(cfg, self.folder.path)
-        self.test = server_test_split(cfg.task.name, cfg.task.eval_examples)
-        self.device = resolve_device(cfg.train.device)
-        self.best_acc = max((m.accuracy for m in self.folder.read_metrics()
-                             if m.accuracy is not None), default=-1.0)
-
-    def evaluate_round(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Server-side evaluation of this round's released model: the new global model, or with
-        model_ema the average it joins (once a round: it updates the average)."""
-        self.model.load_state_dict(self.average.update(weights))
-        return evaluate(self.model.to(self.device), self.test)
-
-    def on_round(self, rnd: int, weights: dict[str, torch.Tensor], record: dict) -> MetricsLine:
-        line = metrics_line(rnd, record, self.strategy)
-        self.folder.append_metrics(line)
-        if line.accuracy is not None and line.accuracy > self.best_acc:
-            self.best_acc = line.accuracy
-            meta = {"round": rnd, "task": self.task.name, "accuracy": self.best_acc}
-            self.folder.save_weights("best.safetensors", self.average.current(weights), meta)
-        save_checkpoint(self.folder.path, rnd, weights,
-                        {**self.strategy.state_dict(), "model_average": self.average.state_dict()})
-        self.reporter.round(line, self.cfg.federation.rounds)
-        return line
-
-    def finish(self, final_weights: dict[str, torch.Tensor], stopped: str) -> RunSummary:
-        self.folder.save_weights("model.safetensors", self.average.current(final_weights),
-                                 {"task": self.task.name, "name": self.cfg.name})
-        summary = build_summary(self.cfg, self.folder, self.strategy, stopped,
-                                time.perf_counter() - self.started)
-        self.folder.write_summary(summary)
-        self.folder.plot()
-        if summary.failed:
-            # Nothing is exported or registered from a run that never trained.
-            log(WARNING, "run failed: %s; hand-off skipped", summary.failure)
-        elif self.cfg.deployment.handoff and summary.rounds_completed:
-            summary = replace(summary, handoff=HandoffSummary.from_dict(
-                hand_off(self.folder, self.cfg), "hand-off result"))
-            self.folder.write_summary(summary)
-        self.reporter.end(summary)
-        return summary
+    return evaluate_fn
 
 
 def run_federation(grid: Grid, cfg: schema.Config, reporter=None,
                    run_dir: str | None = None) -> RunSummary:
-    """Train for ``cfg.federation.rounds`` rounds; returns the summary written to summary.json."""
-    if cfg.secagg.enabled:  # sum-only aggregation through Flower's SecAgg+ workflow
-        from server.secagg import run_secagg_federation  # noqa: PLC0415
+    """Train for ``cfg.federation.rounds`` rounds; returns the summary written to summary.json.
 
+    A resumed run (``cfg.resume``) continues after its checkpoint's round: Flower's
+    ``Strategy.start`` drives the remaining rounds, starting from the checkpoint's state."""
+    if cfg.secagg.enabled:  # sum-only aggregation through Flower's SecAgg+ workflow
         return run_secagg_federation(grid, cfg, reporter, run_dir)
     strategy = ShieldStrategy(cfg)
     run = RunRecorder(cfg, strategy, reporter, run_dir)
+    strategy.federation.resume_after(run.start_round - 1)
+    remaining = cfg.federation.rounds - (run.start_round - 1)
     initial = ArrayRecord(run.initial_weights)
-
-    def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-        return MetricRecord(run.evaluate_round(arrays.to_torch_state_dict()))
-
-    def on_round(rnd: int, arrays: ArrayRecord, record: dict) -> None:
-        run.on_round(rnd, arrays.to_torch_state_dict(), record)
-
     train_config = ConfigRecord(train_round_config(cfg, run.folder))
     stopped = ""
     result_arrays = initial
     try:
-        result = strategy.start(grid, initial, cfg.federation.rounds,
-                                timeout=cfg.federation.round_timeout, train_config=train_config,
-                                evaluate_fn=evaluate_fn, start_round=run.start_round,
-                                on_round=on_round)
-        result_arrays = result.arrays
+        if remaining > 0:
+            result = strategy.start(grid, initial, remaining,
+                                    timeout=cfg.federation.round_timeout,
+                                    train_config=train_config,
+                                    evaluate_fn=end_of_round(run, strategy))
+            # Flower's Result holds no arrays when no round produced a new model.
+            result_arrays = result.arrays if len(result.arrays) else initial
     except TooFewUpdates as exc:
         stopped = str(exc)
         ckpt = load_checkpoint(run.folder.path)
@@ -253,98 +76,10 @@ def run_federation(grid: Grid, cfg: schema.Config, reporter=None,
     return run.finish(result_arrays.to_torch_state_dict(), stopped)
 
 
-def train_round_config(cfg: schema.Config, folder: RunFolder) -> dict:
-    """What every training message carries besides the weights (clients read ``train.*``).
-
-    run-key names this run for the clients' ledgers: stable across a resume, so a redone round
-    is never counted twice."""
-    return {"num-rounds": cfg.federation.rounds, "run-key": folder.path.name,
-            **configio.flatten({"train": asdict(cfg.train)})}
-
-
-def hand_off(folder: RunFolder, cfg: schema.Config) -> dict:
-    """Export, document, register and gate the final model: the post-run hook that orchestration
-    registered (server/hooks.py; deployment/ is never imported here). A failure or a missing
-    ``[deploy]`` extra is reported in the summary, never raised: the run's results are on disk."""
-    return run_post_run_hook(HANDOFF, folder.path, cfg)
-
-
-def build_summary(cfg: schema.Config, folder: RunFolder, strategy: ShieldStrategy, stopped: str,
-                  wall: float) -> RunSummary:
-    """The run's summary.json, from its metrics lines and configuration."""
-    lines = folder.read_metrics()
-    last = lines[-1] if lines else None
-    scored = [m for m in lines if m.accuracy is not None]
-    best = max(scored, key=lambda m: m.accuracy) if scored else None
-    eps_by_client: dict[str, float] = {}
-    noise_used: set[float] = set()
-    class_parts: dict[str, tuple] = {}
-    outside: set[str] = set()
-    for m in lines:
-        eps_by_client.update(m.epsilon)
-        noise_used.update(e.noise_multiplier for e in m.dp_events.values())
-        class_parts.update({k: (list(v.counts), v.noise_std) for k, v in m.class_counts.items()})
-        outside.update(m.outside_guarantee)
-    quality = merge_class_counts(class_parts.values())
-    failure = run_failure(lines, stopped)
-    central_epsilon = last.central_epsilon if last else None
-    return RunSummary(
-        status=FAILED if failure else COMPLETED, failure=failure,
-        name=cfg.name, task=cfg.task.name, run_dir=str(folder.path),
-        rounds=cfg.federation.rounds, rounds_completed=len(lines),
-        num_clients=cfg.federation.num_clients, partition=asdict(cfg.partition),
-        strategy=cfg.aggregation.rule, attack=asdict(cfg.attack), seed=cfg.seed,
-        secagg=cfg.secagg.enabled,
-        final=FinalMetrics(accuracy=last.accuracy, loss=last.loss) if last else None,
-        best=BestRound(round=best.round, accuracy=best.accuracy) if best else None,
-        privacy=PrivacySummary(
-            enabled=cfg.privacy.enabled, accountant=cfg.privacy.accountant,
-            delta=cfg.privacy.delta, noise_multiplier=cfg.privacy.noise_multiplier,
-            noise_multipliers_used=tuple(sorted(noise_used)),
-            target_epsilon=cfg.privacy.target_epsilon,
-            max_grad_norm=cfg.privacy.max_grad_norm, max_epsilon=cfg.privacy.max_epsilon,
-            reproducible_noise=cfg.privacy.reproducible_noise,  # True: eps not valid vs server
-            epsilon_by_client=eps_by_client,
-            epsilon_max=max(eps_by_client.values()) if eps_by_client else None,
-            epsilon_mean=float(np.mean(list(eps_by_client.values()))) if eps_by_client else None,
-            unit=SAMPLE_LEVEL if cfg.privacy.enabled else None,
-            label=describe(max(eps_by_client.values()) if eps_by_client else None,
-                           SAMPLE_LEVEL + ", max over clients", cfg.privacy.delta,
-                           cfg.privacy.accountant) if cfg.privacy.enabled else None,
-            # The config's [central_dp] table plus what was spent; typed by the record.
-            central_dp=CentralDPSummary.from_dict(
-                {**asdict(cfg.central_dp), "user_level_epsilon": central_epsilon,
-                 "unit": USER_LEVEL, "sampling": "poisson",
-                 "client_sample_rate": cfg.federation.fraction_train,
-                 "label": describe(central_epsilon, USER_LEVEL, cfg.central_dp.delta,
-                                   cfg.central_dp.accountant)}, "central_dp")
-            if cfg.central_dp.enabled else None,
-            exhausted_clients=tuple(sorted(strategy.node_partition.get(n, n)
-                                           for n in strategy.exhausted)),
-            release_stats=cfg.privacy.release_stats if cfg.privacy.enabled else None,
-            stats_noise_multiplier=cfg.privacy.stats_noise_multiplier
-            if cfg.privacy.enabled and cfg.privacy.release_stats == "dp" else None,
-            # Values clients sent exactly under DP (the opt-in): NOT covered by the epsilons.
-            outside_guarantee=tuple(sorted(outside)),
-        ),
-        # The federation's class mix from the clients' released histograms (noised under DP).
-        data_quality=DataQuality.from_dict(quality.to_dict(), "data_quality")
-        if quality else None,
-        robustness=RobustnessSummary(
-            rejected_total=sum(len(m.rejected) for m in lines),
-            refused_total=sum(len(m.refused) for m in lines),
-            quarantined=last.quarantined if last else (),
-        ),
-        stopped_early=stopped,
-        versions=library_versions(),
-        wall_seconds=round(wall, 2),
-    )
-
-
 def build_server_app(reporter=None, run_dir: str | None = None,
                      on_summary: Callable[[RunSummary], None] | None = None) -> ServerApp:
-    """The ServerApp; ``on_summary`` receives the run's summary (the in-process runner's way to
-    get the record without reading summary.json back)."""
+    """The ServerApp; the in-process runner passes its reporter and run folder, and gets the
+    run's summary through ``on_summary`` (without reading summary.json back)."""
     app = ServerApp()
 
     @app.main()

@@ -14,14 +14,20 @@ screening and reputation that need each client's update are refused by the confi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.common import (FitIns, FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters,
-                         parameters_to_ndarrays)
+from flwr.common import (
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ServerConfig
 from flwr.server.client_manager import ClientManager, SimpleClientManager
@@ -37,13 +43,11 @@ from fedshield import schema
 from privacy.secagg import SECAGG_MODULUS
 from fedshield.records import TrainReport, decode_train_metrics
 from fedshield.run_records import RunSummary
-from privacy.central import (add_central_noise, expected_clients, noise_generator,
-                             poisson_sample, sampling_rng, user_level_epsilon)
-from server.app import RunRecorder, train_round_config
-from server.strategy import RoundState, identity_problem, server_step
+from server.federation_state import FederationState, HoldsFederation, weighted_loss
+from server.recording import RunRecorder, train_round_config
 
 
-class SecAggFedAvg(FedAvg):
+class SecAggFedAvg(HoldsFederation, FedAvg):
     """Legacy FedAvg that keeps fedshield's round record and writes a metrics line per round.
 
     Clients upload updates (trained - global). Under SecAgg+, every result handed to
@@ -59,35 +63,30 @@ class SecAggFedAvg(FedAvg):
         self.cfg = cfg
         self.run: RunRecorder | None = None  # set by run_secagg_federation
         self.names: list[str] = []
-        self.round_offset = 0  # rounds already done before a resume
-        self.node_partition: dict[int, int] = {}
-        self.exhausted: dict[int, str] = {}
-        self.reputation = None  # refused with SecAgg+: it needs individual updates
-        self.server_momentum: torch.Tensor | None = None
-        self.dp_generator = noise_generator(cfg.central_dp, cfg.seed)  # OS CSPRNG unless opted out
-        self.round = RoundState()
+        # Reputation is refused with SecAgg+ (it needs individual updates), so it stays None.
+        self.federation = FederationState(cfg)
         self._global: NDArrays = []
         self._aggregated = False
-        self._round_started = 0.0
 
     # --- sampling --------------------------------------------------------------------------
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        rnd = server_round + self.round_offset
-        self._round_started = time.perf_counter()
-        self.round, self._aggregated = RoundState(), False
+        """Sample this round's cohort (Poisson at q under central DP) and send it the model."""
+        rnd = self.federation.run_round(server_round)
+        self.federation.new_round()
+        self._aggregated = False
         self._global = parameters_to_ndarrays(parameters)
         client_manager.num_available()  # Flower wraps it to refresh the node list; wait_for is not
         client_manager.wait_for(self.min_available_clients,
                                 timeout=int(self.cfg.federation.round_timeout))
-        eligible = sorted((p for p in client_manager.all().values()
-                           if p.node_id not in self.exhausted), key=lambda p: p.node_id)
+        by_node = {p.node_id: p for p in client_manager.all().values()}
+        eligible = [by_node[n] for n in self.federation.eligible(by_node)]
         k, _ = self.num_fit_clients(len(eligible))
         if self.cfg.central_dp.enabled:
             # Poisson at q, as the central accountant assumes; a cohort too small for SecAgg+ is
             # skipped (a function of the draw alone, so it costs no privacy), never topped up.
-            rng = sampling_rng(self.cfg.central_dp, self.cfg.seed, rnd)
-            chosen = [eligible[i] for i in poisson_sample(len(eligible), self.fraction_fit, rng)]
+            chosen = [eligible[i] for i in self.federation.sample_positions(
+                len(eligible), k, rnd, amplified=True)]
             if len(chosen) < 3:
                 self.round.skipped = (f"the Poisson draw sampled {len(chosen)} clients; SecAgg+ "
                                       "needs 3, so the round is skipped")
@@ -98,8 +97,8 @@ class SecAggFedAvg(FedAvg):
             return []
         else:
             # Seeded like the plain path (positions, not 64-bit ids), so a run is reproducible.
-            rng = np.random.default_rng([self.cfg.seed, rnd])
-            chosen = [eligible[i] for i in sorted(rng.choice(len(eligible), size=k, replace=False))]
+            chosen = [eligible[i] for i in self.federation.sample_positions(
+                len(eligible), k, rnd, amplified=False)]
         self.round.sampled = [p.node_id for p in chosen]
         config = {"server-round": rnd, **train_round_config(self.cfg, self.run.folder)}
         return [(p, FitIns(parameters, config)) for p in chosen]
@@ -107,21 +106,21 @@ class SecAggFedAvg(FedAvg):
     def note_error(self, node: int, reason: str) -> None:
         """A client's error reply in any protocol stage: it dropped out of the round."""
         if "BudgetExhausted" in reason:
-            self.round.refused[node] = f"budget-exhausted: {reason}"
-            self.exhausted[node] = reason
+            self.federation.note_refusal(node, "budget-exhausted", reason)
         elif "DataValidationError" in reason:
-            self.round.refused[node] = f"invalid-data: {reason}"
+            self.federation.note_refusal(node, "invalid-data", reason)
         else:
             self.round.rejected[node] = f"client-error: {reason}"
 
     # --- aggregation (of the unmasked sum) -------------------------------------------------
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Record the clients' metrics and apply the unmasked mean (plus central noise)."""
         for proxy, res in results:
             node = int(proxy.node_id)
             report = decode_train_metrics(res.metrics)  # the update itself is masked
             if isinstance(report, TrainReport):
-                problem = identity_problem(self.node_partition, node, report.partition_id)
+                problem = self.federation.identity_problem(node, report.partition_id)
                 if problem is not None:  # as the plain path without a known mapping: drop the claim
                     self.round.ignored_claims[node] = str(problem)
             if isinstance(report, TrainReport):
@@ -137,12 +136,10 @@ class SecAggFedAvg(FedAvg):
         self._aggregated = True
         update = torch.from_numpy(np.concatenate([a.ravel() for a in parameters_to_ndarrays(mean)])
                                   .astype(np.float64))
-        cdp = self.cfg.central_dp
-        if cdp.enabled:  # the sum of clipped updates, over the expected count, plus noise
-            expected = expected_clients(self.fraction_fit, self.cfg.federation.num_clients)
-            update = add_central_noise(update * len(results) / expected, cdp.clip_norm,
-                                       cdp.noise_multiplier, expected, self.dp_generator)
-        step, momentum = server_step(update, self.server_momentum, self.cfg.aggregation)
+        central = self.federation.central
+        if central is not None:  # the sum of clipped updates, over the expected count, plus noise
+            update = central.release(update * len(results))
+        step, momentum = self.federation.step(update)
         new, start = [], 0
         for g in self._global:
             new.append((g + step[start:start + g.size].numpy().reshape(g.shape)).astype(g.dtype))
@@ -152,22 +149,17 @@ class SecAggFedAvg(FedAvg):
             self._aggregated = False
             self.round.skipped = "non-finite aggregate: the global model is unchanged"
             return None, {}
-        self.server_momentum = momentum
+        self.federation.commit_momentum(momentum)
         return ndarrays_to_parameters(new), {}
-
-    def user_level_epsilon(self, rounds: int) -> float | None:
-        cdp = self.cfg.central_dp
-        if not cdp.enabled:
-            return None
-        return user_level_epsilon(cdp.noise_multiplier, self.fraction_fit, rounds, cdp.delta,
-                                  cdp.accountant)
 
     # --- the end of a round: centralized evaluation, metrics line, checkpoint --------------
     def evaluate(self, server_round: int,
                  parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """The end of a round: server evaluation, metrics line, checkpoint (the legacy
+        workflow calls this after each fit round)."""
         if server_round == 0 or self.run is None:  # the workflow's look at the initial model
             return None
-        rnd = server_round + self.round_offset
+        rnd = self.federation.run_round(server_round)
         weights = self.weights(parameters_to_ndarrays(parameters))
         if not self._aggregated and not self.round.skipped:
             self.round.skipped = ("secure aggregation halted (too few clients completed the "
@@ -177,30 +169,25 @@ class SecAggFedAvg(FedAvg):
                 self.round.rejected.setdefault(node, "dropped out of the SecAgg+ protocol")
         server_eval = self.run.evaluate_round(weights)
         accepted = [self.round.reports[n] for n in self.round.accepted]
-        losses = [r.train_loss for r in accepted]
-        counts = [r.num_examples or 1 for r in accepted]
-        train = {"train-loss": float(np.dot(counts, losses) / sum(counts))} \
-            if accepted and all(x is not None for x in losses) else {}
-        record = {"train": train, "client_eval": {}, "server_eval": server_eval,
-                  "state": self.round, "seconds": time.perf_counter() - self._round_started}
-        self.run.on_round(rnd, weights, record)
+        # Weighted by the example counts the clients' SecAgg+ weights used.
+        loss = weighted_loss([r.train_loss for r in accepted],
+                             [r.num_examples or 1 for r in accepted])
+        self.round.train = {"train-loss": loss} if loss is not None else {}
+        self.run.on_round(rnd, weights, self.round.record(rnd, server_eval))
         return server_eval["loss"], {"accuracy": server_eval["accuracy"]}
 
     def weights(self, arrays: NDArrays) -> dict[str, torch.Tensor]:
+        """Unnamed legacy arrays as the model's named tensors."""
         return {n: torch.from_numpy(np.array(a)) for n, a in zip(self.names, arrays, strict=True)}
 
     # --- state for checkpoints -------------------------------------------------------------
-    def state_dict(self) -> dict:  # tensors go to the checkpoint's safetensors file
-        return {"exhausted": {str(k): v for k, v in self.exhausted.items()},
-                "node_partition": {str(k): v for k, v in self.node_partition.items()},
-                "server_momentum": self.server_momentum,
-                "dp_generator": self.dp_generator.get_state()}
+    def state_dict(self) -> dict:
+        """The federation's state (tensors go to the checkpoint's safetensors file)."""
+        return self.federation.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.exhausted = {int(k): v for k, v in state["exhausted"].items()}
-        self.node_partition = {int(k): v for k, v in state["node_partition"].items()}
-        self.server_momentum = state.get("server_momentum")
-        self.dp_generator.set_state(state["dp_generator"])
+        """Restore :meth:`state_dict`."""
+        self.federation.load_state_dict(state)
 
 
 class ErrorWatch(Grid):
@@ -211,27 +198,34 @@ class ErrorWatch(Grid):
         self._grid, self._on_error = grid, on_error
 
     def set_run(self, run: Run) -> None:
+        """Delegated."""
         self._grid.set_run(run)
 
     @property
     def run(self) -> Run:
+        """Delegated."""
         return self._grid.run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
+        """Delegated."""
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
+        """Delegated."""
         return self._grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delegated."""
         return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Delegated; error replies are reported."""
         return self._watch(self._grid.pull_messages(message_ids))
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
+        """Delegated; error replies are reported."""
         return self._watch(self._grid.send_and_receive(messages, timeout=timeout))
 
     def _watch(self, replies: Iterable[Message]) -> list[Message]:
@@ -243,6 +237,7 @@ class ErrorWatch(Grid):
 
 
 def secagg_workflow(cfg: schema.Config) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with the configured protocol parameters."""
     s = cfg.secagg
     return SecAggPlusWorkflow(
         num_shares=s.num_shares or 1,  # Flower reads 1 as "every sampled client"
@@ -260,8 +255,8 @@ def run_secagg_federation(grid: Grid, cfg: schema.Config, reporter=None,
     strategy.run, strategy.names = run, list(run.initial_weights)
     strategy.initial_parameters = ndarrays_to_parameters(
         [v.numpy() for v in run.initial_weights.values()])
-    strategy.round_offset = run.start_round - 1
-    remaining = cfg.federation.rounds - strategy.round_offset
+    strategy.federation.resume_after(run.start_round - 1)
+    remaining = cfg.federation.rounds - (run.start_round - 1)
     context = LegacyContext(
         Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                 run_config=cfg.flat()),

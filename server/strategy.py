@@ -8,33 +8,43 @@ The adapter is thin: replies -> screened -> one ``(n, d)`` tensor of deltas from
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import replace
 from logging import ERROR, INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAvg
 
-from fedshield.schema import AggregationConfig, Config
+from fedshield.schema import Config
 from fedshield.errors import ConfigError, TooFewUpdates
-from fedshield.records import (EvalReport, Refusal, Rejected, ReplyLimits, TrainReport,
-                               decode_eval_reply, decode_train_reply, npy_view)
-from privacy.central import (add_central_noise, clip_updates, expected_clients,
-                             fixed_denominator_mean, noise_generator, poisson_sample,
-                             sampling_rng, user_level_epsilon)
+from fedshield.records import (
+    EvalReport,
+    Refusal,
+    Rejected,
+    ReplyLimits,
+    decode_eval_reply,
+    decode_train_reply,
+    npy_view,
+)
 from privacy.releases import OUTSIDE_KEY
 from server.aggregation import AggregationResult, build_aggregator
-from server.reputation import Reputation
+from server.federation_state import FederationState, HoldsFederation, RoundState, weighted_loss
 from server.flat import flatten, stack, unflatten
 from server.screening import capped_weights, default_norm_bound, screen_updates
 
-# Called after each round with (round, global arrays, round record); used for checkpoints,
-# metrics lines and progress display.
-RoundCallback = Callable[[int, ArrayRecord, dict], None]
+__all__ = ["RoundState", "ShieldStrategy", "array_view", "to_numpy"]
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -53,65 +63,14 @@ def array_view(array: Array) -> np.ndarray:
         raise ValueError(str(exc)) from None
 
 
-def server_step(update: torch.Tensor, buffer: torch.Tensor | None,
-                agg: AggregationConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(step to add to the global weights, new momentum buffer): server lr and momentum."""
-    if agg.server_momentum > 0:
-        buffer = update if buffer is None else agg.server_momentum * buffer + update
-        update = buffer
-    return agg.server_lr * update, buffer
+class ShieldStrategy(HoldsFederation, FedAvg):
+    """FedAvg's hooks around screening, a robust rule (or central DP) and reputation.
 
+    Flower's own ``Strategy.start`` drives the rounds. A resumed run sets
+    ``federation.resume_after(done)`` first; the hooks then number rounds from ``done + 1``
+    (sampling seeds, ledgers and metrics see the run's round, Flower's loop its own count).
+    """
 
-def reason_code(reason: str) -> str:
-    """The short code a rejection or refusal reason starts with ("code: detail")."""
-    return reason.split(": ", 1)[0]
-
-
-def identity_problem(node_partition: dict[int, int], node: int,
-                     claim: int | None) -> Rejected | None:
-    """None when ``claim`` (a reply's partition id) is consistent with ``node_partition`` (node id
-    -> partition label); learns the label the first time. The node id is the identity: a claim
-    that differs from the node's known partition, or names another node's, is refused."""
-    if claim is None:
-        return None
-    known = node_partition.get(node)
-    if known is not None:
-        if claim != known:
-            return Rejected("identity", f"claims partition-id {claim}, but this node is "
-                            f"partition {known}")
-        return None
-    if claim in node_partition.values():
-        return Rejected("identity", f"claims partition-id {claim}, which belongs to another node")
-    node_partition[node] = claim
-    return None
-
-
-@dataclass
-class RoundState:
-    """What one round's aggregation did; becomes part of the round's metrics line."""
-
-    sampled: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)  # node -> "code: detail"
-    refused: dict[int, str] = field(default_factory=dict)
-    newly_quarantined: list[int] = field(default_factory=list)
-    reports: dict[int, TrainReport] = field(default_factory=dict)  # decoded, valid replies
-    weights: dict[int, float] = field(default_factory=dict)  # FedAvg weight of accepted nodes
-    aggregation_info: dict[str, float] = field(default_factory=dict)
-    skipped: str = ""  # why the round failed (no new global model); "" when it aggregated
-    # Partition claims the server did not believe (no authoritative mapping): the update counts,
-    # the label is not taken.
-    ignored_claims: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def rejected_codes(self) -> dict[str, int]:
-        codes: dict[str, int] = {}
-        for reason in self.rejected.values():
-            codes[reason_code(reason)] = codes.get(reason_code(reason), 0) + 1
-        return dict(sorted(codes.items()))
-
-
-class ShieldStrategy(FedAvg):
     def __init__(self, cfg: Config) -> None:
         fed = cfg.federation
         super().__init__(fraction_train=fed.fraction_train,
@@ -122,27 +81,17 @@ class ShieldStrategy(FedAvg):
         self.cfg = cfg
         self.aggregator = build_aggregator(cfg.aggregation.rule, cfg.aggregation,
                                            fed.num_clients, cfg.seed)
-        rep = cfg.reputation
-        self.reputation = Reputation.from_config(rep) if rep.enabled else None
-        self.exhausted: dict[int, str] = {}  # node -> the budget refusal it sent
-        # The node id is a client's identity; its partition id is a label, learned once (or
-        # given by the grid) and never taken from a claim that collides with another node's.
-        self.node_partition: dict[int, int] = {}
-        self.partitions_known = False  # True when the grid told us every node's partition
+        self.federation = FederationState(cfg)
         self.limits = ReplyLimits()
-        self.server_momentum: torch.Tensor | None = None
-        self.dp_generator = noise_generator(cfg.central_dp, cfg.seed)  # OS CSPRNG unless opted out
         self._global: ArrayRecord | None = None
         self._sent: list[Message] = []
         self._sent_eval: list[Message] = []
         self._round_no = 0
-        self.round = RoundState()
 
     # --- sampling ---------------------------------------------------------------------------
     def eligible_nodes(self, grid: Grid) -> list[int]:
-        quarantined = self.reputation.quarantined if self.reputation else set()
-        return sorted(n for n in grid.get_node_ids()
-                      if n not in quarantined and n not in self.exhausted)
+        """The connected nodes that may train (not quarantined, not out of budget)."""
+        return self.federation.eligible(grid.get_node_ids())
 
     def _wait_for_nodes(self, grid: Grid) -> None:
         deadline = time.monotonic() + self.cfg.federation.round_timeout
@@ -156,8 +105,11 @@ class ShieldStrategy(FedAvg):
             time.sleep(1.0)
 
     def sample(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
+        """This round's cohort (node ids, sorted) for a phase sampling ``fraction``."""
         self._wait_for_nodes(grid)
-        self._learn_grid_partitions(grid)
+        known = getattr(grid, "node_to_partition", None)
+        if isinstance(known, dict):  # fedshield's in-process grid knows each node's partition
+            self.federation.learn_partitions(known)
         eligible = self.eligible_nodes(grid)
         if len(eligible) < self.cfg.federation.min_clients:
             raise TooFewUpdates(
@@ -165,42 +117,37 @@ class ShieldStrategy(FedAvg):
                 f"{len(self.reputation.quarantined) if self.reputation else 0}, out of privacy "
                 f"budget: {len(self.exhausted)}); federation.min_clients = "
                 f"{self.cfg.federation.min_clients}")
-        if self.cfg.central_dp.enabled and fraction == self.fraction_train:
-            # Poisson at q, as accounted: a variable cohort, never topped up to min_clients.
-            rng = sampling_rng(self.cfg.central_dp, self.cfg.seed, server_round)
-            return sorted(eligible[i] for i in poisson_sample(len(eligible), fraction, rng))
-        k = min(len(eligible), max(self.cfg.federation.min_clients, round(len(eligible) * fraction)))
-        rng = np.random.default_rng([self.cfg.seed, server_round])
-        # Sample positions, not ids: node ids are 64-bit and numpy would not keep them exact.
-        return sorted(eligible[i] for i in rng.choice(len(eligible), size=k, replace=False))
-
-    def _learn_grid_partitions(self, grid: Grid) -> None:
-        """fedshield's in-process grid knows each node's partition from its node config: trust
-        that over anything a client says."""
-        known = getattr(grid, "node_to_partition", None)
-        if isinstance(known, dict):
-            self.node_partition.update({int(n): int(p) for n, p in known.items()})
-            self.partitions_known = True
+        # Central DP claims amplification for training's Poisson cohort at q only.
+        k = min(len(eligible),
+                max(self.cfg.federation.min_clients, round(len(eligible) * fraction)))
+        positions = self.federation.sample_positions(len(eligible), k, server_round,
+                                                     amplified=fraction == self.fraction_train)
+        return [eligible[i] for i in positions]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        """Sample this round's cohort and send it the global model and the round config."""
+        rnd = self.federation.run_round(server_round)
+        self.federation.new_round()  # the round's clock starts before sampling waits
         self._global = arrays
-        nodes = self.sample(grid, server_round, self.fraction_train)
-        self.round = RoundState(sampled=nodes)
-        config["server-round"] = server_round
-        record = RecordDict({"arrays": arrays, "config": config})
+        self.round.sampled = self.sample(grid, rnd, self.fraction_train)
+        record = RecordDict({"arrays": arrays,
+                             "config": ConfigRecord({**dict(config), "server-round": rnd})})
         # Kept to name the node behind an error reply: the grid gives these their ids when it
         # sends them, and an error for an unreachable node comes from the SuperLink itself.
-        self._sent = list(self._construct_messages(record, nodes, MessageType.TRAIN))
+        self._sent = list(self._construct_messages(record, self.round.sampled,
+                                                   MessageType.TRAIN))
         return self._sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        """Sample the evaluation cohort (none when fraction_evaluate is 0)."""
         if self.fraction_evaluate == 0.0:
             return []
-        nodes = self.sample(grid, server_round, self.fraction_evaluate)
-        config["server-round"] = server_round
-        record = RecordDict({"arrays": arrays, "config": config})
+        rnd = self.federation.run_round(server_round)
+        nodes = self.sample(grid, rnd, self.fraction_evaluate)
+        record = RecordDict({"arrays": arrays,
+                             "config": ConfigRecord({**dict(config), "server-round": rnd})})
         self._sent_eval = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
         return self._sent_eval
 
@@ -212,7 +159,8 @@ class ShieldStrategy(FedAvg):
         return int(by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
 
     def identity_problem(self, node: int, claim: int | None) -> Rejected | None:
-        return identity_problem(self.node_partition, node, claim)
+        """Whether ``claim`` is consistent with what the federation knows of ``node``."""
+        return self.federation.identity_problem(node, claim)
 
     def _decode_train_replies(self, replies: Iterable[Message],
                               reference: dict[str, np.ndarray]) -> list[int]:
@@ -237,11 +185,9 @@ class ShieldStrategy(FedAvg):
             problem = self.identity_problem(node, decoded.partition_id)
             if isinstance(decoded, Refusal):
                 # A refusal's partition claim is only a label: ignore a false one, keep the refusal.
-                self.round.refused[node] = f"{decoded.code}: {decoded.reason}"
-                if decoded.code == "budget-exhausted":
-                    self.exhausted[node] = decoded.reason
+                self.federation.note_refusal(node, decoded.code, decoded.reason)
                 continue
-            if problem is not None and self.partitions_known:  # a lie about a known identity
+            if problem is not None and self.federation.partitions_known:  # a lie about a known id
                 self.round.rejected[node] = str(problem)
                 continue
             if problem is not None:
@@ -271,7 +217,9 @@ class ShieldStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode, screen and aggregate the round's replies into the new global model."""
         assert self._global is not None, "configure_train runs before aggregate_train"
+        server_round = self.federation.run_round(server_round)
         reference = to_numpy(self._global)
         names = list(reference)
         self._round_no = server_round
@@ -309,8 +257,7 @@ class ShieldStrategy(FedAvg):
             self._update_reputation(server_round, [], torch.zeros(0))
             return self._fail_round(server_round, f"aggregation refused: {exc}")
         self.round.aggregation_info = {**result.info, "norm_bound": float(screening.max_norm)}
-        step, momentum = server_step(result.update.float(), self.server_momentum,
-                                     self.cfg.aggregation)
+        step, momentum = self.federation.step(result.update.float())
         arrays = unflatten((global_flat + step).numpy(), reference)  # cast to the model's dtypes
         if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
             # Never release or save a non-finite model; the momentum step is not taken either.
@@ -318,7 +265,7 @@ class ShieldStrategy(FedAvg):
             log(ERROR, "round %d: the aggregate is not finite", server_round)
             return self._fail_round(server_round, "non-finite aggregate: the global model is "
                                     "unchanged")
-        self.server_momentum = momentum
+        self.federation.commit_momentum(momentum)
         self._update_reputation(server_round, self.round.accepted, result.suspicion)
         return self._record(arrays), self._train_metrics()
 
@@ -330,32 +277,15 @@ class ShieldStrategy(FedAvg):
             weights = capped_weights(np.array(claims, dtype=np.float64))
         else:
             weights = np.ones(len(accepted))
-        self.round.weights = dict(zip(accepted, weights.tolist()))
+        self.round.weights = dict(zip(accepted, weights.tolist(), strict=True))
         return torch.from_numpy(weights)
 
     def _aggregate(self, deltas: torch.Tensor, weights: torch.Tensor) -> AggregationResult:
         """The configured rule, or under central DP the noisy clipped mean it was checked to be."""
-        cdp = self.cfg.central_dp
-        if not cdp.enabled:
+        central = self.federation.central
+        if central is None:
             return self.aggregator(deltas, weights, None)
-        # Config validation allowed only rules that are a mean of clipped updates ("fedavg",
-        # "clip"): clip with the central-DP bound, fixed denominator, noise on the sum.
-        clipped, n_clipped = clip_updates(deltas, cdp.clip_norm)  # float64: norms <= C exactly
-        expected = expected_clients(self.fraction_train, self.cfg.federation.num_clients)
-        mean = fixed_denominator_mean(clipped, expected)
-        noisy = add_central_noise(mean, cdp.clip_norm, cdp.noise_multiplier, expected,
-                                  self.dp_generator)
-        # No per-client evidence leaves the DP mechanism; reputation sees screening rejections only.
-        suspicion = torch.zeros(len(deltas), dtype=torch.float64)
-        return AggregationResult(noisy, suspicion, {"clipped": float(n_clipped)})
-
-    def user_level_epsilon(self, rounds: int) -> float | None:
-        cdp = self.cfg.central_dp
-        if not cdp.enabled:
-            return None
-        # The Poisson rate sample() draws with: the accounted rate is the sampler's.
-        return user_level_epsilon(cdp.noise_multiplier, self.fraction_train, rounds, cdp.delta,
-                                  cdp.accountant)
+        return central.aggregate(deltas)
 
     def _update_reputation(self, server_round: int, accepted: list[int],
                            suspicion: torch.Tensor) -> None:
@@ -379,20 +309,22 @@ class ShieldStrategy(FedAvg):
         out = {"accepted": len(self.round.accepted), "rejected": len(self.round.rejected),
                "refused": len(self.round.refused)}
         accepted = [n for n in self.round.accepted if n in reports]
-        losses = [reports[n].train_loss for n in accepted]
-        if accepted and all(x is not None for x in losses):
-            w = [self.round.weights.get(n, 1.0) for n in accepted]
-            out["train-loss"] = float(np.dot(w, losses) / sum(w))
+        loss = weighted_loss([reports[n].train_loss for n in accepted],
+                             [self.round.weights.get(n, 1.0) for n in accepted])
+        if loss is not None:
+            out["train-loss"] = loss
         eps = [r.epsilon for r in reports.values() if r.epsilon is not None]
         if eps:
             out["epsilon-max"] = max(eps)
             out["epsilon-mean"] = float(np.mean(eps))
+        self.round.train = dict(out)  # the round record's training metrics
         return MetricRecord(out)
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted mean accuracy and loss of the valid evaluation replies (decoded like
         training replies; a malformed one is logged and left out)."""
+        server_round = self.federation.run_round(server_round)
         reports: list[tuple[int, EvalReport]] = []
         for msg in replies:
             node = self._sender(msg, self._sent_eval)
@@ -404,6 +336,7 @@ class ShieldStrategy(FedAvg):
                     self.identity_problem(node, decoded.partition_id) is None:
                 reports.append((node, decoded))
         reports = [(n, r) for n, r in reports if r.accuracy is not None and r.loss is not None]
+        self.round.client_eval = {}
         if not reports:
             return None
         counts = [r.num_examples for _, r in reports]
@@ -414,57 +347,15 @@ class ShieldStrategy(FedAvg):
                "loss": mean([r.loss for _, r in reports]), "num-clients": len(reports)}
         if any(r.extra.get(OUTSIDE_KEY) for _, r in reports):  # exact values sent by opt-in
             out[OUTSIDE_KEY] = 1.0
+        self.round.client_eval = dict(out)
         return MetricRecord(out)
 
     # --- state for checkpoints --------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"aggregator": self.aggregator.state_dict(),
-                "reputation": self.reputation.state_dict() if self.reputation else None,
-                "exhausted": {str(k): v for k, v in self.exhausted.items()},
-                "node_partition": {str(k): v for k, v in self.node_partition.items()},
-                "server_momentum": self.server_momentum,
-                "dp_generator": self.dp_generator.get_state()}
+        """The federation's state plus the rule's (e.g. FLTrust's or FLAME's memory)."""
+        return {"aggregator": self.aggregator.state_dict(), **self.federation.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
         self.aggregator.load_state_dict(state["aggregator"])
-        if self.reputation and state.get("reputation") is not None:
-            self.reputation.load_state_dict(state["reputation"])
-        self.exhausted = {int(k): v for k, v in state["exhausted"].items()}
-        self.node_partition = {int(k): v for k, v in state["node_partition"].items()}
-        self.server_momentum = state.get("server_momentum")
-        self.dp_generator.set_state(state["dp_generator"])
-
-    # --- the round loop ---------------------------------------------------------------------
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,  # type: ignore[override]
-              timeout: float = 3600, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-              start_round: int = 1, on_round: RoundCallback | None = None) -> Result:
-        """Flower's round loop, plus resuming at ``start_round`` and a per-round callback."""
-        result = Result()
-        arrays = initial_arrays
-        result.arrays = arrays
-        for rnd in range(start_round, num_rounds + 1):
-            started = time.perf_counter()
-            replies = grid.send_and_receive(
-                self.configure_train(rnd, arrays, ConfigRecord(dict(train_config or {})), grid),
-                timeout=timeout)
-            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
-            if new_arrays is not None:
-                arrays = result.arrays = new_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[rnd] = train_metrics
-            client_eval = self.aggregate_evaluate(rnd, grid.send_and_receive(
-                self.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config or {})),
-                                        grid), timeout=timeout))
-            if client_eval is not None:
-                result.evaluate_metrics_clientapp[rnd] = client_eval
-            server_eval = evaluate_fn(rnd, arrays) if evaluate_fn else None
-            if server_eval is not None:
-                result.evaluate_metrics_serverapp[rnd] = server_eval
-            record = {"round": rnd, "train": dict(train_metrics or {}),
-                      "client_eval": dict(client_eval or {}), "server_eval": dict(server_eval or {}),
-                      "state": self.round, "seconds": time.perf_counter() - started}
-            if on_round is not None:
-                on_round(rnd, arrays, record)
-        return result
+        self.federation.load_state_dict(state)

@@ -78,7 +78,7 @@ def test_clients_train_with_the_rounds_scheduled_lr(monkeypatch):
     from tasks import task_for
 
     used = []
-    monkeypatch.setattr(client_app, "train_local",
+    monkeypatch.setattr("client.fit.train_local",  # where fit_locally looks it up
                         lambda model, data, cfg, seed: used.append(cfg.lr) or {})
     cfg = neutral_config({"task": {"name": "digits"}, "federation": {"num_clients": 2},
                           "train": {"lr": 0.2, "lr_schedule": "cosine"}})

@@ -3,8 +3,9 @@
 For each rule (nnm+cclip, fedavg, median) with 2 and 6 clients, hypothesis sends 170 hostile
 replies (1,020 in all), one per round among honest ones, each a real Flower Message round-tripped
 through Flower's protobuf serialisation. Each round goes configure_train -> replies ->
-aggregate_train -> server evaluation -> metrics line -> checkpoint (ShieldStrategy.start with the
-RunRecorder of server/app.py), and the global model carries over from round to round.
+aggregate_train -> server evaluation -> metrics line -> checkpoint (Flower's Strategy.start with
+server/app.py's end_of_round and server/recording.py's RunRecorder), and the global model carries
+over from round to round.
 
 Properties, for every hostile reply:
 - no exception escapes the round;
@@ -33,7 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedshield.records import TrainReport, decode_train_reply
-from server.app import RunRecorder
+from server.app import end_of_round
+from server.recording import RunRecorder
 from server.checkpoint import load_checkpoint
 from server.flat import flatten
 from server.strategy import ShieldStrategy
@@ -206,15 +208,12 @@ def test_hostile_replies_never_escape_nor_pull_the_model_more_than_half_way(rule
         reply = data.draw(hostile_reply({k: v.numpy() for k, v in arrays.items()}, rnd))
         fed.behaviour = {HOSTILE: lambda g, pid, r: reply}
         strategy = run.strategy = ShieldStrategy(cfg)  # fresh reputation: the hostile stays sampled
-
-        def on_round(r, a, record):
-            run.on_round(r, a.to_torch_state_dict(), record)
-
-        result = strategy.start(fed.grid, arrays, num_rounds=rnd, start_round=rnd,
-                                train_config=ConfigRecord({}), on_round=on_round,
-                                evaluate_fn=lambda r, a: MetricRecord(
-                                    run.evaluate_round(a.to_torch_state_dict())))
-        before, after = flat(arrays, names), flat(result.arrays, names)
+        strategy.federation.resume_after(rnd - 1)  # Flower's loop runs round rnd as its round 1
+        result = strategy.start(fed.grid, arrays, num_rounds=1, train_config=ConfigRecord({}),
+                                evaluate_fn=end_of_round(run, strategy))
+        # Flower's Result holds no arrays when the round produced no new model.
+        new_arrays = result.arrays if len(result.arrays) else arrays
+        before, after = flat(arrays, names), flat(new_arrays, names)
         assert np.isfinite(after).all()
         ckpt = load_checkpoint(run.folder.path)
         assert ckpt.round == rnd and all(torch.isfinite(t).all() for t in ckpt.weights.values())
@@ -247,7 +246,7 @@ def test_hostile_replies_never_escape_nor_pull_the_model_more_than_half_way(rule
             pull = np.linalg.norm(moved)
             assert pull <= 0.5 * np.linalg.norm(u - anchor) * (1 + REL_TOL) + slack + 1e-7, \
                 f"moved {pull:.4g} towards a reply {np.linalg.norm(u - anchor):.4g} away"
-        arrays = result.arrays
+        arrays = new_arrays
 
     one_round()
     assert seen["examples"] >= EXAMPLES_PER_CASE  # hypothesis may run a few more

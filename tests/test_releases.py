@@ -213,8 +213,8 @@ def test_client_evaluation_under_dp_needs_the_opt_in():
 
 def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
     from fedshield.records import TrainReport
-    from server.app import metrics_line
-    from server.strategy import RoundState
+    from server.federation_state import RoundState
+    from server.recording import metrics_line
 
     dp_reply = {"epsilon": 1.0, "delta": 1e-5, "noise-multiplier": 1.0, "clip-norm": 1.0,
                 "sample-rate": 0.1, "steps": 10.0, "num-examples": 40, "dp-class-0": 25.5,
@@ -287,7 +287,7 @@ def test_summary_and_drift_reference_work_from_the_noised_histograms(dp_run, tmp
 
 def test_summary_lists_what_was_sent_outside_the_guarantee():
     from fedshield.run_records import MetricsLine
-    from server.app import build_summary
+    from server.recording import build_summary
 
     cfg = neutral_config({"privacy": {"enabled": True, "noise_multiplier": 1.0,
                                       "release_stats": "exact-outside-guarantee"},

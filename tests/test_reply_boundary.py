@@ -19,7 +19,7 @@ from fedshield.records import (EvalReport, Refusal, Rejected, TrainReport, decod
                                decode_train_reply, encode_eval_report, encode_refusal,
                                encode_train_report)
 from server.aggregation import AggregationResult
-from server.app import metrics_line
+from server.recording import metrics_line
 from server.screening import capped_weights, default_norm_bound
 from server.strategy import ShieldStrategy
 from tests.reply_support import (Federation, digits_cfg, honest, honest_delta, honest_metrics,
