@@ -21,13 +21,14 @@ from server.recording import RecordedStrategy, build_summary, metrics_line
 from server.secagg import SecAggFedAvg
 from server.strategy import ShieldStrategy
 from tasks import task_for
+from tests.config_support import neutral_config
 from tests.reply_support import Federation, digits_cfg, honest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def central_cfg(**central) -> schema.Config:
-    return validation.from_dict({"task": {"name": "digits"}, "seed": 7,
+    return neutral_config({"task": {"name": "digits"}, "seed": 7,
                            "federation": {"num_clients": 10, "fraction_train": 0.3,
                                           "min_clients": 2},
                            "central_dp": {"enabled": True, "noise_multiplier": 1.3,
@@ -111,7 +112,7 @@ def test_central_dp_draws_live_only_in_the_mechanism():
 def test_the_federation_state_survives_a_checkpoint(tmp_path):
     """Budgets, labels, momentum, reputation and the central noise stream come back from a
     (tamper-evident) checkpoint: the next noise draw is the one the original would make."""
-    cfg = validation.from_dict({"task": {"name": "digits"},
+    cfg = neutral_config({"task": {"name": "digits"},
                           "federation": {"num_clients": 10, "fraction_train": 0.3},
                           "central_dp": {"enabled": True}, "reputation": {"enabled": True},
                           "aggregation": {"rule": "fedavg", "weighting": "uniform",
@@ -216,7 +217,7 @@ def test_the_recorder_needs_only_its_protocol(tmp_path):
         assert isinstance(strategy, RecordedStrategy)
     state = RoundState(sampled=[101, 102], accepted=[101], refused={102: "budget-exhausted: x"})
     line = metrics_line(3, state.record(3, {"accuracy": 0.5, "loss": 1.0}), Minimal())
-    assert line["round"] == 3 and line["central_epsilon"] == 0.75 and line["refused"] == {
+    assert line.round == 3 and line.central_epsilon == 0.75 and dict(line.refused) == {
         "1": "budget-exhausted: x"}
 
     class Folder:
@@ -226,8 +227,8 @@ def test_the_recorder_needs_only_its_protocol(tmp_path):
             return [line]
 
     summary = build_summary(cfg, Folder(), Minimal(), "", 1.0)
-    assert summary["privacy"]["exhausted_clients"] == [1]
-    assert summary["final"] == {"accuracy": 0.5, "loss": 1.0}
+    assert list(summary.privacy.exhausted_clients) == [1]
+    assert summary.final.to_dict() == {"accuracy": 0.5, "loss": 1.0}
 
 
 # --- no module cycles -------------------------------------------------------------------------
