@@ -31,9 +31,9 @@ HOME = {**{n: ("fedshield.schema", n) for n in SCHEMA},
         **{n: ("fedshield.validation", n) for n in VALIDATION},
         "_toml_value": ("fedshield.configio", "toml_value"),
         "ConfigError": ("fedshield.errors", "ConfigError"),
-        "SECAGG_MODULUS": ("privacy.secagg", "SECAGG_MODULUS"),
-        "byzantine_count": ("simulations.attacks.selection", "byzantine_count"),
-        "parse_id_list": ("simulations.attacks.selection", "parse_id_list")}
+        "SECAGG_MODULUS": ("fedshield.privacy.secagg", "SECAGG_MODULUS"),
+        "byzantine_count": ("fedshield.simulations.attacks.selection", "byzantine_count"),
+        "parse_id_list": ("fedshield.simulations.attacks.selection", "parse_id_list")}
 # modules used as ``module.name`` after the rewrite of an aliased import
 ALIAS = {"fedshield.schema": "schema", "fedshield.configio": "configio",
          "fedshield.validation": "validation"}

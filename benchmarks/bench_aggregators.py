@@ -33,6 +33,9 @@ from typing import cast
 
 import numpy as np
 import torch
+from fedshield.server.aggregation import build_aggregator
+from fedshield.server.flat import stack
+from fedshield.server.strategy import to_numpy
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.server.strategy.aggregate import (
     aggregate,
@@ -45,11 +48,8 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedshield.schema import AggregationConfig
 from fedshield.errors import ConfigError
-from server.aggregation import build_aggregator
-from server.flat import stack
-from server.strategy import to_numpy
+from fedshield.schema import AggregationConfig
 
 SPECS = ["fedavg", "krum", "multikrum", "bulyan", "median", "trimmed_mean", "geomed", "cclip",
          "clip", "fltrust", "flame", "nnm+cclip", "bucketing+krum"]

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedshield.tasks import get_task  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 
@@ -41,7 +42,6 @@ from fedshield.run_records import METRICS_FILE, MetricsLine  # noqa: E402
 from fedshield.run_records import read_metrics as read_run_metrics  # noqa: E402
 from fedshield.site import flwr_bin, init_sites  # noqa: E402
 from fedshield.site_local import LocalFederation, free_port, wait_for  # noqa: E402
-from tasks import get_task  # noqa: E402
 
 
 def serialized_model_bytes(task_name: str) -> int:
@@ -90,7 +90,7 @@ def summarise(lines: list[MetricsLine], n: int, rounds: int, wall: float,
 
 
 def bench_inprocess(task: str, n: int, rounds: int, work: Path) -> dict:
-    from simulations.runner import simulate
+    from fedshield.simulations.runner import simulate
 
     out = work / f"inprocess-{n}"
     started = time.perf_counter()

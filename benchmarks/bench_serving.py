@@ -46,9 +46,8 @@ def export_mnist(folder: Path) -> None:
     """Export an untrained MNIST CNN (fp32 and int8) to ``folder``: serving cost needs no
     training."""
     import torch
-
-    from deployment.export import export_model
-    from tasks import Split, get_task
+    from fedshield.deployment.export import export_model
+    from fedshield.tasks import Split, get_task
 
     torch.manual_seed(0)
     task = get_task("mnist")
@@ -62,9 +61,8 @@ class TorchSession:
 
     def __init__(self, folder: Path) -> None:
         import torch
-
-        from deployment.artifacts import SAFETENSORS, build_loaded_model, load_weights
-        from tasks import get_task
+        from fedshield.deployment.artifacts import SAFETENSORS, build_loaded_model, load_weights
+        from fedshield.tasks import get_task
 
         torch.set_num_threads(1)
         self.torch = torch
@@ -79,8 +77,7 @@ class TorchSession:
 def in_process(folder: Path, repeats: int) -> list[dict]:
     """Latency of each runtime called in-process, per batch size."""
     import torch
-
-    from deployment.export import INPUT_NAME, onnx_session
+    from fedshield.deployment.export import INPUT_NAME, onnx_session
 
     rows = []
     runtimes = {"onnxruntime": onnx_session(folder / "model.onnx"),
@@ -108,8 +105,7 @@ def in_process(folder: Path, repeats: int) -> list[dict]:
 def serve_process(folder: str, port: int, runtime: str) -> None:
     """Child process: the serving app under uvicorn."""
     import uvicorn
-
-    from deployment.serving import create_app, load_served_model
+    from fedshield.deployment.serving import create_app, load_served_model
 
     served = load_served_model(folder, quantized=runtime == "onnxruntime-int8")
     if runtime == "torch-eager":

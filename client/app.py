@@ -9,11 +9,8 @@ training is client/fit.py; the SecAgg+ protocol messages are client/secagg.py.
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
-
-from client.data import load_client_data
-from client.fit import (
+from fedshield.client.data import load_client_data
+from fedshield.client.fit import (
     DataLoader,
     checked_data,
     client_ledger,
@@ -23,7 +20,12 @@ from client.fit import (
     round_seed,
     site_key,
 )
-from client.secagg import secagg_train
+from fedshield.client.secagg import secagg_train
+from fedshield.privacy.releases import EXACT_MODE, OUTSIDE_KEY
+from fedshield.tasks import Task, evaluate
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
 from fedshield import validation
 from fedshield.errors import BudgetExhausted, DataValidationError
 from fedshield.records import (
@@ -34,8 +36,6 @@ from fedshield.records import (
     encode_refusal,
     encode_train_report,
 )
-from privacy.releases import EXACT_MODE, OUTSIDE_KEY
-from tasks import Task, evaluate
 
 # Re-exported: callers and tests import these from client.app (their home is client/fit.py).
 __all__ = ["DataLoader", "client_ledger", "fit_locally", "make_client_app", "privacy_cap",

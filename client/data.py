@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from fedshield.tasks import Split, Task, task_for
+from fedshield.tasks.partition import cached_partitions
 from flwr.app import Context
 
 from fedshield.schema import Config
-from tasks import Split, Task, task_for
-from tasks.partition import cached_partitions
 
 # Share of a client's data held out for client-side evaluation.
 LOCAL_VAL_FRACTION = 0.1
@@ -18,7 +18,7 @@ def load_client_data(context: Context, cfg: Config) -> tuple[Task, Split, Split]
     task = task_for(cfg.task)
     node = context.node_config
     if "data-path" in node:  # a partner site's own data
-        from tasks.local import load_local  # noqa: PLC0415 (only partner sites need it)
+        from fedshield.tasks.local import load_local  # noqa: PLC0415 (only partner sites need it)
 
         data = load_local(str(node["data-path"]), task)
         key = int(node.get("partition-id", 0))

@@ -20,6 +20,22 @@ import warnings
 from itertools import chain, islice
 
 import torch
+from fedshield.client.bookkeeping import (
+    BookKeepingClipper,
+    BookKeepingDPOptimizer,
+    supports_bookkeeping,
+)
+from fedshield.client.training import augmenter, make_optimizer
+from fedshield.privacy.accounting import compact
+from fedshield.privacy.ledger import Ledger
+from fedshield.privacy.planner import check_delta, plan_noise, sample_rate, steps_per_round
+from fedshield.privacy.randomness import (
+    DPStreams,
+    NoiseAhead,
+    SecureRandom,
+    warn_reproducible_noise,
+)
+from fedshield.tasks import Split, resolve_device
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -28,15 +44,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.bookkeeping import BookKeepingClipper, BookKeepingDPOptimizer, supports_bookkeeping
-from client.training import augmenter, make_optimizer
-from fedshield.schema import PrivacyConfig, TrainConfig
 from fedshield.errors import ConfigError
-from privacy.accounting import compact
-from privacy.ledger import Ledger
-from privacy.planner import check_delta, plan_noise, sample_rate, steps_per_round
-from privacy.randomness import DPStreams, NoiseAhead, SecureRandom, warn_reproducible_noise
-from tasks import Split, resolve_device
+from fedshield.schema import PrivacyConfig, TrainConfig
 
 
 def dp_compatible(model: nn.Module) -> nn.Module:
@@ -185,7 +194,7 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ConfigError(f"model is not DP-compatible: {errors[0]}; build it through "
-                          "client.dp.dp_compatible (e.g. BatchNorm -> GroupNorm)")
+                          "fedshield.client.dp.dp_compatible (e.g. BatchNorm -> GroupNorm)")
     mode = privacy_cfg.grad_sample_mode
     if mode == "auto":
         mode = pick_grad_sample_mode(model)

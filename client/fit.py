@@ -14,14 +14,14 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from fedshield.client.releases import reply_metrics, stats_release
+from fedshield.client.training import train_local
+from fedshield.client.validation import quality_report, validate_split
+from fedshield.privacy.releases import EXACT_MODE
+from fedshield.tasks import Split, Task
 from flwr.app import Context
 
-from client.releases import reply_metrics, stats_release
-from client.training import train_local
-from client.validation import quality_report, validate_split
 from fedshield import configio, schema
-from privacy.releases import EXACT_MODE
-from tasks import Split, Task
 
 DataLoader = Callable[[Context, schema.Config], tuple[Task, Split, Split]]
 
@@ -49,7 +49,7 @@ def client_ledger(cfg: schema.Config, context: Context, run_key: str, server_rou
     coordinator picks: the cap applies to the total over every federation of the site. Raises
     LedgerMissing for round > 1 of a run the ledger holds nothing of, where every client trains
     every round (the ledger was lost)."""
-    from privacy.ledger import Ledger  # noqa: PLC0415
+    from fedshield.privacy.ledger import Ledger  # noqa: PLC0415
 
     node = context.node_config
     scope = cfg.privacy.ledger_scope
@@ -91,7 +91,7 @@ def privacy_cap(cfg: schema.Config, node_config) -> float:
 
 def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context, rc: dict,
                    seed: int, num_classes: int) -> dict[str, float]:
-    from client.dp import train_private  # noqa: PLC0415 (Opacus only when DP is on)
+    from fedshield.client.dp import train_private  # noqa: PLC0415 (Opacus only when DP is on)
 
     run_key = str(rc.get("run-key", context.run_id))
     server_round = int(rc.get("server-round", 0))

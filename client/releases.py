@@ -14,11 +14,16 @@ import secrets
 from pathlib import Path
 
 import numpy as np
+from fedshield.privacy.ledger import Ledger, atomic_write_json
+from fedshield.privacy.releases import (
+    EXACT_MODE,
+    OUTSIDE_KEY,
+    HistogramRelease,
+    release_histogram,
+    secure_rng,
+)
 
 from fedshield.schema import PrivacyConfig
-from privacy.ledger import Ledger, atomic_write_json
-from privacy.releases import (EXACT_MODE, OUTSIDE_KEY, HistogramRelease, release_histogram,
-                              secure_rng)
 
 # What a DP training reply may carry: the DP events' public parameters, the release and identity.
 DP_REPLY_KEYS = frozenset({"epsilon", "delta", "noise-multiplier", "clip-norm", "sample-rate",

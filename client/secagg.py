@@ -22,15 +22,15 @@ from functools import partial
 
 import numpy as np
 import torch
+from fedshield.client.fit import DataLoader, fit_locally
+from fedshield.privacy.central import clip_updates
 from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from client.fit import DataLoader, fit_locally
 from fedshield import schema
 from fedshield.errors import ConfigError
-from privacy.central import clip_updates
 
 
 def secagg_train(msg: Message, context: Context, cfg: schema.Config,

@@ -6,10 +6,10 @@ from itertools import islice
 
 import numpy as np
 import torch
+from fedshield.tasks import Split, resolve_device
 from torch import nn
 
 from fedshield.schema import TrainConfig
-from tasks import Split, resolve_device
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

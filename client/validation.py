@@ -6,9 +6,9 @@ Everything here runs on the partner's own data; only the report's aggregate numb
 from __future__ import annotations
 
 import numpy as np
+from fedshield.tasks import Split, Task
 
 from fedshield.errors import DataValidationError
-from tasks import Split, Task
 
 
 def validate_split(data: Split, task: Task, what: str = "local data") -> None:

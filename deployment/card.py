@@ -11,16 +11,31 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+from fedshield.deployment.artifacts import (
+    ATTRIBUTION_PNG,
+    CARD_JSON,
+    CARD_MD,
+    SAFETENSORS,
+    build_loaded_model,
+    load_weights,
+)
+from fedshield.deployment.explain import attribution_picture, feature_importance
+from fedshield.deployment.export import ExportResult
+from fedshield.privacy.accounting import SAMPLE_LEVEL
+from fedshield.privacy.audit import AUDIT_JSON, AuditRecord, mechanism_digest
+from fedshield.tasks import Split, Task, get_task
 
-from deployment.artifacts import ATTRIBUTION_PNG, CARD_JSON, CARD_MD, SAFETENSORS, build_loaded_model, load_weights
-from deployment.explain import attribution_picture, feature_importance
-from deployment.export import ExportResult
 from fedshield.errors import ConfigError
-from fedshield.run_records import (BestRound, FinalMetrics, MetricsLine, PrivacySummary,
-                                   RobustnessSummary, RunSummary, read_metrics, read_summary)
-from privacy.accounting import SAMPLE_LEVEL
-from privacy.audit import AUDIT_JSON, AuditRecord, mechanism_digest
-from tasks import Split, Task, get_task
+from fedshield.run_records import (
+    BestRound,
+    FinalMetrics,
+    MetricsLine,
+    PrivacySummary,
+    RobustnessSummary,
+    RunSummary,
+    read_metrics,
+    read_summary,
+)
 
 TOP_FEATURES = 15
 IMAGES_IN_PICTURE = 6
@@ -163,7 +178,7 @@ def audit_section(run_dir: str | Path, config: dict) -> dict:
 def refresh_audit(run_dir: str | Path) -> Path | None:
     """Re-read the run's audit record into the card its hand-off already wrote (``export/``),
     JSON and Markdown; None when the run has no card yet (its hand-off will read the record)."""
-    from deployment.handoff import EXPORT_DIR  # noqa: PLC0415 (handoff imports this module)
+    from fedshield.deployment.handoff import EXPORT_DIR  # noqa: PLC0415 (handoff imports this module)
 
     run = Path(run_dir)
     json_path = run / EXPORT_DIR / CARD_JSON

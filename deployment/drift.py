@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from fedshield.deployment.reference_stats import Reference, histograms, monitored_features
 from scipy.spatial.distance import jensenshannon
-
-from deployment.reference_stats import Reference, histograms, monitored_features
 
 FLOOR = 1e-6
 STATISTICS = ("psi_mean", "psi_max", "ks_max", "js_mean", "prediction_psi", "prediction_js")

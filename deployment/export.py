@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from safetensors.torch import save_file
-
-from deployment.artifacts import (
+from fedshield.deployment.artifacts import (
     EXPORT_JSON,
     ONNX,
     ONNX_DATA,
@@ -25,7 +23,8 @@ from deployment.artifacts import (
     build_loaded_model,
     sha256_file,
 )
-from tasks import Split, Task
+from fedshield.tasks import Split, Task
+from safetensors.torch import save_file
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 

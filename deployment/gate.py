@@ -20,14 +20,21 @@ import getpass
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from deployment.artifacts import EXPORT_JSON, hash_mismatches
-from deployment.policy import POLICY_TAG, GatePolicy, strictest
-from deployment.registry import (RegistryError, client_for, download, expected_hashes,
-                                 expected_run_hashes, get_version)
+from fedshield.deployment.artifacts import EXPORT_JSON, hash_mismatches
+from fedshield.deployment.policy import POLICY_TAG, GatePolicy, strictest
+from fedshield.deployment.registry import (
+    RegistryError,
+    client_for,
+    download,
+    expected_hashes,
+    expected_run_hashes,
+    get_version,
+)
+
 from fedshield.errors import ConfigError, StateCorrupted
 from fedshield.run_records import COMPLETED, SUMMARY_FILE, RunSummary
 

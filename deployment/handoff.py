@@ -14,19 +14,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from fedshield.deployment.artifacts import CARD_MD, REFERENCE_JSON, load_weights
+from fedshield.deployment.card import build_card
+from fedshield.deployment.export import export_model
+from fedshield.deployment.gate import promote
+from fedshield.deployment.policy import GatePolicy
+from fedshield.deployment.reference_stats import (
+    Reference,
+    names_for,
+    reference_from_data,
+    with_client_class_priors,
+)
+from fedshield.deployment.registry import refuse_failed_run, register
+from fedshield.tasks import task_for
 
-from deployment.artifacts import CARD_MD, REFERENCE_JSON, load_weights
-from deployment.card import build_card
-from deployment.export import export_model
-from deployment.gate import promote
-from deployment.policy import GatePolicy
-from deployment.reference_stats import (Reference, names_for, reference_from_data,
-                                        with_client_class_priors)
-from deployment.registry import refuse_failed_run, register
-from fedshield.schema import Config
 from fedshield.errors import FedShieldError
 from fedshield.run_records import DataQuality, read_summary
-from tasks import task_for
+from fedshield.schema import Config
 
 EXPORT_DIR = "export"
 

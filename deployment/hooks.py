@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from fedshield.server.hooks import HANDOFF, mark_unavailable, register_post_run
+
 from fedshield.schema import Config
-from server.hooks import HANDOFF, mark_unavailable, register_post_run
 
 # What the hand-off imports from the [deploy] extra: MLflow registry, ONNX export (dynamo needs
 # onnxscript) and its onnxruntime parity check, Captum explanations for the model card.
@@ -33,7 +34,7 @@ def missing_deploy_modules() -> list[str]:
 
 def run_handoff(run_dir: Path, cfg: Config) -> dict:
     """The post-run hook: export, card, register, gate (deployment.handoff), as a summary dict."""
-    from deployment.handoff import handoff  # the extra's imports happen only when it runs
+    from fedshield.deployment.handoff import handoff  # the extra's imports happen only when it runs
 
     return handoff(run_dir, cfg).to_dict()
 

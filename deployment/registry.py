@@ -26,19 +26,31 @@ from urllib.parse import unquote, urlparse
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+from fedshield.deployment.artifacts import (  # noqa: E402
+    EXPORT_JSON,
+    IntegrityError,
+    NotDeployable,
+    hash_folder,
+    hash_mismatches,
+    read_json,
+    verify,
+)
+from fedshield.deployment.card import ModelCard, privacy_warning, read_run  # noqa: E402
+from fedshield.deployment.export import ExportResult  # noqa: E402
+from fedshield.deployment.policy import POLICY_TAG, GatePolicy  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from deployment.artifacts import (EXPORT_JSON, IntegrityError, NotDeployable,  # noqa: E402
-                                  hash_folder, hash_mismatches, read_json, verify)
-from deployment.card import ModelCard, privacy_warning, read_run  # noqa: E402
-from deployment.export import ExportResult  # noqa: E402
-from deployment.policy import POLICY_TAG, GatePolicy  # noqa: E402
 from fedshield.configio import flatten  # noqa: E402
 from fedshield.errors import ConfigError, FedShieldError  # noqa: E402
-from fedshield.run_records import (METRICS_FILE, SUMMARY_FILE, MetricsLine,  # noqa: E402
-                                   PrivacySummary, RunSummary)
+from fedshield.run_records import (  # noqa: E402
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsLine,
+    PrivacySummary,
+    RunSummary,
+)
 
 EXPERIMENT = "fedshield"
 HASH_TAG = "sha256."

@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from deployment.artifacts import SAFETENSORS
-from deployment.drift import RetrainTrigger
-from deployment.registry import resolve
+from fedshield.deployment.artifacts import SAFETENSORS
+from fedshield.deployment.drift import RetrainTrigger
+from fedshield.deployment.registry import resolve
+
 from fedshield.errors import ConfigError
 
 

@@ -30,10 +30,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model
-from starlette.concurrency import run_in_threadpool
-
-from deployment.artifacts import (
+from fedshield.deployment.artifacts import (
     CARD_JSON,
     EXPORT_JSON,
     ONNX,
@@ -45,13 +42,16 @@ from deployment.artifacts import (
     read_json,
     verify,
 )
-from deployment.drift import DriftMonitor, RetrainTrigger, WindowReport
-from deployment.explain import integrated_gradients
-from deployment.export import INPUT_NAME, onnx_session
-from deployment.reference_stats import Reference
-from deployment.serving_metrics import CONTENT_TYPE, ServingMetrics
+from fedshield.deployment.drift import DriftMonitor, RetrainTrigger, WindowReport
+from fedshield.deployment.explain import integrated_gradients
+from fedshield.deployment.export import INPUT_NAME, onnx_session
+from fedshield.deployment.reference_stats import Reference
+from fedshield.deployment.serving_metrics import CONTENT_TYPE, ServingMetrics
+from fedshield.tasks import get_task
+from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model
+from starlette.concurrency import run_in_threadpool
+
 from fedshield.errors import ConfigError
-from tasks import get_task
 
 log = logging.getLogger("fedshield.serving")
 DEFAULT_MAX_BATCH = 1024
@@ -94,7 +94,7 @@ def _registry_hashes_for_run(run_dir: Path,
     handoff = run_dir / "handoff.json"
     if not handoff.is_file():
         return None
-    from deployment.registry import client_for, expected_hashes, get_version
+    from fedshield.deployment.registry import client_for, expected_hashes, get_version
 
     try:
         record = json.loads(handoff.read_text())
@@ -128,7 +128,7 @@ def load_served_model(model: str | Path, tracking_uri: str | None = None,
 def _load_served_model(model: str | Path, tracking_uri: str | None, quantized: bool) -> ServedModel:
     text = str(model)
     if text.startswith("models:/"):
-        from deployment.registry import resolve
+        from fedshield.deployment.registry import resolve
 
         resolved = resolve(text, tracking_uri or "sqlite:///.fedshield/registry.db")
         name, version = resolved.name, resolved.version

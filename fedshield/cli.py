@@ -38,8 +38,8 @@ def simulate(
 
     try:
         cfg = validation.load(config, set_ or [])
-        from server.report import ConsoleReporter
-        from simulations.runner import simulate as run
+        from fedshield.server.report import ConsoleReporter
+        from fedshield.simulations.runner import simulate as run
 
         summary = run(cfg, ConsoleReporter(Console(stderr=json_out)))
     except FedShieldError as exc:  # RunFailed included: every round failed, nothing registered
@@ -83,7 +83,7 @@ def robustness(
     from pathlib import Path
 
     from fedshield import validation
-    from simulations.sweeps import robustness_matrix
+    from fedshield.simulations.sweeps import robustness_matrix
 
     try:
         base = validation.load(config, set_ or [])
@@ -119,7 +119,7 @@ def privacy_sweep(
     from pathlib import Path
 
     from fedshield import validation
-    from simulations.sweeps import privacy_sweep as sweep
+    from fedshield.simulations.sweeps import privacy_sweep as sweep
 
     try:
         base = validation.load(config, set_ or [])
@@ -154,7 +154,7 @@ def bench_aggregators(
 ) -> None:
     """Time each aggregation rule against Flower 1.42's built-in strategy aggregation on the
     same updates, as a speed ratio per rule, n and d."""
-    from benchmarks.bench_aggregators import HEADER, SPECS, assumed_f, run
+    from fedshield.benchmarks.bench_aggregators import HEADER, SPECS, assumed_f, run
 
     specs = _names(rules) or SPECS
     sizes = [int(v) for v in _floats(ns)], [int(v) for v in _floats(ds)]

@@ -6,8 +6,8 @@ the ServerApp, which itself never imports deployment/. The client component stay
 ``client.app:app``: clients have no post-run step.
 """
 
-from deployment.hooks import install_post_run_hooks
-from server.app import build_server_app
+from fedshield.deployment.hooks import install_post_run_hooks
+from fedshield.server.app import build_server_app
 
 install_post_run_hooks()
 serverapp = build_server_app()

@@ -19,13 +19,13 @@ from typing import Any
 
 from fedshield import configio
 from fedshield.errors import ConfigError
+from fedshield.privacy import accounting, secagg
+from fedshield.privacy.central import central_dp_config_check, check_secagg
 from fedshield.schema import Config
-from privacy import accounting, secagg
-from privacy.central import central_dp_config_check, check_secagg
-from server.aggregation.registry import parse_spec
-from simulations.attacks import ATTACKS
-from simulations.attacks.selection import byzantine_count, parse_id_list
-from tasks.base import TASKS, get_task
+from fedshield.server.aggregation.registry import parse_spec
+from fedshield.simulations.attacks import ATTACKS
+from fedshield.simulations.attacks.selection import byzantine_count, parse_id_list
+from fedshield.tasks.base import TASKS, get_task
 
 Check = Callable[[Config], "str | None"]
 

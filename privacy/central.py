@@ -21,10 +21,10 @@ import secrets
 
 import numpy as np
 import torch
+from fedshield.privacy.accounting import reported_epsilon
 
-from fedshield.schema import CentralDPConfig
 from fedshield.errors import ConfigError
-from privacy.accounting import reported_epsilon
+from fedshield.schema import CentralDPConfig
 
 UNIT = "user-level, per client, add/remove"
 

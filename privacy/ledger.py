@@ -30,14 +30,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fedshield.errors import BudgetExhausted, ConfigError
-from privacy.accounting import (
+from fedshield.privacy.accounting import (
     ACCOUNTANTS,
     Event,
     as_event,
     check_bound_accountant,
     reported_epsilon,
 )
+
+from fedshield.errors import BudgetExhausted, ConfigError
 
 FORMAT = "fedshield-privacy-ledger"
 VERSION = 1
@@ -192,7 +193,7 @@ class Ledger:
     def to_metrics(self) -> dict[str, float | int | str]:
         """This ledger's epsilons (own and site-wide, accountant and PLD) for a metrics line."""
         history = self._read()
-        from privacy.accounting import pld_epsilon
+        from fedshield.privacy.accounting import pld_epsilon
 
         events = self.events()
         return {"epsilon": reported_epsilon(events, self.delta, self.accountant),
@@ -404,7 +405,7 @@ def site_report(ledger_dir: str | Path) -> dict[str, Any]:
     by site: each one's events and epsilon (its accountant's, floored by PLD, and PLD alone), and
     per site the total over all its federations, the one its budget applies to. Damaged or deleted
     ledgers are reported with their problem, never skipped."""
-    from privacy.accounting import pld_epsilon
+    from fedshield.privacy.accounting import pld_epsilon
 
     root = Path(ledger_dir)
     manifest = read_manifest(root) if (root / MANIFEST).exists() else {}

@@ -23,11 +23,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
+from fedshield.privacy.accounting import (
+    BOUNDS,
+    check_bound_accountant,
+    pld_epsilon,
+    reported_epsilon,
+)
+from fedshield.privacy.releases import histogram_event
 from scipy.optimize import brentq
 
 from fedshield.errors import ConfigError
-from privacy.accounting import BOUNDS, check_bound_accountant, pld_epsilon, reported_epsilon
-from privacy.releases import histogram_event
 
 # The planner's default table: Opacus' PRV and RDP, and dp_accounting's PLD, side by side.
 PLAN_ACCOUNTANTS = BOUNDS

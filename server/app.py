@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from fedshield.server.checkpoint import load_checkpoint
+from fedshield.server.preflight import preflight
+from fedshield.server.recording import RunRecorder, train_round_config
+from fedshield.server.secagg import run_secagg_federation
+from fedshield.server.strategy import ShieldStrategy
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedshield import schema, validation
 from fedshield.errors import RunFailed, TooFewUpdates
 from fedshield.run_records import RunSummary
-from server.checkpoint import load_checkpoint
-from server.preflight import preflight
-from server.recording import RunRecorder, train_round_config
-from server.secagg import run_secagg_federation
-from server.strategy import ShieldStrategy
 
 EvaluateFn = Callable[[int, ArrayRecord], "MetricRecord | None"]
 

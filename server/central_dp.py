@@ -13,9 +13,7 @@ clients clip and the server only sees the sum (:meth:`CentralDP.release`).
 from __future__ import annotations
 
 import torch
-
-from fedshield.schema import Config
-from privacy.central import (
+from fedshield.privacy.central import (
     add_central_noise,
     clip_updates,
     expected_clients,
@@ -25,7 +23,9 @@ from privacy.central import (
     sampling_rng,
     user_level_epsilon,
 )
-from server.aggregation import AggregationResult
+from fedshield.server.aggregation import AggregationResult
+
+from fedshield.schema import Config
 
 
 class CentralDP:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from fedshield.server.central_dp import CentralDP
+from fedshield.server.reputation import Reputation
 
-from fedshield.schema import AggregationConfig, Config
 from fedshield.records import Rejected, TrainReport
-from server.central_dp import CentralDP
-from server.reputation import Reputation
+from fedshield.schema import AggregationConfig, Config
 
 
 def reason_code(reason: str) -> str:

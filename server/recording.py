@@ -17,25 +17,45 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from fedshield.privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
+from fedshield.privacy.releases import (
+    OUTSIDE_KEY,
+    STATS_NEW_KEY,
+    STATS_NOISE_KEY,
+    class_counts_from_metrics,
+    histogram_event,
+    merge_class_counts,
+)
+from fedshield.server.averaging import ModelAverage
+from fedshield.server.checkpoint import load_checkpoint, save_checkpoint
+from fedshield.server.federation_state import RoundState
+from fedshield.server.hooks import HANDOFF, run_post_run_hook
+from fedshield.server.outputs import RunFolder, library_versions, new_run_dir
+from fedshield.server.report import ConsoleReporter
+from fedshield.server.reputation import Reputation
+from fedshield.tasks import Split, evaluate, get_task, resolve_device, task_for
 from flwr.common import log
 
 from fedshield import configio, schema
 from fedshield.errors import ConfigError
-from fedshield.run_records import (AGGREGATED, COMPLETED, FAILED, BestRound, CentralDPSummary,
-                                   ClassCounts, DataQuality, DPEventLine, FinalMetrics,
-                                   HandoffSummary, MetricsLine, PrivacySummary, PrivacyUnits,
-                                   ReleaseEvent, RobustnessSummary, RunSummary)
-from privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
-from privacy.releases import (OUTSIDE_KEY, STATS_NEW_KEY, STATS_NOISE_KEY,
-                              class_counts_from_metrics, histogram_event, merge_class_counts)
-from server.averaging import ModelAverage
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.federation_state import RoundState
-from server.hooks import HANDOFF, run_post_run_hook
-from server.outputs import RunFolder, library_versions, new_run_dir
-from server.report import ConsoleReporter
-from server.reputation import Reputation
-from tasks import Split, evaluate, get_task, resolve_device, task_for
+from fedshield.run_records import (
+    AGGREGATED,
+    COMPLETED,
+    FAILED,
+    BestRound,
+    CentralDPSummary,
+    ClassCounts,
+    DataQuality,
+    DPEventLine,
+    FinalMetrics,
+    HandoffSummary,
+    MetricsLine,
+    PrivacySummary,
+    PrivacyUnits,
+    ReleaseEvent,
+    RobustnessSummary,
+    RunSummary,
+)
 
 
 @runtime_checkable

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from fedshield.privacy.randomness import warn_reproducible_noise
 from rich.console import Console
 from rich.table import Table
 
 from fedshield.run_records import MetricsLine, RunSummary
-from privacy.randomness import warn_reproducible_noise
 
 
 class ConsoleReporter:

@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+from fedshield.privacy.secagg import SECAGG_MODULUS
+from fedshield.server.federation_state import FederationState, HoldsFederation, weighted_loss
+from fedshield.server.recording import RunRecorder, train_round_config
 from flwr.app import Context, Message, RecordDict
 from flwr.common import (
     FitIns,
@@ -40,11 +43,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedshield import schema
-from privacy.secagg import SECAGG_MODULUS
 from fedshield.records import TrainReport, decode_train_metrics
 from fedshield.run_records import RunSummary
-from server.federation_state import FederationState, HoldsFederation, weighted_loss
-from server.recording import RunRecorder, train_round_config
 
 
 class SecAggFedAvg(HoldsFederation, FedAvg):

@@ -14,6 +14,16 @@ from logging import ERROR, INFO, WARNING
 
 import numpy as np
 import torch
+from fedshield.privacy.releases import OUTSIDE_KEY
+from fedshield.server.aggregation import AggregationResult, build_aggregator
+from fedshield.server.federation_state import (
+    FederationState,
+    HoldsFederation,
+    RoundState,
+    weighted_loss,
+)
+from fedshield.server.flat import flatten, stack, unflatten
+from fedshield.server.screening import capped_weights, default_norm_bound, screen_updates
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -27,7 +37,6 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedshield.schema import Config
 from fedshield.errors import ConfigError, TooFewUpdates
 from fedshield.records import (
     EvalReport,
@@ -38,11 +47,7 @@ from fedshield.records import (
     decode_train_reply,
     npy_view,
 )
-from privacy.releases import OUTSIDE_KEY
-from server.aggregation import AggregationResult, build_aggregator
-from server.federation_state import FederationState, HoldsFederation, RoundState, weighted_loss
-from server.flat import flatten, stack, unflatten
-from server.screening import capped_weights, default_norm_bound, screen_updates
+from fedshield.schema import Config
 
 __all__ = ["RoundState", "ShieldStrategy", "array_view", "to_numpy"]
 

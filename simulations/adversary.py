@@ -12,15 +12,15 @@ from typing import cast
 
 import numpy as np
 import torch
+from fedshield.client.app import make_client_app
+from fedshield.client.data import load_client_data
+from fedshield.server.flat import flatten, stack, unflatten
+from fedshield.simulations.attacks import ATTACKS, select_byzantine, triggered_test_set
+from fedshield.tasks import Split, Task, task_for
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.app import make_client_app
-from client.data import load_client_data
 from fedshield.schema import Config
-from server.flat import flatten, stack, unflatten
-from simulations.attacks import ATTACKS, select_byzantine, triggered_test_set
-from tasks import Split, Task, task_for
 
 ReplyFilter = Callable[[list[Message], list[Message]], list[Message]]
 ClientLoader = Callable[[Context, Config], tuple[Task, Split, Split]]

@@ -10,17 +10,17 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from fedshield.client.app import make_client_app
+from fedshield.deployment.hooks import install_post_run_hooks
+from fedshield.server.app import build_server_app
+from fedshield.server.outputs import RunFolder, new_run_dir
+from fedshield.server.preflight import preflight
+from fedshield.simulations.grid import InProcessGrid
 from flwr.app import Context, RecordDict
 
-from client.app import make_client_app
-from deployment.hooks import install_post_run_hooks
 from fedshield import schema
 from fedshield.errors import ConfigError, RunFailed
 from fedshield.run_records import AttackReport, RunSummary
-from server.preflight import preflight
-from server.app import build_server_app
-from server.outputs import RunFolder, new_run_dir
-from simulations.grid import InProcessGrid
 
 
 def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
@@ -42,7 +42,7 @@ def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
         client_apps = {pid: make_client_app() for pid in range(cfg.federation.num_clients)}
         reply_filter = None
         if cfg.attack.name != "none":
-            from simulations.adversary import adversarial_apps
+            from fedshield.simulations.adversary import adversarial_apps
 
             client_apps, reply_filter = adversarial_apps(cfg, client_apps)
         grid = InProcessGrid(client_apps, run_config, cfg.seed, reply_filter=reply_filter)
@@ -62,11 +62,10 @@ def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
 
 def attack_report(cfg: schema.Config, run_dir: Path) -> AttackReport:
     """Who was Byzantine, who got caught, and (for backdoors) the attack's success rate."""
+    from fedshield.server.reputation import detection_rate, false_quarantine_rate
+    from fedshield.simulations.adversary import backdoor_success, byzantine_ids
+    from fedshield.tasks import task_for
     from safetensors.torch import load_file
-
-    from server.reputation import detection_rate, false_quarantine_rate
-    from simulations.adversary import backdoor_success, byzantine_ids
-    from tasks import task_for
 
     byz = byzantine_ids(cfg)
     lines = RunFolder(run_dir).read_metrics()

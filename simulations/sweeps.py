@@ -23,7 +23,7 @@ from fedshield.run_records import COMPLETED, RunSummary
 def run_point(base: schema.Config, overrides: dict[str, Any], out_dir: Path,
               reporter=None) -> dict:
     """Run one grid point (base config + overrides) and return its table row."""
-    from simulations.runner import simulate
+    from fedshield.simulations.runner import simulate
 
     flat = base.flat()
     flat.update(overrides)
@@ -111,7 +111,7 @@ def audit_point(base: schema.Config, overrides: dict[str, Any], canaries: int,
                 out_dir: Path) -> dict:
     """The canary audit of one sweep point: the bound the server's view of client 0's updates
     certifies (its ``update`` adversary), at 95% confidence."""
-    from simulations.audit import canary_audit
+    from fedshield.simulations.audit import canary_audit
 
     cfg = validation.from_run_config({**base.flat(), **overrides})  # the audit keeps its own ledgers
     (result,) = canary_audit(cfg, canaries, adversaries=("update",), workdir=out_dir)

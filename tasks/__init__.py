@@ -4,6 +4,6 @@
 and attacks work the same for images and tables.
 """
 
-from tasks.base import TASKS, Split, Task, evaluate, get_task, resolve_device, task_for
+from fedshield.tasks.base import TASKS, Split, Task, evaluate, get_task, resolve_device, task_for
 
 __all__ = ["Split", "Task", "TASKS", "evaluate", "get_task", "resolve_device", "task_for"]

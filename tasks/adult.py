@@ -8,9 +8,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
-
-from tasks.base import Split, Task, register
-from tasks.models import mlp
+from fedshield.tasks.base import Split, Task, register
+from fedshield.tasks.models import mlp
 
 COLUMNS = ("age", "workclass", "fnlwgt", "education", "education_num", "marital_status",
            "occupation", "relationship", "race", "sex", "capital_gain", "capital_loss",

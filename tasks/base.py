@@ -83,7 +83,7 @@ def register(name: str):
 def get_task(name: str, model: str = "") -> Task:
     """The task ``name`` (a registered one, or ``hf:<dataset>``) with model ``model``."""
     # Import for the side effect of registering each task module.
-    from tasks import adult, hf, images, scattering  # noqa: F401
+    from fedshield.tasks import adult, hf, images, scattering  # noqa: F401
 
     if name.startswith("hf:"):
         return hf.hf_task(name[3:]).with_model(model)

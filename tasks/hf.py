@@ -9,11 +9,11 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
+from fedshield.tasks.base import Split, Task
+from fedshield.tasks.images import MNIST_PREPROCESSING, normalise_mnist
+from fedshield.tasks.models import MnistCNN, mlp
 
 from fedshield.errors import ConfigError
-from tasks.base import Split, Task
-from tasks.images import MNIST_PREPROCESSING, normalise_mnist
-from tasks.models import MnistCNN, mlp
 
 
 def _to_split(ds) -> Split:

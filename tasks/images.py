@@ -8,11 +8,11 @@ from functools import lru_cache
 from importlib import resources
 
 import numpy as np
+from fedshield.tasks.base import Split, Task, register
+from fedshield.tasks.models import MnistCNN, TanhCNN, mlp
 from torch import nn
 
 from fedshield.errors import DataValidationError
-from tasks.base import Split, Task, register
-from tasks.models import MnistCNN, TanhCNN, mlp
 
 MNIST_MODELS: dict[str, Callable[[], nn.Module]] = {"cnn": MnistCNN, "tanh_cnn": TanhCNN}
 

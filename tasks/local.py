@@ -26,10 +26,10 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from fedshield.tasks.base import Split, Task
+from fedshield.tasks.images import normalise_mnist
 
 from fedshield.errors import DataValidationError
-from tasks.base import Split, Task
-from tasks.images import normalise_mnist
 
 LABEL = "label"
 IMAGE_SUFFIXES = (".png",)
@@ -81,7 +81,7 @@ def load_csv(path: Path, task: Task) -> Split:
     """A CSV of a task's features (or Adult's raw columns) and labels; see the module docstring."""
     rows = _read_rows(path)
     if task.name == "adult":
-        from tasks import adult  # only Adult partners need the raw encoder
+        from fedshield.tasks import adult  # only Adult partners need the raw encoder
 
         raw = _raw_adult_rows(path, rows, adult.COLUMNS)
         if raw is not None:
@@ -160,7 +160,7 @@ def _raw_adult_rows(path: Path, rows: list[list[str]], columns: tuple[str, ...])
 
 
 def _encode_adult(path: Path, raw: list[list[str]]) -> Split:
-    from tasks import adult
+    from fedshield.tasks import adult
 
     numeric_at = [adult.COLUMNS.index(c) for c in adult.NUMERIC]
     _numbers(path, [[r[i] for i in numeric_at] for r in raw],

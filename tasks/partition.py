@@ -11,8 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from fedshield.schema import PartitionConfig
 from fedshield.errors import ConfigError
+from fedshield.schema import PartitionConfig
 
 
 def partition_indices(labels: np.ndarray, num_partitions: int, cfg: PartitionConfig,
@@ -52,7 +52,7 @@ def partition_indices(labels: np.ndarray, num_partitions: int, cfg: PartitionCon
 def cached_partitions(task_name: str, num_partitions: int, cfg: PartitionConfig,
                       seed: int) -> tuple[np.ndarray, ...]:
     """``partition_indices`` of a task's train labels, computed once per process."""
-    from tasks import get_task
+    from fedshield.tasks import get_task
 
     train, _ = get_task(task_name).load()
     return tuple(partition_indices(train.y, num_partitions, cfg, seed))

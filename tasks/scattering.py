@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedshield.tasks.base import Split, Task, register
+from fedshield.tasks.images import MNIST_PREPROCESSING, load_mnist
 from torch import nn
-
-from tasks.base import Split, Task, register
-from tasks.images import MNIST_PREPROCESSING, load_mnist
 
 J, L = 2, 8
 CHANNELS, SIDE = 1 + J * L + L * L * J * (J - 1) // 2, 28 // 2 ** J  # 81, 7

@@ -41,12 +41,11 @@ def small_cfg(tmp_path):
 @pytest.fixture
 def nan_client(monkeypatch):
     """Client 2 of 5 holds a NaN feature: the runner's ClientApps are patched accordingly."""
+    import fedshield.simulations.runner as runner
     import numpy as np
-
-    import simulations.runner as runner
-    from client.app import make_client_app
-    from client.data import load_client_data
-    from tasks import Split
+    from fedshield.client.app import make_client_app
+    from fedshield.client.data import load_client_data
+    from fedshield.tasks import Split
 
     def broken_loader(context, cfg):
         task, train, val = load_client_data(context, cfg)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedshield.tasks import evaluate, get_task
 from safetensors.torch import save_file
 
 from fedshield import configio
 from tests.config_support import neutral_config
-from tasks import evaluate, get_task
 
 
 @lru_cache(maxsize=None)

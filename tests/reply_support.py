@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from fedshield.simulations.grid import InProcessGrid
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from fedshield import schema
-from tests.config_support import neutral_config
 from fedshield.records import TrainReport, encode_train_report
-from simulations.grid import InProcessGrid
+from tests.config_support import neutral_config
 
 # (global arrays, partition id, round) -> reply content, an Error, or a whole Message.
 Behaviour = Callable[[dict[str, np.ndarray], int, int], RecordDict | Error | Message]

@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fedshield.server.aggregation import PRE_AGGREGATORS, RULES, AggregationResult, build_aggregator
+from fedshield.server.aggregation.clipping import cclip, clip
+from fedshield.server.aggregation.coordinatewise import median, trimmed_mean
+from fedshield.server.aggregation.distances import cosine_distances, pairwise_sq_distances
+from fedshield.server.aggregation.flame import flame, majority_cluster
+from fedshield.server.aggregation.fltrust import fltrust
+from fedshield.server.aggregation.geomed import geomed
+from fedshield.server.aggregation.krum import bulyan, krum, multikrum
+from fedshield.server.aggregation.mean import fedavg
+from fedshield.server.aggregation.preagg import bucketing, nnm
 
-from fedshield.schema import AggregationConfig
 from fedshield.errors import ConfigError
-from server.aggregation import PRE_AGGREGATORS, RULES, AggregationResult, build_aggregator
-from server.aggregation.clipping import cclip, clip
-from server.aggregation.coordinatewise import median, trimmed_mean
-from server.aggregation.distances import cosine_distances, pairwise_sq_distances
-from server.aggregation.flame import flame, majority_cluster
-from server.aggregation.fltrust import fltrust
-from server.aggregation.geomed import geomed
-from server.aggregation.krum import bulyan, krum, multikrum
-from server.aggregation.mean import fedavg
-from server.aggregation.preagg import bucketing, nnm
+from fedshield.schema import AggregationConfig
 
 CASES = [(n, seed) for n in (5, 11, 20) for seed in (0, 1, 2)]
 D = 50

@@ -8,12 +8,16 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from fedshield.server.aggregation import RULES, build_aggregator
+from fedshield.server.aggregation.distances import (
+    centring_pays,
+    gram,
+    pairwise_sq_distances,
+    sq_distances_from_gram,
+)
+from fedshield.server.aggregation.krum import krum_scores
 
 from fedshield.schema import AggregationConfig
-from server.aggregation import RULES, build_aggregator
-from server.aggregation.distances import (centring_pays, gram, pairwise_sq_distances,
-                                          sq_distances_from_gram)
-from server.aggregation.krum import krum_scores
 
 ROBUST = [r for r in RULES if r not in ("fedavg", "fltrust")]
 N, F, D = 20, 4, 50

@@ -3,15 +3,21 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from fedshield.simulations.attacks import (
+    ATTACKS,
+    alie_z_max,
+    apply_trigger,
+    select_byzantine,
+    triggered_test_set,
+)
+from fedshield.simulations.attacks.data_poisoning import IMAGE_TRIGGER_VALUE
+from fedshield.simulations.attacks.minmax import perturbation
+from fedshield.tasks.base import get_task
 from scipy.stats import norm
 
+from fedshield.errors import ConfigError
 from fedshield.schema import AttackConfig
 from fedshield.validation import from_dict
-from fedshield.errors import ConfigError
-from simulations.attacks import ATTACKS, alie_z_max, apply_trigger, select_byzantine, triggered_test_set
-from simulations.attacks.data_poisoning import IMAGE_TRIGGER_VALUE
-from simulations.attacks.minmax import perturbation
-from tasks.base import get_task
 
 
 def rounds(h=9, b=3, d=200, seed=0, dtype=torch.float64):

@@ -7,14 +7,14 @@ import math
 
 import numpy as np
 import pytest
+from fedshield.privacy import audit
 from scipy import special
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from fedshield import configio, schema
-from tests.config_support import neutral_config
 from fedshield.errors import ConfigError
-from privacy import audit
+from tests.config_support import neutral_config
 
 # -- the one-run bound ---------------------------------------------------------------------
 
@@ -148,7 +148,7 @@ def seeded(cfg: schema.Config, reproducible: bool) -> schema.Config:
 
 @pytest.mark.slow
 def test_without_dp_the_canary_audit_finds_a_large_bound(tmp_path):
-    from simulations.audit import canary_audit
+    from fedshield.simulations.audit import canary_audit
 
     (result,) = canary_audit(digits_cfg(tmp_path), canaries=400, audit_seed=0)
     assert result.stated_epsilon == math.inf
@@ -158,7 +158,7 @@ def test_without_dp_the_canary_audit_finds_a_large_bound(tmp_path):
 
 @pytest.fixture(scope="module")
 def dp_audit(tmp_path_factory):
-    from simulations.audit import canary_audit
+    from fedshield.simulations.audit import canary_audit
 
     cfg = seeded(digits_cfg(tmp_path_factory.mktemp("dp"), enabled=True, target_epsilon=2.0), True)
     return {r.adversary: r for r in canary_audit(cfg, canaries=400, audit_seed=0,
@@ -186,7 +186,7 @@ def test_a_server_that_knows_the_seed_regenerates_reproducible_noise(dp_audit):
 def test_secret_noise_defeats_the_seed_replay(tmp_path):
     if not any(f.name == "reproducible_noise" for f in dataclasses.fields(schema.PrivacyConfig)):
         pytest.skip("privacy.reproducible_noise not in the schema yet: every run's noise is seeded")
-    from simulations.audit import canary_audit
+    from fedshield.simulations.audit import canary_audit
 
     cfg = seeded(digits_cfg(tmp_path, enabled=True, target_epsilon=2.0), False)
     (result,) = canary_audit(cfg, canaries=400, audit_seed=0, adversaries=("seed-replay",))
@@ -196,7 +196,7 @@ def test_secret_noise_defeats_the_seed_replay(tmp_path):
 
 @pytest.mark.slow
 def test_membership_inference_finds_members_of_an_overfit_model(tmp_path):
-    from simulations.audit import membership_inference
+    from fedshield.simulations.audit import membership_inference
 
     cfg = digits_cfg(tmp_path)
     cfg = dataclasses.replace(cfg, federation=schema.FederationConfig(num_clients=4, rounds=2),
@@ -212,7 +212,7 @@ def test_membership_inference_finds_members_of_an_overfit_model(tmp_path):
 
 @pytest.mark.slow
 def test_gradient_inversion_reconstructs_without_dp_and_not_with_it(tmp_path):
-    from simulations.audit import gradient_inversion
+    from fedshield.simulations.audit import gradient_inversion
 
     cfg = digits_cfg(tmp_path, enabled=True, target_epsilon=2.0)
     clear, private = gradient_inversion(cfg, batch=2, iterations=150, audit_seed=0)
@@ -258,7 +258,7 @@ def test_the_command_refuses_bad_input_clearly(tmp_path, args, message):
 def test_the_privacy_sweep_reports_the_audit_bound_next_to_the_stated_epsilon(small_cfg, tmp_path):
     """Issue 14: the sweep table has an audit column; the bound never exceeds the stated epsilon
     under DP and is large without DP (the attack works)."""
-    from simulations.sweeps import privacy_sweep
+    from fedshield.simulations.sweeps import privacy_sweep
 
     base = small_cfg(federation={"rounds": 2}, partition={"kind": "iid"},
                      privacy={"delta": 1e-4})

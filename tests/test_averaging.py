@@ -5,11 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedshield.server.averaging import ModelAverage, ema_decay, ema_update
+from fedshield.simulations.runner import simulate
+from fedshield.tasks import evaluate, get_task
 from safetensors.torch import load_file
-
-from server.averaging import ModelAverage, ema_decay, ema_update
-from simulations.runner import simulate
-from tasks import evaluate, get_task
 
 
 def test_first_models_are_a_plain_mean_then_the_decay_takes_over():

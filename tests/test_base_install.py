@@ -10,8 +10,7 @@ from importlib import import_module
 from pathlib import Path
 
 import pytest
-
-from server import hooks
+from fedshield.server import hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +84,7 @@ def test_base_install_runs_the_default_simulation_to_the_end(tmp_path):
 
 def test_the_flower_component_registers_a_skip_note_in_a_base_install(tmp_path):
     code = ("import fedshield.flower as component\nfrom flwr.serverapp import ServerApp\n"
-            "from server.hooks import HANDOFF, registered\nhook = registered(HANDOFF)\n"
+            "from fedshield.server.hooks import HANDOFF, registered\nhook = registered(HANDOFF)\n"
             "print('HOOK', json.dumps([isinstance(component.serverapp, ServerApp), "
             "hook.run is None, hook.skipped]))\n" + REPORT_BLOCKED + "\n")
     proc = base_python(code, tmp_path, timeout=300)
@@ -98,9 +97,8 @@ def test_the_flower_component_registers_a_skip_note_in_a_base_install(tmp_path):
 
 
 def test_with_the_extra_the_components_register_the_handoff(no_hooks):
+    from fedshield.deployment.hooks import install_post_run_hooks, run_handoff
     from flwr.serverapp import ServerApp
-
-    from deployment.hooks import install_post_run_hooks, run_handoff
 
     components = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
         "components"]

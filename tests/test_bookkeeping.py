@@ -2,10 +2,7 @@
 
 import pytest
 import torch
-from opacus.optimizers import DPOptimizerFastGradientClipping
-from torch import nn
-
-from client.bookkeeping import (
+from fedshield.client.bookkeeping import (
     GRAD_SAMPLERS,
     BookKeepingClipper,
     BookKeepingDPOptimizer,
@@ -16,9 +13,11 @@ from client.bookkeeping import (
     single_channel_conv_grad_sample,
     supports_bookkeeping,
 )
-from tasks import get_task
-from tasks.models import MnistCNN, TanhCNN
-from tasks.scattering import ScatterCNN, ScatterLinear
+from fedshield.tasks import get_task
+from fedshield.tasks.models import MnistCNN, TanhCNN
+from fedshield.tasks.scattering import ScatterCNN, ScatterLinear
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from torch import nn
 
 
 def clipped_sum_by_loop(model, x, y, c):

@@ -7,16 +7,22 @@ import math
 import shutil
 
 import pytest
+from fedshield.deployment.artifacts import CARD_JSON, CARD_MD
+from fedshield.deployment.card import (
+    NOT_AUDITED,
+    audit_section,
+    build_card,
+    read_run,
+    render_markdown,
+)
+from fedshield.deployment.export import export_model
+from fedshield.privacy.audit import AUDIT_JSON, AuditBound, AuditRecord, mechanism_digest
+from fedshield.simulations.audit import AuditReport, CanaryAudit, audit_record
+from fedshield.tasks import get_task
 from typer.testing import CliRunner
 
-from deployment.artifacts import CARD_JSON, CARD_MD
-from deployment.card import NOT_AUDITED, audit_section, build_card, read_run, render_markdown
-from deployment.export import export_model
 from fedshield import configio, schema, validation
 from fedshield.errors import ConfigError
-from privacy.audit import AUDIT_JSON, AuditBound, AuditRecord, mechanism_digest
-from simulations.audit import AuditReport, CanaryAudit, audit_record
-from tasks import get_task
 from tests.config_support import neutral_config
 from tests.deploy_support import make_run_dir, trained_state
 

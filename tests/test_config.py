@@ -72,13 +72,12 @@ def test_cosine_schedule_decays_from_lr_towards_zero():
 
 
 def test_clients_train_with_the_rounds_scheduled_lr(monkeypatch):
+    import fedshield.client.app as client_app
+    from fedshield.tasks import task_for
     from flwr.app import Context, RecordDict
 
-    import client.app as client_app
-    from tasks import task_for
-
     used = []
-    monkeypatch.setattr("client.fit.train_local",  # where fit_locally looks it up
+    monkeypatch.setattr("fedshield.client.fit.train_local",  # where fit_locally looks it up
                         lambda model, data, cfg, seed: used.append(cfg.lr) or {})
     cfg = neutral_config({"task": {"name": "digits"}, "federation": {"num_clients": 2},
                           "train": {"lr": 0.2, "lr_schedule": "cosine"}})
@@ -137,7 +136,7 @@ def test_aggregation_rule_is_checked_against_the_rule_registry(rule, message):
 
 
 def test_every_registered_rule_and_step_is_accepted():
-    from server.aggregation import PRE_AGGREGATORS, RULES
+    from fedshield.server.aggregation import PRE_AGGREGATORS, RULES
 
     for rule in RULES:
         assert neutral_config({"aggregation": {"rule": rule}}).aggregation.rule == rule
@@ -146,7 +145,7 @@ def test_every_registered_rule_and_step_is_accepted():
 
 
 def test_task_name_is_checked_against_the_task_registry(monkeypatch):
-    from tasks.base import TASKS, get_task
+    from fedshield.tasks.base import TASKS, get_task
 
     for name in ("hf:", "hf: x", "", "MNIST", "mnist "):
         with pytest.raises(ConfigError, match="task.name = .* is out of range"):
@@ -233,7 +232,7 @@ def test_schema_and_configio_are_core_modules():
     assert {m.split(".")[0] for m in _imports("fedshield.schema")} <= stdlib
     upper = {m for m in _imports("fedshield.configio") if m.split(".")[0] not in stdlib}
     assert upper <= {"fedshield.errors", "fedshield.schema"}, upper
-    from privacy.secagg import SECAGG_MODULUS
+    from fedshield.privacy.secagg import SECAGG_MODULUS
 
     assert schema.SECAGG_MODULUS == SECAGG_MODULUS  # the schema's bound on quantization_range
 
@@ -272,10 +271,9 @@ def digits(tmp_path, **sections):
 
 
 def test_preflight_partition_sizes_are_what_the_clients_load(tmp_path):
+    from fedshield.client.data import LOCAL_VAL_FRACTION, load_client_data
+    from fedshield.server.preflight import VAL_FRACTION, preflight
     from flwr.app import Context, RecordDict
-
-    from client.data import LOCAL_VAL_FRACTION, load_client_data
-    from server.preflight import VAL_FRACTION, preflight
 
     assert VAL_FRACTION == LOCAL_VAL_FRACTION
     n = 30
@@ -293,7 +291,7 @@ def test_preflight_partition_sizes_are_what_the_clients_load(tmp_path):
 
 def test_preflight_refuses_a_dp_batch_larger_than_a_partition(tmp_path):
     """The issue's new-user case: mnist5k over 50 clients with the default DP batch of 256."""
-    from server.preflight import partition_problem, preflight
+    from fedshield.server.preflight import partition_problem, preflight
 
     cfg = validation.load(ROOT / "configs/default.toml",
                     ["task.name=mnist5k", "federation.num_clients=50",
@@ -308,7 +306,7 @@ def test_preflight_refuses_a_dp_batch_larger_than_a_partition(tmp_path):
 
 
 def test_preflight_notes_a_large_batch_without_dp_and_only_warns_in_the_serverapp(tmp_path):
-    from server.preflight import preflight
+    from fedshield.server.preflight import preflight
 
     report = preflight(digits(tmp_path, train={"batch_size": 1000}))
     assert len(report.notes) == 1 and "whole partition as one batch" in report.notes[0]
@@ -323,7 +321,7 @@ def test_preflight_notes_a_large_batch_without_dp_and_only_warns_in_the_serverap
 def test_preflight_refuses_what_would_fail_later(tmp_path):
     from dataclasses import replace
 
-    from server.preflight import preflight
+    from fedshield.server.preflight import preflight
 
     good = digits(tmp_path)
     with pytest.raises(ConfigError, match="init_weights = .* does not exist"):
@@ -351,16 +349,15 @@ def test_the_serverapp_runs_preflight_before_training(monkeypatch, tmp_path):
     """ServerApp main (what `flwr run` starts) raises on a config that cannot run, so Flower marks
     the run failed; nothing trains. Here: a model that does not fit the task is refused even when
     the cross-check is bypassed, by the forward pass."""
+    import fedshield.server.app as server_app
+    from fedshield.tasks import get_task
     from flwr.app import Context, RecordDict
-
-    import server.app as server_app
-    from tasks import get_task
 
     monkeypatch.setattr(server_app, "run_federation", lambda *a: pytest.fail("training started"))
     cfg = digits(tmp_path)
     digits_task = get_task("digits")
     mnist_model = get_task("mnist").build_model
-    monkeypatch.setattr("tasks.task_for", lambda task_cfg: digits_task.__class__(
+    monkeypatch.setattr("fedshield.tasks.task_for", lambda task_cfg: digits_task.__class__(
         **{**digits_task.__dict__, "build_model": mnist_model}))
     app = server_app.build_server_app()
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),

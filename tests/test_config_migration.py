@@ -14,7 +14,7 @@ spec.loader.exec_module(migrate)
 OLD = '''from fedshield import config as fcfg
 from fedshield.configio import flatten  # noqa: E402
 from fedshield.schema import AttackConfig  # noqa: E402
-from simulations.attacks.selection import byzantine_count  # noqa: E402
+from fedshield.simulations.attacks.selection import byzantine_count  # noqa: E402
 
 
 def run(cfg: schema.Config) -> str:
@@ -30,10 +30,10 @@ def local():
 '''
 NEW = '''from fedshield import configio, schema, validation
 from fedshield.errors import ConfigError
-from privacy.secagg import SECAGG_MODULUS
+from fedshield.privacy.secagg import SECAGG_MODULUS
 from fedshield.configio import flatten  # noqa: E402
 from fedshield.schema import AttackConfig  # noqa: E402
-from simulations.attacks.selection import byzantine_count  # noqa: E402
+from fedshield.simulations.attacks.selection import byzantine_count  # noqa: E402
 
 
 def run(cfg: schema.Config) -> str:
@@ -45,7 +45,7 @@ def run(cfg: schema.Config) -> str:
 def local():
     from fedshield import configio, schema, validation
     from fedshield.errors import ConfigError
-    from privacy.secagg import SECAGG_MODULUS
+    from fedshield.privacy.secagg import SECAGG_MODULUS
 
     return validation.from_dict({}), configio.toml_value(1)
 '''

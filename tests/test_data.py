@@ -3,11 +3,11 @@ import struct
 
 import numpy as np
 import pytest
+from fedshield.client.validation import quality_report, validate_split
+from fedshield.tasks import Split, get_task
+from fedshield.tasks.images import read_idx
 
-from client.validation import quality_report, validate_split
 from fedshield.errors import DataValidationError
-from tasks import Split, get_task
-from tasks.images import read_idx
 
 
 @pytest.mark.parametrize("name, shape, n_train, n_test", [

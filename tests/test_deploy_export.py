@@ -5,13 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from fedshield.deployment.artifacts import (
+    ONNX,
+    ONNX_DATA,
+    ONNX_INT8,
+    SAFETENSORS,
+    sha256_file,
+    strip_prefix,
+)
+from fedshield.deployment.card import build_card
+from fedshield.deployment.explain import attribution_picture, integrated_gradients
+from fedshield.deployment.export import ExportResult, export_model, onnx_logits, onnx_session
+from fedshield.tasks import get_task
 from safetensors import safe_open
 
-from deployment.artifacts import ONNX, ONNX_DATA, ONNX_INT8, SAFETENSORS, sha256_file, strip_prefix
-from deployment.card import build_card
-from deployment.explain import attribution_picture, integrated_gradients
-from deployment.export import ExportResult, export_model, onnx_logits, onnx_session
-from tasks import get_task
 from tests.deploy_support import make_run_dir, trained_state
 
 

@@ -4,17 +4,17 @@ import json
 from pathlib import Path
 
 import pytest
+from fedshield.deployment.artifacts import ONNX_DATA, IntegrityError
+from fedshield.deployment.card import build_card
+from fedshield.deployment.export import ExportResult
+from fedshield.deployment.gate import decide, promote
+from fedshield.deployment.handoff import handoff
+from fedshield.deployment.policy import GatePolicy
+from fedshield.deployment.registry import client_for, list_versions, register, resolve
+from fedshield.deployment.serving import create_app
 from typer.testing import CliRunner
 
-from deployment.artifacts import IntegrityError, ONNX_DATA
-from deployment.card import build_card
 from fedshield.commands.deploy import monitor_command, registry_app
-from deployment.export import ExportResult
-from deployment.gate import decide, promote
-from deployment.handoff import handoff
-from deployment.policy import GatePolicy
-from deployment.registry import client_for, list_versions, register, resolve
-from deployment.serving import create_app
 from fedshield.schema import DeploymentConfig
 from tests.config_support import neutral_config
 from tests.deploy_support import make_run_dir

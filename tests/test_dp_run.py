@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from fedshield.simulations.runner import simulate
 from opacus.accountants import PRVAccountant
 
-from simulations.runner import simulate
 from tests.config_support import neutral_config
 
 

@@ -4,14 +4,14 @@ learning."""
 import numpy as np
 import pytest
 import torch
+from fedshield.client.dp import pick_grad_sample_mode, train_private
+from fedshield.privacy.accounting import epsilon
+from fedshield.privacy.ledger import Ledger
+from fedshield.tasks import evaluate, get_task
+from fedshield.tasks.models import MnistCNN
 
-from client.dp import pick_grad_sample_mode, train_private
-from fedshield.schema import PrivacyConfig, TrainConfig
 from fedshield.errors import BudgetExhausted
-from privacy.accounting import epsilon
-from privacy.ledger import Ledger
-from tasks import evaluate, get_task
-from tasks.models import MnistCNN
+from fedshield.schema import PrivacyConfig, TrainConfig
 
 DELTA = 1e-4
 TRAIN = TrainConfig(lr=0.1, momentum=0.9, batch_size=32, local_epochs=1)

@@ -2,9 +2,7 @@
 
 import numpy as np
 import pytest
-from scipy import stats
-
-from deployment.drift import (
+from fedshield.deployment.drift import (
     DriftMonitor,
     js_distance,
     ks_binned,
@@ -12,7 +10,7 @@ from deployment.drift import (
     replay_windows,
     window_scores,
 )
-from deployment.reference_stats import (
+from fedshield.deployment.reference_stats import (
     Reference,
     client_histograms,
     fixed_edges,
@@ -23,7 +21,8 @@ from deployment.reference_stats import (
     monitored_features,
     reference_from_data,
 )
-from tasks import get_task
+from fedshield.tasks import get_task
+from scipy import stats
 
 
 def test_psi_matches_its_formula_and_is_zero_without_change():

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from fedshield.server.aggregation.registry import RULE_RECORDS, Rule
+from fedshield.simulations.attacks import ATTACKS, Attack
+from fedshield.simulations.runner import simulate
+from fedshield.tasks.base import TASKS, get_task
 
 from fedshield import validation
 from fedshield.errors import ConfigError
-from server.aggregation.registry import RULE_RECORDS, Rule
-from simulations.attacks import ATTACKS, Attack
-from simulations.runner import simulate
-from tasks.base import TASKS, get_task
 from tests.config_support import neutral
 from tests.fixtures.extension import toy_attack, toy_rule
 

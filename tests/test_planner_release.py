@@ -6,18 +6,18 @@ import json
 
 import numpy as np
 import pytest
+from fedshield.client.dp import dp_compatible, train_private
+from fedshield.client.releases import stats_release
+from fedshield.privacy.accounting import reported_epsilon
+from fedshield.privacy.ledger import Ledger
+from fedshield.privacy.planner import plan
+from fedshield.privacy.releases import HistogramRelease, release_histogram, secure_rng
+from fedshield.tasks import Split, task_for
 from typer.testing import CliRunner
 
-from client.dp import dp_compatible, train_private
-from client.releases import stats_release
 from fedshield import schema
-from fedshield.errors import ConfigError
-from privacy.accounting import reported_epsilon
 from fedshield.commands.privacy import privacy_app
-from privacy.ledger import Ledger
-from privacy.planner import plan
-from privacy.releases import HistogramRelease, release_histogram, secure_rng
-from tasks import Split, task_for
+from fedshield.errors import ConfigError
 
 DELTA = 1e-5
 ROUNDS, BATCH, EXAMPLES = 2, 32, 400

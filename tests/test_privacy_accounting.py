@@ -1,10 +1,10 @@
 """Epsilon from plain events equals Opacus' own accountants; composition is concatenation."""
 
 import pytest
+from fedshield.privacy.accounting import compact, epsilon, make_accountant
 from opacus.accountants import GaussianAccountant, PRVAccountant, RDPAccountant
 
 from fedshield.errors import ConfigError
-from privacy.accounting import compact, epsilon, make_accountant
 
 DELTA = 1e-5
 OPACUS = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}
@@ -91,7 +91,7 @@ def _fresh_pld(history, delta):
 @pytest.mark.parametrize("history", [[(1.1, 0.01, 300)], [(1.0, 0.02, 50), (1.5, 0.02, 50)],
                                      [(0.8, 1 / 24, 192)]])
 def test_a_reported_epsilon_is_never_below_pld(accountant, history):
-    from privacy.accounting import pld_epsilon, reported_epsilon
+    from fedshield.privacy.accounting import pld_epsilon, reported_epsilon
 
     if accountant == "gdp" and len(history) > 1:
         pytest.skip("gdp cannot compose different mechanisms (refused above)")
@@ -105,10 +105,9 @@ def test_a_reported_epsilon_is_never_below_pld(accountant, history):
 def test_gdp_underestimates_and_the_stated_epsilon_is_pld_then():
     """The default MNIST schedule (q = 1/24, 8 rounds x 24 steps): gdp's noise for eps 3.0 really
     spends more by PLD; the stated epsilon is PLD's, never gdp's."""
+    from fedshield.privacy.accounting import pld_epsilon, reported_epsilon, side_by_side
+    from fedshield.privacy.planner import MIN_NOISE
     from scipy.optimize import brentq
-
-    from privacy.accounting import pld_epsilon, reported_epsilon, side_by_side
-    from privacy.planner import MIN_NOISE
 
     rate, steps = 1 / 24, 192
     sigma = brentq(lambda s: epsilon([(s, rate, steps)], DELTA, "gdp") - 3.0, MIN_NOISE, 10)

@@ -2,12 +2,18 @@
 
 import pytest
 import torch
+from fedshield.privacy.accounting import epsilon
+from fedshield.privacy.central import (
+    add_central_noise,
+    check_central_dp,
+    check_secagg,
+    clip_updates,
+    fixed_denominator_mean,
+    user_level_epsilon,
+)
 
 from fedshield.errors import ConfigError
 from fedshield.schema import CentralDPConfig
-from privacy.accounting import epsilon
-from privacy.central import (add_central_noise, check_central_dp, check_secagg, clip_updates,
-                             fixed_denominator_mean, user_level_epsilon)
 from tests.config_support import neutral_config
 
 ON = CentralDPConfig(enabled=True, noise_multiplier=1.0, clip_norm=1.0)
@@ -88,7 +94,7 @@ def test_clip_norm_must_be_positive():
 
 def test_config_check_reports_the_problem_for_a_whole_config():
     """Loading a config runs the check: a wrong central-DP combination never starts."""
-    from privacy.central import central_dp_config_check
+    from fedshield.privacy.central import central_dp_config_check
 
     with pytest.raises(ConfigError, match="median"):
         neutral_config({"central_dp": {"enabled": True}, "aggregation": {"rule": "median"}})
@@ -125,7 +131,7 @@ def test_the_accounted_rate_is_the_samplers_inclusion_frequency():
     """The issue's case: 10 clients, fraction 0.1, min_clients 2. The fixed-size sampler took
     max(2, 1) clients (a true rate of 0.2, eps 15.45 stated as 7.06); Poisson at q = 0.1 is
     accounted at 0.1 and never topped up to min_clients."""
-    from server.strategy import ShieldStrategy
+    from fedshield.server.strategy import ShieldStrategy
 
     strategy = ShieldStrategy(central_cfg())
     grid, rounds = Grid(10), 20_000
@@ -149,8 +155,7 @@ def test_stated_user_level_epsilon_matches_a_fresh_dp_accounting_computation():
     import dp_accounting as dpa
     from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
     from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
-
-    from server.strategy import ShieldStrategy
+    from fedshield.server.strategy import ShieldStrategy
 
     stated = ShieldStrategy(central_cfg()).user_level_epsilon(100)
     event = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.1, dpa.GaussianDpEvent(1.0)), 100)
@@ -165,7 +170,7 @@ def test_stated_user_level_epsilon_matches_a_fresh_dp_accounting_computation():
 def test_central_noise_and_sampling_cannot_be_regenerated_from_the_config():
     """What a participant has (config, seed, code) regenerates nothing: |corr| < 0.01 over 1e6
     coordinates (independent draws: std 1e-3, so 0.01 is 10 std)."""
-    from privacy.central import noise_generator, poisson_sample, sampling_rng
+    from fedshield.privacy.central import noise_generator, poisson_sample, sampling_rng
 
     cfg = central_cfg()
     real = torch.randn(1_000_000, generator=noise_generator(cfg.central_dp, cfg.seed),
@@ -215,7 +220,7 @@ def test_norm_ratio_screening_with_central_dp_is_refused_with_the_reason():
 
 
 def test_gdp_cannot_plan_or_cap_a_budget():
-    from privacy.ledger import Ledger
+    from fedshield.privacy.ledger import Ledger
 
     for privacy in ({"target_epsilon": 3.0}, {"noise_multiplier": 1.0, "max_epsilon": 3.0}):
         with pytest.raises(ConfigError, match="not an upper bound"):

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedshield.client.dp import train_private
+from fedshield.privacy.central import user_level_epsilon
+from fedshield.privacy.ledger import AlreadyReleased, Ledger
+from fedshield.server.report import ConsoleReporter
+from fedshield.simulations.runner import simulate
+from fedshield.tasks import get_task
 from rich.console import Console
 
-from client.dp import train_private
 from fedshield.schema import PrivacyConfig, TrainConfig
-from privacy.central import user_level_epsilon
-from privacy.ledger import AlreadyReleased, Ledger
-from server.report import ConsoleReporter
-from simulations.runner import simulate
-from tasks import get_task
 
 
 def lines_of(summary):
@@ -128,7 +128,7 @@ def test_an_empty_poisson_cohort_skips_the_round_and_is_never_topped_up(small_cf
 
 
 def test_the_sweep_table_shows_the_noise_actually_used(small_cfg, tmp_path):
-    from simulations.sweeps import privacy_sweep
+    from fedshield.simulations.sweeps import privacy_sweep
 
     base = small_cfg(federation={"rounds": 1}, privacy={"delta": 1e-4})
     rows = privacy_sweep(base, [8.0, float("inf")], [0], tmp_path / "sweep")

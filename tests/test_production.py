@@ -11,13 +11,13 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from fedshield.deployment.registry import list_versions
+from fedshield.deployment.retrain import launch_retraining
+from fedshield.deployment.serving import create_app
+from fedshield.simulations.runner import simulate
+from fedshield.tasks import get_task
 
-from deployment.registry import list_versions
-from deployment.retrain import launch_retraining
-from deployment.serving import create_app
 from fedshield import configio, validation
-from simulations.runner import simulate
-from tasks import get_task
 from tests.config_support import neutral_config
 
 

@@ -11,10 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from scipy import stats
-
-from fedshield.errors import ConfigError
-from privacy.randomness import (
+from fedshield.privacy.randomness import (
     CIPHERS,
     DEFAULT_CIPHER,
     NOISE_SUMMANDS,
@@ -22,6 +19,9 @@ from privacy.randomness import (
     NoiseAhead,
     SecureRandom,
 )
+from scipy import stats
+
+from fedshield.errors import ConfigError
 
 N = 1_000_000
 # word whose top 24 bits give s = 2**23 - 1: u = 1 exactly, so the Box-Muller radius is 0
@@ -131,9 +131,8 @@ def test_draws_do_not_follow_any_seed_and_bytes_never_repeat():
 def test_the_default_keystream_is_aes_256_ctr_from_a_zero_counter(monkeypatch):
     """With the OS key pinned, the stream equals AES-256 in ECB on the counter blocks 0, 1, 2
     (what CTR encrypts): the default stream is AES-CTR under the key from ``secrets``."""
+    import fedshield.privacy.randomness as randomness
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-    import privacy.randomness as randomness
 
     key = bytes(range(32))
     monkeypatch.setattr(randomness.secrets, "token_bytes", lambda n: key[:n])

@@ -173,7 +173,7 @@ def test_flwr_run_examples_give_valid_configs(command, tmp_path):
     if cfg.task.name == "digits":  # cheap: the ServerApp's whole pre-flight, strictly
         from dataclasses import replace
 
-        from server.preflight import preflight
+        from fedshield.server.preflight import preflight
 
         preflight(replace(cfg, output_dir=str(tmp_path)), partitions="refuse")
 

@@ -5,22 +5,32 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import fedshield.client.app as client_app
+import fedshield.client.releases as client_releases
 import numpy as np
 import pytest
+from fedshield.privacy.accounting import epsilon
+from fedshield.privacy.ledger import Ledger
+from fedshield.privacy.planner import plan_noise
+from fedshield.privacy.releases import (
+    DP_CLASS_PREFIX,
+    OUTSIDE_KEY,
+    STATS_NEW_KEY,
+    HistogramRelease,
+    class_counts_from_metrics,
+    gaussian_noise,
+    histogram_event,
+    merge_class_counts,
+    planning_count,
+    release_histogram,
+    secure_rng,
+)
+from fedshield.tasks import Split, task_for
 from flwr.app import Context, RecordDict
 
-import client.app as client_app
-import client.releases as client_releases
 from fedshield import configio, schema
-from tests.config_support import neutral_config
 from fedshield.errors import BudgetExhausted, ConfigError
-from privacy.accounting import epsilon
-from privacy.ledger import Ledger
-from privacy.planner import plan_noise
-from privacy.releases import (DP_CLASS_PREFIX, OUTSIDE_KEY, STATS_NEW_KEY, HistogramRelease,
-                              class_counts_from_metrics, gaussian_noise, histogram_event,
-                              merge_class_counts, planning_count, release_histogram, secure_rng)
-from tasks import Split, task_for
+from tests.config_support import neutral_config
 
 EXACT_KEYS = {"examples", "classes-present", "missing-values", "train-loss", "train-seconds",
               "client-seconds"}
@@ -212,9 +222,10 @@ def test_client_evaluation_under_dp_needs_the_opt_in():
 # --- the server's views -------------------------------------------------------------------
 
 def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
+    from fedshield.server.federation_state import RoundState
+    from fedshield.server.recording import metrics_line
+
     from fedshield.records import TrainReport
-    from server.federation_state import RoundState
-    from server.recording import metrics_line
 
     dp_reply = {"epsilon": 1.0, "delta": 1e-5, "noise-multiplier": 1.0, "clip-norm": 1.0,
                 "sample-rate": 0.1, "steps": 10.0, "num-examples": 40, "dp-class-0": 25.5,
@@ -242,7 +253,7 @@ def test_metrics_line_logs_the_release_once_and_marks_the_opt_in():
 
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
-    from simulations.runner import simulate
+    from fedshield.simulations.runner import simulate
 
     tmp = tmp_path_factory.mktemp("releases")
     cfg = neutral_config({"name": "rel", "output_dir": str(tmp / "runs"),
@@ -258,7 +269,7 @@ def dp_run(tmp_path_factory):
 
 
 def test_summary_and_drift_reference_work_from_the_noised_histograms(dp_run, tmp_path):
-    from deployment.handoff import drift_reference
+    from fedshield.deployment.handoff import drift_reference
 
     cfg, summary = dp_run
     run_dir = Path(summary.run_dir)
@@ -272,7 +283,7 @@ def test_summary_and_drift_reference_work_from_the_noised_histograms(dp_run, tmp
     assert sum(quality.class_priors) == pytest.approx(1.0)
     # The noised total is near the federation's real size (3 x 10 classes of noise std 10: the
     # total's noise std is ~55, so 5 of those is a bound that cannot fail by chance).
-    from client.data import LOCAL_VAL_FRACTION
+    from fedshield.client.data import LOCAL_VAL_FRACTION
 
     local = len(task_for(cfg.task).load()[0]) * (1 - LOCAL_VAL_FRACTION)  # +- 3 rounding
     assert abs(quality.examples - local) < 5 * 55
@@ -286,8 +297,9 @@ def test_summary_and_drift_reference_work_from_the_noised_histograms(dp_run, tmp
 
 
 def test_summary_lists_what_was_sent_outside_the_guarantee():
+    from fedshield.server.recording import build_summary
+
     from fedshield.run_records import MetricsLine
-    from server.recording import build_summary
 
     cfg = neutral_config({"privacy": {"enabled": True, "noise_multiplier": 1.0,
                                       "release_stats": "exact-outside-guarantee"},
@@ -310,7 +322,7 @@ def test_summary_lists_what_was_sent_outside_the_guarantee():
 
 
 def test_without_dp_the_drift_reference_keeps_the_servers_class_priors(tmp_path):
-    from deployment.handoff import drift_reference
+    from fedshield.deployment.handoff import drift_reference
 
     cfg = neutral_config({"task": {"name": "digits"}})
     run, out = tmp_path / "run", tmp_path / "out"  # out, not run: the run has no reference

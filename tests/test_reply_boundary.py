@@ -13,18 +13,33 @@ import json
 import numpy as np
 import pytest
 import torch
+from fedshield.server.aggregation import AggregationResult
+from fedshield.server.recording import metrics_line
+from fedshield.server.screening import capped_weights, default_norm_bound
+from fedshield.server.strategy import ShieldStrategy
+from fedshield.tasks import task_for
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 
-from fedshield.records import (EvalReport, Refusal, Rejected, TrainReport, decode_eval_reply,
-                               decode_train_reply, encode_eval_report, encode_refusal,
-                               encode_train_report)
-from server.aggregation import AggregationResult
-from server.recording import metrics_line
-from server.screening import capped_weights, default_norm_bound
-from server.strategy import ShieldStrategy
-from tests.reply_support import (Federation, digits_cfg, honest, honest_delta, honest_metrics,
-                                 run_round, wire)
-from tasks import task_for
+from fedshield.records import (
+    EvalReport,
+    Refusal,
+    Rejected,
+    TrainReport,
+    decode_eval_reply,
+    decode_train_reply,
+    encode_eval_report,
+    encode_refusal,
+    encode_train_report,
+)
+from tests.reply_support import (
+    Federation,
+    digits_cfg,
+    honest,
+    honest_delta,
+    honest_metrics,
+    run_round,
+    wire,
+)
 
 HOSTILE = 0  # the partition whose replies are hostile
 
@@ -373,13 +388,13 @@ def test_a_non_finite_aggregate_is_never_released(tmp_path, monkeypatch):
 
 # --- a run that never trains fails loudly and registers nothing -------------------------------
 def test_an_all_fail_run_exits_non_zero_and_registers_nothing(tmp_path, monkeypatch):
+    import fedshield.simulations.runner as runner
+    from fedshield.client.app import make_client_app
+    from fedshield.client.data import load_client_data
+    from fedshield.tasks import Split
     from typer.testing import CliRunner
 
-    import simulations.runner as runner
-    from client.app import make_client_app
-    from client.data import load_client_data
     from fedshield.cli import app
-    from tasks import Split
 
     def nan_data(context, cfg):
         task, train, val = load_client_data(context, cfg)

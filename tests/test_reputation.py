@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
+from fedshield.server.reputation import Reputation, detection_rate, false_quarantine_rate
 
 from fedshield.schema import ReputationConfig
-from server.reputation import Reputation, detection_rate, false_quarantine_rate
 
 
 def test_persistently_suspicious_client_is_quarantined_after_patience_rounds():

@@ -5,15 +5,14 @@ import math
 import re
 
 import pytest
-
-from benchmarks import results_md as rmd
+from fedshield.benchmarks import results_md as rmd
 
 SWEEP = rmd.RESULTS / "cpu-2026-12-01" / "privacy-sweep-scattering-audit" / "privacy_sweep.json"
 
 
 def test_results_md_is_the_generators_output():
     assert rmd.OUTPUT.read_text() == rmd.render(), (
-        "benchmarks/RESULTS.md is stale: run `python -m benchmarks.results_md`")
+        "benchmarks/RESULTS.md is stale: run `python -m fedshield.benchmarks.results_md`")
 
 
 def test_every_result_json_is_rendered_under_its_own_heading():

@@ -14,19 +14,28 @@ import math
 import numpy as np
 import pytest
 import torch
+from fedshield.server.aggregation import RULES, build_aggregator
+from fedshield.server.aggregation.distances import norms
+from fedshield.server.aggregation.geomed import geomed
+from fedshield.server.aggregation.krum import bulyan
+from fedshield.server.aggregation.registry import (
+    CENTRAL_DP_REFUSALS,
+    MEAN_OF_CLIPPED_RULES,
+    RULE_RECORDS,
+)
+from fedshield.server.aggregation.result import excess_over_median
+from fedshield.server.reputation import Reputation
 from sklearn.cluster import HDBSCAN
 
-from fedshield.schema import AggregationConfig
 from fedshield.errors import ConfigError
-from server.aggregation import RULES, build_aggregator
-from server.aggregation.distances import norms
-from server.aggregation.geomed import geomed
-from server.aggregation.krum import bulyan
-from server.aggregation.registry import CENTRAL_DP_REFUSALS, MEAN_OF_CLIPPED_RULES, RULE_RECORDS
-from server.aggregation.result import excess_over_median
-from server.reputation import Reputation
-from tests.test_aggregation import (ref_bulyan, ref_fltrust, ref_krum_scores, ref_multikrum,
-                                   ref_sq_dist)
+from fedshield.schema import AggregationConfig
+from tests.test_aggregation import (
+    ref_bulyan,
+    ref_fltrust,
+    ref_krum_scores,
+    ref_multikrum,
+    ref_sq_dist,
+)
 
 N, F, D = 11, 2, 40
 FAMILIES = ["random", "duplicated", "huge_outlier", "tiny_on_large"]

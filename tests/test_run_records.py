@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fedshield.simulations.runner import simulate
 
 from fedshield.errors import StateCorrupted
 from fedshield.run_records import (
@@ -17,7 +18,6 @@ from fedshield.run_records import (
     read_metrics,
     read_summary,
 )
-from simulations.runner import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

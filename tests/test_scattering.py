@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from fedshield.tasks import get_task, scattering
+from fedshield.tasks.images import load_mnist5k
 from opacus.validators import ModuleValidator
 
-from tests.config_support import neutral_config
 from fedshield.errors import ConfigError
-from tasks import get_task, scattering
-from tasks.images import load_mnist5k
+from tests.config_support import neutral_config
 
 
 @pytest.fixture

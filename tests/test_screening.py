@@ -1,13 +1,13 @@
 import numpy as np
 import pytest
+from fedshield.server.flat import flatten, stack, unflatten
+from fedshield.server.screening import Rejection, require_min_kept, screen_updates
+from fedshield.server.strategy import array_view
+from fedshield.tasks.models import mlp
 from flwr.app import Array
 
-from fedshield.schema import ScreeningConfig
 from fedshield.errors import TooFewUpdates
-from server.flat import flatten, stack, unflatten
-from server.screening import Rejection, require_min_kept, screen_updates
-from server.strategy import array_view
-from tasks.models import mlp
+from fedshield.schema import ScreeningConfig
 
 
 @pytest.fixture(scope="module")

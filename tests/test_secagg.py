@@ -3,23 +3,23 @@
 import json
 from pathlib import Path
 
+import fedshield.simulations.runner as runner
 import numpy as np
 import pytest
 import torch
+from fedshield.client.secagg import clip_to
+from fedshield.privacy.central import user_level_epsilon
+from fedshield.server.secagg import SecAggFedAvg
+from fedshield.simulations.attacks import ATTACKS
+from fedshield.simulations.grid import InProcessGrid
+from fedshield.simulations.runner import simulate
+from fedshield.tasks import get_task
 from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from safetensors.torch import load_file
 
-import simulations.runner as runner
-from tests.config_support import neutral_config
 from fedshield.errors import ConfigError
-from client.secagg import clip_to
-from privacy.central import user_level_epsilon
-from server.secagg import SecAggFedAvg
-from simulations.attacks import ATTACKS
-from simulations.grid import InProcessGrid
-from simulations.runner import simulate
-from tasks import get_task
+from tests.config_support import neutral_config
 
 # Robust rules, screening and reputation need individual updates: off in every SecAgg+ run.
 SUM_ONLY = {"screening": {"enabled": False}, "reputation": {"enabled": False}}

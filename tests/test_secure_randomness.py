@@ -16,15 +16,20 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from fedshield.client.app import round_seed
+from fedshield.client.dp import SecureNoise, SecurePoissonSampler, train_private
+from fedshield.privacy.ledger import Ledger
+from fedshield.privacy.randomness import (
+    NOISE_SUMMANDS,
+    DPStreams,
+    NoiseAhead,
+    ReproducibleNoiseWarning,
+    SecureRandom,
+)
+from fedshield.tasks import Split
 from torch import nn
 
-from client.app import round_seed
-from client.dp import SecureNoise, SecurePoissonSampler, train_private
 from fedshield.schema import PrivacyConfig, TrainConfig
-from privacy.ledger import Ledger
-from privacy.randomness import (NOISE_SUMMANDS, DPStreams, NoiseAhead, ReproducibleNoiseWarning,
-                                SecureRandom)
-from tasks import Split
 
 FEATURES, CLASSES, EXAMPLES = 50_000, 10, 64
 COORDS = FEATURES * CLASSES

@@ -14,14 +14,14 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from fedshield.deployment.artifacts import REFERENCE_JSON
+from fedshield.deployment.card import build_card
+from fedshield.deployment.export import export_model, onnx_logits, onnx_session
+from fedshield.deployment.reference_stats import reference_from_data
+from fedshield.deployment.serving import check_exposure, create_app
+from fedshield.tasks import get_task
 
-from deployment.artifacts import REFERENCE_JSON
-from deployment.card import build_card
-from deployment.export import export_model, onnx_logits, onnx_session
-from deployment.reference_stats import reference_from_data
-from deployment.serving import check_exposure, create_app
 from fedshield.errors import ConfigError
-from tasks import get_task
 from tests.deploy_support import make_run_dir, trained_state
 
 TOKEN = "test-token-0123456789abcdef"

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from fedshield.simulations.runner import simulate
+from fedshield.tasks import evaluate, get_task
 from safetensors.torch import load_file
 
 from fedshield import validation
-from simulations.runner import simulate
-from tasks import evaluate, get_task
 from tests.config_support import neutral_config
 
 

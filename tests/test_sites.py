@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedshield.server.checkpoint import load_checkpoint
+from fedshield.tasks import evaluate, get_task
+from fedshield.tasks.images import MNIST_MEAN, MNIST_STD
+from fedshield.tasks.partition import cached_partitions
 
 from fedshield import configio
-from tests.config_support import neutral_config
 from fedshield.schema import PartitionConfig
 from fedshield.site import init_sites, write_node_key
 from fedshield.site_local import LocalFederation, free_port, wait_for
-from server.checkpoint import load_checkpoint
-from tasks import evaluate, get_task
-from tasks.images import MNIST_MEAN, MNIST_STD
-from tasks.partition import cached_partitions
+from tests.config_support import neutral_config
 
 NUM_SITES = 3
 TASK = "mnist5k"  # the MNIST task (its 5,000-digit sample) with the DP-friendly CNN
@@ -129,7 +129,7 @@ def test_three_sites_with_tls_auth_rejection_and_a_site_going_down(tmp_path):
 
 def ledger_history(site: Path, releases: bool = False) -> list[dict]:
     """The site's training events (``releases``: its statistics-release events instead)."""
-    from client.releases import RELEASE_TAG
+    from fedshield.client.releases import RELEASE_TAG
 
     files = list((site / "ledger").rglob("client-*.json"))
     assert len(files) == 1, files

@@ -95,7 +95,7 @@ def test_refuses_to_overwrite_and_insecure_mode_warns(tmp_path):
 
 
 def test_a_site_can_only_tighten_the_privacy_budget(small_cfg):
-    from client.app import privacy_cap
+    from fedshield.client.app import privacy_cap
 
     assert privacy_cap(small_cfg(), {}) == 0.0  # no budget anywhere
     assert privacy_cap(small_cfg(), {"max-epsilon": 3.0}) == 3.0

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedshield.server.checkpoint import STATE, load_checkpoint, save_checkpoint
+from fedshield.server.outputs import RunFolder
+from fedshield.server.preflight import check_resume, preflight
 
 from fedshield import configio, validation
 from fedshield.errors import ConfigError, StateCorrupted
 from fedshield.run_records import MetricsLine
-from server.preflight import check_resume, preflight
-from server.checkpoint import STATE, load_checkpoint, save_checkpoint
-from server.outputs import RunFolder
 from tests.config_support import neutral_config
 
 
@@ -88,7 +88,7 @@ def test_a_path_in_the_weights_field_is_refused(run_dir):
     """checkpoint.json may only name its own two slots (no path out of the run folder)."""
     meta = json.loads((run_dir / STATE).read_text())
     meta["weights"] = "../elsewhere.safetensors"
-    from server.checkpoint import _digest
+    from fedshield.server.checkpoint import _digest
 
     meta["digest"] = _digest(meta)  # even with a matching digest
     (run_dir / STATE).write_text(json.dumps(meta))
@@ -166,7 +166,7 @@ def test_resume_into_an_empty_or_missing_folder_is_an_error(tmp_path):
 
 def test_the_runner_refuses_a_bad_resume_before_training(small_cfg, tmp_path, monkeypatch):
     """simulate() with resume into an empty folder fails in pre-flight: no round runs."""
-    import simulations.runner as runner
+    import fedshield.simulations.runner as runner
 
     monkeypatch.setattr(runner, "build_server_app", lambda *a: pytest.fail("training started"))
     (tmp_path / "empty").mkdir()
@@ -177,7 +177,7 @@ def test_the_runner_refuses_a_bad_resume_before_training(small_cfg, tmp_path, mo
 def test_a_real_run_resumes_only_from_an_intact_checkpoint(small_cfg):
     """End to end: a 1-round run's checkpoint verifies; after a flipped weight byte, resume is
     refused by the runner's pre-flight, before anything trains."""
-    from simulations.runner import simulate
+    from fedshield.simulations.runner import simulate
 
     summary = simulate(small_cfg(federation={"rounds": 1}))
     run_dir = Path(summary.run_dir)

@@ -2,7 +2,7 @@
 
 import json
 
-from simulations.sweeps import robustness_matrix, worst_cases
+from fedshield.simulations.sweeps import robustness_matrix, worst_cases
 
 
 def test_worst_case_picks_the_lowest_accuracy_attack():

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from fedshield.client.training import random_shift
 
-from client.training import random_shift
-from tests.config_support import neutral_config
 from fedshield.errors import ConfigError
+from tests.config_support import neutral_config
 
 
 def test_each_image_moves_by_its_own_draw_within_max_pixels():

@@ -54,7 +54,7 @@ def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri, 
 
     Example: fedshield registry list -m fedshield-digits
     """
-    from deployment.registry import list_versions
+    from fedshield.deployment.registry import list_versions
 
     try:
         rows = list_versions(registry_uri, model_name)
@@ -84,7 +84,7 @@ def registry_show(version: str = typer.Argument(..., help="Version number."), mo
 
     Example: fedshield registry show 3 -m fedshield-digits
     """
-    from deployment.registry import show
+    from fedshield.deployment.registry import show
 
     try:
         typer.echo(json.dumps(show(registry_uri, model_name, version), indent=2))
@@ -111,7 +111,7 @@ def registry_promote(version: str = typer.Argument(..., help="Version number."),
     Example: fedshield registry promote 3 -m fedshield-digits
     Example: fedshield registry promote 3 -m fedshield-digits --force --reason "hotfix, see #42"
     """
-    from deployment.gate import promote
+    from fedshield.deployment.gate import promote
 
     try:
         decision = promote(registry_uri, model_name, version, _policy(config), force, reason)
@@ -160,11 +160,11 @@ def serve_command(
 
     Example: FEDSHIELD_SERVE_TOKEN=... fedshield serve --model models:/fedshield-digits@champion --port 8080
     """
-    from deployment.serving import serve
+    from fedshield.deployment.serving import serve
 
     on_trigger = None
     if retrain_config:
-        from deployment.retrain import launch_retraining
+        from fedshield.deployment.retrain import launch_retraining
 
         def on_trigger(trigger):  # the fine-tuning run goes through the same hand-off and gate
             proc = launch_retraining(trigger, retrain_config, model, registry_uri or DEFAULT_URI,
@@ -182,7 +182,7 @@ def serve_command(
 def _metrics_source(url: str, token: str | None) -> dict[str, float]:
     import httpx
 
-    from deployment.serving_metrics import parse_text
+    from fedshield.deployment.serving_metrics import parse_text
 
     target = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -204,7 +204,7 @@ def monitor_command(
     Example: fedshield monitor runs/serve-windows.jsonl --threshold 0.2 --patience 3
     Example: fedshield monitor http://127.0.0.1:8080
     """
-    from deployment.drift import STATISTICS, replay_windows
+    from fedshield.deployment.drift import STATISTICS, replay_windows
 
     if statistic not in STATISTICS:
         _fail(ValueError(f"--statistic must be one of {', '.join(STATISTICS)}"))

@@ -11,12 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedshield.schema import PrivacyConfig
 from fedshield.errors import FedShieldError
+from fedshield.privacy.accounting import BOUNDS
+from fedshield.privacy.planner import PLAN_ACCOUNTANTS, Plan, milestones, plan
+from fedshield.privacy.releases import EXACT_MODE, MODES
 from fedshield.run_records import SUMMARY_FILE
-from privacy.accounting import BOUNDS
-from privacy.planner import PLAN_ACCOUNTANTS, Plan, milestones, plan
-from privacy.releases import EXACT_MODE, MODES
+from fedshield.schema import PrivacyConfig
 
 privacy_app = typer.Typer(add_completion=False, no_args_is_help=True,
                           pretty_exceptions_enable=False,
@@ -128,7 +128,7 @@ def ledger_command(
 ) -> None:
     """A site's privacy spend per federation and in total (the total is what its budget caps).
     Exits 1 when a ledger is deleted, truncated or unreadable."""
-    from privacy.ledger import site_report  # noqa: PLC0415
+    from fedshield.privacy.ledger import site_report  # noqa: PLC0415
 
     if not Path(ledger_dir).is_dir():
         _fail(f"--ledger-dir {ledger_dir!r} is not a directory; pass the site's ledger-dir")
@@ -194,7 +194,7 @@ def audit_command(
     --run-dir its record goes on that run's model card, which says whether the audited settings
     are the run's."""
     from fedshield import validation
-    from simulations.audit import run_audit, write_run_audit
+    from fedshield.simulations.audit import run_audit, write_run_audit
 
     if config is None and run_dir is None:
         _fail("give a CONFIG, or --run-dir RUN to audit a run with its own config.toml")
@@ -221,7 +221,7 @@ def audit_command(
 def _card_note(run: Path) -> str:
     """Refresh the run's card if its hand-off wrote one, and say which cards show the audit."""
     try:
-        from deployment.card import refresh_audit  # noqa: PLC0415 ([deploy] extra)
+        from fedshield.deployment.card import refresh_audit  # noqa: PLC0415 ([deploy] extra)
     except ImportError:
         return "the model card will show it once the [deploy] extra builds one"
     card = refresh_audit(run)

@@ -28,7 +28,7 @@ Rules: fedavg, krum, multikrum, bulyan, median, trimmed_mean, geomed, cclip (sta
 the previous aggregate), clip, fltrust (needs the server's reference update), flame.
 """
 
-from server.aggregation.registry import (
+from fedshield.server.aggregation.registry import (
                                          CENTRAL_DP_REFUSALS,
                                          MEAN_OF_CLIPPED_RULES,
                                          PRE_AGGREGATORS,
@@ -42,7 +42,7 @@ from server.aggregation.registry import (
                                          build_aggregator,
                                          parse_spec,
 )
-from server.aggregation.result import AggregationResult
+from fedshield.server.aggregation.result import AggregationResult
 
 __all__ = ["AggregationResult", "Aggregator", "CENTRAL_DP_REFUSALS", "MEAN_OF_CLIPPED_RULES",
            "PRE_AGGREGATORS", "PRE_STEPS", "PreStep", "RULES", "RULE_RECORDS", "Rule", "RuleInputs",

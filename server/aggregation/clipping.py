@@ -17,15 +17,14 @@ from __future__ import annotations
 import math
 
 import torch
-
-from server.aggregation.distances import (
+from fedshield.server.aggregation.distances import (
     SUM_BLOCK,
     distance_noise,
     distances_to,
     norms,
     unit_roundoff,
 )
-from server.aggregation.result import (
+from fedshield.server.aggregation.result import (
     AggregationResult,
     check_honest_majority,
     clip_scale,

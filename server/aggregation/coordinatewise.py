@@ -10,16 +10,16 @@ themselves, unlike "sum - top-k - bottom-k", which cancels badly against huge ou
 from __future__ import annotations
 
 import torch
-
-from fedshield.errors import ConfigError
-from server.aggregation.distances import distance_noise, distances_to
-from server.aggregation.order_stats import sorted_window_mean
-from server.aggregation.result import (
+from fedshield.server.aggregation.distances import distance_noise, distances_to
+from fedshield.server.aggregation.order_stats import sorted_window_mean
+from fedshield.server.aggregation.result import (
     AggregationResult,
     check_honest_majority,
     excess_over_median,
     working_copy,
 )
+
+from fedshield.errors import ConfigError
 
 
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:

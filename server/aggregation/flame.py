@@ -21,16 +21,14 @@ import math
 
 import numpy as np
 import torch
-from sklearn.cluster import HDBSCAN
-
-from server.aggregation.distances import (
+from fedshield.server.aggregation.distances import (
     ROUNDING_SLACK,
     SUM_BLOCK,
     cosine_distances,
     norms,
     unit_roundoff,
 )
-from server.aggregation.result import (
+from fedshield.server.aggregation.result import (
     AggregationResult,
     check_honest_majority,
     clip_scale,
@@ -38,6 +36,7 @@ from server.aggregation.result import (
     median_of,
     working_copy,
 )
+from sklearn.cluster import HDBSCAN
 
 
 def check_flame(n: int, f: int) -> None:

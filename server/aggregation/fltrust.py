@@ -11,10 +11,10 @@ FLTrust makes no honest-majority assumption (Cao et al. evaluate it with most cl
 from __future__ import annotations
 
 import torch
+from fedshield.server.aggregation.distances import dots, norms
+from fedshield.server.aggregation.result import AggregationResult, working_copy
 
 from fedshield.errors import ConfigError
-from server.aggregation.distances import dots, norms
-from server.aggregation.result import AggregationResult, working_copy
 
 
 def fltrust(updates: torch.Tensor, reference: torch.Tensor | None) -> AggregationResult:

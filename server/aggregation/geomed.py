@@ -13,10 +13,9 @@ geometric median with 5 of 25 rows at 1e9x; now within 1e-3 of it, see the tests
 from __future__ import annotations
 
 import torch
-
-from server.aggregation.coordinatewise import coordinate_median
-from server.aggregation.distances import distance_noise, distances_to, mean_error, norms
-from server.aggregation.result import (
+from fedshield.server.aggregation.coordinatewise import coordinate_median
+from fedshield.server.aggregation.distances import distance_noise, distances_to, mean_error, norms
+from fedshield.server.aggregation.result import (
     AggregationResult,
     check_honest_majority,
     excess_over_median,

@@ -8,16 +8,16 @@ repeated Krum, then per coordinate averages the beta = theta - 2f values closest
 from __future__ import annotations
 
 import torch
-
-from fedshield.errors import ConfigError
-from server.aggregation.distances import pairwise_geometry
-from server.aggregation.order_stats import closest_to_median_mean
-from server.aggregation.result import (
+from fedshield.server.aggregation.distances import pairwise_geometry
+from fedshield.server.aggregation.order_stats import closest_to_median_mean
+from fedshield.server.aggregation.result import (
     AggregationResult,
     excess_over_median,
     mean_of_rows,
     working_copy,
 )
+
+from fedshield.errors import ConfigError
 
 
 def check_krum(n: int, f: int) -> None:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-from server.aggregation.distances import distance_noise, distances_to, mean_error, norms
-from server.aggregation.result import AggregationResult, excess_over_median, working_copy
+from fedshield.server.aggregation.distances import distance_noise, distances_to, mean_error, norms
+from fedshield.server.aggregation.result import AggregationResult, excess_over_median, working_copy
 
 
 def fedavg(updates: torch.Tensor, weights: torch.Tensor | None = None) -> AggregationResult:

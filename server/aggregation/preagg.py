@@ -11,10 +11,10 @@ n - f nearest neighbours, itself included.
 from __future__ import annotations
 
 import torch
+from fedshield.server.aggregation.distances import pairwise_sq_distances
+from fedshield.server.aggregation.result import working_copy
 
 from fedshield.errors import ConfigError
-from server.aggregation.distances import pairwise_sq_distances
-from server.aggregation.result import working_copy
 
 
 def bucketing(updates: torch.Tensor, bucket_size: int,

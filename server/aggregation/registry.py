@@ -15,14 +15,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from fedshield.errors import ConfigError
-from server.aggregation.clipping import cclip, check_cclip, check_clip, clip
-from server.aggregation.coordinatewise import check_median, check_trim, median, trimmed_mean
-from server.aggregation.flame import check_flame, flame
-from server.aggregation.fltrust import fltrust
-from server.aggregation.geomed import check_geomed, geomed
-from server.aggregation.krum import (
+from fedshield.server.aggregation.clipping import cclip, check_cclip, check_clip, clip
+from fedshield.server.aggregation.coordinatewise import (
+    check_median,
+    check_trim,
+    median,
+    trimmed_mean,
+)
+from fedshield.server.aggregation.flame import check_flame, flame
+from fedshield.server.aggregation.fltrust import fltrust
+from fedshield.server.aggregation.geomed import check_geomed, geomed
+from fedshield.server.aggregation.krum import (
     bulyan,
     check_bulyan,
     check_krum,
@@ -30,9 +33,11 @@ from server.aggregation.krum import (
     krum,
     multikrum,
 )
-from server.aggregation.mean import fedavg
-from server.aggregation.preagg import bucketing, check_nnm, nnm
-from server.aggregation.result import AggregationResult
+from fedshield.server.aggregation.mean import fedavg
+from fedshield.server.aggregation.preagg import bucketing, check_nnm, nnm
+from fedshield.server.aggregation.result import AggregationResult
+
+from fedshield.errors import ConfigError
 
 if TYPE_CHECKING:
     from fedshield.schema import AggregationConfig

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from fedshield.server.aggregation.distances import ROUNDING_SLACK, unit_roundoff
 
 from fedshield.errors import ConfigError
-from server.aggregation.distances import ROUNDING_SLACK, unit_roundoff
 
 
 @dataclass

@@ -14,19 +14,19 @@ no separate validation call is needed.
 
 from __future__ import annotations
 
-from simulations.attacks.alie import alie, alie_z_max
-from simulations.attacks.base import Attack
-from simulations.attacks.data_poisoning import (
+from fedshield.simulations.attacks.alie import alie, alie_z_max
+from fedshield.simulations.attacks.base import Attack
+from fedshield.simulations.attacks.data_poisoning import (
     apply_trigger,
     backdoor,
     label_flip,
     triggered_test_set,
 )
-from simulations.attacks.ipm import ipm
-from simulations.attacks.mimic import mimic
-from simulations.attacks.minmax import minmax, minsum
-from simulations.attacks.selection import select_byzantine
-from simulations.attacks.simple import gaussian, scaling, sign_flip
+from fedshield.simulations.attacks.ipm import ipm
+from fedshield.simulations.attacks.mimic import mimic
+from fedshield.simulations.attacks.minmax import minmax, minsum
+from fedshield.simulations.attacks.selection import select_byzantine
+from fedshield.simulations.attacks.simple import gaussian, scaling, sign_flip
 
 ATTACKS: dict[str, Attack] = {a.name: a for a in (
     Attack("label_flip", "data", "labels y -> num_classes - 1 - y", poison_data=label_flip),

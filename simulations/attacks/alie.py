@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from fedshield.simulations.attacks.base import broadcast, coordinate_std, knowledge
 from scipy.stats import norm
 
 from fedshield.schema import AttackConfig
-from simulations.attacks.base import broadcast, coordinate_std, knowledge
 
 
 def alie_z_max(num_clients: int, num_byzantine: int) -> float:

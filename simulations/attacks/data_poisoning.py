@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from fedshield.tasks.images import MNIST_MEAN, MNIST_STD
 
-from fedshield.schema import AttackConfig
 from fedshield.errors import ConfigError
-from tasks.images import MNIST_MEAN, MNIST_STD
+from fedshield.schema import AttackConfig
 
 # A white 3x3 square one pixel in from the bottom-right corner, in MNIST-normalised units
 # (every image task here is MNIST-normalised; the corner is background in MNIST digits).

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from fedshield.simulations.attacks.base import broadcast, knowledge
 
 from fedshield.schema import AttackConfig
-from simulations.attacks.base import broadcast, knowledge
 
 
 def ipm(own: torch.Tensor, honest: torch.Tensor, params: AttackConfig,

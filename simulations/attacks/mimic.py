@@ -11,9 +11,9 @@ direction of the round's centred honest updates.
 from __future__ import annotations
 
 import torch
+from fedshield.simulations.attacks.base import broadcast, knowledge
 
 from fedshield.schema import AttackConfig
-from simulations.attacks.base import broadcast, knowledge
 
 
 def mimic_target(ref: torch.Tensor) -> int:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from fedshield.simulations.attacks.base import broadcast, coordinate_std, knowledge
 
 from fedshield.schema import AttackConfig
-from simulations.attacks.base import broadcast, coordinate_std, knowledge
 
 # Binary search stops when the bracket is this small relative to gamma.
 RELATIVE_TOLERANCE = 1e-9
