@@ -20,8 +20,8 @@ from typing import Any
 from fedshield import configio
 from fedshield.errors import ConfigError
 from fedshield.privacy import accounting, secagg
-from fedshield.privacy.central import central_dp_config_check, check_secagg
 from fedshield.schema import Config
+from fedshield.server.aggregation.central_dp_rules import central_dp_config_check, check_secagg
 from fedshield.server.aggregation.registry import parse_spec
 from fedshield.simulations.attacks import ATTACKS
 from fedshield.simulations.attacks.selection import byzantine_count, parse_id_list

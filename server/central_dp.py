@@ -37,7 +37,7 @@ class CentralDP:
         # The Poisson rate the sampler draws with is the rate the accountant uses.
         self.rate = cfg.federation.fraction_train
         self.expected = expected_clients(self.rate, cfg.federation.num_clients)
-        self.generator = noise_generator(cfg.central_dp, cfg.seed)  # OS CSPRNG unless opted out
+        self.generator = noise_generator(cfg.central_dp, cfg.seed)  # secret unless opted out
 
     def sample(self, num_eligible: int, server_round: int) -> list[int]:
         """Positions of this round's cohort: Poisson at q, as accounted, never topped up to
@@ -70,10 +70,15 @@ class CentralDP:
         return user_level_epsilon(self.cfg.noise_multiplier, self.rate, rounds, self.cfg.delta,
                                   self.cfg.accountant)
 
-    def state_dict(self) -> torch.Tensor:
-        """The noise generator's state (a checkpoint resumes the same stream)."""
-        return self.generator.get_state()
+    def state_dict(self) -> torch.Tensor | None:
+        """The reproducible generator's state (a checkpoint resumes the same stream); None for
+        secret noise: its key never leaves the process, and a resumed run draws fresh noise, so
+        a redone round never reuses a released round's draw."""
+        if isinstance(self.generator, torch.Generator):
+            return self.generator.get_state()
+        return None
 
-    def load_state_dict(self, state: torch.Tensor) -> None:
-        """Restore :meth:`state_dict`'s generator state."""
-        self.generator.set_state(state)
+    def load_state_dict(self, state: torch.Tensor | None) -> None:
+        """Restore :meth:`state_dict`'s generator state (nothing to restore for secret noise)."""
+        if state is not None and isinstance(self.generator, torch.Generator):
+            self.generator.set_state(state)

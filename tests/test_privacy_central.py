@@ -5,12 +5,11 @@ import torch
 from fedshield.privacy.accounting import epsilon
 from fedshield.privacy.central import (
     add_central_noise,
-    check_central_dp,
-    check_secagg,
     clip_updates,
     fixed_denominator_mean,
     user_level_epsilon,
 )
+from fedshield.server.aggregation.central_dp_rules import check_central_dp, check_secagg
 
 from fedshield.errors import ConfigError
 from fedshield.schema import CentralDPConfig
@@ -94,7 +93,7 @@ def test_clip_norm_must_be_positive():
 
 def test_config_check_reports_the_problem_for_a_whole_config():
     """Loading a config runs the check: a wrong central-DP combination never starts."""
-    from fedshield.privacy.central import central_dp_config_check
+    from fedshield.server.aggregation.central_dp_rules import central_dp_config_check
 
     with pytest.raises(ConfigError, match="median"):
         neutral_config({"central_dp": {"enabled": True}, "aggregation": {"rule": "median"}})
@@ -170,14 +169,22 @@ def test_stated_user_level_epsilon_matches_a_fresh_dp_accounting_computation():
 def test_central_noise_and_sampling_cannot_be_regenerated_from_the_config():
     """What a participant has (config, seed, code) regenerates nothing: |corr| < 0.01 over 1e6
     coordinates (independent draws: std 1e-3, so 0.01 is 10 std)."""
-    from fedshield.privacy.central import noise_generator, poisson_sample, sampling_rng
+    from fedshield.privacy.central import (
+        add_central_noise,
+        noise_generator,
+        poisson_sample,
+        sampling_rng,
+    )
 
     cfg = central_cfg()
-    real = torch.randn(1_000_000, generator=noise_generator(cfg.central_dp, cfg.seed),
-                       dtype=torch.float64)
+    zeros = torch.zeros(1_000_000, dtype=torch.float64)
+    real = add_central_noise(zeros, 1.0, 1.0, 1.0, noise_generator(cfg.central_dp, cfg.seed))
     guess = torch.randn(1_000_000, generator=torch.Generator().manual_seed(cfg.seed),
                         dtype=torch.float64)
     assert abs(float(torch.corrcoef(torch.stack([real, guess]))[0, 1])) < 0.01
+    # Not a 32-bit-seeded torch generator either (2**32 seeds are a brute-force search away).
+    assert not isinstance(noise_generator(cfg.central_dp, cfg.seed), torch.Generator)
+    assert real.std().item() == pytest.approx(1.0, rel=0.01)  # N(0, 1): std error ~7e-4
     a = poisson_sample(10_000, 0.5, sampling_rng(cfg.central_dp, cfg.seed, 1))
     b = poisson_sample(10_000, 0.5, sampling_rng(cfg.central_dp, cfg.seed, 1))
     assert a != b  # two servers with the same config draw different cohorts
