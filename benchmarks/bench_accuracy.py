@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedshield.simulations.runner import simulate  # noqa: E402
+from fedshield.simulations.runner import simulate
 
-from fedshield import validation  # noqa: E402
+from fedshield import validation
 
 
 def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:

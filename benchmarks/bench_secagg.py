@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedshield.simulations.runner import simulate  # noqa: E402
+from fedshield.simulations.runner import simulate
 
-from fedshield import validation  # noqa: E402
-from fedshield.run_records import read_metrics  # noqa: E402
+from fedshield import validation
+from fedshield.run_records import read_metrics
 
 
 def run(config: str, overrides: list[str], repeats: int, out: Path) -> list[dict]:

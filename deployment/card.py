@@ -178,7 +178,7 @@ def audit_section(run_dir: str | Path, config: dict) -> dict:
 def refresh_audit(run_dir: str | Path) -> Path | None:
     """Re-read the run's audit record into the card its hand-off already wrote (``export/``),
     JSON and Markdown; None when the run has no card yet (its hand-off will read the record)."""
-    from fedshield.deployment.handoff import EXPORT_DIR  # noqa: PLC0415 (handoff imports this module)
+    from fedshield.deployment.handoff import EXPORT_DIR  # handoff imports this module
 
     run = Path(run_dir)
     json_path = run / EXPORT_DIR / CARD_JSON

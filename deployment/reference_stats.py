@@ -126,7 +126,7 @@ class Reference:
         return json.dumps(data)
 
     @classmethod
-    def from_json(cls, text: str) -> "Reference":
+    def from_json(cls, text: str) -> Reference:
         d = json.loads(text)
         return cls(np.array([[float(e) for e in row] for row in d["edges"]]), np.array(d["probs"]),
                    np.array(d["class_priors"]), tuple(d["feature_names"]), tuple(d["input_shape"]),
@@ -137,7 +137,7 @@ class Reference:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Reference":
+    def load(cls, path: str | Path) -> Reference:
         return cls.from_json(Path(path).read_text())
 
 

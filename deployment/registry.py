@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from fedshield.deployment.artifacts import (  # noqa: E402
+from fedshield.deployment.artifacts import (
     EXPORT_JSON,
     IntegrityError,
     NotDeployable,
@@ -35,16 +35,16 @@ from fedshield.deployment.artifacts import (  # noqa: E402
     read_json,
     verify,
 )
-from fedshield.deployment.card import ModelCard, privacy_warning, read_run  # noqa: E402
-from fedshield.deployment.export import ExportResult  # noqa: E402
-from fedshield.deployment.policy import POLICY_TAG, GatePolicy  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
+from fedshield.deployment.card import ModelCard, privacy_warning, read_run
+from fedshield.deployment.export import ExportResult
+from fedshield.deployment.policy import POLICY_TAG, GatePolicy
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 
-from fedshield.configio import flatten  # noqa: E402
-from fedshield.errors import ConfigError, FedShieldError  # noqa: E402
-from fedshield.run_records import (  # noqa: E402
+from fedshield.configio import flatten
+from fedshield.errors import ConfigError, FedShieldError
+from fedshield.run_records import (
     METRICS_FILE,
     SUMMARY_FILE,
     MetricsLine,

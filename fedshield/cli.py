@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -30,7 +29,7 @@ def fail(message: str) -> None:
 @app.command(epilog="Example: fedshield simulate configs/default.toml --set federation.rounds=3")
 def simulate(
     config: str = typer.Argument(..., help="TOML experiment config, e.g. configs/default.toml"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value (repeatable)"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override key=value (repeatable)"),
     json_out: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
 ) -> None:
     """Run a federated simulation on this machine and write runs/<name>-<timestamp>/."""
@@ -75,7 +74,7 @@ def robustness(
     fractions: str = typer.Option("0.2", help="comma-separated Byzantine fractions"),
     partitions: str = typer.Option("iid,dirichlet-0.5,dirichlet-0.1",
                                    help="comma-separated: iid, shards, dirichlet-<alpha>"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value on the base"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override key=value on the base"),
     out: str = typer.Option("runs/robustness", help="folder for the table, heatmap and runs"),
 ) -> None:
     """Run the rule x attack x fraction x partition matrix; write CSV/Markdown, a heatmap and
@@ -108,7 +107,7 @@ def privacy_sweep(
     config: str = typer.Argument(..., help="base TOML config"),
     epsilons: str = typer.Option("1,3,8,inf", help="comma-separated target epsilons; inf = no DP"),
     seeds: str = typer.Option("0", help="comma-separated seeds"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value on the base"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override key=value on the base"),
     out: str = typer.Option("runs/privacy-sweep", help="folder for the table, plot and runs"),
     audit_canaries: int = typer.Option(
         0, help="also run the one-run canary audit with this many canaries at every point and "

@@ -90,7 +90,7 @@ class TrainReport:
 
     @classmethod
     def from_metrics(cls, arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float],
-                     histogram: Mapping[str, np.ndarray] | None = None) -> "TrainReport":
+                     histogram: Mapping[str, np.ndarray] | None = None) -> TrainReport:
         """From a client's kebab-case metrics dict: known keys become fields, the rest extra."""
         m = dict(metrics)
         dp = None

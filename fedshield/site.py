@@ -72,10 +72,10 @@ def flwr_bin(name: str) -> str:
 # --- certificates and keys ------------------------------------------------------------------
 def write_certificates(folder: Path, host: str) -> None:
     """A CA and a SuperLink server certificate whose subjectAltName covers ``host``."""
-    from cryptography import x509  # noqa: PLC0415
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     def key_pem(key) -> bytes:
         return key.private_bytes(serialization.Encoding.PEM,
@@ -86,7 +86,7 @@ def write_certificates(folder: Path, host: str) -> None:
         return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedshield"),
                           x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate clock skew
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate clock skew
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (x509.CertificateBuilder().subject_name(name("fedshield coordinator CA"))
                .issuer_name(name("fedshield coordinator CA")).public_key(ca_key.public_key())

@@ -16,8 +16,16 @@ import time
 import tomllib
 from pathlib import Path
 
-from fedshield.site import (CONNECTION, Layout, app_dir, flwr_bin, flwr_env, register_sites,
-                            superlink_command, supernode_command)
+from fedshield.site import (
+    CONNECTION,
+    Layout,
+    app_dir,
+    flwr_bin,
+    flwr_env,
+    register_sites,
+    superlink_command,
+    supernode_command,
+)
 
 
 def free_port() -> int:
@@ -41,7 +49,7 @@ class LocalFederation:
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = flwr_env(self.layout)
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> LocalFederation:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -91,8 +91,8 @@ def check_resume(run_dir: Path) -> None:
 
     Starting again in a folder that has results but no checkpoint would silently mix two runs
     (rounds_completed past the schedule), so that is refused too."""
-    from fedshield.server.checkpoint import STATE, load_checkpoint  # noqa: PLC0415 (torch)
-    from fedshield.server.outputs import RunFolder  # noqa: PLC0415
+    from fedshield.server.checkpoint import STATE, load_checkpoint  # torch
+    from fedshield.server.outputs import RunFolder
 
     what = f"resume = {str(run_dir)!r}"
     if not run_dir.exists():
@@ -120,8 +120,8 @@ def check_resume(run_dir: Path) -> None:
 
 def check_model(cfg: schema.Config):
     """The task, after a forward pass of its model on two test inputs gave one logit per class."""
-    import torch  # noqa: PLC0415
-    from fedshield.tasks import task_for  # noqa: PLC0415
+    import torch
+    from fedshield.tasks import task_for
 
     task = task_for(cfg.task)
     _, test = task.load()
@@ -142,7 +142,7 @@ def check_model(cfg: schema.Config):
     if cfg.init_weights:
         check_init_weights(cfg.init_weights, model.state_dict())
     if cfg.privacy.enabled:
-        from opacus.validators import ModuleValidator  # noqa: PLC0415
+        from opacus.validators import ModuleValidator
 
         errors = ModuleValidator.validate(model.train(), strict=False)
         if errors:
@@ -153,8 +153,8 @@ def check_model(cfg: schema.Config):
 
 def check_init_weights(path: str, expected: dict) -> None:
     """init_weights must be a safetensors file with exactly the model's tensors and shapes."""
-    from safetensors import SafetensorError  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     what = f"init_weights = {path!r}"
     if not Path(path).is_file():
@@ -175,7 +175,7 @@ def check_init_weights(path: str, expected: dict) -> None:
 
 def train_sizes(cfg: schema.Config) -> tuple[int, ...]:
     """Each simulated client's training examples: the partitions the clients will load."""
-    from fedshield.tasks.partition import cached_partitions  # noqa: PLC0415 (clients reuse it)
+    from fedshield.tasks.partition import cached_partitions  # clients reuse it
 
     parts = cached_partitions(cfg.task.name, cfg.federation.num_clients, cfg.partition, cfg.seed)
     return tuple(local_train_size(len(p)) for p in parts)
@@ -198,13 +198,13 @@ def preflight(cfg: schema.Config, *, partitions: str = "refuse") -> PreflightRep
         if problem:
             raise ConfigError(problem)
     task, n_params = check_model(cfg)
-    from fedshield.tasks import resolve_device  # noqa: PLC0415
+    from fedshield.tasks import resolve_device
 
     resolve_device(cfg.train.device)  # "cuda" on a machine without one: refused now, not in round 1
     if cfg.attack.name != "none" and cfg.attack.target_label >= task.num_classes:
         raise ConfigError(f"attack.target_label = {cfg.attack.target_label} is not a class of task "
                           f"{task.name!r} (0..{task.num_classes - 1}); choose one of those")
-    from fedshield.server.aggregation import build_aggregator  # noqa: PLC0415
+    from fedshield.server.aggregation import build_aggregator
 
     fed = cfg.federation
     build_aggregator(cfg.aggregation.rule, cfg.aggregation, fed.num_clients, cfg.seed)
@@ -217,7 +217,7 @@ def preflight(cfg: schema.Config, *, partitions: str = "refuse") -> PreflightRep
     notes: list[str] = []
     problem = partition_problem(sizes, cfg.train.batch_size, cfg.privacy.enabled)
     if problem is None and sizes and cfg.privacy.enabled:
-        from fedshield.privacy.planner import check_delta  # noqa: PLC0415
+        from fedshield.privacy.planner import check_delta
 
         try:
             check_delta(cfg.privacy.delta, max(sizes))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from fedshield import configio
 from tests.config_support import neutral_config
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained_state(task_name: str, epochs: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """Centrally trained weights (a few seconds) standing in for the federated global model."""
     threads = torch.get_num_threads()

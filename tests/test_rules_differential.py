@@ -32,7 +32,6 @@ from fedshield.schema import AggregationConfig
 from tests.test_aggregation import (
     ref_bulyan,
     ref_fltrust,
-    ref_krum_scores,
     ref_multikrum,
     ref_sq_dist,
 )
