@@ -199,7 +199,7 @@ def bench_task(name: str, data: Split, cfg: TrainConfig, modes: tuple[str, ...],
                     steps[mode] = out["metrics"]["steps"]
                     if rep > 0:
                         step_min[mode].append(out["metrics"]["step_seconds_min"])
-                except Exception as exc:  # a mode Opacus cannot run is reported, not fatal
+                except Exception as exc:  # noqa: BLE001 — a mode Opacus cannot run is reported
                     errors[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     continue
             if rep > 0:

@@ -481,7 +481,7 @@ def npy_view(array, name: str, limits: ReplyLimits = ReplyLimits(),
         shape, fortran_order, dtype = reader(buf, max_header_size=limits.max_npy_header_bytes)
     except _Bad:
         raise
-    except Exception as exc:  # numpy raises ValueError/SyntaxError/... on a bad header
+    except Exception as exc:  # noqa: BLE001 — numpy raises ValueError/SyntaxError/...
         raise _Bad("malformed:arrays", f"{name}: undecodable .npy header "
                    f"({type(exc).__name__}: {_clip(str(exc), 120)})") from None
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:

@@ -133,8 +133,9 @@ def check_model(cfg: schema.Config):
         with torch.no_grad():
             out = model.eval()(torch.from_numpy(test.x[:2]))
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{which} does not fit task.name = {task.name!r} (inputs "
-                          f"{tuple(test.x.shape[1:])}): {exc}; choose a model of this task")
+        raise ConfigError(
+            f"{which} does not fit task.name = {task.name!r} (inputs "
+            f"{tuple(test.x.shape[1:])}): {exc}; choose a model of this task") from exc
     if tuple(out.shape) != (min(2, len(test)), task.num_classes):
         raise ConfigError(f"{which} gives outputs of shape {tuple(out.shape[1:])} on task "
                           f"{task.name!r}, which has {task.num_classes} classes; choose a model "
