@@ -25,7 +25,8 @@ def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in configs:
-        cfg = validation.load(path, overrides + [f"output_dir={str(out / 'runs')!r}".replace("'", '"')])
+        cfg = validation.load(path,
+                              overrides + [f"output_dir={str(out / 'runs')!r}".replace("'", '"')])
         started = time.perf_counter()
         summary = simulate(cfg)
         rows.append({"config": path, "overrides": overrides, "task": cfg.task.name,
@@ -52,7 +53,8 @@ def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default="runs/bench-accuracy")

@@ -139,7 +139,8 @@ def bench_flwr_sim(task: str, n: int, rounds: int, work: Path) -> dict:
 
 
 def bench_deployment(task: str, n: int, rounds: int, work: Path) -> dict:
-    kit = init_sites(work / f"kit-{n}", n, port=free_port(), node_ports=[free_port() for _ in range(n)])
+    kit = init_sites(work / f"kit-{n}", n, port=free_port(),
+                     node_ports=[free_port() for _ in range(n)])
     out = work / f"deployment-{n}"
     with LocalFederation(kit.root) as fed:
         fed.start_superlink()

@@ -93,22 +93,25 @@ def run_job(job, out: Path, threads: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| job | final acc | best acc | eps max | rounds | rejected | quarantined | backdoor | wall s |",
+    lines = ["| job | final acc | best acc | eps max | rounds | rejected | quarantined | backdoor "
+             "| wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["rc"] != 0:
-            lines.append(f"| {r['job']} | FAILED (rc {r['rc']}) | | | | | | | {r['wall_seconds']} |")
+            lines.append(f"| {r['job']} | FAILED (rc {r['rc']}) | | | | | | | {r['wall_seconds']} "
+                         "|")
             continue
         eps = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"
         bd = (r.get("attack_report") or {}).get("backdoor_success")
-        lines.append(f"| {r['job']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {eps} | "
-                     f"{r['rounds']} | {r['rejected']} | {len(r['quarantined'])} | "
+        lines.append(f"| {r['job']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {eps} "
+                     f"| {r['rounds']} | {r['rejected']} | {len(r['quarantined'])} | "
                      f"{'-' if bd is None else f'{bd:.3f}'} | {r['wall_seconds']} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("suites", nargs="+", choices=["fedavg", "dp", "robustness"])
     parser.add_argument("--workers", type=int, default=1, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")

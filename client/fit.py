@@ -131,7 +131,8 @@ def fit_locally(context: Context, cfg: schema.Config, load_data: DataLoader,
     """
     started = time.perf_counter()
     task, data, _ = checked_data(context, cfg, load_data)
-    train_cfg = configio.section(schema.TrainConfig, configio.unflatten(rc).get("train", {}), "train.")
+    train_cfg = configio.section(schema.TrainConfig, configio.unflatten(rc).get("train", {}),
+                                 "train.")
     train_cfg = replace(train_cfg, lr=train_cfg.lr_at(int(rc.get("server-round", 1)),
                                                       int(rc.get("num-rounds", 1))))
     model = task.build_model()

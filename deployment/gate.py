@@ -97,7 +97,8 @@ def decide(summary: RunSummary | Mapping | None, export: dict, policy,
     if policy.max_epsilon > 0:
         eps = privacy.sample_level_epsilon
         if eps is None:
-            checks.append(_check("epsilon", False, f"no sample-level DP guarantee (privacy disabled) but "
+            checks.append(_check("epsilon", False,
+                                 f"no sample-level DP guarantee (privacy disabled) but "
                                  f"deployment.max_epsilon = {policy.max_epsilon}"))
         else:
             checks.append(_check("epsilon", eps <= policy.max_epsilon,
@@ -105,14 +106,16 @@ def decide(summary: RunSummary | Mapping | None, export: dict, policy,
     drop = summary.robustness.accuracy_drop if summary.robustness else None
     if policy.max_accuracy_drop > 0 and drop is not None:
         checks.append(_check("robustness", drop <= policy.max_accuracy_drop,
-                             f"accuracy drop under attack {drop:.4f} vs limit {policy.max_accuracy_drop:.4f}"))
+                             f"accuracy drop under attack {drop:.4f} vs limit "
+                             f"{policy.max_accuracy_drop:.4f}"))
     diff = _number(parity.get("max_abs_diff"))
     checks.append(_check("parity", diff is not None and diff <= policy.parity_tolerance,
                          f"max |torch - onnxruntime| logit difference {diff:.2e} vs tolerance "
                          f"{policy.parity_tolerance:.1e}" if diff is not None
                          else "export.json records no ONNX parity"))
     checks.append(_check("integrity", not hash_problems,
-                         "; ".join(hash_problems) or "every artifact's sha256 matches the registry"))
+                         "; ".join(hash_problems) or "every artifact's sha256 matches the "
+                                                     "registry"))
     reasons = [f"{c['name']}: {c['detail']}" for c in checks if not c["passed"]]
     return GateDecision(not reasons, reasons, checks, policy=asdict(policy))
 

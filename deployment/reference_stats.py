@@ -34,7 +34,8 @@ BANDS = 4
 
 
 def image_summary_features(x: np.ndarray) -> np.ndarray:
-    """``(n, C, H, W)`` images -> ``(n, 1 + 2 * BANDS)``: mean, row-band means, column-band means."""
+    """``(n, C, H, W)`` images -> ``(n, 1 + 2 * BANDS)``: mean, row-band means, column-band
+    means."""
     gray = x.reshape(len(x), *x.shape[-3:]).mean(1)
     rows = np.array_split(gray, BANDS, axis=1)
     cols = np.array_split(gray, BANDS, axis=2)
@@ -43,7 +44,8 @@ def image_summary_features(x: np.ndarray) -> np.ndarray:
 
 
 def image_summary_names() -> tuple[str, ...]:
-    return ("mean",) + tuple(f"row_band_{i}" for i in range(BANDS)) + tuple(f"col_band_{i}" for i in range(BANDS))
+    return ("mean",
+            ) + tuple(f"row_band_{i}" for i in range(BANDS)) + tuple(f"col_band_{i}" for i in range(BANDS))
 
 
 def monitored_features(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -92,7 +94,8 @@ def histogram_sensitivity(num_features: int) -> float:
 
 
 def client_histograms(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...], num_classes: int,
-                      edges: np.ndarray, sigma: float, rng: np.random.Generator) -> ClientHistograms:
+                      edges: np.ndarray, sigma: float,
+                      rng: np.random.Generator) -> ClientHistograms:
     """DP histograms of one client's data (Gaussian mechanism with noise multiplier ``sigma``)."""
     feats = monitored_features(x, input_shape)
     if feats.shape[1] != edges.shape[0]:
@@ -149,7 +152,8 @@ def normalise(counts: np.ndarray) -> np.ndarray:
     return np.where(totals > 0, clipped / np.where(totals > 0, totals, 1.0), uniform)
 
 
-def merge_histograms(parts: list[ClientHistograms], edges: np.ndarray, feature_names: tuple[str, ...],
+def merge_histograms(parts: list[ClientHistograms], edges: np.ndarray,
+                     feature_names: tuple[str, ...],
                      input_shape: tuple[int, ...]) -> Reference:
     """SERVER side: sum the clients' noisy counts into a reference."""
     if not parts:
@@ -181,7 +185,8 @@ def with_client_class_priors(reference: Reference,
                f"({data_quality.clients} clients, noise std {data_quality.noise_std:.3g})")
 
 
-def reference_from_data(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...], num_classes: int,
+def reference_from_data(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...],
+                        num_classes: int,
                         feature_names: tuple[str, ...], bins: int, source: str) -> Reference:
     """A noise-free reference from data the server holds itself (its evaluation split)."""
     feats = monitored_features(x, input_shape)

@@ -145,7 +145,8 @@ def _experiment_id(client: MlflowClient, tracking_uri: str) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(EXPERIMENT, artifact_location=artifact_root(normalise_uri(tracking_uri)))
+    return client.create_experiment(EXPERIMENT,
+                                    artifact_location=artifact_root(normalise_uri(tracking_uri)))
 
 
 def _params(config: dict) -> list[Param]:
@@ -246,20 +247,22 @@ def parse_ref(model_ref: str) -> tuple[str, str | None, str | None]:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
     match = MODEL_REF.match(model_ref)
     if not match:
-        raise ConfigError(f"model reference {model_ref!r} is not models:/NAME@ALIAS or models:/NAME/VERSION, "
-                          f"e.g. models:/fedshield-digits@champion")
+        raise ConfigError(f"model reference {model_ref!r} is not models:/NAME@ALIAS or "
+                          "models:/NAME/VERSION, e.g. models:/fedshield-digits@champion")
     return match["name"], match["alias"], match["version"]
 
 
-def get_version(client: MlflowClient, name: str, alias: str | None = None, version: str | None = None):
+def get_version(client: MlflowClient, name: str, alias: str | None = None,
+                version: str | None = None):
     try:
         if alias:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
         what = f"alias @{alias}" if alias else f"version {version}"
-        raise RegistryError(f"model {name!r} has no {what} in the registry ({exc.message.splitlines()[0]}); "
-                            f"see `fedshield registry list`") from None
+        raise RegistryError(f"model {name!r} has no {what} in the registry "
+                            f"({exc.message.splitlines()[0]}); see `fedshield registry "
+                            "list`") from None
 
 
 def expected_hashes(tags: dict[str, str]) -> dict[str, str]:
@@ -305,15 +308,18 @@ def list_versions(tracking_uri: str, model_name: str) -> list[dict]:
     try:
         aliases = client.get_registered_model(model_name).aliases  # alias -> version
     except MlflowException:
-        raise RegistryError(f"no model named {model_name!r} in {tracking_uri}; run a federation with "
-                            f"deployment.handoff = true first, or pass --model-name") from None
+        raise RegistryError(f"no model named {model_name!r} in {tracking_uri}; run a federation "
+                            "with deployment.handoff = true first, or pass --model-name") from None
     rows = []
     for mv in client.search_model_versions(f"name='{model_name}'"):
         rows.append({"version": str(mv.version),
-                     "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)), "gate": mv.tags.get("gate", ""),
-                     "test_accuracy": mv.tags.get("test_accuracy"), "epsilon_max": mv.tags.get("epsilon_max"),
+                     "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
+                     "gate": mv.tags.get("gate", ""),
+                     "test_accuracy": mv.tags.get("test_accuracy"),
+                     "epsilon_max": mv.tags.get("epsilon_max"),
                      "warning": mv.tags.get("privacy.warning", ""),
-                     "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mv.creation_timestamp / 1000)),
+                     "created": time.strftime("%Y-%m-%d %H:%M:%S",
+                                              time.gmtime(mv.creation_timestamp / 1000)),
                      "run_id": mv.run_id})
     return sorted(rows, key=lambda r: int(r["version"]))
 
@@ -324,5 +330,6 @@ def show(tracking_uri: str, model_name: str, version: str) -> dict:
     mv = get_version(client, model_name, version=version)
     with tempfile.TemporaryDirectory() as tmp:
         export = read_json(download(client, mv, tmp, tracking_uri) / EXPORT_JSON)
-    return {"name": model_name, "version": str(mv.version), "aliases": list(mv.aliases), "tags": dict(mv.tags),
+    return {"name": model_name, "version": str(mv.version), "aliases": list(mv.aliases),
+            "tags": dict(mv.tags),
             "source": mv.source, "run_id": mv.run_id, "export": export}

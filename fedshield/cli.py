@@ -65,8 +65,9 @@ ROBUST_RULES = "fedavg,median,trimmed_mean,krum,geomed,bucketing+cclip,nnm+cclip
 ALL_ATTACKS = "none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum,backdoor"
 
 
-@app.command(epilog="Example: fedshield robustness configs/bench-robustness.toml --rules fedavg,nnm+cclip "
-                    "--attacks none,alie,ipm --fractions 0.2 --partitions dirichlet-0.5")
+@app.command(epilog="Example: fedshield robustness configs/bench-robustness.toml --rules "
+                    "fedavg,nnm+cclip --attacks none,alie,ipm --fractions 0.2 --partitions "
+                    "dirichlet-0.5")
 def robustness(
     config: str = typer.Argument(..., help="base TOML config (task, clients, rounds, training)"),
     rules: str = typer.Option(ROBUST_RULES, help="comma-separated aggregation specs"),
@@ -142,14 +143,16 @@ bench_app = typer.Typer(no_args_is_help=True,
                         help="Benchmarks: print a table and write JSON/Markdown under runs/.")
 
 
-@bench_app.command("aggregators", epilog="Example: fedshield bench aggregators --ns 10,100 --ds 1000000")
+@bench_app.command("aggregators",
+                   epilog="Example: fedshield bench aggregators --ns 10,100 --ds 1000000")
 def bench_aggregators(
     ns: str = typer.Option("10,100,1000", help="comma-separated numbers of clients"),
     ds: str = typer.Option("100000,1000000", help="comma-separated update sizes (parameters)"),
     rules: str = typer.Option("", help="comma-separated aggregation specs, e.g. krum,nnm+cclip "
                                        "(default: every rule)"),
     repeats: int = typer.Option(3, min=1, help="best of this many timings (1 for inputs >= 1e8)"),
-    out: str = typer.Option("runs/bench-aggregators", help="folder for results.json and results.md"),
+    out: str = typer.Option("runs/bench-aggregators",
+                            help="folder for results.json and results.md"),
 ) -> None:
     """Time each aggregation rule against Flower 1.42's built-in strategy aggregation on the
     same updates, as a speed ratio per rule, n and d."""

@@ -428,7 +428,8 @@ def decode_arrays(record, reference: Mapping[str, np.ndarray],
     for name, ref in reference.items():
         arr = npy_view(record[name], name, limits, expected_shape=ref.shape)
         if dtype_kind(arr.dtype) != dtype_kind(ref.dtype):
-            raise _Bad("dtype", f"{name} has dtype {arr.dtype}, expected {dtype_kind(ref.dtype)} like "
+            raise _Bad("dtype",
+                       f"{name} has dtype {arr.dtype}, expected {dtype_kind(ref.dtype)} like "
                        f"{ref.dtype}")
         _check_finite(arr, name)
         out[name] = arr

@@ -35,8 +35,8 @@ def free_port() -> int:
 
 
 class LocalFederation:
-    """Processes of one kit: ``start_superlink``, ``start_site``, ``submit``, ``wait_run``; ``close``
-    (or the ``with`` block's end) ends every process it started."""
+    """Processes of one kit: ``start_superlink``, ``start_site``, ``submit``, ``wait_run``;
+    ``close`` (or the ``with`` block's end) ends every process it started."""
 
     def __init__(self, kit: str | Path, logs: str | Path | None = None) -> None:
         self.layout = Layout(Path(kit))

@@ -191,7 +191,8 @@ def preflight(cfg: schema.Config, *, partitions: str = "refuse") -> PreflightRep
     sites bring their own data, which the server cannot see), or "off"."""
     if partitions not in ("refuse", "warn", "off"):
         raise ValueError(f"partitions = {partitions!r}: use 'refuse', 'warn' or 'off'")
-    validation.from_dict(cfg.to_dict())  # every field and cross-check, also for a Config built directly
+    # every field and cross-check, also for a Config built directly
+    validation.from_dict(cfg.to_dict())
     if cfg.resume:
         check_resume(Path(cfg.resume))
     else:
@@ -211,7 +212,8 @@ def preflight(cfg: schema.Config, *, partitions: str = "refuse") -> PreflightRep
     build_aggregator(cfg.aggregation.rule, cfg.aggregation, fed.num_clients, cfg.seed)
     # A round hands the rule the sampled clients' updates, not the federation's: an explicit f
     # must leave an honest majority among those too (e.g. f = 2 of 4 sampled is refused now).
-    sampled = min(fed.num_clients, max(fed.min_clients, round(fed.num_clients * fed.fraction_train)))
+    sampled = min(fed.num_clients,
+                  max(fed.min_clients, round(fed.num_clients * fed.fraction_train)))
     if not cfg.central_dp.enabled and sampled != fed.num_clients:
         build_aggregator(cfg.aggregation.rule, cfg.aggregation, sampled, cfg.seed)
     sizes: tuple[int, ...] = train_sizes(cfg) if partitions != "off" else ()

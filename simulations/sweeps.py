@@ -113,7 +113,8 @@ def audit_point(base: schema.Config, overrides: dict[str, Any], canaries: int,
     certifies (its ``update`` adversary), at 95% confidence."""
     from fedshield.simulations.audit import canary_audit
 
-    cfg = validation.from_run_config({**base.flat(), **overrides})  # the audit keeps its own ledgers
+    # the audit keeps its own ledgers
+    cfg = validation.from_run_config({**base.flat(), **overrides})
     (result,) = canary_audit(cfg, canaries, adversaries=("update",), workdir=out_dir)
     return {"audit_epsilon_lower_bound": result.bound.epsilon, "audit_canaries": canaries}
 
@@ -165,7 +166,8 @@ def robustness_matrix(base: schema.Config, rules: list[str], attacks: list[str],
         else:
             overrides.update({"attack.name": attack, "attack.byzantine_fraction": frac})
         row = run_point(base, overrides, out_dir, reporter)
-        row.update({"rule": rule, "attack": attack, "byzantine_fraction": frac if attack != "none" else 0.0,
+        row.update({"rule": rule, "attack": attack,
+                    "byzantine_fraction": frac if attack != "none" else 0.0,
                     "partition": part})
         rows.append(row)
     write_table(rows, out_dir, "robustness")
@@ -182,7 +184,8 @@ def _partition(name: str) -> dict[str, Any]:
         return {"partition.kind": "dirichlet", "partition.alpha": float(name.split("-", 1)[1])}
     if name == "shards":
         return {"partition.kind": "shards"}
-    raise ConfigError(f"partition {name!r}: use iid, shards or dirichlet-<alpha>, e.g. dirichlet-0.5")
+    raise ConfigError(f"partition {name!r}: use iid, shards or dirichlet-<alpha>, e.g. "
+                      "dirichlet-0.5")
 
 
 def worst_cases(rows: list[dict]) -> list[dict]:
@@ -215,7 +218,8 @@ def plot_heatmap(rows: list[dict], path: Path) -> None:
     grid = np.full((len(labels_y), len(labels_x)), np.nan)
     for r in rows:
         x = r["attack"] if r["attack"] == "none" else f"{r['attack']}@{r['byzantine_fraction']:g}"
-        grid[labels_y.index(f"{r['rule']} | {r['partition']}"), labels_x.index(x)] = r["final_accuracy"]
+        grid[labels_y.index(f"{r['rule']} | {r['partition']}"),
+             labels_x.index(x)] = r["final_accuracy"]
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels_x), 1.0 + 0.45 * len(labels_y)))
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(labels_x)), labels_x, rotation=45, ha="right", fontsize=8)

@@ -63,7 +63,8 @@ def make_run_dir(root: Path, task_name: str, *, epsilon_max: float = 3.0, privac
     with open(run / "metrics.jsonl", "w") as fh:
         for r in range(1, rounds + 1):
             acc = final["accuracy"] * (0.8 + 0.2 * r / rounds)
-            fh.write(json.dumps({"round": r, "accuracy": acc, "loss": final["loss"] + (rounds - r) * 0.1,
+            fh.write(json.dumps({"round": r, "accuracy": acc,
+                                 "loss": final["loss"] + (rounds - r) * 0.1,
                                  "seconds": 1.5, "epsilon_max": epsilon_max * r / rounds,
                                  "epsilon_mean": 0.8 * epsilon_max * r / rounds,
                                  "rejected": {}, "quarantined": []}) + "\n")

@@ -245,7 +245,8 @@ def imports_of(module: str) -> set[str]:
 
 
 @pytest.mark.parametrize("app, lower", [
-    ("fedshield.server.app", ["fedshield.server.secagg", "fedshield.server.strategy", "fedshield.server.recording",
+    ("fedshield.server.app",
+     ["fedshield.server.secagg", "fedshield.server.strategy", "fedshield.server.recording",
                     "fedshield.server.federation_state", "fedshield.server.central_dp"]),
     ("fedshield.client.app", ["fedshield.client.secagg", "fedshield.client.fit"]),
 ])
