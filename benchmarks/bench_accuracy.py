@@ -31,7 +31,8 @@ def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
         summary = simulate(cfg)
         rows.append({"config": path, "overrides": overrides, "task": cfg.task.name,
                      "partition": f"{cfg.partition.kind}"
-                                  + (f"({cfg.partition.alpha})" if cfg.partition.kind == "dirichlet" else ""),
+                                  + (f"({cfg.partition.alpha})"
+                                     if cfg.partition.kind == "dirichlet" else ""),
                      "clients": cfg.federation.num_clients, "rounds": summary.rounds_completed,
                      "rule": cfg.aggregation.rule, "attack": cfg.attack.name,
                      "final_accuracy": summary.final_accuracy,
@@ -40,7 +41,8 @@ def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
                      "wall_seconds": round(time.perf_counter() - started, 1),
                      "run_dir": summary.run_dir})
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    header = "| config | task | partition | clients | rounds | rule | attack | final acc | best acc | eps max | wall s |"
+    header = ("| config | task | partition | clients | rounds | rule | attack | final acc "
+              "| best acc | eps max | wall s |")
     lines = [header, "|" + "---|" * 11]
     for r in rows:
         eps = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"

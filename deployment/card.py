@@ -53,7 +53,8 @@ def read_run(run_dir: str | Path) -> tuple[RunSummary, dict, list[MetricsLine]]:
     summary or metrics are torn or edited)."""
     run = Path(run_dir)
     summary = read_summary(run)
-    config = tomllib.loads((run / "config.toml").read_text()) if (run / "config.toml").is_file() else {}
+    config_file = run / "config.toml"
+    config = tomllib.loads(config_file.read_text()) if config_file.is_file() else {}
     return summary, config, read_metrics(run)
 
 
@@ -124,7 +125,8 @@ def _explanations(task: Task, export: ExportResult, test: Split, out: Path, exam
     model = build_loaded_model(task, load_weights(out / SAFETENSORS))
     base = {"method": "Integrated Gradients (Captum)", "steps": 32}
     if task.is_image:
-        picked = np.concatenate([np.flatnonzero(test.y == c)[:1] for c in np.unique(test.y)])[:IMAGES_IN_PICTURE]
+        picked = np.concatenate([np.flatnonzero(test.y == c)[:1]
+                                 for c in np.unique(test.y)])[:IMAGES_IN_PICTURE]
         attribution_picture(model, test.x[picked], test.y[picked], out / ATTRIBUTION_PNG)
         return base | {"baseline": "black image", "picture": ATTRIBUTION_PNG,
                        "examples": int(len(picked))}

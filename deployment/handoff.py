@@ -76,7 +76,8 @@ def drift_reference(run_dir: Path, cfg: Config, out_dir: Path,
 def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     """Export, document, register and gate the run's model; also writes ``run_dir/handoff.json``."""
     run = Path(run_dir)
-    weights = run / ("best.safetensors" if cfg.deployment.weights == "best" else "model.safetensors")
+    weights = run / ("best.safetensors" if cfg.deployment.weights == "best"
+                     else "model.safetensors")
     if not weights.is_file():
         raise FedShieldError(f"{weights} does not exist; the run folder must hold the global "
                              f"weights (deployment.weights = {cfg.deployment.weights!r})")

@@ -44,8 +44,8 @@ def image_summary_features(x: np.ndarray) -> np.ndarray:
 
 
 def image_summary_names() -> tuple[str, ...]:
-    return ("mean",
-            ) + tuple(f"row_band_{i}" for i in range(BANDS)) + tuple(f"col_band_{i}" for i in range(BANDS))
+    return (("mean",) + tuple(f"row_band_{i}" for i in range(BANDS))
+            + tuple(f"col_band_{i}" for i in range(BANDS)))
 
 
 def monitored_features(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -123,7 +123,8 @@ class Reference:
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
-        data["edges"] = [[("-inf" if e == -np.inf else "inf" if e == np.inf else float(e)) for e in row]
+        data["edges"] = [[("-inf" if e == -np.inf else "inf" if e == np.inf else float(e))
+                          for e in row]
                          for row in self.edges]
         data["probs"], data["class_priors"] = self.probs.tolist(), self.class_priors.tolist()
         return json.dumps(data)

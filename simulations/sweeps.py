@@ -95,7 +95,8 @@ def privacy_sweep(base: schema.Config, epsilons: list[float], seeds: list[int], 
         if math.isfinite(eps):
             overrides.update({"privacy.target_epsilon": eps, "privacy.noise_multiplier": 0.0,
                               "privacy.max_epsilon": 0.0,
-                              "privacy.ledger_dir": str(out_dir / "ledgers" / f"eps{eps:g}-s{seed}")})
+                              "privacy.ledger_dir": str(out_dir / "ledgers"
+                                                        / f"eps{eps:g}-s{seed}")})
         row = run_point(base, overrides, out_dir, reporter)
         row["target_epsilon"] = eps
         if audit_canaries:
@@ -129,7 +130,8 @@ def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     if private:
         accs = [[r["final_accuracy"] for r in rows if r["target_epsilon"] == e] for e in private]
-        spent = [np.mean([r["epsilon_max"] for r in rows if r["target_epsilon"] == e]) for e in private]
+        spent = [np.mean([r["epsilon_max"] for r in rows if r["target_epsilon"] == e])
+                 for e in private]
         ax.errorbar(spent, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs], fmt="o-",
                     capsize=3, label="sample-level DP per client, add/remove (epsilon spent, "
                                      "max over clients)")

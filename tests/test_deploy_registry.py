@@ -71,7 +71,8 @@ def test_epsilon_policy_failure_stays_candidate_with_reason(setup):
     assert not decision.passed and len(decision.reasons) == 1
     assert "epsilon" in decision.reasons[0] and "8.000 vs limit 5.000" in decision.reasons[0]
     tags = client_for(setup["uri"]).get_model_version(MODEL, version).tags
-    assert tags["gate"] == "failed" and tags["stage"] == "candidate" and "epsilon" in tags["gate.reason.0"]
+    assert tags["gate"] == "failed" and tags["stage"] == "candidate"
+    assert "epsilon" in tags["gate.reason.0"]
     assert aliases(setup["uri"]) == {"champion": "1", "candidate": version}
     # --force overrides a policy failure and records who, when and why.
     forced = promote(setup["uri"], MODEL, version, force=True, reason="accepted by the DPO")
@@ -134,7 +135,8 @@ def test_registry_cli(setup):
                         ["list", "-m", MODEL, "--registry-uri", setup["uri"], "--json"])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.output)
-    assert rows[0]["version"] == "1" and "champion" in rows[0]["aliases"] and rows[0]["gate"] == "passed"
+    assert rows[0]["version"] == "1" and "champion" in rows[0]["aliases"]
+    assert rows[0]["gate"] == "passed"
     out = runner.invoke(registry_app, ["show", "1", "-m", MODEL, "--registry-uri", setup["uri"]])
     assert out.exit_code == 0 and json.loads(out.output)["export"]["task"] == "digits"
     out = runner.invoke(registry_app,

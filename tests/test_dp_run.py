@@ -11,7 +11,8 @@ from tests.config_support import neutral_config
 
 
 def lines(summary):
-    return [json.loads(x) for x in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    path = Path(summary.run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -131,8 +131,8 @@ def registry_promote(version: str = typer.Argument(..., help="Version number."),
         for check in decision.checks:
             mark = "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]"
             console.print(f"{mark} {check['name']}: {check['detail']}")
-        status = "champion" + (" (forced)" if decision.forced else "") if decision.passed or decision.forced \
-            else "candidate"
+        status = ("champion" + (" (forced)" if decision.forced else "")
+                  if decision.passed or decision.forced else "candidate")
         console.print(f"version {version} -> [bold]{status}[/bold]")
     if not (decision.passed or decision.forced):
         raise typer.Exit(2)
@@ -232,7 +232,8 @@ def monitor_command(
         _fail(ValueError(f"--statistic must be one of {', '.join(STATISTICS)}"))
     if source.startswith(("http://", "https://")):
         samples = _metrics_source(source, token)
-        drift = {k.split('"')[1]: v for k, v in samples.items() if k.startswith("fedshield_drift_score{")}
+        drift = {k.split('"')[1]: v for k, v in samples.items()
+                 if k.startswith("fedshield_drift_score{")}
         windows = samples.get("fedshield_drift_windows_total", 0)
         if as_json:
             typer.echo(json.dumps({"windows": windows, "scores": drift,
