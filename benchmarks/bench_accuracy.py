@@ -22,6 +22,8 @@ from fedshield import validation
 
 
 def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
+    """Run each config once with the overrides; one result row per config (also written to
+    ``out``)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in configs:

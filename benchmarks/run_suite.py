@@ -45,6 +45,7 @@ ATTACKS = ["none", "label_flip", "sign_flip", "gaussian", "scaling", "alie", "ip
 
 
 def jobs(suites: list[str]) -> list[tuple[str, str, list[str]]]:
+    """The (name, config, --set overrides) jobs of the chosen suites."""
     out = []
     if "fedavg" in suites:
         out.append(("fedavg", "configs/bench-mnist-fedavg.toml", []))
@@ -65,6 +66,7 @@ def jobs(suites: list[str]) -> list[tuple[str, str, list[str]]]:
 
 
 def run_job(job, out: Path, threads: int) -> dict:
+    """Run one job as a ``fedshield simulate`` subprocess; its result row (rc and wall time too)."""
     name, config, sets = job
     args = [sys.executable, "-m", "fedshield.cli", "simulate", config, "--json",
             "--set", f'output_dir="{out / "runs"}"', "--set", f'name="{name}"',
@@ -93,6 +95,7 @@ def run_job(job, out: Path, threads: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+    """The result rows as a Markdown table (failed jobs marked)."""
     lines = ["| job | final acc | best acc | eps max | rounds | rejected | quarantined | backdoor "
              "| wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -110,6 +113,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    """Command line: run the chosen suites' jobs and write the rows and the table."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("suites", nargs="+", choices=["fedavg", "dp", "robustness"])

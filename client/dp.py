@@ -75,6 +75,7 @@ class SecureNoise:
     noise_ahead: NoiseAhead | None
 
     def add_noise(self) -> None:
+        """Add the calibrated Gaussian noise to the summed gradients, drawn from ``noise_rng``."""
         # as DPOptimizer(FastGradientClipping).add_noise in Opacus 1.6 (adaptive clipping's
         # multiplier included), with one draw for all parameters (and steps: NoiseAhead)
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)

@@ -43,6 +43,7 @@ IMAGES_IN_PICTURE = 6
 
 @dataclass
 class ModelCard:
+    """A written model card: its content and the JSON and Markdown files holding it."""
     data: dict
     json_path: Path
     md_path: Path
@@ -310,6 +311,7 @@ def audit_markdown(section: dict | None, privacy: dict) -> list[str]:
 
 
 def render_markdown(card: dict) -> str:
+    """The model card as Markdown (a privacy warning first when there is one)."""
     p, t, m, a = card["privacy"], card["training"], card["metrics"], card["artifacts"]
     attack, schema_in = card["attack"], card["data_schema"]["input"]
     warning = card.get("privacy_warning")

@@ -48,6 +48,7 @@ RUN_INPUTS = (SUMMARY_FILE,)
 
 @dataclass
 class GateDecision:
+    """The promotion gate's verdict: every check, why it failed, the policy applied."""
     passed: bool
     reasons: list[str]      # why it failed (empty when it passed)
     checks: list[dict]      # every check: name, passed, detail
@@ -56,6 +57,7 @@ class GateDecision:
     policy_source: str = ""                       # stored / stored+config / config
 
     def to_dict(self) -> dict:
+        """The decision as a JSON-ready dict."""
         return asdict(self)
 
 

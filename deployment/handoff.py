@@ -37,6 +37,7 @@ EXPORT_DIR = "export"
 
 @dataclass
 class HandoffResult:
+    """What the hand-off of a finished run registered: version, gate verdict, card and export."""
     model_name: str
     version: str
     passed: bool
@@ -47,10 +48,12 @@ class HandoffResult:
     checks: list[dict]
 
     def to_dict(self) -> dict:
+        """The result as a JSON-ready dict."""
         return asdict(self)
 
 
 def model_name_for(cfg: Config) -> str:
+    """The registered model name: deployment.model_name, else ``fedshield-<task>``."""
     return cfg.deployment.model_name or f"fedshield-{cfg.task.name.replace(':', '-')}"
 
 

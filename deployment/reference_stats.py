@@ -44,6 +44,7 @@ def image_summary_features(x: np.ndarray) -> np.ndarray:
 
 
 def image_summary_names() -> tuple[str, ...]:
+    """Names of the summary features the drift monitor computes for images."""
     return (("mean",) + tuple(f"row_band_{i}" for i in range(BANDS))
             + tuple(f"col_band_{i}" for i in range(BANDS)))
 
@@ -90,6 +91,7 @@ class ClientHistograms:
 
 
 def histogram_sensitivity(num_features: int) -> float:
+    """L2 sensitivity of one client's feature and class counts together (replace-one)."""
     return float(np.sqrt(2.0 * (num_features + 1)))
 
 
@@ -122,6 +124,7 @@ class Reference:
     noise_std: float = 0.0
 
     def to_json(self) -> str:
+        """The reference as JSON (infinite bin edges as "-inf"/"inf")."""
         data = dataclasses.asdict(self)
         data["edges"] = [[("-inf" if e == -np.inf else "inf" if e == np.inf else float(e))
                           for e in row]
@@ -131,17 +134,20 @@ class Reference:
 
     @classmethod
     def from_json(cls, text: str) -> Reference:
+        """Read a reference written by ``to_json``."""
         d = json.loads(text)
         return cls(np.array([[float(e) for e in row] for row in d["edges"]]), np.array(d["probs"]),
                    np.array(d["class_priors"]), tuple(d["feature_names"]), tuple(d["input_shape"]),
                    d["source"], d.get("noise_std", 0.0))
 
     def save(self, path: str | Path) -> Path:
+        """Write the reference as JSON to ``path``; returns the path."""
         Path(path).write_text(self.to_json())
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Reference:
+        """Read a reference saved by ``save``."""
         return cls.from_json(Path(path).read_text())
 
 
@@ -198,6 +204,7 @@ def reference_from_data(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ..
 
 
 def names_for(input_shape: tuple[int, ...], feature_names: tuple[str, ...]) -> tuple[str, ...]:
+    """Monitored feature names: image summaries, else the given names or ``feature_<i>``."""
     if len(input_shape) == 3:
         return image_summary_names()
     return feature_names or tuple(f"feature_{i}" for i in range(int(np.prod(input_shape))))

@@ -236,6 +236,7 @@ def register(run_dir: str | Path, export: ExportResult, card: ModelCard, trackin
 
 @dataclass
 class ResolvedModel:
+    """A registered version downloaded locally, with its recorded hashes and tags."""
     name: str
     version: str
     local_dir: Path
@@ -254,6 +255,7 @@ def parse_ref(model_ref: str) -> tuple[str, str | None, str | None]:
 
 def get_version(client: MlflowClient, name: str, alias: str | None = None,
                 version: str | None = None):
+    """The model version at ``alias`` or ``version`` (RegistryError if there is none)."""
     try:
         if alias:
             return client.get_model_version_by_alias(name, alias)
@@ -304,6 +306,7 @@ def resolve(model_ref: str, tracking_uri: str, dst: str | Path | None = None) ->
 
 
 def list_versions(tracking_uri: str, model_name: str) -> list[dict]:
+    """Every version of ``model_name``, one row each: aliases, gate, accuracy, epsilon, warning."""
     client = client_for(tracking_uri, create=False)
     try:
         aliases = client.get_registered_model(model_name).aliases  # alias -> version

@@ -192,6 +192,7 @@ _mount()
 
 
 def main() -> None:
+    """Entry point of the ``fedshield`` command (quiet MLflow/datasets defaults first)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     sys.exit(app())

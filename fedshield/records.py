@@ -159,6 +159,7 @@ def _metrics_dict(report: TrainReport | EvalReport) -> dict[str, int | float]:
 
 
 def encode_train_report(report: TrainReport) -> RecordDict:
+    """A client's training report as the RecordDict of its Flower reply."""
     metrics = _metrics_dict(report)
     if report.dp is not None:
         for key, attr in DP_KEYS.items():
@@ -178,6 +179,7 @@ def encode_train_report(report: TrainReport) -> RecordDict:
 
 
 def encode_refusal(refusal: Refusal) -> RecordDict:
+    """A client's refusal to train (code, reason) as the RecordDict of its reply."""
     # num-examples 0: Flower's own aggregation helpers expect the key in every metrics record.
     metrics: dict[str, int | float] = {NUM_EXAMPLES: 0}
     if refusal.partition_id is not None:
@@ -187,6 +189,7 @@ def encode_refusal(refusal: Refusal) -> RecordDict:
 
 
 def encode_eval_report(report: EvalReport) -> RecordDict:
+    """A client's evaluation report as the RecordDict of its Flower reply."""
     metrics = _metrics_dict(report)
     for key, value in ((ACCURACY, report.accuracy), (LOSS, report.loss)):
         if value is not None:

@@ -42,16 +42,20 @@ class Layout:
 
     @property
     def coordinator(self) -> Path:
+        """The coordinator's folder of the kit."""
         return self.root / "coordinator"
 
     @property
     def flwr_home(self) -> Path:
+        """The coordinator's FLWR_HOME (Flower's state, not ~/.flwr)."""
         return self.coordinator / "flwr-home"
 
     def site(self, k: int) -> Path:
+        """The folder of site ``k``."""
         return self.root / f"site-{k}"
 
     def sites(self) -> list[Path]:
+        """The kit's site folders (those with a site.toml), in site order."""
         return sorted((p for p in self.root.glob("site-*")
                        if p.name[5:].isdigit() and (p / "site.toml").is_file()),
                       key=lambda p: int(p.name[5:]))
@@ -145,6 +149,7 @@ def flwr_config_toml(address: str, ca: Path | None) -> str:
 
 
 def superlink_command(layout: Layout, host: str, port: int, insecure: bool) -> list[str]:
+    """The ``flower-superlink`` command line for the coordinator (TLS unless insecure)."""
     c = layout.coordinator.resolve()
     tls = ["--insecure"] if insecure else [
         "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
@@ -154,6 +159,7 @@ def superlink_command(layout: Layout, host: str, port: int, insecure: bool) -> l
 
 
 def site_toml(k: int, num_sites: int, address: str, insecure: bool, clientappio_port: int) -> str:
+    """The commented site.toml written for site ``k`` of the kit."""
     return f'''# Site {k}: edit this file, then print your SuperNode command with
 #   fedshield site command <this folder>
 name = "site-{k}"
@@ -179,6 +185,7 @@ max-epsilon = 8.0
 
 
 def read_site(site_dir: Path) -> dict:
+    """A site folder's site.toml (ConfigError if missing or not valid TOML)."""
     path = site_dir / "site.toml"
     if not path.is_file():
         raise ConfigError(f"{path} not found; create the site kit with `fedshield site init`")
@@ -230,6 +237,7 @@ def _shell(cmd: list[str]) -> str:
 
 def coordinator_commands(layout: Layout, host: str, port: int, insecure: bool,
                          num_sites: int) -> str:
+    """The coordinator's shell instructions: SuperLink, site registration, run."""
     c = layout.coordinator.resolve()
     env = f"export FLWR_HOME={shlex.quote(str(layout.flwr_home.resolve()))}"
     register = "\n".join(
@@ -283,6 +291,7 @@ To continue an interrupted run from its last completed round, submit it again wi
 
 
 def site_commands(site_dir: Path) -> str:
+    """A partner site's instructions (Markdown): edit site.toml, start the SuperNode."""
     return f"""# Partner site `{site_dir.name}`
 
 1. Edit `site.toml`: set `node_config.data-path` to your data (CSV with a `label` column, `.npz`

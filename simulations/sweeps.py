@@ -58,6 +58,7 @@ def sweep_row(overrides: dict[str, Any], summary: RunSummary) -> dict:
 
 
 def write_table(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """Write the rows as CSV and Markdown under ``out_dir``; the two paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = out_dir / f"{stem}.csv"
@@ -121,6 +122,7 @@ def audit_point(base: schema.Config, overrides: dict[str, Any], canaries: int,
 
 
 def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta fixed") -> None:
+    """Plot accuracy against spent epsilon (mean and std over seeds) to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,6 +210,7 @@ def worst_cases(rows: list[dict]) -> list[dict]:
 
 
 def plot_heatmap(rows: list[dict], path: Path) -> None:
+    """Plot final accuracy per (rule, partition) x attack as a heatmap to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
