@@ -46,7 +46,7 @@ ATTACKS = ["none", "label_flip", "sign_flip", "gaussian", "scaling", "alie", "ip
 
 def jobs(suites: list[str]) -> list[tuple[str, str, list[str]]]:
     """The (name, config, --set overrides) jobs of the chosen suites."""
-    out = []
+    out: list[tuple[str, str, list[str]]] = []
     if "fedavg" in suites:
         out.append(("fedavg", "configs/bench-mnist-fedavg.toml", []))
     if "dp" in suites:

@@ -25,6 +25,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -165,8 +166,9 @@ def merge_histograms(parts: list[ClientHistograms], edges: np.ndarray,
     """SERVER side: sum the clients' noisy counts into a reference."""
     if not parts:
         raise ValueError("no client histograms to merge")
-    counts = sum(p.feature_counts for p in parts)
-    classes = sum(p.class_counts for p in parts)
+    # parts is not empty: the sums are arrays, never sum()'s start value 0
+    counts = cast(np.ndarray, sum(p.feature_counts for p in parts))
+    classes = cast(np.ndarray, sum(p.class_counts for p in parts))
     sigmas = sorted({p.sigma for p in parts})
     noise = float(np.sqrt(sum(p.noise_std ** 2 for p in parts)))
     return Reference(edges, normalise(counts), normalise(classes), feature_names, input_shape,

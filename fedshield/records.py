@@ -149,8 +149,12 @@ class _Bad(Exception):
 
 
 # --- encoding (client side) -------------------------------------------------------------------
-def _metrics_dict(report: TrainReport | EvalReport) -> dict[str, int | float]:
-    out: dict[str, int | float] = {k: float(v) for k, v in report.extra.items()}
+# What a Flower MetricRecord holds (its constructor's value type; dict is invariant).
+_MetricValue = int | float | list[int] | list[float]
+
+
+def _metrics_dict(report: TrainReport | EvalReport) -> dict[str, _MetricValue]:
+    out: dict[str, _MetricValue] = {k: float(v) for k, v in report.extra.items()}
     if report.num_examples is not None:
         out[NUM_EXAMPLES] = int(report.num_examples)
     if report.partition_id is not None:
@@ -181,7 +185,7 @@ def encode_train_report(report: TrainReport) -> RecordDict:
 def encode_refusal(refusal: Refusal) -> RecordDict:
     """A client's refusal to train (code, reason) as the RecordDict of its reply."""
     # num-examples 0: Flower's own aggregation helpers expect the key in every metrics record.
-    metrics: dict[str, int | float] = {NUM_EXAMPLES: 0}
+    metrics: dict[str, _MetricValue] = {NUM_EXAMPLES: 0}
     if refusal.partition_id is not None:
         metrics[PARTITION_ID] = int(refusal.partition_id)
     return RecordDict({REFUSAL: ConfigRecord({"code": refusal.code, "reason": refusal.reason}),
