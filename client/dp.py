@@ -73,6 +73,10 @@ class SecureNoise:
     noise_rng: SecureRandom
     noise_steps: int
     noise_ahead: NoiseAhead | None
+    # Opacus' DPOptimizer's, which the class this mixes into provides (annotations only)
+    noise_multiplier: float
+    max_grad_norm: float
+    params: list[torch.nn.Parameter]
 
     def add_noise(self) -> None:
         """Add the calibrated Gaussian noise to the summed gradients, drawn from ``noise_rng``."""

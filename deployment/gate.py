@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 from fedshield.deployment.artifacts import EXPORT_JSON, hash_mismatches
 from fedshield.deployment.policy import POLICY_TAG, GatePolicy, strictest
@@ -153,8 +154,8 @@ def applied_policy(stored: GatePolicy | None, explicit: GatePolicy | None,
         raise ConfigError(f"version {version} has no stored gate policy (registered before "
                           f"policies were stored); pass --config CONFIG whose [deployment] table "
                           f"is the policy")
-    if stored is None:
-        return explicit, "config"
+    if stored is None:  # then explicit is not None (checked above)
+        return cast(GatePolicy, explicit), "config"
     if explicit is None:
         return stored, "stored"
     return strictest(stored, explicit), "stored+config"

@@ -96,7 +96,8 @@ class TrainReport:
         dp = None
         if any(k in m for k in DP_KEYS if k != STEPS):
             values = {attr: m.pop(key) for key, attr in DP_KEYS.items()}
-            dp = DPEvent(**{**values, "steps": int(values["steps"])})
+            # steps is int()-converted here; the other four are floats as DPEvent declares
+            dp = DPEvent(**{**values, "steps": int(values["steps"])})  # type: ignore[arg-type]
 
         def opt(key: str, kind=float):
             value = m.pop(key, None)
