@@ -16,21 +16,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedshield.simulations.runner import simulate  # noqa: E402
+from fedshield.simulations.runner import simulate
 
-from fedshield import validation  # noqa: E402
+from fedshield import validation
 
 
 def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
+    """Run each config once with the overrides; one result row per config (also written to
+    ``out``)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in configs:
-        cfg = validation.load(path, overrides + [f"output_dir={str(out / 'runs')!r}".replace("'", '"')])
+        cfg = validation.load(path,
+                              overrides + [f"output_dir={str(out / 'runs')!r}".replace("'", '"')])
         started = time.perf_counter()
         summary = simulate(cfg)
         rows.append({"config": path, "overrides": overrides, "task": cfg.task.name,
                      "partition": f"{cfg.partition.kind}"
-                                  + (f"({cfg.partition.alpha})" if cfg.partition.kind == "dirichlet" else ""),
+                                  + (f"({cfg.partition.alpha})"
+                                     if cfg.partition.kind == "dirichlet" else ""),
                      "clients": cfg.federation.num_clients, "rounds": summary.rounds_completed,
                      "rule": cfg.aggregation.rule, "attack": cfg.attack.name,
                      "final_accuracy": summary.final_accuracy,
@@ -39,7 +43,8 @@ def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
                      "wall_seconds": round(time.perf_counter() - started, 1),
                      "run_dir": summary.run_dir})
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    header = "| config | task | partition | clients | rounds | rule | attack | final acc | best acc | eps max | wall s |"
+    header = ("| config | task | partition | clients | rounds | rule | attack | final acc "
+              "| best acc | eps max | wall s |")
     lines = [header, "|" + "---|" * 11]
     for r in rows:
         eps = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"
@@ -52,7 +57,8 @@ def run(configs: list[str], overrides: list[str], out: Path) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default="runs/bench-accuracy")

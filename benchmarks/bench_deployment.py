@@ -51,6 +51,8 @@ def serialized_model_bytes(task_name: str) -> int:
 
 
 def overrides(task: str, n: int, rounds: int, out: Path) -> dict:
+    """The benchmark's config table: plain FedAvg on ``task`` with ``n`` clients, runs under
+    ``out``."""
     # Plain FedAvg without DP (stated: the defaults are configs/default.toml's DP MNIST run).
     return {"name": f"bench-{n}", "task": {"name": task, "model": ""},
             "federation": {"num_clients": n, "min_clients": n, "rounds": rounds,
@@ -63,6 +65,7 @@ def overrides(task: str, n: int, rounds: int, out: Path) -> dict:
 
 
 def run_config_string(task: str, n: int, rounds: int, out: Path) -> str:
+    """The benchmark config as Flower run-config overrides (``flwr run --run-config``)."""
     return configio.to_run_config_overrides(validation.from_dict(overrides(task, n, rounds, out)))
 
 
@@ -90,6 +93,7 @@ def summarise(lines: list[MetricsLine], n: int, rounds: int, wall: float,
 
 
 def bench_inprocess(task: str, n: int, rounds: int, work: Path) -> dict:
+    """Time the in-process simulation of the benchmark config; its summary row."""
     from fedshield.simulations.runner import simulate
 
     out = work / f"inprocess-{n}"
@@ -139,7 +143,9 @@ def bench_flwr_sim(task: str, n: int, rounds: int, work: Path) -> dict:
 
 
 def bench_deployment(task: str, n: int, rounds: int, work: Path) -> dict:
-    kit = init_sites(work / f"kit-{n}", n, port=free_port(), node_ports=[free_port() for _ in range(n)])
+    """Time the same run on a local SuperLink with ``n`` SuperNodes; its summary row."""
+    kit = init_sites(work / f"kit-{n}", n, port=free_port(),
+                     node_ports=[free_port() for _ in range(n)])
     out = work / f"deployment-{n}"
     with LocalFederation(kit.root) as fed:
         fed.start_superlink()
@@ -159,6 +165,7 @@ MODES = {"inprocess": bench_inprocess, "flwr-sim": bench_flwr_sim, "deployment":
 
 
 def main() -> None:
+    """Command line: run the chosen modes for each site count and write the result tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/bench-deployment")
     parser.add_argument("--task", default="digits")

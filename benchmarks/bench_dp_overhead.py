@@ -54,19 +54,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedshield.client.dp import pick_grad_sample_mode, train_private  # noqa: E402
-from fedshield.privacy.ledger import Ledger  # noqa: E402
-from fedshield.privacy.planner import sample_rate  # noqa: E402
-from fedshield.privacy.randomness import (  # noqa: E402
+from fedshield.client.dp import pick_grad_sample_mode, train_private
+from fedshield.privacy.ledger import Ledger
+from fedshield.privacy.planner import sample_rate
+from fedshield.privacy.randomness import (
     BLOCK_VALUES,
     DEFAULT_CIPHER,
     NOISE_SUMMANDS,
     ReproducibleNoiseWarning,
     SecureRandom,
 )
-from fedshield.tasks import Split, get_task  # noqa: E402
+from fedshield.tasks import Split, get_task
 
-from fedshield.schema import PrivacyConfig, TrainConfig  # noqa: E402
+from fedshield.schema import PrivacyConfig, TrainConfig
 
 MODES = ("bk", "ghost", "hooks", "functorch", "ew")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -107,8 +107,8 @@ def load_examples(task, examples: int) -> Split:
     feature cache when an earlier run made it (tasks/scattering.py, memory-mapped), else are
     computed for just those (the full 60,000-image cache takes minutes on a small machine)."""
     if task.name == "mnist-scattering":
-        from fedshield.tasks.images import load_mnist  # noqa: PLC0415
-        from fedshield.tasks.scattering import J, L, cache_dir  # noqa: PLC0415
+        from fedshield.tasks.images import load_mnist
+        from fedshield.tasks.scattering import J, L, cache_dir
 
         train = load_mnist()[0]
         # the name cached_scatter gives the full training set's features
@@ -199,7 +199,7 @@ def bench_task(name: str, data: Split, cfg: TrainConfig, modes: tuple[str, ...],
                     steps[mode] = out["metrics"]["steps"]
                     if rep > 0:
                         step_min[mode].append(out["metrics"]["step_seconds_min"])
-                except Exception as exc:  # a mode Opacus cannot run is reported, not fatal
+                except Exception as exc:  # noqa: BLE001 — a mode Opacus cannot run is reported
                     errors[mode] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                     continue
             if rep > 0:

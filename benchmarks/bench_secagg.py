@@ -18,13 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedshield.simulations.runner import simulate  # noqa: E402
+from fedshield.simulations.runner import simulate
 
-from fedshield import validation  # noqa: E402
-from fedshield.run_records import read_metrics  # noqa: E402
+from fedshield import validation
+from fedshield.run_records import read_metrics
 
 
 def run(config: str, overrides: list[str], repeats: int, out: Path) -> list[dict]:
+    """Run the config with and without SecAgg+, ``repeats`` times each; one row per run."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for rep in range(repeats):
@@ -46,6 +47,7 @@ def run(config: str, overrides: list[str], repeats: int, out: Path) -> list[dict
 
 
 def main() -> None:
+    """Command line: run the SecAgg+ overhead benchmark and write its table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", default="configs/secagg-digits.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[])

@@ -45,7 +45,8 @@ ATTACKS = ["none", "label_flip", "sign_flip", "gaussian", "scaling", "alie", "ip
 
 
 def jobs(suites: list[str]) -> list[tuple[str, str, list[str]]]:
-    out = []
+    """The (name, config, --set overrides) jobs of the chosen suites."""
+    out: list[tuple[str, str, list[str]]] = []
     if "fedavg" in suites:
         out.append(("fedavg", "configs/bench-mnist-fedavg.toml", []))
     if "dp" in suites:
@@ -65,6 +66,7 @@ def jobs(suites: list[str]) -> list[tuple[str, str, list[str]]]:
 
 
 def run_job(job, out: Path, threads: int) -> dict:
+    """Run one job as a ``fedshield simulate`` subprocess; its result row (rc and wall time too)."""
     name, config, sets = job
     args = [sys.executable, "-m", "fedshield.cli", "simulate", config, "--json",
             "--set", f'output_dir="{out / "runs"}"', "--set", f'name="{name}"',
@@ -93,22 +95,27 @@ def run_job(job, out: Path, threads: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| job | final acc | best acc | eps max | rounds | rejected | quarantined | backdoor | wall s |",
+    """The result rows as a Markdown table (failed jobs marked)."""
+    lines = ["| job | final acc | best acc | eps max | rounds | rejected | quarantined | backdoor "
+             "| wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["rc"] != 0:
-            lines.append(f"| {r['job']} | FAILED (rc {r['rc']}) | | | | | | | {r['wall_seconds']} |")
+            lines.append(f"| {r['job']} | FAILED (rc {r['rc']}) | | | | | | | {r['wall_seconds']} "
+                         "|")
             continue
         eps = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.2f}"
         bd = (r.get("attack_report") or {}).get("backdoor_success")
-        lines.append(f"| {r['job']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {eps} | "
-                     f"{r['rounds']} | {r['rejected']} | {len(r['quarantined'])} | "
+        lines.append(f"| {r['job']} | {r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {eps} "
+                     f"| {r['rounds']} | {r['rejected']} | {len(r['quarantined'])} | "
                      f"{'-' if bd is None else f'{bd:.3f}'} | {r['wall_seconds']} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    """Command line: run the chosen suites' jobs and write the rows and the table."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("suites", nargs="+", choices=["fedavg", "dp", "robustness"])
     parser.add_argument("--workers", type=int, default=1, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run")

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import cast
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -131,7 +132,10 @@ def single_channel_conv_grad_sample(layer: nn.Conv2d, activations: torch.Tensor,
     a correlation of the padded image with its own output gradients, used as kernels dilated by
     the layer's stride (the batch as groups). Nothing is unfolded.
     """
-    n, (kh, kw), (ph, pw) = len(activations), layer.kernel_size, layer.padding
+    # a numeric padding: nn.Conv2d keeps pairs of ints (a 'same'/'valid' string never gets here)
+    kh, kw = layer.kernel_size
+    ph, pw = cast(tuple[int, int], layer.padding)
+    n = len(activations)
     x = activations.to(backprops.dtype)
     if ph or pw:
         x = nn.functional.pad(x, (pw, pw, ph, ph))
@@ -245,17 +249,17 @@ class BookKeepingClipper:
         per_sample = {layer: self._per_sample(layer) for layer in self.saved}
         sq_norms = torch.zeros(len(x), device=x.device, dtype=torch.float32)
         for kind, values in per_sample.values():
-            if kind == "sq_norm":
-                sq_norms += values
+            if kind == "sq_norm":  # _per_sample: "sq_norm" comes with a tensor, "grad" a dict
+                sq_norms += cast(torch.Tensor, values)
             else:
-                for v in values.values():
+                for v in cast(dict, values).values():
                     sq_norms += v.flatten(1).float().square().sum(1)
         # Opacus' factor (DPOptimizer.clip_and_accumulate): min(1, C / (||g_i|| + 1e-6))
         coef = (self.max_grad_norm / (sq_norms.sqrt() + 1e-6)).clamp(max=1.0)
         for layer, (kind, values) in per_sample.items():
-            grads = (self._linear_clipped_sum(layer, coef) if kind == "sq_norm" else
-                     {p: torch.einsum("n,n...->...", coef.to(g.dtype), g)
-                      for p, g in values.items()})
+            grads = (self._linear_clipped_sum(cast(nn.Linear, layer), coef) if kind == "sq_norm"
+                     else {p: torch.einsum("n,n...->...", coef.to(g.dtype), g)
+                           for p, g in cast(dict, values).items()})
             for p, g in grads.items():
                 p.grad = g
         self.saved.clear()
@@ -268,9 +272,10 @@ class BookKeepingClipper:
         if type(layer) is nn.Linear:
             return "sq_norm", linear_sq_norms(layer, activations[0], backprops)
         if grouped_conv_is_faster(layer, backprops):
-            return "grad", conv2d_grad_sample(layer, activations[0], backprops)
+            return "grad", conv2d_grad_sample(cast(nn.Conv2d, layer), activations[0], backprops)
         if correlation_is_faster(layer, backprops):
-            return "grad", single_channel_conv_grad_sample(layer, activations[0], backprops)
+            return "grad", single_channel_conv_grad_sample(cast(nn.Conv2d, layer), activations[0],
+                                                           backprops)
         return "grad", GRAD_SAMPLERS[type(layer)](layer, activations, backprops)
 
     def _linear_clipped_sum(self, layer: nn.Linear, coef: torch.Tensor) -> dict:

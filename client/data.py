@@ -18,7 +18,7 @@ def load_client_data(context: Context, cfg: Config) -> tuple[Task, Split, Split]
     task = task_for(cfg.task)
     node = context.node_config
     if "data-path" in node:  # a partner site's own data
-        from fedshield.tasks.local import load_local  # noqa: PLC0415 (only partner sites need it)
+        from fedshield.tasks.local import load_local  # only partner sites need it
 
         data = load_local(str(node["data-path"]), task)
         key = int(node.get("partition-id", 0))

@@ -1,9 +1,9 @@
 """One round of local DP-SGD with Opacus, accounted in the client's persistent ledger.
 
-Each round builds a fresh ``PrivacyEngine``; its accountant records exactly the events of this round,
-which are appended to the client's ledger. The cumulative epsilon is recomputed from the ledger's
-whole history (every round, every run), so it is right although no engine outlives a round. The
-ledger is checked before training (refuse rather than overspend) and written after it.
+Each round builds a fresh ``PrivacyEngine``; its accountant records exactly the events of this
+round, which are appended to the client's ledger. The cumulative epsilon is recomputed from the
+ledger's whole history (every round, every run), so it is right although no engine outlives a round.
+The ledger is checked before training (refuse rather than overspend) and written after it.
 
 DP-SGD noise and the Poisson sampling masks come from two secret streams made fresh each round
 (privacy/randomness.py), never from the seed, which the server knows: Opacus' optimizer and sampler
@@ -59,8 +59,9 @@ def pick_grad_sample_mode(model: nn.Module) -> str:
 
     "bk" (client/bookkeeping.py: one backward pass, Opacus' per-layer rules and ghost norms for
     Linear) whenever Opacus has a rule for every trainable layer; otherwise "hooks" (which falls
-    back to functorch for just the unknown layers). Measured on CPU (benchmarks/bench_dp_overhead.py)
-    bk beats Opacus' ghost clipping (two backward passes) and hooks on MnistCNN and the MLPs.
+    back to functorch for just the unknown layers). Measured on CPU
+    (benchmarks/bench_dp_overhead.py) bk beats Opacus' ghost clipping (two backward passes) and
+    hooks on MnistCNN and the MLPs.
     """
     return "bk" if supports_bookkeeping(model) else "hooks"
 
@@ -72,8 +73,13 @@ class SecureNoise:
     noise_rng: SecureRandom
     noise_steps: int
     noise_ahead: NoiseAhead | None
+    # Opacus' DPOptimizer's, which the class this mixes into provides (annotations only)
+    noise_multiplier: float
+    max_grad_norm: float
+    params: list[torch.nn.Parameter]
 
     def add_noise(self) -> None:
+        """Add the calibrated Gaussian noise to the summed gradients, drawn from ``noise_rng``."""
         # as DPOptimizer(FastGradientClipping).add_noise in Opacus 1.6 (adaptive clipping's
         # multiplier included), with one draw for all parameters (and steps: NoiseAhead)
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
@@ -181,7 +187,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     # one bit "n >= 1/delta", never n itself (docs/privacy.md, known limits).
     check_delta(privacy_cfg.delta, len(data), private_count=True)
     rate = sample_rate(n, train_cfg.batch_size)
-    planned_steps = steps_per_round(n, train_cfg.batch_size, train_cfg.local_epochs, train_cfg.max_steps)
+    planned_steps = steps_per_round(n, train_cfg.batch_size, train_cfg.local_epochs,
+                                    train_cfg.max_steps)
     noise = resolve_noise(privacy_cfg, rate, total_rounds * planned_steps, extra_events)
     history = ledger.events()
     # A second release of (run, round) is a new ledger event when its noise is fresh (OS CSPRNG);
@@ -213,7 +220,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
         # Opacus' warning is about its own seeded RNG: replaced below, or opted into and warned
         # about in our words (warn_reproducible_noise).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="GDP accounting is experimental")  # said in the docs
+        # said in the docs
+        warnings.filterwarnings("ignore", message="GDP accounting is experimental")
         engine = PrivacyEngine(accountant=privacy_cfg.accountant)
         private = engine.make_private(
             module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
@@ -232,8 +240,9 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     # the same formula on the planning count keeps the released scale private.
     dp_optimizer.expected_batch_size = int(n * rate)
     if dp_loader.sample_rate != rate or len(dp_loader) * train_cfg.local_epochs < planned_steps:
-        raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate} for {len(dp_loader)} steps an epoch; "
-                           f"the planner assumed {rate} for {planned_steps} steps a round")
+        raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate} for {len(dp_loader)} steps "
+                           f"an epoch; the planner assumed {rate} for {planned_steps} steps a "
+                           "round")
 
     clipper = None
     if mode == "bk":
@@ -267,7 +276,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
                 steps += 1
                 step_seconds.append(time.perf_counter() - last)
                 last = time.perf_counter()
-                if len(yb):  # Poisson batches can be empty (their loss is NaN; the step is still noise)
+                # Poisson batches can be empty (their loss is NaN; the step is still noise)
+                if len(yb):
                     loss_sum += float(loss.item()) * len(yb)
                     seen += len(yb)
         finally:
@@ -278,7 +288,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
     train_seconds = time.perf_counter() - started
     events = list(engine.accountant.history)  # what Opacus accounted: [(noise, rate, steps)]
     if compact(events) != [(noise, rate, steps)]:
-        raise RuntimeError(f"Opacus accounted {events}, training took {steps} steps at {noise}, {rate}")
+        raise RuntimeError(f"Opacus accounted {events}, training took {steps} steps at {noise}, "
+                           f"{rate}")
     # Raises (the update is then never sent) rather than release anything unrecorded.
     ledger.record(events, round=server_round, run_id=run_id, repeat_ok=repeat_ok)
     # Unless another writer or an earlier record of this round intervened, the cumulative epsilon is

@@ -49,7 +49,7 @@ def client_ledger(cfg: schema.Config, context: Context, run_key: str, server_rou
     coordinator picks: the cap applies to the total over every federation of the site. Raises
     LedgerMissing for round > 1 of a run the ledger holds nothing of, where every client trains
     every round (the ledger was lost)."""
-    from fedshield.privacy.ledger import Ledger  # noqa: PLC0415
+    from fedshield.privacy.ledger import Ledger
 
     node = context.node_config
     scope = cfg.privacy.ledger_scope
@@ -70,8 +70,8 @@ def client_ledger(cfg: schema.Config, context: Context, run_key: str, server_rou
 def site_key(node_config) -> str:
     """What a site's budget belongs to: its site-id, else a fingerprint of its data path, else its
     partition (simulations). Set by the site in its node config, never by the coordinator."""
-    import hashlib  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
+    import hashlib
+    from pathlib import Path
 
     if "site-id" in node_config:
         return f"site:{node_config['site-id']}"
@@ -91,7 +91,7 @@ def privacy_cap(cfg: schema.Config, node_config) -> float:
 
 def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context, rc: dict,
                    seed: int, num_classes: int) -> dict[str, float]:
-    from fedshield.client.dp import train_private  # noqa: PLC0415 (Opacus only when DP is on)
+    from fedshield.client.dp import train_private  # Opacus only when DP is on
 
     run_key = str(rc.get("run-key", context.run_id))
     server_round = int(rc.get("server-round", 0))
@@ -131,7 +131,8 @@ def fit_locally(context: Context, cfg: schema.Config, load_data: DataLoader,
     """
     started = time.perf_counter()
     task, data, _ = checked_data(context, cfg, load_data)
-    train_cfg = configio.section(schema.TrainConfig, configio.unflatten(rc).get("train", {}), "train.")
+    train_cfg = configio.section(schema.TrainConfig, configio.unflatten(rc).get("train", {}),
+                                 "train.")
     train_cfg = replace(train_cfg, lr=train_cfg.lr_at(int(rc.get("server-round", 1)),
                                                       int(rc.get("num-rounds", 1))))
     model = task.build_model()

@@ -43,6 +43,7 @@ IMAGES_IN_PICTURE = 6
 
 @dataclass
 class ModelCard:
+    """A written model card: its content and the JSON and Markdown files holding it."""
     data: dict
     json_path: Path
     md_path: Path
@@ -53,7 +54,8 @@ def read_run(run_dir: str | Path) -> tuple[RunSummary, dict, list[MetricsLine]]:
     summary or metrics are torn or edited)."""
     run = Path(run_dir)
     summary = read_summary(run)
-    config = tomllib.loads((run / "config.toml").read_text()) if (run / "config.toml").is_file() else {}
+    config_file = run / "config.toml"
+    config = tomllib.loads(config_file.read_text()) if config_file.is_file() else {}
     return summary, config, read_metrics(run)
 
 
@@ -102,7 +104,8 @@ def _noise_text(privacy: dict) -> str:
 
 def _versions(run_versions: dict) -> dict:
     mine = {}
-    for pkg in ("torch", "onnx", "onnxruntime", "captum", "mlflow-skinny", "flwr", "opacus", "fedshield"):
+    for pkg in ("torch", "onnx", "onnxruntime", "captum", "mlflow-skinny", "flwr", "opacus",
+                "fedshield"):
         try:
             mine[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -123,11 +126,14 @@ def _explanations(task: Task, export: ExportResult, test: Split, out: Path, exam
     model = build_loaded_model(task, load_weights(out / SAFETENSORS))
     base = {"method": "Integrated Gradients (Captum)", "steps": 32}
     if task.is_image:
-        picked = np.concatenate([np.flatnonzero(test.y == c)[:1] for c in np.unique(test.y)])[:IMAGES_IN_PICTURE]
+        picked = np.concatenate([np.flatnonzero(test.y == c)[:1]
+                                 for c in np.unique(test.y)])[:IMAGES_IN_PICTURE]
         attribution_picture(model, test.x[picked], test.y[picked], out / ATTRIBUTION_PNG)
-        return base | {"baseline": "black image", "picture": ATTRIBUTION_PNG, "examples": int(len(picked))}
+        return base | {"baseline": "black image", "picture": ATTRIBUTION_PNG,
+                       "examples": int(len(picked))}
     ranked = feature_importance(model, test.x[:examples], task.feature_names)
-    return base | {"baseline": "zeros (standardised mean / blank pixel)", "examples": int(min(examples, len(test))),
+    return base | {"baseline": "zeros (standardised mean / blank pixel)",
+                   "examples": int(min(examples, len(test))),
                    "statistic": "mean |attribution| per feature on test examples",
                    "num_features": len(ranked), "feature_importance": ranked[:TOP_FEATURES]}
 
@@ -178,7 +184,7 @@ def audit_section(run_dir: str | Path, config: dict) -> dict:
 def refresh_audit(run_dir: str | Path) -> Path | None:
     """Re-read the run's audit record into the card its hand-off already wrote (``export/``),
     JSON and Markdown; None when the run has no card yet (its hand-off will read the record)."""
-    from fedshield.deployment.handoff import EXPORT_DIR  # noqa: PLC0415 (handoff imports this module)
+    from fedshield.deployment.handoff import EXPORT_DIR  # handoff imports this module
 
     run = Path(run_dir)
     json_path = run / EXPORT_DIR / CARD_JSON
@@ -207,7 +213,8 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
         "name": summary.name or Path(run_dir).name,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_dir": str(Path(run_dir).resolve()),
-        "task": {"name": task.name, "num_classes": task.num_classes, "preprocessing": task.preprocessing},
+        "task": {"name": task.name, "num_classes": task.num_classes,
+                 "preprocessing": task.preprocessing},
         "data_schema": {
             "input": {"dtype": "float32", "shape": ["batch", *task.input_shape],
                       "kind": "image" if task.is_image else "tabular",
@@ -230,7 +237,8 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
                     "per_round": [m.to_dict() for m in rounds],
                     "test_onnx_accuracy": export.parity["onnx_accuracy"],
                     "test_int8_accuracy": export.int8["accuracy"] if export.int8 else None},
-        "artifacts": {"sha256": export.sha256, "sizes": export.sizes, "parity": export.parity, "int8": export.int8},
+        "artifacts": {"sha256": export.sha256, "sizes": export.sizes, "parity": export.parity,
+                      "int8": export.int8},
         "explanations": _explanations(task, export, test, out, explain_examples),
         "drift_reference": reference_source,
         "config": config,
@@ -303,6 +311,7 @@ def audit_markdown(section: dict | None, privacy: dict) -> list[str]:
 
 
 def render_markdown(card: dict) -> str:
+    """The model card as Markdown (a privacy warning first when there is one)."""
     p, t, m, a = card["privacy"], card["training"], card["metrics"], card["artifacts"]
     attack, schema_in = card["attack"], card["data_schema"]["input"]
     warning = card.get("privacy_warning")
@@ -312,19 +321,23 @@ def render_markdown(card: dict) -> str:
     lines += [f"Created {card['created_at']} from `{card['run_dir']}`.", "",
               "## Task and data schema", "",
               f"- Task: **{card['task']['name']}**, {card['task']['num_classes']} classes",
-              f"- Input: float32, shape {card['data_schema']['input']['shape']} ({card['data_schema']['input']['kind']})",
+              f"- Input: float32, shape {card['data_schema']['input']['shape']} "
+              f"({card['data_schema']['input']['kind']})",
               f"- Preprocessing: {card['task']['preprocessing']}",
               f"- Input range in evaluation: {_range_text(schema_in.get('range'))}",
               f"- Features: {len(card['data_schema']['feature_names']) or 'pixels'}", "",
               "## Training", "",
-              f"- Rounds: {t['rounds']}, clients: {t['num_clients']}, strategy: {t['strategy']}, seed: {t['seed']}",
+              f"- Rounds: {t['rounds']}, clients: {t['num_clients']}, strategy: {t['strategy']}, "
+              f"seed: {t['seed']}",
               f"- Defenses: `{json.dumps(t['defenses'])}`",
               f"- Attack simulated: {attack['name'] if attack['simulated'] else 'none'}", "",
               "## Privacy", ""]
     if p.get("enabled"):
-        lines += [f"- Sample-level DP-SGD (Opacus), accountant **{p.get('accountant')}**, delta {_fmt(p.get('delta'))}",
+        lines += [f"- Sample-level DP-SGD (Opacus), accountant **{p.get('accountant')}**, delta "
+                  f"{_fmt(p.get('delta'))}",
                   f"- {_noise_text(p)}, clip norm {_fmt(p.get('max_grad_norm'))}",
-                  f"- Per-client epsilon: max **{_fmt(p.get('epsilon_max'))}**, mean {_fmt(p.get('epsilon_mean'))}"]
+                  f"- Per-client epsilon: max **{_fmt(p.get('epsilon_max'))}**, mean "
+                  f"{_fmt(p.get('epsilon_mean'))}"]
         if warning:
             lines.append("- **Reproducible noise: this epsilon is NOT valid against the server.**")
     else:
@@ -333,23 +346,29 @@ def render_markdown(card: dict) -> str:
     lines += audit_markdown(card.get("privacy_audit"), p)
     lines += ["## Metrics", "",
               f"- Final: {m['final']}; best: {m['best']}",
-              f"- Test accuracy (ONNX, served): {_fmt(m['test_onnx_accuracy'])}; int8: {_fmt(m['test_int8_accuracy'])}", "",
-              "| round | accuracy | loss | epsilon max | rejected | quarantined |", "|---|---|---|---|---|---|"]
+              f"- Test accuracy (ONNX, served): {_fmt(m['test_onnx_accuracy'])}; int8: "
+              f"{_fmt(m['test_int8_accuracy'])}", "",
+              "| round | accuracy | loss | epsilon max | rejected | quarantined |",
+              "|---|---|---|---|---|---|"]
     for r in m["per_round"]:
         lines.append(f"| {r.get('round')} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('loss'))} | "
-                     f"{_fmt(r.get('epsilon_max'))} | {r.get('rejected', '-')} | {r.get('quarantined', '-')} |")
+                     f"{_fmt(r.get('epsilon_max'))} | {r.get('rejected', '-')} | "
+                     f"{r.get('quarantined', '-')} |")
     e = card["explanations"]
-    lines += ["", "## Explanations", "", f"{e['method']}, baseline: {e['baseline']}, {e['examples']} test examples.", ""]
+    lines += ["", "## Explanations", "",
+              f"{e['method']}, baseline: {e['baseline']}, {e['examples']} test examples.", ""]
     if "picture" in e:
         lines.append(f"![Integrated Gradients attributions]({e['picture']})")
     else:
-        lines += [f"Top {len(e['feature_importance'])} of {e['num_features']} features ({e['statistic']}):", "",
+        lines += [f"Top {len(e['feature_importance'])} of {e['num_features']} features "
+                  f"({e['statistic']}):", "",
                   "| feature | importance |", "|---|---|"]
         lines += [f"| {f['feature']} | {f['importance']:.4g} |" for f in e["feature_importance"]]
     lines += ["", "## Artifacts", "", "| file | bytes | sha256 |", "|---|---|---|"]
     lines += [f"| {n} | {a['sizes'][n]} | `{h}` |" for n, h in a["sha256"].items()]
     lines += ["", f"ONNX parity on {a['parity']['examples']} test inputs: max |logit diff| "
-              f"{a['parity']['max_abs_diff']:.3g}, argmax agreement {a['parity']['argmax_agreement']:.4f}.",
+              f"{a['parity']['max_abs_diff']:.3g}, argmax agreement "
+              f"{a['parity']['argmax_agreement']:.4f}.",
               f"Drift reference: {card.get('drift_reference') or 'none'}.", "",
               "## Versions", "", f"`{json.dumps(card['versions'])}`", ""]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
 
 
 def export_model(task: Task, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
-                 metadata: dict[str, str] | None = None, quantize: bool = True,
+                 metadata: Mapping[str, object] | None = None, quantize: bool = True,
                  test: Split | None = None) -> ExportResult:
     """Write safetensors, ONNX and (optionally) int8 ONNX to ``out_dir`` and measure them.
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 from fedshield.deployment.artifacts import EXPORT_JSON, hash_mismatches
 from fedshield.deployment.policy import POLICY_TAG, GatePolicy, strictest
@@ -48,6 +49,7 @@ RUN_INPUTS = (SUMMARY_FILE,)
 
 @dataclass
 class GateDecision:
+    """The promotion gate's verdict: every check, why it failed, the policy applied."""
     passed: bool
     reasons: list[str]      # why it failed (empty when it passed)
     checks: list[dict]      # every check: name, passed, detail
@@ -56,6 +58,7 @@ class GateDecision:
     policy_source: str = ""                       # stored / stored+config / config
 
     def to_dict(self) -> dict:
+        """The decision as a JSON-ready dict."""
         return asdict(self)
 
 
@@ -97,7 +100,8 @@ def decide(summary: RunSummary | Mapping | None, export: dict, policy,
     if policy.max_epsilon > 0:
         eps = privacy.sample_level_epsilon
         if eps is None:
-            checks.append(_check("epsilon", False, f"no sample-level DP guarantee (privacy disabled) but "
+            checks.append(_check("epsilon", False,
+                                 f"no sample-level DP guarantee (privacy disabled) but "
                                  f"deployment.max_epsilon = {policy.max_epsilon}"))
         else:
             checks.append(_check("epsilon", eps <= policy.max_epsilon,
@@ -105,14 +109,16 @@ def decide(summary: RunSummary | Mapping | None, export: dict, policy,
     drop = summary.robustness.accuracy_drop if summary.robustness else None
     if policy.max_accuracy_drop > 0 and drop is not None:
         checks.append(_check("robustness", drop <= policy.max_accuracy_drop,
-                             f"accuracy drop under attack {drop:.4f} vs limit {policy.max_accuracy_drop:.4f}"))
+                             f"accuracy drop under attack {drop:.4f} vs limit "
+                             f"{policy.max_accuracy_drop:.4f}"))
     diff = _number(parity.get("max_abs_diff"))
     checks.append(_check("parity", diff is not None and diff <= policy.parity_tolerance,
                          f"max |torch - onnxruntime| logit difference {diff:.2e} vs tolerance "
                          f"{policy.parity_tolerance:.1e}" if diff is not None
                          else "export.json records no ONNX parity"))
     checks.append(_check("integrity", not hash_problems,
-                         "; ".join(hash_problems) or "every artifact's sha256 matches the registry"))
+                         "; ".join(hash_problems) or "every artifact's sha256 matches the "
+                                                     "registry"))
     reasons = [f"{c['name']}: {c['detail']}" for c in checks if not c["passed"]]
     return GateDecision(not reasons, reasons, checks, policy=asdict(policy))
 
@@ -148,8 +154,8 @@ def applied_policy(stored: GatePolicy | None, explicit: GatePolicy | None,
         raise ConfigError(f"version {version} has no stored gate policy (registered before "
                           f"policies were stored); pass --config CONFIG whose [deployment] table "
                           f"is the policy")
-    if stored is None:
-        return explicit, "config"
+    if stored is None:  # then explicit is not None (checked above)
+        return cast(GatePolicy, explicit), "config"
     if explicit is None:
         return stored, "stored"
     return strictest(stored, explicit), "stored+config"

@@ -37,6 +37,7 @@ EXPORT_DIR = "export"
 
 @dataclass
 class HandoffResult:
+    """What the hand-off of a finished run registered: version, gate verdict, card and export."""
     model_name: str
     version: str
     passed: bool
@@ -47,10 +48,12 @@ class HandoffResult:
     checks: list[dict]
 
     def to_dict(self) -> dict:
+        """The result as a JSON-ready dict."""
         return asdict(self)
 
 
 def model_name_for(cfg: Config) -> str:
+    """The registered model name: deployment.model_name, else ``fedshield-<task>``."""
     return cfg.deployment.model_name or f"fedshield-{cfg.task.name.replace(':', '-')}"
 
 
@@ -76,10 +79,11 @@ def drift_reference(run_dir: Path, cfg: Config, out_dir: Path,
 def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     """Export, document, register and gate the run's model; also writes ``run_dir/handoff.json``."""
     run = Path(run_dir)
-    weights = run / ("best.safetensors" if cfg.deployment.weights == "best" else "model.safetensors")
+    weights = run / ("best.safetensors" if cfg.deployment.weights == "best"
+                     else "model.safetensors")
     if not weights.is_file():
-        raise FedShieldError(f"{weights} does not exist; the run folder must hold the global weights "
-                             f"(deployment.weights = {cfg.deployment.weights!r})")
+        raise FedShieldError(f"{weights} does not exist; the run folder must hold the global "
+                             f"weights (deployment.weights = {cfg.deployment.weights!r})")
     summary = read_summary(run)
     refuse_failed_run(summary, run)  # before anything is exported or registered
     task = task_for(cfg.task)
@@ -93,7 +97,8 @@ def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     test = task.load()[1]
     if cfg.task.eval_examples:
         test = test.subset(np.arange(min(cfg.task.eval_examples, len(test))))
-    export = export_model(task, load_weights(weights), out, metadata, quantize=cfg.deployment.quantize, test=test)
+    export = export_model(task, load_weights(weights), out, metadata,
+                          quantize=cfg.deployment.quantize, test=test)
     reference = drift_reference(run, cfg, out, summary.data_quality)
     card = build_card(run, export, cfg.deployment.explain_examples, reference.source)
     name = model_name_for(cfg)
@@ -101,7 +106,8 @@ def handoff(run_dir: str | Path, cfg: Config) -> HandoffResult:
     version = register(run, export, card, cfg.deployment.registry_uri, name,
                        policy=GatePolicy.from_deployment(cfg.deployment))
     decision = promote(cfg.deployment.registry_uri, name, version)
-    result = HandoffResult(name, version, decision.passed, decision.reasons, str(out / CARD_MD), str(out),
+    result = HandoffResult(name, version, decision.passed, decision.reasons, str(out / CARD_MD),
+                           str(out),
                            f"models:/{name}/{version}", decision.checks)
     (run / "handoff.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result

@@ -25,6 +25,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -34,7 +35,8 @@ BANDS = 4
 
 
 def image_summary_features(x: np.ndarray) -> np.ndarray:
-    """``(n, C, H, W)`` images -> ``(n, 1 + 2 * BANDS)``: mean, row-band means, column-band means."""
+    """``(n, C, H, W)`` images -> ``(n, 1 + 2 * BANDS)``: mean, row-band means, column-band
+    means."""
     gray = x.reshape(len(x), *x.shape[-3:]).mean(1)
     rows = np.array_split(gray, BANDS, axis=1)
     cols = np.array_split(gray, BANDS, axis=2)
@@ -43,7 +45,9 @@ def image_summary_features(x: np.ndarray) -> np.ndarray:
 
 
 def image_summary_names() -> tuple[str, ...]:
-    return ("mean",) + tuple(f"row_band_{i}" for i in range(BANDS)) + tuple(f"col_band_{i}" for i in range(BANDS))
+    """Names of the summary features the drift monitor computes for images."""
+    return (("mean",) + tuple(f"row_band_{i}" for i in range(BANDS))
+            + tuple(f"col_band_{i}" for i in range(BANDS)))
 
 
 def monitored_features(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
@@ -88,11 +92,13 @@ class ClientHistograms:
 
 
 def histogram_sensitivity(num_features: int) -> float:
+    """L2 sensitivity of one client's feature and class counts together (replace-one)."""
     return float(np.sqrt(2.0 * (num_features + 1)))
 
 
 def client_histograms(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...], num_classes: int,
-                      edges: np.ndarray, sigma: float, rng: np.random.Generator) -> ClientHistograms:
+                      edges: np.ndarray, sigma: float,
+                      rng: np.random.Generator) -> ClientHistograms:
     """DP histograms of one client's data (Gaussian mechanism with noise multiplier ``sigma``)."""
     feats = monitored_features(x, input_shape)
     if feats.shape[1] != edges.shape[0]:
@@ -119,25 +125,30 @@ class Reference:
     noise_std: float = 0.0
 
     def to_json(self) -> str:
+        """The reference as JSON (infinite bin edges as "-inf"/"inf")."""
         data = dataclasses.asdict(self)
-        data["edges"] = [[("-inf" if e == -np.inf else "inf" if e == np.inf else float(e)) for e in row]
+        data["edges"] = [[("-inf" if e == -np.inf else "inf" if e == np.inf else float(e))
+                          for e in row]
                          for row in self.edges]
         data["probs"], data["class_priors"] = self.probs.tolist(), self.class_priors.tolist()
         return json.dumps(data)
 
     @classmethod
-    def from_json(cls, text: str) -> "Reference":
+    def from_json(cls, text: str) -> Reference:
+        """Read a reference written by ``to_json``."""
         d = json.loads(text)
         return cls(np.array([[float(e) for e in row] for row in d["edges"]]), np.array(d["probs"]),
                    np.array(d["class_priors"]), tuple(d["feature_names"]), tuple(d["input_shape"]),
                    d["source"], d.get("noise_std", 0.0))
 
     def save(self, path: str | Path) -> Path:
+        """Write the reference as JSON to ``path``; returns the path."""
         Path(path).write_text(self.to_json())
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Reference":
+    def load(cls, path: str | Path) -> Reference:
+        """Read a reference saved by ``save``."""
         return cls.from_json(Path(path).read_text())
 
 
@@ -149,13 +160,15 @@ def normalise(counts: np.ndarray) -> np.ndarray:
     return np.where(totals > 0, clipped / np.where(totals > 0, totals, 1.0), uniform)
 
 
-def merge_histograms(parts: list[ClientHistograms], edges: np.ndarray, feature_names: tuple[str, ...],
+def merge_histograms(parts: list[ClientHistograms], edges: np.ndarray,
+                     feature_names: tuple[str, ...],
                      input_shape: tuple[int, ...]) -> Reference:
     """SERVER side: sum the clients' noisy counts into a reference."""
     if not parts:
         raise ValueError("no client histograms to merge")
-    counts = sum(p.feature_counts for p in parts)
-    classes = sum(p.class_counts for p in parts)
+    # parts is not empty: the sums are arrays, never sum()'s start value 0
+    counts = cast(np.ndarray, sum(p.feature_counts for p in parts))
+    classes = cast(np.ndarray, sum(p.class_counts for p in parts))
     sigmas = sorted({p.sigma for p in parts})
     noise = float(np.sqrt(sum(p.noise_std ** 2 for p in parts)))
     return Reference(edges, normalise(counts), normalise(classes), feature_names, input_shape,
@@ -181,7 +194,8 @@ def with_client_class_priors(reference: Reference,
                f"({data_quality.clients} clients, noise std {data_quality.noise_std:.3g})")
 
 
-def reference_from_data(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...], num_classes: int,
+def reference_from_data(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...],
+                        num_classes: int,
                         feature_names: tuple[str, ...], bins: int, source: str) -> Reference:
     """A noise-free reference from data the server holds itself (its evaluation split)."""
     feats = monitored_features(x, input_shape)
@@ -192,6 +206,7 @@ def reference_from_data(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ..
 
 
 def names_for(input_shape: tuple[int, ...], feature_names: tuple[str, ...]) -> tuple[str, ...]:
+    """Monitored feature names: image summaries, else the given names or ``feature_<i>``."""
     if len(input_shape) == 3:
         return image_summary_names()
     return feature_names or tuple(f"feature_{i}" for i in range(int(np.prod(input_shape))))

@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from fedshield.deployment.artifacts import (  # noqa: E402
+from fedshield.deployment.artifacts import (
     EXPORT_JSON,
     IntegrityError,
     NotDeployable,
@@ -35,16 +35,16 @@ from fedshield.deployment.artifacts import (  # noqa: E402
     read_json,
     verify,
 )
-from fedshield.deployment.card import ModelCard, privacy_warning, read_run  # noqa: E402
-from fedshield.deployment.export import ExportResult  # noqa: E402
-from fedshield.deployment.policy import POLICY_TAG, GatePolicy  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
+from fedshield.deployment.card import ModelCard, privacy_warning, read_run
+from fedshield.deployment.export import ExportResult
+from fedshield.deployment.policy import POLICY_TAG, GatePolicy
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 
-from fedshield.configio import flatten  # noqa: E402
-from fedshield.errors import ConfigError, FedShieldError  # noqa: E402
-from fedshield.run_records import (  # noqa: E402
+from fedshield.configio import flatten
+from fedshield.errors import ConfigError, FedShieldError
+from fedshield.run_records import (
     METRICS_FILE,
     SUMMARY_FILE,
     MetricsLine,
@@ -145,7 +145,8 @@ def _experiment_id(client: MlflowClient, tracking_uri: str) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(EXPERIMENT, artifact_location=artifact_root(normalise_uri(tracking_uri)))
+    return client.create_experiment(EXPERIMENT,
+                                    artifact_location=artifact_root(normalise_uri(tracking_uri)))
 
 
 def _params(config: dict) -> list[Param]:
@@ -235,6 +236,7 @@ def register(run_dir: str | Path, export: ExportResult, card: ModelCard, trackin
 
 @dataclass
 class ResolvedModel:
+    """A registered version downloaded locally, with its recorded hashes and tags."""
     name: str
     version: str
     local_dir: Path
@@ -246,20 +248,23 @@ def parse_ref(model_ref: str) -> tuple[str, str | None, str | None]:
     """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, alias, version)."""
     match = MODEL_REF.match(model_ref)
     if not match:
-        raise ConfigError(f"model reference {model_ref!r} is not models:/NAME@ALIAS or models:/NAME/VERSION, "
-                          f"e.g. models:/fedshield-digits@champion")
+        raise ConfigError(f"model reference {model_ref!r} is not models:/NAME@ALIAS or "
+                          "models:/NAME/VERSION, e.g. models:/fedshield-digits@champion")
     return match["name"], match["alias"], match["version"]
 
 
-def get_version(client: MlflowClient, name: str, alias: str | None = None, version: str | None = None):
+def get_version(client: MlflowClient, name: str, alias: str | None = None,
+                version: str | None = None):
+    """The model version at ``alias`` or ``version`` (RegistryError if there is none)."""
     try:
         if alias:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
         what = f"alias @{alias}" if alias else f"version {version}"
-        raise RegistryError(f"model {name!r} has no {what} in the registry ({exc.message.splitlines()[0]}); "
-                            f"see `fedshield registry list`") from None
+        raise RegistryError(f"model {name!r} has no {what} in the registry "
+                            f"({exc.message.splitlines()[0]}); see `fedshield registry "
+                            "list`") from None
 
 
 def expected_hashes(tags: dict[str, str]) -> dict[str, str]:
@@ -301,19 +306,23 @@ def resolve(model_ref: str, tracking_uri: str, dst: str | Path | None = None) ->
 
 
 def list_versions(tracking_uri: str, model_name: str) -> list[dict]:
+    """Every version of ``model_name``, one row each: aliases, gate, accuracy, epsilon, warning."""
     client = client_for(tracking_uri, create=False)
     try:
         aliases = client.get_registered_model(model_name).aliases  # alias -> version
     except MlflowException:
-        raise RegistryError(f"no model named {model_name!r} in {tracking_uri}; run a federation with "
-                            f"deployment.handoff = true first, or pass --model-name") from None
+        raise RegistryError(f"no model named {model_name!r} in {tracking_uri}; run a federation "
+                            "with deployment.handoff = true first, or pass --model-name") from None
     rows = []
     for mv in client.search_model_versions(f"name='{model_name}'"):
         rows.append({"version": str(mv.version),
-                     "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)), "gate": mv.tags.get("gate", ""),
-                     "test_accuracy": mv.tags.get("test_accuracy"), "epsilon_max": mv.tags.get("epsilon_max"),
+                     "aliases": sorted(a for a, v in aliases.items() if str(v) == str(mv.version)),
+                     "gate": mv.tags.get("gate", ""),
+                     "test_accuracy": mv.tags.get("test_accuracy"),
+                     "epsilon_max": mv.tags.get("epsilon_max"),
                      "warning": mv.tags.get("privacy.warning", ""),
-                     "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mv.creation_timestamp / 1000)),
+                     "created": time.strftime("%Y-%m-%d %H:%M:%S",
+                                              time.gmtime(mv.creation_timestamp / 1000)),
                      "run_id": mv.run_id})
     return sorted(rows, key=lambda r: int(r["version"]))
 
@@ -324,5 +333,6 @@ def show(tracking_uri: str, model_name: str, version: str) -> dict:
     mv = get_version(client, model_name, version=version)
     with tempfile.TemporaryDirectory() as tmp:
         export = read_json(download(client, mv, tmp, tracking_uri) / EXPORT_JSON)
-    return {"name": model_name, "version": str(mv.version), "aliases": list(mv.aliases), "tags": dict(mv.tags),
+    return {"name": model_name, "version": str(mv.version), "aliases": list(mv.aliases),
+            "tags": dict(mv.tags),
             "source": mv.source, "run_id": mv.run_id, "export": export}

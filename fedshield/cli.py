@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -30,7 +29,7 @@ def fail(message: str) -> None:
 @app.command(epilog="Example: fedshield simulate configs/default.toml --set federation.rounds=3")
 def simulate(
     config: str = typer.Argument(..., help="TOML experiment config, e.g. configs/default.toml"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value (repeatable)"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override key=value (repeatable)"),
     json_out: bool = typer.Option(False, "--json", help="print the run summary as JSON"),
 ) -> None:
     """Run a federated simulation on this machine and write runs/<name>-<timestamp>/."""
@@ -66,8 +65,9 @@ ROBUST_RULES = "fedavg,median,trimmed_mean,krum,geomed,bucketing+cclip,nnm+cclip
 ALL_ATTACKS = "none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum,backdoor"
 
 
-@app.command(epilog="Example: fedshield robustness configs/bench-robustness.toml --rules fedavg,nnm+cclip "
-                    "--attacks none,alie,ipm --fractions 0.2 --partitions dirichlet-0.5")
+@app.command(epilog="Example: fedshield robustness configs/bench-robustness.toml --rules "
+                    "fedavg,nnm+cclip --attacks none,alie,ipm --fractions 0.2 --partitions "
+                    "dirichlet-0.5")
 def robustness(
     config: str = typer.Argument(..., help="base TOML config (task, clients, rounds, training)"),
     rules: str = typer.Option(ROBUST_RULES, help="comma-separated aggregation specs"),
@@ -75,7 +75,7 @@ def robustness(
     fractions: str = typer.Option("0.2", help="comma-separated Byzantine fractions"),
     partitions: str = typer.Option("iid,dirichlet-0.5,dirichlet-0.1",
                                    help="comma-separated: iid, shards, dirichlet-<alpha>"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value on the base"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override key=value on the base"),
     out: str = typer.Option("runs/robustness", help="folder for the table, heatmap and runs"),
 ) -> None:
     """Run the rule x attack x fraction x partition matrix; write CSV/Markdown, a heatmap and
@@ -108,7 +108,7 @@ def privacy_sweep(
     config: str = typer.Argument(..., help="base TOML config"),
     epsilons: str = typer.Option("1,3,8,inf", help="comma-separated target epsilons; inf = no DP"),
     seeds: str = typer.Option("0", help="comma-separated seeds"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value on the base"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override key=value on the base"),
     out: str = typer.Option("runs/privacy-sweep", help="folder for the table, plot and runs"),
     audit_canaries: int = typer.Option(
         0, help="also run the one-run canary audit with this many canaries at every point and "
@@ -143,14 +143,16 @@ bench_app = typer.Typer(no_args_is_help=True,
                         help="Benchmarks: print a table and write JSON/Markdown under runs/.")
 
 
-@bench_app.command("aggregators", epilog="Example: fedshield bench aggregators --ns 10,100 --ds 1000000")
+@bench_app.command("aggregators",
+                   epilog="Example: fedshield bench aggregators --ns 10,100 --ds 1000000")
 def bench_aggregators(
     ns: str = typer.Option("10,100,1000", help="comma-separated numbers of clients"),
     ds: str = typer.Option("100000,1000000", help="comma-separated update sizes (parameters)"),
     rules: str = typer.Option("", help="comma-separated aggregation specs, e.g. krum,nnm+cclip "
                                        "(default: every rule)"),
     repeats: int = typer.Option(3, min=1, help="best of this many timings (1 for inputs >= 1e8)"),
-    out: str = typer.Option("runs/bench-aggregators", help="folder for results.json and results.md"),
+    out: str = typer.Option("runs/bench-aggregators",
+                            help="folder for results.json and results.md"),
 ) -> None:
     """Time each aggregation rule against Flower 1.42's built-in strategy aggregation on the
     same updates, as a speed ratio per rule, n and d."""
@@ -190,6 +192,7 @@ _mount()
 
 
 def main() -> None:
+    """Entry point of the ``fedshield`` command (quiet MLflow/datasets defaults first)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     sys.exit(app())

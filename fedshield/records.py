@@ -90,13 +90,14 @@ class TrainReport:
 
     @classmethod
     def from_metrics(cls, arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float],
-                     histogram: Mapping[str, np.ndarray] | None = None) -> "TrainReport":
+                     histogram: Mapping[str, np.ndarray] | None = None) -> TrainReport:
         """From a client's kebab-case metrics dict: known keys become fields, the rest extra."""
         m = dict(metrics)
         dp = None
         if any(k in m for k in DP_KEYS if k != STEPS):
             values = {attr: m.pop(key) for key, attr in DP_KEYS.items()}
-            dp = DPEvent(**{**values, "steps": int(values["steps"])})
+            # steps is int()-converted here; the other four are floats as DPEvent declares
+            dp = DPEvent(**{**values, "steps": int(values["steps"])})  # type: ignore[arg-type]
 
         def opt(key: str, kind=float):
             value = m.pop(key, None)
@@ -149,8 +150,12 @@ class _Bad(Exception):
 
 
 # --- encoding (client side) -------------------------------------------------------------------
-def _metrics_dict(report: TrainReport | EvalReport) -> dict[str, int | float]:
-    out: dict[str, int | float] = {k: float(v) for k, v in report.extra.items()}
+# What a Flower MetricRecord holds (its constructor's value type; dict is invariant).
+_MetricValue = int | float | list[int] | list[float]
+
+
+def _metrics_dict(report: TrainReport | EvalReport) -> dict[str, _MetricValue]:
+    out: dict[str, _MetricValue] = {k: float(v) for k, v in report.extra.items()}
     if report.num_examples is not None:
         out[NUM_EXAMPLES] = int(report.num_examples)
     if report.partition_id is not None:
@@ -159,6 +164,7 @@ def _metrics_dict(report: TrainReport | EvalReport) -> dict[str, int | float]:
 
 
 def encode_train_report(report: TrainReport) -> RecordDict:
+    """A client's training report as the RecordDict of its Flower reply."""
     metrics = _metrics_dict(report)
     if report.dp is not None:
         for key, attr in DP_KEYS.items():
@@ -178,8 +184,9 @@ def encode_train_report(report: TrainReport) -> RecordDict:
 
 
 def encode_refusal(refusal: Refusal) -> RecordDict:
+    """A client's refusal to train (code, reason) as the RecordDict of its reply."""
     # num-examples 0: Flower's own aggregation helpers expect the key in every metrics record.
-    metrics: dict[str, int | float] = {NUM_EXAMPLES: 0}
+    metrics: dict[str, _MetricValue] = {NUM_EXAMPLES: 0}
     if refusal.partition_id is not None:
         metrics[PARTITION_ID] = int(refusal.partition_id)
     return RecordDict({REFUSAL: ConfigRecord({"code": refusal.code, "reason": refusal.reason}),
@@ -187,6 +194,7 @@ def encode_refusal(refusal: Refusal) -> RecordDict:
 
 
 def encode_eval_report(report: EvalReport) -> RecordDict:
+    """A client's evaluation report as the RecordDict of its Flower reply."""
     metrics = _metrics_dict(report)
     for key, value in ((ACCURACY, report.accuracy), (LOSS, report.loss)):
         if value is not None:
@@ -428,7 +436,8 @@ def decode_arrays(record, reference: Mapping[str, np.ndarray],
     for name, ref in reference.items():
         arr = npy_view(record[name], name, limits, expected_shape=ref.shape)
         if dtype_kind(arr.dtype) != dtype_kind(ref.dtype):
-            raise _Bad("dtype", f"{name} has dtype {arr.dtype}, expected {dtype_kind(ref.dtype)} like "
+            raise _Bad("dtype",
+                       f"{name} has dtype {arr.dtype}, expected {dtype_kind(ref.dtype)} like "
                        f"{ref.dtype}")
         _check_finite(arr, name)
         out[name] = arr
@@ -481,7 +490,7 @@ def npy_view(array, name: str, limits: ReplyLimits = ReplyLimits(),
         shape, fortran_order, dtype = reader(buf, max_header_size=limits.max_npy_header_bytes)
     except _Bad:
         raise
-    except Exception as exc:  # numpy raises ValueError/SyntaxError/... on a bad header
+    except Exception as exc:  # noqa: BLE001 — numpy raises ValueError/SyntaxError/...
         raise _Bad("malformed:arrays", f"{name}: undecodable .npy header "
                    f"({type(exc).__name__}: {_clip(str(exc), 120)})") from None
     if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:

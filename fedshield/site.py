@@ -42,16 +42,20 @@ class Layout:
 
     @property
     def coordinator(self) -> Path:
+        """The coordinator's folder of the kit."""
         return self.root / "coordinator"
 
     @property
     def flwr_home(self) -> Path:
+        """The coordinator's FLWR_HOME (Flower's state, not ~/.flwr)."""
         return self.coordinator / "flwr-home"
 
     def site(self, k: int) -> Path:
+        """The folder of site ``k``."""
         return self.root / f"site-{k}"
 
     def sites(self) -> list[Path]:
+        """The kit's site folders (those with a site.toml), in site order."""
         return sorted((p for p in self.root.glob("site-*")
                        if p.name[5:].isdigit() and (p / "site.toml").is_file()),
                       key=lambda p: int(p.name[5:]))
@@ -72,10 +76,10 @@ def flwr_bin(name: str) -> str:
 # --- certificates and keys ------------------------------------------------------------------
 def write_certificates(folder: Path, host: str) -> None:
     """A CA and a SuperLink server certificate whose subjectAltName covers ``host``."""
-    from cryptography import x509  # noqa: PLC0415
-    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     def key_pem(key) -> bytes:
         return key.private_bytes(serialization.Encoding.PEM,
@@ -86,7 +90,7 @@ def write_certificates(folder: Path, host: str) -> None:
         return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedshield"),
                           x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate clock skew
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate clock skew
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (x509.CertificateBuilder().subject_name(name("fedshield coordinator CA"))
                .issuer_name(name("fedshield coordinator CA")).public_key(ca_key.public_key())
@@ -145,6 +149,7 @@ def flwr_config_toml(address: str, ca: Path | None) -> str:
 
 
 def superlink_command(layout: Layout, host: str, port: int, insecure: bool) -> list[str]:
+    """The ``flower-superlink`` command line for the coordinator (TLS unless insecure)."""
     c = layout.coordinator.resolve()
     tls = ["--insecure"] if insecure else [
         "--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.pem"),
@@ -154,6 +159,7 @@ def superlink_command(layout: Layout, host: str, port: int, insecure: bool) -> l
 
 
 def site_toml(k: int, num_sites: int, address: str, insecure: bool, clientappio_port: int) -> str:
+    """The commented site.toml written for site ``k`` of the kit."""
     return f'''# Site {k}: edit this file, then print your SuperNode command with
 #   fedshield site command <this folder>
 name = "site-{k}"
@@ -179,6 +185,7 @@ max-epsilon = 8.0
 
 
 def read_site(site_dir: Path) -> dict:
+    """A site folder's site.toml (ConfigError if missing or not valid TOML)."""
     path = site_dir / "site.toml"
     if not path.is_file():
         raise ConfigError(f"{path} not found; create the site kit with `fedshield site init`")
@@ -230,6 +237,7 @@ def _shell(cmd: list[str]) -> str:
 
 def coordinator_commands(layout: Layout, host: str, port: int, insecure: bool,
                          num_sites: int) -> str:
+    """The coordinator's shell instructions: SuperLink, site registration, run."""
     c = layout.coordinator.resolve()
     env = f"export FLWR_HOME={shlex.quote(str(layout.flwr_home.resolve()))}"
     register = "\n".join(
@@ -283,6 +291,7 @@ To continue an interrupted run from its last completed round, submit it again wi
 
 
 def site_commands(site_dir: Path) -> str:
+    """A partner site's instructions (Markdown): edit site.toml, start the SuperNode."""
     return f"""# Partner site `{site_dir.name}`
 
 1. Edit `site.toml`: set `node_config.data-path` to your data (CSV with a `label` column, `.npz`

@@ -16,19 +16,28 @@ import time
 import tomllib
 from pathlib import Path
 
-from fedshield.site import (CONNECTION, Layout, app_dir, flwr_bin, flwr_env, register_sites,
-                            superlink_command, supernode_command)
+from fedshield.site import (
+    CONNECTION,
+    Layout,
+    app_dir,
+    flwr_bin,
+    flwr_env,
+    register_sites,
+    superlink_command,
+    supernode_command,
+)
 
 
 def free_port() -> int:
+    """A TCP port free on localhost right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 class LocalFederation:
-    """Processes of one kit: ``start_superlink``, ``start_site``, ``submit``, ``wait_run``; ``close``
-    (or the ``with`` block's end) ends every process it started."""
+    """Processes of one kit: ``start_superlink``, ``start_site``, ``submit``, ``wait_run``;
+    ``close`` (or the ``with`` block's end) ends every process it started."""
 
     def __init__(self, kit: str | Path, logs: str | Path | None = None) -> None:
         self.layout = Layout(Path(kit))
@@ -41,7 +50,7 @@ class LocalFederation:
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = flwr_env(self.layout)
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> LocalFederation:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -58,10 +67,12 @@ class LocalFederation:
         return proc
 
     def log(self, name: str) -> str:
+        """The log of process ``name`` so far ("" before it wrote one)."""
         path = self.logs / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start_superlink(self, timeout: float = 60) -> None:
+        """Start the SuperLink and wait until it serves (RuntimeError after ``timeout``)."""
         self._spawn("superlink", superlink_command(self.layout, self.host, self.port,
                                                    self.insecure), self.env)
         deadline = time.monotonic() + timeout
@@ -71,9 +82,11 @@ class LocalFederation:
             time.sleep(0.3)
 
     def register(self) -> dict[str, str]:
+        """Register the kit's sites with the SuperLink; site name -> node id."""
         return register_sites(self.layout.root)
 
     def start_site(self, site_dir: str | Path, name: str | None = None) -> subprocess.Popen:
+        """Start a site's SuperNode with its own FLWR_HOME; its process."""
         site_dir = Path(site_dir)
         home = site_dir / "flwr-home"  # the SuperNode's own FLWR_HOME, nothing under ~/.flwr
         home.mkdir(exist_ok=True)
@@ -95,6 +108,7 @@ class LocalFederation:
             return proc.wait(timeout=timeout)
 
     def close(self) -> None:
+        """Stop every SuperNode, then the SuperLink."""
         for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
             try:
                 self.stop(name, timeout=10)
@@ -103,6 +117,7 @@ class LocalFederation:
 
     # --- runs -----------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 60) -> dict:
+        """Run a ``flwr`` CLI command with ``--format json``; its parsed output."""
         proc = subprocess.run([flwr_bin("flwr"), *args, "--format", "json"], env=self.env,
                               capture_output=True, text=True, timeout=timeout)
         try:
@@ -120,6 +135,7 @@ class LocalFederation:
         return int(out["run-id"])
 
     def run_info(self, run_id: int) -> dict:
+        """The ``flwr ls`` record of run ``run_id``."""
         return self.flwr("ls", CONNECTION, "--run-id", str(run_id))["runs"][0]
 
     def wait_run(self, run_id: int, timeout: float, poll: float = 2.0) -> dict:
@@ -134,6 +150,7 @@ class LocalFederation:
             time.sleep(poll)
 
     def stop_run(self, run_id: int) -> None:
+        """Stop run ``run_id`` on the SuperLink."""
         self.flwr("stop", str(run_id), CONNECTION)
 
 

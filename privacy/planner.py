@@ -20,8 +20,10 @@ release (privacy/releases.py: the event ``(stats_noise_multiplier, 1, 1)``). ``p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from fedshield.privacy.accounting import (
     BOUNDS,
@@ -145,7 +147,7 @@ def plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: i
 
 
 def _first_guess(target: float, delta: float, rate: float, steps: int, accountant: str,
-                 extra: tuple = ()) -> float:
+                 extra: tuple[tuple[float, float, int], ...] = ()) -> float:
     # PRV costs ~0.3 s per evaluation; RDP's answer (within ~10%) is a cheap starting point.
     if accountant == "prv":
         try:
@@ -155,7 +157,8 @@ def _first_guess(target: float, delta: float, rate: float, steps: int, accountan
     return 1.0
 
 
-def _bracket(eps, target: float, guess: float) -> tuple[float, float]:
+def _bracket(eps: Callable[[float], float], target: float,
+             guess: float) -> tuple[float, float]:
     """Noise values (lo, hi) with eps(lo) > target >= eps(hi), both in [MIN_NOISE, MAX_NOISE]."""
     lo = hi = min(max(guess, MIN_NOISE), MAX_NOISE)
     while eps(hi) > target:
@@ -202,7 +205,7 @@ class Plan:
     stats_noise_multiplier: float | None = None
     extra_events: list[tuple[float, float, int]] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (``--json``)."""
         return asdict(self)
 

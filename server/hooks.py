@@ -77,6 +77,6 @@ def run_post_run_hook(name: str, run_dir: Path, cfg: Config) -> dict:
         return {"skipped": reason}
     try:
         return hook.run(run_dir, cfg)
-    except Exception as exc:  # any failure: keep the finished run and say what went wrong
+    except Exception as exc:  # noqa: BLE001 — any failure: keep the run, say what went wrong
         log.warning("%s failed: %s: %s", label, type(exc).__name__, exc)
         return {"error": f"{type(exc).__name__}: {exc}"}

@@ -91,8 +91,8 @@ def check_resume(run_dir: Path) -> None:
 
     Starting again in a folder that has results but no checkpoint would silently mix two runs
     (rounds_completed past the schedule), so that is refused too."""
-    from fedshield.server.checkpoint import STATE, load_checkpoint  # noqa: PLC0415 (torch)
-    from fedshield.server.outputs import RunFolder  # noqa: PLC0415
+    from fedshield.server.checkpoint import STATE, load_checkpoint  # torch
+    from fedshield.server.outputs import RunFolder
 
     what = f"resume = {str(run_dir)!r}"
     if not run_dir.exists():
@@ -120,8 +120,8 @@ def check_resume(run_dir: Path) -> None:
 
 def check_model(cfg: schema.Config):
     """The task, after a forward pass of its model on two test inputs gave one logit per class."""
-    import torch  # noqa: PLC0415
-    from fedshield.tasks import task_for  # noqa: PLC0415
+    import torch
+    from fedshield.tasks import task_for
 
     task = task_for(cfg.task)
     _, test = task.load()
@@ -133,8 +133,9 @@ def check_model(cfg: schema.Config):
         with torch.no_grad():
             out = model.eval()(torch.from_numpy(test.x[:2]))
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{which} does not fit task.name = {task.name!r} (inputs "
-                          f"{tuple(test.x.shape[1:])}): {exc}; choose a model of this task")
+        raise ConfigError(
+            f"{which} does not fit task.name = {task.name!r} (inputs "
+            f"{tuple(test.x.shape[1:])}): {exc}; choose a model of this task") from exc
     if tuple(out.shape) != (min(2, len(test)), task.num_classes):
         raise ConfigError(f"{which} gives outputs of shape {tuple(out.shape[1:])} on task "
                           f"{task.name!r}, which has {task.num_classes} classes; choose a model "
@@ -142,7 +143,7 @@ def check_model(cfg: schema.Config):
     if cfg.init_weights:
         check_init_weights(cfg.init_weights, model.state_dict())
     if cfg.privacy.enabled:
-        from opacus.validators import ModuleValidator  # noqa: PLC0415
+        from opacus.validators import ModuleValidator
 
         errors = ModuleValidator.validate(model.train(), strict=False)
         if errors:
@@ -153,8 +154,8 @@ def check_model(cfg: schema.Config):
 
 def check_init_weights(path: str, expected: dict) -> None:
     """init_weights must be a safetensors file with exactly the model's tensors and shapes."""
-    from safetensors import SafetensorError  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     what = f"init_weights = {path!r}"
     if not Path(path).is_file():
@@ -175,7 +176,7 @@ def check_init_weights(path: str, expected: dict) -> None:
 
 def train_sizes(cfg: schema.Config) -> tuple[int, ...]:
     """Each simulated client's training examples: the partitions the clients will load."""
-    from fedshield.tasks.partition import cached_partitions  # noqa: PLC0415 (clients reuse it)
+    from fedshield.tasks.partition import cached_partitions  # clients reuse it
 
     parts = cached_partitions(cfg.task.name, cfg.federation.num_clients, cfg.partition, cfg.seed)
     return tuple(local_train_size(len(p)) for p in parts)
@@ -190,7 +191,8 @@ def preflight(cfg: schema.Config, *, partitions: str = "refuse") -> PreflightRep
     sites bring their own data, which the server cannot see), or "off"."""
     if partitions not in ("refuse", "warn", "off"):
         raise ValueError(f"partitions = {partitions!r}: use 'refuse', 'warn' or 'off'")
-    validation.from_dict(cfg.to_dict())  # every field and cross-check, also for a Config built directly
+    # every field and cross-check, also for a Config built directly
+    validation.from_dict(cfg.to_dict())
     if cfg.resume:
         check_resume(Path(cfg.resume))
     else:
@@ -198,26 +200,27 @@ def preflight(cfg: schema.Config, *, partitions: str = "refuse") -> PreflightRep
         if problem:
             raise ConfigError(problem)
     task, n_params = check_model(cfg)
-    from fedshield.tasks import resolve_device  # noqa: PLC0415
+    from fedshield.tasks import resolve_device
 
     resolve_device(cfg.train.device)  # "cuda" on a machine without one: refused now, not in round 1
     if cfg.attack.name != "none" and cfg.attack.target_label >= task.num_classes:
         raise ConfigError(f"attack.target_label = {cfg.attack.target_label} is not a class of task "
                           f"{task.name!r} (0..{task.num_classes - 1}); choose one of those")
-    from fedshield.server.aggregation import build_aggregator  # noqa: PLC0415
+    from fedshield.server.aggregation import build_aggregator
 
     fed = cfg.federation
     build_aggregator(cfg.aggregation.rule, cfg.aggregation, fed.num_clients, cfg.seed)
     # A round hands the rule the sampled clients' updates, not the federation's: an explicit f
     # must leave an honest majority among those too (e.g. f = 2 of 4 sampled is refused now).
-    sampled = min(fed.num_clients, max(fed.min_clients, round(fed.num_clients * fed.fraction_train)))
+    sampled = min(fed.num_clients,
+                  max(fed.min_clients, round(fed.num_clients * fed.fraction_train)))
     if not cfg.central_dp.enabled and sampled != fed.num_clients:
         build_aggregator(cfg.aggregation.rule, cfg.aggregation, sampled, cfg.seed)
     sizes: tuple[int, ...] = train_sizes(cfg) if partitions != "off" else ()
     notes: list[str] = []
     problem = partition_problem(sizes, cfg.train.batch_size, cfg.privacy.enabled)
     if problem is None and sizes and cfg.privacy.enabled:
-        from fedshield.privacy.planner import check_delta  # noqa: PLC0415
+        from fedshield.privacy.planner import check_delta
 
         try:
             check_delta(cfg.privacy.delta, max(sizes))

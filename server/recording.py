@@ -96,6 +96,7 @@ class RecordedStrategy(Protocol):
 
 
 def server_test_split(task_name: str, limit: int) -> Split:
+    """The task's test split for server-side evaluation, cut to ``limit`` examples if set."""
     _, test = get_task(task_name).load()
     return test if not limit or limit >= len(test) else test.subset(np.arange(limit))
 
@@ -191,6 +192,7 @@ def outside_guarantee(train_metrics, client_eval: dict) -> list[str]:
 
 
 def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """Initial weights from a safetensors file (ConfigError if it does not exist)."""
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
@@ -247,6 +249,7 @@ class RunRecorder:
         return evaluate(self.model.to(self.device), self.test)
 
     def on_round(self, rnd: int, weights: dict[str, torch.Tensor], record: dict) -> MetricsLine:
+        """Record a finished round: metrics line, best weights, checkpoint, progress."""
         line = metrics_line(rnd, record, self.strategy)
         self.folder.append_metrics(line)
         if line.accuracy is not None and line.accuracy > self.best_acc:
@@ -259,6 +262,7 @@ class RunRecorder:
         return line
 
     def finish(self, final_weights: dict[str, torch.Tensor], stopped: str) -> RunSummary:
+        """Write the final model and summary, hand the run off if configured; the summary."""
         self.folder.save_weights("model.safetensors", self.average.current(final_weights),
                                  {"task": self.task.name, "name": self.cfg.name})
         summary = build_summary(self.cfg, self.folder, self.strategy, stopped,

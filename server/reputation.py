@@ -11,7 +11,7 @@ client sits out leave its score and streak unchanged.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from fedshield.schema import ReputationConfig
 
@@ -30,7 +30,7 @@ class Reputation:
         self.last_round = -1
 
     @classmethod
-    def from_config(cls, cfg: ReputationConfig) -> "Reputation":
+    def from_config(cls, cfg: ReputationConfig) -> Reputation:
         """The tracker a ``[reputation]`` config section describes."""
         return cls(cfg.threshold, cfg.patience, cfg.decay)
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedshield.schema import ScreeningConfig
 from fedshield.errors import TooFewUpdates
 from fedshield.records import dtype_kind as _kind
+from fedshield.schema import ScreeningConfig
 
 # Norm ratio checks need a meaningful median.
 MIN_UPDATES_FOR_RATIO = 3

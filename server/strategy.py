@@ -64,7 +64,7 @@ def array_view(array: Array) -> np.ndarray:
     is not a plain numeric .npy array, as np.load would."""
     try:
         return npy_view(array, "array")
-    except Exception as exc:  # records' internal error: a ValueError for callers
+    except Exception as exc:  # noqa: BLE001 — records' internal error: a ValueError for callers
         raise ValueError(str(exc)) from None
 
 

@@ -170,7 +170,7 @@ class _Trainer:
         self.train_cfg = replace(cfg.train, augment="none")
         self.ledger = None
         if self.privacy.enabled:
-            from fedshield.privacy.ledger import Ledger  # noqa: PLC0415
+            from fedshield.privacy.ledger import Ledger
 
             self.ledger = Ledger.for_client(ledger_dir, f"audit-{name}", client,
                                             self.privacy.delta, self.privacy.accountant, 0.0)
@@ -182,7 +182,7 @@ class _Trainer:
         if self.ledger is None:
             self.last = train_local(model, data, train_cfg, seed)
             return
-        from fedshield.client.dp import train_private  # noqa: PLC0415 (Opacus only when DP is on)
+        from fedshield.client.dp import train_private  # Opacus only when DP is on
 
         self.last = train_private(model, data, train_cfg, self.privacy, self.ledger,
                                   total_rounds=rounds, server_round=server_round, run_id="audit",
@@ -410,7 +410,7 @@ def gradient_inversion(cfg: schema.Config, batch: int = 4, client: int = 0, iter
             torch.manual_seed(cfg.seed)
             model = task.build_model()
             if private:
-                from fedshield.client.dp import dp_compatible  # noqa: PLC0415
+                from fedshield.client.dp import dp_compatible
 
                 model = dp_compatible(model)
             start = [p.detach().clone() for p in model.parameters()]
@@ -433,8 +433,8 @@ def gradient_inversion(cfg: schema.Config, batch: int = 4, client: int = 0, iter
 
 def _client_noise(cfg: schema.Config, n: int) -> float:
     """The noise multiplier the client uses per step over its real schedule."""
-    from fedshield.client.dp import resolve_noise  # noqa: PLC0415
-    from fedshield.privacy.planner import sample_rate, steps_per_round  # noqa: PLC0415
+    from fedshield.client.dp import resolve_noise
+    from fedshield.privacy.planner import sample_rate, steps_per_round
 
     t = cfg.train
     rate = sample_rate(n, t.batch_size)

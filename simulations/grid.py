@@ -11,15 +11,14 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
-from collections.abc import Iterable
-from typing import Callable
+from collections.abc import Callable, Iterable
 from uuid import uuid4
 
 import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 

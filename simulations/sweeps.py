@@ -58,6 +58,7 @@ def sweep_row(overrides: dict[str, Any], summary: RunSummary) -> dict:
 
 
 def write_table(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """Write the rows as CSV and Markdown under ``out_dir``; the two paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = out_dir / f"{stem}.csv"
@@ -95,7 +96,8 @@ def privacy_sweep(base: schema.Config, epsilons: list[float], seeds: list[int], 
         if math.isfinite(eps):
             overrides.update({"privacy.target_epsilon": eps, "privacy.noise_multiplier": 0.0,
                               "privacy.max_epsilon": 0.0,
-                              "privacy.ledger_dir": str(out_dir / "ledgers" / f"eps{eps:g}-s{seed}")})
+                              "privacy.ledger_dir": str(out_dir / "ledgers"
+                                                        / f"eps{eps:g}-s{seed}")})
         row = run_point(base, overrides, out_dir, reporter)
         row["target_epsilon"] = eps
         if audit_canaries:
@@ -113,12 +115,14 @@ def audit_point(base: schema.Config, overrides: dict[str, Any], canaries: int,
     certifies (its ``update`` adversary), at 95% confidence."""
     from fedshield.simulations.audit import canary_audit
 
-    cfg = validation.from_run_config({**base.flat(), **overrides})  # the audit keeps its own ledgers
+    # the audit keeps its own ledgers
+    cfg = validation.from_run_config({**base.flat(), **overrides})
     (result,) = canary_audit(cfg, canaries, adversaries=("update",), workdir=out_dir)
     return {"audit_epsilon_lower_bound": result.bound.epsilon, "audit_canaries": canaries}
 
 
 def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta fixed") -> None:
+    """Plot accuracy against spent epsilon (mean and std over seeds) to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +132,8 @@ def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     if private:
         accs = [[r["final_accuracy"] for r in rows if r["target_epsilon"] == e] for e in private]
-        spent = [np.mean([r["epsilon_max"] for r in rows if r["target_epsilon"] == e]) for e in private]
+        spent = [np.mean([r["epsilon_max"] for r in rows if r["target_epsilon"] == e])
+                 for e in private]
         ax.errorbar(spent, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs], fmt="o-",
                     capsize=3, label="sample-level DP per client, add/remove (epsilon spent, "
                                      "max over clients)")
@@ -165,7 +170,8 @@ def robustness_matrix(base: schema.Config, rules: list[str], attacks: list[str],
         else:
             overrides.update({"attack.name": attack, "attack.byzantine_fraction": frac})
         row = run_point(base, overrides, out_dir, reporter)
-        row.update({"rule": rule, "attack": attack, "byzantine_fraction": frac if attack != "none" else 0.0,
+        row.update({"rule": rule, "attack": attack,
+                    "byzantine_fraction": frac if attack != "none" else 0.0,
                     "partition": part})
         rows.append(row)
     write_table(rows, out_dir, "robustness")
@@ -182,7 +188,8 @@ def _partition(name: str) -> dict[str, Any]:
         return {"partition.kind": "dirichlet", "partition.alpha": float(name.split("-", 1)[1])}
     if name == "shards":
         return {"partition.kind": "shards"}
-    raise ConfigError(f"partition {name!r}: use iid, shards or dirichlet-<alpha>, e.g. dirichlet-0.5")
+    raise ConfigError(f"partition {name!r}: use iid, shards or dirichlet-<alpha>, e.g. "
+                      "dirichlet-0.5")
 
 
 def worst_cases(rows: list[dict]) -> list[dict]:
@@ -203,6 +210,7 @@ def worst_cases(rows: list[dict]) -> list[dict]:
 
 
 def plot_heatmap(rows: list[dict], path: Path) -> None:
+    """Plot final accuracy per (rule, partition) x attack as a heatmap to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,7 +223,8 @@ def plot_heatmap(rows: list[dict], path: Path) -> None:
     grid = np.full((len(labels_y), len(labels_x)), np.nan)
     for r in rows:
         x = r["attack"] if r["attack"] == "none" else f"{r['attack']}@{r['byzantine_fraction']:g}"
-        grid[labels_y.index(f"{r['rule']} | {r['partition']}"), labels_x.index(x)] = r["final_accuracy"]
+        grid[labels_y.index(f"{r['rule']} | {r['partition']}"),
+             labels_x.index(x)] = r["final_accuracy"]
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels_x), 1.0 + 0.45 * len(labels_y)))
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(labels_x)), labels_x, rotation=45, ha="right", fontsize=8)

@@ -6,7 +6,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tests.config_support import neutral_config  # noqa: E402
+from tests.config_support import neutral_config
 
 # Kernel-independence checks (issue 19): `FEDSHIELD_TEST_TORCH_THREADS=1 make test` runs the suite
 # with one intra-op thread (torch picks its CPU count otherwise); OPENBLAS_CORETYPE is set outside.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from fedshield import configio
 from tests.config_support import neutral_config
 
 
-@lru_cache(maxsize=None)
+@cache
 def trained_state(task_name: str, epochs: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """Centrally trained weights (a few seconds) standing in for the federated global model."""
     threads = torch.get_num_threads()
@@ -63,7 +63,8 @@ def make_run_dir(root: Path, task_name: str, *, epsilon_max: float = 3.0, privac
     with open(run / "metrics.jsonl", "w") as fh:
         for r in range(1, rounds + 1):
             acc = final["accuracy"] * (0.8 + 0.2 * r / rounds)
-            fh.write(json.dumps({"round": r, "accuracy": acc, "loss": final["loss"] + (rounds - r) * 0.1,
+            fh.write(json.dumps({"round": r, "accuracy": acc,
+                                 "loss": final["loss"] + (rounds - r) * 0.1,
                                  "seconds": 1.5, "epsilon_max": epsilon_max * r / rounds,
                                  "epsilon_mean": 0.8 * epsilon_max * r / rounds,
                                  "rejected": {}, "quarantined": []}) + "\n")

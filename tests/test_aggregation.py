@@ -325,7 +325,7 @@ def test_cclip_state_round_trip_continues_identically(tmp_path):
     expected = [first(r).update for r in rounds[1:]]
     resumed = build_aggregator("bucketing+cclip", cfg, 11, seed=99)
     resumed.load_state_dict(torch.load(tmp_path / "agg.pt"))
-    assert all(torch.equal(resumed(r).update, e) for r, e in zip(rounds[1:], expected))
+    assert all(torch.equal(resumed(r).update, e) for r, e in zip(rounds[1:], expected, strict=True))
     fresh = build_aggregator("bucketing+cclip", cfg, 11, seed=3)
     assert not torch.equal(fresh(rounds[1]).update, expected[0])  # the center matters
     with pytest.raises(ConfigError, match="same aggregation.rule"):

@@ -65,8 +65,10 @@ def test_config_refuses_inconsistent_byzantine_setup(attack, match):
 
 
 def test_config_accepts_consistent_attacks():
-    assert from_dict({"attack": {"name": "minmax", "byzantine_fraction": 0.2}}).attack.name == "minmax"
-    assert from_dict({"attack": {"name": "ipm", "byzantine_ids": "0,3"}}).attack.byzantine_ids == "0,3"
+    assert from_dict({"attack": {"name": "minmax",
+                                 "byzantine_fraction": 0.2}}).attack.name == "minmax"
+    assert from_dict({"attack": {"name": "ipm",
+                                 "byzantine_ids": "0,3"}}).attack.byzantine_ids == "0,3"
     assert from_dict({}).attack.name == "none"
 
 
@@ -182,13 +184,15 @@ def test_minsum_stays_within_honest_max_sum_of_squares_with_maximal_gamma(direct
     assert float((torch.cdist(out[:1], honest) ** 2).sum()) <= bound * (1 + 1e-9)
     gamma, p = _gamma(out, honest, direction)
     spread = float(((honest - honest.mean(0)) ** 2).sum())
-    assert gamma == pytest.approx(np.sqrt((bound - spread) / (len(honest) * float(p @ p))), rel=1e-6)
+    assert gamma == pytest.approx(np.sqrt((bound - spread) / (len(honest) * float(p @ p))),
+                                  rel=1e-6)
 
 
 def test_minmax_goes_further_than_minsum():
     own, honest, _ = rounds()
     mean = honest.mean(0)
-    assert (craft("minmax", own, honest) - mean).norm() > (craft("minsum", own, honest) - mean).norm()
+    assert (craft("minmax", own, honest) - mean).norm() > (craft("minsum", own,
+                                                                 honest) - mean).norm()
 
 
 def test_mimic_copies_the_honest_update_furthest_along_the_top_direction():
@@ -224,7 +228,8 @@ def _check_backdoor(x, y, x2, y2, fraction, target, triggered_rows):
     assert triggered_rows.sum() == round(fraction * len(y))
     assert np.all(y2[triggered_rows] == target)
     untouched = ~triggered_rows
-    assert np.array_equal(x2[untouched], x[untouched]) and np.array_equal(y2[untouched], y[untouched])
+    assert np.array_equal(x2[untouched], x[untouched]) and np.array_equal(y2[untouched],
+                                                                          y[untouched])
 
 
 def test_backdoor_poisons_only_the_fraction_on_tabular_data(digits):

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 def test_first_models_are_a_plain_mean_then_the_decay_takes_over():
     assert [ema_decay(0.75, t) for t in (1, 2, 3, 4, 5, 6)] == [0.0, 0.5, 2 / 3, 0.75, 0.75, 0.75]
-    models = [{"w": torch.full((2,), float(v)), "steps": torch.tensor(v)} for v in (1, 2, 6, 10, 20)]
+    models = [{"w": torch.full((2,), float(v)),
+               "steps": torch.tensor(v)} for v in (1, 2, 6, 10, 20)]
     avg = None
     for t, m in enumerate(models, start=1):
         avg = ema_update(avg, m, 0.75, t)
@@ -46,7 +47,8 @@ def test_state_round_trips():
     for v in (1.0, 3.0):
         a.update({"w": torch.tensor([v])})
     b.load_state_dict(a.state_dict())
-    assert torch.equal(a.update({"w": torch.tensor([9.0])})["w"], b.update({"w": torch.tensor([9.0])})["w"])
+    assert torch.equal(a.update({"w": torch.tensor([9.0])})["w"],
+                       b.update({"w": torch.tensor([9.0])})["w"])
 
 
 def final_weights(summary):
@@ -73,6 +75,7 @@ def test_released_model_is_the_average_and_clients_train_the_raw_one(small_cfg):
     model.load_state_dict(released)
     assert evaluate(model, task.load()[1])["accuracy"] == pytest.approx(summary.final.accuracy)
 
-    part = simulate(small_cfg(name="part", aggregation={"model_ema": 0.9}, federation={"rounds": 2}))
+    part = simulate(small_cfg(name="part", aggregation={"model_ema": 0.9},
+                              federation={"rounds": 2}))
     resumed = simulate(small_cfg(name="part", resume=part.run_dir, aggregation={"model_ema": 0.9}))
     assert all(torch.allclose(final_weights(resumed)[k], released[k], atol=1e-7) for k in released)

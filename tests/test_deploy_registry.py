@@ -28,7 +28,8 @@ def setup(tmp_path_factory):
     uri = f"sqlite:///{root}/registry.db"
     run = make_run_dir(root / "runs", "digits", epsilon_max=3.0)
     cfg = neutral_config({"task": {"name": "digits"},
-                             "deployment": {"registry_uri": uri, "model_name": MODEL, "min_accuracy": 0.5,
+                             "deployment": {"registry_uri": uri, "model_name": MODEL,
+                                            "min_accuracy": 0.5,
                                             "max_epsilon": 5.0, "explain_examples": 16}})
     result = handoff(run, cfg)
     return {"root": root, "uri": uri, "run": run, "cfg": cfg, "result": result}
@@ -46,10 +47,12 @@ def test_passing_model_becomes_champion(setup):
     assert {c["name"] for c in result.checks} == {"status", "accuracy", "epsilon", "parity",
                                                   "integrity"}
     resolved = resolve(f"models:/{MODEL}@champion", setup["uri"], setup["root"] / "dl")
-    assert resolved.version == "1" and set(resolved.sha256) >= {"model.onnx", ONNX_DATA, "model.safetensors"}
+    assert resolved.version == "1" and set(resolved.sha256) >= {"model.onnx", ONNX_DATA,
+                                                                "model.safetensors"}
     from fastapi.testclient import TestClient
 
-    health = TestClient(create_app(f"models:/{MODEL}@champion", tracking_uri=setup["uri"])).get("/health").json()
+    health = TestClient(create_app(f"models:/{MODEL}@champion",
+                                   tracking_uri=setup["uri"])).get("/health").json()
     assert health == {"status": "ok", "model": MODEL, "version": "1"}
 
 
@@ -68,7 +71,8 @@ def test_epsilon_policy_failure_stays_candidate_with_reason(setup):
     assert not decision.passed and len(decision.reasons) == 1
     assert "epsilon" in decision.reasons[0] and "8.000 vs limit 5.000" in decision.reasons[0]
     tags = client_for(setup["uri"]).get_model_version(MODEL, version).tags
-    assert tags["gate"] == "failed" and tags["stage"] == "candidate" and "epsilon" in tags["gate.reason.0"]
+    assert tags["gate"] == "failed" and tags["stage"] == "candidate"
+    assert "epsilon" in tags["gate.reason.0"]
     assert aliases(setup["uri"]) == {"champion": "1", "candidate": version}
     # --force overrides a policy failure and records who, when and why.
     forced = promote(setup["uri"], MODEL, version, force=True, reason="accepted by the DPO")
@@ -115,24 +119,31 @@ def test_gate_policy_rules():
     refused = decide(no_dp, export, policy, [])
     assert not refused.passed and "no sample-level DP" in refused.reasons[0]
     assert decide(no_dp, export, DeploymentConfig(), []).passed  # no epsilon limit configured
-    robust = {"privacy": {"enabled": True, "epsilon_max": 1.0}, "robustness": {"accuracy_drop": 0.12}}
-    strict = DeploymentConfig(max_epsilon=4.0, max_accuracy_drop=0.05, min_accuracy=0.95, parity_tolerance=1e-7)
+    robust = {"privacy": {"enabled": True, "epsilon_max": 1.0},
+              "robustness": {"accuracy_drop": 0.12}}
+    strict = DeploymentConfig(max_epsilon=4.0, max_accuracy_drop=0.05, min_accuracy=0.95,
+                              parity_tolerance=1e-7)
     reasons = decide(robust, export, strict, ["model.onnx is missing"]).reasons
     assert [r.split(":")[0] for r in reasons] == ["accuracy", "robustness", "parity", "integrity"]
-    assert decide(robust, export, DeploymentConfig(max_epsilon=4.0, max_accuracy_drop=0.2), []).passed
+    assert decide(robust, export, DeploymentConfig(max_epsilon=4.0, max_accuracy_drop=0.2),
+                  []).passed
 
 
 def test_registry_cli(setup):
     runner = CliRunner()
-    out = runner.invoke(registry_app, ["list", "-m", MODEL, "--registry-uri", setup["uri"], "--json"])
+    out = runner.invoke(registry_app,
+                        ["list", "-m", MODEL, "--registry-uri", setup["uri"], "--json"])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.output)
-    assert rows[0]["version"] == "1" and "champion" in rows[0]["aliases"] and rows[0]["gate"] == "passed"
+    assert rows[0]["version"] == "1" and "champion" in rows[0]["aliases"]
+    assert rows[0]["gate"] == "passed"
     out = runner.invoke(registry_app, ["show", "1", "-m", MODEL, "--registry-uri", setup["uri"]])
     assert out.exit_code == 0 and json.loads(out.output)["export"]["task"] == "digits"
-    out = runner.invoke(registry_app, ["promote", "1", "-m", MODEL, "--registry-uri", setup["uri"], "--json"])
+    out = runner.invoke(registry_app,
+                        ["promote", "1", "-m", MODEL, "--registry-uri", setup["uri"], "--json"])
     assert out.exit_code == 0 and json.loads(out.output)["passed"]
-    out = runner.invoke(registry_app, ["list", "-m", "no-such-model", "--registry-uri", setup["uri"]])
+    out = runner.invoke(registry_app,
+                        ["list", "-m", "no-such-model", "--registry-uri", setup["uri"]])
     assert out.exit_code == 1 and "no model named" in out.output
     assert "Example:" in runner.invoke(registry_app, ["promote", "--help"]).output
     assert len(list_versions(setup["uri"], MODEL)) >= 1

@@ -11,7 +11,8 @@ from tests.config_support import neutral_config
 
 
 def lines(summary):
-    return [json.loads(x) for x in (Path(summary.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    path = Path(summary.run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def test_reported_epsilon_equals_an_independent_opacus_recomputation(dp_run):
             expected = accountant.get_epsilon(delta=event["delta"])
             assert line["epsilon"][client] == pytest.approx(expected, rel=1e-6)
     eps = [line["epsilon_max"] for line in lines(dp_run)]
-    assert eps == sorted(eps) and eps[-1] == pytest.approx(4.0, rel=0.01)  # cumulative, spends the target
+    # cumulative, spends the target
+    assert eps == sorted(eps) and eps[-1] == pytest.approx(4.0, rel=0.01)
     assert dp_run.privacy.epsilon_max <= 4.0 + 1e-9
     assert dp_run.privacy.reproducible_noise is False  # secret DP draws by default
 

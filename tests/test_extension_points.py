@@ -83,7 +83,8 @@ def test_unregistered_names_are_refused_by_validation(tmp_path):
     with pytest.raises(ConfigError, match="toy-digits"):
         validation.from_dict(digits_cfg(tmp_path, task={"name": "toy-digits"}))
     with pytest.raises(ConfigError, match="zero_update"):
-        validation.from_dict(digits_cfg(tmp_path, attack={"name": "zero_update", "byzantine_ids": "0"}))
+        validation.from_dict(digits_cfg(tmp_path,
+                                        attack={"name": "zero_update", "byzantine_ids": "0"}))
 
 
 def test_a_new_rule_and_task_run_a_federation(tmp_path, toy_rule_registered, toy_task_registered):

@@ -20,7 +20,7 @@ from fedshield.tasks import task_for
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedshield import schema, validation
+from fedshield import schema
 from tests.config_support import neutral_config
 from tests.reply_support import Federation, digits_cfg, honest
 
@@ -81,9 +81,9 @@ def test_central_noise_has_the_calibrated_std_and_is_not_the_seeds():
 def test_both_strategies_hold_the_same_mechanism_and_state_its_epsilon_alike(monkeypatch):
     """Both account the sampler's own Poisson rate q (the accountant itself is checked against
     dp_accounting in test_privacy_central)."""
-    import fedshield.server.central_dp
+    from fedshield.server import central_dp
 
-    monkeypatch.setattr(fedshield.server.central_dp, "user_level_epsilon", lambda *args: args)
+    monkeypatch.setattr(central_dp, "user_level_epsilon", lambda *args: args)
     cfg = central_cfg()
     plain, secagg = ShieldStrategy(cfg), SecAggFedAvg(cfg)
     assert isinstance(plain.federation.central, CentralDP)

@@ -52,6 +52,7 @@ def test_flwr_run_local_simulation(tmp_path):
     assert len(summaries) == 1, proc.stdout[-3000:]
     summary = json.loads(summaries[0].read_text())
     assert summary["rounds_completed"] == 2 and summary["num_clients"] == 3
-    lines = [json.loads(x) for x in (summaries[0].parent / "metrics.jsonl").read_text().splitlines()]
+    metrics = summaries[0].parent / "metrics.jsonl"
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert all(m["accepted"] == 3 for m in lines)  # every simulated SuperNode trained
     assert lines[-1]["accuracy"] > 0.3

@@ -1,4 +1,5 @@
-"""The ledger keeps every event on disk: restarts, other processes, resumes and races lose nothing."""
+"""The ledger keeps every event on disk: restarts, other processes, resumes and races lose
+nothing."""
 
 import json
 import subprocess
@@ -38,7 +39,8 @@ def test_survives_a_restart_and_a_new_process(tmp_path):
     expected = epsilon([EVENT, EVENT], DELTA, "rdp")
     assert ledger.spent() == pytest.approx(expected)
     assert Ledger(path, DELTA, "rdp").spent() == pytest.approx(expected)  # a new object
-    other = run_python(f"from fedshield.privacy.ledger import Ledger; print(Ledger({str(path)!r}, {DELTA}, 'rdp').spent())")
+    other = run_python(f"from fedshield.privacy.ledger import Ledger; print(Ledger({str(path)!r}, "
+                       f"{DELTA}, 'rdp').spent())")
     assert float(other) == pytest.approx(expected)  # a new process
     assert [(e["run_id"], e["round"]) for e in ledger.history] == [("r1", 1), ("r1", 2)]
     assert all(e["timestamp"].endswith("Z") for e in ledger.history)
@@ -126,8 +128,8 @@ def test_a_client_at_its_budget_refuses_and_never_exceeds_it(tmp_path):
     spent = ledger.spent()
     after = epsilon(ledger.events() + [EVENT], DELTA, "rdp")
     assert after > budget >= spent
-    assert message.startswith(f"budget exhausted: spent {spent:.2f} of 3.0 (this round would bring it to "
-                              f"{after:.2f}); the client refuses to train")
+    assert message.startswith(f"budget exhausted: spent {spent:.2f} of 3.0 (this round would bring "
+                              f"it to {after:.2f}); the client refuses to train")
     # A write that slipped past check (e.g. another process spent the budget) is refused too.
     with pytest.raises(BudgetExhausted, match="must not be sent"):
         ledger.record([EVENT], round=refused_at, run_id="r1")

@@ -17,13 +17,13 @@ def test_partitions_are_deterministic_and_disjoint(labels, kind):
     cfg = PartitionConfig(kind=kind, alpha=0.5, min_partition_size=5)
     a = partition_indices(labels, 6, cfg, seed=3)
     b = partition_indices(labels, 6, cfg, seed=3)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     joined = np.concatenate(a)
     assert len(np.unique(joined)) == len(joined)  # no example in two clients
     if kind != "shards":  # shards may drop an incomplete last shard
         assert len(joined) == len(labels)
     c = partition_indices(labels, 6, cfg, seed=4)
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def _label_skew(labels, parts):

@@ -1,4 +1,5 @@
-"""The planner spends the target over the whole schedule, agrees with Opacus' loader, refuses nonsense."""
+"""The planner spends the target over the whole schedule, agrees with Opacus' loader, refuses
+nonsense."""
 
 import json
 
@@ -44,12 +45,13 @@ def test_curve_grows_and_ends_at_the_target():
     noise = plan_noise(3.0, DELTA, RATE, STEPS, "rdp")
     curve = epsilon_curve(noise, RATE, STEPS // 10, 10, DELTA, "rdp")
     assert len(curve) == 10
-    assert all(a < b for a, b in zip(curve, curve[1:]))
+    assert all(a < b for a, b in zip(curve, curve[1:], strict=False))  # neighbours
     assert curve[-1] == pytest.approx(spent(noise, RATE, STEPS, DELTA, "rdp"))
 
 
 def test_plan_side_by_side_and_inverse():
-    p = plan(rounds=10, local_epochs=1, batch_size=50, num_examples=2000, delta=DELTA, target_epsilon=3.0,
+    p = plan(rounds=10, local_epochs=1, batch_size=50, num_examples=2000, delta=DELTA,
+             target_epsilon=3.0,
              accountants=("rdp", "pld"))
     assert [a.accountant for a in p.accountants] == ["rdp", "pld"]
     assert p.sample_rate == RATE and p.total_steps == STEPS
@@ -81,7 +83,8 @@ def test_impossible_requests_are_config_errors(kwargs, message):
 
 def test_cli_plan_table_json_and_errors():
     runner = CliRunner()
-    base = ["plan", "--delta", "1e-5", "--rounds", "10", "--batch-size", "50", "--num-examples", "2000",
+    base = ["plan", "--delta", "1e-5", "--rounds", "10", "--batch-size", "50", "--num-examples",
+            "2000",
             "--accountant", "rdp"]
     table = runner.invoke(privacy_app, base + ["--target-epsilon", "3"])
     assert table.exit_code == 0, table.output
@@ -92,7 +95,8 @@ def test_cli_plan_table_json_and_errors():
     bad = runner.invoke(privacy_app, base + ["--target-epsilon", "3", "--batch-size", "5000"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
     assert "error: batch_size = 5000 exceeds num_examples" in bad.output
-    assert "Example: fedshield privacy plan" in runner.invoke(privacy_app, ["plan", "--help"]).output
+    assert "Example: fedshield privacy plan" in runner.invoke(privacy_app,
+                                                              ["plan", "--help"]).output
 
 
 def test_gdp_is_refused_for_planning_with_the_reason():

@@ -1,4 +1,5 @@
-"""Central DP: clipping, calibrated noise, user-level epsilon, and refusals where the guarantee breaks."""
+"""Central DP: clipping, calibrated noise, user-level epsilon, and refusals where the guarantee
+breaks."""
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ def test_clip_updates_bounds_norms_and_counts_clipped():
     assert count == 2
     assert torch.allclose(norms, torch.tensor([1.0, 0.5, 0.0, 1.0], dtype=torch.float64))
     assert torch.equal(clipped[1], updates[1])  # small updates untouched
-    assert torch.allclose(clipped[0], torch.tensor([0.6, 0.8], dtype=torch.float64))  # direction kept
+    # direction kept
+    assert torch.allclose(clipped[0], torch.tensor([0.6, 0.8], dtype=torch.float64))
 
 
 def test_one_client_moves_the_fixed_denominator_mean_by_at_most_c_over_expected():
@@ -52,7 +54,8 @@ def test_central_noise_has_the_stated_std():
 
 def test_user_level_epsilon_is_the_subsampled_gaussian_over_rounds():
     assert user_level_epsilon(1.0, 0.1, 100, 1e-5, "rdp") == epsilon([(1.0, 0.1, 100)], 1e-5, "rdp")
-    assert user_level_epsilon(1.0, 0.1, 200, 1e-5, "rdp") > user_level_epsilon(1.0, 0.1, 100, 1e-5, "rdp")
+    assert user_level_epsilon(1.0, 0.1, 200, 1e-5, "rdp") > user_level_epsilon(1.0, 0.1, 100, 1e-5,
+                                                                               "rdp")
 
 
 @pytest.mark.parametrize("rule", ["fedavg", "clip", "FedAvg"])
@@ -68,13 +71,17 @@ def test_krum_is_refused_with_the_reason():
     assert str(exc.value) == (
         "central DP noise is calibrated for the mean of clipped updates; krum selects one client's "
         "update, so one client can change the output by up to 2C and the stated epsilon would be "
-        "wrong. Use aggregation.rule = \"fedavg\" or \"clip\" with central DP, or turn central DP off.")
+        "wrong. Use aggregation.rule = \"fedavg\" or \"clip\" with central DP, or turn central DP "
+        "off.")
 
 
-@pytest.mark.parametrize("rule", ["multikrum", "bulyan", "median", "trimmed_mean", "geomed", "fltrust",
-                                  "flame", "cclip", "bucketing+fedavg", "nnm+clip", "something_new"])
+@pytest.mark.parametrize("rule",
+                         ["multikrum", "bulyan", "median", "trimmed_mean", "geomed", "fltrust",
+                                  "flame", "cclip", "bucketing+fedavg", "nnm+clip",
+                          "something_new"])
 def test_other_rules_and_preaggregation_are_refused(rule):
-    with pytest.raises(ConfigError, match="calibrated for the mean of clipped updates.*turn central DP off"):
+    with pytest.raises(ConfigError,
+                       match="calibrated for the mean of clipped updates.*turn central DP off"):
         check_central_dp(rule, ON, secagg=False)
     with pytest.raises(ConfigError, match="secure aggregation only reveals the sum"):
         check_secagg(rule)

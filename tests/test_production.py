@@ -76,7 +76,8 @@ def test_federation_to_production(tmp_path, monkeypatch):
     def on_trigger(trigger):
         triggers.append(trigger)
         if not retrain:
-            retrain.append(launch_retraining(trigger, str(config_path), "models:/prod-digits@champion",
+            retrain.append(launch_retraining(trigger, str(config_path),
+                                             "models:/prod-digits@champion",
                                              registry, 2, tmp_path / "retrain"))
 
     app = create_app("models:/prod-digits@champion", tracking_uri=registry, drift_window=60,

@@ -32,7 +32,6 @@ from fedshield.schema import AggregationConfig
 from tests.test_aggregation import (
     ref_bulyan,
     ref_fltrust,
-    ref_krum_scores,
     ref_multikrum,
     ref_sq_dist,
 )
@@ -102,7 +101,7 @@ def ref_cclip(x: np.ndarray, iters: int) -> np.ndarray:
         dist = np.linalg.norm(x - v, axis=1)
         tau = np.median(dist)
         v = v + np.mean([(xi - v) * min(1.0, tau / di) if di > 0 else 0 * xi
-                         for xi, di in zip(x, dist)], axis=0)
+                         for xi, di in zip(x, dist, strict=True)], axis=0)
     return v
 
 

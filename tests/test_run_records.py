@@ -33,7 +33,8 @@ def dp_attacked_run(tmp_path_factory):
         "name": "records", "seed": 0, "output_dir": str(tmp / "runs"), "task": {"name": "digits"},
         "federation": {"num_clients": 5, "rounds": 2},
         "train": {"lr": 0.1, "batch_size": 16},
-        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 0.0, "ledger_dir": str(tmp / "ledgers")},
+        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": 0.0,
+                    "ledger_dir": str(tmp / "ledgers")},
         "central_dp": {"enabled": True, "noise_multiplier": 0.5},  # needs a clipped mean:
         "aggregation": {"rule": "fedavg", "weighting": "uniform"},
         "screening": {"max_norm_ratio": 0.0},

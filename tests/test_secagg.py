@@ -115,7 +115,7 @@ def test_server_only_ever_holds_masked_vectors_and_the_sum(runs):
     for results in runs["aggregated"]:
         assert len(results) == 5
         for arrays in results[1:]:
-            assert all(np.array_equal(x, y) for x, y in zip(arrays, results[0]))
+            assert all(np.array_equal(x, y) for x, y in zip(arrays, results[0], strict=True))
 
 
 def test_resume_continues_a_secagg_run(runs):
@@ -136,13 +136,16 @@ def test_clients_clip_their_own_update():
     rng = np.random.default_rng(0)
     big = [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=5).astype(np.float32)]
     clipped = clip_to(big, 0.5)
-    norm = lambda arrays: float(np.sqrt(sum((a.astype(np.float64) ** 2).sum() for a in arrays)))
+
+    def norm(arrays):
+        return float(np.sqrt(sum((a.astype(np.float64) ** 2).sum() for a in arrays)))
+
     assert norm(clipped) == pytest.approx(0.5, rel=1e-5)
-    assert all(c.shape == b.shape and c.dtype == b.dtype for c, b in zip(clipped, big))
+    assert all(c.shape == b.shape and c.dtype == b.dtype for c, b in zip(clipped, big, strict=True))
     ratio = clipped[0] / big[0]
     assert np.allclose(ratio, ratio.flat[0])  # same direction
     small = [a * 1e-3 for a in big]
-    assert all(np.array_equal(c, s) for c, s in zip(clip_to(small, 0.5), small))
+    assert all(np.array_equal(c, s) for c, s in zip(clip_to(small, 0.5), small, strict=True))
 
 
 def test_central_dp_noise_is_added_to_the_secure_sum(small_cfg):

@@ -217,8 +217,10 @@ def free_port() -> int:
 
 def test_real_uvicorn_on_loopback(served):
     port = free_port()
-    env = os.environ | {"FEDSHIELD_SERVE_TOKEN": TOKEN, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "fedshield.commands.deploy", "serve", "--model", str(served["run"]),
+    env = os.environ | {"FEDSHIELD_SERVE_TOKEN": TOKEN,
+                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "fedshield.commands.deploy", "serve", "--model",
+                             str(served["run"]),
                              "--host", "127.0.0.1", "--port", str(port), "--max-batch", "64"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

@@ -13,7 +13,8 @@ def test_each_image_moves_by_its_own_draw_within_max_pixels():
     x[0, 0, 4, 4] = 1.0  # one bright pixel in the middle
     shifted = random_shift(x.repeat(64, 1, 1, 1), 1.0, torch.Generator().manual_seed(0))
     assert shifted.shape == (64, 1, 9, 9)
-    # Draws stay within one pixel; mass is conserved (bilinear weights sum to 1 away from the border) and stays near the centre.
+    # Draws stay within one pixel; mass is conserved (bilinear weights sum to 1 away from the
+    # border) and stays near the centre.
     assert torch.allclose(shifted.sum((1, 2, 3)), torch.ones(64), atol=1e-5)
     rows = torch.arange(9.0).view(1, 1, 9, 1)
     centre_row = (shifted * rows).sum((1, 2, 3))

@@ -22,10 +22,12 @@ DEFAULTS = schema.DeploymentConfig()
 DEFAULT_URI = DEFAULTS.registry_uri
 console = Console()
 
-registry_app = typer.Typer(help="Model registry (MLflow, local sqlite): list, show and promote versions.",
+registry_app = typer.Typer(help="Model registry (MLflow, local sqlite): list, show and promote "
+                                "versions.",
                            no_args_is_help=True)
 
-ModelName = typer.Option(..., "--model-name", "-m", help="Registered model name, e.g. fedshield-digits.")
+ModelName = typer.Option(..., "--model-name", "-m",
+                         help="Registered model name, e.g. fedshield-digits.")
 RegistryUri = typer.Option(DEFAULT_URI, "--registry-uri", help="MLflow tracking/registry URI.")
 AsJson = typer.Option(False, "--json", help="Print JSON for scripts.")
 
@@ -49,7 +51,8 @@ def _policy(config_path: Path | None) -> schema.DeploymentConfig | None:
 
 
 @registry_app.command("list")
-def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri, as_json: bool = AsJson) -> None:
+def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri,
+                  as_json: bool = AsJson) -> None:
     """List a model's versions with aliases and gate results.
 
     Example: fedshield registry list -m fedshield-digits
@@ -78,7 +81,8 @@ def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri, 
 
 
 @registry_app.command("show")
-def registry_show(version: str = typer.Argument(..., help="Version number."), model_name: str = ModelName,
+def registry_show(version: str = typer.Argument(..., help="Version number."),
+                  model_name: str = ModelName,
                   registry_uri: str = RegistryUri) -> None:
     """Show a version's aliases, tags (hashes, gate reasons) and export record as JSON.
 
@@ -93,12 +97,15 @@ def registry_show(version: str = typer.Argument(..., help="Version number."), mo
 
 
 @registry_app.command("promote")
-def registry_promote(version: str = typer.Argument(..., help="Version number."), model_name: str = ModelName,
+def registry_promote(version: str = typer.Argument(..., help="Version number."),
+                     model_name: str = ModelName,
                      registry_uri: str = RegistryUri,
                      config: Path = typer.Option(
                          None, "--config", "-c", help="TOML whose \\[deployment] table adds checks "
-                         "to the policy stored with the version (it can tighten, never loosen it)."),
-                     force: bool = typer.Option(False, "--force", help="Promote despite policy failures "
+                         "to the policy stored with the version (it can tighten, never loosen "
+                         "it)."),
+                     force: bool = typer.Option(False, "--force",
+                                                help="Promote despite policy failures "
                                                 "(never despite a hash mismatch, a failed run or "
                                                 "reproducible noise); needs --reason."),
                      reason: str = typer.Option(
@@ -124,41 +131,52 @@ def registry_promote(version: str = typer.Argument(..., help="Version number."),
         for check in decision.checks:
             mark = "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]"
             console.print(f"{mark} {check['name']}: {check['detail']}")
-        status = "champion" + (" (forced)" if decision.forced else "") if decision.passed or decision.forced \
-            else "candidate"
+        status = ("champion" + (" (forced)" if decision.forced else "")
+                  if decision.passed or decision.forced else "candidate")
         console.print(f"version {version} -> [bold]{status}[/bold]")
     if not (decision.passed or decision.forced):
         raise typer.Exit(2)
 
 
 def serve_command(
-    model: str = typer.Option(..., "--model", help="models:/NAME@champion, models:/NAME/VERSION or a run folder."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Bind address; non-loopback needs --token."),
+    model: str = typer.Option(..., "--model",
+                              help="models:/NAME@champion, models:/NAME/VERSION or a run folder."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Bind address; non-loopback needs --token."),
     port: int = typer.Option(8080, "--port"),
     token: str = typer.Option(None, "--token", envvar="FEDSHIELD_SERVE_TOKEN",
-                              help="Bearer token clients must send (prefer the environment variable)."),
-    registry_uri: str = typer.Option(None, "--registry-uri", help="MLflow registry URI (default: the run "
+                              help="Bearer token clients must send (prefer the environment "
+                                   "variable)."),
+    registry_uri: str = typer.Option(None, "--registry-uri",
+                                     help="MLflow registry URI (default: the run "
                                      f"folder's config, else {DEFAULT_URI})."),
     int8: bool = typer.Option(False, "--int8", help="Serve the int8-quantised ONNX model."),
     max_batch: int = typer.Option(1024, "--max-batch", help="Most examples per /predict request."),
-    window_log: Path = typer.Option(None, "--window-log", help="Append drift windows here (JSONL) for `monitor`."),
-    drift_window: int = typer.Option(DEFAULTS.drift_window, "--drift-window", help="Examples per drift window."),
-    drift_threshold: float = typer.Option(DEFAULTS.drift_threshold, "--drift-threshold", help="PSI threshold."),
+    window_log: Path = typer.Option(None, "--window-log",
+                                    help="Append drift windows here (JSONL) for `monitor`."),
+    drift_window: int = typer.Option(DEFAULTS.drift_window, "--drift-window",
+                                     help="Examples per drift window."),
+    drift_threshold: float = typer.Option(DEFAULTS.drift_threshold, "--drift-threshold",
+                                          help="PSI threshold."),
     drift_patience: int = typer.Option(DEFAULTS.drift_patience, "--drift-patience",
-                                       help="Drifting windows in a row before a retraining trigger."),
+                                       help="Drifting windows in a row before a retraining "
+                                            "trigger."),
     retrain_config: str = typer.Option(None, "--retrain-config",
-                                       help="On a retraining trigger, fine-tune from this model with "
-                                            "this federation config (fedshield simulate)."),
-    retrain_rounds: int = typer.Option(3, "--retrain-rounds", help="Rounds of the fine-tuning run."),
+                                       help="On a retraining trigger, fine-tune from this model "
+                                            "with this federation config (fedshield simulate)."),
+    retrain_rounds: int = typer.Option(3, "--retrain-rounds",
+                                       help="Rounds of the fine-tuning run."),
     body_timeout: float = typer.Option(10.0, "--body-timeout", min=0.1,
                                        help="Seconds a request body may take (then 408)."),
     strict_inputs: bool = typer.Option(False, "--strict-inputs",
                                        help="Refuse (422) inputs far outside the evaluation range "
                                             "instead of answering with a warning header."),
 ) -> None:
-    """Serve a model over HTTP (FastAPI + onnxruntime): /predict /explain /metadata /metrics /health.
+    """Serve a model over HTTP (FastAPI + onnxruntime): /predict /explain /metadata /metrics
+    /health.
 
-    Example: FEDSHIELD_SERVE_TOKEN=... fedshield serve --model models:/fedshield-digits@champion --port 8080
+    Example: FEDSHIELD_SERVE_TOKEN=... fedshield serve --model models:/fedshield-digits@champion
+    --port 8080
     """
     from fedshield.deployment.serving import serve
 
@@ -171,7 +189,8 @@ def serve_command(
                                      retrain_rounds, Path("runs") / "retrain")
             console.print(f"[bold]retraining started[/bold] (pid {proc.pid}): {trigger.reason}")
     try:
-        serve(model, host, port, token, tracking_uri=registry_uri, quantized=int8, max_batch=max_batch,
+        serve(model, host, port, token, tracking_uri=registry_uri, quantized=int8,
+              max_batch=max_batch,
               window_log=window_log, drift_window=drift_window, drift_threshold=drift_threshold,
               drift_patience=drift_patience, on_trigger=on_trigger, body_timeout=body_timeout,
               strict_inputs=strict_inputs)
@@ -192,10 +211,13 @@ def _metrics_source(url: str, token: str | None) -> dict[str, float]:
 
 
 def monitor_command(
-    source: str = typer.Argument(..., help="A drift-window JSONL (serve --window-log) or a server URL."),
+    source: str = typer.Argument(...,
+                                 help="A drift-window JSONL (serve --window-log) or a server URL."),
     statistic: str = typer.Option("psi_mean", "--statistic", help="Score the trigger watches."),
-    threshold: float = typer.Option(DEFAULTS.drift_threshold, "--threshold", help="Drift when the statistic exceeds this."),
-    patience: int = typer.Option(DEFAULTS.drift_patience, "--patience", help="Consecutive drifting windows before retraining."),
+    threshold: float = typer.Option(DEFAULTS.drift_threshold, "--threshold",
+                                    help="Drift when the statistic exceeds this."),
+    patience: int = typer.Option(DEFAULTS.drift_patience, "--patience",
+                                 help="Consecutive drifting windows before retraining."),
     token: str = typer.Option(None, "--token", envvar="FEDSHIELD_SERVE_TOKEN"),
     as_json: bool = AsJson,
 ) -> None:
@@ -210,7 +232,8 @@ def monitor_command(
         _fail(ValueError(f"--statistic must be one of {', '.join(STATISTICS)}"))
     if source.startswith(("http://", "https://")):
         samples = _metrics_source(source, token)
-        drift = {k.split('"')[1]: v for k, v in samples.items() if k.startswith("fedshield_drift_score{")}
+        drift = {k.split('"')[1]: v for k, v in samples.items()
+                 if k.startswith("fedshield_drift_score{")}
         windows = samples.get("fedshield_drift_windows_total", 0)
         if as_json:
             typer.echo(json.dumps({"windows": windows, "scores": drift,
@@ -226,20 +249,23 @@ def monitor_command(
         return
     path = Path(source)
     if not path.is_file():
-        _fail(FileNotFoundError(f"{path} does not exist; pass serve --window-log PATH's file or a URL"))
+        _fail(FileNotFoundError(f"{path} does not exist; pass serve --window-log PATH's file or a "
+                                "URL"))
     reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     triggers = replay_windows(reports, statistic, threshold, patience)
     if as_json:
         typer.echo(json.dumps({"windows": reports, "triggers": [t.to_dict() for t in triggers]}))
         return
-    table = Table(title=f"drift per window ({statistic} > {threshold} for {patience} windows triggers)")
+    table = Table(title=f"drift per window ({statistic} > {threshold} for {patience} windows "
+                        "triggers)")
     for col in ("window", "examples", statistic, "prediction_psi", "top feature"):
         table.add_column(col)
     for r in reports:
         value = r["scores"][statistic]
         shown = f"[red]{value:.4f}[/red]" if value > threshold else f"{value:.4f}"
         top = r["scores"].get("top_features") or [["-", 0.0]]
-        table.add_row(str(r["index"]), str(r["examples"]), shown, f"{r['scores']['prediction_psi']:.4f}",
+        table.add_row(str(r["index"]), str(r["examples"]), shown,
+                      f"{r['scores']['prediction_psi']:.4f}",
                       f"{top[0][0]} ({top[0][1]:.3f})")
     console.print(table)
     for t in triggers:

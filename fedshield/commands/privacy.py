@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -29,7 +29,7 @@ def _group() -> None:
     """Differential-privacy planning and accounting."""
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     _err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
 
@@ -40,9 +40,9 @@ def _fail(message: str) -> None:
     "Inverse: fedshield privacy plan --noise-multiplier 1.1 --delta 1e-5 --rounds 50 "
     "--local-epochs 1 --batch-size 64 --num-examples 6000"))
 def plan_command(
-    target_epsilon: Optional[float] = typer.Option(
+    target_epsilon: float | None = typer.Option(
         None, help="epsilon to spend over the whole schedule"),
-    noise_multiplier: Optional[float] = typer.Option(
+    noise_multiplier: float | None = typer.Option(
         None, help="instead of a target: the epsilon this noise multiplier spends"),
     delta: float = typer.Option(1e-5, help="delta; must be < 1/num-examples"),
     rounds: int = typer.Option(..., help="federated rounds the client trains in"),
@@ -50,7 +50,7 @@ def plan_command(
     batch_size: int = typer.Option(..., help="expected Poisson batch size"),
     num_examples: int = typer.Option(..., help="examples on the client"),
     max_steps: int = typer.Option(0, help="cap on steps per round, as train.max_steps (0 = none)"),
-    accountant: Optional[str] = typer.Option(
+    accountant: str | None = typer.Option(
         None, help=f"one of {', '.join(BOUNDS)} (default: all three side by side; gdp is an "
                    "approximation, not a bound, and is refused)"),
     json_out: bool = typer.Option(False, "--json",
@@ -128,7 +128,7 @@ def ledger_command(
 ) -> None:
     """A site's privacy spend per federation and in total (the total is what its budget caps).
     Exits 1 when a ledger is deleted, truncated or unreadable."""
-    from fedshield.privacy.ledger import site_report  # noqa: PLC0415
+    from fedshield.privacy.ledger import site_report
 
     if not Path(ledger_dir).is_dir():
         _fail(f"--ledger-dir {ledger_dir!r} is not a directory; pass the site's ledger-dir")
@@ -173,16 +173,16 @@ def _ledger_table(site: dict) -> Table:
     "canary (the run's own config.toml; writes runs/NAME/audit.json)\n\n"
     "Without DP, for the attack's ceiling: add --set privacy.enabled=false"))
 def audit_command(
-    config: Optional[str] = typer.Argument(
+    config: str | None = typer.Argument(
         None, help="TOML experiment config, e.g. configs/default.toml (default with --run-dir: "
                    "the run's config.toml)"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override key=value (repeatable)"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override key=value (repeatable)"),
     canaries: int = typer.Option(1000, help="canaries inserted into the client's data (m)"),
     client: int = typer.Option(0, help="partition id of the audited client"),
     shadows: int = typer.Option(4, help="LiRA shadow models"),
     attacks: str = typer.Option("canary,mia,inversion", help="comma-separated attacks to run"),
-    seed: Optional[int] = typer.Option(None, help="the auditor's coins (default: fresh entropy)"),
-    run_dir: Optional[str] = typer.Option(
+    seed: int | None = typer.Option(None, help="the auditor's coins (default: fresh entropy)"),
+    run_dir: str | None = typer.Option(
         None, help="a finished run's folder: write the audit there (audit.json) for its model "
                    "card, and refresh the card already in its export/"),
     json_out: bool = typer.Option(False, "--json", help="print the report as JSON"),
@@ -221,7 +221,7 @@ def audit_command(
 def _card_note(run: Path) -> str:
     """Refresh the run's card if its hand-off wrote one, and say which cards show the audit."""
     try:
-        from fedshield.deployment.card import refresh_audit  # noqa: PLC0415 ([deploy] extra)
+        from fedshield.deployment.card import refresh_audit  # [deploy] extra
     except ImportError:
         return "the model card will show it once the [deploy] extra builds one"
     card = refresh_audit(run)

@@ -33,8 +33,10 @@ def byzantine_count(num_clients: int, fraction: float) -> int:
     return math.floor(fraction * num_clients + 1e-9)
 
 
-def select_byzantine(num_clients: int, fraction: float, explicit_ids: str, seed: int) -> frozenset[int]:
-    """Explicit ids ("0,3") if given, else floor(fraction * num_clients) clients drawn with ``seed``."""
+def select_byzantine(num_clients: int, fraction: float, explicit_ids: str,
+                     seed: int) -> frozenset[int]:
+    """Explicit ids ("0,3") if given, else floor(fraction * num_clients) clients drawn with
+    ``seed``."""
     if explicit_ids.strip():
         return frozenset(parse_id_list(explicit_ids, num_clients))
     if not 0.0 <= fraction < 1.0:
