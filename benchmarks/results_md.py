@@ -95,8 +95,9 @@ COMMANDS: dict[str, Recipe] = {
         "--epsilons 0.5,1,3,8,inf --audit-canaries 1000"),
     "cpu-2026-12-01/privacy-eps1-seeds": recipe(
         "git worktree add ../old 4357f23  # 'old': the code before the secret randomness",
-        "fedshield simulate configs/bench-dp-mnist-scattering.toml --set privacy.target_epsilon=1.0 "
-        "--set seed=S --set name=acc-T-sS --json  # S = 1, 2; T = main (8a55954) and old",
+        "fedshield simulate configs/bench-dp-mnist-scattering.toml "
+        "--set privacy.target_epsilon=1.0 --set seed=S --set name=acc-T-sS --json"
+        "  # S = 1, 2; T = main (8a55954) and old",
         note="seed 0 of both is in the two privacy-sweep-scattering folders"),
     "h100-2026-11-26": recipe("python benchmarks/run_suite.py fedavg dp robustness",
                               note="on an H100 machine, 14 runs at a time"),

@@ -156,7 +156,7 @@ PRE_AGGREGATORS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "nnm": nnm,
 }
 
-# Central DP's facts about each rule, from the records (central_dp_rules.py turns them into refusals).
+# Central DP's facts about each rule, from the records (central_dp_rules.py makes the refusals).
 MEAN_OF_CLIPPED_RULES = frozenset(n for n, r in RULE_RECORDS.items() if r.mean_of_clipped)
 CENTRAL_DP_REFUSALS = {n: r.central_dp_refusal for n, r in RULE_RECORDS.items()
                        if r.central_dp_refusal is not None}
