@@ -50,15 +50,18 @@ def escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def section_table(cls: type, prefix: str, default_toml: dict[str, Any]) -> list[str]:
-    """Rows ``| key | type | default | valid values | meaning |`` for one config section."""
+def section_table(section: Any, prefix: str, default_toml: dict[str, Any]) -> list[str]:
+    """Rows ``| key | type | default | valid values | meaning |`` for one config section.
+
+    ``section`` is the section as ``Config()`` holds it: a key a file leaves out takes its value."""
+    cls = type(section)
     comments = field_comments(cls)
     rows = ["| key | type | default | valid values | meaning |", "|---|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         if f.default_factory is not dataclasses.MISSING:  # a nested section: its own table
             continue
         key = f"{prefix}{f.name}"
-        default = f.default
+        default = getattr(section, f.name)
         default_cell = shown(default)
         if key in default_toml and default_toml[key] != default:
             default_cell += f" (`configs/default.toml`: {shown(default_toml[key])})"
@@ -77,16 +80,17 @@ def reference_markdown() -> str:
 
     default_toml = validation.load(ROOT / "configs" / "default.toml").flat()
     out = ["## Top-level keys", ""]
-    out += section_table(schema.Config, "", default_toml)
+    config = schema.Config()
+    out += section_table(config, "", default_toml)
     for f in dataclasses.fields(schema.Config):
         if f.default_factory is dataclasses.MISSING:
             continue
-        section = f.default_factory
+        section = type(getattr(config, f.name))
         doc = (inspect.getdoc(section) or "").split("\n\n")[0]
         out += ["", f"## [{f.name}]", ""]
         if doc and not doc.startswith(section.__name__ + "("):  # skip dataclass' own signature
             out += [doc, ""]
-        out += section_table(section, f"{f.name}.", default_toml)
+        out += section_table(getattr(config, f.name), f"{f.name}.", default_toml)
     return "\n".join(out) + "\n"
 
 
