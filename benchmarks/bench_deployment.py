@@ -79,12 +79,12 @@ def summarise(lines: list[MetricsLine], n: int, rounds: int, wall: float,
     """One benchmark row from a run's metrics lines (and Flower's run info, when given)."""
     steady = lines[1:] or lines  # round 1 also pays start-up (imports, first connections)
     client = [s for m in steady for s in m.client_seconds.values()]
+    round_s = statistics.median(m.seconds or 0.0 for m in steady)
+    client_s = statistics.median(client) if client else None
     row = {"rounds_completed": len(lines), "accepted_min": min(m.accepted for m in lines),
-           "round1_s": lines[0].seconds,
-           "round_s": statistics.median(m.seconds or 0.0 for m in steady),
-           "client_s": statistics.median(client) if client else None,
-           "final_accuracy": lines[-1].accuracy, "wall_s": round(wall, 1)}
-    row["overhead_s"] = row["round_s"] - row["client_s"] if client else None
+           "round1_s": lines[0].seconds, "round_s": round_s, "client_s": client_s,
+           "final_accuracy": lines[-1].accuracy, "wall_s": round(wall, 1),
+           "overhead_s": round_s - client_s if client_s is not None else None}
     if info:
         traffic, compute = info["network-traffic"], info["compute-time"]
         row["traffic_bytes_per_round_client"] = traffic["total-bytes"] / (rounds * n)

@@ -35,8 +35,10 @@ def run(config: str, overrides: list[str], repeats: int, out: Path) -> list[dict
             started = time.perf_counter()
             summary = simulate(cfg)
             wall = time.perf_counter() - started
+            assert summary.run_dir is not None  # a simulated run always has its folder
             lines = read_metrics(summary.run_dir)
-            later = [m.seconds for m in lines[1:]] or [lines[0].seconds]
+            # every recorded round is timed; 0.0 stands in as in bench_deployment
+            later = [m.seconds or 0.0 for m in lines[1:]] or [lines[0].seconds or 0.0]
             rows.append({"secagg": secagg, "repeat": rep, "clients": cfg.federation.num_clients,
                          "rounds": len(lines), "first_round_s": lines[0].seconds,
                          "median_round_s": statistics.median(later),

@@ -8,6 +8,8 @@ training is client/fit.py; the SecAgg+ protocol messages are client/secagg.py.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from fedshield.client.data import load_client_data
 from fedshield.client.fit import (
@@ -23,7 +25,7 @@ from fedshield.client.fit import (
 from fedshield.client.secagg import secagg_train
 from fedshield.privacy.releases import EXACT_MODE, OUTSIDE_KEY
 from fedshield.tasks import Task, evaluate
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedshield import validation
@@ -53,9 +55,14 @@ def round_config(msg: Message) -> dict:
     return dict(msg.content["config"]) if "config" in msg.content else {}
 
 
+def _arrays(msg: Message) -> ArrayRecord:
+    # the server's train and evaluate messages carry the model as the ArrayRecord "arrays"
+    return cast(ArrayRecord, msg.content["arrays"])
+
+
 def _model_from(msg: Message, task: Task) -> torch.nn.Module:
     model = task.build_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(_arrays(msg).to_torch_state_dict())
     return model
 
 
@@ -70,7 +77,7 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
             return secagg_train(msg, context, cfg, load_data)
         try:
             model, metrics = fit_locally(context, cfg, load_data,
-                                         msg.content["arrays"].to_torch_state_dict(),
+                                         _arrays(msg).to_torch_state_dict(),
                                          round_config(msg))
         except DataValidationError as exc:
             return refusal(msg, context, "invalid-data", str(exc))

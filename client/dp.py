@@ -83,7 +83,8 @@ class SecureNoise:
         # as DPOptimizer(FastGradientClipping).add_noise in Opacus 1.6 (adaptive clipping's
         # multiplier included), with one draw for all parameters (and steps: NoiseAhead)
         multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
-        sums = [p.summed_grad for p in self.params]
+        # Opacus sets summed_grad on each parameter at run time; torch's Parameter type lacks it
+        sums = [p.summed_grad for p in self.params]  # type: ignore[attr-defined]
         if not sums:
             return
         for s in sums:
@@ -103,7 +104,8 @@ class SecureNoise:
         noise from ``rng``, ahead for up to ``steps`` steps; nothing else about it changes."""
         if not isinstance(optimizer, DPOptimizer):
             raise TypeError(f"expected an Opacus DPOptimizer, got {type(optimizer).__name__}")
-        optimizer.__class__ = _secure_class(type(optimizer))
+        cls: type = type(optimizer)  # Opacus is untyped: type[Any], which mypy won't hash
+        optimizer.__class__ = _secure_class(cls)
         optimizer.noise_rng, optimizer.noise_steps, optimizer.noise_ahead = rng, steps, None
         return optimizer
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -59,7 +61,9 @@ def client_ledger(cfg: schema.Config, context: Context, run_key: str, server_rou
     client = node.get("site-id", f"partition-{node.get('partition-id', context.node_id)}")
     # A simulated run re-partitions its benchmark data: its ledger's data is that run's partition.
     site = site_key(node) if scope == "federation" else f"{owner}/{client}"
-    ledger = Ledger.for_client(node.get("ledger-dir", cfg.privacy.ledger_dir), owner, client,
+    # node-config values are untyped TOML scalars; ledger_path Path()s and str()s them
+    ledger_dir = cast(str | Path, node.get("ledger-dir", cfg.privacy.ledger_dir))
+    ledger = Ledger.for_client(ledger_dir, owner, cast(str | int, client),
                                cfg.privacy.delta, cfg.privacy.accountant, privacy_cap(cfg, node),
                                site=site)
     if cfg.federation.fraction_train >= 1.0 and not cfg.central_dp.enabled:

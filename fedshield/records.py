@@ -338,7 +338,7 @@ def _checked_mapping(metrics: Mapping, limits: ReplyLimits) -> Mapping:
     return dict(metrics)
 
 
-def _scalar(m: Mapping, key: str) -> float | int | None:
+def _scalar(m: Mapping, key: str) -> float | int | np.integer | np.floating | None:
     """The value under ``key`` as a real number (None if absent); lists, strings, bools are
     malformed."""
     if key not in m:
@@ -397,10 +397,15 @@ def _dp_event(m: Mapping) -> DPEvent | None:
     if missing:
         raise _Bad("malformed:dp-event", f"a privacy event needs {', '.join(DP_KEYS)}; "
                    f"{', '.join(missing)} missing")
-    return DPEvent(noise_multiplier=_number(m, "noise-multiplier", lo=0.0),
-                   sample_rate=_number(m, "sample-rate", lo=0.0, hi=1.0, lo_open=True),
-                   steps=steps, clip_norm=_number(m, "clip-norm", lo=0.0, lo_open=True),
-                   delta=_number(m, "delta", lo=0.0, hi=1.0, lo_open=True))
+    noise = _number(m, "noise-multiplier", lo=0.0)
+    rate = _number(m, "sample-rate", lo=0.0, hi=1.0, lo_open=True)
+    clip = _number(m, "clip-norm", lo=0.0, lo_open=True)
+    delta = _number(m, "delta", lo=0.0, hi=1.0, lo_open=True)
+    # every DP key is present (checked above) and a present key is never read back as None
+    assert noise is not None and rate is not None and steps is not None
+    assert clip is not None and delta is not None
+    return DPEvent(noise_multiplier=noise, sample_rate=rate, steps=steps, clip_norm=clip,
+                   delta=delta)
 
 
 def _extra(m: Mapping, known: set[str]) -> Mapping[str, float]:

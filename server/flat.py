@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 
-def flatten(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+def flatten(arrays: Mapping[str, np.ndarray], names: list[str]) -> np.ndarray:
     """One float32 vector of ``arrays[name]`` for ``name`` in ``names``, in one allocation."""
     return stack([arrays], names)[0]
 
 
-def stack(updates: list[dict[str, np.ndarray]], names: list[str]) -> np.ndarray:
+def stack(updates: Sequence[Mapping[str, np.ndarray]], names: list[str]) -> np.ndarray:
     """The ``(n, d)`` float32 matrix of n updates, in one allocation."""
     sizes = [int(np.prod(np.shape(updates[0][k]))) if updates else 0 for k in names]
     out = np.empty((len(updates), sum(sizes)), dtype=np.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -79,7 +80,7 @@ class RunFolder:
         return read_summary(self.path)
 
     def save_weights(self, name: str, state: dict[str, torch.Tensor],
-                     meta: dict[str, str]) -> Path:
+                     meta: Mapping[str, object]) -> Path:
         """Save weights as safetensors (Opacus' ``_module.`` prefix removed)."""
         path = self.path / name
         save_file({k.removeprefix("_module."): v.contiguous() for k, v in state.items()},
@@ -98,11 +99,15 @@ class RunFolder:
 
         rounds = [m.round for m in rows]
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot(rounds, [m.accuracy for m in rows], "o-", color="tab:blue", label="accuracy")
+        # rows are the scored rounds; a round without a loss is a gap (NaN, as matplotlib
+        # draws None)
+        accuracy = [float("nan") if m.accuracy is None else m.accuracy for m in rows]
+        loss = [float("nan") if m.loss is None else m.loss for m in rows]
+        ax.plot(rounds, accuracy, "o-", color="tab:blue", label="accuracy")
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy", color="tab:blue")
         ax2 = ax.twinx()
-        ax2.plot(rounds, [m.loss for m in rows], "s--", color="tab:red", label="loss")
+        ax2.plot(rounds, loss, "s--", color="tab:red", label="loss")
         ax2.set_ylabel("test loss", color="tab:red")
         ax.set_title(self.path.name)
         ax.grid(alpha=0.3)

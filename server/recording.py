@@ -105,7 +105,10 @@ def metrics_line(rnd: int, record: dict, strategy: RecordedStrategy) -> MetricsL
     """One round's line of metrics.jsonl, from the round's decoded reports (fedshield.records)."""
     state: RoundState = record["state"]
     part = strategy.node_partition
-    label = lambda n: part.get(n, n)  # noqa: E731 — partition id where known, else node id
+
+    def label(n: int) -> int:  # partition id where known, else node id
+        return part.get(n, n)
+
     reports = state.reports
     eps = {str(label(n)): r.epsilon for n, r in reports.items() if r.epsilon is not None}
     # The privacy events of this round, per client: enough to recompute every epsilon.
@@ -302,8 +305,8 @@ def build_summary(cfg: schema.Config, folder: RunFolder, strategy: RecordedStrat
     """The run's summary.json, from its metrics lines and configuration."""
     lines = folder.read_metrics()
     last = lines[-1] if lines else None
-    scored = [m for m in lines if m.accuracy is not None]
-    best = max(scored, key=lambda m: m.accuracy) if scored else None
+    scored = [(m.accuracy, m) for m in lines if m.accuracy is not None]
+    best = max(scored, key=lambda s: s[0]) if scored else None
     eps_by_client: dict[str, float] = {}
     noise_used: set[float] = set()
     class_parts: dict[str, tuple] = {}
@@ -324,7 +327,7 @@ def build_summary(cfg: schema.Config, folder: RunFolder, strategy: RecordedStrat
         strategy=cfg.aggregation.rule, attack=asdict(cfg.attack), seed=cfg.seed,
         secagg=cfg.secagg.enabled,
         final=FinalMetrics(accuracy=last.accuracy, loss=last.loss) if last else None,
-        best=BestRound(round=best.round, accuracy=best.accuracy) if best else None,
+        best=BestRound(round=best[1].round, accuracy=best[0]) if best else None,
         privacy=PrivacySummary(
             enabled=cfg.privacy.enabled, accountant=cfg.privacy.accountant,
             delta=cfg.privacy.delta, noise_multiplier=cfg.privacy.noise_multiplier,

@@ -20,6 +20,7 @@ aggregation cannot proceed without them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,7 @@ class Rejection:
         return self.reason.split(":", 1)[0]
 
 
-def structural_problem(update: dict[str, np.ndarray],
+def structural_problem(update: Mapping[str, np.ndarray],
                        reference: dict[str, np.ndarray]) -> str | None:
     """Why an update does not match the model's arrays (names, dtypes, shapes), or None."""
     missing = [k for k in reference if k not in update]
@@ -79,7 +80,7 @@ def structural_problem(update: dict[str, np.ndarray],
     return None
 
 
-def non_finite_problem(update: dict[str, np.ndarray]) -> str | None:
+def non_finite_problem(update: Mapping[str, np.ndarray]) -> str | None:
     """Which arrays of an update hold NaN or Inf, or None."""
     counts: dict[str, dict[str, int]] = {"nan": {}, "inf": {}}
     for name, arr in update.items():
@@ -95,7 +96,8 @@ def non_finite_problem(update: dict[str, np.ndarray]) -> str | None:
     return None
 
 
-def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None) -> float:
+def update_norm(update: Mapping[str, np.ndarray],
+                reference: dict[str, np.ndarray] | None) -> float:
     """L2 norm in float64 (no float16 overflow); of ``update - reference`` when given."""
     total = 0.0
     for name, arr in update.items():
@@ -124,7 +126,8 @@ def capped_weights(claims: np.ndarray, ratio: float = MAX_WEIGHT_RATIO) -> np.nd
     return w if len(w) != 1 else np.ones(1)
 
 
-def screen_updates(updates: list[dict[str, np.ndarray]], reference: dict[str, np.ndarray],
+def screen_updates(updates: Sequence[Mapping[str, np.ndarray]],
+                   reference: dict[str, np.ndarray],
                    cfg: ScreeningConfig, client_ids: list[int],
                    relative_to_reference: bool = False) -> tuple[list[int], list[Rejection]]:
     """Indices (into ``updates``) kept, and a Rejection per refused update.
@@ -150,7 +153,7 @@ def screen_updates(updates: list[dict[str, np.ndarray]], reference: dict[str, np
     return kept, rejections
 
 
-def norm_problems(updates: list[dict[str, np.ndarray]], candidates: list[int],
+def norm_problems(updates: Sequence[Mapping[str, np.ndarray]], candidates: list[int],
                   base: dict[str, np.ndarray] | None, cfg: ScreeningConfig) -> dict[int, str]:
     """Candidates whose update norm breaks the absolute or median-relative bound, with why."""
     norms = {i: update_norm(updates[i], base) for i in candidates}

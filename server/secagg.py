@@ -100,6 +100,7 @@ class SecAggFedAvg(HoldsFederation, FedAvg):
             chosen = [eligible[i] for i in self.federation.sample_positions(
                 len(eligible), k, rnd, amplified=False)]
         self.round.sampled = [p.node_id for p in chosen]
+        assert self.run is not None, "run_secagg_federation sets the run before any round"
         config = {"server-round": rnd, **train_round_config(self.cfg, self.run.folder)}
         return [(p, FitIns(parameters, config)) for p in chosen]
 
@@ -232,7 +233,8 @@ class ErrorWatch(Grid):
         replies = list(replies)
         for reply in replies:
             if reply.has_error():
-                self._on_error(reply.metadata.src_node_id, reply.error.reason)
+                # Flower's Error.reason is optional; a reason-less error is still a dropout
+                self._on_error(reply.metadata.src_node_id, reply.error.reason or "")
         return replies
 
 

@@ -31,6 +31,7 @@ from flwr.app import (
     Message,
     MessageType,
     MetricRecord,
+    MetricRecordValues,
     RecordDict,
 )
 from flwr.common import log
@@ -311,8 +312,9 @@ class ShieldStrategy(HoldsFederation, FedAvg):
 
     def _train_metrics(self) -> MetricRecord:
         reports = self.round.reports
-        out = {"accepted": len(self.round.accepted), "rejected": len(self.round.rejected),
-               "refused": len(self.round.refused)}
+        out: dict[str, MetricRecordValues] = {
+            "accepted": len(self.round.accepted), "rejected": len(self.round.rejected),
+            "refused": len(self.round.refused)}
         accepted = [n for n in self.round.accepted if n in reports]
         loss = weighted_loss([reports[n].train_loss for n in accepted],
                              [self.round.weights.get(n, 1.0) for n in accepted])
@@ -348,8 +350,9 @@ class ShieldStrategy(HoldsFederation, FedAvg):
         w = capped_weights(np.array(counts, np.float64)) if all(c is not None for c in counts) \
             else np.ones(len(reports))
         mean = lambda xs: float(np.dot(w, xs) / w.sum())  # noqa: E731
-        out = {"accuracy": mean([r.accuracy for _, r in reports]),
-               "loss": mean([r.loss for _, r in reports]), "num-clients": len(reports)}
+        out: dict[str, MetricRecordValues] = {
+            "accuracy": mean([r.accuracy for _, r in reports]),
+            "loss": mean([r.loss for _, r in reports]), "num-clients": len(reports)}
         if any(r.extra.get(OUTSIDE_KEY) for _, r in reports):  # exact values sent by opt-in
             out[OUTSIDE_KEY] = 1.0
         self.round.client_eval = dict(out)

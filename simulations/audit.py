@@ -34,6 +34,7 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -204,11 +205,16 @@ def _canary_model(features: int, classes: int, seed: int) -> nn.Module:
     return mlp(features, classes, hidden=())
 
 
+def _weight(model: nn.Module) -> torch.Tensor:
+    """The weight of the canary model's one layer (mlp with hidden=(): Sequential(Linear))."""
+    return cast(nn.Linear, cast(nn.Sequential, model)[0]).weight
+
+
 def _canary_directions(model: nn.Module, canary_x: torch.Tensor, canary_y: torch.Tensor,
                        first: int) -> np.ndarray:
     """(classes, m): minus each canary's loss gradient on its own weight column, unit length:
     where an SGD step on canary k moves column first + k."""
-    weight = model[0].weight
+    weight = _weight(model)
     loss = nn.functional.cross_entropy(model(canary_x), canary_y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, [weight])
     cols = -grad[:, first:].double().numpy()  # canary k's gradient touches only column first + k
@@ -216,7 +222,7 @@ def _canary_directions(model: nn.Module, canary_x: torch.Tensor, canary_y: torch
 
 
 def _columns(model: nn.Module, first: int) -> np.ndarray:
-    return model[0].weight.detach()[:, first:].double().numpy().copy()
+    return _weight(model).detach()[:, first:].double().numpy().copy()
 
 
 def canary_audit(cfg: schema.Config, canaries: int = 1000, client: int = 0,

@@ -33,11 +33,12 @@ AsJson = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 
 def _registry_failures() -> tuple[type[Exception], ...]:
-    """What a corrupt or foreign registry raises from inside MLflow: reported, not a traceback."""
+    """Ours, and what a corrupt or foreign registry raises from inside MLflow: reported, not a
+    traceback (one tuple: mypy can't type an ``except (A, *rest)``)."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    return MlflowException, SQLAlchemyError, ValueError
+    return FedShieldError, MlflowException, SQLAlchemyError, ValueError
 
 
 def _fail(exc: Exception) -> None:
@@ -61,7 +62,7 @@ def registry_list(model_name: str = ModelName, registry_uri: str = RegistryUri,
 
     try:
         rows = list_versions(registry_uri, model_name)
-    except (FedShieldError, *_registry_failures()) as exc:
+    except _registry_failures() as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
@@ -92,7 +93,7 @@ def registry_show(version: str = typer.Argument(..., help="Version number."),
 
     try:
         typer.echo(json.dumps(show(registry_uri, model_name, version), indent=2))
-    except (FedShieldError, *_registry_failures()) as exc:
+    except _registry_failures() as exc:
         _fail(exc)
 
 
@@ -122,7 +123,7 @@ def registry_promote(version: str = typer.Argument(..., help="Version number."),
 
     try:
         decision = promote(registry_uri, model_name, version, _policy(config), force, reason)
-    except (FedShieldError, *_registry_failures()) as exc:
+    except _registry_failures() as exc:
         _fail(exc)
     if as_json:
         typer.echo(json.dumps(decision.to_dict(), indent=2))
@@ -194,7 +195,7 @@ def serve_command(
               window_log=window_log, drift_window=drift_window, drift_threshold=drift_threshold,
               drift_patience=drift_patience, on_trigger=on_trigger, body_timeout=body_timeout,
               strict_inputs=strict_inputs)
-    except (FedShieldError, *_registry_failures()) as exc:
+    except _registry_failures() as exc:
         _fail(exc)
 
 

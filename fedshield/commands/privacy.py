@@ -200,9 +200,12 @@ def audit_command(
         _fail("give a CONFIG, or --run-dir RUN to audit a run with its own config.toml")
     if run_dir is not None and not (Path(run_dir) / SUMMARY_FILE).is_file():
         _fail(f"--run-dir {run_dir!r}: no summary.json there; pass the folder of a finished run")
+    source: str | Path | None = config
+    if source is None:
+        assert run_dir is not None  # refused above when both are None
+        source = Path(run_dir) / "config.toml"
     try:
-        cfg = validation.load(config if config is not None else Path(run_dir) / "config.toml",
-                              set_ or [])
+        cfg = validation.load(source, set_ or [])
         report = run_audit(cfg, canaries=canaries, client=client, shadows=shadows,
                            attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()),
                            audit_seed=seed)
@@ -214,7 +217,7 @@ def audit_command(
     else:
         for table in _audit_tables(report):
             Console().print(table)
-    if written is not None:
+    if written is not None and run_dir is not None:  # written only with a run_dir
         _err.print(f"audit recorded in {written}; " + _card_note(Path(run_dir)))
 
 
