@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from fedshield.privacy.central import (
+    NoiseSource,
     add_central_noise,
     clip_updates,
     expected_clients,
@@ -50,7 +51,15 @@ class CentralDP:
         cohort, plus noise calibrated to one client's contribution C."""
         mean = fixed_denominator_mean(clipped_sum.unsqueeze(0), self.expected)
         return add_central_noise(mean, self.cfg.clip_norm,
-                                 self.cfg.noise_multiplier, self.expected, self.generator)
+                                 self.cfg.noise_multiplier, self.expected, self._noise_source())
+
+    def _noise_source(self) -> NoiseSource:
+        """The seeded stream under the reproducible opt-in; else a fresh secret stream per release,
+        so no stream ever nears its byte limit (privacy/randomness.py MAX_STREAM_BYTES) in a long
+        run, and no key outlives its round."""
+        if isinstance(self.generator, torch.Generator):
+            return self.generator
+        return noise_generator(self.cfg, self.seed)
 
     def aggregate(self, deltas: torch.Tensor) -> AggregationResult:
         """The noisy clipped mean of ``(n, d)`` client updates (the plain path).
