@@ -209,6 +209,21 @@ class PrivacyUnits(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class FederatedEvaluation(_Record):
+    """The round's federated evaluation of the global model: each evaluating client's result on
+    its own held-out data, keyed by partition id, noised under client DP (``noise_std``: the
+    accuracy noise's standard deviation; None means exact), and their distribution."""
+
+    accuracy: Mapping[str, float]
+    loss: Mapping[str, float] = field(default_factory=dict)
+    mean: float | None = None
+    worst: float | None = None
+    worst_decile: float | None = None  # mean accuracy of the worst 10% of clients (at least one)
+    spread: float | None = None  # standard deviation of the clients' accuracies
+    noise_std: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class MetricsLine(_Record):
     """One round's line of ``metrics.jsonl``. Client-keyed maps use the partition id (or the
     node id where it is unknown) as a string key, as JSON requires."""
@@ -239,6 +254,9 @@ class MetricsLine(_Record):
     client_seconds: Mapping[str, float] = field(default_factory=dict)
     class_counts: Mapping[str, ClassCounts] = field(default_factory=dict)
     outside_guarantee: tuple[str, ...] = ()
+    # node id -> partition id of every node this line names by node id (the quarantine lists)
+    node_partitions: Mapping[str, int] = field(default_factory=dict)
+    evaluation: FederatedEvaluation | None = _omit_none()  # the round's federated evaluation
 
     @property
     def aggregated(self) -> bool:
