@@ -5,7 +5,9 @@ makes the epsilon void against the server, so this refuses under any policy); te
 served ONNX model >= min_accuracy; per-client epsilon (privacy.epsilon_max) <= max_epsilon, and DP
 must be on when a limit is set; accuracy drop under the run's robustness check <= max_accuracy_drop;
 ONNX parity <= parity_tolerance; the sha256 of every file the gate reads (model files, export.json,
-card, run/summary.json) equal to the registry's.
+card, run/summary.json) equal to the registry's; and, when the run was audited before it was
+registered (run/audit.json), that no empirical epsilon lower bound exceeds the stated epsilon: a
+bound above it refutes the accountant, so that check, like the noise check, cannot be forced.
 
 The policy is the one stored with the version at registration; an explicit policy (``--config``)
 can only add to it (``strictest``). A version without a stored policy needs an explicit one: the
@@ -20,6 +22,7 @@ import getpass
 import json
 import tempfile
 import time
+import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,13 +38,14 @@ from fedshield.deployment.registry import (
     expected_run_hashes,
     get_version,
 )
+from fedshield.privacy.audit import AUDIT_JSON, AuditRecord, mechanism_digest
 
 from fedshield.errors import ConfigError, StateCorrupted
 from fedshield.run_records import COMPLETED, SUMMARY_FILE, RunSummary
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 # Checks --force can never override: the inputs are untrustworthy, or the guarantee is void.
-HARD_CHECKS = ("integrity", "status", "noise")
+HARD_CHECKS = ("integrity", "status", "noise", "audit")
 # Files the gate decides on; a version whose registration did not hash them is refused.
 MODEL_INPUTS = (EXPORT_JSON,)
 RUN_INPUTS = (SUMMARY_FILE,)
@@ -70,13 +74,34 @@ def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def audit_check(audit: AuditRecord, config: Mapping | None) -> dict:
+    """The ``audit`` check: every canary attack's empirical lower bound at most its stated
+    epsilon. An audit of other settings is not evidence about this model: reported, not failed."""
+    if config is not None and audit.mechanism_digest != mechanism_digest(config):
+        return _check("audit", True, "run/audit.json audits other settings than this run's "
+                      "config.toml: not evidence about this model")
+    refuted = [c for c in audit.canary
+               if float(c["empirical_epsilon"]) > float(c["stated_epsilon"])]
+    if refuted:
+        worst = max(refuted, key=lambda c: float(c["empirical_epsilon"]))
+        return _check("audit", False, f"empirical epsilon lower bound "
+                      f"{float(worst['empirical_epsilon']):.3f} ({worst['adversary']} adversary) "
+                      f"exceeds the stated epsilon {float(worst['stated_epsilon']):.3f}: the "
+                      "accountant's guarantee is refuted; find the cause before deploying")
+    bounds = ", ".join(f"{float(c['empirical_epsilon']):.3f} <= {float(c['stated_epsilon']):.3f}"
+                       for c in audit.canary)
+    return _check("audit", True, f"empirical lower bounds {bounds or '(no canary attack)'}")
+
+
 def decide(summary: RunSummary | Mapping | None, export: dict, policy,
-           hash_problems: list[str]) -> GateDecision:
+           hash_problems: list[str], audit: AuditRecord | None = None,
+           config: Mapping | None = None) -> GateDecision:
     """The pure policy: summary.json + export.json + integrity findings -> decision with reasons.
 
     ``summary``: the run's RunSummary (a parsed summary.json object is decoded into one; None:
     no trustworthy summary). ``policy``: a GatePolicy or a DeploymentConfig (anything with the
-    four gate attributes)."""
+    four gate attributes). ``audit``: the registered run's audit record, if it had one;
+    ``config``: its config table (to tell whether the audit is of this run's mechanism)."""
     policy = policy if isinstance(policy, GatePolicy) else GatePolicy.from_deployment(policy)
     if summary is None:
         summary = RunSummary()
@@ -111,6 +136,8 @@ def decide(summary: RunSummary | Mapping | None, export: dict, policy,
         checks.append(_check("robustness", drop <= policy.max_accuracy_drop,
                              f"accuracy drop under attack {drop:.4f} vs limit "
                              f"{policy.max_accuracy_drop:.4f}"))
+    if audit is not None:
+        checks.append(audit_check(audit, config))
     diff = _number(parity.get("max_abs_diff"))
     checks.append(_check("parity", diff is not None and diff <= policy.parity_tolerance,
                          f"max |torch - onnxruntime| logit difference {diff:.2e} vs tolerance "
@@ -180,6 +207,21 @@ def _read_summary(path: Path, problems: list[str]) -> RunSummary | None:
     return None
 
 
+def _read_audit(run_local: Path, run_hashes: dict[str, str],
+                problems: list[str]) -> tuple[AuditRecord | None, dict | None]:
+    """The registered run's audit record and config; only files hashed at registration count (an
+    audit.json added to the store later is not the registered run's)."""
+    if AUDIT_JSON not in run_hashes:
+        return None, None
+    try:
+        audit = AuditRecord.from_json((run_local / AUDIT_JSON).read_text())
+        config = tomllib.loads((run_local / "config.toml").read_text())
+    except (OSError, ConfigError, tomllib.TOMLDecodeError) as exc:
+        problems.append(f"run/{AUDIT_JSON} or run/config.toml is unreadable ({exc})")
+        return None, None
+    return audit, config
+
+
 def evaluate_version(tracking_uri: str, model_name: str, version: str,
                      policy=None) -> GateDecision:
     """Download a version, verify the hashes of everything the gate reads, and apply the policy
@@ -200,9 +242,10 @@ def evaluate_version(tracking_uri: str, model_name: str, version: str,
             problems = ["no sha256 tags recorded in the registry"]
         export = _read_json(local / EXPORT_JSON, problems)
         summary = _read_summary(run_local / SUMMARY_FILE, problems)
+        audit, config = _read_audit(run_local, expected_run_hashes(mv.tags), problems)
     if problems:  # never decide on inputs that are not the registered ones
-        export, summary = {}, None
-    decision = decide(summary, export, chosen, problems)
+        export, summary, audit = {}, None, None
+    decision = decide(summary, export, chosen, problems, audit, config)
     decision.policy_source = source
     return decision
 

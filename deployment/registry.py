@@ -38,6 +38,7 @@ from fedshield.deployment.artifacts import (
 from fedshield.deployment.card import ModelCard, privacy_warning, read_run
 from fedshield.deployment.export import ExportResult
 from fedshield.deployment.policy import POLICY_TAG, GatePolicy
+from fedshield.privacy.audit import AUDIT_JSON
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
@@ -55,7 +56,7 @@ from fedshield.run_records import (
 EXPERIMENT = "fedshield"
 HASH_TAG = "sha256."
 RUN_HASH_TAG = "run_sha256."
-RUN_FILES = (SUMMARY_FILE, METRICS_FILE, "config.toml")
+RUN_FILES = (SUMMARY_FILE, METRICS_FILE, "config.toml", AUDIT_JSON)  # audit.json: if audited
 ARTIFACT_DIR = "registry-artifacts"
 MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 

@@ -3,6 +3,7 @@ moved registries, failed runs and reproducible noise."""
 
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from fedshield.deployment.registry import (
     resolve,
 )
 from fedshield.deployment.serving import create_app
+from fedshield.privacy.audit import AUDIT_JSON, AuditRecord, mechanism_digest
 from fedshield.tasks import get_task
 from typer.testing import CliRunner
 
@@ -254,3 +256,51 @@ def test_decide_refuses_failed_runs_and_reproducible_noise():
     assert not decide(ok, {}, GatePolicy(), []).passed
     garbled = {"parity": {"onnx_accuracy": "0.99", "max_abs_diff": None}}
     assert not decide(ok, garbled, GatePolicy(), []).passed
+
+
+def audit_record(run: Path, empirical: float, stated: float = 3.0, digest: str | None = None):
+    """An audit record of ``run``'s own mechanism (or ``digest``'s) with one canary result."""
+    config = tomllib.loads((run / "config.toml").read_text())
+    canary = {"adversary": "update", "empirical_epsilon": empirical, "stated_epsilon": stated,
+              "bound": {"canaries": 400, "confidence": 0.95}, "delta": 1e-5, "accountant": "prv"}
+    return AuditRecord(created_at="2026-12-01T00:00:00Z",
+                       mechanism_digest=digest or mechanism_digest(config), task="digits",
+                       client=0, canaries_in_released_model=False, procedure="test",
+                       canary=(canary,))
+
+
+def test_decide_refuses_a_refuted_guarantee(setup):
+    export = {"parity": {"onnx_accuracy": 0.9, "max_abs_diff": 1e-6}}
+    ok = {"status": "completed", "privacy": {"enabled": True, "epsilon_max": 3.0}}
+    config = tomllib.loads((setup["run"] / "config.toml").read_text())
+    holds = decide(ok, export, GatePolicy(), [], audit_record(setup["run"], 0.4), config)
+    assert holds.passed and "0.400 <= 3.000" in str(holds.checks)
+    refuted = decide(ok, export, GatePolicy(), [], audit_record(setup["run"], 4.2), config)
+    assert [r.split(":")[0] for r in refuted.reasons] == ["audit"]
+    assert "4.200" in refuted.reasons[0] and "refuted" in refuted.reasons[0]
+    # An audit of other settings neither refutes nor supports this model: reported, not failed.
+    other = decide(ok, export, GatePolicy(), [], audit_record(setup["run"], 9.0, digest="0" * 64),
+                   config)
+    assert other.passed and "not evidence about this model" in str(other.checks)
+
+
+def test_registered_audit_is_checked_and_cannot_be_forced_or_swapped(setup, tmp_path):
+    run = make_run_dir(setup["root"] / "audited", "digits", epsilon_max=3.0)
+    (run / AUDIT_JSON).write_text(audit_record(run, 4.2).to_json())
+    shutil.copytree(setup["result"].export_dir, run / "export")
+    export = ExportResult.load(run / "export")
+    export.out_dir = str(run / "export")
+    version = register(run, export, build_card(run, export, explain_examples=4), setup["uri"],
+                       MODEL, policy=POLICY)
+    forced = promote(setup["uri"], MODEL, version, force=True, reason="ship it")
+    assert not forced.passed and not forced.forced
+    assert forced.reasons[0].startswith("audit") and "refuted" in forced.reasons[0]
+    # Replacing the registered audit with a favourable one is tampering, not a new audit.
+    stored = artifacts(setup, version) / "run" / AUDIT_JSON
+    stored.write_text(audit_record(run, 0.1).to_json())
+    swapped = promote(setup["uri"], MODEL, version)
+    assert not swapped.passed and any(r.startswith("integrity") for r in swapped.reasons)
+    # An audit dropped into the store of a version registered without one is not read.
+    plain = variant(setup, "unaudited-later", epsilon_max=3.0)
+    (artifacts(setup, plain) / "run" / AUDIT_JSON).write_text(audit_record(run, 4.2).to_json())
+    assert promote(setup["uri"], MODEL, plain).passed
