@@ -446,6 +446,10 @@ def client_states(lines: Sequence[MetricsLine]) -> dict[tuple[str, int], tuple[s
     return cells
 
 
+def _ids(ids: Iterable[int]) -> str:
+    return ", ".join(str(i) for i in ids) or "none"
+
+
 def _client_order(keys: Iterable[str]) -> list[str]:
     return sorted(set(keys), key=lambda k: (0, int(k), "") if k.lstrip("-").isdigit()
                   else (1, 0, k))
@@ -578,8 +582,13 @@ def section_clients(files: RunFiles) -> str:
                      key=lambda t: (t[0], _client_order([t[1]])))
     why = (table(("round", "client", "state", "reason"), reasons, cls="reasons") if reasons
            else "<p>No client was rejected, refused or quarantined.</p>")
+    attack = s.attack_report if s else None
+    caught = (f"<p>Simulated attackers (partition ids): <b>{esc(_ids(attack.byzantine_ids))}"
+              f"</b>; quarantined: <b>{esc(_ids(attack.quarantined))}</b>; detection rate "
+              f"{esc(fmt(attack.detection_rate))}, false quarantine rate "
+              f"{esc(fmt(attack.false_quarantine_rate))}.</p>") if attack else ""
     return (timeline(clients, rounds, cells) + "<p>Client ids are partition ids. Hover a cell "
-            "for its reason.</p>" + why + "<details><summary>counts per round</summary>"
+            "for its reason.</p>" + caught + why + "<details><summary>counts per round</summary>"
             + counts + "</details>")
 
 
