@@ -108,7 +108,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
         return [lo]
     raw = (hi - lo) / max(count - 1, 1)
     mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    norm = raw / mag  # in [1, 10): round to the nearest of 1, 2, 5, 10
+    step = mag * (1 if norm < 1.5 else 2 if norm < 3 else 5 if norm < 7 else 10)
     first = math.floor(lo / step + 1e-9) * step
     ticks, k = [], 0
     while first + k * step <= hi + step * 1e-9 or not ticks or ticks[-1] < hi:
