@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from fedshield.deployment import html_report as hr
-from fedshield.run_records import FederatedEvaluation, MetricsLine, RunSummary
 
+from fedshield.run_records import FederatedEvaluation, MetricsLine, RunSummary
 from tests.config_support import neutral_config
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -240,8 +240,9 @@ def test_simulate_writes_the_report_through_the_post_run_hook(real_run):
 
 
 def test_the_report_command_rebuilds_a_run_and_refuses_a_non_run(real_run, tmp_path):
-    from fedshield.cli import app
     from typer.testing import CliRunner
+
+    from fedshield.cli import app
 
     (real_run / hr.REPORT_HTML).unlink(missing_ok=True)
     result = CliRunner().invoke(app, ["report", str(real_run), "--json"])
