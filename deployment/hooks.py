@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from fedshield.deployment.html_report import REPORT_HOOK, report_hook
 from fedshield.server.hooks import HANDOFF, mark_unavailable, register_post_run
 
 from fedshield.schema import Config
@@ -41,6 +42,7 @@ def run_handoff(run_dir: Path, cfg: Config) -> dict:
 
 def install_post_run_hooks() -> list[str]:
     """Register the hand-off hook, or the reason it is skipped; returns the missing modules."""
+    register_post_run(REPORT_HOOK, report_hook)  # report.html: standard library, always there
     missing = missing_deploy_modules()
     if missing:
         mark_unavailable(HANDOFF, f"the [deploy] extra is not installed (missing: "

@@ -186,6 +186,10 @@ def _mount() -> None:
                         "--epsilons 1,3,8,inf --seeds 0,1")(privacy_sweep)
     app.add_typer(privacy_app, name="privacy")
     app.add_typer(bench_app, name="bench")
+    from fedshield.commands.report import report_command
+
+    app.command("report", epilog="Example: fedshield report runs/default-20261201-120000")(
+        report_command)
 
 
 _mount()
