@@ -77,7 +77,7 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
         started = time.time()  # for the timing line (client/timing.py)
         reply = _train(msg, context)
         note_message("train", msg.metadata.created_at, msg.metadata.run_id,
-                     msg.metadata.group_id, started)
+                     str(round_config(msg).get("server-round", "")), started)
         return reply
 
     def _train(msg: Message, context: Context) -> Message:

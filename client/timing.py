@@ -31,13 +31,13 @@ def process_start_time() -> float | None:
     return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
-def note_message(kind: str, created_at: float, run_id: int, group_id: str, started: float,
+def note_message(kind: str, created_at: float, run_id: int, server_round: str, started: float,
                  **extra: object) -> None:
     """Print the timing line of one handled message (``started``: time.time() at entry), only
     in a ``flwr-clientapp`` process: simulations run thousands of handlers in one process."""
     if not sys.argv or not sys.argv[0].endswith("flwr-clientapp"):
         return
-    record = {"kind": kind, "run": run_id, "round": group_id, "created": created_at,
+    record = {"kind": kind, "run": run_id, "round": server_round, "created": created_at,
               "process_start": process_start_time(), "handler_start": started,
               "handler_end": time.time(), **extra}
     print(PREFIX + json.dumps(record, sort_keys=True), file=sys.stderr, flush=True)

@@ -405,10 +405,16 @@ def _last_start(log: str) -> str:
 
 
 def _rounds_served(log: str) -> list[tuple[int, str]]:
-    """(run id, round) of every reply the SuperNode sent, in order (Flower's log lines
-    ``[RUN r, ROUND k]`` then ``Sending: ...`` and ``Sent successfully``)."""
+    """(run id, round) of every train reply the site's client handled, in order (its timing
+    lines, client/timing.py); Flower's own ``[RUN r]`` lines name no round, so a log without
+    timing lines gives (run, "") per reply Flower sent."""
     import re
 
+    from fedshield.client.timing import parse_log
+
+    timed = [(int(t["run"]), str(t["round"])) for t in parse_log(log) if "run" in t]
+    if timed:
+        return timed
     served, current = [], None
     for line in log.splitlines():
         if m := re.search(r"\[RUN (\d+)(?:, ROUND ([^\]]+))?\]", line):
@@ -471,7 +477,7 @@ def site_status(site_dir: str | Path, log_path: str | Path | None = None) -> dic
             "supervisor": state, "restarts": (state or {}).get("restarts", 0),
             "last_round_served": ({"run": served[-1][0], "round": served[-1][1]}
                                   if served else None),
-            "replies_sent": len(served), "privacy": spend,
+            "rounds_served": len(served), "privacy": spend,
             "max_epsilon": node.get("max-epsilon"),
             "data_path": node.get("data-path") or None,
             "data_fingerprint": data_fingerprint(node, site_dir)}
@@ -570,7 +576,7 @@ def status_command(
     last = st["last_round_served"]
     lines = [f"site {st['site']}: SuperNode {st['connection']} (restarts: {st['restarts']})",
              "last round served: " + (f"run {last['run']}, round {last['round']} "
-                                      f"({st['replies_sent']} replies in the log)"
+                                      f"({st['rounds_served']} in the log)"
                                       if last else "none yet")]
     for site in st["privacy"].get("sites", []):
         lines.append(f"privacy spend of {site['site']}: epsilon {site['total_epsilon']:.3f} over "
