@@ -250,6 +250,11 @@ def supernode_env(site_dir: str | Path) -> dict[str, str]:
     return {POLL_ENV: str(float(interval))}
 
 
+def _env_prefix(site_dir: str | Path) -> str:
+    """``NAME=value ...`` of :func:`supernode_env`, to put before the command in a shell."""
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in supernode_env(site_dir).items())
+
+
 def _shell(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
@@ -315,17 +320,21 @@ def site_commands(site_dir: Path) -> str:
 
 1. Edit `site.toml`: set `node_config.data-path` to your data (CSV with a `label` column, `.npz`
    with `x` and `y`, or a folder `<root>/<label>/*.png`) and your privacy cap `max-epsilon`.
-2. Print and run your SuperNode command (it reads `site.toml`):
+2. Start your SuperNode (it reads `site.toml`; restarted when it fails, log in
+   `logs/supernode.log`), and check on it:
 
 ```sh
-fedshield site command {shlex.quote(str(site_dir.resolve()))}
+fedshield site run {shlex.quote(str(site_dir.resolve()))}
+fedshield site status {shlex.quote(str(site_dir.resolve()))}
 ```
 
-With the defaults written by `site init` it is:
+`fedshield site command` prints the plain command instead; with the defaults of `site init`:
 
 ```sh
-{_shell(supernode_command(site_dir))}
+{_env_prefix(site_dir)} {_shell(supernode_command(site_dir))}
 ```
+
+`cache-dir` keeps your data parsed (a private copy, reloaded when the files change).
 
 Your data never leaves this machine; only model updates and aggregate metrics (examples, class
 counts, epsilon) are sent. Your cumulative privacy spending is kept in `ledger-dir`; your
@@ -529,8 +538,7 @@ def command_command(
 ) -> None:
     """Print the flower-supernode command for this site's site.toml (with its environment)."""
     try:
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in supernode_env(site_dir).items())
-        print(f"{env} {_shell(supernode_command(site_dir))}")
+        print(f"{_env_prefix(site_dir)} {_shell(supernode_command(site_dir))}")
     except ConfigError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from exc
