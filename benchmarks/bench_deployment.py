@@ -11,7 +11,9 @@ Where the time goes per round: ``client_s`` is what each client measured itself 
 training, encoding its reply; ``client-seconds`` in its metrics); the rest of the round is
 transport, Flower's 3 s polling on both sides and, in the Flower runtimes, a new
 ``flwr-clientapp`` process per message (``clientapp_s``: Flower's own compute-time account of those
-processes, per client-message). Bytes: the model's serialized ArrayRecord (what each client
+processes, per client-message). In a deployment, the clients' timing lines (client/timing.py) and
+the server's round times split each round into ``deliver_s``, ``startup_s``, ``handler_s`` and
+``return_s`` (:func:`split_rounds`). Bytes: the model's serialized ArrayRecord (what each client
 downloads and uploads every round) and, for the Flower runtimes, the run's measured network
 traffic from ``flwr ls`` divided by rounds x clients.
 
@@ -33,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedshield.client.timing import parse_log  # noqa: E402
 from fedshield.tasks import get_task  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
@@ -89,7 +92,42 @@ def summarise(lines: list[MetricsLine], n: int, rounds: int, wall: float,
         traffic, compute = info["network-traffic"], info["compute-time"]
         row["traffic_bytes_per_round_client"] = traffic["total-bytes"] / (rounds * n)
         row["clientapp_s"] = compute["clientapp-seconds"] / (rounds * n)
+    else:  # in-process: clients run one after another, so the rest is the server's own work
+        row["server_s"] = statistics.median((m.seconds or 0.0) - sum(m.client_seconds.values())
+                                            for m in steady)
     return row
+
+
+def split_rounds(lines: list[MetricsLine], timings: list[dict]) -> dict:
+    """Where a deployment round's time goes, from timestamps on both sides (median over the
+    rounds after round 1), following the client that finished last (it decides the round):
+
+    - ``deliver_s``: the ServerApp created the message -> that client's process started (the
+      SuperLink, the SuperNode's 3 s pull polling, the SuperExec's task polling): Flower;
+    - ``startup_s``: process start -> handler start (Python, torch and fedshield imports, Flower's
+      FAB install and task pull): Flower's one process per message;
+    - ``handler_s``: the handler (data, model, training, accounting, encoding): fedshield;
+    - ``return_s``: handler end -> the server's round end (the reply's way back: SuperNode push,
+      the ServerApp's 3 s pull polling) plus the server's own aggregation, screening and
+      evaluation (``server_s`` of the in-process row: milliseconds for these models).
+    """
+    by_round: dict[int, list[dict]] = {}
+    for t in timings:
+        if str(t.get("round", "")).isdigit():
+            by_round.setdefault(int(t["round"]), []).append(t)
+    parts: dict[str, list[float]] = {"deliver_s": [], "startup_s": [], "handler_s": [],
+                                     "return_s": []}
+    for m in lines[1:] or lines:
+        ts = by_round.get(m.round)
+        if not ts or m.seconds is None or any(t["process_start"] is None for t in ts):
+            continue
+        created = min(t["created"] for t in ts)
+        last = max(ts, key=lambda t: t["handler_end"])
+        parts["deliver_s"].append(last["process_start"] - created)
+        parts["startup_s"].append(last["handler_start"] - last["process_start"])
+        parts["handler_s"].append(last["handler_end"] - last["handler_start"])
+        parts["return_s"].append(m.seconds - (last["handler_end"] - created))
+    return {k: statistics.median(v) for k, v in parts.items() if v}
 
 
 def bench_inprocess(task: str, n: int, rounds: int, work: Path) -> dict:
@@ -158,7 +196,11 @@ def bench_deployment(task: str, n: int, rounds: int, work: Path) -> dict:
         started = time.perf_counter()
         run_id = fed.submit(run_config_string(task, n, rounds, out))
         info = fed.wait_run(run_id, timeout=900)
-        return summarise(read_metrics(out), n, rounds, time.perf_counter() - started, info)
+        lines = read_metrics(out)
+        timings = [t for site in kit.sites() for t in parse_log(fed.log(site.name))
+                   if t.get("run") == run_id]
+        return {**summarise(lines, n, rounds, time.perf_counter() - started, info),
+                **split_rounds(lines, timings)}
 
 
 MODES = {"inprocess": bench_inprocess, "flwr-sim": bench_flwr_sim, "deployment": bench_deployment}
@@ -190,8 +232,9 @@ def main() -> None:
     result = {"rows": rows, "cpu_count": os.cpu_count(), "loadavg_at_end": load,
               "command": " ".join(sys.argv)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    cols = ("mode", "sites", "round1_s", "round_s", "client_s", "overhead_s", "clientapp_s",
-            "traffic_bytes_per_round_client", "model_bytes_each_way", "final_accuracy")
+    cols = ("mode", "sites", "round1_s", "round_s", "client_s", "deliver_s", "startup_s",
+            "handler_s", "return_s", "server_s", "clientapp_s", "traffic_bytes_per_round_client",
+            "model_bytes_each_way", "final_accuracy")
     table = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         table.append(" | ".join(f"{r.get(c):.3g}" if isinstance(r.get(c), float) else str(r.get(c))

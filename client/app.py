@@ -8,6 +8,7 @@ training is client/fit.py; the SecAgg+ protocol messages are client/secagg.py.
 
 from __future__ import annotations
 
+import time
 from typing import cast
 
 import torch
@@ -23,6 +24,7 @@ from fedshield.client.fit import (
     site_key,
 )
 from fedshield.client.secagg import secagg_train
+from fedshield.client.timing import note_message
 from fedshield.privacy.releases import EXACT_MODE, OUTSIDE_KEY
 from fedshield.tasks import Task, evaluate
 from flwr.app import ArrayRecord, Context, Message
@@ -72,6 +74,13 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        started = time.time()  # for the timing line (client/timing.py)
+        reply = _train(msg, context)
+        note_message("train", msg.metadata.created_at, msg.metadata.run_id,
+                     str(round_config(msg).get("server-round", "")), started)
+        return reply
+
+    def _train(msg: Message, context: Context) -> Message:
         cfg = validation.from_run_config(context.run_config)
         if cfg.secagg.enabled:  # Flower's SecAgg+ protocol messages (see client/secagg.py)
             return secagg_train(msg, context, cfg, load_data)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 from fedshield.tasks import Split, Task, task_for
 from fedshield.tasks.partition import cached_partitions
@@ -14,9 +18,25 @@ LOCAL_VAL_FRACTION = 0.1
 
 
 def load_client_data(context: Context, cfg: Config) -> tuple[Task, Split, Split]:
-    """(task, local train, local validation) for this node."""
+    """(task, local train, local validation) for this node.
+
+    With ``cache-dir`` in the node config (the site kit sets it) the splits come from the site's
+    data cache when its source is unchanged (client/data_cache.py): Flower starts a new process per
+    message, and parsing the data again every round was most of a client's time."""
     task = task_for(cfg.task)
     node = context.node_config
+    if "cache-dir" not in node:
+        return (task, *_splits(task, node, cfg))
+    from fedshield.client import data_cache
+
+    loaded = data_cache.cached_splits(*_recipe(task, node, cfg),
+                                      Path(str(node["cache-dir"])).expanduser(),
+                                      lambda: _splits(task, node, cfg))
+    return task, loaded.train, loaded.val
+
+
+def _splits(task: Task, node, cfg: Config) -> tuple[Split, Split]:
+    """(train, validation) from the node's own data or its simulation partition."""
     if "data-path" in node:  # a partner site's own data
         from fedshield.tasks.local import load_local  # only partner sites need it
 
@@ -34,4 +54,29 @@ def load_client_data(context: Context, cfg: Config) -> tuple[Task, Split, Split]
         data, key = train.subset(parts[pid]), pid
     order = np.random.default_rng([cfg.seed, key]).permutation(len(data))
     n_val = int(len(data) * LOCAL_VAL_FRACTION) if len(data) >= 20 else 0
-    return task, data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
+    return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
+
+
+def _recipe(task: Task, node, cfg: Config) -> tuple[str, list[Path], Path | None]:
+    """What decides :func:`_splits` besides the source's bytes, the source files and their root
+    (no files for a simulation partition: its library dataset is named by the recipe)."""
+    import inspect
+
+    from fedshield.client import data_cache
+    from fedshield.tasks import local
+
+    loader = inspect.getmodule(task.load)
+    parts: dict[str, object] = {
+        "task": task.name, "preprocessing": task.preprocessing, "shape": task.input_shape,
+        "seed": cfg.seed, "val": LOCAL_VAL_FRACTION,
+        "code": data_cache.code_hash(sys.modules[__name__], local, loader)}
+    files: list[Path] = []
+    root = None
+    if "data-path" in node:
+        root = Path(str(node["data-path"])).expanduser().resolve()
+        files = data_cache.source_files(root)
+        parts.update(path=str(root), key=int(node.get("partition-id", 0)))
+    else:
+        parts.update(partition=repr(cfg.partition), key=int(node["partition-id"]),
+                     num=int(node["num-partitions"]), clients=cfg.federation.num_clients)
+    return json.dumps(parts, sort_keys=True, default=str), files, root

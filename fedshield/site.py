@@ -31,6 +31,9 @@ from fedshield.errors import ConfigError
 
 CONNECTION = "fedshield"  # the name of the SuperLink connection in the coordinator's FLWR_HOME
 CERT_DAYS = 365
+# Flower's SuperExec waits this long between checks for a task to start (its default 1 s).
+TASK_POLL_INTERVAL = 0.1
+POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 console = Console(stderr=True)
 
 
@@ -169,6 +172,9 @@ root_certificates = "ca.crt"    # the coordinator's CA (relative to this folder)
 private_key = "node_key"        # keep it secret; the coordinator has node_key.pub
 port = {clientappio_port}                     # this SuperNode's local runtime API port (127.0.0.1)
 max_retries = 10                 # give up after this many failed reconnects
+# Seconds between the SuperNode's checks for a new task to start (Flower's SuperExec knob,
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's default is 1.0). Each message waits up to this long.
+task_poll_interval = {TASK_POLL_INTERVAL}
 
 [node_config]                    # what the ClientApp on this node sees
 # Your data: a .csv (with a "label" column), a .npz (x, y) or a folder <root>/<label>/*.png.
@@ -181,6 +187,8 @@ num-partitions = {num_sites}
 # Back up the whole folder (site-manifest.json too): a lost or truncated ledger is a refusal.
 ledger-dir = "ledger"
 max-epsilon = 8.0
+# Your data, parsed once and kept here (a private copy; it reloads when the data files change).
+cache-dir = "cache"
 '''
 
 
@@ -201,7 +209,8 @@ def _node_config_arg(node: dict, site_dir: Path) -> str:
     for key, value in node.items():
         if key == "data-path" and value == "":
             continue
-        if key in ("data-path", "ledger-dir") and not Path(str(value)).expanduser().is_absolute():
+        relative = not Path(str(value)).expanduser().is_absolute()
+        if key in ("data-path", "ledger-dir", "cache-dir") and relative:
             value = str((site_dir / str(value)).resolve())
         if isinstance(value, str):
             parts.append(f'{key}="{value}"')
@@ -229,6 +238,21 @@ def supernode_command(site_dir: str | Path) -> list[str]:
     return ["flower-supernode", "--superlink", s["superlink"], *tls,
             "--node-config", _node_config_arg(node, site_dir), "--host", "127.0.0.1",
             "--port", str(s["port"]), "--max-retries", str(s.get("max_retries", 10))]
+
+
+def supernode_env(site_dir: str | Path) -> dict[str, str]:
+    """The environment variables the site's SuperNode runs with (on top of the caller's)."""
+    s = read_site(Path(site_dir))
+    interval = s.get("task_poll_interval", TASK_POLL_INTERVAL)
+    if not isinstance(interval, int | float) or not 0.01 <= interval <= 60:
+        raise ConfigError(f"{Path(site_dir) / 'site.toml'}: task_poll_interval must be a number "
+                          f"of seconds in [0.01, 60], got {interval!r}")
+    return {POLL_ENV: str(float(interval))}
+
+
+def _env_prefix(site_dir: str | Path) -> str:
+    """``NAME=value ...`` of :func:`supernode_env`, to put before the command in a shell."""
+    return " ".join(f"{k}={shlex.quote(v)}" for k, v in supernode_env(site_dir).items())
 
 
 def _shell(cmd: list[str]) -> str:
@@ -296,17 +320,21 @@ def site_commands(site_dir: Path) -> str:
 
 1. Edit `site.toml`: set `node_config.data-path` to your data (CSV with a `label` column, `.npz`
    with `x` and `y`, or a folder `<root>/<label>/*.png`) and your privacy cap `max-epsilon`.
-2. Print and run your SuperNode command (it reads `site.toml`):
+2. Start your SuperNode (it reads `site.toml`; restarted when it fails, log in
+   `logs/supernode.log`), and check on it:
 
 ```sh
-fedshield site command {shlex.quote(str(site_dir.resolve()))}
+fedshield site run {shlex.quote(str(site_dir.resolve()))}
+fedshield site status {shlex.quote(str(site_dir.resolve()))}
 ```
 
-With the defaults written by `site init` it is:
+`fedshield site command` prints the plain command instead; with the defaults of `site init`:
 
 ```sh
-{_shell(supernode_command(site_dir))}
+{_env_prefix(site_dir)} {_shell(supernode_command(site_dir))}
 ```
+
+`cache-dir` keeps your data parsed (a private copy, reloaded when the files change).
 
 Your data never leaves this machine; only model updates and aggregate metrics (examples, class
 counts, epsilon) are sent. Your cumulative privacy spending is kept in `ledger-dir`; your
@@ -378,6 +406,92 @@ def register_sites(out_dir: str | Path, timeout: float = 60) -> dict[str, str]:
     return results
 
 
+# --- a running site -------------------------------------------------------------------------
+def _last_start(log: str) -> str:
+    """The part of a SuperNode log written by its latest start."""
+    at = log.rfind("Starting Flower SuperNode")
+    return log[at:] if at >= 0 else log
+
+
+def _rounds_served(log: str) -> list[tuple[int, str]]:
+    """(run id, round) of every train reply the site's client handled, in order (its timing
+    lines, client/timing.py); Flower's own ``[RUN r]`` lines name no round, so a log without
+    timing lines gives (run, "") per reply Flower sent."""
+    import re
+
+    from fedshield.client.timing import parse_log
+
+    timed = [(int(t["run"]), str(t["round"])) for t in parse_log(log) if "run" in t]
+    if timed:
+        return timed
+    served, current = [], None
+    for line in log.splitlines():
+        if m := re.search(r"\[RUN (\d+)(?:, ROUND ([^\]]+))?\]", line):
+            current = (int(m[1]), m[2] or "")
+        elif "Sent successfully" in line and current is not None:
+            served.append(current)
+    return served
+
+
+def data_fingerprint(node: dict, site_dir: Path) -> str | None:
+    """SHA-256 of the site's data files (the data cache's key; None without a data-path)."""
+    from fedshield.client.data_cache import content_hash, source_files
+
+    if not node.get("data-path"):
+        return None
+    path = Path(str(node["data-path"])).expanduser()
+    path = path if path.is_absolute() else site_dir / path
+    files = source_files(path.resolve())
+    return content_hash(files, path.resolve()) if files else None
+
+
+def site_status(site_dir: str | Path, log_path: str | Path | None = None) -> dict:
+    """What a partner's operator checks: is the SuperNode running and connected, the last round it
+    served, the site's privacy spend (its ledger) and its data's fingerprint."""
+    from fedshield.site_supervisor import LOG_FILE, alive, read_state
+
+    site_dir = Path(site_dir).resolve()
+    s = read_site(site_dir)
+    node = dict(s.get("node_config", {}))
+    state = read_state(site_dir)
+    log_file = Path(log_path) if log_path else site_dir / LOG_FILE
+    log = _last_start(log_file.read_text(errors="replace")) if log_file.is_file() else ""
+    running = bool(state) and alive(state.get("supernode_pid"))
+    node_id = None
+    for line in log.splitlines():
+        if "SuperNode ID:" in line:
+            node_id = line.rsplit("SuperNode ID:", 1)[1].strip()
+    if "code: 2004" in log:
+        connection = "refused: the coordinator has not registered node_key.pub (code 2004)"
+    elif state is None and not log:
+        connection = "never started here (`fedshield site run` starts it)"
+    elif state is not None and not running:
+        connection = "not running"
+    elif node_id is not None and "terminated" not in log[log.rfind("SuperNode ID:"):]:
+        connection = f"connected (node id {node_id})"
+    else:
+        connection = "connecting"
+    served = _rounds_served(log_file.read_text(errors="replace")) if log_file.is_file() else []
+    ledger_dir = Path(str(node.get("ledger-dir", "ledger"))).expanduser()
+    ledger_dir = ledger_dir if ledger_dir.is_absolute() else site_dir / ledger_dir
+    spend: dict = {"ledger_dir": str(ledger_dir), "sites": []}
+    if ledger_dir.is_dir():
+        from fedshield.privacy.ledger import site_report
+
+        try:
+            spend = {"ledger_dir": str(ledger_dir), **site_report(ledger_dir)}
+        except Exception as exc:  # noqa: BLE001 (a damaged ledger is reported, not a crash)
+            spend["problem"] = str(exc)
+    return {"site": s.get("name", site_dir.name), "connection": connection,
+            "supervisor": state, "restarts": (state or {}).get("restarts", 0),
+            "last_round_served": ({"run": served[-1][0], "round": served[-1][1]}
+                                  if served else None),
+            "rounds_served": len(served), "privacy": spend,
+            "max_epsilon": node.get("max-epsilon"),
+            "data_path": node.get("data-path") or None,
+            "data_fingerprint": data_fingerprint(node, site_dir)}
+
+
 # --- CLI ------------------------------------------------------------------------------------
 site_app = typer.Typer(no_args_is_help=True, help="Set up and join a federation across sites.")
 
@@ -422,9 +536,65 @@ def register_command(
 def command_command(
     site_dir: str = typer.Argument(..., help="a site folder with site.toml"),
 ) -> None:
-    """Print the flower-supernode command for this site's site.toml."""
+    """Print the flower-supernode command for this site's site.toml (with its environment)."""
     try:
-        print(_shell(supernode_command(site_dir)))
+        print(f"{_env_prefix(site_dir)} {_shell(supernode_command(site_dir))}")
     except ConfigError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from exc
+
+
+@site_app.command("run", epilog="Example: fedshield site run deploy/site-1")
+def run_command(
+    site_dir: str = typer.Argument(..., help="a site folder with site.toml"),
+) -> None:
+    """Run this site's SuperNode and restart it when it fails (logs/supernode.log)."""
+    from fedshield.site_supervisor import LOG_FILE, supervise
+
+    try:
+        cmd = supernode_command(site_dir)
+        env = {**os.environ, **supernode_env(site_dir)}
+    except ConfigError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    bin_dir = str(Path(sys.executable).parent)  # flower-superexec is started by name
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    cmd = [flwr_bin(cmd[0]), *cmd[1:]]
+    console.print(f"SuperNode log: {Path(site_dir) / LOG_FILE}; stop with Ctrl-C or SIGTERM")
+    raise typer.Exit(supervise(cmd, env, Path(site_dir)))
+
+
+@site_app.command("status", epilog="Example: fedshield site status deploy/site-1 --json")
+def status_command(
+    site_dir: str = typer.Argument(..., help="a site folder with site.toml"),
+    log: str = typer.Option("", "--log", help="the SuperNode's log (default logs/supernode.log)"),
+    json_out: bool = typer.Option(False, "--json", help="print the status as JSON"),
+) -> None:
+    """Is the SuperNode connected, the last round it served, the privacy spend, the data."""
+    import json
+
+    try:
+        st = site_status(site_dir, log or None)
+    except ConfigError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    if json_out:
+        print(json.dumps(st, indent=2, default=str))
+        return
+    last = st["last_round_served"]
+    lines = [f"site {st['site']}: SuperNode {st['connection']} (restarts: {st['restarts']})",
+             "last round served: " + (f"run {last['run']}, round {last['round']} "
+                                      f"({st['rounds_served']} in the log)"
+                                      if last else "none yet")]
+    for site in st["privacy"].get("sites", []):
+        lines.append(f"privacy spend of {site['site']}: epsilon {site['total_epsilon']:.3f} over "
+                     f"{len(site['ledgers'])} federation(s) (cap {st['max_epsilon']}); "
+                     f"complete: {site['complete']}")
+    if not st["privacy"].get("sites"):
+        lines.append(f"privacy spend: no ledger yet in {st['privacy']['ledger_dir']}")
+    if "problem" in st["privacy"]:
+        lines.append(f"privacy ledger PROBLEM: {st['privacy']['problem']}")
+    fp = st["data_fingerprint"]
+    lines.append(f"data: {st['data_path']} sha256 {fp}" if fp else
+                 f"data: {st['data_path'] or 'simulation partition (no data-path)'}")
+    print("\n".join(lines))

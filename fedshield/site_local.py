@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -25,6 +26,7 @@ from fedshield.site import (
     register_sites,
     superlink_command,
     supernode_command,
+    supernode_env,
 )
 
 
@@ -39,7 +41,8 @@ class LocalFederation:
     """Processes of one kit: ``start_superlink``, ``start_site``, ``submit``, ``wait_run``;
     ``close`` (or the ``with`` block's end) ends every process it started."""
 
-    def __init__(self, kit: str | Path, logs: str | Path | None = None) -> None:
+    def __init__(self, kit: str | Path, logs: str | Path | None = None,
+                 threads_per_site: int | None = 1) -> None:
         self.layout = Layout(Path(kit))
         conn = tomllib.loads((self.layout.flwr_home / "config.toml").read_text())
         conn = conn["superlink"][CONNECTION]
@@ -48,7 +51,12 @@ class LocalFederation:
         self.logs = Path(logs) if logs else self.layout.root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.site_logs: dict[str, Path] = {}  # supervised sites log into their own folder
         self.env = flwr_env(self.layout)
+        # Sites sharing this machine's cores: torch's default of one thread per core in every
+        # site's process oversubscribes them (a tiny model then trains 100x slower); a real site
+        # has its own machine. None keeps torch's default.
+        self.threads = threads_per_site
 
     def __enter__(self) -> LocalFederation:
         return self
@@ -58,7 +66,7 @@ class LocalFederation:
 
     # --- processes ------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        cmd = [flwr_bin(cmd[0]), *cmd[1:]]
+        cmd = [flwr_bin(cmd[0]), *cmd[1:]] if cmd[0] != sys.executable else cmd
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -68,7 +76,7 @@ class LocalFederation:
 
     def log(self, name: str) -> str:
         """The log of process ``name`` so far ("" before it wrote one)."""
-        path = self.logs / f"{name}.log"
+        path = self.site_logs.get(name, self.logs / f"{name}.log")
         return path.read_text(errors="replace") if path.exists() else ""
 
     def start_superlink(self, timeout: float = 60) -> None:
@@ -85,13 +93,24 @@ class LocalFederation:
         """Register the kit's sites with the SuperLink; site name -> node id."""
         return register_sites(self.layout.root)
 
-    def start_site(self, site_dir: str | Path, name: str | None = None) -> subprocess.Popen:
-        """Start a site's SuperNode with its own FLWR_HOME; its process."""
+    def start_site(self, site_dir: str | Path, name: str | None = None,
+                   supervised: bool = False) -> subprocess.Popen:
+        """Start a site's SuperNode with its own FLWR_HOME; its process. ``supervised``: through
+        ``fedshield site run`` (restarts on failure; its log is the site's logs/supernode.log)."""
         site_dir = Path(site_dir)
+        name = name or site_dir.name
         home = site_dir / "flwr-home"  # the SuperNode's own FLWR_HOME, nothing under ~/.flwr
         home.mkdir(exist_ok=True)
-        return self._spawn(name or site_dir.name, supernode_command(site_dir),
-                           {**self.env, "FLWR_HOME": str(home.resolve())})
+        env = {**self.env, **supernode_env(site_dir), "FLWR_HOME": str(home.resolve())}
+        if self.threads:
+            env.setdefault("OMP_NUM_THREADS", str(self.threads))
+        if not supervised:
+            return self._spawn(name, supernode_command(site_dir), env)
+        from fedshield.site_supervisor import LOG_FILE
+
+        self.site_logs[name] = site_dir / LOG_FILE
+        return self._spawn(name, [sys.executable, "-m", "fedshield.cli", "site", "run",
+                                  str(site_dir.resolve())], env)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
         """Send ``sig`` to a process group we started; SIGKILL it if it outlives ``timeout``."""

@@ -22,7 +22,7 @@ from fedshield.tasks.partition import cached_partitions
 
 from fedshield import configio
 from fedshield.schema import PartitionConfig
-from fedshield.site import init_sites, write_node_key
+from fedshield.site import init_sites, site_status, write_node_key
 from fedshield.site_local import LocalFederation, free_port, wait_for
 from tests.config_support import neutral_config
 
@@ -160,8 +160,8 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
     with LocalFederation(kit.root, tmp_path / "logs") as fed:
         fed.start_superlink()
         fed.register()
-        for k in range(1, sites + 1):
-            fed.start_site(kit.site(k))
+        for k in range(1, sites + 1):  # site 1 as a partner runs it: `fedshield site run`
+            fed.start_site(kit.site(k), supervised=k == 1)
         wait_for(lambda: online_nodes(fed) == sites, 90, "SuperNodes online")
 
         # (c) one DP run, restart site 1, a second run: its epsilon keeps growing
@@ -169,8 +169,14 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
         assert fed.wait_run(first, 240)["status"] == "finished:completed"
         eps_first = metrics(next((out / "first").iterdir()))[-1]["epsilon"]["0"]
         events_first = ledger_history(kit.site(1))
+        status = site_status(kit.site(1))
+        assert status["connection"].startswith("connected")
+        assert status["last_round_served"] == {"run": first, "round": "1"}
+        assert status["privacy"]["sites"][0]["total_epsilon"] == pytest.approx(eps_first,
+                                                                                rel=1e-3)
         assert fed.stop("site-1", signal.SIGTERM) is not None
-        fed.start_site(kit.site(1))
+        assert site_status(kit.site(1))["connection"] == "not running"
+        fed.start_site(kit.site(1), supervised=True)
         wait_for(lambda: online_nodes(fed) == sites, 90, "site 1 back online")
         assert ledger_history(kit.site(1)) == events_first  # nothing lost on restart
 
@@ -195,6 +201,11 @@ def test_dp_ledger_survives_site_restart_and_server_resume(tmp_path):
     lines = metrics(run_dir)
     assert [m["round"] for m in lines] == [1, 2, 3]
     assert lines[:len(done)] == done  # completed rounds are kept as they were
+    # every round after the first run read the sites' parsed data from their cache
+    for k in range(1, sites + 1):
+        log = fed.log(f"site-{k}")
+        assert log.count("fedshield data cache: loaded from the source") == 1, log[-3000:]
+        assert log.count("fedshield data cache: hit") >= 3
     # A round the stopped server had sent is a second release when the resumed one sends it
     # again: the client refuses it (noise derived from the run would repeat) or, with fresh
     # noise, records it as a new event. It is never released unrecorded.

@@ -103,3 +103,98 @@ def test_a_site_can_only_tighten_the_privacy_budget(small_cfg):
     assert privacy_cap(capped, {"max-epsilon": 3.0}) == 3.0
     assert privacy_cap(capped, {"max-epsilon": 9.0}) == 5.0
     assert privacy_cap(capped, {}) == 5.0
+
+
+def test_site_toml_sets_the_data_cache_and_the_task_poll_interval(kit):
+    from fedshield.site import POLL_ENV, supernode_env
+
+    node = supernode_command(kit.site(1))[-7]
+    assert f'cache-dir="{kit.site(1).resolve() / "cache"}"' in node
+    assert supernode_env(kit.site(1)) == {POLL_ENV: "0.1"}
+    printed = CliRunner().invoke(app, ["site", "command", str(kit.site(1))])
+    assert printed.exit_code == 0 and printed.output.startswith(f"{POLL_ENV}=0.1 ")
+
+
+def test_a_bad_task_poll_interval_is_refused(kit, tmp_path):
+    from fedshield.site import supernode_env
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    toml = (kit.site(1) / "site.toml").read_text()
+    (bad / "site.toml").write_text(toml.replace("task_poll_interval = 0.1",
+                                                "task_poll_interval = 0"))
+    with pytest.raises(ConfigError, match=r"task_poll_interval .* \[0.01, 60\]"):
+        supernode_env(bad)
+
+
+def test_supervisor_restarts_a_failing_supernode_and_stops_on_a_clean_exit(tmp_path):
+    import json
+    import sys
+
+    from fedshield.site_supervisor import RestartPolicy, read_state, supervise
+
+    # a stand-in SuperNode: fails twice, then exits cleanly
+    script = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); n = int(p.read_text() or 0) "
+              "if p.exists() else 0; p.write_text(str(n + 1)); print('start', n); "
+              "sys.exit(0 if n >= 2 else 3)")
+    pauses = []
+    code = supervise([sys.executable, "-c", script, str(tmp_path / "count")], {}, tmp_path,
+                     RestartPolicy(first=2.0, longest=3.0), sleep=pauses.append)
+    assert code == 0 and pauses == [2.0, 3.0]  # doubled, capped
+    state = read_state(tmp_path)
+    assert state["restarts"] == 2 and [e["code"] for e in state["exits"]] == [3, 3, 0]
+    assert state["stopped"] and state["supernode_pid"] is None
+    log = (tmp_path / "logs" / "supernode.log").read_text()
+    assert [f"start {k}" in log for k in range(3)] == [True] * 3 and "exited with 3" in log
+    json.dumps(state)
+
+    # one that never starts properly: given up after max_restarts quick failures
+    code = supervise([sys.executable, "-c", "raise SystemExit(1)"], {}, tmp_path,
+                     RestartPolicy(max_restarts=2), sleep=pauses.append)
+    assert code == 1 and read_state(tmp_path)["restarts"] == 2
+
+
+def test_site_status_reads_the_log_the_ledger_and_the_data(kit, tmp_path):
+    import json
+    import os
+    import shutil
+
+    from fedshield.site import site_status
+    from fedshield.site_supervisor import SupervisorState
+
+    site = tmp_path / "site"
+    shutil.copytree(kit.site(1), site)
+    (site / "data.csv").write_text("label,a\n1,2\n")
+    toml = (site / "site.toml").read_text()
+    (site / "site.toml").write_text(toml.replace('data-path = ""', 'data-path = "data.csv"'))
+    assert site_status(site)["connection"].startswith("never started")
+
+    (site / "logs").mkdir()
+    (site / "logs" / "supernode.log").write_text(
+        "INFO : Starting Flower SuperNode\nINFO : SuperNode ID: 99\nINFO : [RUN 5, ROUND 1]\n"
+        "INFO : Sent successfully\n"
+        "INFO : Starting Flower SuperNode\nINFO : SuperNode ID: 42\nINFO : [RUN 7, ROUND 3]\n"
+        "INFO : Receiving: train message\nINFO : [RUN 7, ROUND 3]\nINFO : Sent successfully\n")
+    SupervisorState(os.getpid(), ["x"], supernode_pid=os.getpid(), restarts=1).write(
+        site / "supervisor.json")
+    st = site_status(site)
+    assert st["connection"] == "connected (node id 42)" and st["restarts"] == 1
+    assert st["last_round_served"] == {"run": 7, "round": "3"} and st["rounds_served"] == 2
+    import hashlib
+    digest = hashlib.sha256(b"data.csv\0label,a\n1,2\n\0").hexdigest()
+    assert st["data_fingerprint"] == digest
+    assert st["privacy"]["sites"] == []
+
+    with open(site / "logs" / "supernode.log", "a") as f:  # the client's own timing lines
+        for r in (1, 2):
+            f.write("fedshield timing " + json.dumps({"kind": "train", "run": 8, "round": str(r)})
+                    + "\n")
+    st = site_status(site)
+    assert st["last_round_served"] == {"run": 8, "round": "2"} and st["rounds_served"] == 2
+
+    SupervisorState(os.getpid(), ["x"], supernode_pid=None).write(site / "supervisor.json")
+    assert site_status(site)["connection"] == "not running"
+    out = CliRunner().invoke(app, ["site", "status", str(site), "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["data_fingerprint"] == digest
+    text = CliRunner().invoke(app, ["site", "status", str(site)]).output
+    assert "last round served: run 8, round 2" in text and digest in text

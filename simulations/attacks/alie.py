@@ -6,7 +6,6 @@ import math
 
 import torch
 from fedshield.simulations.attacks.base import broadcast, coordinate_std, knowledge
-from scipy.stats import norm
 
 from fedshield.schema import AttackConfig
 
@@ -17,6 +16,8 @@ def alie_z_max(num_clients: int, num_byzantine: int) -> float:
     Clamped to z >= 0 (s > n/2 would ask for a negative shift) and to s >= 1 (with a Byzantine
     majority the paper's s is <= 0 and z unbounded; we keep z finite).
     """
+    from scipy.stats import norm  # here: scipy.stats costs seconds in every config check's import
+
     s = max(math.floor(num_clients / 2 + 1) - num_byzantine, 1)
     return float(norm.ppf(max((num_clients - s) / num_clients, 0.5)))
 

@@ -1,0 +1,56 @@
+"""Per-message timestamps on the client side of a deployment, for the latency benchmark.
+
+Each train message's handler prints one ``fedshield timing {json}`` line on stderr (Flower's
+``flwr-clientapp`` passes it into the SuperNode's log) with wall-clock times: when the ServerApp
+created the message (Flower's ``metadata.created_at``), when this process started, when the handler
+started and ended. With the server's round times they split a round into Flower's share (delivery
+and polling before the process, the process start-up, the reply's way back) and fedshield's
+(the handler). Nothing here leaves the site: it is a local log line, not part of the reply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+PREFIX = "fedshield timing "
+
+
+def process_start_time() -> float | None:
+    """Wall-clock start of this process (Linux /proc), None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    # /proc/stat's boot time is whole seconds; uptime and start ticks are 10 ms.
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def note_message(kind: str, created_at: float, run_id: int, server_round: str, started: float,
+                 **extra: object) -> None:
+    """Print the timing line of one handled message (``started``: time.time() at entry), only
+    in a ``flwr-clientapp`` process: simulations run thousands of handlers in one process."""
+    if not sys.argv or not sys.argv[0].endswith("flwr-clientapp"):
+        return
+    record = {"kind": kind, "run": run_id, "round": server_round, "created": created_at,
+              "process_start": process_start_time(), "handler_start": started,
+              "handler_end": time.time(), **extra}
+    print(PREFIX + json.dumps(record, sort_keys=True), file=sys.stderr, flush=True)
+
+
+def parse_log(text: str) -> list[dict]:
+    """The timing records in a SuperNode log, in order."""
+    out = []
+    for line in text.splitlines():
+        at = line.find(PREFIX)
+        if at >= 0:
+            try:
+                out.append(json.loads(line[at + len(PREFIX):]))
+            except ValueError:
+                continue  # a line cut by a crash: skip it
+    return out

@@ -1,0 +1,132 @@
+"""Keep a partner site's SuperNode running: start it, restart it when it fails, record its state.
+
+``fedshield site run SITE_DIR`` runs :func:`supervise` on the command ``fedshield site command``
+prints. The SuperNode is restarted after a non-zero exit, after a growing pause (a SuperNode
+killed without leaving is refused by the SuperLink until two 30 s heartbeats pass, so quick
+retries would only fail). A clean exit (0), or SIGTERM/SIGINT to the supervisor, ends it: the
+signal is passed on so the SuperNode leaves the federation at once. ``supervisor.json`` in the site
+folder says what runs (``fedshield site status`` reads it); the SuperNode's output is appended to
+``logs/supernode.log``.
+
+Everything the site must keep (its privacy ledger, its data cache) is on disk, so a restarted
+SuperNode rejoins with its ledger intact; nothing is held only in the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+STATE_FILE = "supervisor.json"
+LOG_FILE = "logs/supernode.log"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Pauses between restarts: ``first`` seconds, doubled after each quick failure up to
+    ``longest``; a run longer than ``healthy`` seconds resets the pause. ``max_restarts`` quick
+    failures in a row end the supervisor (a wrong key or address does not fix itself)."""
+
+    first: float = 5.0
+    longest: float = 60.0
+    healthy: float = 120.0
+    max_restarts: int = 20
+
+    def pause(self, quick_failures: int) -> float:
+        """Seconds to wait before the next start after ``quick_failures`` in a row."""
+        return min(self.first * 2 ** max(quick_failures - 1, 0), self.longest)
+
+
+@dataclass
+class SupervisorState:
+    """What ``supervisor.json`` holds."""
+
+    supervisor_pid: int
+    command: list[str]
+    supernode_pid: int | None = None
+    started_at: float | None = None  # this SuperNode process's start (time.time())
+    restarts: int = 0
+    exits: list[dict] = field(default_factory=list)  # the last few {at, code}
+    stopped: bool = False
+
+    def write(self, path: Path) -> None:
+        """Write atomically (status may read it at any time)."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)
+
+
+def read_state(site_dir: Path) -> dict | None:
+    """The site's ``supervisor.json``, None when no supervisor ever ran there."""
+    try:
+        return json.loads((site_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def alive(pid: int | None) -> bool:
+    """Whether process ``pid`` exists (and is not a zombie)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+
+def supervise(command: list[str], env: dict[str, str], site_dir: Path,
+              policy: RestartPolicy = RestartPolicy(), sleep=time.sleep) -> int:
+    """Run ``command`` until it exits 0, the supervisor is told to stop, or ``max_restarts``
+    quick failures in a row; returns the last exit code."""
+    state = SupervisorState(os.getpid(), command)
+    state_path = site_dir / STATE_FILE
+    log_path = site_dir / LOG_FILE
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    child: subprocess.Popen | None = None
+    stopping = []
+
+    def stop(signum, _frame) -> None:
+        stopping.append(signum)
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)  # the SuperNode leaves the federation, then exits
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    quick, code = 0, 0
+    try:
+        while not stopping:
+            with open(log_path, "ab") as log:
+                child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            state.supernode_pid, state.started_at = child.pid, time.time()
+            state.write(state_path)
+            code = child.wait()
+            ran = time.time() - state.started_at
+            state.exits = (state.exits + [{"at": time.time(), "code": code}])[-10:]
+            state.supernode_pid = None
+            if stopping or code == 0:
+                break
+            quick = quick + 1 if ran < policy.healthy else 1
+            if quick > policy.max_restarts:
+                break
+            state.restarts += 1
+            state.write(state_path)
+            with open(log_path, "a") as log:
+                log.write(f"\nfedshield site run: SuperNode exited with {code} after {ran:.0f} s;"
+                          f" restart {state.restarts} in {policy.pause(quick):.0f} s\n")
+            sleep(policy.pause(quick))
+    finally:
+        state.stopped = True
+        state.supernode_pid = None
+        state.write(state_path)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return code
