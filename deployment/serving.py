@@ -437,7 +437,8 @@ class RequestMetrics:
             took = time.perf_counter() - start
             self.metrics.observe_request(path_label(scope["path"]), status[0], took)
             client = scope.get("client") or ("-", 0)
-            # The path as routed, never the query string (it may carry ?token=), never a body.
+            # The path as routed, never the query string (it may carry ?token=), never a body;
+            # printable ASCII only, so a crafted path cannot forge a line of the text format.
             log_access(AccessRecord(scope["method"], header_safe(scope["path"], 200), status[0],
                                     round(took * 1e3, 3), str(client[0]), rid))
 

@@ -146,7 +146,8 @@ def log_window(report: WindowReport, statistic: str, threshold: float, patience:
     """One line per full drift window: info when clean, warning when over the threshold (a
     trigger it fires, or that the cooldown suppresses, gets a line of its own: log_trigger)."""
     value = float(report.scores[statistic])
-    drifted = drifted_features(report.scores, threshold)
+    # A clean window's top features are noise, not drift: named only when the window drifts.
+    drifted = drifted_features(report.scores, threshold) if report.over_threshold else []
     state = f"under {threshold:g}"
     if report.over_threshold:
         # The policy's streak resets when a trigger fires: show how far along it is otherwise.

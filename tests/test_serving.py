@@ -272,6 +272,7 @@ def test_real_uvicorn_on_loopback(served):
     assert [a["status"] for a in access if a["path"] == "/predict"] == [401, 200, 422, 422]
     assert TOKEN not in json.dumps(lines)
     assert not any("Uvicorn running" in json.dumps(line) for line in lines)  # ours replaces it
+    assert not any(line["logger"] == "uvicorn.access" for line in lines)  # replaced, not doubled
 
 
 def monitor_app():

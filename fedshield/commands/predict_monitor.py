@@ -94,7 +94,7 @@ COLUMNS = ("window", "examples", "{stat}", "ks_max", "js_mean", "pred_psi", "sta
 def _row(report: dict, statistic: str, threshold: float, state: str) -> list[str]:
     scores = report.get("scores", {})
     top = [f"{n} ({float(v):.2f})" for n, v in scores.get("top_features", [])
-           if float(v) > threshold][:3]
+           if float(v) > threshold][:3] if state != "ok" else []  # a clean window drifts nowhere
 
     def num(key: str) -> str:
         value = scores.get(key)
