@@ -9,6 +9,7 @@ the promotion gate decide whether it replaces the champion.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ from fedshield.deployment.drift import RetrainTrigger
 from fedshield.deployment.registry import resolve
 
 from fedshield.errors import ConfigError
+
+log = logging.getLogger("fedshield.serving.retrain")
 
 
 def retrain_command(config_path: str, model_ref: str, registry_uri: str, rounds: int,
@@ -42,5 +45,10 @@ def launch_retraining(trigger: RetrainTrigger, config_path: str, model_ref: str,
     cmd = retrain_command(config_path, model_ref, registry_uri, rounds, workdir)
     (workdir / "trigger.json").write_text(json.dumps({**trigger.to_dict(), "command": cmd},
                                                      indent=2))
-    log = open(workdir / "retrain.log", "w")  # noqa: SIM115 — owned by the child process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    out = open(workdir / "retrain.log", "w")  # noqa: SIM115 — owned by the child process
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    log.warning("retraining run started (pid %d, output in %s): %s", proc.pid,
+                workdir / "retrain.log", trigger.reason,
+                extra={"event": "retrain_started", "pid": proc.pid,
+                       "log_file": str(workdir / "retrain.log"), "command": cmd})
+    return proc

@@ -17,6 +17,7 @@ import io
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -25,11 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.security import HTTPBearer
 from fedshield.deployment.artifacts import (
     CARD_JSON,
     EXPORT_JSON,
@@ -46,14 +50,32 @@ from fedshield.deployment.drift import DriftMonitor, RetrainTrigger, WindowRepor
 from fedshield.deployment.explain import integrated_gradients
 from fedshield.deployment.export import INPUT_NAME, onnx_session
 from fedshield.deployment.reference_stats import Reference
+from fedshield.deployment.serving_logs import (
+    REQUEST_ID_HEADER,
+    AccessRecord,
+    StartupInfo,
+    base_url,
+    configure_logging,
+    log_access,
+    log_startup,
+    log_trigger,
+    log_window,
+    request_id,
+)
 from fedshield.deployment.serving_metrics import CONTENT_TYPE, ServingMetrics
 from fedshield.tasks import get_task
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 
-from fedshield.errors import ConfigError
+from fedshield.errors import ConfigError, FedShieldError
 
 log = logging.getLogger("fedshield.serving")
+API_DESCRIPTION = (
+    "Predictions, explanations and drift monitoring of a federated model (fedshield serve). "
+    "When the server has a token, every route but /health needs the header "
+    "`Authorization: Bearer <token>` (the Authorize button here); a browser opens these docs "
+    "as /docs?token=<token>. POST /predict takes JSON `{\"inputs\": [...], "
+    "\"probabilities\": true}` or the bytes of numpy.save with Content-Type: application/x-npy.")
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT = 10.0  # seconds for a whole request body: a stalled client is cut off
@@ -125,8 +147,30 @@ def load_served_model(model: str | Path, tracking_uri: str | None = None,
                           f"({first}); check --registry-uri") from None
 
 
-def _load_served_model(model: str | Path, tracking_uri: str | None, quantized: bool) -> ServedModel:
+# A bare registry name, optionally @VERSION or @ALIAS (the short form of models:/...).
+REGISTRY_NAME = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(@(?P<at>[A-Za-z0-9_.-]+))?$")
+
+
+def model_reference(model: str | Path) -> str:
+    """``models:/...`` and existing paths as given; a bare registry name as a registry reference:
+    ``NAME`` -> ``models:/NAME@champion``, ``NAME@3`` -> ``models:/NAME/3``, ``NAME@ALIAS`` ->
+    ``models:/NAME@ALIAS``."""
     text = str(model)
+    match = REGISTRY_NAME.match(text)
+    if text.startswith("models:/") or Path(text).exists() or not match:
+        return text
+    at = match["at"] or "champion"
+    return f"models:/{match['name']}/{at}" if at.isdigit() else f"models:/{match['name']}@{at}"
+
+
+def _load_served_model(model: str | Path, tracking_uri: str | None, quantized: bool) -> ServedModel:
+    text = model_reference(model)
+    if text != str(model):
+        try:
+            return _load_served_model(text, tracking_uri, quantized)
+        except FedShieldError as exc:
+            raise type(exc)(f"{exc} ({model} is no folder here, so it was read as the registry "
+                            f"reference {text})") from None
     if text.startswith("models:/"):
         from fedshield.deployment.registry import resolve
 
@@ -268,17 +312,27 @@ def npy_inputs(raw: bytes, input_shape: tuple[int, ...], limit: int) -> np.ndarr
     return x
 
 
-def range_problem(x: np.ndarray, input_range: dict | None, preprocessing: str = "") -> str | None:
-    """Why a batch looks unpreprocessed (far outside the evaluation range), or None."""
-    if not input_range or not x.size:
+def accepted_range(input_range: dict | None) -> tuple[float, float, float, float] | None:
+    """(evaluation min, max, lowest and highest value accepted without a warning), or None when
+    the export records no usable range."""
+    if not input_range:
         return None
     try:
         lo, hi = float(input_range["min"]), float(input_range["max"])
     except (KeyError, TypeError, ValueError):
         return None
     margin = RANGE_MARGIN * max(hi - lo, 1e-6)
+    return lo, hi, lo - margin, hi + margin
+
+
+def range_problem(x: np.ndarray, input_range: dict | None, preprocessing: str = "") -> str | None:
+    """Why a batch looks unpreprocessed (far outside the evaluation range), or None."""
+    bounds = accepted_range(input_range)
+    if bounds is None or not x.size:
+        return None
+    lo, hi, low_ok, high_ok = bounds
     seen_lo, seen_hi = float(x.min()), float(x.max())
-    if lo - margin <= seen_lo and seen_hi <= hi + margin:
+    if low_ok <= seen_lo and seen_hi <= high_ok:
         return None
     hint = f"; the model expects inputs preprocessed as: {preprocessing}" if preprocessing else ""
     return (f"inputs span [{seen_lo:.4g}, {seen_hi:.4g}], far outside the evaluation range "
@@ -343,7 +397,8 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-KNOWN_PATHS = frozenset({"/health", "/metadata", "/predict", "/explain", "/metrics"})
+# The docs pages are counted as "other": they are not traffic worth a label of their own.
+KNOWN_PATHS = frozenset({"/health", "/metadata", "/predict", "/explain", "/metrics", "/drift"})
 
 
 def path_label(path: str) -> str:
@@ -353,23 +408,27 @@ def path_label(path: str) -> str:
 
 
 class RequestMetrics:
-    """Pure ASGI middleware: count requests and time them by route and status."""
+    """Pure ASGI middleware: count, time and log every request (one access line each, under a
+    request id echoed in ``x-request-id``)."""
 
     def __init__(self, app, metrics: ServingMetrics) -> None:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        """ASGI entry point: pass non-HTTP scopes through, count and time HTTP requests."""
+        """ASGI entry point: pass non-HTTP scopes through, count, time and log HTTP requests."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
+        given = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"")
+        rid = request_id(given.decode("latin-1"))
 
         async def record(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 took = (time.perf_counter() - start) * 1e3
-                message["headers"] = [*message.get("headers", []), (b"server-timing",
-                                                                    f"app;dur={took:.3f}".encode())]
+                message["headers"] = [*message.get("headers", []),
+                                      (b"server-timing", f"app;dur={took:.3f}".encode()),
+                                      (REQUEST_ID_HEADER.encode(), rid.encode())]
             await send(message)
 
         try:
@@ -377,6 +436,11 @@ class RequestMetrics:
         finally:
             took = time.perf_counter() - start
             self.metrics.observe_request(path_label(scope["path"]), status[0], took)
+            client = scope.get("client") or ("-", 0)
+            # The path as routed, never the query string (it may carry ?token=), never a body;
+            # printable ASCII only, so a crafted path cannot forge a line of the text format.
+            log_access(AccessRecord(scope["method"], header_safe(scope["path"], 200), status[0],
+                                    round(took * 1e3, 3), str(client[0]), rid))
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -388,20 +452,62 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": detail, "errors": len(errors)}, status_code=422)
 
 
-def bearer_guard(token: str | None) -> Callable:
-    """A FastAPI dependency refusing requests without ``Authorization: Bearer TOKEN`` (no token:
-    it accepts every request)."""
-    expected = f"Bearer {token}".encode() if token else None
+TOKEN_HINT = "send the header 'Authorization: Bearer <token>'"
+DOCS_TOKEN_HINT = (TOKEN_HINT + ", or in a browser open /docs?token=<token> (accepted on /docs "
+                   "and /openapi.json only)")
 
-    async def guard(request: Request) -> None:  # async: a sync dependency costs a thread hop
+
+def bearer_guard(token: str | None, query: bool = False) -> Callable:
+    """A FastAPI dependency refusing requests without ``Authorization: Bearer TOKEN`` (no token:
+    it accepts every request). ``query``: ``?token=TOKEN`` is accepted too (the docs pages, which
+    a browser opens without headers; never /predict, whose URLs proxies log)."""
+    expected = f"Bearer {token}".encode() if token else None
+    # Declared for the OpenAPI document only (Swagger's "Authorize" button); checked below.
+    scheme = HTTPBearer(auto_error=False, description="The serve --token value.")
+
+    async def guard(request: Request, _: Annotated[Any, Security(scheme)] = None) -> None:
+        # async: a sync dependency costs a thread hop
         if expected is None:
             return
         given = request.headers.get("authorization", "").encode()
+        if query and "token" in request.query_params:
+            given = f"Bearer {request.query_params['token']}".encode()
         if not secrets.compare_digest(given, expected):
-            raise HTTPException(401, "missing or wrong bearer token; send 'Authorization: Bearer "
-                                     "<token>'",
+            raise HTTPException(401, "missing or wrong bearer token; "
+                                     + (DOCS_TOKEN_HINT if query else TOKEN_HINT),
                                 headers={"WWW-Authenticate": "Bearer"})
     return guard
+
+
+class TriggerCooldown:
+    """At most one retraining trigger per ``seconds``: drift that persists fires a trigger every
+    ``patience`` windows, and each would start another fine-tuning run of the same drift."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if seconds < 0:
+            raise ConfigError(f"retraining cooldown is {seconds} s; pass 0 (none) or more")
+        self.seconds, self.clock = seconds, clock
+        self.last: float | None = None
+
+    def remaining(self) -> float:
+        """Seconds until a trigger may fire again (0: now)."""
+        if self.last is None:
+            return 0.0
+        return max(0.0, self.seconds - (self.clock() - self.last))
+
+    def fire(self) -> None:
+        """A trigger fired now: the cooldown starts."""
+        self.last = self.clock()
+
+
+RECENT_WINDOWS = 50  # windows /drift returns (the full history is in --window-log)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities of a batch of logits (the same numbers /predict and
+    ``fedshield predict`` return)."""
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)
 
 
 def create_app(model: str | Path | ServedModel, token: str | None = None,
@@ -412,15 +518,17 @@ def create_app(model: str | Path | ServedModel, token: str | None = None,
                window_log: str | Path | None = None,
                on_trigger: Callable[[RetrainTrigger], None] | None = None,
                budget_remaining: Callable[[], bool] | None = None,
-               body_timeout: float = DEFAULT_BODY_TIMEOUT, strict_inputs: bool = False) -> FastAPI:
+               body_timeout: float = DEFAULT_BODY_TIMEOUT, strict_inputs: bool = False,
+               trigger_cooldown: float = 0.0) -> FastAPI:
     """The serving app. ``model``: a registry reference, a run or export folder, or a loaded model.
 
     ``strict_inputs``: refuse (422) batches far outside the evaluation input range instead of
     answering with an ``x-fedshield-input-warning`` header.
 
     Served batches feed a DriftMonitor when the export has a drift reference; each full window is
-    appended to ``window_log`` (JSONL, read by ``fedshield monitor``) and retraining triggers go to
-    ``on_trigger``.
+    logged (``fedshield.serving.drift``), appended to ``window_log`` (JSONL) and kept for
+    ``GET /drift`` (read by ``fedshield monitor``). Retraining triggers go to ``on_trigger``, at
+    most one per ``trigger_cooldown`` seconds (the others are logged as suppressed).
     """
     served = model if isinstance(model, ServedModel) else load_served_model(model, tracking_uri,
                                                                             quantized)
@@ -430,27 +538,78 @@ def create_app(model: str | Path | ServedModel, token: str | None = None,
                                      load_weights(served.folder / SAFETENSORS))
     is_image = len(served.input_shape) == 3
     PredictRequest, ExplainRequest = request_models(served.input_shape, max_batch, MAX_EXPLAIN)
+    cooldown = TriggerCooldown(trigger_cooldown)
+    seen = [0]  # examples fed to the monitor (the part of a window still filling is derived)
+    monitor: DriftMonitor | None = None
 
-    def log_window(report: WindowReport) -> None:
-        metrics.observe_window(report.scores, report.note.startswith("retraining triggered"))
+    def on_window(report: WindowReport) -> None:
+        """One full window: decide the trigger (cooldown), log it, count it, append it."""
+        assert monitor is not None  # only the monitor calls this
+        fired = suppressed = False
+        if report.note.startswith("retraining triggered"):
+            trigger, wait = monitor.triggers[-1], cooldown.remaining()
+            if wait > 0:
+                suppressed = True
+                report.note = (f"retraining trigger suppressed by the cooldown ({wait:.0f} s "
+                               f"left of {cooldown.seconds:g} s): {trigger.reason}")
+            else:
+                fired = True
+                cooldown.fire()
+        log_window(report, monitor.policy.statistic, monitor.policy.threshold,
+                   monitor.policy.patience)
+        if fired or suppressed:
+            log_trigger(monitor.triggers[-1], fired, report.note)
+        metrics.observe_window(report.scores, fired, suppressed)
         if window_log:
             with open(window_log, "a") as fh:
                 fh.write(json.dumps(report.to_dict()) + "\n")
+        if fired and on_trigger is not None:
+            on_trigger(monitor.triggers[-1])
 
-    monitor = None
     if served.reference is not None:
         monitor = DriftMonitor(served.reference, drift_window, drift_threshold, drift_patience,
-                               budget_remaining=budget_remaining, on_trigger=on_trigger,
-                               on_window=log_window)
+                               budget_remaining=budget_remaining, on_window=on_window)
 
     guard = [Depends(bearer_guard(token))]
+    docs_guard = [Depends(bearer_guard(token, query=True))]
     app = FastAPI(title=f"fedshield model {served.name}", version=str(served.version),
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  description=API_DESCRIPTION, docs_url=None, redoc_url=None, openapi_url=None)
     # Starlette types handlers as taking any Exception; this one is registered for its subclass
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
     app.state.served, app.state.monitor, app.state.metrics = served, monitor, metrics
     labels = {"name": served.name, "version": served.version, "task": served.task,
               "variant": "int8" if served.quantized else "fp32"}
+
+    @app.get("/openapi.json", dependencies=docs_guard, include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=docs_guard, include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        # The page fetches the schema from the browser, without headers: it passes the token on
+        # in the query when it came that way (the same token, already in the address bar).
+        given = request.query_params.get("token") if token else None
+        url = "/openapi.json" + (f"?token={quote(given, safe='')}" if given else "")
+        return get_swagger_ui_html(openapi_url=url, title=f"{app.title} - API docs")
+
+    @app.get("/drift", dependencies=guard)
+    async def drift() -> dict:
+        """The drift monitor's state and its latest windows (``fedshield monitor URL``)."""
+        out: dict[str, Any] = {"model": served.name, "version": served.version,
+                               "monitoring": monitor is not None}
+        if monitor is None:
+            out["reason"] = "this export has no drift reference (export/reference.json)"
+            return out
+        with lock:
+            reports = [r.to_dict() for r in monitor.reports[-RECENT_WINDOWS:]]
+            windows = len(monitor.reports)
+            buffered = seen[0] - windows * monitor.window
+        return out | {"statistic": monitor.policy.statistic, "threshold": monitor.policy.threshold,
+                      "patience": monitor.policy.patience, "window": monitor.window,
+                      "buffered": buffered, "windows": windows,
+                      "triggers": metrics.retrain_triggers,
+                      "suppressed": metrics.suppressed_triggers,
+                      "cooldown_s": cooldown.seconds, "recent": reports}
 
     @app.get("/health")
     async def health() -> dict:
@@ -504,11 +663,11 @@ def create_app(model: str | Path | ServedModel, token: str | None = None,
         metrics.observe_predictions(classes)
         if monitor is not None:
             with lock:
+                seen[0] += len(x)
                 monitor.observe(x, classes)
         out: dict[str, Any] = {"predictions": classes.tolist(), "model_version": served.version}
         if probabilities:
-            shifted = np.exp(logits - logits.max(1, keepdims=True))
-            out["probabilities"] = (shifted / shifted.sum(1, keepdims=True)).tolist()
+            out["probabilities"] = softmax(logits).tolist()
         return JSONResponse(out, headers=headers)
 
     @app.post("/explain", dependencies=guard)
@@ -607,15 +766,36 @@ def header_deadline_protocol(seconds: float) -> Any:
     return HeaderDeadline
 
 
+def startup_info(served: ServedModel, host: str, port: int, token: str | None) -> StartupInfo:
+    """What the start-up line says (the token's presence, never the token)."""
+    url = base_url(host, port)
+    return StartupInfo(url, served.name, str(served.version),
+                       "int8" if served.quantized else "fp32", bool(token),
+                       "loopback" if is_loopback(host) else "public",
+                       url + "/docs" + ("?token=<token>" if token else ""))
+
+
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
-          **app_options: Any) -> None:
-    """Run the serving app under uvicorn (blocks)."""
+          log_level: str = "info", log_format: str = "json", **app_options: Any) -> None:
+    """Run the serving app under uvicorn (blocks); log a start-up line once the port is bound."""
     import uvicorn
 
     check_exposure(host, token)
+    configure_logging(log_level, log_format)
     app = create_app(model, token=token, **app_options)
     # Idle keep-alive connections are closed after 5 s, headers and bodies that stall after
     # body_timeout (HeaderDeadline, BodyLimit).
     timeout = float(app_options.get("body_timeout", DEFAULT_BODY_TIMEOUT))
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                timeout_keep_alive=5, http=header_deadline_protocol(timeout))
+    # log_config=None: uvicorn keeps the handlers configure_logging installed; access_log=False:
+    # RequestMetrics writes the one access line per request.
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                            timeout_keep_alive=5, http=header_deadline_protocol(timeout))
+
+    class Announcing(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:  # the bound port: --port 0 picks a free one
+                bound = self.servers[0].sockets[0].getsockname()[1]
+                log_startup(startup_info(app.state.served, host, int(bound), token))
+
+    Announcing(config).run()

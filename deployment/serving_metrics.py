@@ -28,6 +28,7 @@ class ServingMetrics:
         self.drift: dict[str, float] = {}
         self.drift_windows = 0
         self.retrain_triggers = 0
+        self.suppressed_triggers = 0
         self.input_warnings = 0
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
@@ -52,12 +53,14 @@ class ServingMetrics:
         with self._lock:
             self.input_warnings += 1
 
-    def observe_window(self, scores: dict, triggered: bool) -> None:
-        """Keep the scores of the latest full drift window."""
+    def observe_window(self, scores: dict, triggered: bool, suppressed: bool = False) -> None:
+        """Keep the scores of the latest full drift window; count its trigger, fired or
+        suppressed by the cooldown."""
         with self._lock:
             self.drift = {k: v for k, v in scores.items() if isinstance(v, float)}
             self.drift_windows += 1
             self.retrain_triggers += int(triggered)
+            self.suppressed_triggers += int(suppressed)
 
     def render(self, model_labels: dict[str, str]) -> str:
         """The counters in Prometheus' text format."""
@@ -98,6 +101,10 @@ class ServingMetrics:
                     "# HELP fedshield_retrain_triggers_total Retraining triggers fired.",
                     "# TYPE fedshield_retrain_triggers_total counter",
                     f"fedshield_retrain_triggers_total {self.retrain_triggers}",
+                    "# HELP fedshield_retrain_triggers_suppressed_total Retraining triggers "
+                    "suppressed by the cooldown.",
+                    "# TYPE fedshield_retrain_triggers_suppressed_total counter",
+                    f"fedshield_retrain_triggers_suppressed_total {self.suppressed_triggers}",
                     "# HELP fedshield_input_range_warnings_total Batches far outside the input "
                     "range.",
                     "# TYPE fedshield_input_range_warnings_total counter",

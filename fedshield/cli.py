@@ -173,12 +173,18 @@ def bench_aggregators(
 
 def _mount() -> None:
     """Sub-commands from fedshield/commands/ and fedshield/site.py (all orchestration)."""
-    from fedshield.commands.deploy import monitor_command, registry_app, serve_command
+    from fedshield.commands.deploy import (
+        monitor_command,
+        predict_command,
+        registry_app,
+        serve_command,
+    )
     from fedshield.site import site_app
 
     app.add_typer(registry_app, name="registry", help="List, show and promote registered models.")
     app.command("serve")(serve_command)
     app.command("monitor")(monitor_command)
+    app.command("predict")(predict_command)
     app.add_typer(site_app, name="site")
     from fedshield.commands.privacy import privacy_app
 

@@ -20,6 +20,7 @@ from fedshield.deployment.export import export_model, onnx_logits, onnx_session
 from fedshield.deployment.reference_stats import reference_from_data
 from fedshield.deployment.serving import check_exposure, create_app
 from fedshield.tasks import get_task
+from typer.testing import CliRunner
 
 from fedshield.errors import ConfigError
 from tests.deploy_support import make_run_dir, trained_state
@@ -221,7 +222,8 @@ def test_real_uvicorn_on_loopback(served):
                         "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "fedshield.commands.deploy", "serve", "--model",
                              str(served["run"]),
-                             "--host", "127.0.0.1", "--port", str(port), "--max-batch", "64"],
+                             "--host", "127.0.0.1", "--port", str(port), "--max-batch", "64",
+                             "--drift-window", "4"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -245,6 +247,11 @@ def test_real_uvicorn_on_loopback(served):
                                headers=AUTH).status_code == 422
             text = client.get("/metrics", headers=AUTH).text
             assert 'fedshield_requests_total{path="/predict",code="200"} 1' in text
+            assert client.get("/docs").status_code == 401
+            assert client.get(f"/docs?token={TOKEN}").status_code == 200
+        monitor = CliRunner().invoke(monitor_app(), [base, "--once", "--token", TOKEN])
+        assert monitor.exit_code == 0, monitor.output
+        assert "windows scored 1" in monitor.output and re.search(r"\n0 +4 ", monitor.output)
     finally:
         proc.terminate()
         try:
@@ -252,3 +259,27 @@ def test_real_uvicorn_on_loopback(served):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+    lines = [json.loads(line) for line in proc.stdout.read().decode().splitlines()
+             if line.startswith("{")]
+    start = [line for line in lines if line.get("event") == "startup"]
+    assert len(start) == 1 and start[0]["url"] == base and start[0]["token"] is True
+    assert start[0]["exposure"] == "loopback" and start[0]["docs"] == f"{base}/docs?token=<token>"
+    assert start[0]["model"] == served["run"].name and start[0]["version"] == "local"
+    access = [line for line in lines if line.get("event") == "access"]
+    # one line per request: 1 per /health poll that got through, 7 above, 1 from the monitor
+    assert [a["path"] for a in access if a["path"] != "/health"] == [
+        "/predict"] * 4 + ["/metrics", "/docs", "/docs", "/drift"]
+    assert [a["status"] for a in access if a["path"] == "/predict"] == [401, 200, 422, 422]
+    assert TOKEN not in json.dumps(lines)
+    assert not any("Uvicorn running" in json.dumps(line) for line in lines)  # ours replaces it
+    assert not any(line["logger"] == "uvicorn.access" for line in lines)  # replaced, not doubled
+
+
+def monitor_app():
+    import typer
+
+    from fedshield.commands.predict_monitor import monitor_command
+
+    app = typer.Typer()
+    app.command()(monitor_command)
+    return app

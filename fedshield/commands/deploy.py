@@ -1,9 +1,9 @@
 """Typer commands the ``fedshield`` CLI mounts: ``registry list|show|promote``, ``serve``,
-``monitor`` (orchestration layer: they drive deployment/, which never imports them).
+``monitor`` and ``predict`` (the last two live in predict_monitor.py; orchestration layer: they
+drive deployment/, which never imports them).
 
 Mount with ``app.add_typer(registry_app, name="registry")``, ``app.command("serve")(serve_command)``
-and ``app.command("monitor")(monitor_command)``; ``python -m fedshield.commands.deploy`` runs them
-alone.
+and the like; ``python -m fedshield.commands.deploy`` runs them alone.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from fedshield import schema, validation
+from fedshield.commands.predict_monitor import monitor_command, predict_command
 from fedshield.errors import FedShieldError
+
+__all__ = ["monitor_command", "predict_command", "registry_app", "serve_command"]
 
 DEFAULTS = schema.DeploymentConfig()
 DEFAULT_URI = DEFAULTS.registry_uri
@@ -172,113 +175,49 @@ def serve_command(
     strict_inputs: bool = typer.Option(False, "--strict-inputs",
                                        help="Refuse (422) inputs far outside the evaluation range "
                                             "instead of answering with a warning header."),
+    retrain_cooldown: float = typer.Option(3600.0, "--retrain-cooldown", min=0.0,
+                                           help="Seconds after a retraining trigger during which "
+                                                "further triggers are logged but suppressed."),
+    log_level: str = typer.Option("info", "--log-level",
+                                  help="debug, info (start-up, access and drift lines), warning "
+                                       "(drift and triggers only) or error."),
+    log_format: str = typer.Option("json", "--log-format",
+                                   help="json (one object per line) or text."),
 ) -> None:
-    """Serve a model over HTTP (FastAPI + onnxruntime): /predict /explain /metadata /metrics
-    /health.
+    """Serve a model over HTTP (FastAPI + onnxruntime): /predict /explain /drift /metadata
+    /metrics /health, API docs at /docs.
 
     Example: FEDSHIELD_SERVE_TOKEN=... fedshield serve --model models:/fedshield-digits@champion
     --port 8080
     """
     from fedshield.deployment.serving import serve
+    from fedshield.deployment.serving_logs import FORMATS, LEVELS
 
+    if log_level.lower() not in LEVELS or log_format not in FORMATS:
+        _fail(ValueError(f"--log-level must be one of {', '.join(LEVELS)} and --log-format one "
+                         f"of {', '.join(FORMATS)}"))
     on_trigger = None
     if retrain_config:
         from fedshield.deployment.retrain import launch_retraining
 
         def on_trigger(trigger):  # the fine-tuning run goes through the same hand-off and gate
-            proc = launch_retraining(trigger, retrain_config, model, registry_uri or DEFAULT_URI,
-                                     retrain_rounds, Path("runs") / "retrain")
-            console.print(f"[bold]retraining started[/bold] (pid {proc.pid}): {trigger.reason}")
+            launch_retraining(trigger, retrain_config, model, registry_uri or DEFAULT_URI,
+                              retrain_rounds, Path("runs") / "retrain")  # logs its start
     try:
-        serve(model, host, port, token, tracking_uri=registry_uri, quantized=int8,
-              max_batch=max_batch,
+        serve(model, host, port, token, log_level=log_level, log_format=log_format,
+              tracking_uri=registry_uri, quantized=int8, max_batch=max_batch,
               window_log=window_log, drift_window=drift_window, drift_threshold=drift_threshold,
               drift_patience=drift_patience, on_trigger=on_trigger, body_timeout=body_timeout,
-              strict_inputs=strict_inputs)
+              strict_inputs=strict_inputs, trigger_cooldown=retrain_cooldown)
     except _registry_failures() as exc:
         _fail(exc)
-
-
-def _metrics_source(url: str, token: str | None) -> dict[str, float]:
-    import httpx
-
-    from fedshield.deployment.serving_metrics import parse_text
-
-    target = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    response = httpx.get(target, headers=headers, timeout=10.0)
-    response.raise_for_status()
-    return parse_text(response.text)
-
-
-def monitor_command(
-    source: str = typer.Argument(...,
-                                 help="A drift-window JSONL (serve --window-log) or a server URL."),
-    statistic: str = typer.Option("psi_mean", "--statistic", help="Score the trigger watches."),
-    threshold: float = typer.Option(DEFAULTS.drift_threshold, "--threshold",
-                                    help="Drift when the statistic exceeds this."),
-    patience: int = typer.Option(DEFAULTS.drift_patience, "--patience",
-                                 help="Consecutive drifting windows before retraining."),
-    token: str = typer.Option(None, "--token", envvar="FEDSHIELD_SERVE_TOKEN"),
-    as_json: bool = AsJson,
-) -> None:
-    """Show drift per served window and whether retraining would trigger.
-
-    Example: fedshield monitor runs/serve-windows.jsonl --threshold 0.2 --patience 3
-    Example: fedshield monitor http://127.0.0.1:8080
-    """
-    from fedshield.deployment.drift import STATISTICS, replay_windows
-
-    if statistic not in STATISTICS:
-        _fail(ValueError(f"--statistic must be one of {', '.join(STATISTICS)}"))
-    if source.startswith(("http://", "https://")):
-        samples = _metrics_source(source, token)
-        drift = {k.split('"')[1]: v for k, v in samples.items()
-                 if k.startswith("fedshield_drift_score{")}
-        windows = samples.get("fedshield_drift_windows_total", 0)
-        if as_json:
-            typer.echo(json.dumps({"windows": windows, "scores": drift,
-                                   "triggers": samples.get("fedshield_retrain_triggers_total", 0)}))
-            return
-        table = Table(title=f"latest window of {int(windows)} ({source})")
-        table.add_column("statistic")
-        table.add_column("score")
-        for name, value in sorted(drift.items()):
-            style = "red" if name == statistic and value > threshold else ""
-            table.add_row(name, f"[{style}]{value:.4f}[/{style}]" if style else f"{value:.4f}")
-        console.print(table)
-        return
-    path = Path(source)
-    if not path.is_file():
-        _fail(FileNotFoundError(f"{path} does not exist; pass serve --window-log PATH's file or a "
-                                "URL"))
-    reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    triggers = replay_windows(reports, statistic, threshold, patience)
-    if as_json:
-        typer.echo(json.dumps({"windows": reports, "triggers": [t.to_dict() for t in triggers]}))
-        return
-    table = Table(title=f"drift per window ({statistic} > {threshold} for {patience} windows "
-                        "triggers)")
-    for col in ("window", "examples", statistic, "prediction_psi", "top feature"):
-        table.add_column(col)
-    for r in reports:
-        value = r["scores"][statistic]
-        shown = f"[red]{value:.4f}[/red]" if value > threshold else f"{value:.4f}"
-        top = r["scores"].get("top_features") or [["-", 0.0]]
-        table.add_row(str(r["index"]), str(r["examples"]), shown,
-                      f"{r['scores']['prediction_psi']:.4f}",
-                      f"{top[0][0]} ({top[0][1]:.3f})")
-    console.print(table)
-    for t in triggers:
-        console.print(f"[bold red]retrain trigger[/bold red] windows {t.windows}: {t.reason}")
-    if not triggers:
-        console.print("no retraining trigger")
 
 
 app = typer.Typer(help="fedshield deployment commands.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
 app.command("serve")(serve_command)
 app.command("monitor")(monitor_command)
+app.command("predict")(predict_command)
 
 if __name__ == "__main__":
     app()
