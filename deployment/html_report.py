@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedshield.errors import ConfigError, FedShieldError, StateCorrupted
 from fedshield.run_records import (
+    FederatedEvaluation,
     HandoffSummary,
     MetricsLine,
     RunSummary,
@@ -111,7 +112,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     norm = raw / mag  # in [1, 10): round to the nearest of 1, 2, 5, 10
     step = mag * (1 if norm < 1.5 else 2 if norm < 3 else 5 if norm < 7 else 10)
     first = math.floor(lo / step + 1e-9) * step
-    ticks, k = [], 0
+    ticks: list[float] = []
+    k = 0
     while first + k * step <= hi + step * 1e-9 or not ticks or ticks[-1] < hi:
         ticks.append(round(first + k * step, 12))
         k += 1
@@ -485,13 +487,14 @@ def section_overview(files: RunFiles) -> str:
         return _missing(f"summary.json could not be read: {files.summary.problem}")
     attack = s.attack.get("name") if isinstance(s.attack, Mapping) else s.attack
     rows = [("status", s.status or "-"), ("failure", s.failure or "-"), ("task", s.task or "-"),
-            ("rounds", f"{s.rounds_completed} of {s.rounds}"), ("clients", s.num_clients),
+            ("rounds", f"{fmt(s.rounds_completed)} of {fmt(s.rounds)}"),
+            ("clients", fmt(s.num_clients)),
             ("aggregation rule", s.strategy or "-"), ("attack", attack or "none"),
             ("final accuracy", pct(s.final_accuracy)),
             ("best accuracy", f"{pct(s.best_accuracy)} (round {s.best.round})" if s.best else "-"),
             ("privacy", s.privacy.label or ("sample-level DP" if s.privacy.enabled else "no DP")),
             ("stopped early", s.stopped_early or "no"), ("wall time", f"{fmt(s.wall_seconds)} s"),
-            ("seed", s.seed)]
+            ("seed", fmt(s.seed))]
     if s.privacy.outside_guarantee:
         rows.append(("OUTSIDE the DP guarantee", ", ".join(s.privacy.outside_guarantee)))
     handoff = _handoff(files)
@@ -599,34 +602,36 @@ def section_evaluation(files: RunFiles) -> str:
     lines = _lines(files)
     if isinstance(lines, str):
         return lines
-    rounds = [m for m in lines if m.evaluation is not None and m.evaluation.accuracy]
+    rounds = [(m.round, m.evaluation) for m in lines
+              if m.evaluation is not None and m.evaluation.accuracy]
     if not rounds:
         return _missing("federated evaluation: not run (federation.fraction_evaluate = 0, or no "
                         "client evaluated)")
-    dots = [Series(f"client {c}", tuple((m.round, 100 * m.evaluation.accuracy[c]) for m in rounds
-                                        if c in m.evaluation.accuracy),
-                   colour="#90a4ae", dots_only=True)
-            for c in _client_order(c for m in rounds for c in m.evaluation.accuracy)]
-    stats = [Series("mean", tuple((m.round, 100 * m.evaluation.mean) for m in rounds
-                                  if m.evaluation.mean is not None), PALETTE[0]),
-             Series("worst client", tuple((m.round, 100 * m.evaluation.worst) for m in rounds
-                                          if m.evaluation.worst is not None), PALETTE[3]),
-             Series("worst 10%", tuple((m.round, 100 * m.evaluation.worst_decile) for m in rounds
-                                       if m.evaluation.worst_decile is not None), PALETTE[1],
-                    dashed=True)]
-    rows = [(m.round, len(m.evaluation.accuracy), pct(m.evaluation.mean), pct(m.evaluation.worst),
-             pct(m.evaluation.worst_decile),
-             "-" if m.evaluation.spread is None else f"{100 * m.evaluation.spread:.2f} pts",
-             "exact" if m.evaluation.noise_std is None else f"DP noise std "
-             f"{fmt(m.evaluation.noise_std)}") for m in rounds]
-    last = rounds[-1].evaluation
+
+    def stat(label: str, pick: Callable[[FederatedEvaluation], float | None], colour: str,
+             dashed: bool = False) -> Series:
+        return Series(label, tuple((r, 100 * v) for r, ev in rounds if (v := pick(ev)) is not None),
+                      colour, dashed=dashed)
+
+    clients = _client_order(c for _, ev in rounds for c in ev.accuracy)
+    dots = [Series(f"client {c}", tuple((r, 100 * ev.accuracy[c]) for r, ev in rounds
+                                        if c in ev.accuracy), colour="#90a4ae", dots_only=True)
+            for c in clients]
+    stats = [stat("mean", lambda ev: ev.mean, PALETTE[0]),
+             stat("worst client", lambda ev: ev.worst, PALETTE[3]),
+             stat("worst 10%", lambda ev: ev.worst_decile, PALETTE[1], dashed=True)]
+    rows = [(r, len(ev.accuracy), pct(ev.mean), pct(ev.worst), pct(ev.worst_decile),
+             "-" if ev.spread is None else f"{100 * ev.spread:.2f} pts",
+             "exact" if ev.noise_std is None else f"DP noise std {fmt(ev.noise_std)}")
+            for r, ev in rounds]
+    last_round, last = rounds[-1]
     per_client = table(("client", "accuracy"), [(c, pct(last.accuracy[c])) for c in
                                                 _client_order(last.accuracy)])
     return (line_chart([*stats, *dots], x_label="round", y_label="client accuracy (%)",
                        max_legend=3)
             + table(("round", "clients", "mean", "worst", "worst 10%", "spread (std)",
                      "release"), rows)
-            + f"<details><summary>each client, round {rounds[-1].round}</summary>{per_client}"
+            + f"<details><summary>each client, round {last_round}</summary>{per_client}"
             "</details>")
 
 

@@ -288,6 +288,17 @@ def test_grid_reports_draw_the_heatmap_worst_cases_and_privacy_utility(grids):
     assert hr.is_grid(grids["sweep"]) and not hr.is_grid(grids["sweep"].parent)
 
 
+def test_the_report_command_recognises_a_grid_folder(grids):
+    from typer.testing import CliRunner
+
+    from fedshield.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(grids["robustness"]), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"path": str(grids["robustness"] / hr.REPORT_HTML),
+                                         "kind": "grid"}
+
+
 # --- headless Chromium ----------------------------------------------------------------------
 def _install_chromium() -> str:
     """Debian's chromium: already there, or installed with apt-get when root (10 min cap)."""
