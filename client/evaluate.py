@@ -12,11 +12,13 @@ No Flower message handling here: client/app.py decodes the message and encodes t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from fedshield.client.fit import DataLoader, checked_data, client_ledger, identity
 from fedshield.client.releases import evaluation_release
 from fedshield.privacy.releases import EXACT_MODE, OUTSIDE_KEY
-from fedshield.tasks import Split, evaluate
+from fedshield.tasks import Split, Task, evaluate
 from flwr.app import Context
 from torch import nn
 
@@ -42,7 +44,7 @@ def clipped_counts(model: nn.Module, data: Split, loss_clip: float,
 
 
 def evaluate_locally(context: Context, cfg: schema.Config, load_data: DataLoader,
-                     model_from, rc: dict) -> dict[str, float]:
+                     model_from: Callable[[Task], nn.Module], rc: dict) -> dict[str, float]:
     """The reply metrics of one evaluation (``model_from(task)`` builds the global model).
 
     Raises DataValidationError when the local data is unusable or holds no held-out examples,

@@ -22,8 +22,8 @@ public parameters of its DP events, nothing exact about the data.
   the ledger's budget check before every release acts as the privacy filter.)
 - ``num-examples`` in the reply is that noised count, rounded and clamped to >= 1: FedAvg's example
   weighting under DP uses the noised counts.
-- The exact training loss, quality report, client timings and client evaluation (loss, accuracy on
-  held-out data) are not sent. Client evaluation under DP needs the opt-in below.
+- The exact training loss, quality report and client timings are not sent. Client evaluation
+  (held-out loss and accuracy) is released through its own accounted Gaussian mechanism (below).
 
 ``privacy.release_stats = "exact-outside-guarantee"``: the client sends today's exact statistics
 (count, histogram, classes present, missing values, losses, accuracy, timings) and plans from the
