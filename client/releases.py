@@ -32,6 +32,7 @@ from fedshield.privacy.releases import (
     secure_rng,
 )
 
+from fedshield.errors import BudgetExhausted
 from fedshield.schema import PrivacyConfig
 
 # What a DP training reply may carry: the DP events' public parameters, the release and identity.
@@ -109,10 +110,10 @@ def evaluation_release(correct: int, loss_sum: float, n: int, privacy: PrivacyCo
     """One federated-evaluation release, whether the held-out count was released now, and the
     ledger's epsilon with it.
 
-    Both events (the count's, the first time in a run, and this evaluation's) are checked
-    against the budget before either is recorded, and recorded before anything is sent: raises
-    BudgetExhausted (nothing released) when they would exceed it. ``loss_sum``: the per-example
-    losses clipped to [0, privacy.eval_loss_clip], summed."""
+    Both events (the count's, the first time in a run, and this evaluation's) are recorded
+    together, before anything is sent; the ledger checks them against the budget under its lock
+    first and raises BudgetExhausted (nothing recorded, nothing released) when they would exceed
+    it. ``loss_sum``: the per-example losses clipped to [0, privacy.eval_loss_clip], summed."""
     sigma = privacy.eval_noise_multiplier
     path = releases_path(ledger)
     doc = _read(path)
@@ -126,11 +127,22 @@ def evaluation_release(correct: int, loss_sum: float, n: int, privacy: PrivacyCo
     if count is None:
         count = release_count(n, sigma, secure_rng())
     events = [count.event, evaluation_event(sigma)] if new else [evaluation_event(sigma)]
-    epsilon = ledger.check(events)
-    result = release_evaluation(correct, loss_sum, count, privacy.eval_loss_clip, secure_rng())
     # Its own run_id: never a training round's (run, round) key; every evaluation is a new event
-    # with fresh noise (repeat_ok), and a lost sidecar redraws (and pays for) the count.
-    ledger.record(events, round=server_round, run_id=f"{run_key}/{EVAL_TAG}", repeat_ok=True)
+    # with fresh noise (repeat_ok), and a lost sidecar redraws (and pays for) the count. The
+    # ledger's budget check is the only epsilon computation when there is a budget.
+    try:
+        ledger.record(events, round=server_round, run_id=f"{run_key}/{EVAL_TAG}",
+                      repeat_ok=True)
+    except BudgetExhausted as exc:
+        if type(exc) is not BudgetExhausted:  # a lost or corrupt ledger: its own code and text
+            raise
+        raise BudgetExhausted(str(exc).replace("the update must not be sent",
+                                               "the client refuses to evaluate (nothing is "
+                                               "released)")) from None
+    result = release_evaluation(correct, loss_sum, count, privacy.eval_loss_clip, secure_rng())
+    epsilon = ledger.recorded_epsilon
+    if epsilon is None:
+        epsilon = ledger.spent()
     if new:  # beside the run's histogram release, under a key of its own
         doc[f"{run_key}/{EVAL_COUNT_KEY}"] = count.to_dict()
         atomic_write_json(path, doc)
