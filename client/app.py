@@ -1,4 +1,5 @@
-"""fedshield ClientApp: validate local data, train (optionally with DP-SGD), evaluate.
+"""fedshield ClientApp: validate local data, train (optionally with DP-SGD), evaluate (under DP
+through accounted releases, client/evaluate.py).
 
 Handlers are thin: they decode the message, call plain functions, and encode the reply. A client
 that cannot or must not train (invalid data, privacy budget exhausted) replies with a ``refusal``
@@ -13,9 +14,9 @@ from typing import cast
 
 import torch
 from fedshield.client.data import load_client_data
+from fedshield.client.evaluate import evaluate_locally
 from fedshield.client.fit import (
     DataLoader,
-    checked_data,
     client_ledger,
     fit_locally,
     identity,
@@ -25,8 +26,7 @@ from fedshield.client.fit import (
 )
 from fedshield.client.secagg import secagg_train
 from fedshield.client.timing import note_message
-from fedshield.privacy.releases import EXACT_MODE, OUTSIDE_KEY
-from fedshield.tasks import Task, evaluate
+from fedshield.tasks import Task
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -100,21 +100,16 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
     def evaluate_handler(msg: Message, context: Context) -> Message:
         cfg = validation.from_run_config(context.run_config)
         try:
-            task, _, val = checked_data(context, cfg, load_data)
+            metrics = evaluate_locally(context, cfg, load_data,
+                                       lambda task: _model_from(msg, task), round_config(msg))
         except DataValidationError as exc:
             return refusal(msg, context, "invalid-data", str(exc))
-        if not len(val):
-            return refusal(msg, context, "no-validation-data",
-                           "too few local examples to hold some out")
-        if cfg.privacy.enabled and cfg.privacy.release_stats != EXACT_MODE:
-            return refusal(msg, context, "not-released",
-                           "exact held-out loss and accuracy are outside the DP guarantee; set "
-                           'privacy.release_stats = "exact-outside-guarantee" to release them')
-        result = evaluate(_model_from(msg, task), val)
-        # Under DP only with the opt-in (checked above): exact values, marked as such.
-        extra = {OUTSIDE_KEY: 1.0} if cfg.privacy.enabled else {}
-        report = EvalReport(num_examples=len(val), accuracy=result["accuracy"],
-                            loss=result["loss"], extra=extra)
+        except BudgetExhausted as exc:  # the release would exceed the budget: nothing is sent
+            return refusal(msg, context, getattr(exc, "code", "budget-exhausted"), str(exc))
+        m = dict(metrics)
+        report = EvalReport(num_examples=int(m.pop("num-examples")), accuracy=m.pop("accuracy"),
+                            loss=m.pop("loss"), partition_id=m.pop("partition-id", None),
+                            extra=m)
         return Message(encode_eval_report(report), reply_to=msg)
 
     return app

@@ -180,7 +180,8 @@ def train_private(model: nn.Module, data: Split, train_cfg: TrainConfig, privacy
 
     ``planning_examples``: the example count the sample rate, steps, planned noise and gradient
     scale come from (the client's noised released count; default the exact count).
-    ``extra_events``: already-recorded events the planned noise must leave room for.
+    ``extra_events``: the client's other releases (its histogram, federated evaluation's
+    planned ones) that the planned noise must leave room for.
     """
     # A noised count below one batch (small clients, see privacy.stats_noise_multiplier) plans
     # full-batch Poisson sampling, q = 1: still exactly what is accounted.

@@ -16,7 +16,7 @@ from typing import cast
 
 import numpy as np
 import torch
-from fedshield.client.releases import reply_metrics, stats_release
+from fedshield.client.releases import planned_events, reply_metrics, stats_release
 from fedshield.client.training import train_local
 from fedshield.client.validation import quality_report, validate_split
 from fedshield.privacy.releases import EXACT_MODE
@@ -106,11 +106,14 @@ def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context,
     if cfg.privacy.release_stats != EXACT_MODE:
         release, new = stats_release(data.y, num_classes, cfg.privacy, ledger, run_key)
         stats = {**release.to_metrics(new), "num-examples": release.planning_count}
+    total_rounds = int(rc.get("num-rounds", 1))
+    # The plan leaves room for the histogram release and federated evaluation's releases.
+    extra = planned_events(cfg.privacy, cfg.federation.fraction_evaluate, total_rounds, release)
     result = train_private(model, data, train_cfg, cfg.privacy, ledger,
-                           total_rounds=int(rc.get("num-rounds", 1)),
+                           total_rounds=total_rounds,
                            server_round=server_round, run_id=run_key, seed=seed,
                            planning_examples=release.planning_count if release else None,
-                           extra_events=(release.event,) if release else ())
+                           extra_events=extra)
     m = result["metrics"]
     return {"epsilon": m["epsilon"], "delta": m["delta"], "noise-multiplier": m["noise_multiplier"],
             "clip-norm": m["max_grad_norm"], "sample-rate": m["sample_rate"],

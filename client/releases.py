@@ -2,9 +2,11 @@
 
 ``stats_release`` makes (once per run) or reloads the client's DP class-histogram release, with its
 event in the client's ledger. ``reply_metrics`` decides which metrics a training reply may carry.
-A release is kept beside the ledger (``releases-client-<id>.json``), keyed by run, so later rounds,
-resumed runs and new processes resend the same noised values instead of drawing (and paying for)
-fresh noise. Losing that file costs privacy, never hides it: the next draw is a new ledger event.
+``planned_events`` is what the client's DP-SGD plan leaves room for; ``evaluation_release`` makes
+one accounted federated-evaluation release. A release is kept beside the ledger
+(``releases-client-<id>.json``), keyed by run, so later rounds, resumed runs and new processes
+resend the same noised values instead of drawing (and paying for) fresh noise. Losing that file
+costs privacy, never hides it: the next draw is a new ledger event.
 """
 
 from __future__ import annotations
@@ -18,17 +20,27 @@ from fedshield.privacy.ledger import Ledger, atomic_write_json
 from fedshield.privacy.releases import (
     EXACT_MODE,
     OUTSIDE_KEY,
+    CountRelease,
+    EvaluationRelease,
+    Event,
     HistogramRelease,
+    evaluation_event,
+    evaluation_events,
+    release_count,
+    release_evaluation,
     release_histogram,
     secure_rng,
 )
 
+from fedshield.errors import BudgetExhausted
 from fedshield.schema import PrivacyConfig
 
 # What a DP training reply may carry: the DP events' public parameters, the release and identity.
 DP_REPLY_KEYS = frozenset({"epsilon", "delta", "noise-multiplier", "clip-norm", "sample-rate",
                            "steps", "num-examples", "partition-id"})
 RELEASE_TAG = "class-histogram-release"
+EVAL_TAG = "federated-evaluation"  # run_id suffix of the evaluation releases' ledger events
+EVAL_COUNT_KEY = "eval-count"  # sidecar key "<run>/eval-count": the held-out count release
 
 
 def releases_path(ledger: Ledger) -> Path:
@@ -79,3 +91,59 @@ def reply_metrics(metrics: dict, privacy: PrivacyConfig, exact: dict[str, float]
     if privacy.release_stats == EXACT_MODE:
         return {**metrics, **exact, OUTSIDE_KEY: 1.0}
     return {k: v for k, v in metrics.items() if k in DP_REPLY_KEYS or k.startswith("dp-")}
+
+
+def planned_events(privacy: PrivacyConfig, fraction_evaluate: float, rounds: int,
+                   release: HistogramRelease | None) -> tuple[Event, ...]:
+    """The releases besides DP-SGD that a client's noise plan must leave room for: its histogram
+    release, and, when the federation evaluates (``fraction_evaluate`` > 0) under release_stats
+    "dp", one held-out count and one evaluation per round (privacy/releases.py)."""
+    events: tuple[Event, ...] = (release.event,) if release is not None else ()
+    if fraction_evaluate > 0 and privacy.release_stats != EXACT_MODE:
+        events += evaluation_events(privacy.eval_noise_multiplier, rounds)
+    return events
+
+
+def evaluation_release(correct: int, loss_sum: float, n: int, privacy: PrivacyConfig,
+                       ledger: Ledger, run_key: str,
+                       server_round: int) -> tuple[EvaluationRelease, bool, float]:
+    """One federated-evaluation release, whether the held-out count was released now, and the
+    ledger's epsilon with it.
+
+    Both events (the count's, the first time in a run, and this evaluation's) are recorded
+    together, before anything is sent; the ledger checks them against the budget under its lock
+    first and raises BudgetExhausted (nothing recorded, nothing released) when they would exceed
+    it. ``loss_sum``: the per-example losses clipped to [0, privacy.eval_loss_clip], summed."""
+    sigma = privacy.eval_noise_multiplier
+    path = releases_path(ledger)
+    doc = _read(path)
+    count: CountRelease | None = None
+    try:
+        kept = CountRelease.from_dict(doc[f"{run_key}/{EVAL_COUNT_KEY}"])
+        count = kept if kept.noise_multiplier == sigma else None
+    except (KeyError, TypeError, ValueError):
+        pass
+    new = count is None
+    if count is None:
+        count = release_count(n, sigma, secure_rng())
+    events = [count.event, evaluation_event(sigma)] if new else [evaluation_event(sigma)]
+    # Its own run_id: never a training round's (run, round) key; every evaluation is a new event
+    # with fresh noise (repeat_ok), and a lost sidecar redraws (and pays for) the count. The
+    # ledger's budget check is the only epsilon computation when there is a budget.
+    try:
+        ledger.record(events, round=server_round, run_id=f"{run_key}/{EVAL_TAG}",
+                      repeat_ok=True)
+    except BudgetExhausted as exc:
+        if type(exc) is not BudgetExhausted:  # a lost or corrupt ledger: its own code and text
+            raise
+        raise BudgetExhausted(str(exc).replace("the update must not be sent",
+                                               "the client refuses to evaluate (nothing is "
+                                               "released)")) from None
+    result = release_evaluation(correct, loss_sum, count, privacy.eval_loss_clip, secure_rng())
+    epsilon = ledger.recorded_epsilon
+    if epsilon is None:
+        epsilon = ledger.spent()
+    if new:  # beside the run's histogram release, under a key of its own
+        doc[f"{run_key}/{EVAL_COUNT_KEY}"] = count.to_dict()
+        atomic_write_json(path, doc)
+    return result, new, epsilon

@@ -233,6 +233,7 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
         "privacy": privacy,
         "privacy_warning": warning,
         "privacy_audit": audit_section(run_dir, config),
+        "federated_evaluation": evaluation_section(summary, rounds),
         "metrics": {"final": _dict_or_none(summary.final), "best": _dict_or_none(summary.best),
                     "per_round": [m.to_dict() for m in rounds],
                     "test_onnx_accuracy": export.parity["onnx_accuracy"],
@@ -248,6 +249,52 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
     json_path.write_text(json.dumps(card, indent=2, default=str))
     md_path.write_text(render_markdown(card))
     return ModelCard(card, json_path, md_path)
+
+
+EVALUATION_SOURCES = {
+    "dp-gaussian": "released under client DP (Gaussian noise, accounted in each client's "
+                   "epsilon)",
+    "exact (no DP)": "exact (no differential privacy in this run)",
+    "exact, outside the DP guarantee": "EXACT values sent by opt-in: outside the DP guarantee",
+}
+
+
+def evaluation_section(summary: RunSummary, rounds: list[MetricsLine]) -> dict:
+    """The card's ``federated_evaluation``: how the final model did at each client (the last
+    evaluated round's distribution, keyed by partition id), how the values were released, and the
+    mean and worst client per round. ``evaluated: false`` when no client evaluated."""
+    last = summary.evaluation
+    if last is None or last.mean is None:
+        return {"evaluated": False, "text": "No federated evaluation: no client evaluated the "
+                "global model on its held-out data (federation.fraction_evaluate = 0)."}
+    return {"evaluated": True, **last.to_dict(),
+            "release": EVALUATION_SOURCES.get(last.source or "", last.source),
+            "per_round": [{"round": m.round, "mean": m.evaluation.mean,
+                           "worst": m.evaluation.worst, "clients": len(m.evaluation.accuracy)}
+                          for m in rounds if m.evaluation is not None
+                          and m.evaluation.mean is not None]}
+
+
+def evaluation_markdown(section: dict | None) -> list[str]:
+    """The card's "Federated evaluation" lines (older cards have no section: nothing)."""
+    if section is None:
+        return []
+    lines = ["## Federated evaluation", ""]
+    if not section.get("evaluated"):
+        return lines + [f"- {section.get('text')}", ""]
+    noise = section.get("noise_std")
+    lines += [f"Round {section.get('round')}: the global model on each client's held-out data, "
+              f"{section.get('release')}"
+              + (f"; each accuracy has noise of std about {noise:.3f}." if noise is not None
+                 else "."), "",
+              f"- Mean accuracy over {len(section['accuracy'])} clients: "
+              f"**{section['mean']:.4f}**; worst client {section['worst']:.4f}; worst 10% "
+              f"{section['worst_decile']:.4f}; spread (std) {section['spread']:.4f}", "",
+              "| client (partition) | accuracy | loss |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.4f} | {_fmt(section['loss'].get(k))} |"
+              for k, v in sorted(section["accuracy"].items(), key=lambda kv: kv[1])]
+    lines.append("")
+    return lines
 
 
 def _fmt(v) -> str:
@@ -344,6 +391,7 @@ def render_markdown(card: dict) -> str:
         lines.append("- **No sample-level differential privacy** in training.")
     lines += [f"- Central (user-level) DP: `{json.dumps(p.get('central_dp'))}`", ""]
     lines += audit_markdown(card.get("privacy_audit"), p)
+    lines += evaluation_markdown(card.get("federated_evaluation"))
     lines += ["## Metrics", "",
               f"- Final: {m['final']}; best: {m['best']}",
               f"- Test accuracy (ONNX, served): {_fmt(m['test_onnx_accuracy'])}; int8: "

@@ -221,6 +221,19 @@ class FederatedEvaluation(_Record):
     worst_decile: float | None = None  # mean accuracy of the worst 10% of clients (at least one)
     spread: float | None = None  # standard deviation of the clients' accuracies
     noise_std: float | None = None
+    # Added with the evaluation itself (server/evaluation.py): how the values were released
+    # ("dp-gaussian", "exact (no DP)", "exact, outside the DP guarantee"), the mechanism's
+    # parameters, each client's (noised) example count and cumulative epsilon after it, its
+    # privacy events this round, and the replies that were refused or rejected (reasons).
+    source: str | None = None
+    round: int | None = None
+    noise_multiplier: float | None = None
+    loss_clip: float | None = None
+    num_examples: Mapping[str, int] = field(default_factory=dict)
+    epsilon: Mapping[str, float] = field(default_factory=dict)
+    events: Mapping[str, tuple[ReleaseEvent, ...]] = field(default_factory=dict)
+    rejected: Mapping[str, str] = field(default_factory=dict)
+    refused: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -418,6 +431,7 @@ class RunSummary(_Record):
     wall_seconds: float | None = None
     handoff: HandoffSummary | None = _omit_none()
     attack_report: AttackReport | None = _omit_none()
+    evaluation: FederatedEvaluation | None = _omit_none()  # the last evaluated round's
 
     @property
     def failed(self) -> bool:

@@ -213,24 +213,11 @@ def _check_secagg(cfg: Config) -> str | None:
     return None
 
 
-def _check_releases(cfg: Config) -> str | None:
-    """Client evaluation sends exact held-out loss and accuracy: under DP only by opt-in."""
-    if (cfg.privacy.enabled and cfg.privacy.release_stats == "dp"
-            and cfg.federation.fraction_evaluate > 0):
-        return ("federation.fraction_evaluate > 0 with privacy.enabled = true: client evaluation "
-                "sends exact loss and accuracy on the clients' held-out data, which the DP "
-                "guarantee does not cover. Set federation.fraction_evaluate = 0 (the server "
-                "evaluates on its test split), or opt in with privacy.release_stats = "
-                '"exact-outside-guarantee" (those values are then marked outside the guarantee)')
-    return None
-
-
 # Every check, in the order their problems are reported: names first, then combinations.
 CHECKS: tuple[Check, ...] = (
     _check_task_name, _check_accountants, _check_attack_name,
     _check_rule, _check_min_clients, _check_privacy_source, _check_bound_accountant,
     _check_attack, _check_central_dp, _check_augment, _check_task_model, _check_secagg,
-    _check_releases,
 )
 
 

@@ -15,6 +15,11 @@ release (privacy/releases.py: the event ``(stats_noise_multiplier, 1, 1)``). ``p
 ``stats_noise_multiplier`` and plans and states the epsilon with it, exactly as the client does
 (client/dp.py ``resolve_noise(..., extra_events)``). The client plans from its noised count
 (``planning_examples``), so give that count to reproduce a client's numbers exactly.
+
+Federated evaluation under DP (``federation.fraction_evaluate`` > 0) spends one held-out count
+release and one release per evaluated round, each the event ``(eval_noise_multiplier, 1, 1)``;
+the client plans for every round (privacy/releases.py ``evaluation_events``), and so does
+``plan`` given ``eval_noise_multiplier``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from fedshield.privacy.accounting import (
     pld_epsilon,
     reported_epsilon,
 )
-from fedshield.privacy.releases import histogram_event
+from fedshield.privacy.releases import evaluation_event, evaluation_events, histogram_event
 from scipy.optimize import brentq
 
 from fedshield.errors import ConfigError
@@ -204,6 +209,8 @@ class Plan:
     # e.g. release_stats = "exact-outside-guarantee"); its event is (sigma, 1, 1).
     stats_noise_multiplier: float | None = None
     extra_events: list[tuple[float, float, int]] = field(default_factory=list)
+    # Federated evaluation's releases every epsilon above includes (None: not planned for).
+    eval_noise_multiplier: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (``--json``)."""
@@ -219,13 +226,17 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
          target_epsilon: float | None = None, noise_multiplier: float | None = None,
          accountants: tuple[str, ...] = PLAN_ACCOUNTANTS, max_steps: int = 0,
          curve_rounds: list[int] | None = None,
-         stats_noise_multiplier: float | None = None) -> Plan:
+         stats_noise_multiplier: float | None = None,
+         eval_noise_multiplier: float | None = None) -> Plan:
     """Per accountant: the sigma spending ``target_epsilon`` over the schedule and its curve;
     or, given ``noise_multiplier``, the epsilon it spends (the inverse).
 
     ``stats_noise_multiplier``: the client's class-histogram release (``privacy.release_stats =
     "dp"``), released before round 1; the planned sigma leaves room for it and every epsilon of
-    the curve includes it, as the client's ledger does. The curve holds every round unless
+    the curve includes it, as the client's ledger does. ``eval_noise_multiplier``: federated
+    evaluation under DP, planned as the client does (a count and one release per round); the
+    curve counts the releases made by each round (count and evaluations up to it). The curve
+    holds every round unless
     ``curve_rounds`` picks some (PRV costs ~0.3 s a point).
     """
     if (target_epsilon is None) == (noise_multiplier is None):
@@ -239,20 +250,30 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
     # The release's event, exactly as the client records it (privacy/releases.py).
     extra = (histogram_event(stats_noise_multiplier),) if stats_noise_multiplier is not None \
         else ()
+    # Federated evaluation's releases, as the client plans them: by round r it has made r + 1.
+    evaluation = evaluation_events(eval_noise_multiplier, rounds) \
+        if eval_noise_multiplier is not None else ()
+
+    def made_by(r: int) -> tuple[tuple[float, float, int], ...]:
+        if eval_noise_multiplier is None:
+            return extra
+        noise, q, _ = evaluation_event(eval_noise_multiplier)
+        return (*extra, (noise, q, 1 + r))  # the count and r evaluations
     rate = sample_rate(num_examples, batch_size)
     per_round = steps_per_round(num_examples, batch_size, local_epochs, max_steps)
+    planned = extra + evaluation
     result = Plan(rounds, local_epochs, batch_size, num_examples, delta, rate, per_round,
                   rounds * per_round, target_epsilon, stats_noise_multiplier=stats_noise_multiplier,
-                  extra_events=list(extra))
+                  extra_events=list(planned), eval_noise_multiplier=eval_noise_multiplier)
     for name in accountants:
         check_bound_accountant(name, "planning noise")
     for name in accountants:
         sigma = noise_multiplier if noise_multiplier is not None else plan_noise(
-            target_epsilon, delta, rate, rounds * per_round, name, extra)
+            target_epsilon, delta, rate, rounds * per_round, name, planned)
         points = sorted({*(curve_rounds or range(1, rounds + 1)), rounds})
-        curve = [(r, spent(sigma, rate, r * per_round, delta, name, extra))
+        curve = [(r, spent(sigma, rate, r * per_round, delta, name, made_by(r)))
                  for r in points if 1 <= r <= rounds]
         result.accountants.append(AccountantPlan(
             name, sigma, curve[-1][1], curve,
-            pld_epsilon([(sigma, rate, rounds * per_round), *extra], delta)))
+            pld_epsilon([(sigma, rate, rounds * per_round), *planned], delta)))
     return result

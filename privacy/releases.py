@@ -22,8 +22,8 @@ public parameters of its DP events, nothing exact about the data.
   the ledger's budget check before every release acts as the privacy filter.)
 - ``num-examples`` in the reply is that noised count, rounded and clamped to >= 1: FedAvg's example
   weighting under DP uses the noised counts.
-- The exact training loss, quality report, client timings and client evaluation (loss, accuracy on
-  held-out data) are not sent. Client evaluation under DP needs the opt-in below.
+- The exact training loss, quality report and client timings are not sent. Client evaluation
+  (held-out loss and accuracy) is released through its own accounted Gaussian mechanism (below).
 
 ``privacy.release_stats = "exact-outside-guarantee"``: the client sends today's exact statistics
 (count, histogram, classes present, missing values, losses, accuracy, timings) and plans from the
@@ -147,6 +147,113 @@ def release_histogram(labels: np.ndarray, num_classes: int, sigma: float,
     std = float(sigma) * HISTOGRAM_SENSITIVITY
     noised = hist.astype(np.float64) + gaussian_noise(std, hist.shape, rng)
     return HistogramRelease(tuple(float(c) for c in noised), float(sigma), std)
+
+
+# --- federated evaluation under client DP --------------------------------------------------
+#
+# A DP client's answer to an evaluation message is two Gaussian releases on its held-out split:
+#
+# - once per run, its held-out example count + N(0, sigma^2) (add/remove moves it by 1): the
+#   event (sigma, 1, 1), cached and resent like the histogram;
+# - each time it evaluates, its correct count c and its clipped loss sum L = sum min(loss, B),
+#   with noise std sigma sqrt(2) on c and sigma sqrt(2) B on L. One example moves (c, L / B) by at
+#   most (1, 1), L2 norm sqrt(2), so the pair is one Gaussian mechanism of noise multiplier
+#   sigma: the event (sigma, 1, 1) again.
+#
+# Accuracy and mean loss are the noised sums over the noised count, clipped to [0, 1] and
+# [0, B] (post-processing, free). The client plans its DP-SGD noise leaving room for one count and
+# ``rounds`` evaluations (:func:`evaluation_events`), so a planned target still holds.
+
+EVAL_SENSITIVITY = math.sqrt(2.0)  # L2 norm of (correct count, loss sum / B) under add/remove
+EVAL_NOISE_KEY = "dp-eval-noise-multiplier"  # sigma of both evaluation releases
+EVAL_CLIP_KEY = "dp-eval-loss-clip"          # B: each example's loss is clipped to [0, B]
+EVAL_ACC_STD_KEY = "dp-eval-accuracy-std"    # approximate std of the released accuracy's noise
+EVAL_COUNT_NEW_KEY = "dp-eval-count-new"     # 1: the count release's event is new this round
+EVAL_KEYS = (EVAL_NOISE_KEY, EVAL_CLIP_KEY, EVAL_ACC_STD_KEY, EVAL_COUNT_NEW_KEY)
+
+
+def evaluation_event(sigma: float) -> Event:
+    """The accountant event of one evaluation release (count, or correct count and loss sum)."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ConfigError(f"privacy.eval_noise_multiplier = {sigma!r} must be a finite number > 0")
+    return (float(sigma), 1.0, 1)
+
+
+def evaluation_events(sigma: float, rounds: int) -> tuple[Event, ...]:
+    """What a client plans for federated evaluation over ``rounds`` rounds: its count release
+    and one release per round (the most Flower's loop asks for). Client and planner both use it."""
+    if rounds < 1:
+        raise ConfigError(f"rounds = {rounds} must be >= 1")
+    noise, rate, _ = evaluation_event(sigma)
+    return ((noise, rate, 1), (noise, rate, int(rounds)))
+
+
+@dataclass(frozen=True)
+class CountRelease:
+    """A client's held-out example count with Gaussian noise (once per run)."""
+
+    count: float  # noised (may be below 1: clamped only where it is divided by)
+    noise_multiplier: float
+
+    @property
+    def event(self) -> Event:
+        """The privacy event of this release."""
+        return evaluation_event(self.noise_multiplier)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (the release sidecar's format)."""
+        return {"count": self.count, "noise_multiplier": self.noise_multiplier}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CountRelease:
+        """The release a ``to_dict`` wrote."""
+        return cls(float(d["count"]), float(d["noise_multiplier"]))
+
+
+def release_count(n: int, sigma: float, rng: np.random.Generator) -> CountRelease:
+    """The Gaussian mechanism on an example count (sensitivity 1)."""
+    evaluation_event(sigma)  # validates sigma
+    return CountRelease(float(n + gaussian_noise(float(sigma), (), rng)), float(sigma))
+
+
+@dataclass(frozen=True)
+class EvaluationRelease:
+    """One client's evaluation as released under DP: noised accuracy and clipped mean loss."""
+
+    accuracy: float  # in [0, 1]
+    loss: float  # in [0, loss_clip]
+    num_examples: int  # the noised count, rounded, at least 1
+    accuracy_std: float  # approximate std of the accuracy's noise (from released values only)
+    noise_multiplier: float
+    loss_clip: float
+
+    def to_metrics(self, count_new: bool) -> dict[str, float]:
+        """The reply metrics (accuracy, loss, num-examples and the dp-eval-* parameters)."""
+        return {"accuracy": self.accuracy, "loss": self.loss,
+                "num-examples": float(self.num_examples), EVAL_NOISE_KEY: self.noise_multiplier,
+                EVAL_CLIP_KEY: self.loss_clip, EVAL_ACC_STD_KEY: self.accuracy_std,
+                EVAL_COUNT_NEW_KEY: 1.0 if count_new else 0.0}
+
+
+def release_evaluation(correct: int, loss_sum: float, count: CountRelease, loss_clip: float,
+                       rng: np.random.Generator) -> EvaluationRelease:
+    """The Gaussian mechanism on (correct count, clipped loss sum), divided by the noised count.
+
+    ``loss_sum`` must already be the sum of per-example losses clipped to [0, ``loss_clip``]."""
+    sigma = count.noise_multiplier
+    evaluation_event(sigma)
+    if not (math.isfinite(loss_clip) and loss_clip > 0):
+        raise ConfigError(f"privacy.eval_loss_clip = {loss_clip!r} must be a finite number > 0")
+    std = sigma * EVAL_SENSITIVITY
+    noise = gaussian_noise(std, (2,), rng)
+    denominator = float(planning_count(count.count))
+    accuracy = float(np.clip((correct + noise[0]) / denominator, 0.0, 1.0))
+    loss = float(np.clip((loss_sum + loss_clip * noise[1]) / denominator, 0.0, loss_clip))
+    # Delta method on c / n with both noised (n's noise sigma, c's sigma sqrt 2), from released
+    # values only: a guide to how far apart two clients must be to differ, not a guarantee.
+    acc_std = float(math.sqrt(std ** 2 + (accuracy * sigma) ** 2) / denominator)
+    return EvaluationRelease(accuracy, loss, planning_count(count.count), acc_std, float(sigma),
+                             float(loss_clip))
 
 
 # --- server side: readers of released values (pure) -----------------------------------------

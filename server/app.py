@@ -58,6 +58,9 @@ def run_federation(grid: Grid, cfg: schema.Config, reporter=None,
     remaining = cfg.federation.rounds - (run.start_round - 1)
     initial = ArrayRecord(run.initial_weights)
     train_config = ConfigRecord(train_round_config(cfg, run.folder))
+    # Evaluation messages carry the run key too: a DP client records its releases under it.
+    evaluate_config = ConfigRecord({k: v for k, v in dict(train_config).items()
+                                    if k in ("num-rounds", "run-key")})
     stopped = ""
     result_arrays = initial
     try:
@@ -65,6 +68,7 @@ def run_federation(grid: Grid, cfg: schema.Config, reporter=None,
             result = strategy.start(grid, initial, remaining,
                                     timeout=cfg.federation.round_timeout,
                                     train_config=train_config,
+                                    evaluate_config=evaluate_config,
                                     evaluate_fn=end_of_round(run, strategy))
             # Flower's Result holds no arrays when no round produced a new model.
             result_arrays = result.arrays if len(result.arrays) else initial

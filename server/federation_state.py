@@ -17,6 +17,7 @@ from fedshield.server.central_dp import CentralDP
 from fedshield.server.reputation import Reputation
 
 from fedshield.records import Rejected, TrainReport
+from fedshield.run_records import FederatedEvaluation
 from fedshield.schema import AggregationConfig, Config
 
 
@@ -88,6 +89,7 @@ class RoundState:
     # The round's aggregated client metrics (training, client-side evaluation) and its start.
     train: dict = field(default_factory=dict)
     client_eval: dict = field(default_factory=dict)
+    evaluation: FederatedEvaluation | None = None  # the per-client distribution (server/evaluation)
     started: float = field(default_factory=time.perf_counter)
 
     @property

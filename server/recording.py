@@ -111,6 +111,10 @@ def metrics_line(rnd: int, record: dict, strategy: RecordedStrategy) -> MetricsL
 
     reports = state.reports
     eps = {str(label(n)): r.epsilon for n, r in reports.items() if r.epsilon is not None}
+    evaluation = state.evaluation
+    if evaluation is not None:  # evaluation's releases come after training's: the later total
+        for key, spent in evaluation.epsilon.items():
+            eps[key] = max(eps.get(key, 0.0), spent)
     # The privacy events of this round, per client: enough to recompute every epsilon.
     dp = {str(label(n)): DPEventLine(**asdict(r.dp), release=release_event(r.extra))
           for n, r in reports.items() if r.dp is not None}
@@ -152,6 +156,7 @@ def metrics_line(rnd: int, record: dict, strategy: RecordedStrategy) -> MetricsL
                       for k, (c, std) in counts.items()},
         outside_guarantee=tuple(outside_guarantee([r.extra for r in reports.values()],
                                                   record["client_eval"])),
+        evaluation=evaluation,
     )
 
 
@@ -190,7 +195,7 @@ def outside_guarantee(train_metrics, client_eval: dict) -> list[str]:
     if any(m.get(OUTSIDE_KEY) for m in train_metrics):
         out += ["class_counts", "client_seconds", "train_loss"]
     if client_eval.get(OUTSIDE_KEY):
-        out.append("client_accuracy")
+        out += ["client_accuracy", "evaluation"]
     return out
 
 
@@ -317,6 +322,7 @@ def build_summary(cfg: schema.Config, folder: RunFolder, strategy: RecordedStrat
         class_parts.update({k: (list(v.counts), v.noise_std) for k, v in m.class_counts.items()})
         outside.update(m.outside_guarantee)
     quality = merge_class_counts(class_parts.values())
+    evaluated = [m.evaluation for m in lines if m.evaluation is not None and m.evaluation.accuracy]
     failure = run_failure(lines, stopped)
     central_epsilon = last.central_epsilon if last else None
     return RunSummary(
@@ -367,6 +373,7 @@ def build_summary(cfg: schema.Config, folder: RunFolder, strategy: RecordedStrat
             quarantined=last.quarantined if last else (),
         ),
         stopped_early=stopped,
+        evaluation=evaluated[-1] if evaluated else None,  # the last evaluated round's
         versions=library_versions(),
         wall_seconds=round(wall, 2),
     )

@@ -6,7 +6,7 @@ from fedshield.privacy.randomness import warn_reproducible_noise
 from rich.console import Console
 from rich.table import Table
 
-from fedshield.run_records import MetricsLine, RunSummary
+from fedshield.run_records import FederatedEvaluation, MetricsLine, RunSummary
 
 
 class ConsoleReporter:
@@ -44,6 +44,8 @@ class ConsoleReporter:
                  f"loss {line.loss:.4f}" if line.loss is not None else "loss -"]
         if line.epsilon_max is not None:
             parts.append(f"eps max {line.epsilon_max:.3f}")
+        if line.evaluation is not None and line.evaluation.mean is not None:
+            parts.append(evaluation_text(line.evaluation))
         parts.append(f"accepted {line.accepted}/{line.sampled}")
         if line.rejected or line.refused:
             parts.append(f"[yellow]rejected {len(line.rejected)} refused {len(line.refused)}[/]")
@@ -63,6 +65,9 @@ class ConsoleReporter:
         if summary.best:
             table.add_row("best round (accuracy)",
                           f"{summary.best.round} ({summary.best.accuracy:.4f})")
+        if summary.evaluation is not None and summary.evaluation.mean is not None:
+            table.add_row(f"client evaluation (round {summary.evaluation.round})",
+                          evaluation_text(summary.evaluation, long=True))
         table.add_row("rounds completed", f"{summary.rounds_completed}/{summary.rounds}")
         table.add_row("aggregation", summary.strategy or "-")
         p = summary.privacy
@@ -105,6 +110,16 @@ class ConsoleReporter:
                           f"/{handoff.version}")
         table.add_row("run folder", summary.run_dir or "-")
         self.console.print(table)
+
+
+def evaluation_text(e: FederatedEvaluation, long: bool = False) -> str:
+    """A round's federated evaluation in one phrase: mean, worst, worst 10%, spread, and how the
+    values were released (noise std under DP; exact, or outside the guarantee)."""
+    how = f"DP noise std {e.noise_std:.3f}" if e.noise_std is not None else (e.source or "exact")
+    if not long:
+        return f"clients acc mean {e.mean:.3f} worst {e.worst:.3f} ({how})"
+    return (f"accuracy over {len(e.accuracy)} clients: mean {e.mean:.4f}, worst {e.worst:.4f}, "
+            f"worst 10% {e.worst_decile:.4f}, spread {e.spread:.4f} ({how})")
 
 
 def _num(value: float | None) -> str:

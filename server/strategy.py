@@ -16,6 +16,13 @@ import numpy as np
 import torch
 from fedshield.privacy.releases import OUTSIDE_KEY
 from fedshield.server.aggregation import AggregationResult, build_aggregator
+from fedshield.server.evaluation import (
+    OUTSIDE_SOURCE,
+    ClientResult,
+    check_result,
+    federated_evaluation,
+    release_mode,
+)
 from fedshield.server.federation_state import (
     FederationState,
     HoldsFederation,
@@ -40,7 +47,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedshield.errors import ConfigError, TooFewUpdates
 from fedshield.records import (
-    EvalReport,
     Refusal,
     Rejected,
     ReplyLimits,
@@ -329,31 +335,66 @@ class ShieldStrategy(HoldsFederation, FedAvg):
 
     def aggregate_evaluate(self, server_round: int,
                            replies: Iterable[Message]) -> MetricRecord | None:
-        """Weighted mean accuracy and loss of the valid evaluation replies (decoded like
-        training replies; a malformed one is logged and left out)."""
+        """The round's federated evaluation: each reply decoded at the boundary (a malformed or
+        unsolicited one is rejected with its reason and the round goes on), checked against the
+        run's release mode (server/evaluation.py), and summarised per client (partition ids) in
+        ``round.evaluation``; returns the example-weighted mean accuracy and loss."""
         server_round = self.federation.run_round(server_round)
-        reports: list[tuple[int, EvalReport]] = []
+        privacy = self.cfg.privacy
+        mode = release_mode(privacy.enabled, privacy.release_stats)
+        results: dict[int, ClientResult] = {}
+        rejected: dict[int, str] = {}
+        refused: dict[int, str] = {}
+        asked = {m.metadata.dst_node_id for m in self._sent_eval}
         for msg in replies:
             node = self._sender(msg, self._sent_eval)
+            if node in results or node in rejected or node in refused:
+                rejected[node] = "duplicate: a second evaluation reply in the same round"
+                results.pop(node, None)
+                continue
+            if asked and node not in asked:
+                rejected[node] = "unsolicited: this node was not asked to evaluate"
+                continue
             decoded = decode_eval_reply(msg, self.limits)
+            if isinstance(decoded, Refusal):
+                refused[node] = f"{decoded.code}: {decoded.reason}"
+                continue
             if isinstance(decoded, Rejected):
-                log(WARNING, "round %d: evaluation reply of node %d rejected: %s", server_round,
-                    node, decoded)
-            elif isinstance(decoded, EvalReport) and \
-                    self.identity_problem(node, decoded.partition_id) is None:
-                reports.append((node, decoded))
-        reports = [(n, r) for n, r in reports if r.accuracy is not None and r.loss is not None]
+                rejected[node] = str(decoded)
+                continue
+            problem = self.identity_problem(node, decoded.partition_id)
+            checked = check_result(decoded.accuracy, decoded.loss, decoded.num_examples,
+                                   decoded.extra, mode=mode,
+                                   noise_multiplier=privacy.eval_noise_multiplier,
+                                   loss_clip=privacy.eval_loss_clip)
+            if problem is not None:
+                rejected[node] = str(problem)
+            elif isinstance(checked, str):
+                rejected[node] = checked
+            else:
+                results[node] = checked
+        for node, reason in rejected.items():
+            log(WARNING, "round %d: evaluation reply of node %d rejected: %s", server_round,
+                node, reason)
+        label = self.node_partition.get
+        self.round.evaluation = federated_evaluation(
+            {str(label(n, n)): r for n, r in sorted(results.items())}, server_round=server_round,
+            mode=mode, noise_multiplier=privacy.eval_noise_multiplier if privacy.enabled else None,
+            loss_clip=privacy.eval_loss_clip if privacy.enabled else None,
+            rejected={str(label(n, n)): r for n, r in rejected.items()},
+            refused={str(label(n, n)): r for n, r in refused.items()})
         self.round.client_eval = {}
-        if not reports:
+        if not results:
             return None
-        counts = [r.num_examples for _, r in reports]
+        reports = list(results.values())
+        counts = [r.num_examples for r in reports]
         w = capped_weights(np.array(counts, np.float64)) if all(c is not None for c in counts) \
             else np.ones(len(reports))
         mean = lambda xs: float(np.dot(w, xs) / w.sum())  # noqa: E731
         out: dict[str, MetricRecordValues] = {
-            "accuracy": mean([r.accuracy for _, r in reports]),
-            "loss": mean([r.loss for _, r in reports]), "num-clients": len(reports)}
-        if any(r.extra.get(OUTSIDE_KEY) for _, r in reports):  # exact values sent by opt-in
+            "accuracy": mean([r.accuracy for r in reports]),
+            "loss": mean([r.loss for r in reports]), "num-clients": len(reports)}
+        if mode == OUTSIDE_SOURCE:  # exact values sent by opt-in
             out[OUTSIDE_KEY] = 1.0
         self.round.client_eval = dict(out)
         return MetricRecord(out)

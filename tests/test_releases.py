@@ -209,11 +209,11 @@ def test_without_dp_the_reply_is_unchanged(tmp_path):
     assert OUTSIDE_KEY not in reply and not any(k.startswith("dp-") for k in reply)
 
 
-def test_client_evaluation_under_dp_needs_the_opt_in():
+def test_client_evaluation_under_dp_is_released_through_the_accounted_mechanism():
+    # Issue 17: no opt-in needed any more; the releases are DP (tests/test_federated_eval.py).
     base = {"privacy": {"enabled": True, "noise_multiplier": 1.0},
             "federation": {"fraction_evaluate": 0.5}}
-    with pytest.raises(ConfigError, match="release_stats"):
-        neutral_config(base)
+    assert neutral_config(base).privacy.release_stats == "dp"
     neutral_config({**base, "privacy": {**base["privacy"],
                                         "release_stats": "exact-outside-guarantee"}})
     neutral_config({"federation": {"fraction_evaluate": 0.5}})  # no DP: nothing to break

@@ -16,7 +16,7 @@ from fedshield.privacy.accounting import BOUNDS
 from fedshield.privacy.planner import PLAN_ACCOUNTANTS, Plan, milestones, plan
 from fedshield.privacy.releases import EXACT_MODE, MODES
 from fedshield.run_records import SUMMARY_FILE
-from fedshield.schema import PrivacyConfig
+from fedshield.schema import Config, PrivacyConfig
 
 privacy_app = typer.Typer(add_completion=False, no_args_is_help=True,
                           pretty_exceptions_enable=False,
@@ -62,14 +62,23 @@ def plan_command(
     stats_noise_multiplier: float = typer.Option(
         PrivacyConfig().stats_noise_multiplier,
         help="as privacy.stats_noise_multiplier: the release's noise (event sigma, q = 1, 1 step)"),
+    evaluate: bool = typer.Option(
+        Config().federation.fraction_evaluate > 0, "--evaluate/--no-evaluate",
+        help="as federation.fraction_evaluate > 0 (the default): spend federated evaluation's "
+             "releases (held-out count once, one evaluation per round) as a DP client does"),
+    eval_noise_multiplier: float = typer.Option(
+        PrivacyConfig().eval_noise_multiplier,
+        help="as privacy.eval_noise_multiplier: each evaluation release's noise (sigma, q = 1, "
+             "1 step)"),
 ) -> None:
     """Noise multiplier per accountant that spends --target-epsilon over the schedule (or, with
     --noise-multiplier, the epsilon spent), and epsilon after rounds 1, 10%, 50% and 100%.
 
-    Every epsilon includes the client's class-histogram release unless --release-stats
-    exact-outside-guarantee. A client plans from its noised example count (std about
-    stats-noise-multiplier x sqrt(classes)): pass that count as --num-examples to reproduce its
-    numbers exactly; with --target-epsilon it spends the target whatever the count."""
+    Every epsilon includes the client's class-histogram release and federated evaluation's
+    releases (unless --no-evaluate), unless --release-stats exact-outside-guarantee. A client
+    plans from its noised example count (std about stats-noise-multiplier x sqrt(classes)): pass
+    that count as --num-examples to reproduce its numbers exactly; with --target-epsilon it
+    spends the target whatever the count."""
     if release_stats not in MODES:
         _fail(f"--release-stats {release_stats!r}: choose one of {', '.join(MODES)}")
     if accountant is not None and accountant not in BOUNDS:
@@ -83,7 +92,9 @@ def plan_command(
                       accountants=(accountant,) if accountant else PLAN_ACCOUNTANTS,
                       curve_rounds=None if json_out else milestones(rounds),
                       stats_noise_multiplier=None if release_stats == EXACT_MODE
-                      else stats_noise_multiplier)
+                      else stats_noise_multiplier,
+                      eval_noise_multiplier=eval_noise_multiplier
+                      if evaluate and release_stats != EXACT_MODE else None)
     except FedShieldError as exc:
         _fail(str(exc))
     if json_out:
@@ -99,6 +110,9 @@ def _table(result: Plan) -> Table:
                f"{result.stats_noise_multiplier:g}, q = 1, 1 step)"
                if result.stats_noise_multiplier is not None
                else "no statistics release accounted (release_stats = exact-outside-guarantee)")
+    if result.eval_noise_multiplier is not None:
+        release += (f"; federated evaluation (sigma {result.eval_noise_multiplier:g}: held-out "
+                    "count once, one release per round)")
     table = Table(title=f"{what} (sample-level, per client, add/remove), delta {result.delta:g}: "
                         f"{result.rounds} rounds x {result.steps_per_round} steps, sample rate "
                         f"{result.sample_rate:.4g}; {release}",
