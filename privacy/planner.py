@@ -13,7 +13,8 @@ an approximation, not a bound (its planned noise overspent by up to 20%).
 A DP client under ``privacy.release_stats = "dp"`` also spends its once-per-run class-histogram
 release (privacy/releases.py: the event ``(stats_noise_multiplier, 1, 1)``). ``plan`` takes it as
 ``stats_noise_multiplier`` and plans and states the epsilon with it, exactly as the client does
-(client/dp.py ``resolve_noise(..., extra_events)``). The client plans from its noised count
+(client/dp.py ``resolve_noise(..., extra_events)``); so does its drift-reference release
+(``reference_noise_multiplier``, privacy/reference.py). The client plans from its noised count
 (``planning_examples``), so give that count to reproduce a client's numbers exactly.
 """
 
@@ -31,6 +32,7 @@ from fedshield.privacy.accounting import (
     pld_epsilon,
     reported_epsilon,
 )
+from fedshield.privacy.reference import reference_event
 from fedshield.privacy.releases import histogram_event
 from scipy.optimize import brentq
 
@@ -203,6 +205,9 @@ class Plan:
     # The once-per-run statistics release every epsilon above includes (None: not planned for,
     # e.g. release_stats = "exact-outside-guarantee"); its event is (sigma, 1, 1).
     stats_noise_multiplier: float | None = None
+    # The once-per-run drift-reference release (privacy/reference.py; None: not made, e.g.
+    # deployment.reference_source = "server"); its event is (sigma, 1, 1) too.
+    reference_noise_multiplier: float | None = None
     extra_events: list[tuple[float, float, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,14 +224,16 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
          target_epsilon: float | None = None, noise_multiplier: float | None = None,
          accountants: tuple[str, ...] = PLAN_ACCOUNTANTS, max_steps: int = 0,
          curve_rounds: list[int] | None = None,
-         stats_noise_multiplier: float | None = None) -> Plan:
+         stats_noise_multiplier: float | None = None,
+         reference_noise_multiplier: float | None = None) -> Plan:
     """Per accountant: the sigma spending ``target_epsilon`` over the schedule and its curve;
     or, given ``noise_multiplier``, the epsilon it spends (the inverse).
 
     ``stats_noise_multiplier``: the client's class-histogram release (``privacy.release_stats =
     "dp"``), released before round 1; the planned sigma leaves room for it and every epsilon of
     the curve includes it, as the client's ledger does. The curve holds every round unless
-    ``curve_rounds`` picks some (PRV costs ~0.3 s a point).
+    ``curve_rounds`` picks some (PRV costs ~0.3 s a point). ``reference_noise_multiplier``: the
+    client's drift-reference release, made with the same first round and counted the same way.
     """
     if (target_epsilon is None) == (noise_multiplier is None):
         raise ConfigError("give exactly one of target_epsilon or noise_multiplier")
@@ -239,10 +246,13 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
     # The release's event, exactly as the client records it (privacy/releases.py).
     extra = (histogram_event(stats_noise_multiplier),) if stats_noise_multiplier is not None \
         else ()
+    if reference_noise_multiplier is not None:
+        extra += (reference_event(reference_noise_multiplier),)
     rate = sample_rate(num_examples, batch_size)
     per_round = steps_per_round(num_examples, batch_size, local_epochs, max_steps)
     result = Plan(rounds, local_epochs, batch_size, num_examples, delta, rate, per_round,
                   rounds * per_round, target_epsilon, stats_noise_multiplier=stats_noise_multiplier,
+                  reference_noise_multiplier=reference_noise_multiplier,
                   extra_events=list(extra))
     for name in accountants:
         check_bound_accountant(name, "planning noise")
