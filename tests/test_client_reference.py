@@ -72,6 +72,7 @@ def client_ledgers(tmp: Path, cfg) -> list[Ledger]:
             for p in paths]
 
 
+@pytest.mark.slow
 def test_the_card_shows_the_clients_dp_reference_and_its_distance(dp_run):
     cfg, summary, _ = dp_run
     run = Path(summary.run_dir)
@@ -89,6 +90,7 @@ def test_the_card_shows_the_clients_dp_reference_and_its_distance(dp_run):
     assert served["source"] == "clients (DP)" and served["distance"] == distance
 
 
+@pytest.mark.slow
 def test_a_real_federation_says_the_distance_is_unknown(dp_run, tmp_path):
     cfg, summary, _ = dp_run
     run = tmp_path / "run"
@@ -100,6 +102,7 @@ def test_a_real_federation_says_the_distance_is_unknown(dp_run, tmp_path):
     assert reference_view(reference)["distance"] == "unknown"
 
 
+@pytest.mark.slow
 def test_the_release_is_in_each_clients_ledger_and_its_epsilon(dp_run):
     cfg, summary, tmp = dp_run
     for ledger in client_ledgers(tmp, cfg):
@@ -118,6 +121,7 @@ def test_the_release_is_in_each_clients_ledger_and_its_epsilon(dp_run):
     assert sorted(summary.privacy.epsilon_by_client.values()) == pytest.approx(spent, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_resends_the_kept_release_without_paying_again(dp_run):
     cfg, summary, tmp = dp_run
     run = Path(summary.run_dir)
@@ -140,6 +144,7 @@ def _shifted_loader(context, cfg):
     return task, Split(x, train.y), val
 
 
+@pytest.mark.slow
 def test_one_clients_shifted_data_shows_in_the_reference_features_it_shifts(dp_run, tmp_path):
     cfg, summary, _ = dp_run
     cfg = replace(cfg, output_dir=str(tmp_path / "runs"),
