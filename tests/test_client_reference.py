@@ -261,6 +261,23 @@ def test_the_planner_counts_the_release_like_the_client():
     assert with_reference.accountants[0].noise_multiplier > without.accountants[0].noise_multiplier
 
 
+def test_the_plan_command_counts_the_reference_release_by_default():
+    from typer.testing import CliRunner
+
+    from fedshield.commands.privacy import privacy_app
+
+    args = ["plan", "--noise-multiplier", "1.0", "--rounds", "5", "--batch-size", "50",
+            "--num-examples", "2000", "--accountant", "rdp"]
+    runner = CliRunner()
+    default = runner.invoke(privacy_app, [*args, "--json"])
+    off = runner.invoke(privacy_app, [*args, "--no-release-reference", "--json"])
+    assert default.exit_code == 0 and off.exit_code == 0, default.output + off.output
+    assert json.loads(default.output)["extra_events"] == [[50.0, 1.0, 1], [20.0, 1.0, 1]]
+    assert json.loads(off.output)["extra_events"] == [[50.0, 1.0, 1]]
+    table = runner.invoke(privacy_app, args)
+    assert table.exit_code == 0 and "drift-reference release (sigma 20" in table.output
+
+
 def test_exact_counts_without_noise_and_the_noise_std_under_dp():
     task = get_task("digits")
     train = task.load()[0]
