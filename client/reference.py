@@ -4,8 +4,9 @@ the client trains, and the answer to the ServerApp's query after the last round.
 Under DP the release is made with training (client/fit.py), so its event is in every epsilon the
 client reports and in the planned noise; the query only resends the kept release (client/
 releases.py), free, and a client that has none (it never trained in this run, or its releases
-file is gone) refuses rather than release anything outside the epsilon it reported. Without DP
-there is no guarantee to keep: the client counts its data exactly when asked.
+file is gone) refuses rather than release anything outside the epsilon it reported. Without any
+DP there is no guarantee to keep: the client counts its data exactly when asked; under central DP
+alone exact counts would bypass it, so the client refuses.
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ def answer_query(msg: Message, context: Context, cfg: schema.Config,
                            "this client made no drift-reference release in this run (it never "
                            "trained, or its releases file is gone); it sends nothing that its "
                            "reported epsilon does not cover")
-    else:  # no DP: no guarantee to keep, the exact counts
+    elif cfg.central_dp.enabled:  # exact counts would bypass the user-level guarantee
+        return _refuse(msg, context, "outside-guarantee",
+                       "exact drift-reference counts are outside central DP's guarantee; enable "
+                       'privacy.enabled (a DP release) or set deployment.reference_source = '
+                       '"server"')
+    else:  # no DP at all: no guarantee to keep, the exact counts
         release = release_reference(monitored_features(data.x, task.input_shape), data.y,
                                     task.num_classes, task_edges(task, bins), 0.0,
                                     np.random.default_rng())

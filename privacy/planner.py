@@ -244,9 +244,9 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
         raise ConfigError(f"rounds = {rounds} must be >= 1")
     check_delta(delta, num_examples)
     # The release's event, exactly as the client records it (privacy/releases.py).
-    extra = (histogram_event(stats_noise_multiplier),) if stats_noise_multiplier is not None \
-        else ()
-    if reference_noise_multiplier is not None:
+    extra: tuple[tuple[float, float, int], ...] = (
+        (histogram_event(stats_noise_multiplier),) if stats_noise_multiplier is not None else ())
+    if reference_noise_multiplier is not None:  # the drift reference's (privacy/reference.py)
         extra += (reference_event(reference_noise_multiplier),)
     rate = sample_rate(num_examples, batch_size)
     per_round = steps_per_round(num_examples, batch_size, local_epochs, max_steps)

@@ -207,12 +207,14 @@ def normalise(counts: np.ndarray) -> np.ndarray:
     clipped = np.clip(counts, 0.0, None)
     totals = clipped.sum(-1, keepdims=True)
     uniform = np.full_like(clipped, 1.0 / clipped.shape[-1])
-    return np.where(totals > 0, clipped / np.where(totals > 0, totals, 1.0), uniform)
+    probs: np.ndarray = np.where(totals > 0, clipped / np.where(totals > 0, totals, 1.0), uniform)
+    return probs
 
 
 def total_variation(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Total-variation distance between probability vectors along the last axis, in [0, 1]."""
-    return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(-1)
+    distance: np.ndarray = 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(-1)
+    return distance
 
 
 CLIENT_REFERENCE_FORMAT = "fedshield-client-reference"
