@@ -24,9 +24,13 @@ from flwr.app import Context, Message
 
 from fedshield import schema
 from fedshield.errors import BudgetExhausted, DataValidationError
-from fedshield.records import ReferenceReport, Refusal, encode_reference_report, encode_refusal
-
-QUERY = "drift-reference"  # the query's "query" value (server/reference.py sends it)
+from fedshield.records import (
+    REFERENCE_QUERY,
+    ReferenceReport,
+    Refusal,
+    encode_reference_report,
+    encode_refusal,
+)
 
 
 def _refuse(msg: Message, context: Context, code: str, reason: str) -> Message:
@@ -38,9 +42,9 @@ def answer_query(msg: Message, context: Context, cfg: schema.Config,
                  load_data: DataLoader) -> Message:
     """The reply to the ServerApp's drift-reference query: the counts, or a refusal saying why."""
     config = dict(msg.content["config"]) if "config" in msg.content else {}
-    if config.get("query") != QUERY:
+    if config.get("query") != REFERENCE_QUERY:
         return _refuse(msg, context, "unknown-query",
-                       f"this client answers the query {QUERY!r} only, not "
+                       f"this client answers the query {REFERENCE_QUERY!r} only, not "
                        f"{str(config.get('query'))[:60]!r}")
     if not wants_reference(cfg):
         return _refuse(msg, context, "not-released", 'deployment.reference_source is "server": '

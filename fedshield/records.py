@@ -32,7 +32,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 # Record names in a reply's RecordDict.
 ARRAYS, METRICS, REFUSAL, HISTOGRAM = "arrays", "metrics", "refusal", "histogram"
-# A drift-reference reply (the "query" after the last round, server/reference.py): its counts.
+# The drift-reference query after the last round (server/reference.py) and its reply's records.
+REFERENCE_QUERY = "drift-reference"  # the query message's config "query" value
 REFERENCE, FEATURE_COUNTS, CLASS_COUNTS = "reference", "feature-counts", "class-counts"
 NOISE_MULTIPLIER, NOISE_STD = "noise-multiplier", "noise-std"
 

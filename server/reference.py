@@ -30,9 +30,13 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedshield import schema
-from fedshield.records import ReferenceReport, Refusal, Rejected, decode_reference_reply
-
-QUERY = "drift-reference"  # client/reference.py answers this query
+from fedshield.records import (
+    REFERENCE_QUERY,
+    ReferenceReport,
+    Refusal,
+    Rejected,
+    decode_reference_reply,
+)
 
 
 def collect_reference(grid: Grid, cfg: schema.Config, folder: RunFolder,
@@ -48,8 +52,9 @@ def collect_reference(grid: Grid, cfg: schema.Config, folder: RunFolder,
     edges = public_edges(task.load()[1].x, task.input_shape, bins)
     shape = (edges.shape[0], bins)
     nodes = sorted(n for n in grid.get_node_ids() if n not in quarantined)
-    config = ConfigRecord({"query": QUERY, "run-key": folder.path.name})
-    sent = [Message(RecordDict({"config": config}), dst_node_id=n,
+    # run-key: the run's name for the clients' releases files, as in every training message
+    query = {"query": REFERENCE_QUERY, "run-key": folder.path.name}
+    sent = [Message(RecordDict({"config": ConfigRecord(dict(query))}), dst_node_id=n,
                     message_type=MessageType.QUERY) for n in nodes]
     replies = list(grid.send_and_receive(sent, timeout=cfg.federation.round_timeout))
     by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
