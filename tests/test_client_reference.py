@@ -289,3 +289,22 @@ def test_exact_counts_without_noise_and_the_noise_std_under_dp():
                                np.random.default_rng(0))
     assert noised.private and noised.noise_std == pytest.approx(2.0 * np.sqrt(65))
     assert noised.event == (2.0, 1.0, 1)
+
+
+@pytest.mark.parametrize(("section", "code"), [
+    ({"privacy": {"enabled": True, "noise_multiplier": 1.0}}, "no-reference-release"),
+    ({"central_dp": {"enabled": True}, "screening": {"max_norm_ratio": 0.0}},
+     "outside-guarantee"),
+])
+def test_a_client_with_nothing_covered_to_send_refuses(tmp_path, section, code):
+    # DP but never trained: no kept release, and none is made outside training's epsilon.
+    # Central DP alone: exact counts would bypass the user-level guarantee.
+    cfg = neutral_config({"task": {"name": "digits"}, "federation": {"num_clients": 3},
+                          "partition": {"kind": "iid"}, "name": "never-trained",
+                          "deployment": {"reference_source": "clients"},
+                          **{k: {**v, "ledger_dir": str(tmp_path / "ledgers")}
+                             if k == "privacy" else v for k, v in section.items()}})
+    grid = InProcessGrid({p: make_client_app() for p in range(3)}, cfg.flat(), cfg.seed)
+    record = collect_reference(grid, cfg, RunFolder(tmp_path), grid.node_to_partition)
+    assert record.parts == {} and sorted(record.refused) == ["0", "1", "2"]
+    assert all(why.startswith(f"{code}: ") for why in record.refused.values())
