@@ -107,7 +107,7 @@ def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context,
         release, new = stats_release(data.y, task.num_classes, cfg.privacy, ledger, run_key)
         stats = {**release.to_metrics(new), "num-examples": release.planning_count}
     # The drift-reference histograms, once per run and accounted like the class histogram
-    # (client/reference.py); the ServerApp collects the kept release after the last round.
+    # (client/releases.py); the ServerApp collects the kept release after the last round.
     reference = training_release(task, data, cfg, ledger, run_key)
     extra = tuple(r.event for r in (release, reference) if r is not None)
     result = train_private(model, data, train_cfg, cfg.privacy, ledger,
