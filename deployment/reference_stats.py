@@ -5,8 +5,9 @@ The monitored features, public bin edges and each client's (DP) release are priv
 sums the clients' released counts into one reference (the hand-off does it from the run folder's
 ``client_reference.json``, which the ServerApp writes after the last round: server/reference.py).
 ``reference_from_data`` is the noise-free reference of data the server holds itself (its
-evaluation split): the fallback when no client reference exists, and in simulations the yardstick
-(``distance_from``) for how far the clients' noised reference is from the pooled truth.
+evaluation split, on the same public edges): the fallback when no client reference exists.
+``distance_from`` measures a reference against exact pooled counts (a simulation's truth); the
+hand-off reports it for the clients' reference and, for comparison, for the server split.
 """
 
 from __future__ import annotations
