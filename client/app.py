@@ -4,7 +4,8 @@ through accounted releases, client/evaluate.py).
 Handlers are thin: they decode the message, call plain functions, and encode the reply. A client
 that cannot or must not train (invalid data, privacy budget exhausted) replies with a ``refusal``
 record naming the reason, so the server logs it and the round goes on. One round of local
-training is client/fit.py; the SecAgg+ protocol messages are client/secagg.py.
+training is client/fit.py; the SecAgg+ protocol messages are client/secagg.py; the "query" after
+the last round (the drift-reference counts) is client/reference.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fedshield.client.fit import (
     round_seed,
     site_key,
 )
+from fedshield.client.reference import answer_query
 from fedshield.client.secagg import secagg_train
 from fedshield.client.timing import note_message
 from fedshield.tasks import Task
@@ -111,6 +113,12 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
                             loss=m.pop("loss"), partition_id=m.pop("partition-id", None),
                             extra=m)
         return Message(encode_eval_report(report), reply_to=msg)
+
+    @app.query()
+    def query_handler(msg: Message, context: Context) -> Message:
+        # After the last round: the drift-reference counts (client/reference.py).
+        return answer_query(msg, context, validation.from_run_config(context.run_config),
+                            load_data)
 
     return app
 

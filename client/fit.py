@@ -16,7 +16,12 @@ from typing import cast
 
 import numpy as np
 import torch
-from fedshield.client.releases import planned_events, reply_metrics, stats_release
+from fedshield.client.releases import (
+    planned_events,
+    reply_metrics,
+    stats_release,
+    training_release,
+)
 from fedshield.client.training import train_local
 from fedshield.client.validation import quality_report, validate_split
 from fedshield.privacy.releases import EXACT_MODE
@@ -94,7 +99,7 @@ def privacy_cap(cfg: schema.Config, node_config) -> float:
 
 
 def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context, rc: dict,
-                   seed: int, num_classes: int) -> dict[str, float]:
+                   seed: int, task: Task) -> dict[str, float]:
     from fedshield.client.dp import train_private  # Opacus only when DP is on
 
     run_key = str(rc.get("run-key", context.run_id))
@@ -104,11 +109,16 @@ def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context,
     # plan sample rate, steps and noise from its noised total (privacy/releases.py).
     release, stats = None, {}
     if cfg.privacy.release_stats != EXACT_MODE:
-        release, new = stats_release(data.y, num_classes, cfg.privacy, ledger, run_key)
+        release, new = stats_release(data.y, task.num_classes, cfg.privacy, ledger, run_key)
         stats = {**release.to_metrics(new), "num-examples": release.planning_count}
     total_rounds = int(rc.get("num-rounds", 1))
-    # The plan leaves room for the histogram release and federated evaluation's releases.
+    # The drift-reference histograms, once per run and accounted like the class histogram
+    # (client/releases.py); the ServerApp collects the kept release after the last round.
+    reference = training_release(task, data, cfg, ledger, run_key)
+    # The plan leaves room for the histogram release, federated evaluation's releases and the
+    # drift reference's.
     extra = planned_events(cfg.privacy, cfg.federation.fraction_evaluate, total_rounds, release)
+    extra += (reference.event,) if reference is not None else ()
     result = train_private(model, data, train_cfg, cfg.privacy, ledger,
                            total_rounds=total_rounds,
                            server_round=server_round, run_id=run_key, seed=seed,
@@ -151,8 +161,7 @@ def fit_locally(context: Context, cfg: schema.Config, load_data: DataLoader,
                       int(context.node_config.get("partition-id", 0)))
     metrics: dict[str, float] = {}
     if cfg.privacy.enabled:
-        metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed,
-                                      task.num_classes))
+        metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed, task))
     else:
         metrics.update(train_local(model, data, train_cfg, seed))
     exact = {**quality_report(data, task.num_classes), "num-examples": len(data)}

@@ -3,20 +3,31 @@
 ``stats_release`` makes (once per run) or reloads the client's DP class-histogram release, with its
 event in the client's ledger. ``reply_metrics`` decides which metrics a training reply may carry.
 ``planned_events`` is what the client's DP-SGD plan leaves room for; ``evaluation_release`` makes
-one accounted federated-evaluation release. A release is kept beside the ledger
-(``releases-client-<id>.json``), keyed by run, so later rounds, resumed runs and new processes
-resend the same noised values instead of drawing (and paying for) fresh noise. Losing that file
-costs privacy, never hides it: the next draw is a new ledger event.
+one accounted federated-evaluation release. ``reference_release`` does the same for the
+drift-reference histograms (privacy/reference.py) when ``deployment.reference_source =
+"clients"``; ``kept_reference`` reads it back for the ServerApp's query after the last round
+(client/reference.py), which never draws anew.
+A release is kept beside the ledger (``releases-client-<id>.json``), keyed by run, so later rounds,
+resumed runs and new processes resend the same noised values instead of drawing (and paying for)
+fresh noise. Losing that file costs privacy, never hides it: the next draw is a new ledger event.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from pathlib import Path
 
 import numpy as np
 from fedshield.privacy.ledger import Ledger, atomic_write_json
+from fedshield.privacy.reference import (
+    ReferenceRelease,
+    monitored_features,
+    num_monitored,
+    public_edges,
+    release_reference,
+)
 from fedshield.privacy.releases import (
     EXACT_MODE,
     OUTSIDE_KEY,
@@ -31,16 +42,21 @@ from fedshield.privacy.releases import (
     release_histogram,
     secure_rng,
 )
+from fedshield.tasks import Split, Task
 
-from fedshield.errors import BudgetExhausted
+from fedshield import schema
+from fedshield.errors import BudgetExhausted, FedShieldError
 from fedshield.schema import PrivacyConfig
 
 # What a DP training reply may carry: the DP events' public parameters, the release and identity.
 DP_REPLY_KEYS = frozenset({"epsilon", "delta", "noise-multiplier", "clip-norm", "sample-rate",
                            "steps", "num-examples", "partition-id"})
+log = logging.getLogger("flwr")
+
 RELEASE_TAG = "class-histogram-release"
 EVAL_TAG = "federated-evaluation"  # run_id suffix of the evaluation releases' ledger events
 EVAL_COUNT_KEY = "eval-count"  # sidecar key "<run>/eval-count": the held-out count release
+REFERENCE_TAG = "drift-reference-release"
 
 
 def releases_path(ledger: Ledger) -> Path:
@@ -77,6 +93,83 @@ def stats_release(labels: np.ndarray, num_classes: int, privacy: PrivacyConfig, 
     doc[run_key] = release.to_dict()
     atomic_write_json(path, doc)
     return release, True
+
+
+def _reference_key(run_key: str) -> str:
+    return f"{run_key}/{REFERENCE_TAG}"  # beside the class release's entry (keyed by run_key)
+
+
+def kept_reference(ledger: Ledger, run_key: str, shape: tuple[int, int],
+                   num_classes: int) -> ReferenceRelease | None:
+    """This run's kept drift-reference release, None when there is none of this shape."""
+    try:
+        return ReferenceRelease.from_dict(_read(releases_path(ledger))[_reference_key(run_key)],
+                                          shape, num_classes)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def reference_release(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                      edges: np.ndarray, privacy: PrivacyConfig, ledger: Ledger,
+                      run_key: str) -> tuple[ReferenceRelease, bool]:
+    """This run's drift-reference release (privacy/reference.py) and whether it was made now
+    (its event is then new in the ledger). Raises BudgetExhausted when the release itself would
+    exceed the budget: nothing is kept or sent then."""
+    shape = (edges.shape[0], edges.shape[1] - 1)
+    kept = kept_reference(ledger, run_key, shape, num_classes)
+    if kept is not None:
+        return kept, False
+    release = release_reference(features, labels, num_classes, edges,
+                                privacy.reference_noise_multiplier, secure_rng())
+    ledger.check([release.event])
+    # Its own tag per draw, as the class release: a redraw is a new event, never skipped.
+    tag = f"{_reference_key(run_key)}/{secrets.token_hex(4)}"
+    ledger.record([release.event], round=0, run_id=tag)
+    path = releases_path(ledger)
+    doc = _read(path)
+    doc[_reference_key(run_key)] = release.to_dict()
+    atomic_write_json(path, doc)
+    return release, True
+
+
+def wants_reference(cfg: schema.Config) -> bool:
+    """Whether this run's clients release drift-reference histograms."""
+    return cfg.deployment.reference_source == "clients"
+
+
+def reference_shape(task: Task, bins: int) -> tuple[int, int]:
+    """(monitored features, bins) of the task's reference counts."""
+    return num_monitored(task.input_shape), bins
+
+
+def task_edges(task: Task, bins: int) -> np.ndarray:
+    """The public bin edges, from the task's own test split (privacy/reference.py)."""
+    return public_edges(task.load()[1].x, task.input_shape, bins)
+
+
+def training_release(task: Task, data: Split, cfg: schema.Config, ledger: Ledger,
+                     run_key: str) -> ReferenceRelease | None:
+    """Under DP, in the round the client trains: this run's reference release (made and
+    accounted the first time, kept after). None when the run wants none, or the public edges
+    cannot be computed here (the task's test split is not installed): the client trains on, and
+    later refuses the query saying why. Raises BudgetExhausted when the release alone would
+    exceed the budget."""
+    if not wants_reference(cfg):
+        return None
+    bins = cfg.deployment.reference_bins
+    kept = kept_reference(ledger, run_key, reference_shape(task, bins), task.num_classes)
+    if kept is not None:
+        return kept
+    try:
+        edges = task_edges(task, bins)
+    except (OSError, ImportError, FedShieldError) as exc:
+        log.warning("drift reference: no public bin edges here (%s: %s); no release",
+                    type(exc).__name__, exc)
+        return None
+    features = monitored_features(data.x, task.input_shape)
+    release, _ = reference_release(features, data.y, task.num_classes, edges, cfg.privacy,
+                                   ledger, run_key)
+    return release
 
 
 def reply_metrics(metrics: dict, privacy: PrivacyConfig, exact: dict[str, float]) -> dict:

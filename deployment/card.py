@@ -199,8 +199,12 @@ def refresh_audit(run_dir: str | Path) -> Path | None:
 
 
 def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int = 64,
-               reference_source: str | None = None) -> ModelCard:
-    """Write ``model_card.json`` and ``model_card.md`` (and ``attributions.png`` for images)."""
+               reference_source: str | None = None,
+               reference: dict | None = None) -> ModelCard:
+    """Write ``model_card.json`` and ``model_card.md`` (and ``attributions.png`` for images).
+
+    ``reference``: the drift reference's source, how it was built and its distance from the
+    true pooled histograms ("unknown" outside simulations; deployment/handoff.py)."""
     summary, config, rounds = read_run(run_dir)
     task = get_task(export.task, export.metadata.get("model", ""))
     test = task.load()[1]
@@ -242,6 +246,7 @@ def build_card(run_dir: str | Path, export: ExportResult, explain_examples: int 
                       "int8": export.int8},
         "explanations": _explanations(task, export, test, out, explain_examples),
         "drift_reference": reference_source,
+        "drift_reference_details": reference,
         "config": config,
         "versions": _versions(dict(summary.versions)),
     }
@@ -417,6 +422,26 @@ def render_markdown(card: dict) -> str:
     lines += ["", f"ONNX parity on {a['parity']['examples']} test inputs: max |logit diff| "
               f"{a['parity']['max_abs_diff']:.3g}, argmax agreement "
               f"{a['parity']['argmax_agreement']:.4f}.",
-              f"Drift reference: {card.get('drift_reference') or 'none'}.", "",
+              f"Drift reference: {card.get('drift_reference') or 'none'}.",
+              *_reference_lines(card.get("drift_reference_details")), "",
               "## Versions", "", f"`{json.dumps(card['versions'])}`", ""]
     return "\n".join(lines)
+
+
+def _reference_lines(ref: dict | None) -> list[str]:
+    """The drift reference's card lines: how it was built, its distance from the truth."""
+    if not ref:
+        return []
+    lines = [f"Built from: {ref.get('details') or '-'}."]
+    dist = ref.get("distance")
+    if not isinstance(dist, dict):
+        return lines + ["Distance from the true pooled histograms: unknown (only a simulation "
+                        "knows the clients' pooled data)."]
+    lines.append(f"Distance from the true pooled histograms ({dist.get('truth')}): mean total "
+                 f"variation {dist['features_mean']:.3f} per feature (max "
+                 f"{dist['features_max']:.3f}), {dist['labels']:.3f} for the labels.")
+    server = dist.get("server_split")
+    if isinstance(server, dict):
+        lines.append(f"For comparison, the server's evaluation split: {server['features_mean']:.3f}"
+                     f" per feature, {server['labels']:.3f} for the labels.")
+    return lines

@@ -1,115 +1,51 @@
 """Drift reference statistics: per-feature histograms on fixed bin edges plus class priors.
 
-CLIENT side (``client_histograms``): each client counts its own examples and adds Gaussian noise
-(the Gaussian mechanism), so the reference leaks no more than a stated DP budget. SERVER side
-(``merge_histograms``): sum the clients' noisy counts into one reference.
-
-Monitored features: tabular tasks use their input features; image tasks use a few summary features
-(``image_summary_features``): the mean intensity of the whole image and of 4 horizontal bands, 4
-vertical bands (9 features). These catch brightness, inversion and shift drift cheaply.
-
-Privacy. Bin edges are fixed in advance from public information (the server's evaluation split),
-and the outer bins are open, so each example adds exactly one count to each of the H histograms
-(H = features + 1 for the labels). Replacing one example moves one count in each histogram: L2
-sensitivity sqrt(2 H) (add/remove adjacency, the one Opacus' DP-SGD accounting uses, needs only
-sqrt(H); replace-one is the conservative choice). Noise std = sigma * sensitivity. The release is
-one Gaussian mechanism, i.e. the Opacus accountant event ``(sigma, sample_rate=1.0, steps=1)``,
-which the client appends to the accountant history of its privacy ledger so it composes with
-training.
+The monitored features, public bin edges and each client's (DP) release are privacy/reference.py
+(below the apps, which compute them); this module is the reference itself. ``merge_histograms``
+sums the clients' released counts into one reference (the hand-off does it from the run folder's
+``client_reference.json``, which the ServerApp writes after the last round: server/reference.py).
+``reference_from_data`` is the noise-free reference of data the server holds itself (its
+evaluation split, on the same public edges): the fallback when no client reference exists.
+``distance_from`` measures a reference against exact pooled counts (a simulation's truth); the
+hand-off reports it for the clients' reference and, for comparison, for the server split.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
+from fedshield.privacy.reference import (
+    BANDS,
+    EDGES_SOURCE,
+    ReferenceRelease,
+    fixed_edges,
+    histograms,
+    image_summary_features,
+    image_summary_names,
+    monitored_features,
+    names_for,
+    normalise,
+    public_edges,
+    summed,
+    total_variation,
+)
 
 from fedshield.run_records import DataQuality
 
-BANDS = 4
+# Re-exported: drift.py, serving and tests import these from here (their home is
+# privacy/reference.py).
+__all__ = ["BANDS", "EDGES_SOURCE", "Reference", "ReferenceRelease", "fixed_edges", "histograms",
+           "image_summary_features", "image_summary_names", "merge_histograms",
+           "monitored_features", "names_for", "normalise", "public_edges", "reference_from_data",
+           "with_client_class_priors"]
 
-
-def image_summary_features(x: np.ndarray) -> np.ndarray:
-    """``(n, C, H, W)`` images -> ``(n, 1 + 2 * BANDS)``: mean, row-band means, column-band
-    means."""
-    gray = x.reshape(len(x), *x.shape[-3:]).mean(1)
-    rows = np.array_split(gray, BANDS, axis=1)
-    cols = np.array_split(gray, BANDS, axis=2)
-    feats = [gray.mean((1, 2))] + [b.mean((1, 2)) for b in rows] + [b.mean((1, 2)) for b in cols]
-    return np.stack(feats, 1).astype(np.float64)
-
-
-def image_summary_names() -> tuple[str, ...]:
-    """Names of the summary features the drift monitor computes for images."""
-    return (("mean",) + tuple(f"row_band_{i}" for i in range(BANDS))
-            + tuple(f"col_band_{i}" for i in range(BANDS)))
-
-
-def monitored_features(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    """The features the drift monitor compares: summaries for images, the inputs for tables."""
-    x = np.asarray(x)
-    if len(input_shape) == 3:
-        return image_summary_features(x)
-    return x.reshape(len(x), -1).astype(np.float64)
-
-
-def fixed_edges(public_features: np.ndarray, bins: int) -> np.ndarray:
-    """``(f, bins + 1)`` edges, equal width over each feature's public range; outer edges +-inf.
-
-    Computed once by the server from public data (its evaluation split) and sent to clients.
-    """
-    lo, hi = public_features.min(0), public_features.max(0)
-    hi = np.where(hi > lo, hi, lo + 1.0)
-    inner = np.linspace(lo, hi, bins + 1).T
-    inner[:, 0], inner[:, -1] = -np.inf, np.inf
-    return inner
-
-
-def histograms(features: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """``(f, bins)`` counts: each example lands in exactly one bin per feature."""
-    counts = np.empty((edges.shape[0], edges.shape[1] - 1))
-    for j in range(edges.shape[0]):
-        idx = np.searchsorted(edges[j], features[:, j], side="right") - 1
-        counts[j] = np.bincount(np.clip(idx, 0, edges.shape[1] - 2), minlength=edges.shape[1] - 1)
-    return counts
-
-
-@dataclass
-class ClientHistograms:
-    """What a client sends: noisy counts, and how much privacy they cost."""
-
-    feature_counts: np.ndarray   # (f, bins), noisy
-    class_counts: np.ndarray     # (num_classes,), noisy
-    sigma: float                 # noise multiplier
-    sensitivity: float           # L2 sensitivity of all counts together (replace-one)
-    noise_std: float             # sigma * sensitivity, the std of the noise on every count
-    event: tuple[float, float, int]  # Opacus accountant history entry (sigma, sample_rate, steps)
-
-
-def histogram_sensitivity(num_features: int) -> float:
-    """L2 sensitivity of one client's feature and class counts together (replace-one)."""
-    return float(np.sqrt(2.0 * (num_features + 1)))
-
-
-def client_histograms(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ...], num_classes: int,
-                      edges: np.ndarray, sigma: float,
-                      rng: np.random.Generator) -> ClientHistograms:
-    """DP histograms of one client's data (Gaussian mechanism with noise multiplier ``sigma``)."""
-    feats = monitored_features(x, input_shape)
-    if feats.shape[1] != edges.shape[0]:
-        raise ValueError(f"edges are for {edges.shape[0]} features, the data has {feats.shape[1]}")
-    counts = histograms(feats, edges)
-    classes = np.bincount(np.asarray(y, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    sensitivity = histogram_sensitivity(feats.shape[1])
-    std = sigma * sensitivity
-    return ClientHistograms(counts + rng.normal(0.0, std, counts.shape) if std else counts,
-                            classes + rng.normal(0.0, std, classes.shape) if std else classes,
-                            float(sigma), sensitivity, float(std), (float(sigma), 1.0, 1))
+CLIENTS_DP = "clients (DP)"
+CLIENTS_EXACT = "clients (exact, no DP)"
 
 
 @dataclass
@@ -121,8 +57,11 @@ class Reference:
     class_priors: np.ndarray   # (num_classes,)
     feature_names: tuple[str, ...]
     input_shape: tuple[int, ...]
-    source: str                # e.g. "dp-client-histograms (8 clients, sigma 1.0)"
-    noise_std: float = 0.0
+    source: str                # e.g. "clients (DP)" or "server evaluation split (...)"
+    noise_std: float = 0.0     # std of the noise on each summed count (0: exact)
+    details: str = ""          # how it was built: clients, sigma, where the edges come from
+    # Distance from the true pooled histograms (a simulation knows them), else None: unknown.
+    distance: dict | None = None
 
     def to_json(self) -> str:
         """The reference as JSON (infinite bin edges as "-inf"/"inf")."""
@@ -139,7 +78,8 @@ class Reference:
         d = json.loads(text)
         return cls(np.array([[float(e) for e in row] for row in d["edges"]]), np.array(d["probs"]),
                    np.array(d["class_priors"]), tuple(d["feature_names"]), tuple(d["input_shape"]),
-                   d["source"], d.get("noise_std", 0.0))
+                   d["source"], d.get("noise_std", 0.0), d.get("details", ""),
+                   d.get("distance"))
 
     def save(self, path: str | Path) -> Path:
         """Write the reference as JSON to ``path``; returns the path."""
@@ -152,27 +92,30 @@ class Reference:
         return cls.from_json(Path(path).read_text())
 
 
-def normalise(counts: np.ndarray) -> np.ndarray:
-    """Noisy counts -> probabilities: negative counts clipped to 0 (post-processing keeps DP)."""
-    clipped = np.clip(counts, 0.0, None)
-    totals = clipped.sum(-1, keepdims=True)
-    uniform = np.full_like(clipped, 1.0 / clipped.shape[-1])
-    return np.where(totals > 0, clipped / np.where(totals > 0, totals, 1.0), uniform)
-
-
-def merge_histograms(parts: list[ClientHistograms], edges: np.ndarray,
+def merge_histograms(parts: Sequence[ReferenceRelease], edges: np.ndarray,
                      feature_names: tuple[str, ...],
                      input_shape: tuple[int, ...]) -> Reference:
-    """SERVER side: sum the clients' noisy counts into a reference."""
-    if not parts:
-        raise ValueError("no client histograms to merge")
-    # parts is not empty: the sums are arrays, never sum()'s start value 0
-    counts = cast(np.ndarray, sum(p.feature_counts for p in parts))
-    classes = cast(np.ndarray, sum(p.class_counts for p in parts))
-    sigmas = sorted({p.sigma for p in parts})
-    noise = float(np.sqrt(sum(p.noise_std ** 2 for p in parts)))
+    """Sum the clients' released counts into a reference (post-processing: no privacy cost)."""
+    counts, classes, noise = summed(parts)
+    private = all(p.private for p in parts)
+    sigmas = sorted({p.noise_multiplier for p in parts})
+    details = (f"{len(parts)} clients, noise multiplier {', '.join(f'{s:g}' for s in sigmas)}, "
+               f"noise std {noise:.3g} per summed count; {EDGES_SOURCE}" if private else
+               f"{len(parts)} clients, exact counts; {EDGES_SOURCE}")
     return Reference(edges, normalise(counts), normalise(classes), feature_names, input_shape,
-                     f"dp-client-histograms ({len(parts)} clients, sigma {sigmas})", noise)
+                     CLIENTS_DP if private else CLIENTS_EXACT, noise, details)
+
+
+def distance_from(reference: Reference, truth_features: np.ndarray,
+                  truth_classes: np.ndarray) -> dict:
+    """Total-variation distance of ``reference`` from exact pooled counts on the same edges:
+    mean and max over the features, per feature, and for the labels."""
+    per_feature = total_variation(reference.probs, normalise(truth_features))
+    return {"metric": "total variation", "features_mean": float(per_feature.mean()),
+            "features_max": float(per_feature.max()),
+            "labels": float(total_variation(reference.class_priors, normalise(truth_classes))),
+            "per_feature": dict(zip(reference.feature_names, map(float, per_feature),
+                                    strict=True))}
 
 
 def with_client_class_priors(reference: Reference,
@@ -203,10 +146,3 @@ def reference_from_data(x: np.ndarray, y: np.ndarray, input_shape: tuple[int, ..
     classes = np.bincount(np.asarray(y, dtype=np.int64), minlength=num_classes).astype(np.float64)
     return Reference(edges, normalise(histograms(feats, edges)), normalise(classes),
                      feature_names, tuple(input_shape), source)
-
-
-def names_for(input_shape: tuple[int, ...], feature_names: tuple[str, ...]) -> tuple[str, ...]:
-    """Monitored feature names: image summaries, else the given names or ``feature_<i>``."""
-    if len(input_shape) == 3:
-        return image_summary_names()
-    return feature_names or tuple(f"feature_{i}" for i in range(int(np.prod(input_shape))))

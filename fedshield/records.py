@@ -32,6 +32,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 # Record names in a reply's RecordDict.
 ARRAYS, METRICS, REFUSAL, HISTOGRAM = "arrays", "metrics", "refusal", "histogram"
+# The drift-reference query after the last round (server/reference.py) and its reply's records.
+REFERENCE_QUERY = "drift-reference"  # the query message's config "query" value
+REFERENCE, FEATURE_COUNTS, CLASS_COUNTS = "reference", "feature-counts", "class-counts"
+NOISE_MULTIPLIER, NOISE_STD = "noise-multiplier", "noise-std"
 
 # Metric keys with a meaning; every other key is an ``extra`` metric.
 NUM_EXAMPLES, PARTITION_ID, EPSILON = "num-examples", "partition-id", "epsilon"
@@ -131,6 +135,18 @@ class EvalReport:
 
 
 @dataclass(frozen=True)
+class ReferenceReport:
+    """A client's answer to the drift-reference query: its released counts (noised under DP,
+    ``noise_multiplier`` > 0; exact without DP, 0) and the mechanism's parameters."""
+
+    feature_counts: np.ndarray  # (features, bins), read-only
+    class_counts: np.ndarray    # (num_classes,), read-only
+    noise_multiplier: float
+    noise_std: float
+    partition_id: int | None = None
+
+
+@dataclass(frozen=True)
 class Rejected:
     """A reply the server could not use. ``code`` is short and stable (counted in metrics)."""
 
@@ -202,7 +218,55 @@ def encode_eval_report(report: EvalReport) -> RecordDict:
     return RecordDict({METRICS: MetricRecord(metrics)})
 
 
+def encode_reference_report(report: ReferenceReport) -> RecordDict:
+    """A client's drift-reference counts as the RecordDict of its reply to the query."""
+    metrics: dict[str, _MetricValue] = {NOISE_MULTIPLIER: float(report.noise_multiplier),
+                                        NOISE_STD: float(report.noise_std)}
+    if report.partition_id is not None:
+        metrics[PARTITION_ID] = int(report.partition_id)
+    arrays = {FEATURE_COUNTS: Array(np.asarray(report.feature_counts, dtype=np.float64)),
+              CLASS_COUNTS: Array(np.asarray(report.class_counts, dtype=np.float64))}
+    return RecordDict({REFERENCE: ArrayRecord(arrays), METRICS: MetricRecord(metrics)})
+
+
 # --- decoding (server side) -------------------------------------------------------------------
+def decode_reference_reply(msg: Message, shape: tuple[int, int], num_classes: int,
+                           limits: ReplyLimits = ReplyLimits()
+                           ) -> ReferenceReport | Refusal | Rejected:
+    """Parse and validate one reply to the drift-reference query: counts of exactly ``shape``
+    and ``num_classes`` (checked in the .npy header before anything is read), finite, and a
+    noise multiplier and std that are both 0 (exact) or both > 0. Never raises."""
+    try:
+        if msg.has_error():
+            return Rejected("client-error", _error_reason(msg))
+        content = _content(msg)
+        if REFUSAL in content:
+            return _refusal(content, limits)
+        record = content[REFERENCE] if REFERENCE in content else None
+        if not isinstance(record, ArrayRecord) or set(record.keys()) != {FEATURE_COUNTS,
+                                                                         CLASS_COUNTS}:
+            raise _Bad("malformed:reference", f"a reference reply needs the ArrayRecord "
+                       f"{REFERENCE!r} with exactly {FEATURE_COUNTS!r} and {CLASS_COUNTS!r}")
+        m = _metrics(content, limits, required=True)
+        arrays = {}
+        for name, want in ((FEATURE_COUNTS, tuple(shape)), (CLASS_COUNTS, (num_classes,))):
+            arr = npy_view(record[name], name, limits, expected_shape=want)
+            if arr.dtype.kind != "f":
+                raise _Bad("dtype", f"{name} has dtype {arr.dtype}, expected floats")
+            _check_finite(arr, name)
+            arrays[name] = arr
+        sigma, std = _number(m, NOISE_MULTIPLIER, lo=0.0), _number(m, NOISE_STD, lo=0.0)
+        if sigma is None or std is None or (sigma > 0) != (std > 0):
+            raise _Bad("malformed:reference", f"{NOISE_MULTIPLIER} and {NOISE_STD} are both "
+                       f"needed, both 0 (exact counts) or both > 0; got {sigma}, {std}")
+        return ReferenceReport(arrays[FEATURE_COUNTS], arrays[CLASS_COUNTS], sigma, std,
+                               _partition_id(m, limits))
+    except _Bad as bad:
+        return Rejected(bad.code, bad.reason)
+    except Exception as exc:  # noqa: BLE001 — see decode_train_reply
+        return Rejected("undecodable", f"{type(exc).__name__}: {_clip(str(exc), 200)}")
+
+
 def decode_train_reply(msg: Message, reference: Mapping[str, np.ndarray],
                        limits: ReplyLimits = ReplyLimits()) -> TrainReport | Refusal | Rejected:
     """Parse and validate one training reply against the global model's arrays. Never raises."""

@@ -154,6 +154,12 @@ class PrivacyConfig:
     # Each held-out example's cross-entropy is clipped to [0, eval_loss_clip] (the loss sum's
     # sensitivity); the released loss is the clipped mean.
     eval_loss_clip: float = setting(4.0, "a loss bound > 0", gt=0)
+    # Noise multiplier of the drift-reference release (privacy/reference.py: the monitored
+    # features' and labels' histograms, once per run, accounted in the ledger like the class
+    # histogram), made when deployment.reference_source = "clients". Noise std per count is
+    # sigma x sqrt(features + 1). 20 costs eps 0.17 alone at delta 1e-5 and raises the default
+    # run's planned DP-SGD noise by 0.13% (docs/privacy.md, with the reference's accuracy).
+    reference_noise_multiplier: float = setting(20.0, "a finite noise multiplier > 0", gt=0)
 
 
 @dataclass(frozen=True)
@@ -306,6 +312,10 @@ class DeploymentConfig:
     drift_patience: int = setting(3, "an integer >= 1", ge=1)
     # Bins per feature of the drift reference histograms.
     reference_bins: int = setting(10, "an integer in [2, 1000]", ge=2, le=1000)
+    # Where the drift reference comes from. clients: each client releases its histograms once per
+    # run (under DP noised at privacy.reference_noise_multiplier and accounted in its ledger) and
+    # the ServerApp collects them after the last round; server: the server's evaluation split.
+    reference_source: str = setting("server", choices=("clients", "server"))
 
 
 def _default(section: Any) -> Any:
@@ -346,7 +356,9 @@ class Config:
     reputation: ReputationConfig = _default(ReputationConfig())
     attack: AttackConfig = _default(AttackConfig())
     secagg: SecAggConfig = _default(SecAggConfig())
-    deployment: DeploymentConfig = _default(DeploymentConfig(min_accuracy=0.8, max_epsilon=3.0))
+    # The drift reference from the clients' DP histograms (server/reference.py).
+    deployment: DeploymentConfig = _default(DeploymentConfig(min_accuracy=0.8, max_epsilon=3.0,
+                                                             reference_source="clients"))
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts, one per section (the shape of the TOML file)."""

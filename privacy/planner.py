@@ -13,7 +13,8 @@ an approximation, not a bound (its planned noise overspent by up to 20%).
 A DP client under ``privacy.release_stats = "dp"`` also spends its once-per-run class-histogram
 release (privacy/releases.py: the event ``(stats_noise_multiplier, 1, 1)``). ``plan`` takes it as
 ``stats_noise_multiplier`` and plans and states the epsilon with it, exactly as the client does
-(client/dp.py ``resolve_noise(..., extra_events)``). The client plans from its noised count
+(client/dp.py ``resolve_noise(..., extra_events)``); so does its drift-reference release
+(``reference_noise_multiplier``, privacy/reference.py). The client plans from its noised count
 (``planning_examples``), so give that count to reproduce a client's numbers exactly.
 
 Federated evaluation under DP (``federation.fraction_evaluate`` > 0) spends one held-out count
@@ -36,6 +37,7 @@ from fedshield.privacy.accounting import (
     pld_epsilon,
     reported_epsilon,
 )
+from fedshield.privacy.reference import reference_event
 from fedshield.privacy.releases import evaluation_event, evaluation_events, histogram_event
 from scipy.optimize import brentq
 
@@ -208,6 +210,9 @@ class Plan:
     # The once-per-run statistics release every epsilon above includes (None: not planned for,
     # e.g. release_stats = "exact-outside-guarantee"); its event is (sigma, 1, 1).
     stats_noise_multiplier: float | None = None
+    # The once-per-run drift-reference release (privacy/reference.py; None: not made, e.g.
+    # deployment.reference_source = "server"); its event is (sigma, 1, 1) too.
+    reference_noise_multiplier: float | None = None
     extra_events: list[tuple[float, float, int]] = field(default_factory=list)
     # Federated evaluation's releases every epsilon above includes (None: not planned for).
     eval_noise_multiplier: float | None = None
@@ -227,7 +232,8 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
          accountants: tuple[str, ...] = PLAN_ACCOUNTANTS, max_steps: int = 0,
          curve_rounds: list[int] | None = None,
          stats_noise_multiplier: float | None = None,
-         eval_noise_multiplier: float | None = None) -> Plan:
+         eval_noise_multiplier: float | None = None,
+         reference_noise_multiplier: float | None = None) -> Plan:
     """Per accountant: the sigma spending ``target_epsilon`` over the schedule and its curve;
     or, given ``noise_multiplier``, the epsilon it spends (the inverse).
 
@@ -235,8 +241,9 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
     "dp"``), released before round 1; the planned sigma leaves room for it and every epsilon of
     the curve includes it, as the client's ledger does. ``eval_noise_multiplier``: federated
     evaluation under DP, planned as the client does (a count and one release per round); the
-    curve counts the releases made by each round (count and evaluations up to it). The curve
-    holds every round unless
+    curve counts the releases made by each round (count and evaluations up to it).
+    ``reference_noise_multiplier``: the client's drift-reference release, made with the same
+    first round and counted like the histogram release. The curve holds every round unless
     ``curve_rounds`` picks some (PRV costs ~0.3 s a point).
     """
     if (target_epsilon is None) == (noise_multiplier is None):
@@ -248,8 +255,10 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
         raise ConfigError(f"rounds = {rounds} must be >= 1")
     check_delta(delta, num_examples)
     # The release's event, exactly as the client records it (privacy/releases.py).
-    extra = (histogram_event(stats_noise_multiplier),) if stats_noise_multiplier is not None \
-        else ()
+    extra: tuple[tuple[float, float, int], ...] = (
+        (histogram_event(stats_noise_multiplier),) if stats_noise_multiplier is not None else ())
+    if reference_noise_multiplier is not None:  # the drift reference's (privacy/reference.py)
+        extra += (reference_event(reference_noise_multiplier),)
     # Federated evaluation's releases, as the client plans them: by round r it has made r + 1.
     evaluation = evaluation_events(eval_noise_multiplier, rounds) \
         if eval_noise_multiplier is not None else ()
@@ -264,7 +273,8 @@ def plan(*, rounds: int, local_epochs: int, batch_size: int, num_examples: int, 
     planned = extra + evaluation
     result = Plan(rounds, local_epochs, batch_size, num_examples, delta, rate, per_round,
                   rounds * per_round, target_epsilon, stats_noise_multiplier=stats_noise_multiplier,
-                  extra_events=list(planned), eval_noise_multiplier=eval_noise_multiplier)
+                  extra_events=list(planned), eval_noise_multiplier=eval_noise_multiplier,
+                  reference_noise_multiplier=reference_noise_multiplier)
     for name in accountants:
         check_bound_accountant(name, "planning noise")
     for name in accountants:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from fedshield.server.checkpoint import load_checkpoint
 from fedshield.server.preflight import preflight
 from fedshield.server.recording import RunRecorder, train_round_config
+from fedshield.server.reference import after_last_round
 from fedshield.server.secagg import run_secagg_federation
 from fedshield.server.strategy import ShieldStrategy
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -77,6 +78,7 @@ def run_federation(grid: Grid, cfg: schema.Config, reporter=None,
         ckpt = load_checkpoint(run.folder.path)
         if ckpt is not None:
             result_arrays = ArrayRecord(ckpt.weights)
+    after_last_round(grid, cfg, run.folder, strategy)  # the clients' drift-reference counts
     return run.finish(result_arrays.to_torch_state_dict(), stopped)
 
 

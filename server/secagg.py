@@ -21,6 +21,7 @@ import torch
 from fedshield.privacy.secagg import SECAGG_MODULUS
 from fedshield.server.federation_state import FederationState, HoldsFederation, weighted_loss
 from fedshield.server.recording import RunRecorder, train_round_config
+from fedshield.server.reference import after_last_round
 from flwr.app import Context, Message, RecordDict
 from flwr.common import (
     FitIns,
@@ -270,4 +271,5 @@ def run_secagg_federation(grid: Grid, cfg: schema.Config, reporter=None,
     final = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD],
                                              keep_input=True) if remaining > 0 else \
         strategy.initial_parameters
+    after_last_round(grid, cfg, run.folder, strategy)  # the clients' drift-reference counts
     return run.finish(strategy.weights(parameters_to_ndarrays(final)), stopped="")

@@ -16,6 +16,7 @@ from fedshield.server.app import build_server_app
 from fedshield.server.outputs import RunFolder, new_run_dir
 from fedshield.server.preflight import preflight
 from fedshield.simulations.grid import InProcessGrid
+from fedshield.simulations.reference_truth import write_pooled_truth
 from flwr.app import Context, RecordDict
 
 from fedshield import schema
@@ -28,6 +29,7 @@ def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
     preflight(cfg)  # refuse what cannot run before a run folder exists or anything trains
     install_post_run_hooks()  # the hand-off, or the note why a base install skips it
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
+    write_pooled_truth(cfg, run_dir)  # the drift reference's yardstick (simulations only)
     summaries: list[RunSummary] = []  # the ServerApp hands its summary over (no read-back)
     server_app = build_server_app(reporter, str(run_dir), on_summary=summaries.append)
     run_config = cfg.flat()

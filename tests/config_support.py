@@ -20,7 +20,7 @@ NEUTRAL: dict[str, dict[str, Any]] = {
     "train": {"lr": 0.05, "momentum": 0.9, "batch_size": 32},
     "privacy": {"enabled": False, "target_epsilon": 0.0, "max_epsilon": 0.0},
     "aggregation": {"rule": "fedavg"},
-    "deployment": {"min_accuracy": 0.0, "max_epsilon": 0.0},
+    "deployment": {"min_accuracy": 0.0, "max_epsilon": 0.0, "reference_source": "server"},
 }
 NEUTRAL_NAME = "run"
 

@@ -12,17 +12,22 @@ from fedshield.deployment.drift import (
 )
 from fedshield.deployment.reference_stats import (
     Reference,
-    client_histograms,
     fixed_edges,
-    histogram_sensitivity,
     histograms,
     image_summary_features,
     merge_histograms,
     monitored_features,
     reference_from_data,
 )
+from fedshield.privacy.reference import reference_sensitivity, release_reference
 from fedshield.tasks import get_task
 from scipy import stats
+
+
+def client_histograms(x, y, input_shape, num_classes, edges, sigma, rng):
+    """One client's DP release of its monitored features' histograms (privacy/reference.py)."""
+    return release_reference(monitored_features(x, input_shape), y, num_classes, edges, sigma,
+                             rng)
 
 
 def test_psi_matches_its_formula_and_is_zero_without_change():
@@ -138,8 +143,9 @@ def test_dp_histogram_noise_has_the_stated_std_and_event():
     draws = [client_histograms(train.x[:200], train.y[:200], (64,), 10, edges, sigma,
                                rng) for _ in range(40)]
     noise = np.stack([d.feature_counts - exact for d in draws])
-    expected_std = sigma * np.sqrt(2 * 65)
-    assert draws[0].sensitivity == histogram_sensitivity(64) == pytest.approx(np.sqrt(130))
+    # add/remove one example moves one count in each of the 64 + 1 histograms
+    expected_std = sigma * np.sqrt(65)
+    assert reference_sensitivity(64) == pytest.approx(np.sqrt(65))
     assert draws[0].noise_std == pytest.approx(expected_std)
     assert noise.std() == pytest.approx(expected_std, rel=0.03)
     assert abs(noise.mean()) < 0.1 * expected_std
@@ -191,7 +197,7 @@ def test_merged_client_histograms_approach_the_clean_reference():
     assert clean_score < 0.2 < 1.0 < inverted_score
     assert np.abs(merged.class_priors - np.bincount(train.y) / len(train)).max() < 0.03
     # sqrt(4 clients) * per-client std
-    assert merged.noise_std == pytest.approx(0.5 * np.sqrt(130) * 2)
+    assert merged.noise_std == pytest.approx(0.5 * np.sqrt(65) * 2)
     restored = Reference.from_json(merged.to_json())
     assert np.array_equal(restored.edges, merged.edges) and np.allclose(restored.probs,
                                                                         merged.probs)

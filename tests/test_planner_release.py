@@ -99,9 +99,11 @@ def test_the_plans_epsilon_is_the_clients_ledger_epsilon_after_a_run(digits, tmp
 
 
 def test_the_plan_command_states_the_release_and_can_leave_it_out():
-    # evaluation's releases left out (--no-evaluate): tests/test_federated_eval.py covers them
+    # the class-histogram release alone (evaluation's: tests/test_federated_eval.py; the drift
+    # reference's: tests/test_client_reference.py)
     args = ["plan", "--noise-multiplier", "1.0", "--rounds", "5", "--batch-size", "50",
-            "--num-examples", "2000", "--accountant", "rdp", "--no-evaluate", "--json"]
+            "--num-examples", "2000", "--accountant", "rdp", "--no-evaluate",
+            "--no-release-reference", "--json"]
     runner = CliRunner()
     dp = runner.invoke(privacy_app, [*args, "--stats-noise-multiplier", "5"])
     exact = runner.invoke(privacy_app, [*args, "--release-stats", "exact-outside-guarantee"])

@@ -70,15 +70,23 @@ def plan_command(
         PrivacyConfig().eval_noise_multiplier,
         help="as privacy.eval_noise_multiplier: each evaluation release's noise (sigma, q = 1, "
              "1 step)"),
+    release_reference: bool = typer.Option(
+        True, help="as deployment.reference_source = \"clients\" (the default run): the client "
+                   "also spends its once-per-run drift-reference release; --no-release-reference "
+                   "as \"server\""),
+    reference_noise_multiplier: float = typer.Option(
+        PrivacyConfig().reference_noise_multiplier,
+        help="as privacy.reference_noise_multiplier: that release's noise (sigma, q = 1, 1 step)"),
 ) -> None:
     """Noise multiplier per accountant that spends --target-epsilon over the schedule (or, with
     --noise-multiplier, the epsilon spent), and epsilon after rounds 1, 10%, 50% and 100%.
 
-    Every epsilon includes the client's class-histogram release and federated evaluation's
-    releases (unless --no-evaluate), unless --release-stats exact-outside-guarantee. A client
-    plans from its noised example count (std about stats-noise-multiplier x sqrt(classes)): pass
-    that count as --num-examples to reproduce its numbers exactly; with --target-epsilon it
-    spends the target whatever the count."""
+    Every epsilon includes the client's class-histogram release unless --release-stats
+    exact-outside-guarantee, federated evaluation's releases unless --no-evaluate, and its
+    drift-reference release unless --no-release-reference. A client plans from its noised example
+    count (std about stats-noise-multiplier x sqrt(classes)): pass that count as --num-examples to
+    reproduce its numbers exactly; with --target-epsilon it spends the target whatever the
+    count."""
     if release_stats not in MODES:
         _fail(f"--release-stats {release_stats!r}: choose one of {', '.join(MODES)}")
     if accountant is not None and accountant not in BOUNDS:
@@ -94,7 +102,9 @@ def plan_command(
                       stats_noise_multiplier=None if release_stats == EXACT_MODE
                       else stats_noise_multiplier,
                       eval_noise_multiplier=eval_noise_multiplier
-                      if evaluate and release_stats != EXACT_MODE else None)
+                      if evaluate and release_stats != EXACT_MODE else None,
+                      reference_noise_multiplier=reference_noise_multiplier
+                      if release_reference else None)
     except FedShieldError as exc:
         _fail(str(exc))
     if json_out:
@@ -113,6 +123,9 @@ def _table(result: Plan) -> Table:
     if result.eval_noise_multiplier is not None:
         release += (f"; federated evaluation (sigma {result.eval_noise_multiplier:g}: held-out "
                     "count once, one release per round)")
+    if result.reference_noise_multiplier is not None:
+        release += (" and the drift-reference release (sigma "
+                    f"{result.reference_noise_multiplier:g}, q = 1, 1 step)")
     table = Table(title=f"{what} (sample-level, per client, add/remove), delta {result.delta:g}: "
                         f"{result.rounds} rounds x {result.steps_per_round} steps, sample rate "
                         f"{result.sample_rate:.4g}; {release}",
