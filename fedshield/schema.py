@@ -299,6 +299,22 @@ class DeploymentConfig:
     reference_bins: int = setting(10, "an integer in [2, 1000]", ge=2, le=1000)
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """``[tracking]``: every run (and every grid, its cells as child runs) logged to MLflow
+    after it ends: the config as params, per-round metrics, the run folder's files as artifacts
+    (deployment/tracking.py). A tracking failure warns and never fails the run."""
+
+    enabled: bool = setting(True)
+    # The MLflow tracking store; "" = deployment.registry_uri, so `mlflow ui` on that store shows
+    # the tracked runs beside the registered models (a registered version's run IS its run).
+    uri: str = setting("", "\"\" or an MLflow tracking URI, e.g. "
+                       "\"sqlite:///.fedshield/registry.db\" or \"http://127.0.0.1:5000\"",
+                       pattern=r"|[A-Za-z][A-Za-z0-9+.-]*://\S+")
+    experiment: str = setting("fedshield", "a non-empty MLflow experiment name",
+                              pattern=r"\S.{0,249}")
+
+
 def _default(section: Any) -> Any:
     """A ``Config`` field whose default is ``section`` (a frozen, hence shareable, instance)."""
     return field(default_factory=lambda: section)
@@ -334,6 +350,7 @@ class Config:
     attack: AttackConfig = _default(AttackConfig())
     secagg: SecAggConfig = _default(SecAggConfig())
     deployment: DeploymentConfig = _default(DeploymentConfig(min_accuracy=0.8, max_epsilon=3.0))
+    tracking: TrackingConfig = _default(TrackingConfig())
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts, one per section (the shape of the TOML file)."""
