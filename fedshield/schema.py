@@ -305,7 +305,7 @@ class TrackingConfig:
     after it ends: the config as params, per-round metrics, the run folder's files as artifacts
     (deployment/tracking.py). A tracking failure warns and never fails the run."""
 
-    enabled: bool = setting(True)
+    enabled: bool = setting(False)
     # The MLflow tracking store; "" = deployment.registry_uri, so `mlflow ui` on that store shows
     # the tracked runs beside the registered models (a registered version's run IS its run).
     uri: str = setting("", "\"\" or an MLflow tracking URI, e.g. "
@@ -350,7 +350,8 @@ class Config:
     attack: AttackConfig = _default(AttackConfig())
     secagg: SecAggConfig = _default(SecAggConfig())
     deployment: DeploymentConfig = _default(DeploymentConfig(min_accuracy=0.8, max_epsilon=3.0))
-    tracking: TrackingConfig = _default(TrackingConfig())
+    # Every run logged to MLflow, in the registry's store (`mlflow ui` shows them).
+    tracking: TrackingConfig = _default(TrackingConfig(enabled=True))
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts, one per section (the shape of the TOML file)."""
