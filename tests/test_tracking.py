@@ -235,3 +235,22 @@ def test_heatmap_cells_and_colour_bar_are_in_the_same_unit(tmp_path):
     assert drawn["clim"] == (0.0, 100.0) and "%" in drawn["bar_label"]
     assert drawn["cells"] == ["91.2", "25.0"]
     assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_post_run_hooks_run_report_then_tracking_whatever_the_registration_order(
+        monkeypatch, tmp_path, notes):
+    from fedshield.server import hooks
+
+    monkeypatch.setattr(hooks, "_HOOKS", {})
+    monkeypatch.setattr(hooks, "_NOTED", set())
+    ran: list[str] = []
+    hooks.register_post_run(hooks.TRACKING, lambda d, c: ran.append("tracking") or {"id": 1})
+    hooks.register_post_run("extra", lambda d, c: ran.append("extra") or {})
+    hooks.register_post_run(hooks.REPORT, lambda d, c: ran.append("report") or {})
+    hooks.register_post_run(hooks.HANDOFF, lambda d, c: ran.append("handoff") or {})
+    hooks.mark_unavailable("absent", "not installed here")
+    out = hooks.run_after_handoff(tmp_path, None)
+    assert ran == ["report", "tracking", "extra"]  # the hand-off runs before, on its own
+    assert out["tracking"] == {"id": 1} and out["absent"] == {"skipped": "not installed here"}
+    hooks.run_after_handoff(tmp_path, None)
+    assert sum("not installed here" in m for m in notes) == 1  # noted once per process
