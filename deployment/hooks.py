@@ -1,4 +1,5 @@
-"""Registers the hand-off as the ServerApp's post-run hook when the ``[deploy]`` extra is installed.
+"""Registers the ServerApp's post-run hooks: the hand-off when the ``[deploy]`` extra is installed,
+and MLflow tracking when MLflow is.
 
 Importable in a base install: this module imports no deployment dependency. It only looks for the
 extra's modules (``importlib.util.find_spec``, which consults the same import machinery a real
@@ -11,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 from fedshield.deployment.html_report import REPORT_HOOK, report_hook
-from fedshield.server.hooks import HANDOFF, mark_unavailable, register_post_run
+from fedshield.server.hooks import HANDOFF, TRACKING, mark_unavailable, register_post_run
 
 from fedshield.schema import Config
 
@@ -40,9 +41,19 @@ def run_handoff(run_dir: Path, cfg: Config) -> dict:
     return handoff(run_dir, cfg).to_dict()
 
 
+def run_tracking(run_dir: Path, cfg: Config) -> dict:
+    """The post-run hook: log the run to MLflow (deployment.tracking), after the report; with
+    ``tracking.enabled`` and no MLflow installed, a note once per process says what to do."""
+    from fedshield.deployment.tracking import track_run  # imports MLflow only when it runs
+
+    return track_run(run_dir, cfg)
+
+
 def install_post_run_hooks() -> list[str]:
-    """Register the hand-off hook, or the reason it is skipped; returns the missing modules."""
+    """Register the post-run hooks (hand-off, report, tracking), or the reason each is skipped;
+    returns the hand-off's missing modules. They run in server/hooks.py's POST_RUN_ORDER."""
     register_post_run(REPORT_HOOK, report_hook)  # report.html: standard library, always there
+    register_post_run(TRACKING, run_tracking)  # it notes itself when MLflow is missing
     missing = missing_deploy_modules()
     if missing:
         mark_unavailable(HANDOFF, f"the [deploy] extra is not installed (missing: "

@@ -37,6 +37,12 @@ from fedshield.deployment.artifacts import (
 )
 from fedshield.deployment.card import ModelCard, privacy_warning, read_run
 from fedshield.deployment.export import ExportResult
+from fedshield.deployment.mlflow_store import (  # the store's layout, shared with tracking
+    ARTIFACT_DIR,
+    artifact_root,
+    experiment_id,
+    normalise_uri,
+)
 from fedshield.deployment.policy import POLICY_TAG, GatePolicy
 from fedshield.privacy.audit import AUDIT_JSON
 from mlflow import MlflowClient
@@ -57,28 +63,11 @@ EXPERIMENT = "fedshield"
 HASH_TAG = "sha256."
 RUN_HASH_TAG = "run_sha256."
 RUN_FILES = (SUMMARY_FILE, METRICS_FILE, "config.toml", AUDIT_JSON)  # audit.json: if audited
-ARTIFACT_DIR = "registry-artifacts"
 MODEL_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
 class RegistryError(FedShieldError):
     """The registry has no such model, version or alias."""
-
-
-def normalise_uri(tracking_uri: str) -> str:
-    """Make a relative ``sqlite:///`` path absolute and create its folder."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{path}"
-    return tracking_uri
-
-
-def artifact_root(tracking_uri: str) -> str | None:
-    """``<db folder>/registry-artifacts`` for sqlite stores; the server's default otherwise."""
-    if tracking_uri.startswith("sqlite:///"):
-        return str(Path(tracking_uri[len("sqlite:///"):]).parent / ARTIFACT_DIR)
-    return None
 
 
 def client_for(tracking_uri: str, create: bool = True) -> MlflowClient:
@@ -143,11 +132,7 @@ def run_artifact_dir(client: MlflowClient, run_id: str, tracking_uri: str) -> Pa
 
 
 def _experiment_id(client: MlflowClient, tracking_uri: str) -> str:
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(EXPERIMENT,
-                                    artifact_location=artifact_root(normalise_uri(tracking_uri)))
+    return experiment_id(client, EXPERIMENT, tracking_uri)
 
 
 def _params(config: dict) -> list[Param]:

@@ -270,6 +270,7 @@ class MetricsLine(_Record):
     # node id -> partition id of every node this line names by node id (the quarantine lists)
     node_partitions: Mapping[str, int] = field(default_factory=dict)
     evaluation: FederatedEvaluation | None = _omit_none()  # the round's federated evaluation
+    timestamp: float | None = _omit_none()  # unix time the round was recorded (MLflow's x-axis)
 
     @property
     def aggregated(self) -> bool:
@@ -432,6 +433,8 @@ class RunSummary(_Record):
     handoff: HandoffSummary | None = _omit_none()
     attack_report: AttackReport | None = _omit_none()
     evaluation: FederatedEvaluation | None = _omit_none()  # the last evaluated round's
+    # node id -> partition id of every node the run's lines name (shown beside partition ids)
+    node_partitions: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:

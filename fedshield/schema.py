@@ -318,6 +318,22 @@ class DeploymentConfig:
     reference_source: str = setting("server", choices=("clients", "server"))
 
 
+@dataclass(frozen=True)
+class TrackingConfig:
+    """``[tracking]``: every run (and every grid, its cells as child runs) logged to MLflow
+    after it ends: the config as params, per-round metrics, the run folder's files as artifacts
+    (deployment/tracking.py). A tracking failure warns and never fails the run."""
+
+    enabled: bool = setting(False)
+    # The MLflow tracking store; "" = deployment.registry_uri, so `mlflow ui` on that store shows
+    # the tracked runs beside the registered models (a registered version's run IS its run).
+    uri: str = setting("", "\"\" or an MLflow tracking URI, e.g. "
+                       "\"sqlite:///.fedshield/registry.db\" or \"http://127.0.0.1:5000\"",
+                       pattern=r"|[A-Za-z][A-Za-z0-9+.-]*://\S+")
+    experiment: str = setting("fedshield", "a non-empty MLflow experiment name",
+                              pattern=r"\S.{0,249}")
+
+
 def _default(section: Any) -> Any:
     """A ``Config`` field whose default is ``section`` (a frozen, hence shareable, instance)."""
     return field(default_factory=lambda: section)
@@ -359,6 +375,8 @@ class Config:
     # The drift reference from the clients' DP histograms (server/reference.py).
     deployment: DeploymentConfig = _default(DeploymentConfig(min_accuracy=0.8, max_epsilon=3.0,
                                                              reference_source="clients"))
+    # Every run logged to MLflow, in the registry's store (`mlflow ui` shows them).
+    tracking: TrackingConfig = _default(TrackingConfig(enabled=True))
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts, one per section (the shape of the TOML file)."""

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from fedshield.schema import Config
 
 HANDOFF = "handoff"  # the summary key, and the hook that `deployment.handoff = true` asks for
+REPORT = "report"  # runs/<run>/report.html (deployment/html_report.py)
+TRACKING = "tracking"  # the run logged to MLflow (deployment/tracking.py)
+# The order the hooks run in after the summary is written: the hand-off first (the report shows
+# its model card), then the report, then tracking (it logs the card and report.html as
+# artifacts). Hooks not named here run after these, in the order they were registered.
+POST_RUN_ORDER = (HANDOFF, REPORT, TRACKING)
 
 log = logging.getLogger("flwr")  # Flower's console logger: the note shows wherever the run logs
 
@@ -39,6 +45,7 @@ class PostRunHook:
 
 
 _HOOKS: dict[str, PostRunHook] = {}
+_NOTED: set[str] = set()  # unavailable hooks already noted in this process
 
 NOT_REGISTERED = ("no hand-off hook is registered in this process: run through `fedshield "
                   "simulate`, or point Flower's serverapp component at fedshield.flower:serverapp")
@@ -62,6 +69,29 @@ def unregister_post_run(name: str) -> None:
 def registered(name: str) -> PostRunHook | None:
     """The hook registered under ``name``, if any."""
     return _HOOKS.get(name)
+
+
+def after_handoff() -> list[str]:
+    """The registered hooks that run after the hand-off, in :data:`POST_RUN_ORDER`."""
+    named = [n for n in POST_RUN_ORDER if n in _HOOKS]
+    return [n for n in named + [n for n in _HOOKS if n not in named] if n != HANDOFF]
+
+
+def run_after_handoff(run_dir: Path, cfg: Config) -> dict[str, dict]:
+    """Run every hook after the hand-off (report, tracking, ...), each on the run folder as the
+    hand-off left it; their results by name. A hook unavailable here (e.g. MLflow not installed)
+    is noted once per process, not once per run: a grid of runs would repeat it otherwise."""
+    out = {}
+    for name in after_handoff():
+        hook = _HOOKS[name]
+        if hook.run is None:
+            if name not in _NOTED:
+                _NOTED.add(name)
+                log.warning("%s skipped: %s", name, hook.skipped)
+            out[name] = {"skipped": hook.skipped}
+        else:
+            out[name] = run_post_run_hook(name, run_dir, cfg)
+    return out
 
 
 def run_post_run_hook(name: str, run_dir: Path, cfg: Config) -> dict:

@@ -29,7 +29,7 @@ from fedshield.privacy.releases import (
 from fedshield.server.averaging import ModelAverage
 from fedshield.server.checkpoint import load_checkpoint, save_checkpoint
 from fedshield.server.federation_state import RoundState
-from fedshield.server.hooks import HANDOFF, run_post_run_hook
+from fedshield.server.hooks import HANDOFF, run_after_handoff, run_post_run_hook
 from fedshield.server.outputs import RunFolder, library_versions, new_run_dir
 from fedshield.server.report import ConsoleReporter
 from fedshield.server.reputation import Reputation
@@ -121,8 +121,12 @@ def metrics_line(rnd: int, record: dict, strategy: RecordedStrategy) -> MetricsL
     # Class histograms as released: noised under DP (privacy/releases.py), exact without it.
     counts = {str(label(n)): c for n, r in reports.items()
               if (c := class_counts_from_metrics(r.extra)) is not None}
-    quarantined = sorted(label(n) for n in strategy.reputation.quarantined) \
-        if strategy.reputation else []
+    quarantined_nodes = strategy.reputation.quarantined if strategy.reputation else set()
+    quarantined = sorted(label(n) for n in quarantined_nodes)
+    # Every node the line names, by its node id -> partition id: a user reads both (a node id is
+    # what Flower's logs show, the partition id is what the attack report and the data show).
+    named = (set(state.sampled) | set(reports) | set(state.rejected) | set(state.refused)
+             | set(state.ignored_claims) | set(state.newly_quarantined) | set(quarantined_nodes))
     return MetricsLine(
         round=rnd,
         status=FAILED if state.skipped else AGGREGATED,
@@ -157,6 +161,8 @@ def metrics_line(rnd: int, record: dict, strategy: RecordedStrategy) -> MetricsL
         outside_guarantee=tuple(outside_guarantee([r.extra for r in reports.values()],
                                                   record["client_eval"])),
         evaluation=evaluation,
+        node_partitions={str(n): part[n] for n in sorted(named) if n in part},
+        timestamp=round(time.time(), 3),
     )
 
 
@@ -284,6 +290,12 @@ class RunRecorder:
             summary = replace(summary, handoff=HandoffSummary.from_dict(
                 hand_off(self.folder, self.cfg), "hand-off result"))
             self.folder.write_summary(summary)
+        # Then the other post-run hooks (report, tracking), also for a failed run: it is worth a
+        # look. Their results (e.g. the MLflow run id) join the summary under their names.
+        if after := {k: v for k, v in run_after_handoff(self.folder.path, self.cfg).items()
+                     if v}:
+            summary = replace(summary, extra={**summary.extra, **after})
+            self.folder.write_summary(summary)
         self.reporter.end(summary)
         return summary
 
@@ -316,11 +328,13 @@ def build_summary(cfg: schema.Config, folder: RunFolder, strategy: RecordedStrat
     noise_used: set[float] = set()
     class_parts: dict[str, tuple] = {}
     outside: set[str] = set()
+    node_partitions: dict[str, int] = {}
     for m in lines:
         eps_by_client.update(m.epsilon)
         noise_used.update(e.noise_multiplier for e in m.dp_events.values())
         class_parts.update({k: (list(v.counts), v.noise_std) for k, v in m.class_counts.items()})
         outside.update(m.outside_guarantee)
+        node_partitions.update(m.node_partitions)
     quality = merge_class_counts(class_parts.values())
     evaluated = [m.evaluation for m in lines if m.evaluation is not None and m.evaluation.accuracy]
     failure = run_failure(lines, stopped)
@@ -376,5 +390,6 @@ def build_summary(cfg: schema.Config, folder: RunFolder, strategy: RecordedStrat
         evaluation=evaluated[-1] if evaluated else None,  # the last evaluated round's
         versions=library_versions(),
         wall_seconds=round(wall, 2),
+        node_partitions=node_partitions,
     )
 

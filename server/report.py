@@ -1,12 +1,32 @@
-"""Console output for a run: a line per round and a final summary table (rich)."""
+"""Console output for a run: a line per round and a final summary table (rich).
+
+Clients are shown by partition id (what the data, the attack report and the ledgers use) with
+their node id beside it where the two differ (what Flower's logs and a SuperLink show), so a
+user can match a quarantined node to the attackers."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
 
 from fedshield.privacy.randomness import warn_reproducible_noise
 from rich.console import Console
 from rich.table import Table
 
-from fedshield.run_records import FederatedEvaluation, MetricsLine, RunSummary
+from fedshield.run_records import AttackReport, FederatedEvaluation, MetricsLine, RunSummary
+
+
+def node_label(node: int, node_partition: Mapping[int, int]) -> str:
+    """A node as a log line names it: ``node 8812 (partition 3)``, or ``node 8812`` alone when
+    its partition is not known (yet)."""
+    return f"node {node} (partition {node_partition[node]})" if node in node_partition \
+        else f"node {node}"
+
+
+def partition_labels(partitions: Iterable[int], node_partitions: Mapping[str, int]) -> str:
+    """Partition ids, each with its node id where that differs: ``3 (node 8812), 5``."""
+    nodes = {p: n for n, p in node_partitions.items()}
+    return ", ".join(f"{p} (node {nodes[p]})" if p in nodes and nodes[p] != str(p) else str(p)
+                     for p in partitions)
 
 
 class ConsoleReporter:
@@ -50,7 +70,8 @@ class ConsoleReporter:
         if line.rejected or line.refused:
             parts.append(f"[yellow]rejected {len(line.rejected)} refused {len(line.refused)}[/]")
         if line.newly_quarantined:
-            parts.append(f"[red]quarantined {list(line.newly_quarantined)}[/]")
+            parts.append("[red]quarantined partition "
+                         f"{partition_labels(line.newly_quarantined, line.node_partitions)}[/]")
         parts.append(f"{line.seconds or 0.0:.1f} s")
         self.console.print(" | ".join(parts))
 
@@ -91,8 +112,11 @@ class ConsoleReporter:
         r = summary.robustness
         if r is not None:
             table.add_row("updates rejected / refusals", f"{r.rejected_total} / {r.refused_total}")
-            table.add_row("clients quarantined",
-                          str(list(r.quarantined)) if r.quarantined else "none")
+            table.add_row("clients quarantined (partition ids)",
+                          partition_labels(r.quarantined, summary.node_partitions)
+                          if r.quarantined else "none")
+        if summary.attack_report is not None:
+            self._attack_rows(table, summary.attack_report, summary.node_partitions)
         if summary.stopped_early:
             table.add_row("[yellow]stopped early[/]", summary.stopped_early)
         table.add_row("wall time", f"{summary.wall_seconds or 0.0:.1f} s")
@@ -110,6 +134,34 @@ class ConsoleReporter:
                           f"/{handoff.version}")
         table.add_row("run folder", summary.run_dir or "-")
         self.console.print(table)
+
+    def attack(self, report: AttackReport, node_partitions: Mapping[str, int]) -> None:
+        """The simulated attack's outcome: who attacked, who was caught (partition and node)."""
+        table = Table(title="Simulated attack", show_header=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")
+        self._attack_rows(table, report, node_partitions)
+        self.console.print(table)
+
+    @staticmethod
+    def _attack_rows(table: Table, report: AttackReport,
+                     node_partitions: Mapping[str, int]) -> None:
+        caught = sorted(set(report.byzantine_ids) & set(report.quarantined))
+        wrong = sorted(set(report.quarantined) - set(report.byzantine_ids))
+        table.add_row("attackers (partition ids)",
+                      partition_labels(report.byzantine_ids, node_partitions) or "none")
+        table.add_row("attackers quarantined",
+                      f"{partition_labels(caught, node_partitions) or 'none'} "
+                      f"({_pct(report.detection_rate)} of the attackers)")
+        table.add_row("honest clients quarantined",
+                      f"{partition_labels(wrong, node_partitions) or 'none'} "
+                      f"({_pct(report.false_quarantine_rate)} of the honest clients)")
+        if report.backdoor_success is not None:
+            table.add_row("backdoor success", _pct(report.backdoor_success))
+
+
+def _pct(value: float | None) -> str:
+    return f"{100 * value:.0f}%" if value is not None else "-"
 
 
 def evaluation_text(e: FederatedEvaluation, long: bool = False) -> str:

@@ -30,6 +30,7 @@ from fedshield.server.federation_state import (
     weighted_loss,
 )
 from fedshield.server.flat import flatten, stack, unflatten
+from fedshield.server.report import node_label
 from fedshield.server.screening import capped_weights, default_norm_bound, screen_updates
 from flwr.app import (
     Array,
@@ -206,8 +207,8 @@ class ShieldStrategy(HoldsFederation, FedAvg):
                 # First claimant wins a label on a SuperLink; rejecting a later honest claimant's
                 # update would let any node lock another out, so only the claim is dropped.
                 self.round.ignored_claims[node] = str(problem)
-                log(WARNING, "round %d: node %d: partition claim ignored: %s", self._round_no,
-                    node, problem)
+                log(WARNING, "round %d: %s: partition claim ignored: %s", self._round_no,
+                    node_label(node, self.node_partition), problem)
             self.round.reports[node] = decoded
             usable.append(node)
         return usable
@@ -242,9 +243,11 @@ class ShieldStrategy(HoldsFederation, FedAvg):
                                           relative_to_reference=True)
         self.round.rejected.update({r.client: r.reason for r in rejections})
         for node, reason in self.round.rejected.items():
-            log(WARNING, "round %d: rejected update from node %d: %s", server_round, node, reason)
+            log(WARNING, "round %d: rejected update from %s: %s", server_round,
+                node_label(node, self.node_partition), reason)
         for node, reason in self.round.refused.items():
-            log(WARNING, "round %d: node %d refused to train: %s", server_round, node, reason)
+            log(WARNING, "round %d: %s refused to train: %s", server_round,
+                node_label(node, self.node_partition), reason)
         # Reports of screened-out updates stay: their privacy events were spent all the same.
         self.round.accepted = [nodes[i] for i in kept]
         # Under central DP the cohort is Poisson (accounted as such) and the noisy mean has a fixed
@@ -308,7 +311,8 @@ class ShieldStrategy(HoldsFederation, FedAvg):
             server_round, accepted, suspicion.double().nan_to_num(1.0).clamp(0, 1).tolist(),
             rejected=list(self.round.rejected))
         for node in self.round.newly_quarantined:
-            log(WARNING, "round %d: node %d quarantined (suspicion %.2f)", server_round, node,
+            log(WARNING, "round %d: %s quarantined (suspicion %.2f)", server_round,
+                node_label(node, self.node_partition),
                 self.reputation.scores.get(node, float("nan")))
 
     @staticmethod

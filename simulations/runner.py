@@ -12,9 +12,11 @@ from pathlib import Path
 
 from fedshield.client.app import make_client_app
 from fedshield.deployment.hooks import install_post_run_hooks
+from fedshield.deployment.tracking import log_outcome
 from fedshield.server.app import build_server_app
 from fedshield.server.outputs import RunFolder, new_run_dir
 from fedshield.server.preflight import preflight
+from fedshield.server.report import ConsoleReporter
 from fedshield.simulations.grid import InProcessGrid
 from fedshield.simulations.reference_truth import write_pooled_truth
 from flwr.app import Context, RecordDict
@@ -59,6 +61,10 @@ def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
         # The attack report needs the final model: added once the ServerApp has written it.
         summary = replace(summary, attack_report=attack_report(cfg, run_dir))
         RunFolder(run_dir).write_summary(summary)
+        # who attacked and who was caught, by partition id with the node id beside it
+        if show := getattr(reporter or ConsoleReporter(), "attack", None):
+            show(summary.attack_report, summary.node_partitions)
+        log_outcome(summary.extra.get("tracking"), summary, run_dir)  # MLflow: the rates too
     return summary
 
 

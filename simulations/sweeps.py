@@ -7,9 +7,12 @@ its own run folder, and the grid writes one table (CSV + Markdown) and a plot.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import itertools
 import json
+import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,13 @@ from fedshield import schema, validation
 from fedshield.errors import ConfigError, RunFailed
 from fedshield.run_records import COMPLETED, RunSummary
 
+log = logging.getLogger("flwr")
+
 
 def run_point(base: schema.Config, overrides: dict[str, Any], out_dir: Path,
               reporter=None) -> dict:
-    """Run one grid point (base config + overrides) and return its table row."""
+    """Run one grid point (base config + overrides) and return its table row. Its run is
+    tracked (deployment/tracking.py) as a child of the grid's open run."""
     from fedshield.simulations.runner import simulate
 
     flat = base.flat()
@@ -39,8 +45,18 @@ def run_point(base: schema.Config, overrides: dict[str, Any], out_dir: Path,
 
 
 def sweep_row(overrides: dict[str, Any], summary: RunSummary) -> dict:
-    """One table row of a grid: the point's overrides and what its run summary says."""
+    """One table row of a grid: the point's overrides and what its run summary says.
+
+    Attacker detection, per cell: ``true_quarantine_rate`` is the fraction of the attackers
+    quarantined (None without attackers), ``false_quarantine_rate`` the fraction of the honest
+    clients quarantined (with no attack every quarantined client is honest)."""
     privacy, robustness, attack = summary.privacy, summary.robustness, summary.attack_report
+    quarantined = robustness.quarantined if robustness else ()
+    if attack is not None:
+        true_rate, false_rate = attack.detection_rate, attack.false_quarantine_rate
+    else:
+        true_rate = None
+        false_rate = len(quarantined) / summary.num_clients if summary.num_clients else None
     return {**overrides, "status": summary.status or COMPLETED,
             "final_accuracy": summary.final_accuracy, "best_accuracy": summary.best_accuracy,
             "epsilon_max": privacy.epsilon_max,
@@ -51,10 +67,18 @@ def sweep_row(overrides: dict[str, Any], summary: RunSummary) -> dict:
             "epsilon_label": privacy.label,
             "rounds_completed": summary.rounds_completed,
             "rejected": robustness.rejected_total if robustness else None,
-            "quarantined": len(robustness.quarantined) if robustness else None,
+            "quarantined": len(quarantined) if robustness else None,
+            "quarantined_ids": _ids(quarantined, summary.node_partitions),
+            "true_quarantine_rate": true_rate, "false_quarantine_rate": false_rate,
             "backdoor_success": attack.backdoor_success if attack else None,
-            "false_quarantine_rate": attack.false_quarantine_rate if attack else None,
             "wall_seconds": summary.wall_seconds, "run_dir": summary.run_dir}
+
+
+def _ids(partitions: tuple[int, ...], node_partitions: Mapping[str, int]) -> str | None:
+    """Quarantined partition ids, each with its node id where known: "3 (node 8812...)"."""
+    nodes = {p: n for n, p in node_partitions.items()}
+    return " ".join(f"{p}" + (f" (node {nodes[p]})" if p in nodes and str(p) != nodes[p]
+                              else "") for p in partitions) or None
 
 
 def write_table(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]:
@@ -66,7 +90,9 @@ def write_table(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    shown = [k for k in keys if k != "run_dir"]
+    # The Markdown table leaves out what says nothing: the run folders, and columns empty in
+    # every row (e.g. epsilon in a grid without DP). The CSV and JSON keep every column.
+    shown = [k for k in keys if k != "run_dir" and any(r.get(k) is not None for r in rows)]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k in shown) + " |")
@@ -89,24 +115,56 @@ def privacy_sweep(base: schema.Config, epsilons: list[float], seeds: list[int], 
                   reporter=None, audit_canaries: int = 0) -> list[dict]:
     """Target epsilon (inf = no DP) x seeds; returns one row per run. With ``audit_canaries`` each
     row also gets the one-run canary audit's empirical epsilon lower bound at the same settings
-    (simulations/audit.py: the server's view of client 0's updates), next to the stated one."""
+    (simulations/audit.py: the server's view of client 0's updates), next to the stated one.
+    The sweep is one MLflow run, its points the child runs (deployment/tracking.py)."""
+    from fedshield.deployment.tracking import grid_run
+
     rows = []
-    for eps, seed in itertools.product(epsilons, seeds):
-        overrides: dict[str, Any] = {"seed": seed, "privacy.enabled": math.isfinite(eps)}
-        if math.isfinite(eps):
-            overrides.update({"privacy.target_epsilon": eps, "privacy.noise_multiplier": 0.0,
-                              "privacy.max_epsilon": 0.0,
-                              "privacy.ledger_dir": str(out_dir / "ledgers"
-                                                        / f"eps{eps:g}-s{seed}")})
-        row = run_point(base, overrides, out_dir, reporter)
-        row["target_epsilon"] = eps
-        if audit_canaries:
-            row.update(audit_point(base, overrides, audit_canaries, out_dir))
-        rows.append(row)
-    write_table(rows, out_dir, "privacy_sweep")
-    plot_privacy_utility(rows, out_dir / "privacy_utility.png",
-                         f"delta {base.privacy.delta:g}, {base.privacy.accountant} >= pld")
+    with grid_run(base, "privacy sweep", out_dir,
+                  {"epsilons": ",".join(f"{e:g}" for e in epsilons),
+                   "seeds": ",".join(map(str, seeds)), "audit_canaries": audit_canaries}) as grid:
+        for eps, seed in itertools.product(epsilons, seeds):
+            overrides: dict[str, Any] = {"seed": seed, "privacy.enabled": math.isfinite(eps)}
+            if math.isfinite(eps):
+                overrides.update({"privacy.target_epsilon": eps, "privacy.noise_multiplier": 0.0,
+                                  "privacy.max_epsilon": 0.0,
+                                  "privacy.ledger_dir": str(out_dir / "ledgers"
+                                                            / f"eps{eps:g}-s{seed}")})
+            # the row names the point by seed and target; the other overrides are plumbing
+            row = {"seed": seed, "target_epsilon": eps,
+                   **_without(run_point(base, overrides, out_dir, reporter), overrides)}
+            if audit_canaries:
+                row.update(audit_point(base, overrides, audit_canaries, out_dir))
+            rows.append(row)
+        write_table(rows, out_dir, "privacy_sweep")
+        plot_privacy_utility(rows, out_dir / "privacy_utility.png",
+                             f"delta {base.privacy.delta:g}, {base.privacy.accountant} >= pld")
+        grid_report(out_dir)
+        grid.finish(grid_files(out_dir, "privacy_sweep"))
     return rows
+
+
+def _without(row: dict, overrides: dict[str, Any]) -> dict:
+    """The row less the override keys (a grid names its point in its own short columns)."""
+    return {k: v for k, v in row.items() if k not in overrides}
+
+
+def grid_report(out_dir: Path) -> None:
+    """The grid's report.html (deployment/html_report.py ``write_grid_report``), before the
+    grid's run logs it; skipped when that module is not installed, warned about when it fails."""
+    if importlib.util.find_spec("fedshield.deployment.html_report") is None:
+        return
+    try:
+        module = importlib.import_module("fedshield.deployment.html_report")
+        module.write_grid_report(out_dir)
+    except Exception as exc:  # noqa: BLE001 — the grid's tables are written: keep them
+        log.warning("the grid report for %s failed: %s: %s", out_dir, type(exc).__name__, exc)
+
+
+def grid_files(out_dir: Path, stem: str) -> list[Path]:
+    """A grid's outputs logged to its MLflow run: its tables, plots and report."""
+    return [out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "json")] + \
+        [out_dir / "worst_case.md", out_dir / "report.html"] + sorted(out_dir.glob("*.png"))
 
 
 def audit_point(base: schema.Config, overrides: dict[str, Any], canaries: int,
@@ -160,24 +218,32 @@ def robustness_matrix(base: schema.Config, rules: list[str], attacks: list[str],
                       fractions: list[float], partitions: list[str], out_dir: Path,
                       reporter=None) -> dict:
     """rule x attack x Byzantine fraction x partition; plus each rule's worst case over attacks."""
+    from fedshield.deployment.tracking import grid_run
+
     rows = []
-    for rule, part, frac, attack in itertools.product(rules, partitions, fractions, attacks):
-        overrides: dict[str, Any] = {"aggregation.rule": rule, **_partition(part)}
-        if attack == "none" or frac == 0:
-            if attack != "none":
-                continue  # no attacker at fraction 0: the "none" column covers it
-            overrides.update({"attack.name": "none", "attack.byzantine_fraction": 0.0})
-        else:
-            overrides.update({"attack.name": attack, "attack.byzantine_fraction": frac})
-        row = run_point(base, overrides, out_dir, reporter)
-        row.update({"rule": rule, "attack": attack,
-                    "byzantine_fraction": frac if attack != "none" else 0.0,
-                    "partition": part})
-        rows.append(row)
-    write_table(rows, out_dir, "robustness")
-    worst = worst_cases(rows)
-    write_table(worst, out_dir, "worst_case")
-    plot_heatmap(rows, out_dir / "robustness_heatmap.png")
+    with grid_run(base, "robustness", out_dir,
+                  {"rules": ",".join(rules), "attacks": ",".join(attacks),
+                   "fractions": ",".join(f"{f:g}" for f in fractions),
+                   "partitions": ",".join(partitions)}) as grid:
+        for rule, part, frac, attack in itertools.product(rules, partitions, fractions, attacks):
+            overrides: dict[str, Any] = {"aggregation.rule": rule, **_partition(part)}
+            if attack == "none" or frac == 0:
+                if attack != "none":
+                    continue  # no attacker at fraction 0: the "none" column covers it
+                overrides.update({"attack.name": "none", "attack.byzantine_fraction": 0.0})
+            else:
+                overrides.update({"attack.name": attack, "attack.byzantine_fraction": frac})
+            # the cell's own columns first; the overrides would repeat them under config names
+            row = {"rule": rule, "partition": part, "attack": attack,
+                   "byzantine_fraction": frac if attack != "none" else 0.0,
+                   **_without(run_point(base, overrides, out_dir, reporter), overrides)}
+            rows.append(row)
+        write_table(rows, out_dir, "robustness")
+        worst = worst_cases(rows)
+        write_table(worst, out_dir, "worst_case")
+        plot_heatmap(rows, out_dir / "robustness_heatmap.png")
+        grid_report(out_dir)
+        grid.finish(grid_files(out_dir, "robustness"))
     return {"rows": rows, "worst_case": worst}
 
 
@@ -200,7 +266,8 @@ def worst_cases(rows: list[dict]) -> list[dict]:
         if r["attack"] != "none":
             groups.setdefault((r["rule"], r["partition"], r["byzantine_fraction"]), []).append(r)
     for (rule, part, frac), rs in sorted(groups.items()):
-        worst = min(rs, key=lambda r: r["final_accuracy"])
+        # a failed cell (no accuracy) is the worst case
+        worst = min(rs, key=lambda r: -1.0 if r["final_accuracy"] is None else r["final_accuracy"])
         clean = [r["final_accuracy"] for r in rows
                  if r["rule"] == rule and r["partition"] == part and r["attack"] == "none"]
         out.append({"rule": rule, "partition": part, "byzantine_fraction": frac,
@@ -209,31 +276,46 @@ def worst_cases(rows: list[dict]) -> list[dict]:
     return out
 
 
-def plot_heatmap(rows: list[dict], path: Path) -> None:
-    """Plot final accuracy per (rule, partition) x attack as a heatmap to ``path``."""
+def heatmap_cells(rows: list[dict]) -> tuple[list[str], list[str], np.ndarray]:
+    """The heatmap's row labels (rule | partition), column labels (attack@fraction) and final
+    accuracy in percent (NaN where no cell ran)."""
+    def column(r: dict) -> str:
+        return r["attack"] if r["attack"] == "none" else \
+            f"{r['attack']}@{r['byzantine_fraction']:g}"
+
+    labels_y = list(dict.fromkeys(f"{r['rule']} | {r['partition']}" for r in rows))
+    labels_x = list(dict.fromkeys(column(r) for r in rows))
+    grid = np.full((len(labels_y), len(labels_x)), np.nan)
+    for r in rows:
+        if r["final_accuracy"] is not None:
+            grid[labels_y.index(f"{r['rule']} | {r['partition']}"),
+                 labels_x.index(column(r))] = 100.0 * r["final_accuracy"]
+    return labels_y, labels_x, grid
+
+
+def plot_heatmap(rows: list[dict], path: Path) -> dict:
+    """Plot final accuracy per (rule, partition) x attack as a heatmap to ``path``: cell labels
+    and colour bar both in percent. Returns what was drawn (colour range, bar label, cell texts)
+    so a test can check the two agree."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels_y = list(dict.fromkeys(f"{r['rule']} | {r['partition']}" for r in rows))
-    labels_x = list(dict.fromkeys(
-        r["attack"] if r["attack"] == "none" else f"{r['attack']}@{r['byzantine_fraction']:g}"
-        for r in rows))
-    grid = np.full((len(labels_y), len(labels_x)), np.nan)
-    for r in rows:
-        x = r["attack"] if r["attack"] == "none" else f"{r['attack']}@{r['byzantine_fraction']:g}"
-        grid[labels_y.index(f"{r['rule']} | {r['partition']}"),
-             labels_x.index(x)] = r["final_accuracy"]
+    labels_y, labels_x, grid = heatmap_cells(rows)
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels_x), 1.0 + 0.45 * len(labels_y)))
-    im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=100.0, aspect="auto")
     ax.set_xticks(range(len(labels_x)), labels_x, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(labels_y)), labels_y, fontsize=8)
+    texts = []
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{100 * grid[i, j]:.1f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=ax, label="final test accuracy")
+                texts.append(f"{grid[i, j]:.1f}")
+                ax.text(j, i, texts[-1], ha="center", va="center", fontsize=7)
+    bar = fig.colorbar(im, ax=ax, label="final test accuracy (%)")
+    drawn = {"clim": im.get_clim(), "bar_label": bar.ax.get_ylabel(), "cells": texts}
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn

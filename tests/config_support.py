@@ -21,6 +21,8 @@ NEUTRAL: dict[str, dict[str, Any]] = {
     "privacy": {"enabled": False, "target_epsilon": 0.0, "max_epsilon": 0.0},
     "aggregation": {"rule": "fedavg"},
     "deployment": {"min_accuracy": 0.0, "max_epsilon": 0.0, "reference_source": "server"},
+    # Tests leave no MLflow run behind (in the cwd's store) unless they test tracking.
+    "tracking": {"enabled": False},
 }
 NEUTRAL_NAME = "run"
 
