@@ -120,16 +120,17 @@ def _write(folder: Path, meta: dict, train: Split | None = None, val: Split | No
         meta["files"] = {}
         for k in ARRAYS:
             name = f"{k}-{tag}.npy"
-            np.save(folder / f"{name}.tmp.npy", np.ascontiguousarray(values[k]))
-            os.replace(folder / f"{name}.tmp.npy", folder / name)
+            tmp = folder / f"{name}.{os.getpid()}.tmp.npy"  # one per writer process
+            np.save(tmp, np.ascontiguousarray(values[k]))
+            os.replace(tmp, folder / name)
             meta["files"][k] = name
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="meta.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
     os.replace(tmp, folder / "meta.json")
     keep = set(meta["files"].values()) | {"meta.json"}
-    for old in folder.iterdir():  # arrays of a previous version of the data
-        if old.name not in keep and not old.name.startswith("meta."):
+    for old in folder.glob("*.npy"):  # arrays of a previous version of the data
+        if old.name not in keep and ".tmp." not in old.name:
             old.unlink(missing_ok=True)
 
 
@@ -157,7 +158,10 @@ def cached_splits(recipe: str, files: list[Path], root: Path | None, cache_dir: 
             fingerprint = content_hash(files, root)
             if fingerprint == meta.get("content_hash"):
                 meta["stat_key"] = stat
-                _write(folder, meta)
+                try:
+                    _write(folder, meta)
+                except OSError:
+                    pass  # read-only cache: still valid for this load
         if meta.get("stat_key") == stat and (arrays := _read_arrays(folder, meta)) is not None:
             LOADS["disk"] += 1
             _MEMORY[recipe, stat] = (*arrays, meta["content_hash"])
@@ -168,10 +172,14 @@ def cached_splits(recipe: str, files: list[Path], root: Path | None, cache_dir: 
     LOADS["source"] += 1
     _MEMORY[recipe, stat] = (train, val, fingerprint)
     if folder is not None:
-        _write(folder, {"format": FORMAT, "recipe": recipe, "stat_key": stat,
-                        "content_hash": fingerprint, "examples": [len(train), len(val)]},
-               train, val)
-        note(f"loaded from the source, cached in {folder} (data {fingerprint[:16]})")
+        try:
+            _write(folder, {"format": FORMAT, "recipe": recipe, "stat_key": stat,
+                            "content_hash": fingerprint, "examples": [len(train), len(val)]},
+                   train, val)
+        except OSError as exc:  # a full or read-only disk costs speed, never the round
+            note(f"loaded from the source; could not write the cache in {folder}: {exc}")
+        else:
+            note(f"loaded from the source, cached in {folder} (data {fingerprint[:16]})")
     return Loaded(train, val, fingerprint, "source")
 
 

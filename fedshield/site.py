@@ -447,7 +447,11 @@ def data_fingerprint(node: dict, site_dir: Path) -> str | None:
 
 def site_status(site_dir: str | Path, log_path: str | Path | None = None) -> dict:
     """What a partner's operator checks: is the SuperNode running and connected, the last round it
-    served, the site's privacy spend (its ledger) and its data's fingerprint."""
+    served, the site's privacy spend (its ledger) and its data's fingerprint.
+
+    "connected" means: running, and its latest start was accepted by the SuperLink (Flower logged
+    ``SuperNode ID``) and has not ended; the coordinator's ``flwr supernode list`` has the
+    SuperLink's own view."""
     from fedshield.site_supervisor import LOG_FILE, alive, read_state
 
     site_dir = Path(site_dir).resolve()

@@ -131,3 +131,11 @@ def test_a_new_python_process_reads_the_cache(site):
                          text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "{'disk': 1}", out.stdout
+
+
+def test_an_unwritable_cache_costs_speed_never_the_round(site, capsys):
+    tmp, node, cfg = site
+    (tmp / "not-a-folder").write_text("")
+    _, train, _ = load({**node, "cache-dir": str(tmp / "not-a-folder")}, cfg)
+    assert len(train) > 0 and data_cache.LOADS == {"source": 1}
+    assert "could not write the cache" in capsys.readouterr().err
