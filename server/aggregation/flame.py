@@ -36,7 +36,6 @@ from fedshield.server.aggregation.result import (
     median_of,
     working_copy,
 )
-from sklearn.cluster import HDBSCAN
 
 
 def check_flame(n: int, f: int) -> None:
@@ -49,6 +48,9 @@ def majority_cluster(cosine_distance: torch.Tensor) -> torch.Tensor:
     n = cosine_distance.shape[0]
     if n < 3:
         return torch.ones(n, dtype=torch.bool)
+    # scikit-learn only here: importing it costs every process (each worker) seconds
+    from sklearn.cluster import HDBSCAN
+
     distance = cosine_distance.numpy()
     labels = HDBSCAN(min_cluster_size=n // 2 + 1, min_samples=1, metric="precomputed",
                      allow_single_cluster=True, copy=True).fit(distance).labels_
