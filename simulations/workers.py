@@ -444,9 +444,10 @@ class WorkerPool:
         for i in sorted(indices):
             why = reason or (
                 f"worker process {w} (pid {worker.process.pid}) died with exit code {exitcode}"
-                f"{_signal_name(exitcode)} while training partition {partition_of(contexts[i])}"
-                "; the round goes on without its clients. A kill by signal 9 is often the "
-                "out-of-memory killer: use fewer federation.workers or a smaller model")
+                f"{_signal_name(exitcode)} before it answered partition "
+                f"{partition_of(contexts[i])}; the round goes on without its clients. A kill by "
+                "signal 9 is often the out-of-memory killer: use fewer federation.workers or a "
+                "smaller model")
             results[i] = (error_reply(messages[i], code, why), contexts[i])
 
 

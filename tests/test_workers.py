@@ -79,11 +79,13 @@ TIMING = ("seconds",)  # wall-clock metrics (client-seconds, train-seconds) diff
 def _run(cfg, tmp_path):
     """(replies per round as (node, metrics without timings, arrays), final weights, lines)."""
     seen: list = []
+    pools: set = set()
 
     class RecordingGrid(InProcessGrid):
         def pull_messages(self, message_ids):
             out = list(super().pull_messages(message_ids))
             seen.extend(out)
+            pools.add(self._pool.size if self._pool else 1)
             return out
 
     with pytest.MonkeyPatch.context() as patch:
@@ -99,6 +101,7 @@ def _run(cfg, tmp_path):
         replies.append((r.metadata.src_node_id, metrics, arrays))
     lines = [{k: v for k, v in line.to_dict().items() if "seconds" not in k}
              for line in runner.RunFolder(summary.run_dir).read_metrics()]
+    assert pools == {cfg.federation.workers}  # the replies came from that many processes
     return replies, load_file(os.path.join(summary.run_dir, "model.safetensors")), lines
 
 
@@ -138,6 +141,7 @@ def test_one_or_two_workers_give_the_same_run_bit_for_bit(case, tmp_path):
     assert len(replies1) == 12 and len(replies2) == len(replies1)
     for (node1, m1, a1), (node2, m2, a2) in zip(replies1, replies2, strict=True):
         assert node1 == node2 and m1 == m2
+        assert ("epsilon" in m1) == (case == "dp-reproducible-noise")
         assert a1.keys() == a2.keys()
         for k in a1:
             assert a1[k].tobytes() == a2[k].tobytes(), k
