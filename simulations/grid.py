@@ -21,7 +21,7 @@ import numpy as np
 from fedshield.simulations.workers import WorkerPool
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -29,7 +29,8 @@ from flwr.supercore.task_identity import TaskIdentity
 # (messages sent, replies received) -> replies the strategy will see.
 ReplyFilter = Callable[[list[Message], list[Message]], list[Message]]
 
-CLIENT_APP_EXCEPTION = 1  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+# Flower's code for a ClientApp that raised (2; 1 is LOAD_CLIENT_APP_EXCEPTION), as in workers.
+CLIENT_APP_EXCEPTION = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 # Seconds a round may take when the strategy gives no timeout (federation.round_timeout's default).
 DEFAULT_ROUND_TIMEOUT = 600.0
 

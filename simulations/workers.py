@@ -210,19 +210,27 @@ def _worker_main(conn: Connection, factory: AppsFactory, threads: int,
             return
         if command is None:
             return
-        broadcast, jobs = command
-        shared = _read_broadcast(broadcast)
-        for job in jobs:
-            msg = job.message
-            for key, record in shared.items():  # read-only for the apps (as on a real node)
-                msg.content[key] = record
-            try:
-                reply = apps[job.partition_id](msg, job.context)
-            except Exception as exc:  # noqa: BLE001 — reported to the server like Flower does
-                reply = error_reply(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
-                                    f"{type(exc).__name__}: {exc}")
-            conn.send(("reply", job.index, reply, job.context))
-        conn.send(("done",))
+        try:
+            _answer(conn, apps, *command)
+        except OSError:  # BrokenPipeError: the parent is gone
+            return
+
+
+def _answer(conn: Connection, apps: dict[int, ClientApp], broadcast: Broadcast,
+            jobs: list[Job]) -> None:
+    """Answer one round's jobs, one reply at a time (a crash loses only the unanswered)."""
+    shared = _read_broadcast(broadcast)
+    for job in jobs:
+        msg = job.message
+        for key, record in shared.items():  # read-only for the apps (as on a real node)
+            msg.content[key] = record
+        try:
+            reply = apps[job.partition_id](msg, job.context)
+        except Exception as exc:  # noqa: BLE001 — reported to the server like Flower does
+            reply = error_reply(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                f"{type(exc).__name__}: {exc}")
+        conn.send(("reply", job.index, reply, job.context))
+    conn.send(("done",))
 
 
 # --- the pool --------------------------------------------------------------------------------
