@@ -67,6 +67,10 @@ class FederationConfig:
     round_timeout: float = setting(600.0, "seconds in (0, 604800]", gt=0, le=7 * 86400)
     # inprocess: fedshield's own grid, deterministic, no Ray; ray: Flower's simulation runtime.
     engine: str = setting("inprocess", choices=("inprocess", "ray"))
+    # In-process engine: persistent worker processes that train the sampled clients in parallel
+    # (simulations/workers.py). 0 = one per CPU core, 1 = every client in the runner's process.
+    # The same seed gives the same results for any value.
+    workers: int = setting(1, "an integer in [0, 1024] (0 = one per CPU core)", ge=0, le=1024)
 
 
 @dataclass(frozen=True)
@@ -358,8 +362,10 @@ class Config:
     # Every client evaluates the global model on its held-out data each round (federated
     # evaluation). Under DP its cost is planned for every round whatever the fraction (a client
     # cannot know in advance when it is asked), so a smaller fraction would save no epsilon and
-    # only a forward pass per client; all clients give the whole distribution.
-    federation: FederationConfig = _default(FederationConfig(rounds=8, fraction_evaluate=1.0))
+    # only a forward pass per client; all clients give the whole distribution. One worker
+    # process per CPU core.
+    federation: FederationConfig = _default(FederationConfig(rounds=8, fraction_evaluate=1.0,
+                                                             workers=0))
     partition: PartitionConfig = _default(PartitionConfig())
     train: TrainConfig = _default(TrainConfig(lr=0.5, momentum=0.5, batch_size=256))
     # Every client trains with DP-SGD, planned to spend exactly eps 3 and capped there.

@@ -1,9 +1,12 @@
 """An in-process Flower Grid: the real ServerApp and ClientApps, with no Ray and no network.
 
-Messages are delivered by calling each node's ClientApp directly, one after another, which makes a
-simulation deterministic and removes Ray's start-up and per-round overhead. A ``ReplyFilter`` sees
-every round's replies together before the strategy does; the attack simulator uses it for
-omniscient adversaries, and nothing else in fedshield knows about it.
+Messages are delivered by calling each node's ClientApp directly, one after another in this process
+(``federation.workers = 1``), or spread over a :class:`~fedshield.simulations.workers.WorkerPool`
+of persistent processes (``workers > 1``); either way the replies come back in the order the
+messages were sent, the same for any number of workers. This removes Ray's start-up and per-round
+overhead. A ``ReplyFilter`` sees every round's replies together (after every worker has answered)
+before the strategy does; the attack simulator uses it for omniscient adversaries, and nothing else
+in fedshield knows about it.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from collections.abc import Callable, Iterable
 from uuid import uuid4
 
 import numpy as np
+from fedshield.simulations.workers import WorkerPool
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -25,7 +29,10 @@ from flwr.supercore.task_identity import TaskIdentity
 # (messages sent, replies received) -> replies the strategy will see.
 ReplyFilter = Callable[[list[Message], list[Message]], list[Message]]
 
-CLIENT_APP_EXCEPTION = 1  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+# Flower's code for a ClientApp that raised (2; 1 is LOAD_CLIENT_APP_EXCEPTION), as in workers.
+CLIENT_APP_EXCEPTION = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+# Seconds a round may take when the strategy gives no timeout (federation.round_timeout's default).
+DEFAULT_ROUND_TIMEOUT = 600.0
 
 
 def make_run(run_id: int, run_config: dict) -> Run:
@@ -60,10 +67,20 @@ class InProcessGrid(Grid):
             for n, p in self.node_to_partition.items()}
         self._pending: dict[str, Message] = {}
         self._reply_filter = reply_filter
+        self._pool: WorkerPool | None = None
+        self._cost: Callable[[int], float] | None = None
+        self._timeout = float(run_config.get("federation.round_timeout", DEFAULT_ROUND_TIMEOUT))
         # Messages created by the ServerApp read their sender identity from here (set by
         # Flower's runtime in a real deployment).
         TaskIdentity.task_id, TaskIdentity.run_id = 1, self.run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+    def use_workers(self, pool: WorkerPool | None,
+                    cost: Callable[[int], float] | None = None) -> None:
+        """Answer messages with ``pool``'s workers (they build the same apps themselves), spread
+        by ``cost`` (partition id -> expected training cost; uniform when None); None: in this
+        process, one after another."""
+        self._pool, self._cost = pool, cost
 
     # --- Grid interface --------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -89,7 +106,8 @@ class InProcessGrid(Grid):
         messages = list(messages)
         # After a network hop each message owns its content. Flower's legacy workflows (SecAgg+)
         # send one RecordDict to many nodes, and its client mod edits the record it receives.
-        shared = Counter(id(m.content) for m in messages)
+        # Workers get their own copies by pickling, and the shared model by shared memory.
+        shared = Counter(id(m.content) for m in messages) if self._pool is None else Counter()
         ids = []
         for msg in messages:
             if shared[id(msg.content)] > 1:
@@ -102,14 +120,17 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Deliver the queued messages with these ids and return the replies."""
         sent = [self._pending.pop(i) for i in message_ids if i in self._pending]
-        replies = [self._deliver(msg) for msg in sent]
+        replies = self._deliver_pool(sent) if self._pool else [self._deliver(msg) for msg in sent]
         if self._reply_filter is not None and sent and sent[0].metadata.message_type == "train":
             replies = self._reply_filter(sent, replies)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        """Push and pull in one call (the timeout has nothing to wait for in-process)."""
+        """Push and pull in one call (the timeout bounds the workers' round; in-process there is
+        nothing to wait for)."""
+        if timeout is not None:
+            self._timeout = float(timeout)
         return self.pull_messages(self.push_messages(messages))
 
     # --- delivery --------------------------------------------------------------------------
@@ -122,3 +143,17 @@ class InProcessGrid(Grid):
             reply = Message(Error(code=CLIENT_APP_EXCEPTION, reason=reason), reply_to=msg)
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
+
+    def _deliver_pool(self, sent: list[Message]) -> list[Message]:
+        assert self._pool is not None
+        nodes = [m.metadata.dst_node_id for m in sent]
+        pids = [self.node_to_partition[n] for n in nodes]
+        costs = [self._cost(p) if self._cost else 1.0 for p in pids]
+        answered = self._pool.deliver(sent, [self._contexts[n] for n in nodes], pids, costs,
+                                      self._timeout)
+        replies = []
+        for node, (reply, context) in zip(nodes, answered, strict=True):
+            self._contexts[node] = context  # the worker's copy holds any state the app kept
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            replies.append(reply)
+        return replies

@@ -1,7 +1,9 @@
 """Run a configured federation on one machine.
 
 ``engine = "inprocess"`` (default) drives the real ServerApp and ClientApps through fedshield's
-in-process grid: deterministic, no Ray, and the only engine that supports simulated attacks.
+in-process grid: deterministic, no Ray, and the only engine that supports simulated attacks. Its
+clients train in ``federation.workers`` persistent processes (simulations/workers.py), with the
+same results for any number of them.
 ``engine = "ray"`` uses Flower's simulation runtime (``flwr.simulation.run_simulation``).
 """
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from fedshield.client.app import make_client_app
 from fedshield.deployment.hooks import install_post_run_hooks
+from fedshield.deployment.html_report import REPORT_HTML, write_report
 from fedshield.deployment.tracking import log_outcome
 from fedshield.server.app import build_server_app
 from fedshield.server.outputs import RunFolder, new_run_dir
@@ -19,6 +22,7 @@ from fedshield.server.preflight import preflight
 from fedshield.server.report import ConsoleReporter
 from fedshield.simulations.grid import InProcessGrid
 from fedshield.simulations.reference_truth import write_pooled_truth
+from fedshield.simulations.workers import client_costs, federation_apps, federation_pool
 from flwr.app import Context, RecordDict
 
 from fedshield import schema
@@ -43,16 +47,13 @@ def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
         run_simulation(server_app, make_client_app(), cfg.federation.num_clients,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     else:
-        client_apps = {pid: make_client_app() for pid in range(cfg.federation.num_clients)}
-        reply_filter = None
-        if cfg.attack.name != "none":
-            from fedshield.simulations.adversary import adversarial_apps
-
-            client_apps, reply_filter = adversarial_apps(cfg, client_apps)
+        client_apps, reply_filter = federation_apps(cfg, make_client_app)
         grid = InProcessGrid(client_apps, run_config, cfg.seed, reply_filter=reply_filter)
         context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
                           run_config=run_config)
-        server_app(grid, context)
+        with federation_pool(cfg, grid.run_id) as pool:  # federation.workers processes, or none
+            grid.use_workers(pool, client_costs(cfg) if pool else None)
+            server_app(grid, context)
     if not summaries:  # Ray's runtime logs a ServerApp error instead of raising it
         raise RunFailed(f"the run in {run_dir} ended without a summary; the ServerApp's error "
                         "is in the log above")
@@ -61,6 +62,8 @@ def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
         # The attack report needs the final model: added once the ServerApp has written it.
         summary = replace(summary, attack_report=attack_report(cfg, run_dir))
         RunFolder(run_dir).write_summary(summary)
+        if (run_dir / REPORT_HTML).is_file():  # the post-run hook's report, now with the attack
+            write_report(run_dir)
         # who attacked and who was caught, by partition id with the node id beside it
         if show := getattr(reporter or ConsoleReporter(), "attack", None):
             show(summary.attack_report, summary.node_partitions)

@@ -408,7 +408,8 @@ def test_an_all_fail_run_exits_non_zero_and_registers_nothing(tmp_path, monkeypa
     config.write_text(
         f'name = "allfail"\noutput_dir = "{tmp_path / "runs"}"\n[task]\nname = "digits"\n'
         f'model = ""\n[aggregation]\nrule = "fedavg"\n'
-        f'[federation]\nnum_clients = 3\nrounds = 2\n[privacy]\nenabled = false\n'
+        # workers = 1: the monkeypatched apps exist in this process only
+        f'[federation]\nnum_clients = 3\nrounds = 2\nworkers = 1\n[privacy]\nenabled = false\n'
         f'ledger_dir = "{tmp_path / "ledgers"}"\n'
         f'[deployment]\nhandoff = true\nregistry_uri = "sqlite:///{registry}"\n')
     result = CliRunner().invoke(app, ["simulate", str(config)])
