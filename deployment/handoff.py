@@ -78,7 +78,7 @@ def _truth(run_dir: Path, shape: tuple[int, ...], num_classes: int):
     try:
         doc = json.loads((run_dir / TRUTH_JSON).read_text())
         features = np.asarray(doc["feature_counts"], dtype=np.float64)
-        classes = np.asarray(doc["class_counts"], dtype=np.float64)
+        classes = np.asarray(doc["label_counts"], dtype=np.float64)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if features.shape != shape or classes.shape != (num_classes,):

@@ -431,6 +431,8 @@ class RunSummary(_Record):
     versions: Mapping[str, str] = field(default_factory=dict)
     wall_seconds: float | None = None
     handoff: HandoffSummary | None = _omit_none()
+    # The other post-run hooks' results by hook name (server/hooks.py: "report", "tracking")
+    post_run: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     attack_report: AttackReport | None = _omit_none()
     evaluation: FederatedEvaluation | None = _omit_none()  # the last evaluated round's
     # node id -> partition id of every node the run's lines name (shown beside partition ids)

@@ -135,7 +135,7 @@ class ReferenceRelease:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (the client's releases file, the server's client_reference.json)."""
         return {"feature_counts": self.feature_counts.tolist(),
-                "class_counts": self.class_counts.tolist(),
+                "label_counts": self.class_counts.tolist(),
                 "noise_multiplier": self.noise_multiplier, "noise_std": self.noise_std}
 
     @classmethod
@@ -144,7 +144,7 @@ class ReferenceRelease:
         """The release a ``to_dict`` wrote; ValueError when it is malformed or, given ``shape``
         and ``num_classes``, of another shape."""
         return checked_release(np.asarray(d["feature_counts"], dtype=np.float64),
-                               np.asarray(d["class_counts"], dtype=np.float64),
+                               np.asarray(d["label_counts"], dtype=np.float64),
                                float(d["noise_multiplier"]), float(d["noise_std"]), shape,
                                num_classes)
 

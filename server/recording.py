@@ -291,10 +291,10 @@ class RunRecorder:
                 hand_off(self.folder, self.cfg), "hand-off result"))
             self.folder.write_summary(summary)
         # Then the other post-run hooks (report, tracking), also for a failed run: it is worth a
-        # look. Their results (e.g. the MLflow run id) join the summary under their names.
+        # look. Their results (e.g. the MLflow run id) join the summary's post_run, by name.
         if after := {k: v for k, v in run_after_handoff(self.folder.path, self.cfg).items()
                      if v}:
-            summary = replace(summary, extra={**summary.extra, **after})
+            summary = replace(summary, post_run={**summary.post_run, **after})
             self.folder.write_summary(summary)
         self.reporter.end(summary)
         return summary

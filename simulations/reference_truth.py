@@ -37,7 +37,7 @@ def pooled_truth(cfg: schema.Config, load_data: DataLoader = load_client_data) -
         classes += np.bincount(train.y, minlength=task.num_classes)
     return {"what": "simulation only: exact pooled counts of every partition's local training "
                     "data on the reference's public edges",
-            "clients": n, "feature_counts": features.tolist(), "class_counts": classes.tolist()}
+            "clients": n, "feature_counts": features.tolist(), "label_counts": classes.tolist()}
 
 
 def write_pooled_truth(cfg: schema.Config, run_dir: Path,

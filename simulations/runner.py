@@ -67,7 +67,7 @@ def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
         # who attacked and who was caught, by partition id with the node id beside it
         if show := getattr(reporter or ConsoleReporter(), "attack", None):
             show(summary.attack_report, summary.node_partitions)
-        log_outcome(summary.extra.get("tracking"), summary, run_dir)  # MLflow: the rates too
+        log_outcome(summary.post_run.get("tracking"), summary, run_dir)  # MLflow: the rates too
     return summary
 
 

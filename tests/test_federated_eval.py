@@ -253,8 +253,9 @@ def test_the_plan_counts_the_evaluation_releases_as_the_client_does():
 
 
 def test_the_plan_command_counts_evaluation_unless_told_not_to():
+    # the drift reference's release left out (tests/test_client_reference.py covers it)
     args = ["plan", "--noise-multiplier", "1.0", "--rounds", "5", "--batch-size", "50",
-            "--num-examples", "2000", "--accountant", "rdp", "--json"]
+            "--num-examples", "2000", "--accountant", "rdp", "--no-release-reference", "--json"]
     runner = CliRunner()
     on, off = (runner.invoke(privacy_app, [*args, *flag]) for flag in ([], ["--no-evaluate"]))
     assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output

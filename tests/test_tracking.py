@@ -72,8 +72,8 @@ def tracked(tmp_path_factory):
 
 def test_a_run_has_a_metric_history_per_round_params_and_artifacts(tracked):
     cfg, summary, client = tracked
-    run_id = summary.extra["tracking"]["run_id"]
-    assert read_summary(summary.run_dir).extra["tracking"]["run_id"] == run_id  # on disk too
+    run_id = summary.post_run["tracking"]["run_id"]
+    assert read_summary(summary.run_dir).post_run["tracking"]["run_id"] == run_id  # on disk too
     lines = read_metrics(summary.run_dir)
     history = client.get_metric_history(run_id, "accuracy")
     assert [m.step for m in history] == [1, 2, 3]
@@ -175,7 +175,7 @@ def test_the_registered_version_links_to_the_tracked_run(small_cfg, tmp_path):
     summary = simulate(cfg)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version("trk", summary.handoff.version)
-    assert version.run_id == summary.extra["tracking"]["run_id"]
+    assert version.run_id == summary.post_run["tracking"]["run_id"]
     assert len(client.get_metric_history(version.run_id, "accuracy")) == 2
     run = client.get_run(version.run_id)
     assert run.data.tags["fedshield.registered_model"] == f"trk/{summary.handoff.version}"

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from fedshield.deployment.html_report import is_grid, write_grid_report, write_report
 from fedshield.errors import FedShieldError
+from fedshield.run_records import METRICS_FILE, SUMMARY_FILE
 
 _err = Console(stderr=True, soft_wrap=True)
 
@@ -38,8 +39,8 @@ def report_command(
         _fail(f"{folder} is not a folder: pass a run folder (runs/<name>-<timestamp>) or a "
               "grid's --out folder")
     grid = is_grid(folder)
-    if not grid and not (folder / "summary.json").is_file() \
-            and not (folder / "metrics.jsonl").is_file():
+    if not grid and not (folder / SUMMARY_FILE).is_file() \
+            and not (folder / METRICS_FILE).is_file():
         _fail(f"{folder} holds neither summary.json/metrics.jsonl (a run) nor a grid table "
               "(robustness.json, privacy_sweep.json): point at a run or grid folder")
     try:
