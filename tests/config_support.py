@@ -15,7 +15,8 @@ from fedshield.schema import Config
 
 # Where configs/default.toml (Config()) turns a feature on or picks a value for full MNIST.
 NEUTRAL: dict[str, dict[str, Any]] = {
-    "task": {"model": ""},
+    # Full MNIST with its default model, not the ScatterNet features (computed once per machine).
+    "task": {"name": "mnist", "model": ""},
     "federation": {"rounds": 5},
     "train": {"lr": 0.05, "momentum": 0.9, "batch_size": 32},
     "privacy": {"enabled": False, "target_epsilon": 0.0, "max_epsilon": 0.0},
