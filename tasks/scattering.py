@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -23,6 +29,8 @@ from torch import nn
 
 J, L = 2, 8
 CHANNELS, SIDE = 1 + J * L + L * L * J * (J - 1) // 2, 28 // 2 ** J  # 81, 7
+# Bump when the file layout or the computation changes: old caches are then recomputed.
+CACHE_FORMAT = 2
 
 
 def cache_dir() -> Path:
@@ -30,8 +38,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSHIELD_CACHE", Path.home() / ".cache" / "fedshield"))
 
 
-def scatter(images: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """(n, 1, 28, 28) float32 images -> (n, 81, 7, 7) float32 scattering coefficients."""
+def scatter(images: np.ndarray, chunk: int = 1024,
+            progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """(n, 1, 28, 28) float32 images -> (n, 81, 7, 7) float32 scattering coefficients.
+
+    ``progress`` is called with the number of images done after each chunk.
+    """
     # kymatio.torch also imports the 3-D frontend, which needs a SciPy function removed in 1.15.
     from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
 
@@ -41,23 +53,136 @@ def scatter(images: np.ndarray, chunk: int = 1024) -> np.ndarray:
         for start in range(0, len(images), chunk):
             x = torch.from_numpy(images[start:start + chunk])
             out[start:start + chunk] = transform(x).reshape(len(x), CHANNELS, SIDE, SIDE).numpy()
+            if progress is not None:
+                progress(len(x))
     return out
 
 
+def transform_params() -> dict[str, object]:
+    """What the features depend on besides the images; part of the cache key."""
+    import kymatio
+
+    return {"transform": "kymatio.Scattering2D", "J": J, "L": L, "max_order": 2,
+            "kymatio": kymatio.__version__, "format": CACHE_FORMAT}
+
+
+def cache_key(images: np.ndarray) -> str:
+    """A digest of the source images (bytes, shape, dtype) and of ``transform_params()``."""
+    images = np.ascontiguousarray(images)
+    h = hashlib.sha256(json.dumps({**transform_params(), "shape": list(images.shape),
+                                   "dtype": str(images.dtype)}, sort_keys=True).encode())
+    h.update(memoryview(images).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
+
+
+def _read_cache(path: Path, meta_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached features, or None when absent, truncated, edited or of another shape."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        features = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # missing, truncated, not an .npy, bad JSON
+        return None
+    # The digest of the array's bytes catches an edit that keeps the file's size and header.
+    if (features.shape != shape or features.dtype != np.float32
+            or meta.get("sha256") != _digest(features)):
+        return None
+    return features
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` to a temporary file beside ``path``, flushed, then renamed over it."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a reader sees the old file or the whole new one, never a part
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cached_scatter(name: str, images: np.ndarray) -> np.ndarray:
-    """``scatter(images)``, computed once per machine; concurrent processes wait for the first."""
-    digest = hashlib.sha256(images.tobytes()).hexdigest()[:16]
-    path = cache_dir() / f"{name}-scattering-J{J}L{L}-{digest}.npy"
+    """``scatter(images)``, computed once per machine; concurrent processes wait for the first.
+
+    The file name carries ``cache_key(images)``; a sidecar JSON holds the SHA-256 of the features,
+    so a truncated or edited cache file is recomputed (with a warning), never used.
+    """
+    key = cache_key(images)
+    path = cache_dir() / f"{name}-scattering-J{J}L{L}-{key}.npy"
+    meta_path = path.with_suffix(".json")
+    shape = (len(images), CHANNELS, SIDE, SIDE)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():
-            return np.load(path)
-        features = scatter(images)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, features)
-        os.replace(tmp, path)  # never leave a half-written cache behind
+        if path.exists() or meta_path.exists():
+            features = _read_cache(path, meta_path, shape)
+            if features is not None:
+                return features
+            warnings.warn(f"ScatterNet feature cache {path} is truncated, edited or incomplete; "
+                          "recomputing it", RuntimeWarning, stacklevel=2)
+        with Progress(len(images), f"ScatterNet features of {name} (once per machine, cached "
+                                   f"in {cache_dir()})") as bar:
+            features = scatter(images, progress=bar.update)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a path would make np.save append ".npy"
+                np.save(f, features)
+
+        _write_atomic(path, save)
+        meta = {**transform_params(), "source": name, "key": key, "shape": list(shape),
+                "sha256": _digest(features)}
+        _write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
         return features
+
+
+class Progress:
+    """Progress of a long computation on stderr: a bar on a terminal (tqdm when installed, else
+    a plain one), only a start and a finish line otherwise (logs, CI)."""
+
+    def __init__(self, total: int, desc: str, stream: TextIO | None = None) -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._bar = None
+
+    def __enter__(self) -> Progress:
+        self.started = time.perf_counter()
+        if not self.tty:
+            print(f"computing {self.desc}: {self.total} images ...", file=self.stream, flush=True)
+            return self
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._draw()
+        else:
+            self._bar = tqdm(total=self.total, desc=self.desc, unit="img", file=self.stream)
+        return self
+
+    def update(self, n: int) -> None:
+        """``n`` more items are done."""
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.tty:
+            self._draw()
+
+    def _draw(self) -> None:
+        pct = 100 * self.done // max(self.total, 1)
+        print(f"\r{self.desc}: {self.done}/{self.total} ({pct}%)", end="", file=self.stream,
+              flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.tty:
+            print(file=self.stream)
+        seconds = time.perf_counter() - self.started
+        status = "done" if exc[0] is None else "interrupted"
+        print(f"{self.desc}: {status} in {seconds:.1f} s", file=self.stream, flush=True)
 
 
 @lru_cache(maxsize=1)

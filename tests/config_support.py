@@ -15,7 +15,8 @@ from fedshield.schema import Config
 
 # Where configs/default.toml (Config()) turns a feature on or picks a value for full MNIST.
 NEUTRAL: dict[str, dict[str, Any]] = {
-    "task": {"model": ""},
+    # Full MNIST with its default model, not the ScatterNet features (computed once per machine).
+    "task": {"name": "mnist", "model": ""},
     # workers: the clients in the test's process (monkeypatched apps reach them; no spawn cost)
     "federation": {"rounds": 5, "fraction_evaluate": 0.0, "workers": 1},
     "train": {"lr": 0.05, "momentum": 0.9, "batch_size": 32},

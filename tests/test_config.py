@@ -32,7 +32,8 @@ def test_bad_configs_name_the_key(data, message):
 
 def test_overrides_and_round_trip(tmp_path):
     cfg = validation.load(ROOT / "configs/default.toml",
-                          ["federation.rounds=7", "task.name=mnist5k", "train.lr=0.5"])
+                          ["federation.rounds=7", "task.name=mnist5k", "task.model=''",
+                           "train.lr=0.5"])
     assert (cfg.federation.rounds, cfg.task.name, cfg.train.lr) == (7, "mnist5k", 0.5)
     path = tmp_path / "c.toml"
     path.write_text(configio.to_toml(cfg))
@@ -246,8 +247,8 @@ def test_removed_and_registry_backed_keys():
         validation.from_dict({"privacy": {"accountant": "pld"}})
     with pytest.raises(ConfigError, match="central_dp.accountant = 'x' is not valid"):
         validation.from_dict({"central_dp": {"accountant": "x"}})
-    # The default run's model is full MNIST's: another task says which model it wants.
-    with pytest.raises(ConfigError, match="task.model = 'tanh_cnn' is not a model of task "
+    # The default run's model is the ScatterNet task's: another task says which model it wants.
+    with pytest.raises(ConfigError, match="task.model = 'scatter_linear' is not a model of task "
                                           "'digits'.*set task.model = \"\""):
         validation.from_dict({"task": {"name": "digits"}})
     assert validation.from_dict({"task": {"name": "digits", "model": ""}}).task.model == ""
@@ -290,11 +291,12 @@ def test_preflight_partition_sizes_are_what_the_clients_load(tmp_path):
 
 
 def test_preflight_refuses_a_dp_batch_larger_than_a_partition(tmp_path):
-    """The issue's new-user case: mnist5k over 50 clients with the default DP batch of 256."""
+    """The issue's new-user case: mnist5k over 50 clients with a DP batch of 256."""
     from fedshield.server.preflight import partition_problem, preflight
 
     cfg = validation.load(ROOT / "configs/default.toml",
-                    ["task.name=mnist5k", "federation.num_clients=50",
+                    ["task.name=mnist5k", "task.model=''", "train.batch_size=256",
+                     "federation.num_clients=50",
                      f"output_dir={str(tmp_path)!r}"])
     with pytest.raises(ConfigError, match=r"train.batch_size = 256 exceeds the \d+ training "
                                           r"examples of client \d+.*Lower train.batch_size"):

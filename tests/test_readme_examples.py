@@ -179,9 +179,9 @@ def test_flwr_run_examples_give_valid_configs(command, tmp_path):
 
 
 def test_the_old_digits_flwr_run_example_is_refused_before_training():
-    """The README's former example (default model tanh_cnn on digits) is refused by the config
+    """The README's former example (the default model on digits) is refused by the config
     check the ServerApp runs first, so the Flower run ends failed instead of training."""
-    with pytest.raises(ConfigError, match="task.model = 'tanh_cnn' is not a model"):
+    with pytest.raises(ConfigError, match="task.model = 'scatter_linear' is not a model"):
         validation.from_run_config(fused_run_config("task.name='digits' federation.rounds=3"))
 
 

@@ -33,14 +33,78 @@ def test_features_are_computed_once_and_keyed_by_the_images(cache, monkeypatch):
     images = load_mnist5k()[0].x[:4]
     calls = []
     real = scattering.scatter
-    monkeypatch.setattr(scattering, "scatter", lambda x: calls.append(len(x)) or real(x))
+    monkeypatch.setattr(scattering, "scatter",
+                        lambda x, **kw: calls.append(len(x)) or real(x, **kw))
     first = scattering.cached_scatter("t", images)
     again = scattering.cached_scatter("t", images)
     np.testing.assert_array_equal(first, again)
     assert calls == [4]
     scattering.cached_scatter("t", images[:2])  # other images, other file
     assert calls == [4, 2]
-    assert sorted(p.suffix for p in cache.iterdir()) == [".lock", ".lock", ".npy", ".npy"]
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json"] * 2 + [".lock"] * 2 + [".npy"] * 2
+    # The key covers the transform's parameters too: other parameters, other file.
+    monkeypatch.setattr(scattering, "CACHE_FORMAT", scattering.CACHE_FORMAT + 1)
+    scattering.cached_scatter("t", images)
+    assert calls == [4, 2, 4]
+
+
+def _corrupt_truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _corrupt_edit(path):  # same size, same header: only the content digest sees it
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _corrupt_garbage(path):
+    path.write_bytes(b"not an npy file")
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_edit, _corrupt_garbage,
+                                     lambda path: path.with_suffix(".json").unlink()])
+def test_a_damaged_cache_file_is_detected_and_recomputed(cache, monkeypatch, corrupt):
+    images = load_mnist5k()[0].x[:3]
+    good = scattering.cached_scatter("t", images)
+    (path,) = cache.glob("*.npy")
+    corrupt(path)
+    calls = []
+    real = scattering.scatter
+    monkeypatch.setattr(scattering, "scatter",
+                        lambda x, **kw: calls.append(len(x)) or real(x, **kw))
+    with pytest.warns(RuntimeWarning, match="truncated, edited or incomplete; recomputing"):
+        again = scattering.cached_scatter("t", images)
+    assert calls == [3]
+    np.testing.assert_array_equal(again, good)
+    # ... and the recomputed file is whole again: the next read uses it.
+    np.testing.assert_array_equal(scattering.cached_scatter("t", images), good)
+    assert calls == [3] and not list(cache.glob("*.tmp*"))
+
+
+def test_progress_is_a_start_and_finish_line_off_a_terminal(cache, capsys):
+    scattering.cached_scatter("t", load_mnist5k()[0].x[:2])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("computing ScatterNet features of t") and "2 images" in lines[0]
+    assert "done in" in lines[1]
+
+
+def test_progress_draws_a_bar_on_a_terminal(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # the plain bar
+    out = Terminal()
+    with scattering.Progress(10, "features", stream=out) as bar:
+        bar.update(4)
+        bar.update(6)
+    text = out.getvalue()
+    assert "\rfeatures: 4/10 (40%)" in text and "\rfeatures: 10/10 (100%)" in text
+    assert text.rstrip().endswith("s") and "features: done in" in text
 
 
 @pytest.mark.parametrize("model", ["scatter_linear", "scatter_cnn"])

@@ -99,7 +99,8 @@ def _run(cfg, tmp_path):
         arrays = {k: v.numpy() for k, v in r.content["arrays"].items()} \
             if "arrays" in r.content else {}
         replies.append((r.metadata.src_node_id, metrics, arrays))
-    lines = [{k: v for k, v in line.to_dict().items() if "seconds" not in k}
+    # wall-clock fields (seconds, the line's timestamp) differ run to run
+    lines = [{k: v for k, v in line.to_dict().items() if "seconds" not in k and k != "timestamp"}
              for line in runner.RunFolder(summary.run_dir).read_metrics()]
     assert pools == {cfg.federation.workers}  # the replies came from that many processes
     return replies, load_file(os.path.join(summary.run_dir, "model.safetensors")), lines
