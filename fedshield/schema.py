@@ -67,6 +67,12 @@ class FederationConfig:
     round_timeout: float = setting(600.0, "seconds in (0, 604800]", gt=0, le=7 * 86400)
     # inprocess: fedshield's own grid, deterministic, no Ray; ray: Flower's simulation runtime.
     engine: str = setting("inprocess", choices=("inprocess", "ray"))
+    # engine = "ray": the cluster to join ("" starts a local Ray instance; "auto" or
+    # "host:port" joins one started with `ray start`), and the Ray resources one client takes.
+    ray_address: str = setting("", "\"\", \"auto\" or a Ray address host:port",
+                               pattern=r"|auto|ray://\S+|[A-Za-z0-9_.\[\]:-]+:[0-9]+")
+    ray_client_cpus: float = setting(1.0, "CPUs per client in (0, 1024]", gt=0, le=1024)
+    ray_client_gpus: float = setting(0.0, "GPUs per client in [0, 64]", ge=0, le=64)
 
 
 @dataclass(frozen=True)
