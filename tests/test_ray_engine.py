@@ -198,3 +198,39 @@ def test_attacked_federation_on_a_two_node_ray_cluster(tmp_path):
     ran = [json.loads(x) for x in (run_dir / NODES_FILE).read_text().splitlines()]
     assert sorted({r["partition"] for r in ran}) == [0, 1, 2, 3]
     assert len({r["ray_node"] for r in ran}) == 2, ran  # both nodes trained clients
+
+
+def test_the_flwr_run_components_register_the_attack_hook(monkeypatch):
+    monkeypatch.delitem(sys.modules, "fedshield.simulations.flower_apps", raising=False)
+    hooks.unregister_reply_hook(hooks.ATTACK)
+    try:
+        import fedshield.simulations.flower_apps as components
+        from flwr.clientapp import ClientApp
+        from flwr.serverapp import ServerApp
+
+        assert isinstance(components.serverapp, ServerApp)
+        assert isinstance(components.clientapp, ClientApp)
+        assert hooks._REPLY_HOOKS[hooks.ATTACK] is adversary.attack_reply_hook
+    finally:
+        adversary.install_attack_hook()
+
+
+def test_a_byzantine_partition_of_a_data_attack_loads_poisoned_data(tmp_path):
+    cfg = neutral_config({"task": {"name": "digits"}, "output_dir": str(tmp_path),
+                          "federation": {"num_clients": 4},
+                          "attack": {"name": "label_flip", "byzantine_ids": "1"}})
+
+    def data(pid: int):
+        ctx = Context(run_id=1, node_id=1, node_config={"partition-id": pid,
+                                                        "num-partitions": 4},
+                      state=RecordDict(), run_config=cfg.flat())
+        _, train, _ = adversary.simulated_client_data(ctx, cfg)
+        honest_cfg = neutral_config({"task": {"name": "digits"}, "output_dir": str(tmp_path),
+                                     "federation": {"num_clients": 4}})
+        _, clean, _ = adversary.load_client_data(ctx, honest_cfg)
+        return train, clean
+
+    poisoned, clean = data(1)
+    assert np.array_equal(poisoned.y, 9 - clean.y)  # label_flip: y -> num_classes - 1 - y
+    honest, clean = data(0)
+    assert np.array_equal(honest.y, clean.y)
