@@ -45,6 +45,22 @@ def backend_config(fed: schema.FederationConfig) -> dict:
             "init_args": init_args}
 
 
+def cluster_problem(address: str, timeout: float = 10.0) -> str | None:
+    """Why the head at ``host:port`` cannot be reached, or None. ``ray.init`` retries an
+    unreachable address for many minutes; a closed port should fail the run at once.
+    ("auto" and ray:// addresses are left to Ray.)"""
+    if not address or address == "auto" or address.startswith("ray://"):
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except OSError as exc:
+        return (f"no Ray head answers at federation.ray_address = {address!r} "
+                f"({type(exc).__name__}: {exc}); start one with `ray start --head --port "
+                f"{port}` or fix the address")
+
+
 def write_app_dir(app_dir: Path, cfg: schema.Config) -> None:
     """A minimal Flower App directory whose run config is ``cfg`` (what a SuperNode's Context
     reads through ``get_fused_config_from_dir``); the apps themselves are passed in memory."""
@@ -123,6 +139,9 @@ def run_on_ray(cfg: schema.Config, server_app: ServerApp, run_dir: Path) -> None
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                       run_config=dict(run_config))
+    problem = cluster_problem(cfg.federation.ray_address)
+    if problem is not None:
+        raise RunFailed(f"{problem} (run folder {run_dir})")
     client_app = ray_client_app(run_dir / NODES_FILE)
     with TemporaryDirectory(prefix="fedshield-ray-app-") as app_dir:
         write_app_dir(Path(app_dir), cfg)

@@ -25,7 +25,7 @@ from fedshield.simulations.runner import simulate
 from flwr.app import Context, Message, RecordDict
 from safetensors.torch import load_file
 
-from fedshield.errors import ConfigError
+from fedshield.errors import ConfigError, RunFailed
 from tests.config_support import neutral_config
 
 RAY = Path(sys.executable).with_name("ray")
@@ -113,7 +113,11 @@ def test_backend_config_joins_the_configured_cluster_with_the_configured_resourc
     assert local["init_args"] == {}  # "" starts a local Ray instance
 
 
-def test_a_failing_client_on_ray_replies_a_one_line_reason(tmp_path):
+def test_a_failing_client_on_ray_replies_a_one_line_reason(tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):  # a server-built message needs them
+        monkeypatch.setattr(TaskIdentity, name, 1)
     app = ray_client_app(None)
     cfg = digits_attack_config(tmp_path)
     msg = Message(RecordDict(), dst_node_id=1, message_type="train")  # no arrays: it raises
@@ -122,6 +126,15 @@ def test_a_failing_client_on_ray_replies_a_one_line_reason(tmp_path):
                              state=RecordDict(), run_config=cfg.flat()))
     assert reply.has_error()
     assert "\n" not in reply.error.reason and "Traceback" not in reply.error.reason
+
+
+def test_an_unreachable_cluster_fails_the_run_at_once(tmp_path):
+    port = _free_port()  # closed again once returned: nothing listens there
+    cfg = digits_attack_config(tmp_path, engine="ray", ray_address=f"127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(RunFailed, match="no Ray head answers at federation.ray_address"):
+        simulate(cfg)
+    assert time.monotonic() - start < 120  # not ray.init's minutes of retries
 
 
 def _free_port() -> int:
