@@ -19,6 +19,7 @@ import os
 import socket
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import cast
 
 import numpy as np
 from fedshield.client.app import make_client_app
@@ -101,8 +102,8 @@ def ray_client_app(nodes_file: Path | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if nodes_file is not None:
-            line = {"round": int(msg.content["config"].get("server-round", 0))
-                    if "config" in msg.content else 0,
+            config = msg.content.config_records.get("config")
+            line = {"round": int(cast(int, config.get("server-round", 0))) if config else 0,
                     "partition": int(context.node_config["partition-id"]),
                     "ray_node": _ray_node(), "host": socket.gethostname(), "pid": os.getpid()}
             with open(nodes_file, "a", encoding="utf-8") as out:  # one short append: atomic
