@@ -71,6 +71,12 @@ class FederationConfig:
     # (simulations/workers.py). 0 = one per CPU core, 1 = every client in the runner's process.
     # The same seed gives the same results for any value.
     workers: int = setting(1, "an integer in [0, 1024] (0 = one per CPU core)", ge=0, le=1024)
+    # engine = "ray": the cluster to join ("" starts a local Ray instance; "auto" or
+    # "host:port" joins one started with `ray start`), and the Ray resources one client takes.
+    ray_address: str = setting("", "\"\", \"auto\" or a Ray address host:port",
+                               pattern=r"|auto|ray://\S+|[A-Za-z0-9_.\[\]:-]+:[0-9]+")
+    ray_client_cpus: float = setting(1.0, "CPUs per client in (0, 1024]", gt=0, le=1024)
+    ray_client_gpus: float = setting(0.0, "GPUs per client in [0, 64]", ge=0, le=64)
 
 
 @dataclass(frozen=True)

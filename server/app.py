@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedshield.server.checkpoint import load_checkpoint
+from fedshield.server.hooks import install_reply_hooks
 from fedshield.server.preflight import preflight
 from fedshield.server.recording import RunRecorder, train_round_config
 from fedshield.server.reference import after_last_round
@@ -54,6 +55,7 @@ def run_federation(grid: Grid, cfg: schema.Config, reporter=None,
     if cfg.secagg.enabled:  # sum-only aggregation through Flower's SecAgg+ workflow
         return run_secagg_federation(grid, cfg, reporter, run_dir)
     strategy = ShieldStrategy(cfg)
+    install_reply_hooks(strategy, cfg)  # a simulated attack's hook (simulations/ registers it)
     run = RunRecorder(cfg, strategy, reporter, run_dir)
     strategy.federation.resume_after(run.start_round - 1)
     remaining = cfg.federation.rounds - (run.start_round - 1)

@@ -9,17 +9,22 @@ not; the ServerApp only calls :func:`run_post_run_hook`.
 Why a process-wide registry rather than an argument: Flower builds the ServerApp in its own
 process from the component string, and the secure-aggregation path shares ``RunRecorder``; a
 registry filled before ``main`` runs reaches both without threading a parameter through them.
+
+Reply hooks (below) use the same registry pattern for the one simulation-only server-side step:
+the omniscient attacker that rewrites the Byzantine replies of a round before aggregation.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from flwr.app import ArrayRecord, Message, MetricRecord
+
     from fedshield.schema import Config
 
 HANDOFF = "handoff"  # the summary key, and the hook that `deployment.handoff = true` asks for
@@ -110,3 +115,71 @@ def run_post_run_hook(name: str, run_dir: Path, cfg: Config) -> dict:
     except Exception as exc:  # noqa: BLE001 — any failure: keep the run, say what went wrong
         log.warning("%s failed: %s: %s", label, type(exc).__name__, exc)
         return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+# --- reply hooks: a simulation's view of a round's replies just before aggregation -----------
+# Why here and not in the grid: a hook on the strategy runs on every engine (the in-process
+# grid, Flower's Ray backend, `flwr run`), because every engine ends a round in
+# ``Strategy.aggregate_train``. Only simulations/ registers one (the omniscient attacker); the
+# ServerApp installs it when the run config asks for a simulated attack (``attack.name``), and
+# refuses such a config where nothing is registered, e.g. on a real SuperLink.
+
+ATTACK = "attack"  # the reply hook that `attack.name != "none"` asks for
+
+# (train messages sent this round, their replies) -> the replies the strategy aggregates
+ReplyHook = Callable[[list["Message"], list["Message"]], list["Message"]]
+# a run's config -> its hook, or None when the run needs none (e.g. a data-only attack)
+ReplyHookFactory = Callable[["Config"], "ReplyHook | None"]
+
+_REPLY_HOOKS: dict[str, ReplyHookFactory] = {}
+
+NO_ATTACK_HOOK = ("attack.name = {name!r} asks for a simulated attack, but no attack hook is "
+                  "registered in this process: simulated attacks run only through `fedshield "
+                  "simulate` or Flower's simulation runtime with the components in "
+                  "fedshield.simulations.flower_apps; set attack.name = \"none\" for a real "
+                  "federation")
+
+
+def register_reply_hook(name: str, factory: ReplyHookFactory) -> None:
+    """Register (or replace) the reply hook ``name``; the ServerApp calls ``factory(cfg)``."""
+    _REPLY_HOOKS[name] = factory
+
+
+def unregister_reply_hook(name: str) -> None:
+    """Forget reply hook ``name`` (tests)."""
+    _REPLY_HOOKS.pop(name, None)
+
+
+class _Sends(Protocol):
+    """A strategy that keeps the round's train messages (ShieldStrategy's ``_sent``)."""
+
+    _sent: list[Message]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
+
+
+def install_reply_hooks(strategy: _Sends, cfg: Config) -> None:
+    """Wrap ``strategy.aggregate_train`` with the hook the config asks for (none: unchanged).
+
+    Raises ConfigError when ``cfg`` asks for a simulated attack and none is registered: a run
+    that silently trained without its adversary would report a robustness it never tested."""
+    from fedshield.errors import ConfigError
+
+    if cfg.attack.name == "none":
+        return
+    factory = _REPLY_HOOKS.get(ATTACK)
+    if factory is None:
+        raise ConfigError(NO_ATTACK_HOOK.format(name=cfg.attack.name))
+    hook = factory(cfg)
+    if hook is None:
+        return
+    log.warning("simulated attack %r: Byzantine replies are replaced before aggregation",
+                cfg.attack.name)
+    inner = strategy.aggregate_train
+
+    def aggregate_train(server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return inner(server_round, hook(list(strategy._sent), list(replies)))
+
+    strategy.aggregate_train = aggregate_train  # type: ignore[method-assign]

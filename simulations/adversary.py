@@ -1,8 +1,10 @@
-"""Wiring simulated adversaries into an in-process federation.
+"""Wiring simulated adversaries into a federation, on any engine.
 
 Byzantine clients run the honest ClientApp on poisoned data (data attacks); after each training
-round a reply filter replaces their updates with crafted ones, seeing the honest updates of the
-round (update attacks, omniscient as in the literature). Honest code paths are untouched.
+round a reply hook on the server's strategy replaces their updates with crafted ones, seeing the
+honest updates of the round (update attacks, omniscient as in the literature). The hook sits on
+``aggregate_train`` (server.hooks), so it runs in-process, on Ray and under ``flwr run`` alike.
+Honest code paths are untouched.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from fedshield.client.app import make_client_app
 from fedshield.client.data import load_client_data
 from fedshield.server.flat import flatten, stack, unflatten
+from fedshield.server.hooks import ATTACK, ReplyHook, register_reply_hook
 from fedshield.simulations.attacks import ATTACKS, select_byzantine, triggered_test_set
 from fedshield.tasks import Split, Task, task_for
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -22,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedshield.schema import Config
 
-ReplyFilter = Callable[[list[Message], list[Message]], list[Message]]
+ReplyFilter = ReplyHook  # (sent, replies) -> replies; the old grid-level name
 ClientLoader = Callable[[Context, Config], tuple[Task, Split, Split]]
 
 
@@ -48,19 +51,42 @@ def _poisoned_loader(cfg: Config) -> ClientLoader:
 
 def adversarial_apps(cfg: Config, client_apps: dict[int, ClientApp]
                      ) -> tuple[dict[int, ClientApp], ReplyFilter | None]:
-    """(client apps with Byzantine ones swapped in, reply filter or None)."""
+    """(client apps with Byzantine ones swapped in, the run's reply hook or None).
+
+    The in-process engine's per-partition apps; the reply hook is :func:`attack_reply_hook`."""
     attack = ATTACKS[cfg.attack.name]
     byz = byzantine_ids(cfg)
     apps = dict(client_apps)
     if attack.poison_data is not None:
         poisoned = make_client_app(load_data=_poisoned_loader(cfg))
         apps.update({pid: poisoned for pid in byz})
-    craft = attack.craft
+    return apps, attack_reply_hook(cfg)
+
+
+def simulated_client_data(context: Context, run_cfg: Config) -> tuple[Task, Split, Split]:
+    """A client's data as the run config's simulated attack has it: poisoned on a Byzantine
+    partition of a data attack, honest otherwise. One ClientApp for every node, for engines
+    that run a single ClientApp (Flower's Ray backend, ``flwr run``)."""
+    attack = ATTACKS.get(run_cfg.attack.name)
+    pid = int(context.node_config["partition-id"])
+    if attack is None or attack.poison_data is None or pid not in byzantine_ids(run_cfg):
+        return load_client_data(context, run_cfg)
+    return _poisoned_loader(run_cfg)(context, run_cfg)
+
+
+def attack_reply_hook(cfg: Config) -> ReplyFilter | None:
+    """The omniscient attacker of an update attack (None for a data-only attack): it sees the
+    round's honest updates and replaces the Byzantine ones with crafted ones. The ServerApp
+    installs it on the strategy (server.hooks), so it runs on every engine."""
+    craft = ATTACKS[cfg.attack.name].craft
     if craft is None:
-        return apps, None
+        return None
+    byz = byzantine_ids(cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    def reply_filter(sent: list[Message], replies: list[Message]) -> list[Message]:
+    def reply_hook(sent: list[Message], replies: list[Message]) -> list[Message]:
+        if not sent or not replies:
+            return replies
         by_id = {m.metadata.message_id: m for m in sent}
         global_arrays = {k: v.numpy() for k, v in _arrays(sent[0]).items()}
         names = list(global_arrays)
@@ -90,7 +116,12 @@ def adversarial_apps(cfg: Config, client_apps: dict[int, ClientApp]
                                          reply_to=by_id[reply.metadata.reply_to_message_id])
         return [swapped.get(id(r), r) for r in replies]
 
-    return apps, reply_filter
+    return reply_hook
+
+
+def install_attack_hook() -> None:
+    """Register :func:`attack_reply_hook` with the ServerApp's reply-hook registry."""
+    register_reply_hook(ATTACK, attack_reply_hook)
 
 
 def _arrays(message: Message) -> ArrayRecord:

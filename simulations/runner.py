@@ -1,10 +1,11 @@
 """Run a configured federation on one machine.
 
 ``engine = "inprocess"`` (default) drives the real ServerApp and ClientApps through fedshield's
-in-process grid: deterministic, no Ray, and the only engine that supports simulated attacks. Its
-clients train in ``federation.workers`` persistent processes (simulations/workers.py), with the
-same results for any number of them.
-``engine = "ray"`` uses Flower's simulation runtime (``flwr.simulation.run_simulation``).
+in-process grid: deterministic, no Ray; its clients train in ``federation.workers`` persistent
+processes (simulations/workers.py), with the same results for any number of them.
+``engine = "ray"`` runs the same apps on Flower's Ray backend, locally or on a cluster
+(simulations/ray_engine.py). Simulated attacks run on both: the omniscient attacker is a reply
+hook on the server's strategy (server.hooks), registered here.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from fedshield.server.app import build_server_app
 from fedshield.server.outputs import RunFolder, new_run_dir
 from fedshield.server.preflight import preflight
 from fedshield.server.report import ConsoleReporter
+from fedshield.simulations.adversary import install_attack_hook
 from fedshield.simulations.grid import InProcessGrid
 from fedshield.simulations.reference_truth import write_pooled_truth
 from fedshield.simulations.workers import client_costs, federation_apps, federation_pool
 from flwr.app import Context, RecordDict
 
 from fedshield import schema
-from fedshield.errors import ConfigError, RunFailed
+from fedshield.errors import RunFailed
 from fedshield.run_records import AttackReport, RunSummary
 
 
@@ -34,27 +36,26 @@ def simulate(cfg: schema.Config, reporter=None) -> RunSummary:
     """Run ``cfg`` and return its summary (also in ``<run folder>/summary.json``)."""
     preflight(cfg)  # refuse what cannot run before a run folder exists or anything trains
     install_post_run_hooks()  # the hand-off, or the note why a base install skips it
+    install_attack_hook()  # simulated attacks: the ServerApp installs it when attack.name asks
     run_dir = Path(cfg.resume) if cfg.resume else new_run_dir(cfg)
     write_pooled_truth(cfg, run_dir)  # the drift reference's yardstick (simulations only)
     summaries: list[RunSummary] = []  # the ServerApp hands its summary over (no read-back)
     server_app = build_server_app(reporter, str(run_dir), on_summary=summaries.append)
     run_config = cfg.flat()
     if cfg.federation.engine == "ray":
-        if cfg.attack.name != "none":
-            raise ConfigError("simulated attacks need federation.engine = \"inprocess\"")
-        from flwr.simulation import run_simulation
+        from fedshield.simulations.ray_engine import run_on_ray
 
-        run_simulation(server_app, make_client_app(), cfg.federation.num_clients,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        run_on_ray(cfg, server_app, run_dir)
     else:
-        client_apps, reply_filter = federation_apps(cfg, make_client_app)
-        grid = InProcessGrid(client_apps, run_config, cfg.seed, reply_filter=reply_filter)
+        # Byzantine data swapped in; their updates: the strategy's attack hook, not the grid
+        client_apps, _ = federation_apps(cfg, make_client_app)
+        grid = InProcessGrid(client_apps, run_config, cfg.seed)
         context = Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
                           run_config=run_config)
         with federation_pool(cfg, grid.run_id) as pool:  # federation.workers processes, or none
             grid.use_workers(pool, client_costs(cfg) if pool else None)
             server_app(grid, context)
-    if not summaries:  # Ray's runtime logs a ServerApp error instead of raising it
+    if not summaries:  # a ServerApp that died before its summary (its error is logged above)
         raise RunFailed(f"the run in {run_dir} ended without a summary; the ServerApp's error "
                         "is in the log above")
     summary = summaries[-1]
