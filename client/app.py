@@ -70,6 +70,10 @@ def _model_from(msg: Message, task: Task) -> torch.nn.Module:
     return model
 
 
+def _int_or_none(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
 def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
     """Build the ClientApp; simulations inject a different ``load_data`` (e.g. poisoned data)."""
     app = ClientApp()
@@ -110,7 +114,8 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
             return refusal(msg, context, getattr(exc, "code", "budget-exhausted"), str(exc))
         m = dict(metrics)
         report = EvalReport(num_examples=int(m.pop("num-examples")), accuracy=m.pop("accuracy"),
-                            loss=m.pop("loss"), partition_id=m.pop("partition-id", None),
+                            loss=m.pop("loss"),
+                            partition_id=_int_or_none(m.pop("partition-id", None)),
                             extra=m)
         return Message(encode_eval_report(report), reply_to=msg)
 

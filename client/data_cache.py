@@ -124,10 +124,10 @@ def _write(folder: Path, meta: dict, train: Split | None = None, val: Split | No
             np.save(tmp, np.ascontiguousarray(values[k]))
             os.replace(tmp, folder / name)
             meta["files"][k] = name
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="meta.", suffix=".tmp")
+    fd, meta_tmp = tempfile.mkstemp(dir=folder, prefix="meta.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(tmp, folder / "meta.json")
+    os.replace(meta_tmp, folder / "meta.json")
     keep = set(meta["files"].values()) | {"meta.json"}
     for old in folder.glob("*.npy"):  # arrays of a previous version of the data
         if old.name not in keep and ".tmp." not in old.name:
@@ -147,13 +147,13 @@ def cached_splits(recipe: str, files: list[Path], root: Path | None, cache_dir: 
     ``files`` are the source files (empty for a library dataset the recipe names)."""
     stat = stat_key(files)
     if (recipe, stat) in _MEMORY:
-        train, val, fingerprint = _MEMORY[recipe, stat]
+        train, val, kept = _MEMORY[recipe, stat]
         LOADS["memory"] += 1
-        return Loaded(train, val, fingerprint, "memory")
+        return Loaded(train, val, kept, "memory")
     folder = _folder(cache_dir, recipe) if cache_dir is not None else None
     meta = _read_meta(folder) if folder is not None else None
-    fingerprint = None
-    if meta is not None and meta.get("recipe") == recipe:
+    fingerprint: str | None = None
+    if folder is not None and meta is not None and meta.get("recipe") == recipe:
         if meta.get("stat_key") != stat:  # touched or copied: same bytes keep the cache
             fingerprint = content_hash(files, root)
             if fingerprint == meta.get("content_hash"):

@@ -460,7 +460,7 @@ def site_status(site_dir: str | Path, log_path: str | Path | None = None) -> dic
     state = read_state(site_dir)
     log_file = Path(log_path) if log_path else site_dir / LOG_FILE
     log = _last_start(log_file.read_text(errors="replace")) if log_file.is_file() else ""
-    running = bool(state) and alive(state.get("supernode_pid"))
+    running = state is not None and alive(state.get("supernode_pid"))
     node_id = None
     for line in log.splitlines():
         if "SuperNode ID:" in line:

@@ -119,8 +119,8 @@ def supervise(command: list[str], env: dict[str, str], site_dir: Path,
                 break
             state.restarts += 1
             state.write(state_path)
-            with open(log_path, "a") as log:
-                log.write(f"\nfedshield site run: SuperNode exited with {code} after {ran:.0f} s;"
+            with open(log_path, "a") as text:
+                text.write(f"\nfedshield site run: SuperNode exited with {code} after {ran:.0f} s;"
                           f" restart {state.restarts} in {policy.pause(quick):.0f} s\n")
             sleep(policy.pause(quick))
     finally:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.shared_memory import SharedMemory
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -161,7 +161,8 @@ def _write_broadcast(records: dict[str, ArrayRecord]) -> tuple[SharedMemory | No
         return None, Broadcast("", tuple(slots))
     shm = SharedMemory(create=True, size=offset)
     for slot in slots:
-        shm.buf[slot.offset:slot.offset + slot.nbytes] = records[slot.record][slot.name].data
+        buf = shm.buf  # typeshed: Optional (None once closed)
+        buf[slot.offset:slot.offset + slot.nbytes] = records[slot.record][slot.name].data  # type: ignore[index]
     return shm, Broadcast(shm.name, tuple(slots))
 
 
@@ -173,7 +174,7 @@ def _read_broadcast(broadcast: Broadcast) -> dict[str, ArrayRecord]:
     shm = SharedMemory(name=broadcast.shm_name) if broadcast.shm_name else None
     try:
         for s in broadcast.slots:
-            data = bytes(shm.buf[s.offset:s.offset + s.nbytes]) if shm else b""
+            data = bytes(shm.buf[s.offset:s.offset + s.nbytes]) if shm else b""  # type: ignore[index]
             arrays.setdefault(s.record, {})[s.name] = Array(dtype=s.dtype, shape=s.shape,
                                                             stype=s.stype, data=data)
     finally:
@@ -421,16 +422,16 @@ class WorkerPool:
                                "federation.round_timeout or train less per round")
                 break
             for conn in ready:
-                w = live[conn]  # type: ignore[index]
+                w = live[conn]
                 try:
-                    item = conn.recv()  # type: ignore[union-attr]
+                    item = conn.recv()  # type: ignore[union-attr,call-arg]
                 except (EOFError, OSError):
                     self._fail(w, busy.pop(w), messages, contexts, results,
                                ErrorCode.CLIENT_APP_CRASHED, None)
                     continue
                 if item[0] == "reply":
                     _, index, reply, context = item
-                    results[index] = (reply, context)
+                    results[index] = (cast(Message, reply), cast(Context, context))
                     busy[w].discard(index)
                 elif item[0] == "done":
                     busy.pop(w)
@@ -499,7 +500,9 @@ def federation_apps(cfg: Config, make_app: Callable[[], ClientApp] | None = None
     """The run's ClientApps (partition id -> app, Byzantine ones swapped in) and the attack's
     reply filter (None without an update attack); ``make_app`` builds an honest app."""
     if make_app is None:
-        from fedshield.client.app import make_client_app as make_app
+        from fedshield.client.app import make_client_app
+
+        make_app = make_client_app
     apps = {pid: make_app() for pid in range(cfg.federation.num_clients)}
     if cfg.attack.name == "none":
         return apps, None

@@ -71,12 +71,12 @@ def cache_key(images: np.ndarray) -> str:
     images = np.ascontiguousarray(images)
     h = hashlib.sha256(json.dumps({**transform_params(), "shape": list(images.shape),
                                    "dtype": str(images.dtype)}, sort_keys=True).encode())
-    h.update(memoryview(images).cast("B"))
+    h.update(images.data.cast("B"))
     return h.hexdigest()[:16]
 
 
 def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array).data.cast("B")).hexdigest()
 
 
 def _read_cache(path: Path, meta_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -93,7 +93,7 @@ def _read_cache(path: Path, meta_path: Path, shape: tuple[int, ...]) -> np.ndarr
     return features
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """``write`` to a temporary file beside ``path``, flushed, then renamed over it."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
