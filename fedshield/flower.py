@@ -2,8 +2,9 @@
 
 Orchestration layer: it registers the post-run hand-off hook (when the ``[deploy]`` extra is
 installed; otherwise the run ends with a note that the hand-off was skipped) before Flower calls
-the ServerApp, which itself never imports deployment/. The client component stays
-``client.app:app``: clients have no post-run step.
+the ServerApp, which itself never imports deployment/. The client component is
+``fedshield.clientapp:app`` (fedshield/clientapp.py says why it is not ``fedshield.client.app``);
+clients have no post-run step.
 """
 
 from fedshield.deployment.hooks import install_post_run_hooks

@@ -236,7 +236,7 @@ def test_simulate_writes_the_report_through_the_post_run_hook(real_run):
         pytest.skip("the ServerApp here runs only the hand-off hook; server/hooks.py's "
                     "POST_RUN_ORDER (the MLflow tracking branch) runs the report after it")
     summary = json.loads((real_run / "summary.json").read_text())
-    assert Path(summary["report"]["path"]) == real_run / hr.REPORT_HTML
+    assert Path(summary["post_run"]["report"]["path"]) == real_run / hr.REPORT_HTML
 
 
 def test_the_report_command_rebuilds_a_run_and_refuses_a_non_run(real_run, tmp_path):
