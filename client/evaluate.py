@@ -15,7 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from fedshield.client.fit import DataLoader, checked_data, client_ledger, identity
+from fedshield.client.fit import (
+    DataLoader,
+    checked_data,
+    client_ledger,
+    identity,
+    released_rounds,
+)
 from fedshield.client.releases import evaluation_release
 from fedshield.privacy.releases import EXACT_MODE, OUTSIDE_KEY
 from fedshield.tasks import Split, Task, evaluate
@@ -57,7 +63,7 @@ def evaluate_locally(context: Context, cfg: schema.Config, load_data: DataLoader
     if privacy.enabled and privacy.release_stats != EXACT_MODE:
         run_key = str(rc.get("run-key", context.run_id))
         server_round = int(rc.get("server-round", 0))
-        ledger = client_ledger(cfg, context, run_key, server_round)
+        ledger = client_ledger(cfg, context, run_key, server_round, released_rounds(rc))
         correct, loss_sum = clipped_counts(model, val, privacy.eval_loss_clip)
         release, new, epsilon = evaluation_release(correct, loss_sum, len(val), privacy, ledger,
                                                    run_key, server_round)

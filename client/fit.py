@@ -29,6 +29,7 @@ from fedshield.tasks import Split, Task
 from flwr.app import Context
 
 from fedshield import configio, schema
+from fedshield.records import RELEASED_ROUNDS
 
 DataLoader = Callable[[Context, schema.Config], tuple[Task, Split, Split]]
 
@@ -49,13 +50,14 @@ def checked_data(context: Context, cfg: schema.Config, load_data: DataLoader):
     return task, train, val
 
 
-def client_ledger(cfg: schema.Config, context: Context, run_key: str, server_round: int = 0):
+def client_ledger(cfg: schema.Config, context: Context, run_key: str, server_round: int = 0,
+                  released: int | None = None):
     """This client's persistent privacy ledger (see privacy.ledger_scope).
 
     Its budget belongs to the site's data (:func:`site_key`), not to the federation name the
     coordinator picks: the cap applies to the total over every federation of the site. Raises
-    LedgerMissing for round > 1 of a run the ledger holds nothing of, where every client trains
-    every round (the ledger was lost)."""
+    LedgerMissing when the ledger lacks releases of this run that the server received
+    (``released``, the message's ``released-rounds``; Ledger.require_run_history)."""
     from fedshield.privacy.ledger import Ledger
 
     node = context.node_config
@@ -71,9 +73,17 @@ def client_ledger(cfg: schema.Config, context: Context, run_key: str, server_rou
     ledger = Ledger.for_client(ledger_dir, owner, cast(str | int, client),
                                cfg.privacy.delta, cfg.privacy.accountant, privacy_cap(cfg, node),
                                site=site)
-    if cfg.federation.fraction_train >= 1.0 and not cfg.central_dp.enabled:
+    if released is not None:
+        ledger.require_run_history(run_key, server_round, released)
+    elif cfg.federation.fraction_train >= 1.0 and not cfg.central_dp.enabled:
         ledger.require_run_history(run_key, server_round)
     return ledger
+
+
+def released_rounds(rc: dict) -> int | None:
+    """The message's count of this client's releases the server received (None: not said)."""
+    value = rc.get(RELEASED_ROUNDS)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def site_key(node_config) -> str:
@@ -104,7 +114,7 @@ def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context,
 
     run_key = str(rc.get("run-key", context.run_id))
     server_round = int(rc.get("server-round", 0))
-    ledger = client_ledger(cfg, context, run_key, server_round)
+    ledger = client_ledger(cfg, context, run_key, server_round, released_rounds(rc))
     # Under DP the example count is private: release the class histogram once (accounted), and
     # plan sample rate, steps and noise from its noised total (privacy/releases.py).
     release, stats = None, {}

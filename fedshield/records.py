@@ -36,6 +36,9 @@ ARRAYS, METRICS, REFUSAL, HISTOGRAM = "arrays", "metrics", "refusal", "histogram
 REFERENCE_QUERY = "drift-reference"  # the query message's config "query" value
 REFERENCE, FEATURE_COUNTS, CLASS_COUNTS = "reference", "feature-counts", "class-counts"
 NOISE_MULTIPLIER, NOISE_STD = "noise-multiplier", "noise-std"
+# Train/evaluate config key: in how many rounds of this run the server received this node's
+# DP-released update (the client checks its ledger holds at least that many; client/fit.py).
+RELEASED_ROUNDS = "released-rounds"
 
 # Metric keys with a meaning; every other key is an ``extra`` metric.
 NUM_EXAMPLES, PARTITION_ID, EPSILON = "num-examples", "partition-id", "epsilon"

@@ -466,7 +466,10 @@ def site_status(site_dir: str | Path, log_path: str | Path | None = None) -> dic
         if "SuperNode ID:" in line:
             node_id = line.rsplit("SuperNode ID:", 1)[1].strip()
     if "code: 2004" in log:
-        connection = "refused: the coordinator has not registered node_key.pub (code 2004)"
+        # Flower gives 2004 for both: an unknown key, and a restart while the SuperLink still
+        # holds the previous connection (until two missed 30 s heartbeats; `site run` retries).
+        connection = ("refused (code 2004): the coordinator has not registered node_key.pub, "
+                      "or still holds this site's previous connection (it lapses within ~60 s)")
     elif state is None and not log:
         connection = "never started here (`fedshield site run` starts it)"
     elif state is not None and not running:

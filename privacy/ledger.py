@@ -184,14 +184,28 @@ class Ledger:
                     + _site_note(self.site, len(self._site_ledgers())))
         return after
 
-    def require_run_history(self, run_id: str, round: int) -> None:
-        """Refuse round ``round`` > 1 of a run this ledger holds no event of (for clients that
-        train every round): the ledger was lost or replaced, so its spending is unknown."""
-        if round > 1 and not any(e["run_id"] == run_id for e in self._read()):
+    def require_run_history(self, run_id: str, round: int, released: int | None = None) -> None:
+        """Refuse to go on with a run whose earlier releases this ledger lacks: it was lost or
+        replaced, so its spending is unknown.
+
+        ``released``: in how many rounds of the run the server received this client's DP
+        release (the train message says); the ledger must hold at least that many of the run's
+        rounds. A client that missed rounds (offline, restarted) is not refused. Without it
+        (None: a server that does not say), round > 1 of a run the ledger holds nothing of is
+        refused, for clients that train every round."""
+        held = len({e["round"] for e in self._read() if e["run_id"] == run_id})
+        if released is None:
+            if round > 1 and not held:
+                raise LedgerMissing(
+                    f"asked to train round {round} of run {run_id!r}, but privacy ledger "
+                    f"{self.path} holds no event of that run although every client trains every "
+                    "round: the ledger was deleted or replaced. Restore the ledger directory "
+                    "from its backup; fedshield will not start the count over")
+        elif held < released:
             raise LedgerMissing(
-                f"asked to train round {round} of run {run_id!r}, but privacy ledger {self.path} "
-                "holds no event of that run although every client trains every round: the ledger "
-                "was deleted or replaced. Restore the ledger directory from its backup; fedshield "
+                f"the server received this client's DP releases in {released} round(s) of run "
+                f"{run_id!r}, but privacy ledger {self.path} holds {held}: the ledger was deleted, "
+                "truncated or replaced. Restore the ledger directory from its backup; fedshield "
                 "will not start the count over")
 
     def to_metrics(self) -> dict[str, float | int | str]:

@@ -9,6 +9,7 @@ legacy SecAgg+ workflow) and how they are aggregated.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,6 +128,10 @@ class FederationState:
         self.central = CentralDP(cfg) if cfg.central_dp.enabled else None
         self.round = RoundState()
         self.round_offset = 0
+        # Node -> rounds of this run in which it sent a DP-released update: each such client's
+        # ledger must hold at least that many of the run's rounds (a lost ledger is refused,
+        # a client that merely missed rounds is not).
+        self.released_rounds: dict[int, int] = {}
 
     # --- rounds ----------------------------------------------------------------------------
     def resume_after(self, done: int) -> None:
@@ -173,6 +178,11 @@ class FederationState:
         if code == "budget-exhausted":
             self.exhausted[node] = reason
 
+    def note_released(self, nodes: Iterable[int]) -> None:
+        """These nodes' updates of this round carried a DP event: their ledgers recorded it."""
+        for node in nodes:
+            self.released_rounds[node] = self.released_rounds.get(node, 0) + 1
+
     # --- the server step -------------------------------------------------------------------
     def step(self, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(step to take, momentum buffer after it); :meth:`commit_momentum` keeps the buffer
@@ -194,7 +204,8 @@ class FederationState:
                 "exhausted": {str(k): v for k, v in self.exhausted.items()},
                 "node_partition": {str(k): v for k, v in self.node_partition.items()},
                 "server_momentum": self.server_momentum,
-                "dp_generator": self.central.state_dict() if self.central else None}
+                "dp_generator": self.central.state_dict() if self.central else None,
+                "released_rounds": {str(k): v for k, v in self.released_rounds.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
@@ -203,6 +214,9 @@ class FederationState:
         self.exhausted = {int(k): v for k, v in state["exhausted"].items()}
         self.node_partition = {int(k): v for k, v in state["node_partition"].items()}
         self.server_momentum = state.get("server_momentum")
+        # absent in checkpoints written before it was kept: nothing known, nothing required
+        self.released_rounds = {int(k): int(v)
+                                for k, v in state.get("released_rounds", {}).items()}
         if self.central is not None and state.get("dp_generator") is not None:
             self.central.load_state_dict(state["dp_generator"])
 

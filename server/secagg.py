@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedshield import schema
-from fedshield.records import TrainReport, decode_train_metrics
+from fedshield.records import RELEASED_ROUNDS, TrainReport, decode_train_metrics
 from fedshield.run_records import RunSummary
 
 
@@ -103,7 +103,9 @@ class SecAggFedAvg(HoldsFederation, FedAvg):
         self.round.sampled = [p.node_id for p in chosen]
         assert self.run is not None, "run_secagg_federation sets the run before any round"
         config = {"server-round": rnd, **train_round_config(self.cfg, self.run.folder)}
-        return [(p, FitIns(parameters, config)) for p in chosen]
+        released = self.federation.released_rounds  # per node: see FederationState
+        return [(p, FitIns(parameters, {**config, RELEASED_ROUNDS: released.get(p.node_id, 0)}))
+                for p in chosen]
 
     def note_error(self, node: int, reason: str) -> None:
         """A client's error reply in any protocol stage: it dropped out of the round."""
@@ -131,6 +133,7 @@ class SecAggFedAvg(HoldsFederation, FedAvg):
                 self.round.rejected[node] = f"{report} (metrics ignored; the update is in the sum)"
         self.round.accepted = [proxy.node_id for proxy, _ in results
                                if proxy.node_id in self.round.reports]
+        self.federation.note_released(n for n, r in self.round.reports.items() if r.dp is not None)
         self.round.aggregation_info = {"clients_summed": float(len(results))}
         mean, _ = super().aggregate_fit(server_round, results, failures)
         if mean is None:

@@ -48,6 +48,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedshield.errors import ConfigError, TooFewUpdates
 from fedshield.records import (
+    RELEASED_ROUNDS,
     Refusal,
     Rejected,
     ReplyLimits,
@@ -144,12 +145,10 @@ class ShieldStrategy(HoldsFederation, FedAvg):
         self.federation.new_round()  # the round's clock starts before sampling waits
         self._global = arrays
         self.round.sampled = self.sample(grid, rnd, self.fraction_train)
-        record = RecordDict({"arrays": arrays,
-                             "config": ConfigRecord({**dict(config), "server-round": rnd})})
         # Kept to name the node behind an error reply: the grid gives these their ids when it
         # sends them, and an error for an unreachable node comes from the SuperLink itself.
-        self._sent = list(self._construct_messages(record, self.round.sampled,
-                                                   MessageType.TRAIN))
+        self._sent = self._per_node_messages(arrays, {**dict(config), "server-round": rnd},
+                                             self.round.sampled, MessageType.TRAIN)
         return self._sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -159,10 +158,19 @@ class ShieldStrategy(HoldsFederation, FedAvg):
             return []
         rnd = self.federation.run_round(server_round)
         nodes = self.sample(grid, rnd, self.fraction_evaluate)
-        record = RecordDict({"arrays": arrays,
-                             "config": ConfigRecord({**dict(config), "server-round": rnd})})
-        self._sent_eval = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
+        self._sent_eval = self._per_node_messages(arrays, {**dict(config), "server-round": rnd},
+                                                  nodes, MessageType.EVALUATE)
         return self._sent_eval
+
+    def _per_node_messages(self, arrays: ArrayRecord, config: dict, nodes: list[int],
+                           message_type: str) -> list[Message]:
+        """One message per node: the same global model (one ArrayRecord object, which the worker
+        pool shares once), and the round config plus how many of this node's DP releases of
+        this run the server received (its ledger must hold at least that many rounds)."""
+        released = self.federation.released_rounds
+        return [msg for node in nodes for msg in self._construct_messages(
+            RecordDict({"arrays": arrays, "config": ConfigRecord(
+                {**config, RELEASED_ROUNDS: released.get(node, 0)})}), [node], message_type)]
 
     # --- decoding: every reply goes through fedshield.records -------------------------------
     def _sender(self, msg: Message, sent: list[Message]) -> int:
@@ -237,6 +245,7 @@ class ShieldStrategy(HoldsFederation, FedAvg):
         names = list(reference)
         self._round_no = server_round
         nodes = self._decode_train_replies(replies, reference)
+        self.federation.note_released(n for n, r in self.round.reports.items() if r.dp is not None)
         updates = [self.round.reports[n].arrays for n in nodes]
         screening = self.screening_config(reference)
         kept, rejections = screen_updates(updates, reference, screening, nodes,

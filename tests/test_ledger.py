@@ -264,3 +264,18 @@ def test_cli_shows_a_sites_spend_per_federation_and_in_total(tmp_path):
     assert damaged.exit_code == 1 and "deleted" in damaged.stdout
     missing = runner.invoke(privacy_app, ["ledger", "--ledger-dir", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "not a directory" in missing.output
+
+
+def test_the_servers_count_of_releases_tells_a_missed_round_from_a_lost_ledger(tmp_path):
+    """A site offline for round 1 of a full-participation run is asked for round 2 with
+    ``released-rounds`` 0: it trains (the old rule refused it as "ledger deleted", locking it
+    out of the rest of the run). A ledger holding fewer of the run's rounds than the server
+    received is refused: deleted, truncated or replaced."""
+    ledger = Ledger.for_client(tmp_path, "fed", "site-1", DELTA, "rdp")
+    ledger.require_run_history("run-1", 2, released=0)  # missed round 1
+    ledger.record([EVENT], round=2, run_id="run-1")
+    ledger.require_run_history("run-1", 3, released=1)
+    with pytest.raises(LedgerMissing, match="received this client's DP releases in 2 round"):
+        ledger.require_run_history("run-1", 4, released=2)
+    with pytest.raises(LedgerMissing, match="holds no event of that run"):
+        ledger.require_run_history("run-2", 2)  # a server that does not say: the old rule

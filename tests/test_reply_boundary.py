@@ -18,9 +18,18 @@ from fedshield.server.recording import metrics_line
 from fedshield.server.screening import capped_weights, default_norm_bound
 from fedshield.server.strategy import ShieldStrategy
 from fedshield.tasks import task_for
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedshield.records import (
+    RELEASED_ROUNDS,
     EvalReport,
     Refusal,
     Rejected,
@@ -424,3 +433,55 @@ def test_an_all_fail_run_exits_non_zero_and_registers_nothing(tmp_path, monkeypa
     summary = json.loads(summary_path.read_text())
     assert summary["status"] == "failed" and "refusals: 6" in summary["failure"]
     assert "handoff" not in summary
+
+
+class Recording(Federation):
+    """A Federation that records each train message's ``released-rounds``, per (pid, round)."""
+
+    def __init__(self, cfg, behaviour=None) -> None:
+        self.released: dict[tuple[int, int], int] = {}
+        super().__init__(cfg, behaviour)
+
+    def _app(self, pid: int):
+        inner = super()._app(pid)
+
+        def app(msg: Message, context) -> Message:
+            config = msg.content["config"]
+            self.released[(pid, int(config["server-round"]))] = int(config[RELEASED_ROUNDS])
+            return inner(msg, context)
+        return app
+
+
+def test_each_train_message_says_how_many_of_its_nodes_releases_the_server_received(tmp_path):
+    """Partner sites that missed a round (offline, restarted) must not be taken for sites that
+    lost their ledger: the server tells each node how many of its DP releases of the run it
+    received; the client's ledger must hold that many (privacy/ledger.py). Node 0 is down in
+    round 1, node 1 sends no DP event, node 2 trains every round under DP; a checkpoint keeps
+    the counts for a resumed run."""
+    cfg = digits_cfg(tmp_path, n=3)
+    dp = {"noise-multiplier": 1.0, "sample-rate": 0.1, "steps": 3.0, "clip-norm": 1.0,
+          "delta": 1e-5}
+
+    def private(g, pid, rnd):
+        delta = honest_delta(g, pid, rnd)
+        arrays = {k: g[k] + delta[k] for k in g}
+        return encode_train_report(TrainReport.from_metrics(arrays, {**honest_metrics(pid),
+                                                                    **dp}))
+
+    def down_in_round_one(g, pid, rnd):
+        return Error(code=1, reason="Node Unavailable") if rnd == 1 else private(g, pid, rnd)
+
+    fed = Recording(cfg, {0: down_in_round_one, 1: honest, 2: private})
+    strategy = ShieldStrategy(cfg)
+    arrays = initial_arrays(cfg)
+    for rnd in (1, 2, 3):
+        new, _ = run_round(strategy, fed, arrays, rnd)
+        assert new is not None, strategy.round.skipped
+        arrays = new
+    assert fed.released == {(0, 1): 0, (1, 1): 0, (2, 1): 0,
+                            (0, 2): 0, (1, 2): 0, (2, 2): 1,
+                            (0, 3): 1, (1, 3): 0, (2, 3): 2}
+    resumed = ShieldStrategy(cfg)
+    resumed.federation.load_state_dict(strategy.federation.state_dict())
+    node = fed.partition_node[2]
+    assert resumed.federation.released_rounds[node] == 3
