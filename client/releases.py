@@ -17,15 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from fedshield.privacy.ledger import Ledger, atomic_write_json
 from fedshield.privacy.reference import (
+    REFERENCE_TAG,
     ReferenceRelease,
     monitored_features,
     num_monitored,
     public_edges,
+    reference_event_id,
     release_reference,
 )
 from fedshield.privacy.releases import (
@@ -56,7 +59,6 @@ log = logging.getLogger("flwr")
 RELEASE_TAG = "class-histogram-release"
 EVAL_TAG = "federated-evaluation"  # run_id suffix of the evaluation releases' ledger events
 EVAL_COUNT_KEY = "eval-count"  # sidecar key "<run>/eval-count": the held-out count release
-REFERENCE_TAG = "drift-reference-release"
 
 
 def releases_path(ledger: Ledger) -> Path:
@@ -122,9 +124,10 @@ def reference_release(features: np.ndarray, labels: np.ndarray, num_classes: int
     release = release_reference(features, labels, num_classes, edges,
                                 privacy.reference_noise_multiplier, secure_rng())
     ledger.check([release.event])
-    # Its own tag per draw, as the class release: a redraw is a new event, never skipped.
-    tag = f"{_reference_key(run_key)}/{secrets.token_hex(4)}"
-    ledger.record([release.event], round=0, run_id=tag)
+    # Its own tag per draw, as the class release: a redraw is a new event, never skipped. The
+    # tag travels with the release (the server checks and records which event it cost).
+    release = replace(release, event_id=reference_event_id(run_key, secrets.token_hex(4)))
+    ledger.record([release.event], round=0, run_id=release.event_id)
     path = releases_path(ledger)
     doc = _read(path)
     doc[_reference_key(run_key)] = release.to_dict()

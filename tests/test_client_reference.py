@@ -217,7 +217,12 @@ def _content(features, classes, metrics) -> RecordDict:
     (np.zeros((64, 10)), np.zeros(3), {"noise-multiplier": 0.0, "noise-std": 0.0},
      "shape-mismatch"),
 ])
-def test_a_malformed_reference_reply_is_rejected_with_its_reason(features, classes, metrics, code):
+def test_a_malformed_reference_reply_is_rejected_with_its_reason(features, classes, metrics, code,
+                                                                 monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):  # a server-built message needs them
+        monkeypatch.setattr(TaskIdentity, name, 1)
     decoded = decode_reference_reply(_reply(_content(features, classes, metrics)), (64, 10), 10)
     assert isinstance(decoded, Rejected) and decoded.code == code, decoded
     good = decode_reference_reply(_reply(_content(np.zeros((64, 10)), np.zeros(10),
