@@ -151,28 +151,27 @@ def task_edges(task: Task, bins: int) -> np.ndarray:
 
 
 def training_release(task: Task, data: Split, cfg: schema.Config, ledger: Ledger,
-                     run_key: str) -> ReferenceRelease | None:
+                     run_key: str) -> tuple[ReferenceRelease | None, bool]:
     """Under DP, in the round the client trains: this run's reference release (made and
-    accounted the first time, kept after). None when the run wants none, or the public edges
-    cannot be computed here (the task's test split is not installed): the client trains on, and
-    later refuses the query saying why. Raises BudgetExhausted when the release alone would
-    exceed the budget."""
+    accounted the first time, kept after), and whether it was made now (its event is then new
+    in the ledger). None when the run wants none, or the public edges cannot be computed here
+    (the task's test split is not installed): the client trains on, and later refuses the query
+    saying why. Raises BudgetExhausted when the release alone would exceed the budget."""
     if not wants_reference(cfg):
-        return None
+        return None, False
     bins = cfg.deployment.reference_bins
     kept = kept_reference(ledger, run_key, reference_shape(task, bins), task.num_classes)
     if kept is not None:
-        return kept
+        return kept, False
     try:
         edges = task_edges(task, bins)
     except (OSError, ImportError, FedShieldError) as exc:
         log.warning("drift reference: no public bin edges here (%s: %s); no release",
                     type(exc).__name__, exc)
-        return None
+        return None, False
     features = monitored_features(data.x, task.input_shape)
-    release, _ = reference_release(features, data.y, task.num_classes, edges, cfg.privacy,
-                                   ledger, run_key)
-    return release
+    return reference_release(features, data.y, task.num_classes, edges, cfg.privacy, ledger,
+                             run_key)
 
 
 def reply_metrics(metrics: dict, privacy: PrivacyConfig, exact: dict[str, float]) -> dict:

@@ -126,6 +126,12 @@ def event_id_problem(event_id: str | None, run_key: str) -> str | None:
     return None
 
 
+# A DP training reply's keys for the reference release's event (recorded per client in the
+# metrics line of the round whose ledger entry holds it: server/recording.py).
+REFERENCE_NOISE_KEY = "dp-reference-noise-multiplier"
+REFERENCE_NEW_KEY = "dp-reference-new"  # 1 in the round whose ledger entry holds the event
+
+
 def reference_event(sigma: float) -> Event:
     """The accountant event of one reference release at noise multiplier ``sigma``."""
     if not (math.isfinite(sigma) and sigma > 0):
@@ -162,6 +168,12 @@ class ReferenceRelease:
     def event(self) -> Event:
         """The privacy event of this release (one Gaussian mechanism); only for private ones."""
         return reference_event(self.noise_multiplier)
+
+    def to_metrics(self, new: bool) -> dict[str, float]:
+        """A training reply's metrics naming this release's event; ``new``: the event is
+        recorded in the ledger this round (the values themselves go only to the query)."""
+        return {REFERENCE_NOISE_KEY: self.noise_multiplier,
+                REFERENCE_NEW_KEY: 1.0 if new else 0.0}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (the client's releases file, the server's client_reference.json)."""

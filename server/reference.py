@@ -12,6 +12,7 @@ A resumed run asks again and the clients resend their kept releases: nothing is 
 
 from __future__ import annotations
 
+import json
 import math
 from logging import INFO, WARNING
 
@@ -43,6 +44,7 @@ from fedshield.records import (
     decode_reference_reply,
     sender_problem,
 )
+from fedshield.run_records import ReferenceCollection, ReleaseEvent
 
 
 def collect_reference(grid: Grid, cfg: schema.Config, folder: RunFolder,
@@ -107,6 +109,30 @@ def collect_reference(grid: Grid, cfg: schema.Config, folder: RunFolder,
     log(INFO, "drift reference: counts from %d of %d clients in %s", len(parts), len(nodes),
         CLIENT_REFERENCE_JSON)
     return record
+
+
+def collection_record(record: ClientReference) -> ReferenceCollection:
+    """The summary's typed view of a collection: who was used, at which ledger event."""
+    private = {k: p for k, p in record.parts.items() if p.private}
+    events = {k: ReleaseEvent(noise_multiplier=e[0], sample_rate=e[1], steps=e[2])
+              for k, e in ((k, p.event) for k, p in private.items())}
+    return ReferenceCollection(
+        noise_multiplier=record.noise_multiplier, used=tuple(sorted(record.parts)),
+        events=events, event_ids={k: p.event_id for k, p in private.items() if p.event_id},
+        refused=dict(record.refused), rejected=dict(record.rejected))
+
+
+def read_collection(folder: RunFolder, cfg: schema.Config) -> ReferenceCollection | None:
+    """The run folder's collection as the summary records it; None when the run takes its
+    reference from the server or the file is missing or unreadable (logged)."""
+    path = folder.path / CLIENT_REFERENCE_JSON
+    if cfg.deployment.reference_source != "clients" or not path.exists():
+        return None
+    try:
+        return collection_record(ClientReference.from_dict(json.loads(path.read_text())))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log(WARNING, "drift reference: %s unreadable (%s); not in the summary", path, exc)
+        return None
 
 
 # Tolerance on floats the client computed the same way (sigma x sqrt(H)) and sent through a

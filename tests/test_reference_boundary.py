@@ -253,3 +253,68 @@ def test_the_merge_sums_noised_counts_then_clips_and_normalises_once():
     assert merged.noise_std == pytest.approx(np.sqrt(2.0))
     # a feature whose summed counts are all <= 0 carries no information: uniform
     assert normalise(np.array([[-1.0, -2.0]])).tolist() == [[0.5, 0.5]]
+
+
+# --- what the run's files record -----------------------------------------------------------------
+
+def test_the_metrics_line_records_the_reference_event_in_the_round_that_holds_it():
+    from types import SimpleNamespace
+
+    from fedshield.server.federation_state import RoundState
+    from fedshield.server.recording import metrics_line
+
+    from fedshield.records import TrainReport
+    from fedshield.run_records import MetricsLine
+
+    dp_reply = {"epsilon": 1.0, "delta": 1e-5, "noise-multiplier": 1.0, "clip-norm": 1.0,
+                "sample-rate": 0.1, "steps": 10.0, "partition-id": 0,
+                **dp_release_metrics(new=True)}
+    strategy = SimpleNamespace(node_partition={7: 0}, reputation=None,
+                               user_level_epsilon=lambda rnd: None)
+    record = {"server_eval": {}, "client_eval": {}, "train": {}, "seconds": 1.0,
+              "state": RoundState(reports={7: TrainReport.from_metrics({}, dp_reply)})}
+    text = metrics_line(1, record, strategy).to_json()
+    event = MetricsLine.from_json(text).dp_events["0"].reference
+    assert (event.noise_multiplier, event.sample_rate, event.steps) == (SIGMA, 1.0, 1)
+    kept = {**dp_reply, **dp_release_metrics(new=False)}  # later rounds resend, pay nothing
+    record["state"] = RoundState(reports={7: TrainReport.from_metrics({}, kept)})
+    assert "reference" not in metrics_line(2, record, strategy).to_dict()["dp_events"]["0"]
+    # a line written before the field existed still reads
+    old = MetricsLine.from_json('{"round": 1, "dp_events": {"0": {"noise_multiplier": 1.0, '
+                                '"sample_rate": 0.1, "steps": 10, "clip_norm": 1.0, '
+                                '"delta": 1e-05}}}')
+    assert old.dp_events["0"].reference is None
+
+
+def dp_release_metrics(new: bool) -> dict[str, float]:
+    release = ReferenceRelease(np.zeros((2, 3)), np.zeros(2), SIGMA, SIGMA * np.sqrt(3))
+    return release.to_metrics(new)
+
+
+def test_the_summary_records_who_was_used_at_which_event_and_who_was_not(digits, tmp_path):
+    from fedshield.privacy.ledger import atomic_write_json
+    from fedshield.privacy.reference import CLIENT_REFERENCE_JSON, ClientReference
+    from fedshield.server.reference import read_collection
+
+    from fedshield.run_records import RunSummary
+
+    x, y, edges = digits
+    record = ClientReference(edges, tuple(f"f{i}" for i in range(64)), CLASSES,
+                             {"0": dp_release(digits)}, {"1": "no-reference-release: never"},
+                             {"2": "not-private: 650 of 650 counts are whole numbers"}, SIGMA)
+    folder = RunFolder(tmp_path / RUN_KEY)
+    cfg = dp_cfg(tmp_path)
+    assert read_collection(folder, cfg) is None  # no collection (yet)
+    atomic_write_json(folder.path / CLIENT_REFERENCE_JSON, record.to_dict())
+    collected = read_collection(folder, cfg)
+    assert collected.used == ("0",) and collected.event_ids == {"0": release_id()}
+    assert (collected.events["0"].noise_multiplier, collected.events["0"].steps) == (SIGMA, 1)
+    assert collected.refused["1"].startswith("no-reference-release")
+    assert collected.rejected["2"].startswith("not-private")
+    summary = RunSummary(drift_reference=collected)
+    assert RunSummary.from_json(summary.to_json()).drift_reference == collected
+    assert RunSummary.from_json('{"privacy": {}}').drift_reference is None  # older summaries
+
+
+def release_id() -> str:
+    return reference_event_id(RUN_KEY, NONCE)
