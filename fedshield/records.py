@@ -126,6 +126,9 @@ class Refusal:
     reason: str
     partition_id: int | None = None
 
+    def __str__(self) -> str:
+        return f"{self.code}: {self.reason}"
+
 
 @dataclass(frozen=True)
 class EvalReport:
@@ -247,6 +250,7 @@ def encode_reference_report(report: ReferenceReport) -> RecordDict:
 # refusal first (the same for every kind of reply), then the kind's own body; _guarded turns
 # whatever a body raises into a Rejected, so no decoder ever raises.
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 def _guarded(body: Callable[[], T]) -> T | Rejected:
@@ -282,6 +286,19 @@ def sender_problem(node: int, answered: Container[int], asked: Collection[int], 
     if asked and node not in asked:
         return Rejected("unsolicited", not_asked)
     return None
+
+
+def filed(decoded: T | Refusal | Rejected, key: K, refused: dict[K, str],
+          rejected: dict[K, str]) -> T | None:
+    """The decoded record, or None once a refusal or a rejection is filed under ``key`` as
+    "code: reason" (the strings metrics.jsonl and client_reference.json carry)."""
+    if isinstance(decoded, Refusal):
+        refused[key] = str(decoded)
+        return None
+    if isinstance(decoded, Rejected):
+        rejected[key] = str(decoded)
+        return None
+    return decoded
 
 
 def decode_reference_reply(msg: Message, shape: tuple[int, int], num_classes: int,

@@ -189,22 +189,20 @@ def run_failure(lines: list[MetricsLine], stopped: str) -> str:
 def release_event(metrics) -> ReleaseEvent | None:
     """The client's statistics-release event, in the round whose ledger entry holds it (the
     server can then recompute every client epsilon from the metrics lines alone)."""
-    if metrics.get(STATS_NEW_KEY) != 1.0 or STATS_NOISE_KEY not in metrics:
-        return None
-    try:
-        noise, rate, steps = histogram_event(float(metrics[STATS_NOISE_KEY]))
-    except (TypeError, ValueError, ConfigError):
-        return None
-    return ReleaseEvent(noise_multiplier=noise, sample_rate=rate, steps=steps)
+    return _new_event(metrics, STATS_NEW_KEY, STATS_NOISE_KEY, histogram_event)
 
 
 def reference_release_event(metrics) -> ReleaseEvent | None:
     """The client's drift-reference release event, in the round whose ledger entry holds it
     (privacy/reference.py), like :func:`release_event`."""
-    if metrics.get(REFERENCE_NEW_KEY) != 1.0 or REFERENCE_NOISE_KEY not in metrics:
+    return _new_event(metrics, REFERENCE_NEW_KEY, REFERENCE_NOISE_KEY, reference_event)
+
+
+def _new_event(metrics, new_key: str, noise_key: str, event) -> ReleaseEvent | None:
+    if metrics.get(new_key) != 1.0 or noise_key not in metrics:
         return None
     try:
-        noise, rate, steps = reference_event(float(metrics[REFERENCE_NOISE_KEY]))
+        noise, rate, steps = event(float(metrics[noise_key]))
     except (TypeError, ValueError, ConfigError):
         return None
     return ReleaseEvent(noise_multiplier=noise, sample_rate=rate, steps=steps)

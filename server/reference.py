@@ -39,9 +39,8 @@ from fedshield import schema
 from fedshield.records import (
     REFERENCE_QUERY,
     ReferenceReport,
-    Refusal,
-    Rejected,
     decode_reference_reply,
+    filed,
     sender_problem,
 )
 from fedshield.run_records import ReferenceCollection, ReleaseEvent
@@ -86,12 +85,9 @@ def collect_reference(grid: Grid, cfg: schema.Config, folder: RunFolder,
                 parts.pop(label, None)
                 refused.pop(label, None)
             continue
-        decoded = decode_reference_reply(msg, shape, task.num_classes)
-        if isinstance(decoded, Refusal):
-            refused[label] = f"{decoded.code}: {decoded.reason}"
-            continue
-        if isinstance(decoded, Rejected):
-            rejected[label] = str(decoded)
+        decoded = filed(decode_reference_reply(msg, shape, task.num_classes), label, refused,
+                        rejected)
+        if decoded is None:
             continue
         claim = identity_problem(labels, node, decoded.partition_id)
         part = claim if claim is not None else check_reference(

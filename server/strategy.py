@@ -53,6 +53,7 @@ from fedshield.records import (
     ReplyLimits,
     decode_eval_reply,
     decode_train_reply,
+    filed,
     npy_view,
     sender_problem,
 )
@@ -362,12 +363,8 @@ class ShieldStrategy(HoldsFederation, FedAvg):
                 if problem.code == "duplicate":  # neither answer is used
                     results.pop(node, None)
                 continue
-            decoded = decode_eval_reply(msg, self.limits)
-            if isinstance(decoded, Refusal):
-                refused[node] = f"{decoded.code}: {decoded.reason}"
-                continue
-            if isinstance(decoded, Rejected):
-                rejected[node] = str(decoded)
+            decoded = filed(decode_eval_reply(msg, self.limits), node, refused, rejected)
+            if decoded is None:
                 continue
             problem = self.identity_problem(node, decoded.partition_id)
             checked = check_result(decoded.accuracy, decoded.loss, decoded.num_examples,

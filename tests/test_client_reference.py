@@ -314,3 +314,19 @@ def test_a_client_with_nothing_covered_to_send_refuses(tmp_path, section, code):
     record = collect_reference(grid, cfg, RunFolder(tmp_path), grid.node_to_partition)
     assert record.parts == {} and sorted(record.refused) == ["0", "1", "2"]
     assert all(why.startswith(f"{code}: ") for why in record.refused.values())
+
+
+@pytest.mark.slow
+def test_the_run_files_record_each_release_event_and_its_ledger_id(dp_run):
+    from fedshield.run_records import read_metrics
+
+    cfg, summary, tmp = dp_run
+    first = read_metrics(summary.run_dir)[0]
+    events = {k: (e.reference.noise_multiplier, e.reference.sample_rate, e.reference.steps)
+              for k, e in first.dp_events.items() if e.reference is not None}
+    assert events == {k: (SIGMA, 1.0, 1) for k in ("0", "1", "2")}
+    collected = summary.drift_reference
+    assert collected.used == ("0", "1", "2") and not collected.rejected
+    ledger_ids = {e["run_id"] for ledger in client_ledgers(tmp, cfg) for e in ledger.history
+                  if REFERENCE_TAG in e["run_id"]}
+    assert set(collected.event_ids.values()) == ledger_ids and len(ledger_ids) == 3

@@ -23,13 +23,17 @@ from fedshield.privacy.reference import (
 from fedshield.server.outputs import RunFolder
 from fedshield.server.reference import check_reference, collect_reference
 from fedshield.tasks import get_task
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
 
 from fedshield.records import (
     ReferenceReport,
+    Refusal,
     Rejected,
+    decode_eval_reply,
     decode_reference_reply,
+    decode_train_reply,
     encode_reference_report,
+    filed,
     sender_problem,
 )
 from tests.config_support import neutral_config
@@ -318,3 +322,40 @@ def test_the_summary_records_who_was_used_at_which_event_and_who_was_not(digits,
 
 def release_id() -> str:
     return reference_event_id(RUN_KEY, NONCE)
+
+
+# --- one decoding boundary for the three kinds of reply ------------------------------------------
+
+DECODERS = {
+    "train": lambda msg: decode_train_reply(msg, {"w": np.zeros(2, np.float32)}),
+    "evaluate": decode_eval_reply,
+    "reference": lambda msg: decode_reference_reply(msg, SHAPE, CLASSES),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_every_decoder_meets_errors_refusals_and_junk_the_same_way(kind):
+    from flwr.app import ConfigRecord, Error, MetricRecord
+
+    decode = DECODERS[kind]
+    sent = Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY)
+    error = decode(Message(error=Error(code=1, reason="boom"), reply_to=sent))
+    assert error == Rejected("client-error", "boom")
+    refusal = decode(wire(Message(RecordDict({
+        "refusal": ConfigRecord({"code": "budget-exhausted", "reason": "spent"}),
+        "metrics": MetricRecord({"partition-id": 3})}), reply_to=sent)))
+    assert str(refusal) == "budget-exhausted: spent" and refusal.partition_id == 3
+    bad = decode(Message(RecordDict({"refusal": MetricRecord({"code": 1})}), reply_to=sent))
+    assert isinstance(bad, Rejected) and bad.code == "malformed:refusal"
+    nan = decode(Message(RecordDict({"metrics": MetricRecord({"partition-id": float("nan")}),
+                                     "arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))}),
+                                     "reference": ArrayRecord()}), reply_to=sent))
+    assert isinstance(nan, Rejected), nan  # never a traceback
+
+
+def test_filed_sorts_refusals_and_rejections_under_their_key():
+    refused, rejected = {}, {}
+    assert filed(Refusal("no-data", "none", 1), "a", refused, rejected) is None
+    assert filed(Rejected("non-finite", "NaN"), "b", refused, rejected) is None
+    assert filed("a record", "c", refused, rejected) == "a record"
+    assert (refused, rejected) == ({"a": "no-data: none"}, {"b": "non-finite: NaN"})
