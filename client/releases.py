@@ -126,8 +126,9 @@ def reference_release(features: np.ndarray, labels: np.ndarray, num_classes: int
     ledger.check([release.event])
     # Its own tag per draw, as the class release: a redraw is a new event, never skipped. The
     # tag travels with the release (the server checks and records which event it cost).
-    release = replace(release, event_id=reference_event_id(run_key, secrets.token_hex(4)))
-    ledger.record([release.event], round=0, run_id=release.event_id)
+    event_id = reference_event_id(run_key, secrets.token_hex(4))
+    release = replace(release, event_id=event_id)
+    ledger.record([release.event], round=0, run_id=event_id)
     path = releases_path(ledger)
     doc = _read(path)
     doc[_reference_key(run_key)] = release.to_dict()
