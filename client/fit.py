@@ -124,7 +124,9 @@ def _train_private(model, data, train_cfg, cfg: schema.Config, context: Context,
     total_rounds = int(rc.get("num-rounds", 1))
     # The drift-reference histograms, once per run and accounted like the class histogram
     # (client/releases.py); the ServerApp collects the kept release after the last round.
-    reference = training_release(task, data, cfg, ledger, run_key)
+    reference, reference_new = training_release(task, data, cfg, ledger, run_key)
+    if reference is not None:  # its event's parameters (the counts go only to the query)
+        stats = {**stats, **reference.to_metrics(reference_new)}
     # The plan leaves room for the histogram release, federated evaluation's releases and the
     # drift reference's.
     extra = planned_events(cfg.privacy, cfg.federation.fraction_evaluate, total_rounds, release)

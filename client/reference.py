@@ -75,7 +75,11 @@ def answer_query(msg: Message, context: Context, cfg: schema.Config,
         release = release_reference(monitored_features(data.x, task.input_shape), data.y,
                                     task.num_classes, task_edges(task, bins), 0.0,
                                     np.random.default_rng())
+    # A DP release carries its event's parameters (sensitivity, ledger event id): the server
+    # checks them against the run's config before it uses the counts (server/reference.py).
     report = ReferenceReport(release.feature_counts, release.class_counts,
                              release.noise_multiplier, release.noise_std,
-                             identity(context).get("partition-id"))
+                             identity(context).get("partition-id"),
+                             sensitivity=release.sensitivity if release.private else None,
+                             event_id=release.event_id)
     return Message(encode_reference_report(report), reply_to=msg)

@@ -17,15 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from fedshield.privacy.ledger import Ledger, atomic_write_json
 from fedshield.privacy.reference import (
+    REFERENCE_TAG,
     ReferenceRelease,
     monitored_features,
     num_monitored,
     public_edges,
+    reference_event_id,
     release_reference,
 )
 from fedshield.privacy.releases import (
@@ -56,7 +59,6 @@ log = logging.getLogger("flwr")
 RELEASE_TAG = "class-histogram-release"
 EVAL_TAG = "federated-evaluation"  # run_id suffix of the evaluation releases' ledger events
 EVAL_COUNT_KEY = "eval-count"  # sidecar key "<run>/eval-count": the held-out count release
-REFERENCE_TAG = "drift-reference-release"
 
 
 def releases_path(ledger: Ledger) -> Path:
@@ -122,9 +124,11 @@ def reference_release(features: np.ndarray, labels: np.ndarray, num_classes: int
     release = release_reference(features, labels, num_classes, edges,
                                 privacy.reference_noise_multiplier, secure_rng())
     ledger.check([release.event])
-    # Its own tag per draw, as the class release: a redraw is a new event, never skipped.
-    tag = f"{_reference_key(run_key)}/{secrets.token_hex(4)}"
-    ledger.record([release.event], round=0, run_id=tag)
+    # Its own tag per draw, as the class release: a redraw is a new event, never skipped. The
+    # tag travels with the release (the server checks and records which event it cost).
+    event_id = reference_event_id(run_key, secrets.token_hex(4))
+    release = replace(release, event_id=event_id)
+    ledger.record([release.event], round=0, run_id=event_id)
     path = releases_path(ledger)
     doc = _read(path)
     doc[_reference_key(run_key)] = release.to_dict()
@@ -148,28 +152,27 @@ def task_edges(task: Task, bins: int) -> np.ndarray:
 
 
 def training_release(task: Task, data: Split, cfg: schema.Config, ledger: Ledger,
-                     run_key: str) -> ReferenceRelease | None:
+                     run_key: str) -> tuple[ReferenceRelease | None, bool]:
     """Under DP, in the round the client trains: this run's reference release (made and
-    accounted the first time, kept after). None when the run wants none, or the public edges
-    cannot be computed here (the task's test split is not installed): the client trains on, and
-    later refuses the query saying why. Raises BudgetExhausted when the release alone would
-    exceed the budget."""
+    accounted the first time, kept after), and whether it was made now (its event is then new
+    in the ledger). None when the run wants none, or the public edges cannot be computed here
+    (the task's test split is not installed): the client trains on, and later refuses the query
+    saying why. Raises BudgetExhausted when the release alone would exceed the budget."""
     if not wants_reference(cfg):
-        return None
+        return None, False
     bins = cfg.deployment.reference_bins
     kept = kept_reference(ledger, run_key, reference_shape(task, bins), task.num_classes)
     if kept is not None:
-        return kept
+        return kept, False
     try:
         edges = task_edges(task, bins)
     except (OSError, ImportError, FedShieldError) as exc:
         log.warning("drift reference: no public bin edges here (%s: %s); no release",
                     type(exc).__name__, exc)
-        return None
+        return None, False
     features = monitored_features(data.x, task.input_shape)
-    release, _ = reference_release(features, data.y, task.num_classes, edges, cfg.privacy,
-                                   ledger, run_key)
-    return release
+    return reference_release(features, data.y, task.num_classes, edges, cfg.privacy, ledger,
+                             run_key)
 
 
 def reply_metrics(metrics: dict, privacy: PrivacyConfig, exact: dict[str, float]) -> dict:

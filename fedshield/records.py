@@ -10,9 +10,11 @@ A client answers a training message with one of:
 - an error (Flower's ``Error``: the ClientApp raised, or the node was unreachable).
 
 Clients build their replies with ``encode_*``. The server never reads ``msg.content`` itself:
-``decode_train_reply`` / ``decode_eval_reply`` parse and validate every field and return a typed
-record or a ``Rejected`` with a coded reason. They never raise, whatever the message holds: a
-hostile client must not be able to stop the federation by sending something unparseable.
+``decode_train_reply`` / ``decode_eval_reply`` / ``decode_reference_reply`` parse and validate
+every field and return a typed record or a ``Rejected`` with a coded reason. They share one
+prologue and one except-tail (``_decode``) and never raise, whatever the message holds: a hostile
+client must not be able to stop the federation by sending something unparseable. Before decoding,
+``sender_problem`` says whether the sender may answer at all (duplicate, unsolicited).
 
 Arrays are decoded as read-only zero-copy views on the message's bytes, after the ``.npy`` header
 has been checked against the global model (names, dtype kind, shape, exact byte count): nothing is
@@ -23,9 +25,10 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Container, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -35,7 +38,8 @@ ARRAYS, METRICS, REFUSAL, HISTOGRAM = "arrays", "metrics", "refusal", "histogram
 # The drift-reference query after the last round (server/reference.py) and its reply's records.
 REFERENCE_QUERY = "drift-reference"  # the query message's config "query" value
 REFERENCE, FEATURE_COUNTS, CLASS_COUNTS = "reference", "feature-counts", "class-counts"
-NOISE_MULTIPLIER, NOISE_STD = "noise-multiplier", "noise-std"
+NOISE_MULTIPLIER, NOISE_STD, SENSITIVITY = "noise-multiplier", "noise-std", "sensitivity"
+RELEASE, EVENT_ID = "release", "event-id"  # ConfigRecord naming the release's ledger event
 # Train/evaluate config key: in how many rounds of this run the server received this node's
 # DP-released update (the client checks its ledger holds at least that many; client/fit.py).
 RELEASED_ROUNDS = "released-rounds"
@@ -125,6 +129,9 @@ class Refusal:
     reason: str
     partition_id: int | None = None
 
+    def __str__(self) -> str:
+        return f"{self.code}: {self.reason}"
+
 
 @dataclass(frozen=True)
 class EvalReport:
@@ -140,13 +147,17 @@ class EvalReport:
 @dataclass(frozen=True)
 class ReferenceReport:
     """A client's answer to the drift-reference query: its released counts (noised under DP,
-    ``noise_multiplier`` > 0; exact without DP, 0) and the mechanism's parameters."""
+    ``noise_multiplier`` > 0; exact without DP, 0) and the mechanism's parameters: the L2
+    ``sensitivity`` the noise is calibrated to and the ledger ``event_id`` the release cost
+    (None when not sent: an exact reply has neither)."""
 
     feature_counts: np.ndarray  # (features, bins), read-only
     class_counts: np.ndarray    # (num_classes,), read-only
     noise_multiplier: float
     noise_std: float
     partition_id: int | None = None
+    sensitivity: float | None = None
+    event_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -227,24 +238,81 @@ def encode_reference_report(report: ReferenceReport) -> RecordDict:
                                         NOISE_STD: float(report.noise_std)}
     if report.partition_id is not None:
         metrics[PARTITION_ID] = int(report.partition_id)
+    if report.sensitivity is not None:
+        metrics[SENSITIVITY] = float(report.sensitivity)
     arrays = {FEATURE_COUNTS: Array(np.asarray(report.feature_counts, dtype=np.float64)),
               CLASS_COUNTS: Array(np.asarray(report.class_counts, dtype=np.float64))}
-    return RecordDict({REFERENCE: ArrayRecord(arrays), METRICS: MetricRecord(metrics)})
+    content = RecordDict({REFERENCE: ArrayRecord(arrays), METRICS: MetricRecord(metrics)})
+    if report.event_id is not None:
+        content[RELEASE] = ConfigRecord({EVENT_ID: report.event_id})
+    return content
 
 
 # --- decoding (server side) -------------------------------------------------------------------
-def decode_reference_reply(msg: Message, shape: tuple[int, int], num_classes: int,
-                           limits: ReplyLimits = ReplyLimits()
-                           ) -> ReferenceReport | Refusal | Rejected:
-    """Parse and validate one reply to the drift-reference query: counts of exactly ``shape``
-    and ``num_classes`` (checked in the .npy header before anything is read), finite, and a
-    noise multiplier and std that are both 0 (exact) or both > 0. Never raises."""
+# The one decoding boundary. Every reply goes through _decode: a client error, no content or a
+# refusal first (the same for every kind of reply), then the kind's own body; _guarded turns
+# whatever a body raises into a Rejected, so no decoder ever raises.
+T = TypeVar("T")
+K = TypeVar("K")
+
+
+def _guarded(body: Callable[[], T]) -> T | Rejected:
     try:
+        return body()
+    except _Bad as bad:
+        return Rejected(bad.code, bad.reason)
+    except Exception as exc:  # noqa: BLE001 — a last line of defence; tests expect none of these
+        return Rejected("undecodable", f"{type(exc).__name__}: {_clip(str(exc), 200)}")
+
+
+def _decode(msg: Message, limits: ReplyLimits,
+            body: Callable[[RecordDict], T]) -> T | Refusal | Rejected:
+    def run() -> T | Refusal | Rejected:
         if msg.has_error():
             return Rejected("client-error", _error_reason(msg))
         content = _content(msg)
         if REFUSAL in content:
             return _refusal(content, limits)
+        return body(content)
+    return _guarded(run)
+
+
+def sender_problem(node: int, answered: Container[int], asked: Collection[int], *,
+                   second: str, not_asked: str) -> Rejected | None:
+    """Whether a reply from ``node`` may be decoded at all: not when ``node`` already answered
+    (``duplicate``: the caller drops its first answer too) or was not among the ``asked`` nodes
+    (``unsolicited``; an empty ``asked`` means the asked set is unknown). The node id is the
+    grid's routing (the message the reply answers), never a field the client fills in; a
+    partition-id claim is checked after decoding (server/federation_state.py)."""
+    if node in answered:
+        return Rejected("duplicate", second)
+    if asked and node not in asked:
+        return Rejected("unsolicited", not_asked)
+    return None
+
+
+def filed(decoded: T | Refusal | Rejected, key: K, refused: dict[K, str],
+          rejected: dict[K, str]) -> T | None:
+    """The decoded record, or None once a refusal or a rejection is filed under ``key`` as
+    "code: reason" (the strings metrics.jsonl and client_reference.json carry)."""
+    if isinstance(decoded, Refusal):
+        refused[key] = str(decoded)
+        return None
+    if isinstance(decoded, Rejected):
+        rejected[key] = str(decoded)
+        return None
+    return decoded
+
+
+def decode_reference_reply(msg: Message, shape: tuple[int, int], num_classes: int,
+                           limits: ReplyLimits = ReplyLimits()
+                           ) -> ReferenceReport | Refusal | Rejected:
+    """Parse and validate one reply to the drift-reference query: counts of exactly ``shape``
+    and ``num_classes`` (checked in the .npy header before anything is read), finite, a noise
+    multiplier and std that are both 0 (exact) or both > 0, and, when sent, the release's
+    sensitivity and ledger event id. Whether they fit the run's privacy mode is the server's
+    check (server/reference.py). Never raises."""
+    def body(content: RecordDict) -> ReferenceReport:
         record = content[REFERENCE] if REFERENCE in content else None
         if not isinstance(record, ArrayRecord) or set(record.keys()) != {FEATURE_COUNTS,
                                                                          CLASS_COUNTS}:
@@ -263,72 +331,58 @@ def decode_reference_reply(msg: Message, shape: tuple[int, int], num_classes: in
             raise _Bad("malformed:reference", f"{NOISE_MULTIPLIER} and {NOISE_STD} are both "
                        f"needed, both 0 (exact counts) or both > 0; got {sigma}, {std}")
         return ReferenceReport(arrays[FEATURE_COUNTS], arrays[CLASS_COUNTS], sigma, std,
-                               _partition_id(m, limits))
-    except _Bad as bad:
-        return Rejected(bad.code, bad.reason)
-    except Exception as exc:  # noqa: BLE001 — see decode_train_reply
-        return Rejected("undecodable", f"{type(exc).__name__}: {_clip(str(exc), 200)}")
+                               _partition_id(m, limits),
+                               sensitivity=_number(m, SENSITIVITY, lo=0.0, lo_open=True),
+                               event_id=_release_event_id(content, limits))
+    return _decode(msg, limits, body)
 
 
 def decode_train_reply(msg: Message, reference: Mapping[str, np.ndarray],
                        limits: ReplyLimits = ReplyLimits()) -> TrainReport | Refusal | Rejected:
     """Parse and validate one training reply against the global model's arrays. Never raises."""
-    try:
-        return _decode_train(msg, reference, limits)
-    except _Bad as bad:
-        return Rejected(bad.code, bad.reason)
-    except Exception as exc:  # noqa: BLE001 — a last line of defence; tests expect none of these
-        return Rejected("undecodable", f"{type(exc).__name__}: {_clip(str(exc), 200)}")
+    def body(content: RecordDict) -> TrainReport:
+        if ARRAYS not in content:
+            raise _Bad("malformed:reply", f"neither {ARRAYS!r} nor {REFUSAL!r} in the reply "
+                       f"(records: {_clip(', '.join(map(repr, list(content)[:8])), 200)})")
+        metrics = _metrics(content, limits, required=True)
+        arrays = decode_arrays(content[ARRAYS], reference, limits)
+        histogram = None
+        if HISTOGRAM in content:
+            histogram = _histogram(content[HISTOGRAM], limits)
+        return _train_report(arrays, metrics, limits, histogram)
+    return _decode(msg, limits, body)
 
 
 def decode_eval_reply(msg: Message,
                       limits: ReplyLimits = ReplyLimits()) -> EvalReport | Refusal | Rejected:
     """Parse and validate one evaluation reply. Never raises."""
-    try:
-        if msg.has_error():
-            return Rejected("client-error", _error_reason(msg))
-        content = _content(msg)
-        if REFUSAL in content:
-            return _refusal(content, limits)
+    def body(content: RecordDict) -> EvalReport:
         m = _metrics(content, limits, required=True)
         return EvalReport(num_examples=_num_examples(m, limits),
                           accuracy=_number(m, ACCURACY, lo=0.0, hi=1.0),
                           loss=_number(m, LOSS, lo=0.0),
                           partition_id=_partition_id(m, limits),
                           extra=_extra(m, {NUM_EXAMPLES, ACCURACY, LOSS, PARTITION_ID}))
-    except _Bad as bad:
-        return Rejected(bad.code, bad.reason)
-    except Exception as exc:  # noqa: BLE001 — see decode_train_reply
-        return Rejected("undecodable", f"{type(exc).__name__}: {_clip(str(exc), 200)}")
+    return _decode(msg, limits, body)
 
 
 def decode_train_metrics(metrics: Mapping,
                          limits: ReplyLimits = ReplyLimits()) -> TrainReport | Rejected:
     """The metrics part of a training reply alone (SecAgg+: the update itself is masked)."""
-    try:
-        return _train_report({}, _checked_mapping(metrics, limits), limits, None)
-    except _Bad as bad:
-        return Rejected(bad.code, bad.reason)
-    except Exception as exc:  # noqa: BLE001 — see decode_train_reply
-        return Rejected("undecodable", f"{type(exc).__name__}: {_clip(str(exc), 200)}")
+    return _guarded(lambda: _train_report({}, _checked_mapping(metrics, limits), limits, None))
 
 
-def _decode_train(msg: Message, reference: Mapping[str, np.ndarray],
-                  limits: ReplyLimits) -> TrainReport | Refusal | Rejected:
-    if msg.has_error():
-        return Rejected("client-error", _error_reason(msg))
-    content = _content(msg)
-    if REFUSAL in content:
-        return _refusal(content, limits)
-    if ARRAYS not in content:
-        raise _Bad("malformed:reply", f"neither {ARRAYS!r} nor {REFUSAL!r} in the reply "
-                   f"(records: {_clip(', '.join(map(repr, list(content)[:8])), 200)})")
-    metrics = _metrics(content, limits, required=True)
-    arrays = decode_arrays(content[ARRAYS], reference, limits)
-    histogram = None
-    if HISTOGRAM in content:
-        histogram = _histogram(content[HISTOGRAM], limits)
-    return _train_report(arrays, metrics, limits, histogram)
+def _release_event_id(content: RecordDict, limits: ReplyLimits) -> str | None:
+    """The ledger event id in the optional ConfigRecord ``release`` (None when absent)."""
+    if RELEASE not in content:
+        return None
+    record = content[RELEASE]
+    value = record.get(EVENT_ID) if isinstance(record, ConfigRecord) else None
+    if not isinstance(value, str) or not value.isprintable() \
+            or len(value) > limits.max_text_chars:
+        raise _Bad("malformed:release", f"{RELEASE!r} must be a ConfigRecord whose {EVENT_ID!r} "
+                   f"is a printable string of at most {limits.max_text_chars} chars")
+    return value
 
 
 def _train_report(arrays: Mapping[str, np.ndarray], m: Mapping, limits: ReplyLimits,

@@ -172,7 +172,8 @@ def _parse(text: str | bytes, what: str) -> Any:
 # --- metrics.jsonl ------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class ReleaseEvent(_Record):
-    """A client's once-per-run class-histogram release, accounted as a Gaussian event."""
+    """A client's once-per-run release (class histogram, drift reference) or one evaluation
+    release, accounted as a Gaussian event."""
 
     noise_multiplier: float
     sample_rate: float
@@ -182,7 +183,8 @@ class ReleaseEvent(_Record):
 @dataclass(frozen=True, kw_only=True)
 class DPEventLine(_Record):
     """One client's DP-SGD event this round (enough to recompute its epsilon), plus its
-    histogram release in the round whose ledger entry holds it."""
+    histogram release and its drift-reference release in the round whose ledger entry holds
+    each (absent in lines written before the reference event was recorded)."""
 
     noise_multiplier: float
     sample_rate: float
@@ -190,6 +192,7 @@ class DPEventLine(_Record):
     clip_norm: float
     delta: float
     release: ReleaseEvent | None = _omit_none()
+    reference: ReleaseEvent | None = _omit_none()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,6 +409,20 @@ class HandoffSummary(_Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReferenceCollection(_Record):
+    """The drift-reference query after the last round (server/reference.py, the run folder's
+    client_reference.json): whose release was used, the ledger event each one cost (DP only:
+    ``events`` and ``event_ids`` by partition label), and who refused or was rejected, why."""
+
+    noise_multiplier: float  # the configured sigma (0: exact counts, a run without client DP)
+    used: tuple[str, ...] = ()
+    events: Mapping[str, ReleaseEvent] = field(default_factory=dict)
+    event_ids: Mapping[str, str] = field(default_factory=dict)
+    refused: Mapping[str, str] = field(default_factory=dict)
+    rejected: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunSummary(_Record):
     """``summary.json``. None: not recorded (runs written before the field existed)."""
 
@@ -437,6 +454,7 @@ class RunSummary(_Record):
     evaluation: FederatedEvaluation | None = _omit_none()  # the last evaluated round's
     # node id -> partition id of every node the run's lines name (shown beside partition ids)
     node_partitions: Mapping[str, int] = field(default_factory=dict)
+    drift_reference: ReferenceCollection | None = _omit_none()  # reference_source = "clients"
 
     @property
     def failed(self) -> bool:

@@ -103,6 +103,35 @@ def reference_sensitivity(num_features: int) -> float:
     return math.sqrt(num_features + 1)
 
 
+# A release's ledger event id: "<run key>/drift-reference-release/<8 hex nonce>" (the ledger's
+# run_id of the event; a fresh nonce per draw, so a redraw is a new event and never skipped).
+REFERENCE_TAG = "drift-reference-release"
+_NONCE_CHARS = 8
+
+
+def reference_event_id(run_key: str, nonce: str) -> str:
+    """The ledger event id of one drift-reference release of run ``run_key``."""
+    return f"{run_key}/{REFERENCE_TAG}/{nonce}"
+
+
+def event_id_problem(event_id: str | None, run_key: str) -> str | None:
+    """None when ``event_id`` names a drift-reference ledger event of run ``run_key`` (with its
+    nonce), else what is wrong with it."""
+    if not event_id:
+        return "no ledger event id"
+    prefix = reference_event_id(run_key, "")
+    nonce = event_id[len(prefix):] if event_id.startswith(prefix) else ""
+    if len(nonce) != _NONCE_CHARS or any(c not in "0123456789abcdef" for c in nonce):
+        return (f"ledger event id {event_id[:120]!r} is not {prefix}<{_NONCE_CHARS} hex nonce>")
+    return None
+
+
+# A DP training reply's keys for the reference release's event (recorded per client in the
+# metrics line of the round whose ledger entry holds it: server/recording.py).
+REFERENCE_NOISE_KEY = "dp-reference-noise-multiplier"
+REFERENCE_NEW_KEY = "dp-reference-new"  # 1 in the round whose ledger entry holds the event
+
+
 def reference_event(sigma: float) -> Event:
     """The accountant event of one reference release at noise multiplier ``sigma``."""
     if not (math.isfinite(sigma) and sigma > 0):
@@ -115,12 +144,20 @@ def reference_event(sigma: float) -> Event:
 class ReferenceRelease:
     """One client's released reference counts (noised under DP) and the mechanism's parameters.
 
-    ``noise_multiplier`` 0 means exact counts (a run without DP: there is no guarantee to keep)."""
+    ``noise_multiplier`` 0 means exact counts (a run without DP: there is no guarantee to keep).
+    ``event_id`` names the client's ledger event of a private release (:func:`reference_event_id`;
+    None for exact counts, and for releases kept before ids were recorded)."""
 
     feature_counts: np.ndarray  # (f, bins); may be negative: no post-processing here
     class_counts: np.ndarray    # (num_classes,)
     noise_multiplier: float
     noise_std: float            # std of the noise on every count (sigma x sensitivity)
+    event_id: str | None = None
+
+    @property
+    def sensitivity(self) -> float:
+        """L2 sensitivity of these counts (:func:`reference_sensitivity`)."""
+        return reference_sensitivity(self.feature_counts.shape[0])
 
     @property
     def private(self) -> bool:
@@ -132,11 +169,18 @@ class ReferenceRelease:
         """The privacy event of this release (one Gaussian mechanism); only for private ones."""
         return reference_event(self.noise_multiplier)
 
+    def to_metrics(self, new: bool) -> dict[str, float]:
+        """A training reply's metrics naming this release's event; ``new``: the event is
+        recorded in the ledger this round (the values themselves go only to the query)."""
+        return {REFERENCE_NOISE_KEY: self.noise_multiplier,
+                REFERENCE_NEW_KEY: 1.0 if new else 0.0}
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (the client's releases file, the server's client_reference.json)."""
-        return {"feature_counts": self.feature_counts.tolist(),
-                "label_counts": self.class_counts.tolist(),
-                "noise_multiplier": self.noise_multiplier, "noise_std": self.noise_std}
+        out = {"feature_counts": self.feature_counts.tolist(),
+               "label_counts": self.class_counts.tolist(),
+               "noise_multiplier": self.noise_multiplier, "noise_std": self.noise_std}
+        return out if self.event_id is None else {**out, "event_id": self.event_id}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], shape: tuple[int, int] | None = None,
@@ -146,12 +190,13 @@ class ReferenceRelease:
         return checked_release(np.asarray(d["feature_counts"], dtype=np.float64),
                                np.asarray(d["label_counts"], dtype=np.float64),
                                float(d["noise_multiplier"]), float(d["noise_std"]), shape,
-                               num_classes)
+                               num_classes, event_id=d.get("event_id"))
 
 
 def checked_release(features: np.ndarray, classes: np.ndarray, sigma: float, std: float,
                     shape: tuple[int, int] | None = None,
-                    num_classes: int | None = None) -> ReferenceRelease:
+                    num_classes: int | None = None,
+                    event_id: str | None = None) -> ReferenceRelease:
     """A ReferenceRelease from untrusted parts (a reply, a file); ValueError says what is wrong."""
     if features.ndim != 2 or classes.ndim != 1:
         raise ValueError(f"feature counts must be (features, bins) and class counts a vector; got "
@@ -166,7 +211,9 @@ def checked_release(features: np.ndarray, classes: np.ndarray, sigma: float, std
         raise ValueError(f"noise multiplier {sigma!r} and noise std {std!r} must be finite >= 0")
     if (sigma > 0) != (std > 0):
         raise ValueError(f"noise multiplier {sigma!r} and noise std {std!r}: both 0 or both > 0")
-    return ReferenceRelease(features, classes, float(sigma), float(std))
+    if event_id is not None and not isinstance(event_id, str):
+        raise ValueError(f"event id is a {type(event_id).__name__}, expected a string")
+    return ReferenceRelease(features, classes, float(sigma), float(std), event_id)
 
 
 def release_reference(features: np.ndarray, labels: np.ndarray, num_classes: int,

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 from fedshield.privacy.accounting import SAMPLE_LEVEL, USER_LEVEL, describe
+from fedshield.privacy.reference import REFERENCE_NEW_KEY, REFERENCE_NOISE_KEY, reference_event
 from fedshield.privacy.releases import (
     OUTSIDE_KEY,
     STATS_NEW_KEY,
@@ -31,6 +32,7 @@ from fedshield.server.checkpoint import load_checkpoint, save_checkpoint
 from fedshield.server.federation_state import RoundState
 from fedshield.server.hooks import HANDOFF, run_after_handoff, run_post_run_hook
 from fedshield.server.outputs import RunFolder, library_versions, new_run_dir
+from fedshield.server.reference import read_collection
 from fedshield.server.report import ConsoleReporter
 from fedshield.server.reputation import Reputation
 from fedshield.tasks import Split, evaluate, get_task, resolve_device, task_for
@@ -116,7 +118,8 @@ def metrics_line(rnd: int, record: dict, strategy: RecordedStrategy) -> MetricsL
         for key, spent in evaluation.epsilon.items():
             eps[key] = max(eps.get(key, 0.0), spent)
     # The privacy events of this round, per client: enough to recompute every epsilon.
-    dp = {str(label(n)): DPEventLine(**asdict(r.dp), release=release_event(r.extra))
+    dp = {str(label(n)): DPEventLine(**asdict(r.dp), release=release_event(r.extra),
+                                     reference=reference_release_event(r.extra))
           for n, r in reports.items() if r.dp is not None}
     # Class histograms as released: noised under DP (privacy/releases.py), exact without it.
     counts = {str(label(n)): c for n, r in reports.items()
@@ -186,10 +189,20 @@ def run_failure(lines: list[MetricsLine], stopped: str) -> str:
 def release_event(metrics) -> ReleaseEvent | None:
     """The client's statistics-release event, in the round whose ledger entry holds it (the
     server can then recompute every client epsilon from the metrics lines alone)."""
-    if metrics.get(STATS_NEW_KEY) != 1.0 or STATS_NOISE_KEY not in metrics:
+    return _new_event(metrics, STATS_NEW_KEY, STATS_NOISE_KEY, histogram_event)
+
+
+def reference_release_event(metrics) -> ReleaseEvent | None:
+    """The client's drift-reference release event, in the round whose ledger entry holds it
+    (privacy/reference.py), like :func:`release_event`."""
+    return _new_event(metrics, REFERENCE_NEW_KEY, REFERENCE_NOISE_KEY, reference_event)
+
+
+def _new_event(metrics, new_key: str, noise_key: str, event) -> ReleaseEvent | None:
+    if metrics.get(new_key) != 1.0 or noise_key not in metrics:
         return None
     try:
-        noise, rate, steps = histogram_event(float(metrics[STATS_NOISE_KEY]))
+        noise, rate, steps = event(float(metrics[noise_key]))
     except (TypeError, ValueError, ConfigError):
         return None
     return ReleaseEvent(noise_multiplier=noise, sample_rate=rate, steps=steps)
@@ -391,5 +404,6 @@ def build_summary(cfg: schema.Config, folder: RunFolder, strategy: RecordedStrat
         versions=library_versions(),
         wall_seconds=round(wall, 2),
         node_partitions=node_partitions,
+        drift_reference=read_collection(folder, cfg),
     )
 

@@ -54,7 +54,9 @@ from fedshield.records import (
     ReplyLimits,
     decode_eval_reply,
     decode_train_reply,
+    filed,
     npy_view,
+    sender_problem,
 )
 from fedshield.schema import Config
 
@@ -190,14 +192,15 @@ class ShieldStrategy(HoldsFederation, FedAvg):
         usable: list[int] = []
         for msg in replies:
             node = self._sender(msg, self._sent)
-            if node in self.round.reports or node in self.round.refused \
-                    or node in self.round.rejected:
-                self.round.rejected[node] = "duplicate: a second reply for the same round"
-                self.round.reports.pop(node, None)
-                usable = [n for n in usable if n != node]
-                continue
-            if self.round.sampled and node not in self.round.sampled:
-                self.round.rejected[node] = "unsolicited: this node was not sampled this round"
+            answered = {*self.round.reports, *self.round.refused, *self.round.rejected}
+            problem = sender_problem(node, answered, self.round.sampled,
+                                     second="a second reply for the same round",
+                                     not_asked="this node was not sampled this round")
+            if problem is not None:
+                self.round.rejected[node] = str(problem)
+                if problem.code == "duplicate":  # neither answer is used
+                    self.round.reports.pop(node, None)
+                    usable = [n for n in usable if n != node]
                 continue
             decoded = decode_train_reply(msg, reference, self.limits)
             if isinstance(decoded, Rejected):
@@ -361,19 +364,16 @@ class ShieldStrategy(HoldsFederation, FedAvg):
         asked = {m.metadata.dst_node_id for m in self._sent_eval}
         for msg in replies:
             node = self._sender(msg, self._sent_eval)
-            if node in results or node in rejected or node in refused:
-                rejected[node] = "duplicate: a second evaluation reply in the same round"
-                results.pop(node, None)
+            problem = sender_problem(node, {*results, *rejected, *refused}, asked,
+                                     second="a second evaluation reply in the same round",
+                                     not_asked="this node was not asked to evaluate")
+            if problem is not None:
+                rejected[node] = str(problem)
+                if problem.code == "duplicate":  # neither answer is used
+                    results.pop(node, None)
                 continue
-            if asked and node not in asked:
-                rejected[node] = "unsolicited: this node was not asked to evaluate"
-                continue
-            decoded = decode_eval_reply(msg, self.limits)
-            if isinstance(decoded, Refusal):
-                refused[node] = f"{decoded.code}: {decoded.reason}"
-                continue
-            if isinstance(decoded, Rejected):
-                rejected[node] = str(decoded)
+            decoded = filed(decode_eval_reply(msg, self.limits), node, refused, rejected)
+            if decoded is None:
                 continue
             problem = self.identity_problem(node, decoded.partition_id)
             checked = check_result(decoded.accuracy, decoded.loss, decoded.num_examples,

@@ -217,7 +217,12 @@ def _content(features, classes, metrics) -> RecordDict:
     (np.zeros((64, 10)), np.zeros(3), {"noise-multiplier": 0.0, "noise-std": 0.0},
      "shape-mismatch"),
 ])
-def test_a_malformed_reference_reply_is_rejected_with_its_reason(features, classes, metrics, code):
+def test_a_malformed_reference_reply_is_rejected_with_its_reason(features, classes, metrics, code,
+                                                                 monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_task_id", "_run_id", "_node_id"):  # a server-built message needs them
+        monkeypatch.setattr(TaskIdentity, name, 1)
     decoded = decode_reference_reply(_reply(_content(features, classes, metrics)), (64, 10), 10)
     assert isinstance(decoded, Rejected) and decoded.code == code, decoded
     good = decode_reference_reply(_reply(_content(np.zeros((64, 10)), np.zeros(10),
@@ -309,3 +314,19 @@ def test_a_client_with_nothing_covered_to_send_refuses(tmp_path, section, code):
     record = collect_reference(grid, cfg, RunFolder(tmp_path), grid.node_to_partition)
     assert record.parts == {} and sorted(record.refused) == ["0", "1", "2"]
     assert all(why.startswith(f"{code}: ") for why in record.refused.values())
+
+
+@pytest.mark.slow
+def test_the_run_files_record_each_release_event_and_its_ledger_id(dp_run):
+    from fedshield.run_records import read_metrics
+
+    cfg, summary, tmp = dp_run
+    first = read_metrics(summary.run_dir)[0]
+    events = {k: (e.reference.noise_multiplier, e.reference.sample_rate, e.reference.steps)
+              for k, e in first.dp_events.items() if e.reference is not None}
+    assert events == {k: (SIGMA, 1.0, 1) for k in ("0", "1", "2")}
+    collected = summary.drift_reference
+    assert collected.used == ("0", "1", "2") and not collected.rejected
+    ledger_ids = {e["run_id"] for ledger in client_ledgers(tmp, cfg) for e in ledger.history
+                  if REFERENCE_TAG in e["run_id"]}
+    assert set(collected.event_ids.values()) == ledger_ids and len(ledger_ids) == 3
