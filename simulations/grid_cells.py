@@ -234,6 +234,8 @@ def _init_cell_process(threads: int, parent: tuple[str, str] | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    # the cell's round-by-round INFO lines would bury the grid's progress bar: warnings only
+    logging.getLogger("flwr").setLevel(logging.WARNING)
     if parent is not None:
         from fedshield.deployment.tracking import adopt_parent
 

@@ -169,9 +169,18 @@ def _cell_job(base: schema.Config, out_dir: Path, audit_canaries: int, reporter,
     """A cell's row body (grid_cells.CellJob): its run, and its audit when asked; module-level
     so that cell processes can import it."""
     overrides = dict(cell.overrides)
-    if workers is not None:  # a cell process: its clients in it (cells x threads = cores)
+    if workers is None:
+        row = _without(run_point(base, overrides, out_dir, reporter), overrides)
+    else:  # a cell process: its clients in it (cells x threads = cores), its console to a file
+        from fedshield.server.report import ConsoleReporter
+        from rich.console import Console
+
         overrides["federation.workers"] = workers
-    row = _without(run_point(base, overrides, out_dir, reporter), overrides)
+        folder = Path(overrides["output_dir"])
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "console.log", "a") as fh:  # the terminal shows the grid's progress
+            quiet = ConsoleReporter(Console(file=fh, width=100))
+            row = _without(run_point(base, overrides, out_dir, quiet), overrides)
     if audit_canaries:
         row.update(audit_point(base, overrides, audit_canaries, out_dir))
     return row

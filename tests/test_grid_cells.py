@@ -135,7 +135,6 @@ def test_a_normal_grid_writes_a_row_per_cell_and_does_not_warn(reference):
     rows = result["rows"]
     assert [r["attack"] for r in rows] == GRID[1]
     assert result["chance"] is None
-    print([(r["attack"], r["final_accuracy"]) for r in rows])
     assert all(r["status"] == "completed" for r in rows)
     assert rows[0]["final_accuracy"] > 0.2  # the clean cell learns (chance is 0.1)
     assert [line["row"] for line in _lines(tmp / "grid")] == rows
