@@ -235,7 +235,10 @@ def _init_cell_process(threads: int, parent: tuple[str, str] | None) -> None:
 
     torch.set_num_threads(threads)
     # the cell's round-by-round INFO lines would bury the grid's progress bar: warnings only
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # (after Flower's import, which sets its logger to DEBUG)
+    from flwr.common.logger import FLOWER_LOGGER
+
+    FLOWER_LOGGER.setLevel(logging.WARNING)
     if parent is not None:
         from fedshield.deployment.tracking import adopt_parent
 
