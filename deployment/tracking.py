@@ -281,6 +281,12 @@ def current_parent(uri: str) -> str | None:
     return next((run for store, run in reversed(_parents) if store == uri), None)
 
 
+def adopt_parent(uri: str, run_id: str) -> None:
+    """In a grid's cell process (simulations/grid_cells.py): runs tracked here become children
+    of the grid's open run ``run_id`` on store ``uri`` (a spawned process starts with none)."""
+    _parents.append((uri, run_id))
+
+
 def track_run(run_dir: Path, cfg: Config) -> dict:
     """The post-run hook: log the run (a grid's cell as a child of the grid's run); the summary's
     ``tracking`` entry. Never raises: a failure warns once and is recorded instead."""
@@ -342,6 +348,11 @@ class GridRun:
         except Exception as exc:  # noqa: BLE001 — tracking must never fail the grid
             _warn_once(f"grid {out_dir.name}", exc, self.uri, out_dir)
             self.run_id = None
+
+    @property
+    def parent(self) -> tuple[str, str] | None:
+        """(store uri, run id) for the grid's cell processes (``adopt_parent``), None untracked."""
+        return (self.uri, self.run_id) if self.run_id is not None else None
 
     def finish(self, files: list[Path], failed: bool = False) -> None:
         """Log the grid's tables and plots and close the run."""

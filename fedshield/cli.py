@@ -61,6 +61,13 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+PARALLEL_HELP = ("cells run at a time, each in its own process with federation.workers = 1 and "
+                 "cores/PARALLEL torch threads (0 = one per core; 1 = one after another in this "
+                 "process, with the config's federation.workers)")
+RESUME_HELP = ("reuse the rows of cells already finished in OUT for the same full config (its "
+               "digest); --no-resume runs every cell again")
+
+
 ROBUST_RULES = "fedavg,median,trimmed_mean,krum,geomed,bucketing+cclip,nnm+cclip"
 ALL_ATTACKS = "none,label_flip,sign_flip,gaussian,scaling,alie,ipm,minmax,minsum,backdoor"
 
@@ -77,9 +84,12 @@ def robustness(
                                    help="comma-separated: iid, shards, dirichlet-<alpha>"),
     set_: list[str] | None = typer.Option(None, "--set", help="override key=value on the base"),
     out: str = typer.Option("runs/robustness", help="folder for the table, heatmap and runs"),
+    parallel: int = typer.Option(0, min=0, help=PARALLEL_HELP),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help=RESUME_HELP),
 ) -> None:
     """Run the rule x attack x fraction x partition matrix; write CSV/Markdown, a heatmap and
-    each rule's worst case over attacks."""
+    each rule's worst case over attacks. Cells run in parallel, each row is kept in
+    OUT/robustness.rows.jsonl as it finishes, and a rerun resumes from there."""
     from pathlib import Path
 
     from fedshield import validation
@@ -88,7 +98,8 @@ def robustness(
     try:
         base = validation.load(config, set_ or [])
         result = robustness_matrix(base, _names(rules), _names(attacks), _floats(fractions),
-                                   _names(partitions), Path(out))
+                                   _names(partitions), Path(out), parallel=parallel,
+                                   resume=resume, progress=True)
     except FedShieldError as exc:
         fail(str(exc))
     from rich.table import Table
@@ -97,11 +108,29 @@ def robustness(
     for col in ("rule", "partition", "f", "no attack", "worst", "worst attack"):
         table.add_column(col)
     for r in result["worst_case"]:
-        clean = "-" if r["no_attack_accuracy"] is None else f"{r['no_attack_accuracy']:.4f}"
-        table.add_row(r["rule"], r["partition"], f"{r['byzantine_fraction']:g}", clean,
-                      f"{r['worst_accuracy']:.4f}", r["worst_attack"])
+        table.add_row(r["rule"], r["partition"], f"{r['byzantine_fraction']:g}",
+                      _acc(r["no_attack_accuracy"]), _acc(r["worst_accuracy"]), r["worst_attack"])
     Console().print(table)
     Console().print(f"tables and heatmap in {out}/")
+    _grid_outcome(result["rows"], result["chance"])
+
+
+def _acc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _grid_outcome(rows: list[dict], chance: str | None) -> None:
+    """Say loudly when a grid measured nothing; exit 1 when every cell failed."""
+    from fedshield.simulations.grid_cells import failed
+
+    if chance:
+        console.print(f"[bold yellow]WARNING:[/] {chance}")
+    bad = [r for r in rows if failed(r)]
+    if bad:
+        console.print(f"[bold red]{len(bad)} of {len(rows)} cells failed[/] (their rows say why; "
+                      "a rerun retries the cells that errored)")
+    if rows and len(bad) == len(rows):
+        raise typer.Exit(1)
 
 
 def privacy_sweep(
@@ -113,9 +142,12 @@ def privacy_sweep(
     audit_canaries: int = typer.Option(
         0, help="also run the one-run canary audit with this many canaries at every point and "
                 "report its empirical epsilon lower bound (0 = no audit; 1000 is typical)"),
+    parallel: int = typer.Option(0, min=0, help=PARALLEL_HELP),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help=RESUME_HELP),
 ) -> None:
     """Privacy-utility sweep: target epsilon x seeds; writes privacy_sweep.csv/.md and
-    privacy_utility.png (accuracy vs epsilon, with the non-private line)."""
+    privacy_utility.png (accuracy vs epsilon, with the non-private line). Cells run in parallel,
+    each row is kept in OUT/privacy_sweep.rows.jsonl as it finishes, and a rerun resumes."""
     from pathlib import Path
 
     from fedshield import validation
@@ -124,7 +156,8 @@ def privacy_sweep(
     try:
         base = validation.load(config, set_ or [])
         rows = sweep(base, _floats(epsilons), [int(s) for s in _floats(seeds)], Path(out),
-                     audit_canaries=audit_canaries)
+                     audit_canaries=audit_canaries, parallel=parallel, resume=resume,
+                     progress=True)
     except FedShieldError as exc:
         fail(str(exc))
     for r in rows:
@@ -137,6 +170,9 @@ def privacy_sweep(
         Console().print(f"target eps {r['target_epsilon']:g} seed {r['seed']}: accuracy "
                         f"{accuracy}, spent {spent}{noise}{audited}")
     Console().print(f"table and plot in {out}/")
+    from fedshield.simulations.sweeps import grid_chance
+
+    _grid_outcome(rows, grid_chance(rows, base))
 
 
 bench_app = typer.Typer(no_args_is_help=True,

@@ -1,12 +1,16 @@
 """Grids of simulations: privacy-utility sweeps and the robustness matrix.
 
-Each grid point is the base config plus ``key=value`` overrides; every point is a normal run with
-its own run folder, and the grid writes one table (CSV + Markdown) and a plot.
+Each grid point (cell) is the base config plus ``key=value`` overrides; every cell is a normal run
+with its own run folder under ``runs/<cell>/``, and the grid writes one table (CSV + Markdown +
+JSON) and a plot. The cells run in parallel processes, each row is appended to
+``<table>.rows.jsonl`` as its cell finishes and a rerun of the same grid resumes from there
+(simulations/grid_cells.py); the tables are rendered from those rows.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import importlib.util
 import itertools
 import json
@@ -17,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fedshield.simulations.grid_cells import (
+    ROWS_SUFFIX,
+    Cell,
+    cell_config,
+    chance_warning,
+    make_cell,
+    run_cells,
+)
 
 from fedshield import schema, validation
 from fedshield.errors import ConfigError, RunFailed
@@ -31,10 +43,7 @@ def run_point(base: schema.Config, overrides: dict[str, Any], out_dir: Path,
     tracked (deployment/tracking.py) as a child of the grid's open run."""
     from fedshield.simulations.runner import simulate
 
-    flat = base.flat()
-    flat.update(overrides)
-    flat["output_dir"] = str(out_dir / "runs")
-    cfg = validation.from_run_config(flat)
+    cfg = cell_config(base, overrides, out_dir)
     try:
         summary = simulate(cfg, reporter)
     except RunFailed as exc:  # one failed cell is a row saying so, not the end of the grid
@@ -81,8 +90,10 @@ def _ids(partitions: tuple[int, ...], node_partitions: Mapping[str, int]) -> str
                               else "") for p in partitions) or None
 
 
-def write_table(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]:
-    """Write the rows as CSV and Markdown under ``out_dir``; the two paths."""
+def write_table(rows: list[dict], out_dir: Path, stem: str,
+                note: str | None = None) -> tuple[Path, Path]:
+    """Write the rows as CSV and Markdown under ``out_dir``; the two paths. ``note``: a warning
+    printed above the Markdown table (e.g. that every cell sits at chance)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     csv_path = out_dir / f"{stem}.csv"
@@ -96,6 +107,8 @@ def write_table(rows: list[dict], out_dir: Path, stem: str) -> tuple[Path, Path]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k in shown) + " |")
+    if note:
+        lines = [f"> **WARNING:** {note}", ""] + lines
     md_path = out_dir / f"{stem}.md"
     md_path.write_text("\n".join(lines) + "\n")
     (out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=2))
@@ -112,36 +125,85 @@ def _fmt(v: Any) -> str:
 
 # --- privacy-utility sweep --------------------------------------------------------------------
 def privacy_sweep(base: schema.Config, epsilons: list[float], seeds: list[int], out_dir: Path,
-                  reporter=None, audit_canaries: int = 0) -> list[dict]:
+                  reporter=None, audit_canaries: int = 0, *, parallel: int = 1,
+                  resume: bool = True, progress: bool = False) -> list[dict]:
     """Target epsilon (inf = no DP) x seeds; returns one row per run. With ``audit_canaries`` each
     row also gets the one-run canary audit's empirical epsilon lower bound at the same settings
     (simulations/audit.py: the server's view of client 0's updates), next to the stated one.
-    The sweep is one MLflow run, its points the child runs (deployment/tracking.py)."""
+    The sweep is one MLflow run, its points the child runs (deployment/tracking.py).
+    ``parallel`` cells at a time (0 = one per core), ``resume`` from privacy_sweep.rows.jsonl
+    (simulations/grid_cells.py); ``reporter`` shows each run's rounds when ``parallel`` is 1."""
     from fedshield.deployment.tracking import grid_run
 
-    rows = []
+    cells = []
+    for eps, seed in itertools.product(epsilons, seeds):
+        overrides: dict[str, Any] = {"seed": seed, "privacy.enabled": math.isfinite(eps)}
+        if math.isfinite(eps):
+            # a resumed cell spends on the same ledger: what the killed try released stays in
+            overrides.update({"privacy.target_epsilon": eps, "privacy.noise_multiplier": 0.0,
+                              "privacy.max_epsilon": 0.0,
+                              "privacy.ledger_dir": str(out_dir / "ledgers"
+                                                        / f"eps{eps:g}-s{seed}")})
+        # the row names the point by seed and target; the other overrides are plumbing
+        cells.append(make_cell(base, {"seed": seed, "target_epsilon": eps}, overrides, out_dir,
+                               {"audit_canaries": audit_canaries}))
+    job = functools.partial(_cell_job, base, out_dir, audit_canaries,
+                            reporter if parallel == 1 else None)
     with grid_run(base, "privacy sweep", out_dir,
                   {"epsilons": ",".join(f"{e:g}" for e in epsilons),
                    "seeds": ",".join(map(str, seeds)), "audit_canaries": audit_canaries}) as grid:
-        for eps, seed in itertools.product(epsilons, seeds):
-            overrides: dict[str, Any] = {"seed": seed, "privacy.enabled": math.isfinite(eps)}
-            if math.isfinite(eps):
-                overrides.update({"privacy.target_epsilon": eps, "privacy.noise_multiplier": 0.0,
-                                  "privacy.max_epsilon": 0.0,
-                                  "privacy.ledger_dir": str(out_dir / "ledgers"
-                                                            / f"eps{eps:g}-s{seed}")})
-            # the row names the point by seed and target; the other overrides are plumbing
-            row = {"seed": seed, "target_epsilon": eps,
-                   **_without(run_point(base, overrides, out_dir, reporter), overrides)}
-            if audit_canaries:
-                row.update(audit_point(base, overrides, audit_canaries, out_dir))
-            rows.append(row)
-        write_table(rows, out_dir, "privacy_sweep")
+        rows = run_cells(cells, job, out_dir / f"privacy_sweep{ROWS_SUFFIX}", parallel=parallel,
+                         resume=resume, label="privacy sweep", progress=progress,
+                         parent=grid.parent, engine=base.federation.engine)
+        note = _chance(rows, base)
+        write_table(rows, out_dir, "privacy_sweep", note)
         plot_privacy_utility(rows, out_dir / "privacy_utility.png",
                              f"delta {base.privacy.delta:g}, {base.privacy.accountant} >= pld")
         grid_report(out_dir)
         grid.finish(grid_files(out_dir, "privacy_sweep"))
     return rows
+
+
+def _cell_job(base: schema.Config, out_dir: Path, audit_canaries: int, reporter, cell: Cell,
+              workers: int | None) -> dict:
+    """A cell's row body (grid_cells.CellJob): its run, and its audit when asked; module-level
+    so that cell processes can import it."""
+    overrides = dict(cell.overrides)
+    if workers is None:
+        row = _without(run_point(base, overrides, out_dir, reporter), overrides)
+    else:  # a cell process: its clients in it (cells x threads = cores), its console to a file
+        from fedshield.server.report import ConsoleReporter
+        from rich.console import Console
+
+        overrides["federation.workers"] = workers
+        folder = Path(overrides["output_dir"])
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "console.log", "a") as fh:  # the terminal shows the grid's progress
+            quiet = ConsoleReporter(Console(file=fh, width=100))
+            row = _without(run_point(base, overrides, out_dir, quiet), overrides)
+    if audit_canaries:
+        row.update(audit_point(base, overrides, audit_canaries, out_dir))
+    return row
+
+
+def grid_chance(rows: list[dict], base: schema.Config) -> str | None:
+    """The grid's at-chance warning (grid_cells.chance_warning at the base task's classes), or
+    None."""
+    from fedshield.tasks import task_for
+
+    try:
+        classes = task_for(base.task).num_classes
+    except Exception:  # noqa: BLE001 — an unknown class count (e.g. hf: offline) skips the check
+        return None
+    return chance_warning(rows, classes)
+
+
+def _chance(rows: list[dict], base: schema.Config) -> str | None:
+    """grid_chance, logged loudly (the Markdown tables carry it too)."""
+    note = grid_chance(rows, base)
+    if note:
+        log.warning("WARNING: %s", note)
+    return note
 
 
 def _without(row: dict, overrides: dict[str, Any]) -> dict:
@@ -164,6 +226,7 @@ def grid_report(out_dir: Path) -> None:
 def grid_files(out_dir: Path, stem: str) -> list[Path]:
     """A grid's outputs logged to its MLflow run: its tables, plots and report."""
     return [out_dir / f"{stem}.{ext}" for ext in ("csv", "md", "json")] + \
+        [out_dir / f"{stem}{ROWS_SUFFIX}"] + \
         [out_dir / "worst_case.md", out_dir / "report.html"] + sorted(out_dir.glob("*.png"))
 
 
@@ -189,8 +252,12 @@ def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta 
     private = sorted({r["target_epsilon"] for r in rows if math.isfinite(r["target_epsilon"])})
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     if private:
-        accs = [[r["final_accuracy"] for r in rows if r["target_epsilon"] == e] for e in private]
-        spent = [np.mean([r["epsilon_max"] for r in rows if r["target_epsilon"] == e])
+        # failed cells (no accuracy or epsilon) are rows of the table, not points of the plot
+        done = [r for r in rows if r.get("final_accuracy") is not None
+                and r.get("epsilon_max") is not None]
+        private = [e for e in private if any(r["target_epsilon"] == e for r in done)]
+        accs = [[r["final_accuracy"] for r in done if r["target_epsilon"] == e] for e in private]
+        spent = [np.mean([r["epsilon_max"] for r in done if r["target_epsilon"] == e])
                  for e in private]
         ax.errorbar(spent, [np.mean(a) for a in accs], yerr=[np.std(a) for a in accs], fmt="o-",
                     capsize=3, label="sample-level DP per client, add/remove (epsilon spent, "
@@ -201,7 +268,8 @@ def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta 
             if bounds:  # the empirical lower bound next to the stated epsilon
                 ax.annotate(f"audit >= {max(bounds):.2f}", (x, np.mean(a)), fontsize=7,
                             textcoords="offset points", xytext=(4, -10))
-    baseline = [r["final_accuracy"] for r in rows if math.isinf(r["target_epsilon"])]
+    baseline = [r["final_accuracy"] for r in rows if math.isinf(r["target_epsilon"])
+                and r.get("final_accuracy") is not None]
     if baseline:
         ax.axhline(np.mean(baseline), color="gray", ls="--", label="non-private")
     ax.set_xlabel(f"epsilon ({accounting})")
@@ -216,35 +284,42 @@ def plot_privacy_utility(rows: list[dict], path: Path, accounting: str = "delta 
 # --- robustness matrix ------------------------------------------------------------------------
 def robustness_matrix(base: schema.Config, rules: list[str], attacks: list[str],
                       fractions: list[float], partitions: list[str], out_dir: Path,
-                      reporter=None) -> dict:
-    """rule x attack x Byzantine fraction x partition; plus each rule's worst case over attacks."""
+                      reporter=None, *, parallel: int = 1, resume: bool = True,
+                      progress: bool = False) -> dict:
+    """rule x attack x Byzantine fraction x partition; plus each rule's worst case over attacks.
+    ``parallel``, ``resume`` and ``reporter`` as in :func:`privacy_sweep` (robustness.rows.jsonl).
+    The result's ``chance``: the at-chance warning, or None."""
     from fedshield.deployment.tracking import grid_run
 
-    rows = []
+    cells = []
+    for rule, part, frac, attack in itertools.product(rules, partitions, fractions, attacks):
+        overrides: dict[str, Any] = {"aggregation.rule": rule, **_partition(part)}
+        if attack == "none" or frac == 0:
+            if attack != "none":
+                continue  # no attacker at fraction 0: the "none" column covers it
+            overrides.update({"attack.name": "none", "attack.byzantine_fraction": 0.0})
+        else:
+            overrides.update({"attack.name": attack, "attack.byzantine_fraction": frac})
+        # the cell's own columns first; the overrides would repeat them under config names
+        cells.append(make_cell(base, {"rule": rule, "partition": part, "attack": attack,
+                                      "byzantine_fraction": frac if attack != "none" else 0.0},
+                               overrides, out_dir))
+    job = functools.partial(_cell_job, base, out_dir, 0, reporter if parallel == 1 else None)
     with grid_run(base, "robustness", out_dir,
                   {"rules": ",".join(rules), "attacks": ",".join(attacks),
                    "fractions": ",".join(f"{f:g}" for f in fractions),
                    "partitions": ",".join(partitions)}) as grid:
-        for rule, part, frac, attack in itertools.product(rules, partitions, fractions, attacks):
-            overrides: dict[str, Any] = {"aggregation.rule": rule, **_partition(part)}
-            if attack == "none" or frac == 0:
-                if attack != "none":
-                    continue  # no attacker at fraction 0: the "none" column covers it
-                overrides.update({"attack.name": "none", "attack.byzantine_fraction": 0.0})
-            else:
-                overrides.update({"attack.name": attack, "attack.byzantine_fraction": frac})
-            # the cell's own columns first; the overrides would repeat them under config names
-            row = {"rule": rule, "partition": part, "attack": attack,
-                   "byzantine_fraction": frac if attack != "none" else 0.0,
-                   **_without(run_point(base, overrides, out_dir, reporter), overrides)}
-            rows.append(row)
-        write_table(rows, out_dir, "robustness")
+        rows = run_cells(cells, job, out_dir / f"robustness{ROWS_SUFFIX}", parallel=parallel,
+                         resume=resume, label="robustness", progress=progress,
+                         parent=grid.parent, engine=base.federation.engine)
+        note = _chance(rows, base)
+        write_table(rows, out_dir, "robustness", note)
         worst = worst_cases(rows)
-        write_table(worst, out_dir, "worst_case")
+        write_table(worst, out_dir, "worst_case", note)
         plot_heatmap(rows, out_dir / "robustness_heatmap.png")
         grid_report(out_dir)
         grid.finish(grid_files(out_dir, "robustness"))
-    return {"rows": rows, "worst_case": worst}
+    return {"rows": rows, "worst_case": worst, "chance": note}
 
 
 def _partition(name: str) -> dict[str, Any]:
