@@ -37,6 +37,7 @@ the command exits 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -78,7 +79,7 @@ BASE: dict[str, dict[str, Any]] = {
 DP = {"enabled": True, "target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0,
       "accountant": "prv", "reproducible_noise": True,
       "release_stats": "exact-outside-guarantee"}
-MNIST1000 = {"federation": {"num_clients": 1000, "fraction_train": 0.1},
+MNIST1000: dict[str, dict[str, Any]] = {"federation": {"num_clients": 1000, "fraction_train": 0.1},
              "partition": {"kind": "dirichlet", "alpha": 0.5, "min_partition_size": 10}}
 
 
@@ -301,13 +302,14 @@ def run_fedshield_leg(spec: LegSpec, cfg: Config) -> dict[str, Any]:
     from rich.console import Console
 
     summary = simulate(cfg, ConsoleReporter(Console(stderr=True)))
-    lines = RunFolder(summary.run_dir).read_metrics()
+    run_dir = Path(str(summary.run_dir))  # set by every run the runner returns
+    lines = RunFolder(run_dir).read_metrics()
     out = {"run_dir": summary.run_dir, "final_accuracy": summary.final_accuracy,
            "timestamps": [line.timestamp for line in lines],
            "round_seconds_recorded": [line.seconds for line in lines],
            "cohorts": [sorted(int(k) for k in line.client_seconds) for line in lines],
            "accepted": [line.accepted for line in lines],
-           "model_sha256": weights_sha256(Path(summary.run_dir) / "model.safetensors")}
+           "model_sha256": weights_sha256(run_dir / "model.safetensors")}
     if summary.failed:
         out["error"] = f"the run failed: {summary.failure}"
     elif len(lines) < cfg.federation.rounds:
@@ -331,6 +333,11 @@ def planned_cohorts(cfg: Config) -> list[list[int]]:
             for r in range(1, fed.rounds + 1)]
 
 
+def _loaded(data: tuple, _context: object, _cfg: Config) -> tuple:
+    """A client's data loader that returns what was loaded before the clock started."""
+    return data
+
+
 def run_floor_leg(spec: LegSpec, cfg: Config) -> dict[str, Any]:
     """The compute floor: each round's sampled clients trained directly, total / N."""
     import torch
@@ -351,15 +358,16 @@ def run_floor_leg(spec: LegSpec, cfg: Config) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     weights = task_for(cfg.task).build_model().state_dict()
     train = configio.flatten({"train": asdict(cfg.train)})
-    timestamps, sums = [], []
+    timestamps: list[float] = []
+    sums: list[float] = []
     for rnd, cohort in enumerate(cohorts, start=1):
         rc = {"num-rounds": cfg.federation.rounds, "run-key": f"floor-{spec.federation}",
               "server-round": rnd, **train}
         total = 0.0
         for pid in cohort:
             started = time.perf_counter()
-            model, _ = fit_locally(contexts[pid], cfg, lambda _c, _k, d=data[pid]: d, weights,
-                                   rc)
+            model, _ = fit_locally(contexts[pid], cfg, functools.partial(_loaded, data[pid]),
+                                   weights, rc)
             {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}  # the reply
             total += time.perf_counter() - started
         sums.append(total)

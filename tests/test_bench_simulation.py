@@ -13,6 +13,7 @@ from fedshield.benchmarks.bench_simulation import (
     federation_config,
     leg_order,
     parse_legs,
+    planned_cohorts,
     round_times,
     startup_seconds,
 )
@@ -81,11 +82,13 @@ def test_bad_options_exit_2_before_any_leg_runs(tmp_path):
 @pytest.fixture(scope="module")
 def small_bench(tmp_path_factory):
     """One invocation: in-process 1 and 2 workers, the floor, and a Ray leg pointed at a port
-    where no head listens (it fails at once, so the command must exit non-zero)."""
+    where no head listens (it fails at once, so the command must exit non-zero); 3 of the 6
+    clients train each round."""
     out = tmp_path_factory.mktemp("bench-sim")
     result = CliRunner().invoke(app, [
         "bench", "simulation", *SMALL, "--legs", "inprocess-1,inprocess-2,ray,floor",
-        "--set", 'federation.ray_address="127.0.0.1:1"', "--out", str(out)])
+        "--set", 'federation.ray_address="127.0.0.1:1"', "--set", "federation.fraction_train=0.5",
+        "--out", str(out)])
     return result, out
 
 
@@ -110,6 +113,15 @@ def test_each_leg_reports_start_up_round_time_memory_and_accuracy(small_bench):
     table = (out / "results.md").read_text()
     assert "| digits100 | inprocess-2 |" in table and "| digits100 | floor |" in table
     assert f"`{data['command']}`" in table
+
+
+def test_the_floor_trains_the_cohorts_the_server_sampled(small_bench):
+    _, out = small_bench
+    recorded = json.loads((out / "legs" / "digits100-cohorts.json").read_text())
+    assert [len(c) for c in recorded] == [3, 3, 3] and len({tuple(c) for c in recorded}) > 1
+    # the floor's fallback without an in-process leg reproduces the server's sampling
+    cfg = federation_config(PRESETS["digits100"][0], 3, 6, ["federation.fraction_train=0.5"])
+    assert planned_cohorts(cfg) == recorded
 
 
 def test_fedshield_legs_end_bit_for_bit_equal(small_bench):
