@@ -177,6 +177,9 @@ AGG_KEYS = ["rule", "n", "d", "f", "ours_s", "flower_s", "speedup", "flower_lega
             "speedup_legacy", "ours_with_flatten_s", "speedup_with_flatten"]
 OVERHEAD_KEYS = ["task", "model", "examples", "mode", "seconds_min", "seconds_median",
                  "loop_seconds_min", "ratio", "loop_ratio"]
+SIMULATION_KEYS = ["federation", "leg", "workers", "threads", "startup_s", "round_s",
+                   "peak_rss_mb", "peak_pss_mb", "processes", "final_accuracy", "floor_ratio",
+                   "speedup_vs_1", "speedup_vs_ray", "error"]
 SERVING_KEYS = ["mode", "runtime", "format", "batch", "p50_ms", "p99_ms", "mean_ms",
                 "samples_per_s", "n"]
 
@@ -216,6 +219,11 @@ def render_file(path: Path) -> tuple[Recipe | None, Table]:
     data = json.loads(path.read_text())
     if isinstance(data, dict) and data.get("benchmark") == "dp-overhead":
         return recipe(dp_overhead_command(data["args"])), table(data["rows"], OVERHEAD_KEYS)
+    if isinstance(data, dict) and data.get("benchmark") == "simulation":  # records its command
+        load = data["load_average_1_5_15"]
+        note = (f"{data['cpus']} CPUs, 1-minute load average {load['start'][0]:.1f} at the "
+                f"start and {load['end'][0]:.1f} at the end")
+        return recipe(data["command"], note=note), table(data["rows"], SIMULATION_KEYS)
     if isinstance(data, dict) and "rows" in data and data["rows"] and "rule" in data["rows"][0]:
         return None, table(data["rows"], AGG_KEYS)
     if isinstance(data, dict) and "rows" in data:

@@ -207,6 +207,43 @@ def bench_aggregators(
     run(*sizes, out, repeats, specs)
 
 
+@bench_app.command("simulation",
+                   epilog="Example: fedshield bench simulation --preset digits100 --rounds 3")
+def bench_simulation(
+    preset: str = typer.Option("digits100", help="digits100, mnist1000-dp or mnist1000"),
+    rounds: int | None = typer.Option(None, help="rounds per federation (default: the "
+                                                 "preset's; at least 2)"),
+    legs: str = typer.Option("inprocess-1,inprocess-N,ray,floor",
+                             help="comma-separated legs: inprocess-1, inprocess-N (or "
+                                  "inprocess-<count>), ray, floor"),
+    workers: int = typer.Option(0, min=0, help="N: workers of inprocess-N and the floor's "
+                                               "divisor (0 = one per core)"),
+    clients: int | None = typer.Option(None, min=1, help="override federation.num_clients"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override key=value on every "
+                                                               "federation (repeatable)"),
+    out: str = typer.Option("runs/bench-simulation", help="folder for results.json/.md, the "
+                                                          "legs' logs and runs"),
+) -> None:
+    """Run one federation in-process with 1 and N workers, on Flower's Ray engine and as the
+    bare compute floor, each leg in its own process; print start-up, seconds per round, peak
+    memory and final accuracy per leg. Exits 1 when a leg fails or the fedshield legs'
+    results differ."""
+    from pathlib import Path
+
+    from fedshield.benchmarks.bench_simulation import Bench, parse_legs, run
+    from fedshield.simulations.workers import resolve_workers
+
+    try:
+        bench = Bench(preset, parse_legs(legs), resolve_workers(workers), Path(out), rounds,
+                      clients, list(set_ or []))
+        bench.configs()  # a bad preset or override fails here, before any leg runs
+    except FedShieldError as exc:
+        fail(str(exc))
+    code = run(bench)
+    if code:
+        raise typer.Exit(code)
+
+
 def _mount() -> None:
     """Sub-commands from fedshield/commands/ and fedshield/site.py (all orchestration)."""
     from fedshield.commands.deploy import (
