@@ -194,6 +194,7 @@ class Worker:
         try:
             heartbeat.start()
             message, context, run, fab = pull_task_input(client)
+            pulled = time.time()
             digest = fab_fingerprint(fab.content)  # our own hash of the bytes we check
             if digest not in self.checked:  # one check per FAB, not per message
                 self.checked[digest] = fab_mismatch(fab.content, run.fab_id, run.fab_version,
@@ -202,6 +203,8 @@ class Worker:
             if problem:
                 raise FabRefused(problem)
             timing.begin_task(acquired)
+            log_line(f"task of run {run.run_id}: pulled in {pulled - acquired:.2f} s, FAB checked "
+                     f"in {time.time() - pulled:.2f} s")
             reply = self.app(message=message, context=context)
             sub_status, details = SubStatus.COMPLETED, ""
         except BaseException as ex:  # every failure is an error reply (Stop re-raised)
