@@ -267,10 +267,9 @@ def supernode_command(site_dir: str | Path) -> list[str]:
     else:
         tls = ["--root-certificates", str(site_dir / s["root_certificates"]),
                "--auth-supernode-private-key", str(site_dir / s["private_key"])]
-    return ["flower-supernode", "--superlink", s["superlink"], *tls,
+    return ["flower-supernode", *isolation, "--superlink", s["superlink"], *tls,
             "--node-config", _node_config_arg(node, site_dir), "--host", "127.0.0.1",
-            "--port", str(s["port"]), "--max-retries", str(s.get("max_retries", 10)),
-            *isolation]
+            "--port", str(s["port"]), "--max-retries", str(s.get("max_retries", 10))]
 
 
 def supernode_env(site_dir: str | Path) -> dict[str, str]:
@@ -493,6 +492,19 @@ def data_fingerprint(node: dict, site_dir: Path) -> str | None:
     return content_hash(files, path.resolve()) if files else None
 
 
+def _worker_status(state: dict | None) -> str | None:
+    """The long-lived ClientApp worker under ``fedshield site run``: running (pid, restarts),
+    not running, or None where the supervisor runs none."""
+    from fedshield.site_supervisor import alive
+
+    if not state or not state.get("worker_command"):
+        return None
+    pid = state.get("worker_pid")
+    restarts = state.get("worker_restarts", 0)
+    return (f"running (pid {pid}, restarts: {restarts})" if alive(pid)
+            else f"not running (restarts: {restarts})")
+
+
 def site_status(site_dir: str | Path, log_path: str | Path | None = None) -> dict:
     """What a partner's operator checks: is the SuperNode running and connected, the last round it
     served, the site's privacy spend (its ledger) and its data's fingerprint.
@@ -536,6 +548,8 @@ def site_status(site_dir: str | Path, log_path: str | Path | None = None) -> dic
             spend["problem"] = str(exc)
     return {"site": s.get("name", site_dir.name), "connection": connection,
             "supervisor": state, "restarts": (state or {}).get("restarts", 0),
+            "client_process": client_process(s, site_dir),
+            "worker": _worker_status(state),
             "last_round_served": ({"run": served[-1][0], "round": served[-1][1]}
                                   if served else None),
             "rounds_served": len(served), "privacy": spend,
@@ -638,6 +652,8 @@ def status_command(
         return
     last = st["last_round_served"]
     lines = [f"site {st['site']}: SuperNode {st['connection']} (restarts: {st['restarts']})",
+             f"client process: {st['client_process']}"
+             + (f", worker {st['worker']}" if st["worker"] else ""),
              "last round served: " + (f"run {last['run']}, round {last['round']} "
                                       f"({st['rounds_served']} in the log)"
                                       if last else "none yet")]
