@@ -100,7 +100,8 @@ def test_the_supervisor_restarts_a_failing_worker_and_stops_it_with_the_supernod
     # stand-in exits cleanly after 4 s, which ends the supervisor and the worker with it
     worker = [sys.executable, "-c",
               "import os, pathlib, sys, time; p = pathlib.Path(sys.argv[1]); "
-              "first = not p.exists(); p.write_text('x'); print('worker up', os.getpid(), flush=True); "
+              "first = not p.exists(); p.write_text('x'); "
+              "print('worker up', os.getpid(), flush=True); "
               "sys.exit(3) if first else time.sleep(600)", str(tmp_path / "started")]
     node = [sys.executable, "-c", "import time; time.sleep(4)"]
     pids: list[int] = []
