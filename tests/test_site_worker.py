@@ -193,3 +193,87 @@ def test_one_worker_process_serves_every_run_and_reloads_only_changed_data(tmp_p
 
     assert {e["run_id"] for e in ledger_history(kit.site(1))} == {
         next((out / "dp").iterdir()).name}
+
+
+@pytest.fixture
+def offline_worker(monkeypatch, fab_and_app):
+    """A Worker whose Runtime API calls are Flower's functions replaced by recorders: the task
+    pulled is one train message of run 5 with the installed app's own FAB."""
+    import dataclasses
+
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore import heartbeat
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.runtime import run_clientapp
+
+    from fedshield.site_worker import Worker
+
+    fab, app = fab_and_app
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 5, 1, 3
+    msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_message_id"] = msg.object_id  # as pull_task_input sets it
+    context = Context(run_id=5, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    run = dataclasses.replace(Run.create_empty(5), fab_id=app.fab_id, fab_version=app.version)
+    pushed: list = []
+
+    class Beat:  # Flower's heartbeat thread would call the (absent) SuperNode
+        def __init__(self, _fn) -> None:
+            self.is_running = False
+
+        def start(self) -> None:
+            self.is_running = True
+
+        def stop(self) -> None:
+            self.is_running = False
+
+    monkeypatch.setattr(heartbeat, "HeartbeatSender", Beat)
+    monkeypatch.setattr(run_clientapp, "pull_task_input",
+                        lambda _c: (msg, context, run, Fab("h", pushed_fab[0], {})))
+    monkeypatch.setattr(run_clientapp, "push_message",
+                        lambda _c, reply, ctx: pushed.append(("reply", reply, ctx)))
+    monkeypatch.setattr(run_clientapp, "push_task_output",
+                        lambda client, context, sub_status, details:
+                        pushed.append(("output", sub_status, details)))
+    pushed_fab = [fab]
+    worker = Worker("127.0.0.1:1", app_root=app.root)
+    return worker, pushed, pushed_fab
+
+
+def test_a_failing_task_comes_back_as_an_error_reply(offline_worker):
+    worker, pushed, _ = offline_worker
+
+    def broken(message, context):
+        raise ValueError("boom")
+
+    worker.app = broken
+    assert worker.run_task("token") is False
+    (_, reply, _), (_, status, details) = pushed
+    assert reply.has_error() and reply.error.code == 2 and "boom" in reply.error.reason
+    assert status == "failed" and "boom" in details
+
+
+def test_a_foreign_fab_is_refused_with_an_error_reply(offline_worker):
+    worker, pushed, fab = offline_worker
+    fab[0] = _replace_member(fab[0], "client/app.py", b"raise SystemExit('coordinator code')\n")
+    called = []
+    worker.app = lambda message, context: called.append(1)
+    assert worker.run_task("token") is False and not called  # the site's app never ran
+    reply = pushed[0][1]
+    assert reply.error.code == 1 and "refused the run" in reply.error.reason
+    assert "client/app.py" in reply.error.reason
+
+
+def test_a_stop_mid_task_still_answers_then_leaves(offline_worker):
+    from fedshield.site_worker import Stop
+
+    worker, pushed, _ = offline_worker
+
+    def stopped(message, context):
+        raise Stop("SIGTERM")
+
+    worker.app = stopped
+    with pytest.raises(Stop):
+        worker.run_task("token")
+    assert pushed[0][1].has_error() and pushed[1][1] == "failed"
