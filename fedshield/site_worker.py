@@ -121,6 +121,10 @@ class Stop(BaseException):  # a request, not an error: never caught as an Except
     """SIGTERM/SIGINT: answer the task in hand with an error reply, then leave."""
 
 
+class TaskAborted(Exception):
+    """SIGINT during a task: that task gets an error reply, the worker goes on serving."""
+
+
 class FabRefused(Exception):
     """The task's FAB is not the installed app (:func:`fab_mismatch` says why)."""
 
@@ -144,6 +148,7 @@ class Worker:
         self.installed = installed_app(app_root or app_dir())
         self.checked: dict[str, str | None] = {}  # FAB hash -> fab_mismatch's answer
         self.tasks = 0
+        self.in_task = False  # inside run_task (SIGINT then aborts the task, not the worker)
         # The Runtime API on 127.0.0.1 is plain HTTP (the SuperNode starts its own SuperExec the
         # same way, start_client_internal.py:207-222); the component name is the SuperExec's.
         self.acquirer = RuntimeHttpClient.from_server_address(
@@ -181,6 +186,7 @@ class Worker:
         from fedshield.client import timing
 
         acquired = time.time()
+        self.in_task = True
         retry = make_simple_http_retry_invoker()
         client = RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
@@ -226,12 +232,18 @@ class Worker:
                     push_message(client, reply, context)
             except Exception as ex:  # noqa: BLE001 (logged; the SuperNode's expiry answers)
                 log_line(f"could not push the reply: {ex}")
-            push_task_output(client=client, context=context, sub_status=sub_status,
-                             details=details)
+            # Heartbeats stop before the task is closed: one sent with the closed task's token
+            # gets a 401, on which Flower's HTTP retry SIGINTs its own process (http_retry.py).
             if heartbeat.is_running:
                 heartbeat.stop()
+            try:
+                push_task_output(client=client, context=context, sub_status=sub_status,
+                                 details=details)
+            except Exception as ex:  # noqa: BLE001 (a stopped run: nothing left to close)
+                log_line(f"could not close the task: {ex}")
             client.close()
             self.tasks += 1
+            self.in_task = False
         return sub_status == SubStatus.COMPLETED
 
     def serve(self, max_tasks: int | None = None) -> None:
@@ -254,7 +266,10 @@ class Worker:
             if token is None:
                 time.sleep(self.poll_interval)
                 continue
-            self.run_task(token)
+            try:
+                self.run_task(token)
+            except Exception as exc:  # noqa: BLE001 (its reply is sent; keep serving)
+                log_line(f"task ended with {type(exc).__name__}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,15 +285,25 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.01 <= args.poll_interval <= 60:
         parser.error(f"--poll-interval must be in [0.01, 60], got {args.poll_interval}")
 
+    worker: Worker | None = None
+
     def stop(signum, _frame) -> None:
         raise Stop(signal.Signals(signum).name)
 
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, stop)
+    def interrupt(signum, frame) -> None:
+        # Flower's HTTP retry SIGINTs its own process on a 401 (a task token the SuperNode no
+        # longer knows): that ends the task in hand, not the worker. Idle, SIGINT (Ctrl-C) stops.
+        if worker is not None and worker.in_task:
+            raise TaskAborted("interrupted (SIGINT: Ctrl-C, or Flower's retry on HTTP 401)")
+        stop(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, interrupt)
     from fedshield.errors import FedShieldError
 
     try:
-        Worker(args.runtime_api_address, args.poll_interval).serve()
+        worker = Worker(args.runtime_api_address, args.poll_interval)
+        worker.serve()
     except FedShieldError as exc:
         log_line(f"error: {exc}")
         return 2

@@ -227,6 +227,7 @@ def offline_worker(monkeypatch, fab_and_app):
 
         def stop(self) -> None:
             self.is_running = False
+            pushed.append(("heartbeat stopped",))
 
     monkeypatch.setattr(heartbeat, "HeartbeatSender", Beat)
     monkeypatch.setattr(run_clientapp, "pull_task_input",
@@ -249,7 +250,9 @@ def test_a_failing_task_comes_back_as_an_error_reply(offline_worker):
 
     worker.app = broken
     assert worker.run_task("token") is False
-    (_, reply, _), (_, status, details) = pushed
+    (_, reply, _), beat, (_, status, details) = pushed
+    # the heartbeat ends before the task is closed (a late one would get a 401: SIGINT)
+    assert beat == ("heartbeat stopped",)
     assert reply.has_error() and reply.error.code == 2 and "boom" in reply.error.reason
     assert status == "failed" and "boom" in details
 
@@ -276,4 +279,17 @@ def test_a_stop_mid_task_still_answers_then_leaves(offline_worker):
     worker.app = stopped
     with pytest.raises(Stop):
         worker.run_task("token")
-    assert pushed[0][1].has_error() and pushed[1][1] == "failed"
+    assert pushed[0][1].has_error() and pushed[-1][1] == "failed"
+
+
+def test_sigint_in_a_task_aborts_that_task_only(offline_worker):
+    from fedshield.site_worker import TaskAborted
+
+    worker, pushed, _ = offline_worker
+
+    def interrupted(message, context):
+        raise TaskAborted("interrupted")
+
+    worker.app = interrupted
+    assert worker.run_task("token") is False and not worker.in_task  # the worker goes on
+    assert "interrupted" in pushed[0][1].error.reason and pushed[-1][1] == "failed"
