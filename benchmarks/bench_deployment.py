@@ -5,7 +5,10 @@ Three ways to run the same ServerApp/ClientApp on this machine:
 - ``inprocess``: fedshield's in-process grid (no Flower runtime, no serialisation);
 - ``flwr-sim``: ``flwr run`` against a SuperLink in simulation mode (Flower's simulation runtime);
 - ``deployment``: a SuperLink with TLS + SuperNode authentication and one authenticated
-  ``flower-supernode`` process per site (the kit from ``fedshield site init``).
+  ``flower-supernode`` process per site (the kit from ``fedshield site init``), each with
+  fedshield's long-lived ClientApp worker (fedshield/site_worker.py);
+- ``deployment-per-message``: the same with ``client_process = "per-message"``: Flower's
+  ``flwr-clientapp`` process per message.
 
 Where the time goes per round: ``client_s`` is what each client measured itself (data loading,
 training, encoding its reply; ``client-seconds`` in its metrics); the rest of the round is
@@ -105,7 +108,9 @@ def split_rounds(lines: list[MetricsLine], timings: list[dict]) -> dict:
     - ``deliver_s``: the ServerApp created the message -> that client's process started (the
       SuperLink, the SuperNode's 3 s pull polling, the SuperExec's task polling): Flower;
     - ``startup_s``: process start -> handler start (Python, torch and fedshield imports, Flower's
-      FAB install and task pull): Flower's one process per message;
+      FAB install and task pull): Flower's one process per message; with the site's long-lived
+      worker (fedshield/site_worker.py) the task's acquisition -> handler start (the task pull
+      and the FAB check), its "process start" being when it acquired the task;
     - ``handler_s``: the handler (data, model, training, accounting, encoding): fedshield;
     - ``return_s``: handler end -> the server's round end (the reply's way back: SuperNode push,
       the ServerApp's 3 s pull polling) plus the server's own aggregation, screening and
@@ -180,11 +185,18 @@ def bench_flwr_sim(task: str, n: int, rounds: int, work: Path) -> dict:
         log.close()
 
 
-def bench_deployment(task: str, n: int, rounds: int, work: Path) -> dict:
-    """Time the same run on a local SuperLink with ``n`` SuperNodes; its summary row."""
-    kit = init_sites(work / f"kit-{n}", n, port=free_port(),
+def bench_deployment(task: str, n: int, rounds: int, work: Path,
+                     client_process: str = "long-lived") -> dict:
+    """Time the same run on a local SuperLink with ``n`` SuperNodes; its summary row.
+    ``client_process``: the sites' site.toml setting (fedshield's long-lived worker, or
+    Flower's process per message)."""
+    kit = init_sites(work / f"kit-{n}-{client_process}", n, port=free_port(),
                      node_ports=[free_port() for _ in range(n)])
-    out = work / f"deployment-{n}"
+    for site in kit.sites():
+        toml = (site / "site.toml").read_text()
+        (site / "site.toml").write_text(toml.replace('client_process = "long-lived"',
+                                                     f'client_process = "{client_process}"'))
+    out = work / f"deployment-{n}-{client_process}"
     with LocalFederation(kit.root) as fed:
         fed.start_superlink()
         fed.register()
@@ -203,7 +215,13 @@ def bench_deployment(task: str, n: int, rounds: int, work: Path) -> dict:
                 **split_rounds(lines, timings)}
 
 
-MODES = {"inprocess": bench_inprocess, "flwr-sim": bench_flwr_sim, "deployment": bench_deployment}
+def bench_deployment_per_message(task: str, n: int, rounds: int, work: Path) -> dict:
+    """The deployment with Flower's new ``flwr-clientapp`` process per message (the old mode)."""
+    return bench_deployment(task, n, rounds, work, client_process="per-message")
+
+
+MODES = {"inprocess": bench_inprocess, "flwr-sim": bench_flwr_sim, "deployment": bench_deployment,
+         "deployment-per-message": bench_deployment_per_message}
 
 
 def main() -> None:

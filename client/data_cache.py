@@ -149,6 +149,7 @@ def cached_splits(recipe: str, files: list[Path], root: Path | None, cache_dir: 
     if (recipe, stat) in _MEMORY:
         train, val, kept = _MEMORY[recipe, stat]
         LOADS["memory"] += 1
+        note(f"hit in memory (data {kept[:16]})")  # the long-lived site worker's case
         return Loaded(train, val, kept, "memory")
     folder = _folder(cache_dir, recipe) if cache_dir is not None else None
     meta = _read_meta(folder) if folder is not None else None

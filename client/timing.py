@@ -16,6 +16,14 @@ import sys
 import time
 
 PREFIX = "fedshield timing "
+# Set by fedshield's long-lived site worker (fedshield/site_worker.py) while it serves a task: when
+# it acquired the task, which then stands in for the process start (its process serves them all).
+_TASK_START: list[float | None] = [None]
+
+
+def begin_task(acquired: float | None) -> None:
+    """Mark that this process serves one task acquired at ``acquired`` (None: task done)."""
+    _TASK_START[0] = acquired
 
 
 def process_start_time() -> float | None:
@@ -34,12 +42,15 @@ def process_start_time() -> float | None:
 def note_message(kind: str, created_at: float, run_id: int, server_round: str, started: float,
                  **extra: object) -> None:
     """Print the timing line of one handled message (``started``: time.time() at entry), only
-    in a ``flwr-clientapp`` process: simulations run thousands of handlers in one process."""
-    if not sys.argv or not sys.argv[0].endswith("flwr-clientapp"):
+    in a ``flwr-clientapp`` process or the site worker: simulations run thousands of handlers in
+    one process. ``process_start`` is the worker's task acquisition there, ``pid`` the process."""
+    worker_task = _TASK_START[0]
+    if worker_task is None and (not sys.argv or not sys.argv[0].endswith("flwr-clientapp")):
         return
     record = {"kind": kind, "run": run_id, "round": server_round, "created": created_at,
-              "process_start": process_start_time(), "handler_start": started,
-              "handler_end": time.time(), **extra}
+              "process_start": worker_task if worker_task is not None else process_start_time(),
+              "handler_start": started, "handler_end": time.time(), "pid": os.getpid(),
+              "worker": worker_task is not None, **extra}
     print(PREFIX + json.dumps(record, sort_keys=True), file=sys.stderr, flush=True)
 
 

@@ -34,6 +34,10 @@ CERT_DAYS = 365
 # Flower's SuperExec waits this long between checks for a task to start (its default 1 s).
 TASK_POLL_INTERVAL = 0.1
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+# How the site runs its ClientApp: one long-lived process for every message (fedshield's executor,
+# fedshield/site_worker.py, next to `flower-supernode --isolation process`), or Flower's own
+# flower-superexec starting a flwr-clientapp process per message.
+CLIENT_PROCESSES = ("long-lived", "per-message")
 console = Console(stderr=True)
 
 
@@ -175,6 +179,10 @@ max_retries = 10                 # give up after this many failed reconnects
 # Seconds between the SuperNode's checks for a new task to start (Flower's SuperExec knob,
 # FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's default is 1.0). Each message waits up to this long.
 task_poll_interval = {TASK_POLL_INTERVAL}
+# "long-lived": one fedshield process serves every message (torch, the task and your data stay
+# loaded; it runs the fedshield installed HERE and refuses a run whose app differs from it).
+# "per-message": Flower starts a new flwr-clientapp process for each message (slower).
+client_process = "long-lived"
 
 [node_config]                    # what the ClientApp on this node sees
 # Your data: a .csv (with a "label" column), a .npz (x, y) or a folder <root>/<label>/*.png.
@@ -221,10 +229,34 @@ def _node_config_arg(node: dict, site_dir: Path) -> str:
     return " ".join(parts)
 
 
+def client_process(s: dict, site_dir: Path) -> str:
+    """The site's ``client_process`` (site.toml; "long-lived" when absent)."""
+    mode = s.get("client_process", CLIENT_PROCESSES[0])
+    if mode not in CLIENT_PROCESSES:
+        raise ConfigError(f"{site_dir / 'site.toml'}: client_process must be one of "
+                          f"{', '.join(map(repr, CLIENT_PROCESSES))}, got {mode!r}")
+    return str(mode)
+
+
+def worker_command(site_dir: str | Path) -> list[str] | None:
+    """The long-lived ClientApp executor's command (fedshield/site_worker.py) for a site, None
+    when the site runs a process per message."""
+    site_dir = Path(site_dir).resolve()
+    s = read_site(site_dir)
+    if client_process(s, site_dir) != "long-lived":
+        return None
+    interval = float(supernode_env(site_dir)[POLL_ENV])
+    return [sys.executable, "-m", "fedshield.site_worker", "--runtime-api-address",
+            f"127.0.0.1:{s['port']}", "--poll-interval", str(interval)]
+
+
 def supernode_command(site_dir: str | Path) -> list[str]:
     """The ``flower-supernode`` command for a site, built from its (edited) ``site.toml``."""
     site_dir = Path(site_dir).resolve()
     s = read_site(site_dir)
+    # long-lived: the SuperNode starts no flower-superexec; fedshield's worker serves its tasks
+    isolation = (["--isolation", "process"]
+                 if client_process(s, site_dir) == "long-lived" else [])
     node = dict(s.get("node_config", {}))
     if node.get("data-path", "") == "" and "partition-id" not in node:
         raise ConfigError(f"{site_dir / 'site.toml'}: set node_config.data-path to your data")
@@ -235,7 +267,7 @@ def supernode_command(site_dir: str | Path) -> list[str]:
     else:
         tls = ["--root-certificates", str(site_dir / s["root_certificates"]),
                "--auth-supernode-private-key", str(site_dir / s["private_key"])]
-    return ["flower-supernode", "--superlink", s["superlink"], *tls,
+    return ["flower-supernode", *isolation, "--superlink", s["superlink"], *tls,
             "--node-config", _node_config_arg(node, site_dir), "--host", "127.0.0.1",
             "--port", str(s["port"]), "--max-retries", str(s.get("max_retries", 10))]
 
@@ -257,6 +289,14 @@ def _env_prefix(site_dir: str | Path) -> str:
 
 def _shell(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
+
+
+def _plain_commands(site_dir: str | Path) -> str:
+    """The site's shell command lines: the SuperNode, then its long-lived worker (if any)."""
+    lines = [f"{_env_prefix(site_dir)} {_shell(supernode_command(site_dir))}"]
+    if (worker := worker_command(site_dir)) is not None:
+        lines.append(_shell(worker) + "   # in a second shell, next to the SuperNode")
+    return "\n".join(lines)
 
 
 def coordinator_commands(layout: Layout, host: str, port: int, insecure: bool,
@@ -328,11 +368,18 @@ fedshield site run {shlex.quote(str(site_dir.resolve()))}
 fedshield site status {shlex.quote(str(site_dir.resolve()))}
 ```
 
-`fedshield site command` prints the plain command instead; with the defaults of `site init`:
+`fedshield site command` prints the plain commands instead; with the defaults of `site init`
+(`client_process = "long-lived"`) they are two processes, both to keep running: the SuperNode,
+and fedshield's long-lived ClientApp executor that serves every message in one process:
 
 ```sh
-{_env_prefix(site_dir)} {_shell(supernode_command(site_dir))}
+{_plain_commands(site_dir)}
 ```
+
+The executor runs the fedshield installed on this machine, never code sent by the coordinator,
+and refuses (an error reply, a line in the log) a run whose app version or Python files differ
+from it. `client_process = "per-message"` in `site.toml` switches to Flower's default: a new
+`flwr-clientapp` process per message, running the coordinator's app bundle.
 
 `cache-dir` keeps your data parsed (a private copy, reloaded when the files change).
 
@@ -445,6 +492,19 @@ def data_fingerprint(node: dict, site_dir: Path) -> str | None:
     return content_hash(files, path.resolve()) if files else None
 
 
+def _worker_status(state: dict | None) -> str | None:
+    """The long-lived ClientApp worker under ``fedshield site run``: running (pid, restarts),
+    not running, or None where the supervisor runs none."""
+    from fedshield.site_supervisor import alive
+
+    if not state or not state.get("worker_command"):
+        return None
+    pid = state.get("worker_pid")
+    restarts = state.get("worker_restarts", 0)
+    return (f"running (pid {pid}, restarts: {restarts})" if alive(pid)
+            else f"not running (restarts: {restarts})")
+
+
 def site_status(site_dir: str | Path, log_path: str | Path | None = None) -> dict:
     """What a partner's operator checks: is the SuperNode running and connected, the last round it
     served, the site's privacy spend (its ledger) and its data's fingerprint.
@@ -491,6 +551,8 @@ def site_status(site_dir: str | Path, log_path: str | Path | None = None) -> dic
             spend["problem"] = str(exc)
     return {"site": s.get("name", site_dir.name), "connection": connection,
             "supervisor": state, "restarts": (state or {}).get("restarts", 0),
+            "client_process": client_process(s, site_dir),
+            "worker": _worker_status(state),
             "last_round_served": ({"run": served[-1][0], "round": served[-1][1]}
                                   if served else None),
             "rounds_served": len(served), "privacy": spend,
@@ -543,9 +605,10 @@ def register_command(
 def command_command(
     site_dir: str = typer.Argument(..., help="a site folder with site.toml"),
 ) -> None:
-    """Print the flower-supernode command for this site's site.toml (with its environment)."""
+    """Print the flower-supernode command for this site's site.toml (with its environment) and,
+    with client_process = "long-lived", the ClientApp executor's command to run next to it."""
     try:
-        print(f"{_env_prefix(site_dir)} {_shell(supernode_command(site_dir))}")
+        print(_plain_commands(site_dir))
     except ConfigError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from exc
@@ -555,11 +618,13 @@ def command_command(
 def run_command(
     site_dir: str = typer.Argument(..., help="a site folder with site.toml"),
 ) -> None:
-    """Run this site's SuperNode and restart it when it fails (logs/supernode.log)."""
+    """Run this site's SuperNode (and its long-lived ClientApp executor) and restart them when
+    they fail (logs/supernode.log)."""
     from fedshield.site_supervisor import LOG_FILE, supervise
 
     try:
         cmd = supernode_command(site_dir)
+        worker = worker_command(site_dir)
         env = {**os.environ, **supernode_env(site_dir)}
     except ConfigError as exc:
         console.print(f"[bold red]error:[/] {exc}")
@@ -568,7 +633,7 @@ def run_command(
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     cmd = [flwr_bin(cmd[0]), *cmd[1:]]
     console.print(f"SuperNode log: {Path(site_dir) / LOG_FILE}; stop with Ctrl-C or SIGTERM")
-    raise typer.Exit(supervise(cmd, env, Path(site_dir)))
+    raise typer.Exit(supervise(cmd, env, Path(site_dir), worker=worker))
 
 
 @site_app.command("status", epilog="Example: fedshield site status deploy/site-1 --json")
@@ -590,6 +655,8 @@ def status_command(
         return
     last = st["last_round_served"]
     lines = [f"site {st['site']}: SuperNode {st['connection']} (restarts: {st['restarts']})",
+             f"client process: {st['client_process']}"
+             + (f", worker {st['worker']}" if st["worker"] else ""),
              "last round served: " + (f"run {last['run']}, round {last['round']} "
                                       f"({st['rounds_served']} in the log)"
                                       if last else "none yet")]

@@ -27,6 +27,7 @@ from fedshield.site import (
     superlink_command,
     supernode_command,
     supernode_env,
+    worker_command,
 )
 
 
@@ -65,12 +66,13 @@ class LocalFederation:
         self.close()
 
     # --- processes ------------------------------------------------------------------------
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str],
+               log: str | None = None) -> subprocess.Popen:
         cmd = [flwr_bin(cmd[0]), *cmd[1:]] if cmd[0] != sys.executable else cmd
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+        out = open(self.logs / f"{log or name}.log", "ab")  # noqa: SIM115 (closed with it)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        log.close()
+        out.close()
         self.procs[name] = proc
         return proc
 
@@ -105,7 +107,10 @@ class LocalFederation:
         if self.threads:
             env.setdefault("OMP_NUM_THREADS", str(self.threads))
         if not supervised:
-            return self._spawn(name, supernode_command(site_dir), env)
+            proc = self._spawn(name, supernode_command(site_dir), env)
+            if (worker := worker_command(site_dir)) is not None:  # the same log, stopped with it
+                self._spawn(f"{name}:worker", worker, env, log=name)
+            return proc
         from fedshield.site_supervisor import LOG_FILE
 
         self.site_logs[name] = site_dir / LOG_FILE
@@ -117,6 +122,8 @@ class LocalFederation:
         proc = self.procs.pop(name, None)
         if proc is None:
             return None
+        if f"{name}:worker" in self.procs:  # an unsupervised site's worker goes with it
+            self.stop(f"{name}:worker", sig, timeout)
         try:
             os.killpg(proc.pid, sig)
             return proc.wait(timeout=timeout)

@@ -6,7 +6,10 @@ killed without leaving is refused by the SuperLink until two 30 s heartbeats pas
 retries would only fail). A clean exit (0), or SIGTERM/SIGINT to the supervisor, ends it: the
 signal is passed on so the SuperNode leaves the federation at once. ``supervisor.json`` in the site
 folder says what runs (``fedshield site status`` reads it); the SuperNode's output is appended to
-``logs/supernode.log``.
+``logs/supernode.log``. With ``client_process = "long-lived"`` (site.toml, the default) the
+SuperNode runs with ``--isolation process`` next to fedshield's long-lived ClientApp executor
+(fedshield/site_worker.py), supervised the same way: restarted when it exits, stopped with the
+SuperNode, logging into the same file.
 
 Everything the site must keep (its privacy ledger, its data cache) is on disk, so a restarted
 SuperNode rejoins with its ledger intact; nothing is held only in the supervisor.
@@ -18,6 +21,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +57,9 @@ class SupervisorState:
     restarts: int = 0
     exits: list[dict] = field(default_factory=list)  # the last few {at, code}
     stopped: bool = False
+    worker_command: list[str] | None = None  # the long-lived ClientApp executor, if any
+    worker_pid: int | None = None
+    worker_restarts: int = 0
 
     def write(self, path: Path) -> None:
         """Write atomically (status may read it at any time)."""
@@ -85,48 +92,96 @@ def alive(pid: int | None) -> bool:
 
 
 def supervise(command: list[str], env: dict[str, str], site_dir: Path,
-              policy: RestartPolicy = RestartPolicy(), sleep=time.sleep) -> int:
+              policy: RestartPolicy = RestartPolicy(), sleep=time.sleep,
+              worker: list[str] | None = None) -> int:
     """Run ``command`` until it exits 0, the supervisor is told to stop, or ``max_restarts``
-    quick failures in a row; returns the last exit code."""
-    state = SupervisorState(os.getpid(), command)
+    quick failures in a row; returns the last exit code.
+
+    ``worker``: fedshield's long-lived ClientApp executor (fedshield/site_worker.py) for a
+    SuperNode run with ``--isolation process``; restarted on its own when it exits (the
+    SuperNode keeps running), stopped with the SuperNode. It logs into the same file."""
+    state = SupervisorState(os.getpid(), command, worker_command=worker)
     state_path = site_dir / STATE_FILE
     log_path = site_dir / LOG_FILE
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    child: subprocess.Popen | None = None
-    stopping = []
+    children: dict[str, subprocess.Popen] = {}
+    stopping: list[int] = []
+    lock = threading.Lock()  # the worker's thread and the SuperNode's loop share the state
 
     def stop(signum, _frame) -> None:
         stopping.append(signum)
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)  # the SuperNode leaves the federation, then exits
+        for child in list(children.values()):
+            if child.poll() is None:
+                child.send_signal(signum)  # the SuperNode leaves the federation, then exits
+
+    def started(name: str, child: subprocess.Popen) -> None:
+        with lock:
+            children[name] = child
+            if name == "SuperNode":
+                state.supernode_pid, state.started_at = child.pid, time.time()
+            else:
+                state.worker_pid = child.pid
+            state.write(state_path)
+
+    def exited(name: str, code: int, ran: float, pause: float | None) -> None:
+        with lock:
+            if name == "SuperNode":
+                state.exits = (state.exits + [{"at": time.time(), "code": code}])[-10:]
+                state.supernode_pid = None
+                state.restarts += pause is not None
+            else:
+                state.worker_pid = None
+                state.worker_restarts += pause is not None
+            state.write(state_path)
+        if pause is not None:
+            with open(log_path, "a") as text:
+                text.write(f"\nfedshield site run: {name} exited with {code} after {ran:.0f} s;"
+                           f" restart in {pause:.0f} s\n")
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    quick, code = 0, 0
+    helper = None
+    if worker is not None:  # the worker's restarts must not wait on the SuperNode's
+        helper = threading.Thread(target=_keep_running, daemon=True, args=(
+            "worker", worker, env, log_path, policy, stopping, started, exited, sleep, False))
+        helper.start()
     try:
-        while not stopping:
-            with open(log_path, "ab") as log:
-                child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-            state.supernode_pid, state.started_at = child.pid, time.time()
-            state.write(state_path)
-            code = child.wait()
-            ran = time.time() - state.started_at
-            state.exits = (state.exits + [{"at": time.time(), "code": code}])[-10:]
-            state.supernode_pid = None
-            if stopping or code == 0:
-                break
-            quick = quick + 1 if ran < policy.healthy else 1
-            if quick > policy.max_restarts:
-                break
-            state.restarts += 1
-            state.write(state_path)
-            with open(log_path, "a") as text:
-                text.write(f"\nfedshield site run: SuperNode exited with {code} after {ran:.0f} s;"
-                          f" restart {state.restarts} in {policy.pause(quick):.0f} s\n")
-            sleep(policy.pause(quick))
+        code = _keep_running("SuperNode", command, env, log_path, policy, stopping, started,
+                             exited, sleep, True)
     finally:
+        stopping.append(0)  # the worker follows the SuperNode out
+        child = children.get("worker")
+        if child is not None and child.poll() is None:
+            child.terminate()
+        if helper is not None:
+            helper.join(timeout=30)
         state.stopped = True
-        state.supernode_pid = None
+        state.supernode_pid = state.worker_pid = None
         state.write(state_path)
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return code
+
+
+def _keep_running(name: str, command: list[str], env: dict[str, str], log_path: Path,
+                  policy: RestartPolicy, stopping: list[int], started, exited, sleep,
+                  clean_exit_ends: bool) -> int:
+    """Start ``command`` again after each exit (``policy``'s pauses) until ``stopping``, a
+    clean exit where ``clean_exit_ends``, or too many quick failures; the last exit code."""
+    quick, code = 0, 0
+    while not stopping:
+        with open(log_path, "ab") as log:
+            child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        began = time.time()
+        started(name, child)
+        code = child.wait()
+        ran = time.time() - began
+        if stopping or (code == 0 and clean_exit_ends):
+            exited(name, code, ran, None)
+            break
+        quick = quick + 1 if ran < policy.healthy else 1
+        if quick > policy.max_restarts:
+            exited(name, code, ran, None)
+            break
+        exited(name, code, ran, policy.pause(quick))
+        sleep(policy.pause(quick))
     return code
