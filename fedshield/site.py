@@ -390,7 +390,8 @@ names them. See it with `fedshield privacy ledger --ledger-dir ledger`. Back up 
 `ledger-dir` (with its `site-manifest.json`) after each run: a deleted or truncated ledger makes
 this site refuse to train until it is restored, never start its count over.
 Keep `node_key` secret. Exit code 1 with `[code: 2004]` means the coordinator has not registered
-`node_key.pub` yet.
+`node_key.pub` yet, or, right after a restart, that the coordinator still holds this site's
+previous connection (it lapses within about 60 s; `fedshield site run` retries).
 """
 
 
