@@ -648,6 +648,8 @@ def create_app(model: str | Path | ServedModel, token: str | None = None,
     async def metadata() -> dict:
         return {"model": served.name, "version": served.version, "variant": labels["variant"],
                 "input_shape": list(served.input_shape), "num_classes": served.num_classes,
+                # what the ONNX graph reads (differs when this process applies the transform)
+                "model_input_shape": list(served.model_shape or served.input_shape),
                 "sha256": served.sha256, "card": served.card}
 
     def check_range(x: np.ndarray) -> dict[str, str]:
