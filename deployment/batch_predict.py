@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from fedshield.deployment.export import INPUT_NAME
 from fedshield.deployment.serving import (
     FLOAT32_MAX,
     ServedModel,
@@ -253,7 +252,7 @@ def predict_file(served: ServedModel, source: str | Path, out: str | Path,
                         raise DataValidationError(f"{source}: {problem} (--strict-inputs)")
                     if not warnings:  # once: the first offending row says what is wrong
                         warnings.append(f"{source}: {problem}")
-                logits = served.session.run(None, {INPUT_NAME: x})[0]
+                _, logits = served.logits(x)
                 if not np.isfinite(logits).all():
                     bad = int(np.argwhere(~np.isfinite(logits).all(1))[0][0])
                     raise DataValidationError(f"{source}: row {first + bad} makes the model's "

@@ -46,6 +46,13 @@ class ExportResult:
     # min/max of the (preprocessed) evaluation inputs: serving warns on inputs far outside it,
     # e.g. raw 0-255 pixels sent to a model trained on normalised ones (None: older exports).
     input_range: dict[str, float] | None = None
+    # Tasks whose model reads a fixed transform of images (ScatterNet): the served input is the
+    # image, of ``pixel_shape`` in ``pixel_range``; the serving process applies the task's
+    # registered transform (``pixel_transform`` says which) before the ONNX model. None: the
+    # served input is the model's own input.
+    pixel_shape: tuple[int, ...] | None = None
+    pixel_range: dict[str, float] | None = None
+    pixel_transform: str = ""
 
     @property
     def accuracy(self) -> float:
@@ -62,6 +69,8 @@ class ExportResult:
         known = {f.name for f in dataclasses.fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         data["input_shape"] = tuple(data["input_shape"])
+        if data.get("pixel_shape") is not None:
+            data["pixel_shape"] = tuple(data["pixel_shape"])
         return cls(**data)
 
     @classmethod
@@ -153,6 +162,10 @@ def export_model(task: Task, state_dict: dict[str, torch.Tensor], out_dir: str |
             "size_int8_bytes": (out / ONNX_INT8).stat().st_size,
         }
     names = [SAFETENSORS, ONNX, ONNX_DATA] + ([ONNX_INT8] if quantize else [])
+    pixel_range = None
+    if task.pixel_module is not None and task.pixel_range is not None:
+        pixel_range = {"min": float(task.pixel_range[0]), "max": float(task.pixel_range[1])}
+    pixels = pixel_range is not None
     result = ExportResult(
         out_dir=str(out), task=task.name, input_shape=tuple(task.input_shape),
         num_classes=task.num_classes,
@@ -160,6 +173,9 @@ def export_model(task: Task, state_dict: dict[str, torch.Tensor], out_dir: str |
         sizes={n: (out / n).stat().st_size for n in names},
         parity=parity, int8=int8, metadata=meta,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        input_range={"min": float(test.x.min()), "max": float(test.x.max())})
+        input_range={"min": float(test.x.min()), "max": float(test.x.max())},
+        pixel_shape=tuple(task.pixel_shape) if pixels else None,
+        pixel_range=pixel_range,
+        pixel_transform=task.preprocessing if pixels else "")
     (out / EXPORT_JSON).write_text(json.dumps(result.to_dict(), indent=2))
     return result

@@ -29,6 +29,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import numpy as np
+import torch
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -109,6 +110,22 @@ class ServedModel:
     session: Any = field(default=None, repr=False)
     input_range: dict | None = None  # {"min", "max"} of the evaluation inputs (export.json)
     preprocessing: str = ""
+    # Set when the export is served on images (export.json pixel_shape): the task's registered
+    # transform from images (input_shape) to the ONNX model's inputs (model_shape).
+    transform: Any = field(default=None, repr=False)
+    model_shape: tuple[int, ...] = ()
+
+    def model_inputs(self, x: np.ndarray) -> np.ndarray:
+        """The ONNX model's inputs for served inputs ``x`` (the transform, when there is one)."""
+        if self.transform is None:
+            return x
+        with torch.no_grad():
+            return self.transform(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(model inputs, logits) of served inputs ``x``; the drift monitor reads the former."""
+        z = self.model_inputs(x)
+        return z, self.session.run(None, {INPUT_NAME: z})[0]
 
 
 def _registry_hashes_for_run(run_dir: Path,
@@ -204,6 +221,16 @@ def _load_served_model(model: str | Path, tracking_uri: str | None, quantized: b
                          export.get("metadata", {}).get("model", ""),
                          input_range=rng if isinstance(rng, dict) else None,
                          preprocessing=str((card.get("task") or {}).get("preprocessing", "")))
+    if export.get("pixel_shape"):  # served on images: this process applies the task's transform
+        task = get_task(served.task, served.model)
+        if task.pixel_module is None:
+            raise ConfigError(f"{folder}/{EXPORT_JSON} says the model is served on images "
+                              f"{export['pixel_shape']}, but task {served.task!r} registers no "
+                              "image transform here; serve it with the fedshield version that "
+                              "exported it")
+        served.model_shape, served.input_shape = served.input_shape, tuple(export["pixel_shape"])
+        served.transform = task.pixel_module().eval()
+        served.input_range = export.get("pixel_range")
     served.session = onnx_session(folder / (ONNX_INT8 if quantized else ONNX))
     return served
 
@@ -536,6 +563,8 @@ def create_app(model: str | Path | ServedModel, token: str | None = None,
     lock = threading.Lock()
     torch_model = build_loaded_model(get_task(served.task, served.model),
                                      load_weights(served.folder / SAFETENSORS))
+    if served.transform is not None:  # explanations over the pixels a user sent
+        torch_model = torch.nn.Sequential(served.transform, torch_model).eval()
     is_image = len(served.input_shape) == 3
     PredictRequest, ExplainRequest = request_models(served.input_shape, max_batch, MAX_EXPLAIN)
     cooldown = TriggerCooldown(trigger_cooldown)
@@ -619,6 +648,8 @@ def create_app(model: str | Path | ServedModel, token: str | None = None,
     async def metadata() -> dict:
         return {"model": served.name, "version": served.version, "variant": labels["variant"],
                 "input_shape": list(served.input_shape), "num_classes": served.num_classes,
+                # what the ONNX graph reads (differs when this process applies the transform)
+                "model_input_shape": list(served.model_shape or served.input_shape),
                 "sha256": served.sha256, "card": served.card}
 
     def check_range(x: np.ndarray) -> dict[str, str]:
@@ -655,16 +686,16 @@ def create_app(model: str | Path | ServedModel, token: str | None = None,
             x, probabilities = np.asarray(body.inputs, dtype=np.float32), body.probabilities
         headers = check_range(x)
         if len(x) <= INLINE_BATCH:  # microseconds: a thread hop would cost more than the call
-            logits = served.session.run(None, {INPUT_NAME: x})[0]
+            z, logits = served.logits(x)
         else:  # keep the event loop (and /health) responsive during big batches
-            logits = (await run_in_threadpool(served.session.run, None, {INPUT_NAME: x}))[0]
+            z, logits = await run_in_threadpool(served.logits, x)
         refuse_overflow(logits, "logits")  # finite float32 inputs can still overflow the logits
         classes = logits.argmax(1)
         metrics.observe_predictions(classes)
         if monitor is not None:
             with lock:
                 seen[0] += len(x)
-                monitor.observe(x, classes)
+                monitor.observe(z, classes)  # the reference is over the model's inputs
         out: dict[str, Any] = {"predictions": classes.tolist(), "model_version": served.version}
         if probabilities:
             out["probabilities"] = softmax(logits).tolist()

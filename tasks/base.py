@@ -46,6 +46,10 @@ class Task:
     # fixed transform from normalised images to inputs, so partner sites can bring raw images.
     pixel_shape: tuple[int, ...] = ()
     from_pixels: Callable[[np.ndarray], np.ndarray] | None = None
+    # The same transform as a torch module (differentiable, for explanations over pixels), and the
+    # range of normalised pixels: an export of such a task is served on images (deployment/).
+    pixel_module: Callable[[], nn.Module] | None = None
+    pixel_range: tuple[float, float] | None = None
 
     def with_model(self, name: str) -> Task:
         """This task with ``build_model`` set to the named architecture ("" = default)."""

@@ -24,7 +24,7 @@ from typing import TextIO
 import numpy as np
 import torch
 from fedshield.tasks.base import Split, Task, register
-from fedshield.tasks.images import MNIST_PREPROCESSING, load_mnist
+from fedshield.tasks.images import MNIST_MEAN, MNIST_PREPROCESSING, MNIST_STD, load_mnist
 from torch import nn
 
 J, L = 2, 8
@@ -38,21 +38,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSHIELD_CACHE", Path.home() / ".cache" / "fedshield"))
 
 
+class ScatterTransform(nn.Module):
+    """The fixed transform as a module: (n, 1, 28, 28) normalised images -> (n, 81, 7, 7).
+
+    One home for the computation: ``scatter`` (training features, the cache) and the serving
+    process (an export of this task takes images) both run it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # kymatio.torch also imports the 3-D frontend, which needs a SciPy function removed in
+        # 1.15.
+        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+        self.transform = ScatteringTorch2D(J=J, shape=(28, 28), L=L)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scattering coefficients of a batch of images."""
+        return self.transform(x).reshape(len(x), CHANNELS, SIDE, SIDE)
+
+
 def scatter(images: np.ndarray, chunk: int = 1024,
             progress: Callable[[int], None] | None = None) -> np.ndarray:
     """(n, 1, 28, 28) float32 images -> (n, 81, 7, 7) float32 scattering coefficients.
 
     ``progress`` is called with the number of images done after each chunk.
     """
-    # kymatio.torch also imports the 3-D frontend, which needs a SciPy function removed in 1.15.
-    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
-
-    transform = ScatteringTorch2D(J=J, shape=images.shape[-2:], L=L)
+    transform = ScatterTransform()
     out = np.empty((len(images), CHANNELS, SIDE, SIDE), np.float32)
     with torch.no_grad():
         for start in range(0, len(images), chunk):
-            x = torch.from_numpy(images[start:start + chunk])
-            out[start:start + chunk] = transform(x).reshape(len(x), CHANNELS, SIDE, SIDE).numpy()
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk], np.float32))
+            out[start:start + chunk] = transform(x).numpy()
             if progress is not None:
                 progress(len(x))
     return out
@@ -233,4 +250,5 @@ def mnist_scattering() -> Task:
                 MNIST_PREPROCESSING + f"; then kymatio Scattering2D(J={J}, L={L}) -> "
                 f"({CHANNELS}, {SIDE}, {SIDE})",
                 models={"scatter_linear": ScatterLinear, "scatter_cnn": ScatterCNN},
-                pixel_shape=(1, 28, 28), from_pixels=scatter)
+                pixel_shape=(1, 28, 28), from_pixels=scatter, pixel_module=ScatterTransform,
+                pixel_range=((0 - MNIST_MEAN) / MNIST_STD, (1 - MNIST_MEAN) / MNIST_STD))
