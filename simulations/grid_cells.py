@@ -141,9 +141,9 @@ def read_rows(path: Path) -> StoredRows:
         if not text.strip():
             continue
         try:
-            line = json.loads(text)
-            cell, digest, row = line["cell"], line["digest"], line["row"]
-            checksum = line["checksum"]
+            entry = json.loads(text)  # a rows-file entry, not a metrics line
+            cell, digest, row = entry["cell"], entry["digest"], entry["row"]
+            checksum = entry["checksum"]
             if not (isinstance(row, dict) and isinstance(cell, str) and isinstance(digest, str)):
                 raise TypeError("wrong field types")
         except (ValueError, KeyError, TypeError) as exc:
