@@ -132,6 +132,15 @@ class StoredRows:
     unnamed: list[str] = field(default_factory=list)  # torn lines naming no cell
 
 
+def _torn_name(text: str) -> str | None:
+    """The cell a torn line still names, None when its name is cut or not valid JSON."""
+    named = _NAMED.match(text)
+    try:
+        return json.loads(named.group(1)) if named else None
+    except ValueError:  # an edited escape, e.g. "\uZZZZ"
+        return None
+
+
 def read_rows(path: Path) -> StoredRows:
     """Parse a rows file; later lines of a digest win over earlier ones (re-runs append)."""
     out = StoredRows()
@@ -147,10 +156,10 @@ def read_rows(path: Path) -> StoredRows:
             if not (isinstance(row, dict) and isinstance(cell, str) and isinstance(digest, str)):
                 raise TypeError("wrong field types")
         except (ValueError, KeyError, TypeError) as exc:
-            named = _NAMED.match(text)
+            name = _torn_name(text)
             why = f"line {number} of {path.name} is torn ({type(exc).__name__})"
-            if named:
-                out.problems[json.loads(named.group(1))] = why
+            if name is not None:
+                out.problems[name] = why
             else:
                 out.unnamed.append(why)
             continue

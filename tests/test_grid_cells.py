@@ -214,3 +214,13 @@ def test_a_grid_at_chance_warns_in_its_log_and_tables(tmp_path, caplog):
     assert result["chance"] and "at chance" in result["chance"]
     assert any("at chance" in r.message for r in caplog.records)
     assert "WARNING" in (tmp_path / "grid" / "robustness.md").read_text()
+
+
+def test_a_torn_line_whose_cell_name_is_not_json_is_an_unnamed_problem(tmp_path):
+    """An edited rows file must not crash the grid with a JSON traceback: a line naming its
+    cell with an invalid escape is torn and unnamed, so nothing is reused from it."""
+    path = tmp_path / "grid.rows.jsonl"
+    path.write_text('{"cell": "\\uZZZZ", "digest": 1\n')
+    stored = gc.read_rows(path)
+    assert not stored.by_digest and not stored.problems
+    assert len(stored.unnamed) == 1 and "is torn" in stored.unnamed[0]
