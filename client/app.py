@@ -104,6 +104,13 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
 
     @app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
+        started = time.time()  # for the timing line (client/timing.py)
+        reply = _evaluate(msg, context)
+        note_message("evaluate", msg.metadata.created_at, msg.metadata.run_id,
+                     str(round_config(msg).get("server-round", "")), started)
+        return reply
+
+    def _evaluate(msg: Message, context: Context) -> Message:
         cfg = validation.from_run_config(context.run_config)
         try:
             metrics = evaluate_locally(context, cfg, load_data,

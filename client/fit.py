@@ -22,6 +22,7 @@ from fedshield.client.releases import (
     stats_release,
     training_release,
 )
+from fedshield.client.timing import note_local
 from fedshield.client.training import train_local
 from fedshield.client.validation import quality_report, validate_split
 from fedshield.privacy.releases import EXACT_MODE
@@ -172,13 +173,17 @@ def fit_locally(context: Context, cfg: schema.Config, load_data: DataLoader,
     seed = round_seed(cfg.seed, int(rc.get("server-round", 0)),
                       int(context.node_config.get("partition-id", 0)))
     metrics: dict[str, float] = {}
+    loop_started = time.perf_counter()
     if cfg.privacy.enabled:
         metrics.update(_train_private(model, data, train_cfg, cfg, context, rc, seed, task))
     else:
         metrics.update(train_local(model, data, train_cfg, seed))
+    loop = float(metrics.get("train-seconds", time.perf_counter() - loop_started))
     exact = {**quality_report(data, task.num_classes), "num-examples": len(data)}
     metrics.update(identity(context))
     metrics["client-seconds"] = time.perf_counter() - started
+    # The site's own log line only (client/timing.py): under DP these do not leave in the reply.
+    note_local(train_s=loop, client_s=metrics["client-seconds"])
     # Under DP only the DP outputs leave, unless the user opted in (client/releases.py).
     return model, reply_metrics(metrics, cfg.privacy, exact)
 

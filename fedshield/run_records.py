@@ -267,6 +267,9 @@ class MetricsLine(_Record):
     aggregation: Mapping[str, Any] = field(default_factory=dict)  # the rule's own diagnostics
     skipped: str = ""
     seconds: float | None = None
+    # The server's own work in the round (decoding, screening, aggregation, server-side
+    # evaluation, accounting): its seconds outside the round's message exchanges.
+    server_seconds: float | None = _omit_none()
     client_seconds: Mapping[str, float] = field(default_factory=dict)
     class_counts: Mapping[str, ClassCounts] = field(default_factory=dict)
     outside_guarantee: tuple[str, ...] = ()

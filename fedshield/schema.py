@@ -65,6 +65,10 @@ class FederationConfig:
     min_clients: int = setting(2, "an integer >= 1", ge=1)
     # Seconds the server waits for replies in a round.
     round_timeout: float = setting(600.0, "seconds in (0, 604800]", gt=0, le=7 * 86400)
+    # Seconds between the ServerApp's pulls for replies (server/prompt_grid.py): Flower's own
+    # deployment grid sleeps 3 s between pulls; a shorter wait costs the SuperLink one cheap
+    # request per interval while a message exchange is open.
+    reply_poll_s: float = setting(0.1, "seconds in (0, 3]", gt=0, le=3.0)
     # inprocess: fedshield's own grid, deterministic, no Ray; ray: Flower's simulation runtime.
     engine: str = setting("inprocess", choices=("inprocess", "ray"))
     # In-process engine: persistent worker processes that train the sampled clients in parallel

@@ -3,7 +3,8 @@
 The same app runs under ``fedshield simulate`` (in-process grid), ``flwr run .`` (Flower's
 simulation runtime) and on a SuperLink with real SuperNodes. This module is Flower plumbing
 only: the strategies are server/strategy.py and server/secagg.py, the run folder and its
-bookkeeping server/recording.py.
+bookkeeping server/recording.py; every grid it gets is wrapped in server/prompt_grid.py (replies
+pulled promptly, each exchange timed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from fedshield.server.checkpoint import load_checkpoint
 from fedshield.server.hooks import install_reply_hooks
 from fedshield.server.preflight import preflight
+from fedshield.server.prompt_grid import PromptGrid
 from fedshield.server.recording import RunRecorder, train_round_config
 from fedshield.server.reference import after_last_round
 from fedshield.server.secagg import run_secagg_federation
@@ -55,6 +57,8 @@ def run_federation(grid: Grid, cfg: schema.Config, reporter=None,
     if cfg.secagg.enabled:  # sum-only aggregation through Flower's SecAgg+ workflow
         return run_secagg_federation(grid, cfg, reporter, run_dir)
     strategy = ShieldStrategy(cfg)
+    # Replies pulled every reply_poll_s, not Flower's 3 s; each exchange's time is noted.
+    grid = PromptGrid(grid, cfg.federation.reply_poll_s, strategy.federation.note_exchange)
     install_reply_hooks(strategy, cfg)  # a simulated attack's hook (simulations/ registers it)
     run = RunRecorder(cfg, strategy, reporter, run_dir)
     strategy.federation.resume_after(run.start_round - 1)

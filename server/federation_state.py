@@ -92,6 +92,9 @@ class RoundState:
     client_eval: dict = field(default_factory=dict)
     evaluation: FederatedEvaluation | None = None  # the per-client distribution (server/evaluation)
     started: float = field(default_factory=time.perf_counter)
+    # Seconds of the round spent in message exchanges (push to last reply: Flower's transport
+    # and polling, the clients' work); the rest of the round is the server's own.
+    exchange_seconds: float = 0.0
 
     @property
     def rejected_codes(self) -> dict[str, int]:
@@ -103,9 +106,11 @@ class RoundState:
 
     def record(self, server_round: int, server_eval: dict) -> dict:
         """The round record RunRecorder turns into a metrics line (see server/recording.py)."""
+        seconds = time.perf_counter() - self.started
         return {"round": server_round, "train": dict(self.train),
                 "client_eval": dict(self.client_eval), "server_eval": dict(server_eval),
-                "state": self, "seconds": time.perf_counter() - self.started}
+                "state": self, "seconds": seconds,
+                "server_seconds": max(seconds - self.exchange_seconds, 0.0)}
 
 
 class FederationState:
@@ -146,6 +151,10 @@ class FederationState:
         """Start a round's record (its clock starts now)."""
         self.round = RoundState(sampled=list(sampled or []))
         return self.round
+
+    def note_exchange(self, seconds: float) -> None:
+        """A message exchange of the current round took ``seconds`` (server/prompt_grid.py)."""
+        self.round.exchange_seconds += seconds
 
     # --- sampling --------------------------------------------------------------------------
     def eligible(self, node_ids) -> list[int]:

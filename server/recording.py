@@ -155,6 +155,9 @@ def metrics_line(rnd: int, record: dict, strategy: RecordedStrategy) -> MetricsL
         aggregation=state.aggregation_info,
         skipped=state.skipped,
         seconds=round(record["seconds"], 3),
+        # The server's own share of those seconds (outside the round's message exchanges).
+        server_seconds=round(record["server_seconds"], 3) if "server_seconds" in record
+        else None,
         # Each client's own wall time for the round (data, training, encoding), to tell
         # computation from transport and polling in deployments.
         client_seconds={str(label(n)): round(r.client_seconds, 3)

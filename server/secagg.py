@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from fedshield.privacy.secagg import SECAGG_MODULUS
 from fedshield.server.federation_state import FederationState, HoldsFederation, weighted_loss
+from fedshield.server.prompt_grid import PromptGrid
 from fedshield.server.recording import RunRecorder, train_round_config
 from fedshield.server.reference import after_last_round
 from flwr.app import Context, Message, RecordDict
@@ -257,6 +258,7 @@ def run_secagg_federation(grid: Grid, cfg: schema.Config, reporter=None,
                           run_dir: str | None = None) -> RunSummary:
     """Train for ``cfg.federation.rounds`` SecAgg+ rounds; returns the summary (summary.json)."""
     strategy = SecAggFedAvg(cfg)
+    grid = PromptGrid(grid, cfg.federation.reply_poll_s, strategy.federation.note_exchange)
     run = RunRecorder(cfg, strategy, reporter, run_dir)
     strategy.run, strategy.names = run, list(run.initial_weights)
     strategy.initial_parameters = ndarrays_to_parameters(
