@@ -80,3 +80,21 @@ def test_table_has_the_headline_columns_first():
     assert header.split(" | ")[:6] == ["mode", "sites", "round", "Flower's share",
                                        "fedshield's share", "client's own time"]
     assert row.split(" | ")[:7] == ["deployment", "3", "7.25", "5", "2.25", "0.02", "-"]
+
+
+def test_a_timing_line_carries_its_own_messages_local_seconds_only(capsys):
+    """The site's log line (client/timing.py) is where the benchmark reads the client's own time
+    and training loop under DP; one message's seconds never reach the next message's line."""
+    from fedshield.client import timing as client_timing
+
+    client_timing.begin_task(50.0)  # as the long-lived worker does while it serves a task
+    try:
+        client_timing.note_local(train_s=0.5, client_s=0.75)
+        client_timing.note_message("train", 40.0, 9, "2", 51.0)
+        client_timing.note_message("evaluate", 41.0, 9, "2", 52.0)
+    finally:
+        client_timing.begin_task(None)
+    train, evaluate = client_timing.parse_log(capsys.readouterr().err)
+    assert (train["kind"], train["round"], train["process_start"]) == ("train", "2", 50.0)
+    assert (train["train_s"], train["client_s"]) == (0.5, 0.75)
+    assert evaluate["kind"] == "evaluate" and "train_s" not in evaluate
