@@ -171,9 +171,14 @@ class ShieldStrategy(HoldsFederation, FedAvg):
         pool shares once), and the round config plus how many of this node's DP releases of
         this run the server received (its ledger must hold at least that many rounds)."""
         released = self.federation.released_rounds
+        # One ConfigRecord per distinct count, shared like the model (read-only for the clients;
+        # building and validating one per node cost more than a small client's training step)
+        configs: dict[int, ConfigRecord] = {}
+        for count in sorted({released.get(node, 0) for node in nodes}):
+            configs[count] = ConfigRecord({**config, RELEASED_ROUNDS: count})
         return [msg for node in nodes for msg in self._construct_messages(
-            RecordDict({"arrays": arrays, "config": ConfigRecord(
-                {**config, RELEASED_ROUNDS: released.get(node, 0)})}), [node], message_type)]
+            RecordDict({"arrays": arrays, "config": configs[released.get(node, 0)]}), [node],
+            message_type)]
 
     # --- decoding: every reply goes through fedshield.records -------------------------------
     @staticmethod
