@@ -45,10 +45,10 @@ from fedshield.records import (
     encode_train_report,
 )
 
-# Re-exported: callers and tests import these from client.app (their home is client/fit.py).
 # Validated run configs kept per process (one per run the process serves at a time).
 RUN_CONFIGS_KEPT = 8
 
+# Re-exported: callers and tests import these from client.app (their home is client/fit.py).
 __all__ = ["DataLoader", "client_ledger", "fit_locally", "make_client_app", "privacy_cap",
            "round_seed", "site_key"]
 
