@@ -10,8 +10,9 @@ the last round (the drift-reference counts) is client/reference.py.
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import cast
+from typing import Any, cast
 
 import torch
 from fedshield.client.data import load_client_data
@@ -32,16 +33,20 @@ from fedshield.tasks import Task
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedshield import validation
+from fedshield import schema, validation
 from fedshield.errors import BudgetExhausted, DataValidationError
 from fedshield.records import (
     EvalReport,
     Refusal,
     TrainReport,
+    array_views,
     encode_eval_report,
     encode_refusal,
     encode_train_report,
 )
+
+# Validated run configs kept per process (one per run the process serves at a time).
+RUN_CONFIGS_KEPT = 8
 
 # Re-exported: callers and tests import these from client.app (their home is client/fit.py).
 __all__ = ["DataLoader", "client_ledger", "fit_locally", "make_client_app", "privacy_cap",
@@ -64,10 +69,36 @@ def _arrays(msg: Message) -> ArrayRecord:
     return cast(ArrayRecord, msg.content["arrays"])
 
 
+def global_weights(msg: Message) -> dict[str, torch.Tensor]:
+    """The message's global model as writable tensors: one copy of each array's bytes
+    (``to_torch_state_dict`` would np.load each, parsing its .npy header every time: more than
+    a small model's training step costs)."""
+    return {name: torch.from_numpy(view.copy()) for name, view
+            in array_views(_arrays(msg)).items()}
+
+
 def _model_from(msg: Message, task: Task) -> torch.nn.Module:
     model = task.build_model()
-    model.load_state_dict(_arrays(msg).to_torch_state_dict())
+    model.load_state_dict(global_weights(msg))
     return model
+
+
+@functools.lru_cache(maxsize=RUN_CONFIGS_KEPT)
+def _config_of(items: tuple[tuple[str, type, Any], ...]) -> schema.Config:
+    return validation.from_run_config({key: value for key, _, value in items})
+
+
+def run_config(context: Context) -> schema.Config:
+    """The validated Config of the node's run config. Validating ~100 keys costs more than a
+    small client's training, and every message of a run carries the same ones: a run's Config
+    (frozen) is built once per process (an invalid one raises ConfigError every time)."""
+    # typed: 1, 1.0 and True hash alike but do not validate alike
+    key = tuple(sorted((k, type(v), v) for k, v in context.run_config.items()))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable value (never from Flower's scalar run config)
+        return validation.from_run_config(context.run_config)
+    return _config_of(key)
 
 
 def _int_or_none(value: object) -> int | None:
@@ -87,12 +118,11 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
         return reply
 
     def _train(msg: Message, context: Context) -> Message:
-        cfg = validation.from_run_config(context.run_config)
+        cfg = run_config(context)
         if cfg.secagg.enabled:  # Flower's SecAgg+ protocol messages (see client/secagg.py)
             return secagg_train(msg, context, cfg, load_data)
         try:
-            model, metrics = fit_locally(context, cfg, load_data,
-                                         _arrays(msg).to_torch_state_dict(),
+            model, metrics = fit_locally(context, cfg, load_data, global_weights(msg),
                                          round_config(msg))
         except DataValidationError as exc:
             return refusal(msg, context, "invalid-data", str(exc))
@@ -111,7 +141,7 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
         return reply
 
     def _evaluate(msg: Message, context: Context) -> Message:
-        cfg = validation.from_run_config(context.run_config)
+        cfg = run_config(context)
         try:
             metrics = evaluate_locally(context, cfg, load_data,
                                        lambda task: _model_from(msg, task), round_config(msg))
@@ -129,7 +159,7 @@ def make_client_app(load_data: DataLoader = load_client_data) -> ClientApp:
     @app.query()
     def query_handler(msg: Message, context: Context) -> Message:
         # After the last round: the drift-reference counts (client/reference.py).
-        return answer_query(msg, context, validation.from_run_config(context.run_config),
+        return answer_query(msg, context, run_config(context),
                             load_data)
 
     return app

@@ -18,11 +18,15 @@ client must not be able to stop the federation by sending something unparseable.
 
 Arrays are decoded as read-only zero-copy views on the message's bytes, after the ``.npy`` header
 has been checked against the global model (names, dtype kind, shape, exact byte count): nothing is
-allocated from a size a client claims.
+allocated from a size a client claims. Parsing a ``.npy`` header (numpy's reader evaluates it with
+``ast``) costs more than copying a small model's arrays, and a run repeats a handful of headers, so
+parsed headers are kept (keyed by their exact bytes, bounded) and encoded ones too (``to_array``:
+the bytes ``np.save`` writes, header built once per dtype and shape).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Collection, Container, Mapping
@@ -58,6 +62,10 @@ STEPS = "steps"
 AGGREGATION_DTYPE = np.dtype(np.float32)
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
                       (2, 0): np.lib.format.read_array_header_2_0}
+# Parsed .npy headers kept (distinct headers: a run has one per model array; a hostile client
+# sending new ones only evicts old ones).
+NPY_HEADER_CACHE = 512
+NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclass(frozen=True)
@@ -204,13 +212,41 @@ def encode_train_report(report: TrainReport) -> RecordDict:
                        (CLIENT_SECONDS, report.client_seconds)):
         if value is not None:
             metrics[key] = float(value)
-    content = RecordDict({ARRAYS: ArrayRecord({k: Array(np.asarray(v))
-                                               for k, v in report.arrays.items()}),
+    content = RecordDict({ARRAYS: ArrayRecord({k: to_array(v) for k, v in report.arrays.items()}),
                           METRICS: MetricRecord(metrics)})
     if report.histogram is not None:
-        content[HISTOGRAM] = ArrayRecord({k: Array(np.asarray(v))
-                                          for k, v in report.histogram.items()})
+        content[HISTOGRAM] = ArrayRecord({k: to_array(v) for k, v in report.histogram.items()})
     return content
+
+
+def to_array(value) -> Array:
+    """Flower's ``Array(np.asarray(value))``, byte for byte (what ``np.save`` writes), with the
+    .npy header built once per dtype and shape instead of once per array."""
+    arr = np.asarray(value)
+    dtype = arr.dtype
+    shape = tuple(int(s) for s in arr.shape)
+    known = None
+    if (arr.flags.c_contiguous and dtype.kind in "fiub" and dtype.fields is None
+            and dtype.subdtype is None):
+        known = _npy_header_bytes(dtype, shape)
+    if known is None:  # anything unusual: Flower's own encoder
+        return Array(arr)
+    header, name = known
+    return Array(dtype=name, shape=shape, stype="numpy.ndarray", data=header + arr.tobytes())
+
+
+@functools.lru_cache(maxsize=NPY_HEADER_CACHE)
+def _npy_header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, str] | None:
+    # np.save's header for a C-ordered array (format 1.0; None where np.save would need 2.0)
+    # and the dtype's name (str(dtype) is slow too)
+    buf = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buf, {
+            "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+            "shape": shape})
+    except ValueError:  # a header over 64 KiB (a shape with thousands of dimensions)
+        return None
+    return buf.getvalue(), str(dtype)
 
 
 def encode_refusal(refusal: Refusal) -> RecordDict:
@@ -608,14 +644,10 @@ def npy_view(array, name: str, limits: ReplyLimits = ReplyLimits(),
     data = array.data
     if not isinstance(data, bytes):
         raise _Bad("malformed:arrays", f"{name} carries a {type(data).__name__}, expected bytes")
-    buf = io.BytesIO(data)  # shares the bytes, no copy
     try:
-        reader = NPY_HEADER_READERS.get(np.lib.format.read_magic(buf))
-        if reader is None:
-            raise _Bad("malformed:arrays", f"{name}: unsupported .npy format version")
-        shape, fortran_order, dtype = reader(buf, max_header_size=limits.max_npy_header_bytes)
-    except _Bad:
-        raise
+        shape, fortran_order, dtype, offset = _npy_header(data, limits.max_npy_header_bytes)
+    except _Bad as bad:
+        raise _Bad(bad.code, f"{name}: {bad.reason}") from None
     except Exception as exc:  # noqa: BLE001 — numpy raises ValueError/SyntaxError/...
         raise _Bad("malformed:arrays", f"{name}: undecodable .npy header "
                    f"({type(exc).__name__}: {_clip(str(exc), 120)})") from None
@@ -631,13 +663,49 @@ def npy_view(array, name: str, limits: ReplyLimits = ReplyLimits(),
     count = math.prod(shape)  # exact Python int: a claim of 10**12 values is just a number here
     if max_values is not None and count > max_values:
         raise _Bad("too-large", f"{name} claims {count} values; at most {max_values}")
-    payload = len(data) - buf.tell()
+    payload = len(data) - offset
     if payload != count * dtype.itemsize:
         raise _Bad("malformed:arrays", f"{name}: header promises {count * dtype.itemsize} bytes, "
                    f"the payload has {payload} (truncated or padded)")
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     # Fortran order: the same bytes read as the transposed C array, then transposed back (a view).
     return flat.reshape(shape[::-1]).T if fortran_order else flat.reshape(shape)
+
+
+def array_views(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Read-only zero-copy views of a trusted record's arrays (the model the server sends, or its
+    own), as ``ArrayRecord.to_numpy_ndarrays`` without np.load's copy and per-array header
+    parsing. Raises ValueError when an array is not a plain numeric .npy array, as np.load would.
+    Clients' replies go through the ``decode_*`` functions instead, which check them first."""
+    try:
+        return {name: npy_view(array, name) for name, array in record.items()}
+    except _Bad as bad:  # internal: a ValueError for callers
+        raise ValueError(bad.reason) from None
+
+
+def _npy_header(data: bytes, max_header_size: int) -> tuple[tuple, bool, np.dtype, int]:
+    """(shape, fortran order, dtype, payload offset) of a .npy payload's header; a well-formed
+    header no longer than ``max_header_size`` is parsed once per distinct header bytes."""
+    version = (data[6], data[7]) if len(data) >= 8 and data.startswith(NPY_MAGIC) else None
+    size = 2 if version == (1, 0) else 4  # the header length field's bytes
+    if version in NPY_HEADER_READERS and len(data) >= 8 + size:
+        length = int.from_bytes(data[8:8 + size], "little")
+        if length <= max_header_size:
+            return _parsed_header(data[:8 + size + length], max_header_size)
+    return _read_header(data, max_header_size)  # numpy's reader says what is wrong
+
+
+def _read_header(data: bytes, max_header_size: int) -> tuple[tuple, bool, np.dtype, int]:
+    buf = io.BytesIO(data)  # shares the bytes, no copy
+    reader = NPY_HEADER_READERS.get(np.lib.format.read_magic(buf))
+    if reader is None:
+        raise _Bad("malformed:arrays", "unsupported .npy format version")
+    shape, fortran_order, dtype = reader(buf, max_header_size=max_header_size)
+    return tuple(shape), bool(fortran_order), dtype, buf.tell()
+
+
+# A header that does not parse raises and is not kept.
+_parsed_header = functools.lru_cache(maxsize=NPY_HEADER_CACHE)(_read_header)
 
 
 def _check_finite(arr: np.ndarray, name: str) -> None:

@@ -52,6 +52,7 @@ from fedshield.records import (
     Refusal,
     Rejected,
     ReplyLimits,
+    array_views,
     decode_eval_reply,
     decode_train_reply,
     filed,
@@ -66,8 +67,8 @@ __all__ = ["RoundState", "ShieldStrategy", "array_view", "to_numpy"]
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     """Read-only views of the server's own arrays on their serialized bytes: ``Array.numpy()``
     (np.load) copies every array, and the (n, d) stack copies them again. Client arrays go
-    through fedshield.records instead, which validates them first."""
-    return {k: array_view(v) for k, v in record.items()}
+    through fedshield.records' decoders instead, which validate them first."""
+    return array_views(record)
 
 
 def array_view(array: Array) -> np.ndarray:
@@ -170,16 +171,26 @@ class ShieldStrategy(HoldsFederation, FedAvg):
         pool shares once), and the round config plus how many of this node's DP releases of
         this run the server received (its ledger must hold at least that many rounds)."""
         released = self.federation.released_rounds
+        # One ConfigRecord per distinct count, shared like the model (read-only for the clients;
+        # building and validating one per node cost more than a small client's training step)
+        configs: dict[int, ConfigRecord] = {}
+        for count in sorted({released.get(node, 0) for node in nodes}):
+            configs[count] = ConfigRecord({**config, RELEASED_ROUNDS: count})
         return [msg for node in nodes for msg in self._construct_messages(
-            RecordDict({"arrays": arrays, "config": ConfigRecord(
-                {**config, RELEASED_ROUNDS: released.get(node, 0)})}), [node], message_type)]
+            RecordDict({"arrays": arrays, "config": configs[released.get(node, 0)]}), [node],
+            message_type)]
 
     # --- decoding: every reply goes through fedshield.records -------------------------------
-    def _sender(self, msg: Message, sent: list[Message]) -> int:
+    @staticmethod
+    def _routes(sent: list[Message]) -> dict[str, int]:
+        """Message id -> destination node of the messages sent (built once per round's replies)."""
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+
+    @staticmethod
+    def _sender(msg: Message, routes: dict[str, int]) -> int:
         """The node a reply belongs to: the destination of the message it answers (the grid's
         routing, not a field the client fills in), else the sender the transport recorded."""
-        by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
-        return int(by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
+        return int(routes.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
 
     def identity_problem(self, node: int, claim: int | None) -> Rejected | None:
         """Whether ``claim`` is consistent with what the federation knows of ``node``."""
@@ -190,8 +201,9 @@ class ShieldStrategy(HoldsFederation, FedAvg):
         """Decode every reply; record refusals and rejections; return the nodes whose update
         can be screened (their reports are in ``self.round.reports``)."""
         usable: list[int] = []
+        routes = self._routes(self._sent)
         for msg in replies:
-            node = self._sender(msg, self._sent)
+            node = self._sender(msg, routes)
             answered = {*self.round.reports, *self.round.refused, *self.round.rejected}
             problem = sender_problem(node, answered, self.round.sampled,
                                      second="a second reply for the same round",
@@ -362,8 +374,9 @@ class ShieldStrategy(HoldsFederation, FedAvg):
         rejected: dict[int, str] = {}
         refused: dict[int, str] = {}
         asked = {m.metadata.dst_node_id for m in self._sent_eval}
+        routes = self._routes(self._sent_eval)
         for msg in replies:
-            node = self._sender(msg, self._sent_eval)
+            node = self._sender(msg, routes)
             problem = sender_problem(node, {*results, *rejected, *refused}, asked,
                                      second="a second evaluation reply in the same round",
                                      not_asked="this node was not asked to evaluate")

@@ -5,7 +5,8 @@ Each builds the run's ClientApps and loads the task's data once, then, every rou
 
 - the round's broadcast arrays (the global model) once, through one shared-memory block
   (``multiprocessing.shared_memory``), not pickled per client;
-- its clients' messages without those arrays, and each client's Context.
+- its clients' messages without those arrays, and each client's Context (its run config, the
+  same for every node of a run, once per round instead of once per client).
 
 It calls the real ClientApp with the real Message, one client after another, and sends each reply
 back with the Context (the parent owns every Context, so a client may train on a different worker
@@ -115,12 +116,26 @@ def schedule(costs: Sequence[float], workers: int) -> list[list[int]]:
 # --- what travels between the parent and a worker -------------------------------------------
 @dataclass(frozen=True)
 class Job:
-    """One client's message for a worker: the message without the broadcast records."""
+    """One client's message for a worker: the message without the broadcast records, and its
+    Context, whose run config travels once per round and worker when it is the round's
+    (``shared_config``; a Context's ~100 run-config keys cost more to pickle both ways than a
+    small client's training step)."""
 
     index: int  # position in the round's messages (replies go back in this order)
     partition_id: int
     message: Message
     context: Context
+    shared_config: bool = False  # context.run_config is left out: it is the round's
+
+
+def _slim(context: Context, run_config: dict) -> tuple[Context, bool]:
+    """``context`` without its run config when that equals the round's, and whether it was
+    left out."""
+    if context.run_config != run_config:
+        return context, False
+    out = copy.copy(context)
+    out.run_config = {}
+    return out, True
 
 
 @dataclass(frozen=True)
@@ -218,19 +233,23 @@ def _worker_main(conn: Connection, factory: AppsFactory, threads: int,
 
 
 def _answer(conn: Connection, apps: dict[int, ClientApp], broadcast: Broadcast,
-            jobs: list[Job]) -> None:
-    """Answer one round's jobs, one reply at a time (a crash loses only the unanswered)."""
+            run_config: dict, jobs: list[Job]) -> None:
+    """Answer one round's jobs, one reply at a time (a crash loses only the unanswered). Each
+    reply goes back with its Context, without the run config unless the app changed it."""
     shared = _read_broadcast(broadcast)
     for job in jobs:
-        msg = job.message
+        msg, context = job.message, job.context
         for key, record in shared.items():  # read-only for the apps (as on a real node)
             msg.content[key] = record
+        if job.shared_config:  # each client its own copy, as in its own process
+            context.run_config = dict(run_config)
         try:
-            reply = apps[job.partition_id](msg, job.context)
+            reply = apps[job.partition_id](msg, context)
         except Exception as exc:  # noqa: BLE001 — reported to the server like Flower does
             reply = error_reply(msg, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                 f"{type(exc).__name__}: {exc}")
-        conn.send(("reply", job.index, reply, job.context))
+        back, unchanged = _slim(context, run_config) if job.shared_config else (context, False)
+        conn.send(("reply", job.index, reply, back, unchanged))
     conn.send(("done",))
 
 
@@ -398,15 +417,16 @@ class WorkerPool:
                    broadcast: Broadcast) -> list[tuple[Message, Context]]:
         results: dict[int, tuple[Message, Context]] = {}
         busy: dict[int, set[int]] = {}
+        run_config = dict(contexts[0].run_config)  # the round's (every node's, in a run)
         for w, indices in enumerate(schedule(costs, self.size)):
             if not indices:
                 continue
             jobs = [Job(i, int(partition_ids[i]), _without(messages[i], broadcast.records),
-                        contexts[i]) for i in indices]
+                        *_slim(contexts[i], run_config)) for i in indices]
             worker = self._workers[w]
             assert worker is not None  # started above
             try:
-                worker.conn.send((broadcast, jobs))
+                worker.conn.send((broadcast, run_config, jobs))
             except (OSError, ValueError):  # died since the check: its jobs get error replies
                 pass
             busy[w] = set(indices)
@@ -430,7 +450,9 @@ class WorkerPool:
                                ErrorCode.CLIENT_APP_CRASHED, None)
                     continue
                 if item[0] == "reply":
-                    _, index, reply, context = item
+                    _, index, reply, context, unchanged = item
+                    if unchanged:  # the run config the job went without
+                        context.run_config = contexts[index].run_config
                     results[index] = (cast(Message, reply), cast(Context, context))
                     busy[w].discard(index)
                 elif item[0] == "done":

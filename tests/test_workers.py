@@ -204,6 +204,20 @@ def test_a_crash_and_an_exception_give_error_replies_and_the_round_goes_on(pool)
     assert pool.restarts >= 1 and len(pool.pids) == 2
 
 
+def test_the_run_config_travels_once_a_round_and_an_apps_change_comes_back(pool):
+    messages, contexts = _messages([0, 4, 4])
+    for context in contexts:
+        context.run_config = {"k": 1.5}
+    contexts[2].run_config = {"k": 2.5}  # not the round's: it travels with its job
+    (_, kept), (r4, changed), (r4b, own) = pool.deliver(messages, contexts, [0, 4, 4],
+                                                        [3.0, 1.0, 1.0], timeout=120)
+    assert r4.content["metrics"]["k"] == 1.5 and r4b.content["metrics"]["k"] == 2.5
+    assert kept.run_config is contexts[0].run_config  # unchanged: the parent's own
+    assert changed.run_config == {"k": 1.5, "seen": 4.0}
+    assert own.run_config == {"k": 2.5, "seen": 4.0}
+    assert contexts[1].run_config == {"k": 1.5}  # each client changed its own copy
+
+
 def test_a_round_past_its_timeout_gives_error_replies_not_a_hang(pool):
     started = time.monotonic()
     messages, contexts = _messages([0, 3])
