@@ -69,6 +69,21 @@ def test_presets_are_valid_configs_with_the_issue_s_federations():
         federation_config(PRESETS["digits100"][0], 1, None)
 
 
+def test_the_mnist_dp_presets_pass_the_pre_flight_partition_check():
+    """Every client of the 1000-client Dirichlet federation can train with the preset's batch
+    (DP-SGD's sample rate batch / examples must be <= 1: batch 32 was refused)."""
+    from fedshield.server.preflight import partition_problem, train_sizes
+
+    scatter, tanh = (federation_config(f, None, None) for f in PRESETS["mnist1000-dp"])
+    # the same MNIST labels, partitions and batch: the tanh (pixel) task stands for both
+    assert (scatter.partition, scatter.train.batch_size, scatter.federation.num_clients) == (
+        tanh.partition, tanh.train.batch_size, tanh.federation.num_clients)
+    sizes = train_sizes(tanh)
+    assert len(sizes) == 1000 and sum(sizes) <= 60_000
+    assert partition_problem(sizes, tanh.train.batch_size, private=True) is None
+    assert partition_problem(sizes, 32, private=True) is not None  # what the preset had
+
+
 def test_bad_options_exit_2_before_any_leg_runs(tmp_path):
     for args in (["--legs", "inprocess-1,spark"], ["--preset", "cifar"],
                  ["--set", "federation.rounds=0"]):
