@@ -185,6 +185,28 @@ def reported_epsilon(history: Iterable[Sequence[float]], delta: float,
     return max(primary, pld_epsilon(history, delta))
 
 
+# RDP orders 2..256: integer orders have a closed form (fast); a coarser grid than Opacus', so a
+# looser but valid bound, for first guesses (privacy/planner.py), never for a stated epsilon.
+INTEGER_ORDERS = tuple(range(2, 64)) + (80, 96, 128, 192, 256)
+
+
+def integer_rdp_epsilon(history: Iterable[Sequence[float]], delta: float) -> float:
+    """An RDP upper bound on epsilon at integer orders only: ~10 ms, against ~0.15 s per new
+    (q, sigma) at Opacus' fractional orders. Looser than ``epsilon(.., "rdp")``."""
+    from opacus.accountants.analysis import rdp
+
+    _memoise_opacus_rdp()
+    events = compact(history)
+    if not events:
+        return 0.0
+    total = sum(rdp.compute_rdp(q=rate, noise_multiplier=noise, steps=steps,
+                                orders=list(INTEGER_ORDERS)) for noise, rate, steps in events)
+    with warnings.catch_warnings():  # "optimal order at the grid's end": still a valid bound
+        warnings.simplefilter("ignore", UserWarning)
+        eps, _ = rdp.get_privacy_spent(orders=list(INTEGER_ORDERS), rdp=total, delta=delta)
+    return float(eps)
+
+
 def side_by_side(history: Iterable[Sequence[float]], delta: float,
                  accountants: Sequence[str] = ("prv", "pld")) -> dict[str, float]:
     """Epsilon by each accountant (raw, not maxed), for reports that show them side by side."""
