@@ -57,16 +57,20 @@ def _splits(task: Task, node, cfg: Config) -> tuple[Split, Split]:
 # round (train and evaluate), and copying a client's rows out of the task's arrays again for
 # each message was ~0.5 s of every message on the default run. Nothing writes into a Split's
 # arrays (data attacks copy before poisoning: simulations/attacks/data_poisoning.py).
-_PARTITION_SPLITS: dict[tuple, tuple[Split, Split]] = {}
+_PARTITION_SPLITS: dict[tuple, tuple[np.ndarray, tuple[Split, Split]]] = {}
 
 
 def _partition_splits(task: Task, pid: int, num: int, partition, seed: int) -> tuple[Split, Split]:
-    key = (task.name, task.input_shape, task.preprocessing, pid, num, partition, seed)
-    if key not in _PARTITION_SPLITS:
-        train, _ = task.load()
+    train, _ = task.load()  # the task's own memo for real tasks: the same arrays every call
+    key = (task.name, pid, num, partition, seed)
+    held = _PARTITION_SPLITS.get(key)
+    # Keyed on the very arrays too (kept alive in the entry, so their identity stays unique):
+    # a task whose loader returns other data (a test's, a reloaded one) is split afresh.
+    if held is None or held[0] is not train.x:
         parts = cached_partitions(task.name, num, partition, seed)
-        _PARTITION_SPLITS[key] = _local_splits(train.subset(parts[pid]), pid, seed)
-    return _PARTITION_SPLITS[key]
+        held = _PARTITION_SPLITS[key] = (train.x, _local_splits(train.subset(parts[pid]), pid,
+                                                                 seed))
+    return held[1]
 
 
 def _local_splits(data: Split, key: int, seed: int) -> tuple[Split, Split]:
