@@ -49,6 +49,7 @@ REPORT_HOOK = "report"  # the post-run hook's name (server/hooks.py), and its su
 # Where the hand-off leaves the card (deployment.handoff.EXPORT_DIR / deployment.artifacts.CARD_MD;
 # not imported: those modules pull torch and MLflow; tests/test_html_report.py checks they agree).
 EXPORT_DIR, CARD_MD, HANDOFF_JSON = "export", "model_card.md", "handoff.json"
+REFERENCE_JSON = "reference.json"  # deployment.artifacts.REFERENCE_JSON: the drift reference
 AUDIT_JSON = "audit.json"  # privacy.audit.AUDIT_JSON (that module imports scipy: read lazily)
 # The tables simulations/sweeps.py writes in a grid folder (write_table's JSON copy).
 ROBUSTNESS_JSON, WORST_CASE_JSON, SWEEP_JSON = "robustness.json", "worst_case.json", \
@@ -635,6 +636,57 @@ def section_evaluation(files: RunFiles) -> str:
             "</details>")
 
 
+def section_reference(files: RunFiles) -> str:
+    """The drift reference: whose DP counts were merged (summary's ``drift_reference``), who
+    refused or was rejected and why, and the hand-off's reference (export/reference.json): how
+    it was built and, in a simulation, its distance from the true pooled histograms."""
+    s: RunSummary | None = files.summary.value
+    out: list[str] = []
+    collected = s.drift_reference if s is not None else None
+    if collected is None:
+        out.append(_missing("no client drift-reference query in summary.json "
+                            "(deployment.reference_source = \"server\", or the run ended early)"))
+    else:
+        release = ("exact counts (no client DP)" if not collected.noise_multiplier else
+                   f"Gaussian noise multiplier {collected.noise_multiplier:g}, accounted in each "
+                   "client's ledger")
+        used = _labels(collected.used)
+        out.append(f"<p>Counts from {len(collected.used)} client(s) ({esc(used)}): "
+                   f"{esc(release)}.</p>")
+        missing = [(c, "refused", why) for c, why in collected.refused.items()] + \
+            [(c, "rejected", why) for c, why in collected.rejected.items()]
+        if missing:
+            out.append(table(("client", "outcome", "reason"), missing))
+    path = files.run_dir / EXPORT_DIR / REFERENCE_JSON
+    if not path.is_file():
+        out.append(_missing(f"no hand-off reference: {path.relative_to(files.run_dir)} does not "
+                            "exist (deployment.handoff = false, or the hand-off failed)"))
+        return "".join(out)
+    ref = json.loads(path.read_text())
+    out.append(f"<p>Reference: {esc(ref.get('source', '-'))}; built from "
+               f"{esc(ref.get('details') or '-')}.</p>")
+    dist = ref.get("distance")
+    if not isinstance(dist, dict):
+        out.append(_missing("distance from the true pooled histograms: unknown (only a "
+                            "simulation knows the clients' pooled data)"))
+        return "".join(out)
+    rows = [("this reference", fmt(dist.get("features_mean")), fmt(dist.get("features_max")),
+             fmt(dist.get("labels")))]
+    server = dist.get("server_split")
+    if isinstance(server, dict):
+        rows.append(("server's evaluation split (comparison)", fmt(server.get("features_mean")),
+                     fmt(server.get("features_max")), fmt(server.get("labels"))))
+    out.append(f"<p>Total-variation distance from the true pooled histograms "
+               f"({esc(dist.get('truth', '-'))}):</p>")
+    out.append(table(("reference", "features (mean)", "features (max)", "labels"), rows))
+    return "".join(out)
+
+
+def _labels(labels: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(_client_order(labels)[:limit])
+    return shown + (f", ... ({len(labels) - limit} more)" if len(labels) > limit else "")
+
+
 def _card_path(files: RunFiles) -> Path:
     """The card the hand-off recorded when it lies inside the run folder, else export/'s."""
     handoff = _handoff(files)
@@ -712,6 +764,7 @@ RUN_SECTIONS: tuple[tuple[str, str, Callable[[RunFiles], str]], ...] = (
     ("epsilon", "Privacy spent per client", section_epsilon),
     ("clients", "Client timeline: accepted, rejected, refused, quarantined", section_clients),
     ("evaluation", "Federated evaluation (each client's held-out data)", section_evaluation),
+    ("reference", "Drift reference (the clients' DP histograms)", section_reference),
     ("card", "Model card", section_card),
     ("audit", "Privacy audit", section_audit),
 )

@@ -374,7 +374,7 @@ class Config:
     # cannot know in advance when it is asked), so a smaller fraction would save no epsilon and
     # only a forward pass per client; all clients give the whole distribution. One worker
     # process per CPU core.
-    federation: FederationConfig = _default(FederationConfig(rounds=8, fraction_evaluate=1.0,
+    federation: FederationConfig = _default(FederationConfig(rounds=16, fraction_evaluate=1.0,
                                                              workers=0))
     partition: PartitionConfig = _default(PartitionConfig())
     train: TrainConfig = _default(TrainConfig(lr=2.0, momentum=0.5, batch_size=1024))

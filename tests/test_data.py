@@ -83,3 +83,24 @@ def test_quality_report(digits):
     assert report["examples"] == 50
     assert sum(report[f"class-{k}"] for k in range(10)) == 50
     assert report["missing-values"] == 0
+
+
+def test_a_workers_partition_splits_are_kept_and_follow_the_loaders_data():
+    """client/data.py keeps each simulation partition's splits per process (the same objects on
+    the next message), but a loader that returns other arrays gets its own splits."""
+    from dataclasses import replace
+
+    from fedshield.client.data import _partition_splits
+
+    from fedshield.schema import PartitionConfig
+
+    task = get_task("digits")
+    part = PartitionConfig()
+    first = _partition_splits(task, 1, 4, part, 0)
+    assert _partition_splits(task, 1, 4, part, 0) is first
+    train, test = task.load()
+    other = Split(train.x + 1.0, train.y)
+    shifted = _partition_splits(replace(task, load=lambda: (other, test)), 1, 4, part, 0)
+    assert shifted is not first
+    np.testing.assert_array_equal(shifted[0].x, first[0].x + 1.0)  # the same rows, the new data
+    np.testing.assert_array_equal(shifted[0].y, first[0].y)

@@ -21,7 +21,8 @@ from fedshield.run_records import FederatedEvaluation, MetricsLine, RunSummary
 from tests.config_support import neutral_config
 
 SVG = "{http://www.w3.org/2000/svg}"
-RUN_SECTIONS = ("overview", "accuracy", "epsilon", "clients", "evaluation", "card", "audit")
+RUN_SECTIONS = ("overview", "accuracy", "epsilon", "clients", "evaluation", "reference", "card",
+                "audit")
 
 
 def svg_root(markup: str) -> ET.Element:
@@ -181,14 +182,39 @@ def test_federated_evaluation_distribution_is_drawn_and_absent_says_not_run(tmp_
     assert "not run" in hr.render_report(bare)
 
 
+def test_the_drift_reference_shows_whose_counts_and_its_distance_from_the_truth(tmp_path):
+    summary = RunSummary.from_dict({"privacy": {"enabled": True}, "drift_reference": {
+        "noise_multiplier": 20.0, "used": ["0", "2"], "refused": {"1": "budget exhausted"}}})
+    run = write_run(tmp_path / "run", summary, [MetricsLine(round=1, accuracy=0.5)])
+
+    def body() -> str:
+        page = hr.render_report(run)
+        return page[page.index('<section id="reference">'):page.index('<section id="card">')]
+    assert "2 client(s) (0, 2)" in body() and "noise multiplier 20" in body()
+    assert "budget exhausted" in body() and "no hand-off reference" in body()
+    (run / hr.EXPORT_DIR).mkdir()
+    distance = {"truth": "pooled training data", "features_mean": 0.0123, "features_max": 0.2,
+                "labels": 0.004, "server_split": {"features_mean": 0.0456, "features_max": 0.3,
+                                                  "labels": 0.0789}}
+    (run / hr.EXPORT_DIR / hr.REFERENCE_JSON).write_text(json.dumps(
+        {"source": "clients (DP)", "details": "2 clients, noise multiplier 20",
+         "distance": distance}))
+    assert "0.0123" in body() and "0.0789" in body() and "clients (DP)" in body()
+    assert "pooled training data" in body()
+    # a reference without a distance (no simulation truth): unknown, said so
+    (run / hr.EXPORT_DIR / hr.REFERENCE_JSON).write_text(json.dumps({"source": "server"}))
+    assert "unknown" in body()
+
+
 def test_constants_agree_with_their_homes_and_the_hook_is_registered():
-    from fedshield.deployment.artifacts import CARD_MD
+    from fedshield.deployment.artifacts import CARD_MD, REFERENCE_JSON
     from fedshield.deployment.handoff import EXPORT_DIR
     from fedshield.deployment.hooks import install_post_run_hooks
     from fedshield.privacy.audit import AUDIT_JSON
     from fedshield.server import hooks
 
     assert (hr.CARD_MD, hr.EXPORT_DIR, hr.AUDIT_JSON) == (CARD_MD, EXPORT_DIR, AUDIT_JSON)
+    assert hr.REFERENCE_JSON == REFERENCE_JSON
     install_post_run_hooks()
     assert hooks.registered(hr.REPORT_HOOK).run is hr.report_hook
 

@@ -127,3 +127,18 @@ def test_a_planned_epsilon_is_never_below_an_independent_pld(target):
         # the 1e-3 grid used for speed is pessimistic: above the finer grid, by < 1e-3 relative
         assert fresh.get_epsilon(DELTA) <= row.epsilon_pld <= fresh.get_epsilon(DELTA) * 1.001
         assert row.epsilon >= row.epsilon_pld and row.epsilon <= target
+
+
+@pytest.mark.parametrize("rate,steps,extra", [(1 / 6, 48, ((50.0, 1.0, 1), (20.0, 1.0, 9))),
+                                              (RATE, STEPS, ())])
+def test_the_prv_first_guess_is_a_cheap_upper_side_start(rate, steps, extra):
+    """The first guess (integer-order RDP, a looser bound) plans at or above PRV's sigma and
+    within 15% of it, so the bracket's 10% step down from it is enough; the plan itself spends
+    within PLAN_RTOL of the target, never above it."""
+    from fedshield.privacy.planner import PLAN_RTOL, _first_guess
+
+    sigma = plan_noise(3.0, DELTA, rate, steps, "prv", extra)
+    guess = _first_guess(3.0, DELTA, rate, steps, "prv", extra)
+    assert sigma <= guess <= 1.15 * sigma
+    achieved = spent(sigma, rate, steps, DELTA, "prv", extra)
+    assert 3.0 * (1 - PLAN_RTOL) <= achieved <= 3.0

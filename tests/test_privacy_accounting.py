@@ -116,3 +116,31 @@ def test_gdp_underestimates_and_the_stated_epsilon_is_pld_then():
     assert reported_epsilon([(sigma, rate, steps)], DELTA, "gdp") == truth
     both = side_by_side([(sigma, rate, steps)], DELTA, ("prv", "pld"))
     assert both["prv"] == pytest.approx(both["pld"], rel=0.01)  # two tight accountants agree
+
+
+def test_memoised_epsilons_are_the_libraries_own():
+    """The per-process memos (Opacus' per-order RDP, dp_accounting's per-event PLDs) change no
+    value: PLD equals a fresh PLDAccountant's over the same events, and the memoised RDP equals
+    Opacus' unmemoised function; a repeat is answered from the memo."""
+    import dp_accounting as dpa
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+    from fedshield.privacy.accounting import PLD_DISCRETIZATION, _epsilon, pld_epsilon
+    from opacus.accountants.analysis import rdp
+
+    history = [(1.3, 1 / 6, 48), (50.0, 1.0, 1), (20.0, 1.0, 9)]
+    acc = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    for noise, rate, steps in history:
+        acc.compose(dpa.PoissonSampledDpEvent(rate, dpa.GaussianDpEvent(noise)), steps)
+    # the same FFT composition in the same order: equal up to float rounding in numpy's FFT
+    assert pld_epsilon(history, DELTA) == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
+    epsilon(history, DELTA, "prv")  # installs the RDP memo
+    assert hasattr(rdp._compute_rdp, "cache_info")
+    for order in (1.5, 2.0, 12.0):
+        assert rdp._compute_rdp(1 / 6, 1.3, order) == rdp._compute_rdp.__wrapped__(1 / 6, 1.3,
+                                                                                      order)
+    before = _epsilon.cache_info().hits
+    assert epsilon(history, DELTA, "prv") == epsilon(list(history), DELTA, "prv")
+    assert _epsilon.cache_info().hits > before
+    fresh = PRVAccountant()
+    fresh.history = list(history)
+    assert epsilon(history, DELTA, "prv") == fresh.get_epsilon(delta=DELTA)
