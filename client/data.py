@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -53,24 +54,40 @@ def _splits(task: Task, node, cfg: Config) -> tuple[Split, Split]:
     return _local_splits(data, key, cfg.seed)
 
 
-# A simulation partition's splits, per process: a simulation worker serves every client each
+# A simulation partition's splits, per process: a simulation worker serves its clients each
 # round (train and evaluate), and copying a client's rows out of the task's arrays again for
 # each message was ~0.5 s of every message on the default run. Nothing writes into a Split's
 # arrays (data attacks copy before poisoning: simulations/attacks/data_poisoning.py).
-_PARTITION_SPLITS: dict[tuple, tuple[np.ndarray, tuple[Split, Split]]] = {}
+# Bounded in bytes, least recently used out first: memory grows with the clients a worker
+# serves, not with the clients that exist (a 1000-client federation must not end up holding a
+# copy of the whole dataset in every worker; tests/test_memory_scale.py).
+PARTITION_SPLITS_BYTES = 1 << 30
+_PARTITION_SPLITS: OrderedDict[tuple, tuple[np.ndarray, tuple[Split, Split]]] = OrderedDict()
 
 
-def _partition_splits(task: Task, pid: int, num: int, partition, seed: int) -> tuple[Split, Split]:
+def _split_bytes(splits: tuple[Split, Split]) -> int:
+    return sum(s.x.nbytes + s.y.nbytes for s in splits)
+
+
+def _partition_splits(task: Task, pid: int, num: int, partition, seed: int,
+                      budget: int | None = None) -> tuple[Split, Split]:
     train, _ = task.load()  # the task's own memo for real tasks: the same arrays every call
     key = (task.name, pid, num, partition, seed)
     held = _PARTITION_SPLITS.get(key)
     # Keyed on the very arrays too (kept alive in the entry, so their identity stays unique):
     # a task whose loader returns other data (a test's, a reloaded one) is split afresh.
-    if held is None or held[0] is not train.x:
-        parts = cached_partitions(task.name, num, partition, seed)
-        held = _PARTITION_SPLITS[key] = (train.x, _local_splits(train.subset(parts[pid]), pid,
-                                                                 seed))
-    return held[1]
+    if held is not None and held[0] is train.x:
+        _PARTITION_SPLITS.move_to_end(key)
+        return held[1]
+    parts = cached_partitions(task.name, num, partition, seed)
+    splits = _local_splits(train.subset(parts[pid]), pid, seed)
+    _PARTITION_SPLITS[key] = (train.x, splits)
+    _PARTITION_SPLITS.move_to_end(key)
+    limit = PARTITION_SPLITS_BYTES if budget is None else budget
+    while len(_PARTITION_SPLITS) > 1 and sum(
+            _split_bytes(v[1]) for v in _PARTITION_SPLITS.values()) > limit:
+        _PARTITION_SPLITS.popitem(last=False)  # the least recently used
+    return splits
 
 
 def _local_splits(data: Split, key: int, seed: int) -> tuple[Split, Split]:

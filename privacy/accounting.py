@@ -69,8 +69,10 @@ def _memoise_opacus_rdp() -> None:
     """
     from opacus.accountants.analysis import rdp
 
-    original = rdp._compute_rdp
-    if not hasattr(original, "cache_info"):
+    # A pure memo of a private function (values unchanged: tests/test_privacy_accounting.py
+    # compares with fresh accountants); an Opacus without it is simply not sped up.
+    original = getattr(rdp, "_compute_rdp", None)
+    if callable(original) and not hasattr(original, "cache_info"):
         rdp._compute_rdp = functools.lru_cache(maxsize=1 << 16)(original)
 
 

@@ -104,3 +104,26 @@ def test_a_workers_partition_splits_are_kept_and_follow_the_loaders_data():
     assert shifted is not first
     np.testing.assert_array_equal(shifted[0].x, first[0].x + 1.0)  # the same rows, the new data
     np.testing.assert_array_equal(shifted[0].y, first[0].y)
+
+
+def test_the_partition_split_memo_is_bounded_in_bytes_least_recently_used_out():
+    """A worker of a many-client federation serves different clients each round: the memo
+    keeps at most its byte budget (the newest entry always), dropping the least recently used."""
+    from fedshield.client import data
+
+    from fedshield.schema import PartitionConfig
+
+    task, part = get_task("digits"), PartitionConfig()
+    data._PARTITION_SPLITS.clear()
+    one = data._split_bytes(data._partition_splits(task, 0, 8, part, 0))
+    budget = 3 * one + one // 2  # room for three digits partitions of about this size
+    for pid in range(1, 8):
+        data._partition_splits(task, pid, 8, part, 0, budget=budget)
+        held = sum(data._split_bytes(v[1]) for v in data._PARTITION_SPLITS.values())
+        assert held <= budget or len(data._PARTITION_SPLITS) == 1
+    kept = [key[1] for key in data._PARTITION_SPLITS]
+    assert kept[-1] == 7 and 0 not in kept and len(kept) <= 4
+    again = data._partition_splits(task, kept[0], 8, part, 0, budget=budget)  # a hit: now newest
+    assert list(data._PARTITION_SPLITS)[-1][1] == kept[0]
+    assert data._PARTITION_SPLITS[list(data._PARTITION_SPLITS)[-1]][1] is again
+    data._PARTITION_SPLITS.clear()
