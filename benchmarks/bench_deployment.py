@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,13 +71,14 @@ def overrides(task: str, n: int, rounds: int, out: Path, dp: bool = False,
     DP-SGD planned to spend epsilon 3 over the run and capped there, DP releases of the class
     histogram, federated evaluation and drift reference). ``reply_poll_s``: the ServerApp's wait
     between pulls for replies (None: the default; 3.0 is Flower's own interval)."""
-    cfg = {"name": f"bench-{n}", "task": {"name": task, "model": ""},
-           "federation": {"num_clients": n, "min_clients": n, "rounds": rounds,
-                          "round_timeout": 300.0},
-           "partition": {"kind": "iid"}, "train": {"lr": 0.1, "momentum": 0.9, "batch_size": 32},
-           "aggregation": {"rule": "fedavg"},
-           "output_dir": str(out),
-           "deployment": {"handoff": False, "min_accuracy": 0.0, "max_epsilon": 0.0}}
+    cfg: dict[str, Any] = {
+        "name": f"bench-{n}", "task": {"name": task, "model": ""},
+        "federation": {"num_clients": n, "min_clients": n, "rounds": rounds,
+                       "round_timeout": 300.0},
+        "partition": {"kind": "iid"}, "train": {"lr": 0.1, "momentum": 0.9, "batch_size": 32},
+        "aggregation": {"rule": "fedavg"},
+        "output_dir": str(out),
+        "deployment": {"handoff": False, "min_accuracy": 0.0, "max_epsilon": 0.0}}
     if not dp:
         cfg["privacy"] = {"enabled": False, "target_epsilon": 0.0, "max_epsilon": 0.0}
     if reply_poll_s is not None:

@@ -452,7 +452,7 @@ class WorkerPool:
                 if item[0] == "reply":
                     _, index, reply, context, unchanged = item
                     if unchanged:  # the run config the job went without
-                        context.run_config = contexts[index].run_config
+                        cast(Context, context).run_config = contexts[index].run_config
                     results[index] = (cast(Message, reply), cast(Context, context))
                     busy[w].discard(index)
                 elif item[0] == "done":
