@@ -180,6 +180,10 @@ OVERHEAD_KEYS = ["task", "model", "examples", "mode", "seconds_min", "seconds_me
 SIMULATION_KEYS = ["federation", "leg", "workers", "threads", "startup_s", "round_s",
                    "peak_rss_mb", "peak_pss_mb", "processes", "final_accuracy", "floor_ratio",
                    "speedup_vs_1", "speedup_vs_ray", "error"]
+DEPLOYMENT_KEYS = ["mode", "task", "dp", "sites", "rounds_completed", "round_s", "flower_s",
+                   "fedshield_s", "client_own_s", "train_s", "target_s", "deliver_s", "startup_s",
+                   "handler_s", "eval_handler_s", "server_s", "return_s", "round1_s",
+                   "traffic_bytes_per_round_client", "final_accuracy"]
 SERVING_KEYS = ["mode", "runtime", "format", "batch", "p50_ms", "p99_ms", "mean_ms",
                 "samples_per_s", "n"]
 
@@ -224,6 +228,12 @@ def render_file(path: Path) -> tuple[Recipe | None, Table]:
         note = (f"{data['cpus']} CPUs, 1-minute load average {load['start'][0]:.1f} at the "
                 f"start and {load['end'][0]:.1f} at the end")
         return recipe(data["command"], note=note), table(data["rows"], SIMULATION_KEYS)
+    if isinstance(data, dict) and data.get("rows") and "sites" in data["rows"][0]:  # deployment
+        start, end = data["loadavg_at_start"], data["loadavg_at_end"]
+        note = (f"{data['cpu_count']} CPUs, 1-minute load average {start[0]:.1f} at the start "
+                f"and {end[0]:.1f} at the end; median seconds per round after round 1")
+        return recipe("python " + data["command"], note=note), table(data["rows"],
+                                                                     DEPLOYMENT_KEYS)
     if isinstance(data, dict) and "rows" in data and data["rows"] and "rule" in data["rows"][0]:
         return None, table(data["rows"], AGG_KEYS)
     if isinstance(data, dict) and "rows" in data:
