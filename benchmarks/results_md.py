@@ -105,6 +105,10 @@ COMMANDS: dict[str, Recipe] = {
         note="at 413404e, whose defaults were the tanh CNN: the overrides are today's "
         "configs/default.toml (`make run`); seeds 1-2 also with --set seed=S "
         "--set deployment.handoff=false; see table.md"),
+    "cpu-2026-12-02/default-run": recipe(
+        "make run  # = fedshield simulate configs/default.toml; seeds 1, 2: --set seed=S",
+        note="seeds 0-2 under load, and a fresh clone's make run on the quiet machine "
+        "(summary-fresh-clone-seed0); see table.md"),
     "h100-2026-11-26": recipe("python benchmarks/run_suite.py fedavg dp robustness",
                               note="on an H100 machine, 14 runs at a time"),
 }
