@@ -27,30 +27,12 @@ from flwr.supercore.run import Run
 FLOWER_PULL_INTERVAL_S = 3.0
 
 
-class PromptGrid(Grid):
-    """Delegates to ``grid``; ``send_and_receive`` pushes, then pulls every ``poll_s`` seconds.
+class DelegatingGrid(Grid):
+    """A Grid that hands every call to the grid it wraps; subclasses override what they change
+    (PromptGrid here, ErrorWatch in server/secagg.py)."""
 
-    The contract is Flower's ``send_and_receive``: it returns every reply pulled before all
-    messages were answered or ``timeout`` passed (None: no limit; 0: no pull at all, as in
-    Flower), and a message counts as answered once a reply whose ``reply_to_message_id`` is its
-    id has been pulled. Two differences, both for the caller: ids are pulled in the order they
-    were pushed (so an in-process grid answers in the order it always did), and a message the
-    grid could not push (a None or empty id; Flower logs why) is not waited for.
-
-    ``on_exchange(seconds)`` hears how long each exchange took, push to last pull: the round's
-    time outside its exchanges is the ServerApp's own work (``server_seconds`` in metrics.jsonl).
-    ``clock`` and ``sleep`` are for tests.
-    """
-
-    def __init__(self, grid: Grid, poll_s: float,
-                 on_exchange: Callable[[float], None] | None = None, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        if not 0 < poll_s <= FLOWER_PULL_INTERVAL_S:
-            raise ValueError(f"poll_s = {poll_s} must be in (0, {FLOWER_PULL_INTERVAL_S:g}] s "
-                             "(federation.reply_poll_s)")
-        self._grid, self.poll_s, self._on_exchange = grid, poll_s, on_exchange
-        self._clock, self._sleep = clock, sleep
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
 
     def __getattr__(self, name: str) -> Any:
         # Anything else the wrapped grid offers, e.g. the in-process grid's node_to_partition,
@@ -88,6 +70,38 @@ class PromptGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Delegated."""
         return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Delegated."""
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class PromptGrid(DelegatingGrid):
+    """Delegates to ``grid``; ``send_and_receive`` pushes, then pulls every ``poll_s`` seconds.
+
+    The contract is Flower's ``send_and_receive``: it returns every reply pulled before all
+    messages were answered or ``timeout`` passed (None: no limit; 0: no pull at all, as in
+    Flower), and a message counts as answered once a reply whose ``reply_to_message_id`` is its
+    id has been pulled. Two differences, both for the caller: ids are pulled in the order they
+    were pushed (so an in-process grid answers in the order it always did), and a message the
+    grid could not push (a None or empty id; Flower logs why) is not waited for.
+
+    ``on_exchange(seconds)`` hears how long each exchange took, push to last pull: the round's
+    time outside its exchanges is the ServerApp's own work (``server_seconds`` in metrics.jsonl).
+    ``clock`` and ``sleep`` are for tests.
+    """
+
+    def __init__(self, grid: Grid, poll_s: float,
+                 on_exchange: Callable[[float], None] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if not 0 < poll_s <= FLOWER_PULL_INTERVAL_S:
+            raise ValueError(f"poll_s = {poll_s} must be in (0, {FLOWER_PULL_INTERVAL_S:g}] s "
+                             "(federation.reply_poll_s)")
+        super().__init__(grid)
+        self.poll_s, self._on_exchange = poll_s, on_exchange
+        self._clock, self._sleep = clock, sleep
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:

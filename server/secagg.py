@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from fedshield.privacy.secagg import SECAGG_MODULUS
 from fedshield.server.federation_state import FederationState, HoldsFederation, weighted_loss
-from fedshield.server.prompt_grid import PromptGrid
+from fedshield.server.prompt_grid import DelegatingGrid, PromptGrid
 from fedshield.server.recording import RunRecorder, train_round_config
 from fedshield.server.reference import after_last_round
 from flwr.app import Context, Message, RecordDict
@@ -42,7 +42,6 @@ from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedshield import schema
 from fedshield.records import RELEASED_ROUNDS, TrainReport, decode_train_metrics
@@ -196,34 +195,13 @@ class SecAggFedAvg(HoldsFederation, FedAvg):
         self.federation.load_state_dict(state)
 
 
-class ErrorWatch(Grid):
+class ErrorWatch(DelegatingGrid):
     """Delegates to ``grid`` and reports every error reply (node id, reason): the legacy
     workflow keeps failures without their node ids."""
 
     def __init__(self, grid: Grid, on_error: Callable[[int, str], None]) -> None:
-        self._grid, self._on_error = grid, on_error
-
-    def set_run(self, run: Run) -> None:
-        """Delegated."""
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """Delegated."""
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        """Delegated."""
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Delegated."""
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Delegated."""
-        return self._grid.push_messages(messages)
+        super().__init__(grid)
+        self._on_error = on_error
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Delegated; error replies are reported."""
